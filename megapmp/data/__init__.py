@@ -1,0 +1,1 @@
+"""Offline tokenization, memory-mapped shards, pair datasets, packing and sampling."""

@@ -1,0 +1,39 @@
+"""megapmp: CodePMP preference-model pretraining, Megatron-style, from scratch.
+
+The CPU set-up pins torch==2.13.0 *before* installing this package (see README):
+a bare ``torch`` requirement would pull a multi-GB CUDA build on a fresh machine.
+"""
+from setuptools import find_packages, setup
+
+# kernels/ is installed as `megapmp_kernels`: a top-level module called `kernels`
+# would shadow the `kernels` package that transformers probes for.
+packages = find_packages(include=["megapmp", "megapmp.*"]) + ["megapmp_kernels"]
+
+setup(
+    name="megapmp",
+    version="0.1.0",
+    description="CodePMP preference-model pretraining with tensor/pipeline/data parallelism",
+    python_requires=">=3.10",
+    packages=packages,
+    package_dir={"megapmp_kernels": "kernels"},
+    install_requires=[
+        "torch>=2.4",  # 2.13.0 on the CPU machines, 2.11 on the lent GPUs
+        "numpy>=1.24",
+        "tqdm>=4.60",
+        "safetensors>=0.4",
+        "tokenizers>=0.15",  # HF tokenizer.json files and the embedded BPE trainer
+    ],
+    extras_require={
+        "dev": [
+            "pytest>=7",
+            "hypothesis>=6",
+            "sentencepiece>=0.1.99",
+            "tiktoken>=0.5",
+            "transformers>=4.40",
+        ],
+        "hf": ["transformers>=4.40"],
+        "tokenizers": ["sentencepiece>=0.1.99", "tiktoken>=0.5"],
+        "gpu": ["flash-attn>=2.5", "transformer-engine>=1.4", "apex"],
+        "synth": ["vllm>=0.5", "openai>=1.0"],
+    },
+)
