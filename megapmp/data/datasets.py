@@ -1,0 +1,75 @@
+"""Datasets over memory-mapped shards: pairs for PMP / RM finetuning, document windows for LM pretraining.
+
+Only index arrays are touched at construction; token data is read from the memory map when an item is
+fetched, so a data-parallel rank reads just the items it is given.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from megapmp.data.shards import ShardMeta, open_shard
+
+
+@dataclass(frozen=True)
+class Pair:
+    prompt: np.ndarray
+    chosen: np.ndarray
+    rejected: np.ndarray
+
+
+class PairDataset:
+    """Pairs of one shard: item i is document i's (prompt, chosen, rejected) sequences."""
+
+    def __init__(self, prefix: str):
+        self.prefix = str(prefix)
+        self.index, self.meta = open_shard(prefix, kind="pairs")
+        per_doc = np.diff(self.index.document_index)
+        if len(per_doc) and not (per_doc == 3).all():
+            bad = int(np.argmax(per_doc != 3))
+            raise ValueError(f"{prefix}: document {bad} has {per_doc[bad]} sequences, a pair has 3")
+        lengths = self.index.sequence_lengths.reshape(-1, 3)
+        self.prompt_lengths, self.chosen_lengths, self.rejected_lengths = lengths.T
+
+    def __len__(self) -> int:
+        return self.index.num_documents
+
+    def __getitem__(self, i: int) -> Pair:
+        first = 3 * int(i)
+        seq = self.index.sequence
+        return Pair(seq(first), seq(first + 1), seq(first + 2))
+
+
+class DocumentDataset:
+    """Documents of one shard cut into windows of at most `window` tokens, one item per window.
+
+    Windows tile each document without overlap: a document of n tokens gives ceil(n / window) items.
+    """
+
+    def __init__(self, prefix: str, window: int):
+        self.prefix = str(prefix)
+        self.index, self.meta = open_shard(prefix, kind="documents")
+        self.window = window
+        lengths = self.index.sequence_lengths.astype(np.int64)
+        counts = -(-lengths // window)
+        self.sequence_of_item = np.repeat(np.arange(len(lengths)), counts)
+        first_item = np.concatenate(([0], np.cumsum(counts)[:-1]))
+        self.offset_of_item = (np.arange(len(self.sequence_of_item)) - first_item[self.sequence_of_item]) * window
+
+    def __len__(self) -> int:
+        return len(self.sequence_of_item)
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        offset = int(self.offset_of_item[i])
+        return self.index.sequence(int(self.sequence_of_item[i]))[offset : offset + self.window]
+
+
+def check_compatible(metas: list[ShardMeta], prefixes: list[str]) -> None:
+    """Datasets blended into one stream must share tokenizer ids and template."""
+    first = metas[0]
+    for prefix, meta in zip(prefixes[1:], metas[1:]):
+        differ = [k for k in ("vocab_size", "eos_id", "pad_id", "template", "eos_policy") if getattr(meta, k) != getattr(first, k)]
+        if differ:
+            raise ValueError(f"{prefix} cannot be blended with {prefixes[0]}: different {', '.join(differ)}")

@@ -1,0 +1,181 @@
+"""Deterministic, resumable sampling and per-step batching for data-parallel training.
+
+Every rank runs the same sampler (same seed) and so knows the whole global step; it then reads and
+packs only its own contiguous slice of it. Counts used for loss normalisation (pairs, LM target tokens)
+come from the shards' index lengths, so they are global without a collective and without reading tokens.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from megapmp.data.datasets import DocumentDataset, PairDataset, check_compatible
+from megapmp.data.packing import LAYOUTS, PackedBatch, pack_documents, pack_pairs
+
+
+class EpochShuffle:
+    """Indices of one dataset in a seeded permutation that is redrawn every epoch.
+
+    State is (epoch, offset): the permutation is a pure function of (seed, stream, epoch), so a restored
+    sampler continues exactly where the saved one stopped.
+    """
+
+    def __init__(self, size: int, seed: int, stream: int = 0, shuffle: bool = True):
+        if size <= 0:
+            raise ValueError("cannot sample from an empty dataset")
+        self.size, self.seed, self.stream, self.shuffle = size, seed, stream, shuffle
+        self.epoch, self.offset = 0, 0
+        self._order_epoch, self._order = -1, None
+
+    def _order_of(self, epoch: int) -> np.ndarray:
+        if self._order_epoch != epoch:
+            if self.shuffle:
+                self._order = np.random.default_rng([self.seed, self.stream, epoch]).permutation(self.size)
+            else:
+                self._order = np.arange(self.size)
+            self._order_epoch = epoch
+        return self._order
+
+    def take(self, k: int) -> np.ndarray:
+        out = []
+        while k > 0:
+            n = min(k, self.size - self.offset)
+            out.append(self._order_of(self.epoch)[self.offset : self.offset + n])
+            self.offset += n
+            k -= n
+            if self.offset == self.size:
+                self.epoch, self.offset = self.epoch + 1, 0
+        return np.concatenate(out) if out else np.empty(0, np.int64)
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "offset": self.offset}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch, self.offset = int(state["epoch"]), int(state["offset"])
+
+
+class BlendedSampler:
+    """Draws (dataset, item) from several datasets in proportion to `weights`.
+
+    The dataset of each draw follows Megatron's error-minimising rule (take the dataset furthest behind
+    its share), so the mix is exact at every prefix, not just on average; items within a dataset come
+    from its own EpochShuffle stream.
+    """
+
+    def __init__(self, sizes: list[int], weights: list[float] | None = None, seed: int = 0, shuffle: bool = True):
+        weights = np.asarray(weights if weights is not None else [1.0] * len(sizes), dtype=np.float64)
+        if len(weights) != len(sizes) or (weights <= 0).any():
+            raise ValueError(f"need one positive weight per dataset, got {weights.tolist()} for {len(sizes)} datasets")
+        self.weights = weights / weights.sum()
+        self.streams = [EpochShuffle(n, seed, stream=i, shuffle=shuffle) for i, n in enumerate(sizes)]
+        self.counts = np.zeros(len(sizes), np.int64)
+
+    def take(self, k: int) -> np.ndarray:
+        """[k, 2] int64 rows of (dataset id, item index)."""
+        choice = np.empty(k, np.int64)
+        for j in range(k):
+            total = self.counts.sum() + 1
+            d = int(np.argmax(self.weights * total - self.counts))
+            choice[j] = d
+            self.counts[d] += 1
+        items = np.empty(k, np.int64)
+        for d, stream in enumerate(self.streams):
+            where = np.flatnonzero(choice == d)
+            items[where] = stream.take(len(where))
+        return np.stack([choice, items], axis=1)
+
+    def state_dict(self) -> dict:
+        return {"counts": self.counts.tolist(), "streams": [s.state_dict() for s in self.streams]}
+
+    def load_state_dict(self, state: dict) -> None:
+        if len(state["streams"]) != len(self.streams):
+            raise ValueError(f"sampler state has {len(state['streams'])} datasets, this run has {len(self.streams)}")
+        self.counts = np.asarray(state["counts"], np.int64)
+        for stream, s in zip(self.streams, state["streams"]):
+            stream.load_state_dict(s)
+
+
+@dataclass
+class StepBatch:
+    """This rank's micro-batches of one optimizer step, and the step's global loss denominators."""
+
+    micro_batches: list[PackedBatch]
+    global_pairs: int
+    global_lm_tokens: int
+    step_items: np.ndarray  # [G, 2] the whole step's (dataset, item) draws, identical on every rank
+
+
+class StepLoader:
+    """Per optimizer step: draw `items_per_step` items globally, keep this rank's slice, split it into
+    `micro_batches` contiguous groups and pack each group into rows of `seq_len` tokens.
+
+    `kind` is "pairs" (PMP, RM finetuning) or "documents" (LM pretraining; items are windows of at most
+    seq_len tokens).
+    """
+
+    def __init__(self, prefixes: list[str], *, kind: str = "pairs", weights: list[float] | None = None,
+                 items_per_step: int, micro_batches: int = 1, seq_len: int, layout: str = "duplicated",
+                 dp_rank: int = 0, dp_size: int = 1, seed: int = 0, shuffle: bool = True):
+        problems = []
+        if items_per_step % (dp_size * micro_batches):
+            problems.append(f"items_per_step {items_per_step} is not divisible by dp_size {dp_size} x "
+                            f"micro_batches {micro_batches}")
+        if not 0 <= dp_rank < dp_size:
+            problems.append(f"dp_rank {dp_rank} is outside [0, {dp_size})")
+        if kind == "pairs" and layout not in LAYOUTS:
+            problems.append(f"layout {layout!r} is not one of {', '.join(LAYOUTS)}")
+        if kind not in ("pairs", "documents"):
+            problems.append(f"kind {kind!r} is not pairs or documents")
+        if problems:
+            raise ValueError("; ".join(problems))
+        self.kind, self.layout, self.seq_len = kind, layout, seq_len
+        self.items_per_step, self.micro_batches = items_per_step, micro_batches
+        self.dp_rank, self.dp_size = dp_rank, dp_size
+        if kind == "pairs":
+            self.datasets = [PairDataset(p) for p in prefixes]
+        else:
+            self.datasets = [DocumentDataset(p, window=seq_len) for p in prefixes]
+        check_compatible([d.meta for d in self.datasets], list(prefixes))
+        self.pad_id = self.datasets[0].meta.pad_id
+        self.sampler = BlendedSampler([len(d) for d in self.datasets], weights, seed=seed, shuffle=shuffle)
+        self.steps_taken = 0
+
+    @property
+    def meta(self):
+        return self.datasets[0].meta
+
+    def next_step(self) -> StepBatch:
+        draws = self.sampler.take(self.items_per_step)
+        self.steps_taken += 1
+        per_rank = self.items_per_step // self.dp_size
+        mine = draws[self.dp_rank * per_rank : (self.dp_rank + 1) * per_rank]
+        groups = np.split(mine, self.micro_batches)
+        return StepBatch([self._pack(g) for g in groups], *self._global_counts(draws), draws)
+
+    def _pack(self, draws: np.ndarray) -> PackedBatch:
+        items = [self.datasets[d][i] for d, i in draws.tolist()]
+        if self.kind == "pairs":
+            return pack_pairs(items, self.seq_len, self.layout, self.pad_id)
+        return pack_documents(items, self.seq_len, self.pad_id)
+
+    def _global_counts(self, draws: np.ndarray) -> tuple[int, int]:
+        pairs = lm_tokens = 0
+        for d, ds in enumerate(self.datasets):
+            idx = draws[draws[:, 0] == d, 1]
+            if self.kind == "pairs":
+                pairs += len(idx)
+                lm_tokens += int(ds.chosen_lengths[idx].sum())
+            else:
+                window_lengths = np.minimum(ds.window, ds.index.sequence_lengths[ds.sequence_of_item[idx]]
+                                            - ds.offset_of_item[idx])
+                lm_tokens += int((window_lengths - 1).sum())
+        return pairs, lm_tokens
+
+    def state_dict(self) -> dict:
+        return {"sampler": self.sampler.state_dict(), "steps_taken": self.steps_taken}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.sampler.load_state_dict(state["sampler"])
+        self.steps_taken = int(state["steps_taken"])

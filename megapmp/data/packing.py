@@ -1,0 +1,200 @@
+"""Packing whole pairs (or document pieces) into fixed-length rows with explicit attention structure.
+
+Two pair layouts:
+
+    duplicated     [P C][P R]  two causal segments per pair; the prompt is encoded twice.
+    shared-prefix  [P C R]     one segment; R attends to P and R only (branch ids keep it off C) and
+                               R's positions continue from the end of P, so every token sees exactly
+                               the context it has in the duplicated layout, and P is encoded once.
+
+Conventions (the model and the loss rely on them):
+- `labels[r, t]` is the next-token target at position t, or IGNORE_INDEX; only chosen-response tokens
+  are targets (the first one is predicted from the prompt's last token).
+- `chosen_index` / `rejected_index` are flat indices into the [rows * seq_len] tokens of the last token
+  of each response (its EOS under the default EOS policy): the reward is read there.
+- `segment_ids` is -1 on padding; `cu_seqlens` covers every token of the flattened rows, each padding
+  run being a segment of its own, so varlen kernels can take it as is.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+import numpy as np
+
+IGNORE_INDEX = -100
+LAYOUTS = ("duplicated", "shared-prefix")
+PROMPT, CHOSEN, REJECTED = 0, 1, 2  # branch ids
+
+
+@dataclass
+class PackedBatch:
+    """One micro-batch of packed rows. Arrays are numpy here; `to_torch()` converts them."""
+
+    input_ids: np.ndarray  # [R, S] int64
+    position_ids: np.ndarray  # [R, S] int64
+    segment_ids: np.ndarray  # [R, S] int32, -1 on padding
+    branch_ids: np.ndarray  # [R, S] int8: 0 shared/plain, 1 chosen, 2 rejected (shared-prefix only)
+    labels: np.ndarray  # [R, S] int64, IGNORE_INDEX where no LM loss
+    chosen_index: np.ndarray  # [N] int64 flat index of each chosen response's last token
+    rejected_index: np.ndarray  # [N] int64 flat index of each rejected response's last token
+    cu_seqlens: np.ndarray  # [K + 1] int32 segment boundaries over the flattened R * S tokens
+    max_seqlen: int
+    layout: str
+
+    @property
+    def num_pairs(self) -> int:
+        return len(self.chosen_index)
+
+    @property
+    def num_lm_tokens(self) -> int:
+        return int((self.labels != IGNORE_INDEX).sum())
+
+    @property
+    def num_real_tokens(self) -> int:
+        return int((self.segment_ids >= 0).sum())
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.input_ids.shape
+
+    def to_torch(self, device=None) -> "PackedBatch":
+        import torch
+
+        converted = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            converted[f.name] = torch.from_numpy(value).to(device) if isinstance(value, np.ndarray) else value
+        return PackedBatch(**converted)
+
+
+def pair_packed_length(prompt_len, chosen_len, rejected_len, layout: str):
+    """Tokens a pair occupies in a row (works elementwise on arrays)."""
+    if layout == "duplicated":
+        return 2 * prompt_len + chosen_len + rejected_len
+    if layout == "shared-prefix":
+        return prompt_len + chosen_len + rejected_len
+    raise ValueError(f"unknown layout {layout!r}: expected one of {', '.join(LAYOUTS)}")
+
+
+def first_fit(lengths: np.ndarray, seq_len: int) -> list[list[int]]:
+    """Assign items to rows, each to the first row with room, in the given order (deterministic)."""
+    rows: list[list[int]] = []
+    room: list[int] = []
+    for i, n in enumerate(lengths.tolist()):
+        if n > seq_len:
+            raise ValueError(f"item {i} needs {n} tokens, more than a row of {seq_len}: raise seq_len or "
+                             f"preprocess with a smaller --max-length")
+        for r, free in enumerate(room):
+            if n <= free:
+                rows[r].append(i)
+                room[r] -= n
+                break
+        else:
+            rows.append([i])
+            room.append(seq_len - n)
+    return rows
+
+
+class _RowBuilder:
+    """Fills rows left to right and records segments; shared by both pair layouts and documents."""
+
+    def __init__(self, num_rows: int, seq_len: int, pad_id: int):
+        shape = (num_rows, seq_len)
+        self.seq_len = seq_len
+        self.input_ids = np.full(shape, pad_id, np.int64)
+        self.position_ids = np.zeros(shape, np.int64)
+        self.segment_ids = np.full(shape, -1, np.int32)
+        self.branch_ids = np.zeros(shape, np.int8)
+        self.labels = np.full(shape, IGNORE_INDEX, np.int64)
+        self.segment_lengths: list[list[int]] = [[] for _ in range(num_rows)]
+        self.chosen_index: list[int] = []
+        self.rejected_index: list[int] = []
+        self.row, self.col, self.segment = 0, 0, 0
+
+    def start_row(self, row: int) -> None:
+        self.row, self.col, self.segment = row, 0, 0
+
+    def put(self, tokens, positions_from: int, branch: int, lm_targets: bool = False) -> tuple[int, int]:
+        """Write tokens into the current segment; returns their [start, end) columns."""
+        start, end = self.col, self.col + len(tokens)
+        r = self.row
+        self.input_ids[r, start:end] = tokens
+        self.position_ids[r, start:end] = np.arange(positions_from, positions_from + len(tokens))
+        self.segment_ids[r, start:end] = self.segment
+        self.branch_ids[r, start:end] = branch
+        if lm_targets:
+            # Targets are these tokens, predicted from the position before each.
+            self.labels[r, start - 1 : end - 1] = tokens
+        self.col = end
+        return start, end
+
+    def end_segment(self, length: int) -> None:
+        self.segment_lengths[self.row].append(length)
+        self.segment += 1
+
+    def flat(self, col: int) -> int:
+        return self.row * self.seq_len + col
+
+    def finish(self, layout: str) -> PackedBatch:
+        bounds = [0]
+        for r, lengths in enumerate(self.segment_lengths):
+            row_start = r * self.seq_len
+            for n in lengths:
+                bounds.append(bounds[-1] + n)
+            if bounds[-1] < row_start + self.seq_len:  # the row's padding run
+                bounds.append(row_start + self.seq_len)
+        cu = np.asarray(bounds, np.int32)
+        return PackedBatch(self.input_ids, self.position_ids, self.segment_ids, self.branch_ids, self.labels,
+                           np.asarray(self.chosen_index, np.int64), np.asarray(self.rejected_index, np.int64),
+                           cu, int(np.diff(cu).max(initial=0)), layout)
+
+
+def pack_pairs(pairs, seq_len: int, layout: str, pad_id: int) -> PackedBatch:
+    """Pack whole pairs (objects with .prompt/.chosen/.rejected token arrays) into rows of seq_len.
+
+    Pairs keep their order inside a row and `chosen_index[i]` belongs to `pairs[i]`.
+    """
+    lengths = np.array([pair_packed_length(len(p.prompt), len(p.chosen), len(p.rejected), layout) for p in pairs],
+                       dtype=np.int64)
+    rows = first_fit(lengths, seq_len)
+    builder = _RowBuilder(len(rows), seq_len, pad_id)
+    chosen_at, rejected_at = np.empty(len(pairs), np.int64), np.empty(len(pairs), np.int64)
+    for r, members in enumerate(rows):
+        builder.start_row(r)
+        for i in members:
+            chosen_at[i], rejected_at[i] = _put_pair(builder, pairs[i], layout)
+    builder.chosen_index, builder.rejected_index = chosen_at.tolist(), rejected_at.tolist()
+    return builder.finish(layout)
+
+
+def _put_pair(b: _RowBuilder, pair, layout: str) -> tuple[int, int]:
+    p, c, r = len(pair.prompt), len(pair.chosen), len(pair.rejected)
+    if layout == "duplicated":
+        b.put(pair.prompt, 0, PROMPT)
+        _, chosen_end = b.put(pair.chosen, p, PROMPT, lm_targets=True)
+        b.end_segment(p + c)
+        b.put(pair.prompt, 0, PROMPT)
+        _, rejected_end = b.put(pair.rejected, p, PROMPT)
+        b.end_segment(p + r)
+    else:
+        b.put(pair.prompt, 0, PROMPT)
+        _, chosen_end = b.put(pair.chosen, p, CHOSEN, lm_targets=True)
+        _, rejected_end = b.put(pair.rejected, p, REJECTED)
+        b.end_segment(p + c + r)
+    return b.flat(chosen_end - 1), b.flat(rejected_end - 1)
+
+
+def pack_documents(pieces, seq_len: int, pad_id: int) -> PackedBatch:
+    """Pack token pieces (each <= seq_len, e.g. document windows) as causal LM segments, all tokens
+    after the first being targets."""
+    lengths = np.array([len(x) for x in pieces], dtype=np.int64)
+    rows = first_fit(lengths, seq_len)
+    builder = _RowBuilder(len(rows), seq_len, pad_id)
+    for r, members in enumerate(rows):
+        builder.start_row(r)
+        for i in members:
+            builder.put(pieces[i][:1], 0, PROMPT)
+            builder.put(pieces[i][1:], 1, PROMPT, lm_targets=True)
+            builder.end_segment(len(pieces[i]))
+    return builder.finish("documents")

@@ -1,0 +1,475 @@
+"""Offline tokenization of preference pairs and plain documents into MMIDIDX shards.
+
+Pipeline: the main process reads raw lines (or files) in order and cuts them into chunks; worker
+processes parse, validate, template and tokenize a chunk; the main process writes results strictly in
+submission order, so the output is byte-identical for any number of workers. At most
+`2 * workers` chunks are in flight, so memory does not grow with the input.
+
+This module must not import torch: it runs in spawned worker processes where that would cost
+seconds of start-up and hundreds of MB per worker.
+"""
+
+from __future__ import annotations
+
+import gzip
+import itertools
+import json
+import multiprocessing as mp
+import os
+import shutil
+import tempfile
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import numpy as np
+
+CODEPMP_TEMPLATE = (
+    "### Instruction: Please read the following code description carefully and generate the actual code "
+    "implementation based on this description. Please make sure the code is logical and readable.\n\n"
+    "### Code Description:\n{prompt}\n\n### Response:"
+)
+TEMPLATES = {"none": "{prompt}", "codepmp": CODEPMP_TEMPLATE}
+EOS_POLICIES = ("response", "none")
+OVERLONG_POLICIES = ("error", "truncate")
+CHUNK_LINES = 256
+# One JSONL line larger than this is rejected before parsing, so a corrupt file cannot exhaust memory.
+MAX_LINE_BYTES = 64 << 20
+
+
+class InputError(ValueError):
+    """A bad input record: names the file, the 1-based line and the field."""
+
+    def __init__(self, file: str, line: int, field: str | None, reason: str):
+        self.file, self.line, self.field, self.reason = file, line, field, reason
+        where = f"{file}:{line}" + (f" field '{field}'" if field else "")
+        super().__init__(f"{where}: {reason}")
+
+
+def resolve_template(spec: str) -> tuple[str, str]:
+    """`none`, `codepmp` or a file holding the template; returns (name, text).
+
+    The template must contain `{prompt}` (or CodePMP's `{query}`) exactly where the prompt goes; other
+    braces are left alone, so templates can contain code.
+    """
+    if spec in TEMPLATES:
+        return spec, TEMPLATES[spec]
+    path = Path(spec)
+    if not path.is_file():
+        raise ValueError(f"--template {spec!r}: expected none, codepmp or an existing file")
+    text = path.read_text(encoding="utf-8").replace("{query}", "{prompt}")
+    if text.count("{prompt}") != 1:
+        raise ValueError(f"template file {spec}: must contain exactly one {{prompt}} (or {{query}}) placeholder")
+    return str(path.resolve()), text
+
+
+@dataclass(frozen=True)
+class PairFormat:
+    """How raw records become token sequences; identical in every worker."""
+
+    tokenizer_spec: str
+    keys: tuple[str, str, str] = ("prompt", "chosen", "rejected")
+    template: str = "{prompt}"
+    eos_policy: str = "response"  # append EOS to each response: the reward is read at that EOS
+    max_length: int | None = None  # limit on prompt + response tokens, for each response
+    overlong: str = "error"  # error: reject the record; truncate: see fit_pair
+    dtype: str = "uint16"
+
+
+def fit_pair(prompt: list[int], chosen: list[int], rejected: list[int], max_length: int, eos_id: int | None):
+    """Truncation policy: make prompt + each response fit in `max_length` tokens.
+
+    1. The prompt is cut from the left (its end, next to the response, is kept) just enough for the
+       longest response to fit, but never below min(len(prompt), max_length // 2) tokens.
+    2. A response still too long is cut from the right; if EOS is appended by policy, the last kept
+       token is replaced by EOS, because the reward is read there.
+    Returns (prompt, chosen, rejected, tokens_removed).
+    """
+    longest = max(len(chosen), len(rejected))
+    if len(prompt) + longest <= max_length:
+        return prompt, chosen, rejected, 0
+    keep_prompt = max(max_length - longest, min(len(prompt), max_length // 2))
+    keep_prompt = min(keep_prompt, len(prompt))
+    new_prompt = prompt[len(prompt) - keep_prompt :]
+    room = max_length - keep_prompt
+
+    def cut(response: list[int]) -> list[int]:
+        if len(response) <= room:
+            return response
+        kept = response[:room]
+        if eos_id is not None:
+            kept[-1] = eos_id
+        return kept
+
+    new_chosen, new_rejected = cut(chosen), cut(rejected)
+    removed = (len(prompt) - keep_prompt) + (len(chosen) - len(new_chosen)) + (len(rejected) - len(new_rejected))
+    return new_prompt, new_chosen, new_rejected, removed
+
+
+@dataclass
+class ChunkResult:
+    """What a worker returns for one chunk: flat tokens of the accepted records, and the rejects."""
+
+    tokens: np.ndarray
+    sequence_lengths: np.ndarray
+    sequences_per_doc: np.ndarray
+    rejects: list[dict] = field(default_factory=list)
+    truncated: int = 0
+    truncated_tokens: int = 0
+
+
+# Per-worker state, built once by the pool initializer.
+_worker_format: PairFormat | None = None
+_worker_tokenizer = None
+
+
+def _init_worker(fmt: PairFormat) -> None:
+    global _worker_format, _worker_tokenizer
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from megapmp.data.tokenizers import load_tokenizer
+
+    _worker_format = fmt
+    _worker_tokenizer = load_tokenizer(fmt.tokenizer_spec)
+
+
+def _parse_pair(file: str, line_no: int, raw: bytes, keys: tuple[str, str, str]) -> tuple[str, str, str]:
+    if len(raw) > MAX_LINE_BYTES:
+        raise InputError(file, line_no, None, f"line is {len(raw)} bytes, over the {MAX_LINE_BYTES}-byte limit")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise InputError(file, line_no, None, f"invalid UTF-8 at byte {e.start}") from None
+    try:
+        record = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise InputError(file, line_no, None, f"malformed JSON: {e.msg} at column {e.colno}") from None
+    if not isinstance(record, dict):
+        raise InputError(file, line_no, None, f"expected a JSON object, got {type(record).__name__}")
+    values = []
+    for key in keys:
+        if key not in record:
+            raise InputError(file, line_no, key, "missing field")
+        value = record[key]
+        if not isinstance(value, str):
+            raise InputError(file, line_no, key, f"expected a string, got {type(value).__name__}")
+        if not value.strip():
+            raise InputError(file, line_no, key, "empty field")
+        values.append(value)
+    return tuple(values)
+
+
+def _reject(err: InputError, raw: bytes) -> dict:
+    return {"file": err.file, "line": err.line, "field": err.field, "reason": err.reason,
+            "raw": raw[:10000].decode("utf-8", errors="replace")}
+
+
+def process_pair_chunk(file: str, lines: list[tuple[int, bytes]]) -> ChunkResult:
+    """Worker entry point: parse, validate, template, tokenize and fit one chunk of JSONL lines."""
+    fmt, tok = _worker_format, _worker_tokenizer
+    rejects, accepted = [], []
+    for line_no, raw in lines:
+        try:
+            accepted.append((line_no, raw, _parse_pair(file, line_no, raw, fmt.keys)))
+        except InputError as e:
+            rejects.append(_reject(e, raw))
+    prompts = [fmt.template.replace("{prompt}", p) for _, _, (p, _, _) in accepted]
+    encoded = tok.encode_batch(prompts + [c for *_, (_, c, _) in accepted] + [r for *_, (_, _, r) in accepted])
+    n = len(accepted)
+    eos = [tok.eos_id] if fmt.eos_policy == "response" else []
+    pieces, lengths, truncated, truncated_tokens = [], [], 0, 0
+    for i, (line_no, raw, _) in enumerate(accepted):
+        prompt, chosen, rejected = encoded[i], encoded[n + i] + eos, encoded[2 * n + i] + eos
+        if fmt.max_length is not None and len(prompt) + max(len(chosen), len(rejected)) > fmt.max_length:
+            if fmt.overlong == "error":
+                longest = "chosen" if len(chosen) >= len(rejected) else "rejected"
+                err = InputError(file, line_no, fmt.keys[1 if longest == "chosen" else 2],
+                                 f"prompt + {longest} is {len(prompt) + max(len(chosen), len(rejected))} tokens, "
+                                 f"over --max-length {fmt.max_length} (use --overlong truncate to cut it)")
+                rejects.append(_reject(err, raw))
+                continue
+            prompt, chosen, rejected, removed = fit_pair(prompt, chosen, rejected, fmt.max_length,
+                                                         tok.eos_id if eos else None)
+            truncated += 1
+            truncated_tokens += removed
+        pieces += [prompt, chosen, rejected]
+        lengths += [len(prompt), len(chosen), len(rejected)]
+    rejects.sort(key=lambda r: r["line"])
+    tokens = np.fromiter(itertools.chain.from_iterable(pieces), dtype=fmt.dtype, count=sum(lengths))
+    n_docs = len(lengths) // 3
+    return ChunkResult(tokens, np.asarray(lengths, np.int32), np.full(n_docs, 3, np.int64), rejects,
+                       truncated, truncated_tokens)
+
+
+def process_document_chunk(items: list[tuple[str, int, bytes]]) -> ChunkResult:
+    """Worker entry point for plain documents: (source, line, utf-8 bytes) -> one sequence each."""
+    fmt, tok = _worker_format, _worker_tokenizer
+    rejects, texts = [], []
+    for source, line_no, raw in items:
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            rejects.append(_reject(InputError(source, line_no, None, f"invalid UTF-8 at byte {e.start}"), raw))
+            continue
+        if not text.strip():
+            rejects.append(_reject(InputError(source, line_no, None, "empty document"), raw))
+            continue
+        texts.append(text)
+    eos = [tok.eos_id] if fmt.eos_policy == "response" else []
+    docs = [ids + eos for ids in tok.encode_batch(texts)]
+    lengths = np.fromiter((len(d) for d in docs), dtype=np.int32, count=len(docs))
+    tokens = np.fromiter(itertools.chain.from_iterable(docs), dtype=fmt.dtype, count=int(lengths.sum()))
+    return ChunkResult(tokens, lengths, np.ones(len(docs), np.int64), rejects)
+
+
+def open_lines(path: str | os.PathLike) -> Iterator[tuple[int, bytes]]:
+    """(1-based line number, raw bytes without the newline) for non-blank lines of JSONL(.gz)."""
+    opener = gzip.open if str(path).endswith(".gz") else open
+    with opener(path, "rb") as f:
+        for line_no, raw in enumerate(f, start=1):
+            raw = raw.rstrip(b"\r\n")
+            if raw.strip():
+                yield line_no, raw
+
+
+def pair_chunks(paths: Iterable[str]) -> Iterator[tuple[str, list[tuple[int, bytes]]]]:
+    for path in paths:
+        batch = []
+        for item in open_lines(path):
+            batch.append(item)
+            if len(batch) == CHUNK_LINES:
+                yield str(path), batch
+                batch = []
+        if batch:
+            yield str(path), batch
+
+
+DOCUMENT_SUFFIXES = (".py", ".pyi", ".txt", ".md", ".rst", ".c", ".h", ".cc", ".cpp", ".java", ".js", ".ts",
+                     ".go", ".rs", ".sh", ".ipynb")
+
+
+def document_sources(paths: Iterable[str], text_key: str = "text") -> Iterator[tuple[str, int, bytes]]:
+    """Documents from files and directories (one file = one document, walked in sorted order) and from
+    JSONL(.gz) files (one line = one document, its `text_key` field)."""
+    for path in map(Path, paths):
+        if path.is_dir():
+            for sub in sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in DOCUMENT_SUFFIXES):
+                yield str(sub), 0, sub.read_bytes()
+        elif path.name.endswith((".jsonl", ".jsonl.gz")):
+            for line_no, raw in open_lines(path):
+                try:
+                    value = json.loads(raw)[text_key]
+                except (ValueError, KeyError, TypeError):
+                    raise InputError(str(path), line_no, text_key, "not a JSON object with a string field") from None
+                if not isinstance(value, str):
+                    raise InputError(str(path), line_no, text_key, f"expected a string, got {type(value).__name__}")
+                yield str(path), line_no, value.encode("utf-8", errors="surrogatepass")
+        elif path.is_file():
+            yield str(path), 0, path.read_bytes()
+        else:
+            raise FileNotFoundError(f"no such file or directory: {path}")
+
+
+def document_chunks(paths: Iterable[str], text_key: str = "text") -> Iterator[tuple[list[tuple[str, int, bytes]]]]:
+    batch = []
+    for item in document_sources(paths, text_key):
+        batch.append(item)
+        if len(batch) == CHUNK_LINES:
+            yield (batch,)
+            batch = []
+    if batch:
+        yield (batch,)
+
+
+def run_ordered(fn, tasks: Iterable[tuple], fmt: PairFormat, workers: int) -> Iterator[ChunkResult]:
+    """Apply `fn(*task)` to every task, in worker processes when workers > 1, yielding results in
+    task order with a bounded number in flight."""
+    if workers <= 1:
+        _init_worker(fmt)
+        for task in tasks:
+            yield fn(*task)
+        return
+    ctx = mp.get_context("spawn")  # fork would copy the parent's tokenizer threads and memory
+    with ctx.Pool(workers, initializer=_init_worker, initargs=(fmt,)) as pool:
+        in_flight: deque = deque()
+        for task in tasks:
+            in_flight.append(pool.apply_async(fn, task))
+            if len(in_flight) >= 2 * workers:
+                yield in_flight.popleft().get()
+        while in_flight:
+            yield in_flight.popleft().get()
+
+
+@dataclass
+class BuildStats:
+    documents: int = 0  # pairs in pair mode
+    sequences: int = 0
+    tokens: int = 0
+    rejected: int = 0
+    truncated: int = 0
+    truncated_tokens: int = 0
+    seconds: float = 0.0
+
+    def as_dict(self, kind: str) -> dict:
+        unit = "pairs" if kind == "pairs" else "documents"
+        rate = self.documents / self.seconds if self.seconds else 0.0
+        return {unit: self.documents, "sequences": self.sequences, "tokens": self.tokens,
+                "rejected": self.rejected, "truncated": self.truncated, "truncated_tokens": self.truncated_tokens,
+                "seconds": round(self.seconds, 3), f"{unit}_per_s": round(rate, 1),
+                "tokens_per_s": round(self.tokens / self.seconds, 1) if self.seconds else 0.0}
+
+
+def bpe_training_texts(inputs: list[str], kind: str, keys: tuple[str, ...], template: str,
+                       max_bytes: int = 32 << 20) -> Iterator[str]:
+    """Text to train the embedded BPE on: the first `max_bytes` of the input, records as preprocessed.
+    Malformed records are passed over here; the real pass reports them."""
+    seen = 0
+    if kind == "documents":
+        items = (raw.decode("utf-8", errors="ignore") for _, _, raw in document_sources(inputs, keys[0]))
+    else:
+        items = _pair_texts(inputs, keys, template)
+    for text in items:
+        yield text
+        seen += len(text)
+        if seen >= max_bytes:
+            return
+
+
+def _pair_texts(inputs, keys, template) -> Iterator[str]:
+    for path in inputs:
+        for line_no, raw in open_lines(path):
+            try:
+                prompt, chosen, rejected = _parse_pair(str(path), line_no, raw, keys)
+            except InputError:
+                continue
+            yield template.replace("{prompt}", prompt)
+            yield chosen
+            yield rejected
+
+
+def build_shard(inputs: list[str], output_prefix: str, *, kind: str = "pairs", tokenizer: str | None = "byte",
+                keys: tuple[str, ...] = ("prompt", "chosen", "rejected"), template: str = "none",
+                eos_policy: str = "response", max_length: int | None = None, overlong: str = "error",
+                workers: int = 1, on_error: str = "fail", rejects_path: str | None = None,
+                vocab_multiple: int = 128, progress: bool = True) -> dict:
+    """Tokenize `inputs` into the shard `output_prefix` (.bin/.idx/.json, + .tokenizer/).
+
+    Raises InputError on the first bad record when on_error == "fail"; nothing is left behind then.
+    Returns the statistics also stored in the sidecar's `counts`.
+    """
+    import time
+
+    from tqdm import tqdm
+
+    from megapmp.data.indexed import IndexedWriter, optimal_dtype
+    from megapmp.data.shards import ShardMeta, shard_checksums, tokenizer_dir
+    from megapmp.data.tokenizers import load_tokenizer, padded_vocab_size, train_bpe
+
+    _check_options(inputs, kind, keys, eos_policy, max_length, overlong, workers, on_error, rejects_path)
+    template_name, template_text = resolve_template(template) if kind == "pairs" else ("none", "{prompt}")
+    output_prefix = str(output_prefix)
+    Path(output_prefix).parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{Path(output_prefix).name}.", dir=Path(output_prefix).parent))
+    start = time.perf_counter()
+    try:
+        tok = _prepare_tokenizer(tokenizer, staging / "tokenizer", inputs, kind, keys, template_text,
+                                 load_tokenizer, train_bpe)
+        dtype = optimal_dtype(tok.vocab_size)
+        fmt = PairFormat(tok.spec(), tuple(keys), template_text, eos_policy, max_length, overlong, dtype.name)
+        stats = BuildStats()
+        rejects_file = open(staging / "rejects.jsonl", "w") if rejects_path else None
+        unit = "pairs" if kind == "pairs" else "docs"
+        bar = tqdm(unit=f" {unit}", desc=f"preprocess {Path(output_prefix).name}", disable=not progress,
+                   dynamic_ncols=True, mininterval=0.5)
+        with IndexedWriter(staging / "shard", dtype) as writer:
+            if kind == "pairs":
+                results = run_ordered(process_pair_chunk, pair_chunks(inputs), fmt, workers)
+            else:
+                results = run_ordered(process_document_chunk, document_chunks(inputs, keys[0]), fmt, workers)
+            for result in results:
+                if result.rejects and on_error == "fail":
+                    first = result.rejects[0]
+                    raise InputError(first["file"], first["line"], first["field"], first["reason"])
+                writer.add_flat_documents(result.tokens, result.sequence_lengths, result.sequences_per_doc)
+                for reject in result.rejects:
+                    rejects_file.write(json.dumps(reject, ensure_ascii=False) + "\n")
+                stats.rejected += len(result.rejects)
+                stats.truncated += result.truncated
+                stats.truncated_tokens += result.truncated_tokens
+                bar.update(len(result.sequences_per_doc))
+            stats.documents, stats.sequences, stats.tokens = writer.num_documents, writer.num_sequences, writer.num_elements
+        bar.close()
+        if rejects_file:
+            rejects_file.close()
+        stats.seconds = time.perf_counter() - start
+        counts = stats.as_dict(kind)
+        _publish(staging, output_prefix, tok, rejects_path)
+        identity = tok.identity()
+        identity["spec"] = tokenizer_dir(output_prefix).name if identity.get("family") != "byte" else "byte"
+        meta = ShardMeta(kind=kind, tokenizer=identity, vocab_size=tok.vocab_size,
+                         padded_vocab_size=padded_vocab_size(tok.vocab_size, vocab_multiple),
+                         vocab_multiple=vocab_multiple, eos_id=tok.eos_id, pad_id=tok.pad_id, dtype=dtype.name,
+                         template={"name": template_name, "text": template_text}, eos_policy=eos_policy,
+                         max_length=max_length, overlong=overlong, counts=counts,
+                         checksums=shard_checksums(output_prefix), inputs=[str(p) for p in inputs])
+        meta.save(output_prefix)
+        return counts
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _check_options(inputs, kind, keys, eos_policy, max_length, overlong, workers, on_error, rejects_path) -> None:
+    problems = []
+    if not inputs:
+        problems.append("no input given")
+    for path in inputs:
+        if not Path(path).exists():
+            problems.append(f"input {path} does not exist")
+    if kind not in ("pairs", "documents"):
+        problems.append(f"kind {kind!r} is not pairs or documents")
+    if kind == "pairs" and len(keys) != 3:
+        problems.append(f"--keys needs three names (prompt,chosen,rejected), got {','.join(keys)}")
+    if kind == "documents" and len(keys) != 1:
+        problems.append(f"--keys in documents mode names the one text field, got {','.join(keys)}")
+    if eos_policy not in EOS_POLICIES:
+        problems.append(f"--eos-policy {eos_policy!r} is not one of {', '.join(EOS_POLICIES)}")
+    if overlong not in OVERLONG_POLICIES:
+        problems.append(f"--overlong {overlong!r} is not one of {', '.join(OVERLONG_POLICIES)}")
+    if max_length is not None and max_length < 4:
+        problems.append(f"--max-length {max_length} is below 4 tokens")
+    if workers < 1:
+        problems.append(f"--workers {workers} must be at least 1")
+    if on_error not in ("fail", "skip"):
+        problems.append(f"--on-error {on_error!r} is not fail or skip")
+    if on_error == "skip" and not rejects_path:
+        problems.append("--on-error skip needs --rejects FILE, so that no rejected line is lost silently")
+    if problems:
+        raise ValueError("; ".join(problems))
+
+
+def _prepare_tokenizer(spec, staging_dir: Path, inputs, kind, keys, template_text, load_tokenizer, train_bpe):
+    """Load the tokenizer (or train the embedded BPE on the input) and stage a copy to ship with the shard."""
+    if spec and spec.startswith("bpe:"):
+        vocab = int(spec.split(":", 1)[1])
+        return train_bpe(bpe_training_texts(inputs, kind, keys, template_text), vocab, staging_dir)
+    tok = load_tokenizer(spec)
+    if tok.family == "byte":
+        return tok
+    return load_tokenizer(tok.save(staging_dir))  # workers load the copy that ships with the shard
+
+
+def _publish(staging: Path, output_prefix: str, tok, rejects_path: str | None) -> None:
+    """Move the finished files into place: tokenizer and rejects first, the shard's data files last."""
+    from megapmp.data.indexed import bin_path, idx_path
+    from megapmp.data.shards import tokenizer_dir
+
+    if tok.family != "byte":
+        final = tokenizer_dir(output_prefix)
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(staging / "tokenizer", final)
+    if rejects_path:
+        Path(rejects_path).parent.mkdir(parents=True, exist_ok=True)
+        os.replace(staging / "rejects.jsonl", rejects_path)
+    os.replace(bin_path(staging / "shard"), bin_path(output_prefix))
+    os.replace(idx_path(staging / "shard"), idx_path(output_prefix))

@@ -1,0 +1,190 @@
+"""Packing invariants (property-tested), sampler determinism and resume, blending and DP slicing."""
+
+import json
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from megapmp.data.datasets import Pair
+from megapmp.data.loader import BlendedSampler, EpochShuffle, StepLoader
+from megapmp.data.packing import IGNORE_INDEX, pack_documents, pack_pairs, pair_packed_length
+from megapmp.data.preprocess import build_shard
+
+PAD = 999
+
+
+def make_pairs(lengths, seed=0):
+    rng = np.random.default_rng(seed)
+    return [Pair(*(rng.integers(0, 500, n).astype(np.int64) for n in plen)) for plen in lengths]
+
+
+pair_lengths = st.lists(st.tuples(st.integers(1, 20), st.integers(1, 20), st.integers(1, 20)), min_size=1, max_size=12)
+
+
+def visible(batch, row, col):
+    """Independent statement of the attention rule: the (token, position) list a query can see."""
+    seg, br = batch.segment_ids[row], batch.branch_ids[row]
+    keys = [k for k in range(col + 1) if seg[k] == seg[col] and (br[k] == 0 or br[k] == br[col])]
+    return [(int(batch.input_ids[row, k]), int(batch.position_ids[row, k])) for k in keys]
+
+
+def locate(batch, flat):
+    return divmod(int(flat), batch.shape[1])
+
+
+@settings(max_examples=60, deadline=None)
+@given(lengths=pair_lengths, seq_len=st.integers(80, 160), layout=st.sampled_from(["duplicated", "shared-prefix"]))
+def test_pack_pairs_invariants(lengths, seq_len, layout):
+    pairs = make_pairs(lengths)
+    batch = pack_pairs(pairs, seq_len, layout, PAD)
+    rows, S = batch.shape
+    assert S == seq_len and batch.num_pairs == len(pairs)
+
+    # Rows hold exactly the real tokens of their pairs, nothing is lost or split.
+    assert batch.num_real_tokens == sum(int(pair_packed_length(*map(len, (p.prompt, p.chosen, p.rejected)), layout))
+                                        for p in pairs)
+    assert (batch.input_ids[batch.segment_ids < 0] == PAD).all()
+
+    # Reward read-out positions: last token of each response, in one row, at the right position id.
+    for pair, ci, ri in zip(pairs, batch.chosen_index, batch.rejected_index):
+        (rc, cc), (rr, cr) = locate(batch, ci), locate(batch, ri)
+        assert rc == rr, "a pair was split across rows"
+        assert batch.input_ids[rc, cc] == pair.chosen[-1] and batch.input_ids[rr, cr] == pair.rejected[-1]
+        p = len(pair.prompt)
+        assert batch.position_ids[rc, cc] == p + len(pair.chosen) - 1
+        assert batch.position_ids[rr, cr] == p + len(pair.rejected) - 1
+        # Each response sees exactly its prompt and itself, in the duplicated layout's positions.
+        expected_c = list(zip(np.concatenate([pair.prompt, pair.chosen]).tolist(), range(p + len(pair.chosen))))
+        expected_r = list(zip(np.concatenate([pair.prompt, pair.rejected]).tolist(), range(p + len(pair.rejected))))
+        assert visible(batch, rc, cc) == expected_c
+        assert visible(batch, rr, cr) == expected_r
+        # LM targets: the chosen tokens, predicted from the token before each.
+        labels = batch.labels[rc, cc - len(pair.chosen) : cc]
+        assert labels.tolist() == pair.chosen.tolist()
+
+    assert batch.num_lm_tokens == sum(len(p.chosen) for p in pairs)
+
+    # cu_seqlens tile the flattened rows, with a boundary at every row start.
+    cu = batch.cu_seqlens
+    assert cu[0] == 0 and cu[-1] == rows * S and (np.diff(cu) > 0).all()
+    assert set(range(0, rows * S, S)) <= set(cu.tolist())
+    assert batch.max_seqlen == int(np.diff(cu).max())
+    flat_segments = np.repeat(np.arange(len(cu) - 1), np.diff(cu))
+    seg = batch.segment_ids.ravel()
+    for a in np.unique(flat_segments):
+        ids = seg[flat_segments == a]
+        assert len(set(ids.tolist())) == 1, "a cu_seqlens segment mixes attention segments"
+
+
+def test_shared_prefix_saves_the_prompt():
+    pairs = make_pairs([(30, 10, 12), (25, 7, 9)])
+    dup = pack_pairs(pairs, 256, "duplicated", PAD)
+    shared = pack_pairs(pairs, 256, "shared-prefix", PAD)
+    assert dup.num_real_tokens - shared.num_real_tokens == 30 + 25
+    # Shared-prefix positions restart at len(P) for the rejected response.
+    row, col = locate(shared, shared.rejected_index[0])
+    assert shared.position_ids[row, col - 11 : col + 1].tolist() == list(range(30, 42))
+    assert (shared.branch_ids[row, 30:40] == 1).all() and (shared.branch_ids[row, 40:52] == 2).all()
+
+
+def test_first_fit_fills_earlier_rows_and_rejects_oversize():
+    pairs = make_pairs([(20, 10, 10), (20, 10, 10), (2, 1, 1)])  # 60, 60, 6 tokens duplicated
+    batch = pack_pairs(pairs, 70, "duplicated", PAD)
+    assert batch.shape[0] == 2
+    assert locate(batch, batch.chosen_index[2])[0] == 0, "the small pair should fill row 0's gap"
+    with pytest.raises(ValueError, match="more than a row"):
+        pack_pairs(make_pairs([(50, 20, 20)]), 100, "duplicated", PAD)
+
+
+@settings(max_examples=30, deadline=None)
+@given(lengths=st.lists(st.integers(1, 40), min_size=1, max_size=10), seq_len=st.integers(40, 90))
+def test_pack_documents(lengths, seq_len):
+    rng = np.random.default_rng(1)
+    pieces = [rng.integers(0, 500, n) for n in lengths]
+    batch = pack_documents(pieces, seq_len, PAD)
+    assert batch.num_real_tokens == sum(lengths)
+    assert batch.num_lm_tokens == sum(n - 1 for n in lengths)
+    assert len(batch.chosen_index) == 0
+    # Every label is the next token of the same segment.
+    ids, labels, seg = batch.input_ids, batch.labels, batch.segment_ids
+    r, c = np.nonzero(labels != IGNORE_INDEX)
+    assert (labels[r, c] == ids[r, c + 1]).all() and (seg[r, c] == seg[r, c + 1]).all()
+
+
+def test_epoch_shuffle_resume_and_coverage():
+    s = EpochShuffle(10, seed=3)
+    first_epoch = s.take(10)
+    assert sorted(first_epoch.tolist()) == list(range(10))
+    s.take(4)
+    state = s.state_dict()
+    rest = s.take(13)
+    t = EpochShuffle(10, seed=3)
+    t.load_state_dict(state)
+    assert t.take(13).tolist() == rest.tolist()
+    assert not np.array_equal(EpochShuffle(10, seed=3).take(10), EpochShuffle(10, seed=4).take(10))
+
+
+def test_blended_sampler_exact_mix_and_resume():
+    s = BlendedSampler([100, 50], weights=[3, 1], seed=0)
+    draws = s.take(40)
+    assert (draws[:, 0] == 0).sum() == 30
+    for k in range(1, 41):  # the mix is exact at every prefix, within one draw
+        assert abs((draws[:k, 0] == 0).sum() - 0.75 * k) <= 1
+    state = json.loads(json.dumps(s.state_dict()))
+    more = s.take(25)
+    t = BlendedSampler([100, 50], weights=[3, 1], seed=0)
+    t.load_state_dict(state)
+    assert t.take(25).tolist() == more.tolist()
+
+
+@pytest.fixture(scope="module")
+def shard(tmp_path_factory):
+    root = tmp_path_factory.mktemp("shard")
+    rng = np.random.default_rng(0)
+    with open(root / "pairs.jsonl", "w") as f:
+        for i in range(64):
+            f.write(json.dumps({"prompt": "p" * int(rng.integers(3, 30)) + str(i),
+                                "chosen": "c" * int(rng.integers(1, 40)),
+                                "rejected": "r" * int(rng.integers(1, 40))}) + "\n")
+    build_shard([str(root / "pairs.jsonl")], str(root / "shard"), progress=False)
+    return str(root / "shard")
+
+
+def test_step_loader_dp_slices_and_global_counts(shard):
+    kwargs = dict(items_per_step=16, micro_batches=2, seq_len=256, layout="duplicated", seed=7)
+    ranks = [StepLoader([shard], dp_rank=r, dp_size=2, **kwargs) for r in range(2)]
+    single = StepLoader([shard], **kwargs)
+    for _ in range(3):
+        steps = [r.next_step() for r in ranks]
+        whole = single.next_step()
+        assert all(np.array_equal(s.step_items, whole.step_items) for s in steps)
+        pairs = sum(mb.num_pairs for s in steps for mb in s.micro_batches)
+        lm = sum(mb.num_lm_tokens for s in steps for mb in s.micro_batches)
+        assert pairs == whole.global_pairs == 16
+        assert lm == whole.global_lm_tokens
+        # The ranks' micro-batches are the single process's pairs, in order.
+        tokens = lambda ss: [mb.input_ids.ravel()[mb.chosen_index].tolist() for s in ss for mb in s.micro_batches]
+        assert sum(tokens(steps), []) == sum(tokens([whole]), [])
+
+
+def test_step_loader_resume_gives_identical_batches(shard):
+    kwargs = dict(items_per_step=8, micro_batches=2, seq_len=200, layout="shared-prefix", seed=1)
+    a = StepLoader([shard], **kwargs)
+    for _ in range(5):  # cross an epoch boundary (64 pairs / 8 per step) later on
+        a.next_step()
+    state = json.loads(json.dumps(a.state_dict()))
+    expected = [a.next_step() for _ in range(6)]
+    b = StepLoader([shard], **kwargs)
+    b.load_state_dict(state)
+    for want in expected:
+        got = b.next_step()
+        for x, y in zip(got.micro_batches, want.micro_batches):
+            assert np.array_equal(x.input_ids, y.input_ids) and np.array_equal(x.labels, y.labels)
+            assert np.array_equal(x.chosen_index, y.chosen_index)
+
+
+def test_step_loader_rejects_bad_split(shard):
+    with pytest.raises(ValueError, match="not divisible"):
+        StepLoader([shard], items_per_step=10, micro_batches=3, seq_len=256)

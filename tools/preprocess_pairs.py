@@ -1,0 +1,102 @@
+#!/usr/bin/env python
+"""Tokenize preference pairs (or plain documents) offline into memory-mapped MMIDIDX shards.
+
+Writes PREFIX.bin + PREFIX.idx (Megatron's MMIDIDX v1 layout, one pair = one document of three
+sequences: prompt, chosen response, rejected response), PREFIX.json (tokenizer identity, vocab sizes,
+template, policies, counts, sha256 checksums) and PREFIX.tokenizer/ (the tokenizer, so the shard is
+self-describing). Everything is written under temporary names and renamed at the end.
+
+Exit codes: 0 success; 1 a rejected input record (with --on-error fail) or bad options; 2 usage.
+
+Examples:
+  python tools/preprocess_pairs.py --input pairs.jsonl --output-prefix data/pairs --tokenizer bpe:8192
+  python tools/preprocess_pairs.py --input codepmp.jsonl.gz --keys query,better,worse --template codepmp \\
+      --tokenizer /models/Qwen2-7B --max-length 1024 --overlong truncate --workers 16
+  python tools/preprocess_pairs.py --documents --input /usr/lib/python3.11 --output-prefix data/stdlib
+  python tools/preprocess_pairs.py --merge data/part0 data/part1 --output-prefix data/all
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from megapmp.data.preprocess import InputError, build_shard
+from megapmp.data.shards import merge_shard_set
+
+TRUNCATION_HELP = (
+    "What to do with a pair whose prompt + response exceeds --max-length tokens: 'error' rejects it "
+    "(stop, or skip with --on-error skip); 'truncate' cuts the prompt from the left (keeping at least "
+    "half of --max-length, or all of it if shorter) just enough for the longest response, then cuts "
+    "responses from the right, keeping EOS as their last token. Truncations are counted in the stats."
+)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--input", nargs="+", default=[], metavar="FILE",
+                   help="JSONL or JSONL.gz files of pairs, read in the order given (documents mode: also "
+                        "directories or source files, one file = one document)")
+    p.add_argument("--output-prefix", required=True, metavar="PREFIX",
+                   help="output path without extension: PREFIX.bin, PREFIX.idx, PREFIX.json, PREFIX.tokenizer/")
+    p.add_argument("--tokenizer", default="byte", metavar="SPEC",
+                   help="byte (embedded UTF-8 bytes, the default); bpe:N (train an N-token byte-level BPE on the "
+                        "input in seconds, saved beside the shards); a tokenizer.json or HF tokenizer directory "
+                        "(e.g. Qwen2's); a SentencePiece .model; a tiktoken .tiktoken BPE file; or hf:/sp:/tiktoken: "
+                        "prefixed paths")
+    p.add_argument("--keys", default=None, metavar="K1,K2,K3",
+                   help="field names of prompt, chosen, rejected (default prompt,chosen,rejected; CodePMP's data: "
+                        "query,better,worse); in documents mode the one text field of JSONL input (default text)")
+    p.add_argument("--template", default="none", metavar="none|codepmp|FILE",
+                   help="prompt template: none, codepmp (CodePMP's code-generation prompt), or a file containing "
+                        "{prompt} (or {query}) where the prompt goes")
+    p.add_argument("--eos-policy", default="response", choices=["response", "none"],
+                   help="response: append EOS to every response (and document); the reward is read at that EOS. "
+                        "none: no EOS; the reward is read at the response's last token")
+    p.add_argument("--max-length", type=int, default=None, metavar="N",
+                   help="maximum tokens of prompt + response, for each of chosen and rejected (paper: 1024)")
+    p.add_argument("--overlong", default="error", choices=["error", "truncate"], help=TRUNCATION_HELP)
+    p.add_argument("--workers", type=int, default=1, metavar="N",
+                   help="tokenizer processes; output is identical for any N")
+    p.add_argument("--on-error", default="fail", choices=["fail", "skip"],
+                   help="fail: stop at the first bad record with its file, line and field, exit 1, leave no "
+                        "output; skip: leave bad records out, write each to --rejects with its reason")
+    p.add_argument("--rejects", default=None, metavar="FILE", help="JSONL of rejected records (needed with skip)")
+    p.add_argument("--documents", action="store_true",
+                   help="plain-document mode for LM pretraining: each file (or JSONL line) is one token document")
+    p.add_argument("--vocab-multiple", type=int, default=128, metavar="M",
+                   help="record the vocab size padded to a multiple of M (the trainer multiplies by its TP size)")
+    p.add_argument("--merge", nargs="+", default=None, metavar="PREFIX",
+                   help="instead of tokenizing: merge these shards (partitions written separately, same tokenizer "
+                        "and policies) into --output-prefix, in the order given")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        if args.merge:
+            meta = merge_shard_set(args.merge, args.output_prefix)
+            stats = meta.counts
+        else:
+            kind = "documents" if args.documents else "pairs"
+            default_keys = "text" if args.documents else "prompt,chosen,rejected"
+            stats = build_shard(
+                args.input, args.output_prefix, kind=kind, tokenizer=args.tokenizer,
+                keys=tuple((args.keys or default_keys).split(",")), template=args.template,
+                eos_policy=args.eos_policy, max_length=args.max_length, overlong=args.overlong,
+                workers=args.workers, on_error=args.on_error, rejects_path=args.rejects,
+                vocab_multiple=args.vocab_multiple, progress=not args.no_progress)
+    except (InputError, ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(json.dumps(stats))
+    if stats.get("rejected"):
+        print(f"warning: {stats['rejected']} records rejected, listed in {args.rejects}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
