@@ -21,7 +21,7 @@ import tempfile
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Iterable, Iterator, NamedTuple
 
 import numpy as np
 
@@ -206,13 +206,18 @@ def process_document_chunk(items: list[tuple[str, int, bytes]]) -> ChunkResult:
     fmt, tok = _worker_format, _worker_tokenizer
     rejects, texts = [], []
     for source, line_no, raw in items:
+        if isinstance(raw, BadDocument):
+            rejects.append(_reject(InputError(source, line_no, raw.field, raw.reason), raw.raw))
+            continue
         try:
             text = raw.decode("utf-8")
         except UnicodeDecodeError as e:
-            rejects.append(_reject(InputError(source, line_no, None, f"invalid UTF-8 at byte {e.start}"), raw))
+            # line_no is 0 for a whole file: name the 1-based line that holds the bad byte.
+            line = line_no or raw.count(b"\n", 0, e.start) + 1
+            rejects.append(_reject(InputError(source, line, None, f"invalid UTF-8 at byte {e.start}"), raw))
             continue
         if not text.strip():
-            rejects.append(_reject(InputError(source, line_no, None, "empty document"), raw))
+            rejects.append(_reject(InputError(source, line_no or 1, None, "empty document"), raw))
             continue
         texts.append(text)
     eos = [tok.eos_id] if fmt.eos_policy == "response" else []
@@ -248,9 +253,17 @@ DOCUMENT_SUFFIXES = (".py", ".pyi", ".txt", ".md", ".rst", ".c", ".h", ".cc", ".
                      ".go", ".rs", ".sh", ".ipynb")
 
 
-def document_sources(paths: Iterable[str], text_key: str = "text") -> Iterator[tuple[str, int, bytes]]:
+class BadDocument(NamedTuple):
+    """A JSONL line that is not a document; the worker turns it into a reject (fail or skip)."""
+
+    field: str
+    reason: str
+    raw: bytes
+
+
+def document_sources(paths: Iterable[str], text_key: str = "text") -> Iterator[tuple[str, int, bytes | BadDocument]]:
     """Documents from files and directories (one file = one document, walked in sorted order) and from
-    JSONL(.gz) files (one line = one document, its `text_key` field)."""
+    JSONL(.gz) files (one line = one document, its `text_key` field; a bad line yields a BadDocument)."""
     for path in map(Path, paths):
         if path.is_dir():
             for sub in sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in DOCUMENT_SUFFIXES):
@@ -260,9 +273,12 @@ def document_sources(paths: Iterable[str], text_key: str = "text") -> Iterator[t
                 try:
                     value = json.loads(raw)[text_key]
                 except (ValueError, KeyError, TypeError):
-                    raise InputError(str(path), line_no, text_key, "not a JSON object with a string field") from None
+                    yield str(path), line_no, BadDocument(text_key, "not a JSON object with a string field", raw)
+                    continue
                 if not isinstance(value, str):
-                    raise InputError(str(path), line_no, text_key, f"expected a string, got {type(value).__name__}")
+                    reason = f"expected a string, got {type(value).__name__}"
+                    yield str(path), line_no, BadDocument(text_key, reason, raw)
+                    continue
                 yield str(path), line_no, value.encode("utf-8", errors="surrogatepass")
         elif path.is_file():
             yield str(path), 0, path.read_bytes()
@@ -325,7 +341,8 @@ def bpe_training_texts(inputs: list[str], kind: str, keys: tuple[str, ...], temp
     Malformed records are passed over here; the real pass reports them."""
     seen = 0
     if kind == "documents":
-        items = (raw.decode("utf-8", errors="ignore") for _, _, raw in document_sources(inputs, keys[0]))
+        items = (raw.decode("utf-8", errors="ignore") for _, _, raw in document_sources(inputs, keys[0])
+                 if not isinstance(raw, BadDocument))
     else:
         items = _pair_texts(inputs, keys, template)
     for text in items:

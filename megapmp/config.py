@@ -1,0 +1,481 @@
+"""Configuration dataclasses, one per component, with presets and validation.
+
+Each dataclass documents its fields once, here. ``validate()`` raises a single ``ValueError``
+that names every offending value, so a bad config is fixed in one edit rather than one
+error at a time.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field, fields
+
+
+def _raise_if_any(component: str, problems: list[str]) -> None:
+    if problems:
+        raise ValueError(f"invalid {component}: " + "; ".join(problems))
+
+
+@dataclass
+class ModelConfig:
+    """Qwen2 decoder architecture; field names and meanings are those of HF ``Qwen2Config``."""
+
+    vocab_size: int = 384
+    """Rows of the token embedding and of the LM head."""
+    hidden_size: int = 64
+    """Width of the residual stream."""
+    intermediate_size: int = 176
+    """Width of the SwiGLU MLP (gate/up output, down input)."""
+    num_hidden_layers: int = 2
+    """Number of decoder layers."""
+    num_attention_heads: int = 4
+    """Query heads per layer; ``hidden_size / num_attention_heads`` is the head dimension."""
+    num_key_value_heads: int = 2
+    """Key/value heads per layer (grouped-query attention); must divide ``num_attention_heads``."""
+    max_position_embeddings: int = 4096
+    """Longest position the model is meant to see (RoPE itself has no hard limit)."""
+    rope_theta: float = 10000.0
+    """RoPE base: inverse frequencies are ``rope_theta ** (-2i / head_dim)``."""
+    rms_norm_eps: float = 1e-6
+    """Epsilon added to the mean square inside every RMSNorm."""
+    tie_word_embeddings: bool = True
+    """Share one matrix between ``embed_tokens`` and ``lm_head``."""
+    initializer_range: float = 0.02
+    """Standard deviation of the normal init of every Linear and Embedding weight."""
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    def validate(self) -> None:
+        problems = []
+        for name in (
+            "vocab_size",
+            "hidden_size",
+            "intermediate_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+            "num_key_value_heads",
+            "max_position_embeddings",
+        ):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                problems.append(f"{name}={value!r} must be a positive integer")
+        for name in ("rope_theta", "rms_norm_eps", "initializer_range"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+                problems.append(f"{name}={value!r} must be a positive number")
+        if not isinstance(self.tie_word_embeddings, bool):
+            problems.append(f"tie_word_embeddings={self.tie_word_embeddings!r} must be a bool")
+
+        hidden, heads, kv_heads = self.hidden_size, self.num_attention_heads, self.num_key_value_heads
+        if _positive_ints(hidden, heads):
+            if hidden % heads:
+                problems.append(
+                    f"hidden_size={hidden} is not divisible by num_attention_heads={heads}"
+                )
+            elif (hidden // heads) % 2:
+                # rotate_half pairs dimension i with i + head_dim/2.
+                problems.append(
+                    f"head_dim={hidden // heads} (hidden_size={hidden} / num_attention_heads={heads}) "
+                    "must be even for RoPE"
+                )
+        if _positive_ints(heads, kv_heads) and heads % kv_heads:
+            problems.append(
+                f"num_attention_heads={heads} is not divisible by num_key_value_heads={kv_heads}"
+            )
+        _raise_if_any("ModelConfig", problems)
+
+
+def _positive_ints(*values) -> bool:
+    return all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in values)
+
+
+# Values of the public config.json of each Hugging Face checkpoint (Qwen/Qwen2-0.5B, -1.5B, -7B).
+MODEL_PRESETS: dict[str, ModelConfig] = {
+    # Seconds per step on a laptop CPU: for tests, the quickstart and the golden loss curve.
+    "tiny": ModelConfig(
+        vocab_size=384,
+        hidden_size=64,
+        intermediate_size=176,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=4096,
+        rope_theta=10000.0,
+        rms_norm_eps=1e-6,
+        tie_word_embeddings=True,
+        initializer_range=0.02,
+    ),
+    "qwen2-0.5b": ModelConfig(
+        vocab_size=151936,
+        hidden_size=896,
+        intermediate_size=4864,
+        num_hidden_layers=24,
+        num_attention_heads=14,
+        num_key_value_heads=2,
+        max_position_embeddings=131072,
+        rope_theta=1000000.0,
+        rms_norm_eps=1e-6,
+        tie_word_embeddings=True,
+        initializer_range=0.02,
+    ),
+    "qwen2-1.5b": ModelConfig(
+        vocab_size=151936,
+        hidden_size=1536,
+        intermediate_size=8960,
+        num_hidden_layers=28,
+        num_attention_heads=12,
+        num_key_value_heads=2,
+        max_position_embeddings=131072,
+        rope_theta=1000000.0,
+        rms_norm_eps=1e-6,
+        tie_word_embeddings=True,
+        initializer_range=0.02,
+    ),
+    "qwen2-7b": ModelConfig(
+        vocab_size=152064,
+        hidden_size=3584,
+        intermediate_size=18944,
+        num_hidden_layers=28,
+        num_attention_heads=28,
+        num_key_value_heads=4,
+        max_position_embeddings=131072,
+        rope_theta=1000000.0,
+        rms_norm_eps=1e-6,
+        tie_word_embeddings=False,
+        initializer_range=0.02,
+    ),
+}
+
+
+def model_preset(name: str) -> ModelConfig:
+    """A fresh copy of the preset ``name`` (editing it leaves ``MODEL_PRESETS`` untouched)."""
+    if name not in MODEL_PRESETS:
+        raise ValueError(f"unknown model preset {name!r}; known: {sorted(MODEL_PRESETS)}")
+    return dataclasses.replace(MODEL_PRESETS[name])
+
+
+@dataclass
+class LossConfig:
+    """The PMP objective: rm_coef * pairwise ranking loss + lm_coef * chosen-response LM loss."""
+
+    rm_coef: float = 1.0
+    """Weight of -log sigmoid(r_chosen - r_rejected); 0 for LM pretraining."""
+    lm_coef: float = 1.0
+    """Weight of the next-token CE on chosen-response tokens; 0 for RM finetuning."""
+    lm_chunk: int = 4096
+    """Target tokens whose logits are materialised at once (bounds the loss's extra memory)."""
+
+    def validate(self) -> None:
+        problems = []
+        if self.rm_coef < 0 or self.lm_coef < 0:
+            problems.append(f"rm_coef={self.rm_coef} and lm_coef={self.lm_coef} must be >= 0")
+        if self.rm_coef == 0 and self.lm_coef == 0:
+            problems.append("rm_coef and lm_coef are both 0: nothing to train")
+        if self.lm_chunk <= 0:
+            problems.append(f"lm_chunk={self.lm_chunk} must be positive")
+        _raise_if_any("LossConfig", problems)
+
+
+@dataclass
+class OptimizerConfig:
+    """AdamW (apex FusedAdam or torch's fused AdamW on GPUs when available)."""
+
+    lr: float = 3e-4
+    """Peak learning rate (CodePMP 7B: 1e-6 on top of a pretrained Qwen2)."""
+    weight_decay: float = 0.1
+    """Decoupled weight decay on matrices; biases and norm weights are not decayed."""
+    beta1: float = 0.9
+    """Adam first-moment decay."""
+    beta2: float = 0.95
+    """Adam second-moment decay."""
+    eps: float = 1e-8
+    """Adam denominator epsilon."""
+    grad_clip: float = 1.0
+    """Global gradient-norm clip; 0 disables clipping (the norm is still logged)."""
+    backend: str = "auto"
+    """auto | torch | torch-fused | apex."""
+
+    def validate(self) -> None:
+        problems = []
+        if not self.lr > 0:
+            problems.append(f"lr={self.lr} must be positive")
+        if self.weight_decay < 0:
+            problems.append(f"weight_decay={self.weight_decay} must be >= 0")
+        for name in ("beta1", "beta2"):
+            if not 0 <= getattr(self, name) < 1:
+                problems.append(f"{name}={getattr(self, name)} must be in [0, 1)")
+        if self.grad_clip < 0:
+            problems.append(f"grad_clip={self.grad_clip} must be >= 0")
+        if self.backend not in ("auto", "torch", "torch-fused", "apex"):
+            problems.append(f"backend={self.backend!r} is not auto, torch, torch-fused or apex")
+        _raise_if_any("OptimizerConfig", problems)
+
+
+@dataclass
+class ScheduleConfig:
+    """Learning-rate schedule over the run's `steps` optimizer steps (see megapmp.optim.lr_at)."""
+
+    name: str = "wsd"
+    """wsd (warmup-stable-decay, the paper's), cosine, or constant."""
+    warmup_fraction: float = 0.03
+    """Fraction of the run spent in linear warmup."""
+    decay_fraction: float = 0.1
+    """wsd only: fraction of the run, at its end, spent in cosine decay."""
+    min_lr_ratio: float = 0.0
+    """Final learning rate as a fraction of the peak."""
+
+    def validate(self) -> None:
+        problems = []
+        if self.name not in ("wsd", "cosine", "constant"):
+            problems.append(f"name={self.name!r} is not wsd, cosine or constant")
+        for name in ("warmup_fraction", "decay_fraction", "min_lr_ratio"):
+            if not 0 <= getattr(self, name) <= 1:
+                problems.append(f"{name}={getattr(self, name)} must be in [0, 1]")
+        if self.warmup_fraction + (self.decay_fraction if self.name == "wsd" else 0) > 1:
+            problems.append(f"warmup_fraction + decay_fraction = {self.warmup_fraction + self.decay_fraction} exceeds 1")
+        _raise_if_any("ScheduleConfig", problems)
+
+
+@dataclass
+class DataConfig:
+    """Which shards, and how they become optimizer steps."""
+
+    train: list = field(default_factory=list)
+    """Shard prefixes (made by tools/preprocess_pairs.py) blended into the training stream."""
+    weights: list | None = None
+    """Blend weights, one per train shard; default equal."""
+    valid: list = field(default_factory=list)
+    """Held-out pair shards for the periodic RM accuracy."""
+    valid_items: int = 512
+    """At most this many held-out pairs are scored."""
+    kind: str = "pairs"
+    """pairs (PMP, RM finetuning) or documents (LM pretraining)."""
+    layout: str = "duplicated"
+    """Pair packing: duplicated [P C][P R] or shared-prefix [P C R]."""
+    seq_len: int = 2048
+    """Tokens per packed row; a pair must fit in one row."""
+    items_per_step: int = 32
+    """Global batch: pairs (or document windows) per optimizer step, over all data-parallel ranks."""
+    micro_batches: int = 1
+    """Gradient-accumulation micro-batches per step on each data-parallel rank."""
+    seed: int = 1234
+    """Shuffling seed; the order is a pure function of (seed, epoch)."""
+
+    def validate(self) -> None:
+        problems = []
+        if not self.train:
+            problems.append("train lists no shard prefix")
+        if self.weights is not None and len(self.weights) != len(self.train):
+            problems.append(f"weights has {len(self.weights)} entries for {len(self.train)} train shards")
+        if self.kind not in ("pairs", "documents"):
+            problems.append(f"kind={self.kind!r} is not pairs or documents")
+        if self.layout not in ("duplicated", "shared-prefix"):
+            problems.append(f"layout={self.layout!r} is not duplicated or shared-prefix")
+        for name in ("seq_len", "items_per_step", "micro_batches", "valid_items"):
+            if getattr(self, name) <= 0:
+                problems.append(f"{name}={getattr(self, name)} must be positive")
+        if self.items_per_step % max(1, self.micro_batches):
+            problems.append(f"items_per_step={self.items_per_step} is not divisible by micro_batches={self.micro_batches}")
+        _raise_if_any("DataConfig", problems)
+
+
+@dataclass
+class CheckpointConfig:
+    """Saving, resuming and initialising."""
+
+    interval: int = 0
+    """Save every this many steps (0: only at the end)."""
+    keep_last: int = 2
+    """Keep only the newest this many checkpoints (0: keep all)."""
+    resume: str = "auto"
+    """auto: continue from the run's newest complete checkpoint if there is one; none; or a path."""
+    init_from: str | None = None
+    """Initial weights: a megapmp run / checkpoint directory or an HF Qwen2 directory (weights only)."""
+    init_reward_head: bool = True
+    """Also take the reward head from init_from (false: a fresh head, e.g. LM -> PMP)."""
+
+    def validate(self) -> None:
+        problems = []
+        if self.interval < 0 or self.keep_last < 0:
+            problems.append(f"interval={self.interval} and keep_last={self.keep_last} must be >= 0")
+        _raise_if_any("CheckpointConfig", problems)
+
+
+@dataclass
+class ParallelConfig:
+    """Tensor / pipeline / data parallel sizes (the product is the world size)."""
+
+    tp: int = 1
+    """Tensor-parallel size."""
+    pp: int = 1
+    """Pipeline-parallel size."""
+    sequence_parallel: bool = False
+    """Shard norms and residuals along the sequence inside a tensor-parallel group."""
+    distributed_optimizer: bool = False
+    """ZeRO-1: shard fp32 master weights and Adam states over data-parallel ranks."""
+
+    def validate(self) -> None:
+        problems = [f"{n}={getattr(self, n)} must be >= 1" for n in ("tp", "pp") if getattr(self, n) < 1]
+        _raise_if_any("ParallelConfig", problems)
+
+
+@dataclass
+class LoggingConfig:
+    """Progress, held-out evaluation and optional experiment trackers."""
+
+    progress: bool = True
+    """Show a progress bar on stderr."""
+    eval_interval: int = 0
+    """Score data.valid every this many steps (0: never; the last step is always scored if > 0)."""
+    tensorboard: bool = False
+    """Also write TensorBoard events to RUN_DIR/tensorboard (needs the tensorboard package)."""
+    wandb_project: str | None = None
+    """Also log to this Weights & Biases project (needs wandb)."""
+
+
+@dataclass
+class TrainConfig:
+    """A whole run. Every component gets only its own section."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    steps: int = 100
+    """Optimizer steps of the run (the schedule spans them)."""
+    seed: int = 1234
+    """Model-initialisation seed."""
+    precision: str = "auto"
+    """auto (bf16 autocast on GPU, fp32 on CPU), fp32, bf16 or fp16."""
+    attention_backend: str = "sdpa"
+    """Attention implementation over packed rows."""
+    activation_checkpointing: bool = False
+    """Recompute each decoder layer in backward to save activation memory."""
+    max_nonfinite_steps: int = 5
+    """Stop when more than this many consecutive steps have non-finite loss or gradients."""
+    num_threads: int = 0
+    """CPU threads for torch (0: torch's default)."""
+
+    def validate(self) -> None:
+        problems = []
+        for section in (self.model, self.loss, self.optimizer, self.schedule, self.data, self.checkpoint,
+                        self.parallel):
+            try:
+                section.validate()
+            except ValueError as e:
+                problems.append(str(e))
+        if self.steps <= 0:
+            problems.append(f"steps={self.steps} must be positive")
+        if self.precision not in ("auto", "fp32", "bf16", "fp16"):
+            problems.append(f"precision={self.precision!r} is not auto, fp32, bf16 or fp16")
+        if self.data.kind == "documents" and self.loss.rm_coef:
+            problems.append("data.kind=documents has no pairs: set loss.rm_coef = 0 for LM pretraining")
+        if problems:
+            raise ValueError("invalid TrainConfig: " + " | ".join(problems))
+
+
+SECTIONS = {f.name for f in fields(TrainConfig) if f.name in
+            ("model", "loss", "optimizer", "schedule", "data", "checkpoint", "parallel", "logging")}
+
+
+def _convert(raw, current, type_hint: str, key: str):
+    """A command-line string (or TOML value) as the type of the field it sets."""
+    if not isinstance(raw, str):
+        return raw
+    hint = type_hint.replace(" ", "")
+    if raw.lower() in ("none", "null") and "None" in hint:
+        return None
+    if hint.startswith("bool") or isinstance(current, bool):
+        if raw.lower() in ("1", "true", "yes", "on"):
+            return True
+        if raw.lower() in ("0", "false", "no", "off"):
+            return False
+        raise ValueError(f"--{key} expects true or false, got {raw!r}")
+    if hint.startswith("int"):
+        return int(raw)
+    if hint.startswith("float"):
+        return float(raw)
+    if hint.startswith("list"):
+        items = [x for x in raw.split(",") if x]
+        return [float(x) for x in items] if key.endswith("weights") else items
+    return raw
+
+
+def _apply(obj, key: str, value, full_key: str) -> None:
+    names = {f.name: f for f in fields(obj)}
+    if key not in names:
+        raise ValueError(f"unknown config key {full_key!r}; {type(obj).__name__} has: {', '.join(sorted(names))}")
+    setattr(obj, key, _convert(value, getattr(obj, key), str(names[key].type), full_key))
+
+
+def build_train_config(table: dict, overrides: list[tuple[str, str]] = ()) -> TrainConfig:
+    """A TrainConfig from a TOML-shaped dict plus dotted command-line overrides.
+
+    `[model] preset = "qwen2-1.5b"` starts the model section from that preset; other keys override it.
+    """
+    cfg = TrainConfig()
+    table = {k: dict(v) if isinstance(v, dict) else v for k, v in table.items()}
+    dotted = list(overrides)
+    preset = table.get("model", {}).pop("preset", None)
+    for key, value in dotted:
+        if key == "model.preset":
+            preset = value
+    if preset:
+        cfg.model = model_preset(preset)
+    for section, values in table.items():
+        if section in SECTIONS:
+            if not isinstance(values, dict):
+                raise ValueError(f"config section [{section}] must be a table")
+            for key, value in values.items():
+                _apply(getattr(cfg, section), key, value, f"{section}.{key}")
+        else:
+            _apply(cfg, section, values, section)
+    for key, value in dotted:
+        if key == "model.preset":
+            continue
+        section, _, name = key.rpartition(".")
+        _apply(getattr(cfg, section) if section else cfg, name, value, key)
+    return cfg
+
+
+def load_train_config(path: str | None, overrides: list[tuple[str, str]] = ()) -> TrainConfig:
+    table = {}
+    if path:
+        import tomllib
+
+        with open(path, "rb") as f:
+            table = tomllib.load(f)
+    return build_train_config(table, overrides)
+
+
+def parse_cli(argv=None):
+    """--config FILE --run-dir DIR, then any number of `--section.key value` overrides."""
+    import argparse
+
+    parser = argparse.ArgumentParser(
+        prog="python -m megapmp.train",
+        description="Train a megapmp model: LM pretraining, PMP or RM finetuning (one loop, chosen by config). "
+                    "Any config field can be overridden as --section.key value (e.g. --model.num_hidden_layers 4, "
+                    "--optimizer.lr 1e-4, --steps 200); see megapmp/config.py for every field and its meaning.")
+    parser.add_argument("--config", default=None, help="TOML file (examples/configs/*.toml)")
+    parser.add_argument("--run-dir", required=True, help="output directory: config.json, metrics.jsonl, checkpoints/")
+    args, rest = parser.parse_known_args(argv)
+    overrides = []
+    i = 0
+    while i < len(rest):
+        token = rest[i]
+        if token.startswith("--") and "=" in token:
+            key, value = token[2:].split("=", 1)
+            i += 1
+        elif token.startswith("--") and i + 1 < len(rest):
+            key, value = token[2:], rest[i + 1]
+            i += 2
+        else:
+            parser.error(f"overrides come as '--section.key value' pairs; could not read {token!r}")
+        overrides.append((key.replace("-", "_"), value))
+    return args, overrides
