@@ -38,6 +38,15 @@ def list_checkpoints(root: str | os.PathLike) -> list[Path]:
     return sorted(found, key=lambda p: int(STEP_DIR.match(p.name).group(1)))
 
 
+def remove_incomplete(root: str | os.PathLike) -> list[Path]:
+    """Delete temporary directories left by a save that was killed midway; returns what was removed."""
+    root = Path(root)
+    stale = [p for p in root.glob(".step_*") if p.is_dir()] if root.is_dir() else []
+    for path in stale:
+        shutil.rmtree(path, ignore_errors=True)
+    return stale
+
+
 def latest_checkpoint(root: str | os.PathLike) -> Path | None:
     found = list_checkpoints(root)
     return found[-1] if found else None

@@ -64,9 +64,13 @@ def load_initial_weights(model: Qwen2RewardModel, source: str, with_reward_head:
     from megapmp.convert.hf import from_hf_state_dict, load_hf_directory
 
     path = Path(source)
-    if (path / "config.json").exists() and not (path / "trainer.json").exists():
-        hf_config, hf_state = load_hf_directory(path)
-        state = dict(from_hf_state_dict(hf_state, model.config).state_dict)
+    is_megapmp = (path / "checkpoints").is_dir() or (path / "trainer.json").exists() or bool(ckpt.list_checkpoints(path))
+    if not is_megapmp and (path / "config.json").exists():
+        _, hf_state = load_hf_directory(path)
+        imported = from_hf_state_dict(hf_state, model.config)
+        state = dict(imported.state_dict)
+        if not imported.has_score:  # a causal LM: its zero-filled head must not replace our init
+            state.pop("score.weight", None)
         origin = "HF directory"
     else:
         if (path / "checkpoints").is_dir():
@@ -164,6 +168,8 @@ class Trainer:
 
     def _maybe_resume(self) -> None:
         resume = self.cfg.checkpoint.resume
+        for stale in ckpt.remove_incomplete(self._checkpoint_root()):
+            log(f"removed {stale.name}, left by a save that did not finish")
         if resume == "none":
             return
         path = ckpt.latest_checkpoint(self._checkpoint_root()) if resume == "auto" else Path(resume)
