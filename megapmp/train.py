@@ -113,6 +113,42 @@ class MetricsLog:
         self.file.close()
 
 
+class Trackers:
+    """Optional TensorBoard and Weights & Biases logging; each is imported only when enabled, and a
+    missing package is an error at start-up, not a silent no-op."""
+
+    def __init__(self, cfg: TrainConfig, run_dir: Path):
+        self.tensorboard = self.wandb = None
+        if cfg.logging.tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError as e:
+                raise ImportError("logging.tensorboard = true needs the tensorboard package "
+                                  "(pip install tensorboard)") from e
+            self.tensorboard = SummaryWriter(str(run_dir / "tensorboard"))
+        if cfg.logging.wandb_project:
+            try:
+                import wandb
+            except ImportError as e:
+                raise ImportError("logging.wandb_project needs the wandb package (pip install wandb)") from e
+            self.wandb = wandb.init(project=cfg.logging.wandb_project, dir=str(run_dir), config=asdict(cfg),
+                                    resume="allow", name=run_dir.name)
+
+    def log(self, record: dict) -> None:
+        scalars = {k: v for k, v in record.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        if self.tensorboard is not None:
+            for key, value in scalars.items():
+                self.tensorboard.add_scalar(f"train/{key}", value, record["step"])
+        if self.wandb is not None:
+            self.wandb.log(scalars, step=record["step"])
+
+    def close(self) -> None:
+        if self.tensorboard is not None:
+            self.tensorboard.close()
+        if self.wandb is not None:
+            self.wandb.finish()
+
+
 class Trainer:
     def __init__(self, cfg: TrainConfig, run_dir: str | Path):
         self.cfg = cfg
@@ -246,6 +282,7 @@ class Trainer:
     def fit(self) -> list[dict]:
         cfg = self.cfg
         metrics = MetricsLog(self.run_dir / "metrics.jsonl", self.step)
+        trackers = Trackers(cfg, self.run_dir)
         history = []
         bar = tqdm(total=cfg.steps, initial=self.step, desc="train", unit="step", dynamic_ncols=True,
                    disable=not cfg.logging.progress)
@@ -262,6 +299,7 @@ class Trainer:
                 if cfg.logging.eval_interval and (self.step % cfg.logging.eval_interval == 0 or self.step == cfg.steps):
                     record.update(self.evaluate())
                 metrics.write(record)
+                trackers.log(record)
                 history.append(record)
                 bar.update(1)
                 bar.set_postfix(loss=f"{record['loss']:.4f}",
@@ -276,6 +314,7 @@ class Trainer:
         finally:
             bar.close()
             metrics.close()
+            trackers.close()
         return history
 
 
