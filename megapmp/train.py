@@ -154,6 +154,10 @@ class Trainer:
         self.cfg = cfg
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        # Absolute shard paths keep the checkpoint's record usable from any working directory
+        # (the exporter finds the tokenizer beside the training shards).
+        cfg.data.train = [str(Path(p).resolve()) for p in cfg.data.train]
+        cfg.data.valid = [str(Path(p).resolve()) for p in cfg.data.valid]
         self.device = pick_device()
         self.amp_dtype = autocast_dtype(cfg.precision, self.device)
         self.loader = StepLoader(cfg.data.train, kind=cfg.data.kind, weights=cfg.data.weights,

@@ -331,7 +331,7 @@ class TiktokenTokenizer(_FileTokenizer):
         import tiktoken
 
         super().__init__(path, {os.path.basename(path): _read_file(path)})
-        ranks = _parse_tiktoken_ranks(self._files[os.path.basename(path)], path)
+        ranks = parse_tiktoken_ranks(self._files[os.path.basename(path)], path)
         first_free = max(ranks.values()) + 1
         self.eos_token, self.eos_id = EOS_TOKEN, first_free
         self.pad_token, self.pad_id = PAD_TOKEN, first_free + 1
@@ -352,7 +352,7 @@ class TiktokenTokenizer(_FileTokenizer):
         return self._enc.decode(ids, errors="replace")
 
 
-def _parse_tiktoken_ranks(data: bytes, path: str) -> dict[bytes, int]:
+def parse_tiktoken_ranks(data: bytes, path: str) -> dict[bytes, int]:
     # tiktoken.load.load_tiktoken_bpe parses the same format but caches local files in a temp dir keyed
     # by path alone and, without an expected hash, serves a stale copy after the file changes.
     import base64
