@@ -1,0 +1,11 @@
+"""Parallelism for megapmp, applied from outside to the single-device model.
+
+topology        ParallelDims (rank matrix, validation) -> ParallelContext (explicit process groups)
+collectives     paired autograd collectives over an explicit group
+tensor_parallel column / row / vocab-parallel layers, vocab-parallel cross entropy, GQA sharding rules
+parallelize     parallelize_model (TP + sequence parallel by module name), TP gradient completion
+loss            parallel_pmp_loss: the PMP loss of a tensor-parallel model
+schedules, pipeline*  pipeline parallelism
+
+Submodules are imported explicitly (``from megapmp.parallel.topology import ParallelDims``).
+"""
