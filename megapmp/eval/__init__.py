@@ -1,1 +1,11 @@
-"""Evaluation: reward scoring of held-out pairs and (later) Best-of-N, multiple choice, CodePrefBench."""
+"""Evaluation of reward models.
+
+- ``scoring``: scoring tokenized pairs in packed rows (used by the trainer's held-out evaluation).
+- ``reward_model``: :class:`RewardScorer`, texts -> rewards for a megapmp checkpoint or an HF directory,
+  with the model's own tokenizer, template and EOS policy.
+- ``metrics``: pairwise accuracy, exact / Monte-Carlo / single-draw Best-of-N, multiple choice,
+  CodePrefBench (pure numpy).
+- ``answers``: GSM8K / MATH final-answer extraction and equivalence.
+- ``datasets``: file formats -> candidate sets or text pairs.
+- ``tasks`` / ``report``: the task registry and report writing behind ``tools/evaluate.py``.
+"""

@@ -1,0 +1,173 @@
+#!/usr/bin/env python
+"""Evaluate a reward model: pairwise RM accuracy, Best-of-N, multiple choice, CodePrefBench.
+
+  rm-accuracy      pairs JSONL (or a shard prefix) -> accuracy of r_chosen > r_rejected (ties wrong)
+  best-of-n        candidate sets -> expected Best-of-N accuracy for N = 1, 2, 4, ... (exact), with
+                   Monte-Carlo, the paper's single-draw protocol, oracle and random-pick baselines
+  multiple-choice  LogiQA2.0 / ReClor -> accuracy of the argmax option (ties wrong)
+  codeprefbench    CodePrefBench aspect files -> accuracy per aspect (ties 0.5)
+
+The model is a megapmp checkpoint (a step_XXXXXXXX/ directory, or a run / checkpoints directory whose
+newest complete checkpoint is taken) or an HF directory (e.g. written by tools/convert_checkpoint.py to-hf).
+Texts are tokenized with the model's own recipe: its training tokenizer, prompt template and EOS policy
+(from the checkpoint's record of its training shard, or megapmp_scoring.json), as in training.
+
+Every run writes a JSON report (--output), optionally Markdown (--markdown) and a PNG plot (--plot).
+Exit codes: 0 success; 1 bad input (missing/malformed file, unusable model), with a message; 2 usage.
+
+Examples:
+  python tools/evaluate.py best-of-n --model runs/rm --data ../shared/data/gsm8k/example_model_solutions.jsonl \\
+      --output reports/gsm8k_bo4.json --markdown reports/gsm8k_bo4.md --plot reports/gsm8k_bo4.png
+  python tools/evaluate.py multiple-choice --model exports/rm-hf --data ../shared/data/logiqa2/dev.txt \\
+      --output reports/logiqa2_dev.json
+  python tools/evaluate.py codeprefbench --model runs/pmp --data ../shared/data/codeprefbench --output reports/cpb.json
+  python tools/evaluate.py rm-accuracy --model runs/rm --data pairs_valid.jsonl --output reports/valid.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+
+
+def add_common_arguments(parser: argparse.ArgumentParser, task) -> None:
+    io = parser.add_argument_group("data and outputs")
+    io.add_argument("--model", required=True, metavar="CKPT_OR_HF_DIR",
+                    help="the reward model: a megapmp checkpoint step directory, a run or checkpoints directory (its "
+                         "newest complete checkpoint), or an HF Qwen2ForSequenceClassification directory")
+    io.add_argument("--data", required=True, nargs="+" if task.multiple_data else None, metavar="FILE",
+                    help=("evaluation data: " + ("one or more files, or a directory of them" if task.multiple_data
+                                                 else "one file (CodePMP BoN shards: a file or a directory)")
+                          + " (read in place, .gz allowed)"))
+    io.add_argument("--format", default=None, choices=task.formats,
+                    help="data format (default: detected from the first record). "
+                         + {"rm-accuracy": "pairs: JSONL prompt/chosen/rejected (or query/better/worse); shard: a "
+                                           "megapmp pair shard prefix",
+                            "codeprefbench": "codeprefbench: {task_id, instruction, choices[2], gt_choice}"}.get(
+                             task.name, "gsm8k-solutions: GSM8K example_model_solutions.jsonl (4 labelled model "
+                                        "solutions per question); candidates: {id, prompt, candidates: [{response, "
+                                        "correct}]}; codepmp-bon: CodePMP BoN shards {id, input, output, gold_answer} "
+                                        "grouped by id; logiqa2: LogiQA 2.0 lines; reclor: ReClor JSON/JSONL "
+                                        "(see megapmp/eval/datasets.py)"))
+    io.add_argument("--output", required=True, metavar="REPORT.json",
+                    help="JSON report to write (atomically): task, data fingerprints, model and input recipe, "
+                         "arguments, results")
+    io.add_argument("--markdown", default=None, metavar="REPORT.md", help="also write a Markdown summary")
+    io.add_argument("--plot", default=None, metavar="PLOT.png", help=f"also write a PNG plot: {task.plot_help}")
+    io.add_argument("--limit", type=int, default=None, metavar="N",
+                    help="evaluate only the first N questions/pairs (per file for codeprefbench); for quick checks")
+    io.add_argument("--save-scores", default=None, metavar="FILE.jsonl",
+                    help="also write every item's rewards as JSONL (id, scores and labels), for later analysis")
+
+    model = parser.add_argument_group("model and scoring")
+    model.add_argument("--device", default=None,
+                       help="torch device (default: cuda if available, else cpu)")
+    model.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"),
+                       help="autocast precision of the forward pass (auto: bf16 on GPUs, fp32 on CPUs); the reward "
+                            "head is always computed in fp32")
+    model.add_argument("--dtype", default=None, choices=("float32", "bfloat16", "float16"),
+                       help="cast the weights to this dtype when loading (default: as stored)")
+    model.add_argument("--tokenizer", default=None, metavar="SPEC",
+                       help="tokenizer spec or directory to use instead of the recorded one (e.g. a moved "
+                            "PREFIX.tokenizer/); for a megapmp checkpoint it must have the recorded identity")
+    model.add_argument("--template", default=None, metavar="none|codepmp|FILE",
+                       help="prompt template replacing the model's recorded one (a file must contain {prompt})")
+    model.add_argument("--eos-policy", default=None, choices=("response", "none"),
+                       help="append EOS to each response and read the reward there (response), or read it at the "
+                            "response's last token (none); default: the model's recorded policy (an HF directory "
+                            "without megapmp_scoring.json: none)")
+    model.add_argument("--max-length", type=int, default=None, metavar="TOKENS",
+                       help="cut prompt + response to this many tokens (prompt from the left, response from the "
+                            "right keeping EOS; counted in the report); default: the model's max_position_embeddings")
+    model.add_argument("--seq-len", type=int, default=0, metavar="TOKENS",
+                       help="minimum packed row length (default 0: each batch's rows are as long as its longest "
+                            "item, shorter items sharing rows; attention cost grows with the square of the row)")
+    model.add_argument("--batch-tokens", type=int, default=16384, metavar="TOKENS",
+                       help="tokens per forward pass (default 16384); lower it if memory runs out")
+    model.add_argument("--layout", default="shared-prefix", choices=("shared-prefix", "duplicated"),
+                       help="packing: two responses behind one prompt copy (shared-prefix, default) or one prompt "
+                            "copy per response (duplicated); the scores are the same up to rounding")
+    model.add_argument("--threads", type=int, default=0, help="CPU threads for torch (default: torch's choice)")
+    model.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from megapmp.eval.tasks import load_tasks
+
+    parser = argparse.ArgumentParser(prog="evaluate.py", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    tasks = load_tasks()
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{" + ",".join(tasks) + "}")
+    for task in tasks.values():
+        p = sub.add_parser(task.name, help=task.help, description=task.description or task.help)
+        add_common_arguments(p, task)
+        if task.add_arguments is not None:
+            task.add_arguments(p.add_argument_group(f"{task.name} options"))
+    return parser
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not isinstance(args.data, list):
+        args.data = [args.data]
+    for name in ("limit", "max_length"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            parser.error(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+    if args.seq_len < 0 or args.batch_tokens < 8:
+        parser.error("--seq-len must be >= 0 and --batch-tokens at least 8")
+
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import torch
+
+    from megapmp.eval.datasets import DataError
+    from megapmp.eval.reward_model import ModelLoadError, RewardScorer
+    from megapmp.eval.tasks import TASKS, log, run_evaluation
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    def get_scorer():
+        log(f"loading {args.model}")
+        scorer = RewardScorer.load(args.model, tokenizer=args.tokenizer, template=args.template,
+                                   eos_policy=args.eos_policy, dtype=args.dtype, device=args.device,
+                                   precision=args.precision, seq_len=args.seq_len, batch_tokens=args.batch_tokens,
+                                   layout=args.layout, max_length=args.max_length, progress=not args.no_progress)
+        d = scorer.describe()
+        log(f"{d['kind']} {d['path']} (step {d.get('step')}), {d['parameters'] / 1e6:.1f}M parameters, "
+            f"{d['dtype']}, {d['device']}, template {d['template']['name']!r}, eos_policy {d['eos_policy']!r}, "
+            f"recipe from {d['recipe_from']}")
+        for note in d["notes"]:
+            log(f"note: {note}")
+        return scorer
+
+    try:
+        report = run_evaluation(TASKS[args.command], args, get_scorer)
+    except (DataError, ModelLoadError, ValueError, FileNotFoundError, RuntimeError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    log(f"wrote {args.output}" + "".join(f", {p}" for p in (args.markdown, args.plot) if p))
+    print(_summary(report))
+    return 0
+
+
+def _summary(report: dict) -> str:
+    r = report["results"]
+    task = report["task"]
+    if task == "best-of-n":
+        return "best-of-n: " + ", ".join(f"N={row['n']}: {row['accuracy']:.4f}" for row in r["rows"])
+    if task == "codeprefbench":
+        return "codeprefbench: " + ", ".join(f"{a}: {v['accuracy']:.4f}" for a, v in r["aspects"].items()) + \
+            f", overall: {r['overall']:.4f}"
+    if "accuracy" in r and isinstance(r["accuracy"], float):
+        return f"{task}: accuracy {r['accuracy']:.4f}"
+    return f"{task}: done"
+
+
+if __name__ == "__main__":
+    sys.exit(main())
