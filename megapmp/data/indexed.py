@@ -45,8 +45,12 @@ DTYPE_CODES = {
 }
 CODE_DTYPES = {code: dtype for dtype, code in DTYPE_CODES.items()}
 
-# Entries per chunk when streaming the index: bounds memory at ~ 8 MB per array.
-_CHUNK = 1 << 20
+# Entries per chunk when streaming the index: bounds memory at ~ 2 MB per array (a few such temporaries
+# live at once, so 1 << 20 cost ~35 MB of peak RSS once a shard passed 1M sequences).
+_CHUNK = 1 << 18
+# Documents per step when merging: their tokens pass through memory at once, so this bounds the merge's
+# memory by document size instead of by shard size (1M documents of 1k tokens would be 2 GB).
+_MERGE_DOCS = 1 << 12
 
 
 def optimal_dtype(vocab_size: int) -> np.dtype:
@@ -113,7 +117,7 @@ class IndexedWriter:
                 raise ValueError("sequences_per_doc does not add up to the number of sequences")
         starts = self.num_sequences + np.concatenate(([0], np.cumsum(counts)[:-1])).astype(np.int64)
         self._doc_starts.write(starts[: len(counts)].tobytes())
-        self._bin.write(np.ascontiguousarray(tokens, dtype=self.dtype).tobytes())
+        self._bin.write(np.ascontiguousarray(tokens, dtype=self.dtype))  # the buffer itself: no tobytes() copy
         self._lengths.write(sequence_lengths.tobytes())
         self.num_sequences += len(sequence_lengths)
         self.num_documents += len(counts)
@@ -258,12 +262,19 @@ def merge_shards(prefixes: list[str | os.PathLike], output_prefix: str | os.Path
         raise ValueError(f"cannot merge shards of different dtypes: {sorted(map(str, dtypes))}")
     with IndexedWriter(output_prefix, dtypes.pop()) as writer:
         for ds in datasets:
-            for start in range(0, ds.num_documents, _CHUNK):
-                stop = min(start + _CHUNK, ds.num_documents)
-                first_seq, last_seq = ds.document_index[start], ds.document_index[stop]
-                writer.add_flat_documents(
-                    ds.tokens_of_sequences(first_seq, last_seq),
-                    ds.sequence_lengths[first_seq:last_seq],
-                    np.diff(ds.document_index[start : stop + 1]),
-                )
+            # Tokens are read with plain file reads, not through the memory map: mapped pages would stay
+            # resident and make the merge's RSS as large as its inputs.
+            with open(bin_path(ds.prefix), "rb") as bin_file:
+                for start in range(0, ds.num_documents, _MERGE_DOCS):
+                    stop = min(start + _MERGE_DOCS, ds.num_documents)
+                    first_seq, last_seq = ds.document_index[start], ds.document_index[stop]
+                    lengths = ds.sequence_lengths[first_seq:last_seq]
+                    nbytes = int(lengths.sum(dtype=np.int64)) * ds.dtype.itemsize
+                    if nbytes:
+                        bin_file.seek(int(ds.sequence_pointers[first_seq]))
+                    data = bin_file.read(nbytes)
+                    if len(data) != nbytes:
+                        raise ValueError(f"{bin_path(ds.prefix)}: truncated (wanted {nbytes} bytes)")
+                    writer.add_flat_documents(np.frombuffer(data, ds.dtype), lengths,
+                                              np.diff(ds.document_index[start : stop + 1]))
     return writer
