@@ -314,9 +314,27 @@ class ParallelConfig:
     """Shard norms and residuals along the sequence inside a tensor-parallel group."""
     distributed_optimizer: bool = False
     """ZeRO-1: shard fp32 master weights and Adam states over data-parallel ranks."""
+    schedule: str = "1f1b"
+    """Pipeline schedule: afab (all-forward-all-backward), 1f1b, or interleaved (needs vpp > 1)."""
+    vpp: int = 1
+    """Virtual pipeline stages (model chunks) per pipeline rank, for the interleaved schedule."""
+    overlap_grad_reduce: bool = True
+    """Overlap the data-parallel gradient all-reduce with the last micro-batch's backward (bucketed)."""
+    bucket_mb: float = 25.0
+    """Size of one data-parallel gradient all-reduce bucket, in MiB."""
 
     def validate(self) -> None:
-        problems = [f"{n}={getattr(self, n)} must be >= 1" for n in ("tp", "pp") if getattr(self, n) < 1]
+        problems = [f"{n}={getattr(self, n)} must be >= 1" for n in ("tp", "pp", "vpp") if getattr(self, n) < 1]
+        if self.schedule not in ("afab", "1f1b", "interleaved"):
+            problems.append(f"schedule={self.schedule!r} is not afab, 1f1b or interleaved")
+        if self.vpp > 1 and self.pp == 1:
+            problems.append(f"vpp={self.vpp} virtual stages need pp > 1")
+        if self.vpp > 1 and self.schedule == "1f1b":
+            problems.append(f"vpp={self.vpp} needs schedule = interleaved (or afab); 1f1b runs one chunk per stage")
+        if self.schedule == "interleaved" and self.vpp < 2:
+            problems.append("schedule=interleaved needs vpp >= 2 model chunks per stage")
+        if not self.bucket_mb > 0:
+            problems.append(f"bucket_mb={self.bucket_mb} must be positive")
         _raise_if_any("ParallelConfig", problems)
 
 
@@ -373,6 +391,19 @@ class TrainConfig:
             problems.append(f"steps={self.steps} must be positive")
         if self.precision not in ("auto", "fp32", "bf16", "fp16"):
             problems.append(f"precision={self.precision!r} is not auto, fp32, bf16 or fp16")
+        p, d = self.parallel, self.data
+        if p.schedule == "interleaved" and p.pp > 1 and d.micro_batches % p.pp:
+            problems.append(f"the interleaved schedule needs data.micro_batches={d.micro_batches} divisible by "
+                            f"parallel.pp={p.pp}")
+        if p.pp * p.vpp > self.model.num_hidden_layers:
+            problems.append(f"parallel.pp={p.pp} x vpp={p.vpp} stages exceed model.num_hidden_layers="
+                            f"{self.model.num_hidden_layers}")
+        if p.tp > 1:
+            from megapmp.parallel.tensor_parallel import tp_problems
+
+            problems += tp_problems(self.model, p.tp)
+        if p.sequence_parallel and p.tp > 1 and d.seq_len % p.tp:
+            problems.append(f"sequence parallel needs data.seq_len={d.seq_len} divisible by parallel.tp={p.tp}")
         if self.data.kind == "documents" and self.loss.rm_coef:
             problems.append("data.kind=documents has no pairs: set loss.rm_coef = 0 for LM pretraining")
         if problems:

@@ -6,6 +6,16 @@
     PMP              data.kind = "pairs", rm_coef > 0 and lm_coef > 0 (CodePMP: both 1)
     RM finetuning    data.kind = "pairs", lm_coef = 0, checkpoint.init_from = the PMP run
 
+Parallel (tensor x pipeline x data; data parallel fills the world):
+
+    torchrun --nproc-per-node 4 -m megapmp.train --config ... --run-dir ... \
+        --parallel.tp 2 --parallel.pp 2 [--parallel.sequence_parallel true] \
+        [--parallel.distributed_optimizer true] [--parallel.schedule afab|1f1b|interleaved --parallel.vpp 2]
+
+Every layout computes the single-process loss curve (init, data and loss normalisation do not depend on
+it); only global rank 0 writes config.json, metrics.jsonl and the progress bar. Checkpoints of parallel
+runs are sharded by rank and resume under any other layout (megapmp.checkpoint).
+
 Writes RUN_DIR/config.json, RUN_DIR/metrics.jsonl (one JSON object per optimizer step) and
 RUN_DIR/checkpoints/step_XXXXXXXX/. With checkpoint.resume = "auto" (the default) a restarted run
 continues from its newest complete checkpoint and reproduces the uninterrupted loss curve.
@@ -15,12 +25,14 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from tqdm import tqdm
 
 from megapmp import checkpoint as ckpt
@@ -31,6 +43,12 @@ from megapmp.eval.scoring import attention_inputs, pairwise_accuracy, score_pair
 from megapmp.loss import pmp_loss
 from megapmp.model import Qwen2RewardModel
 from megapmp.optim import build_optimizer, lr_at
+from megapmp.parallel import runtime
+from megapmp.parallel.data_parallel import DistributedOptimizer, GradSync
+from megapmp.parallel.loss import parallel_pmp_loss
+from megapmp.parallel.parallelize import load_full_state_dict, shard_tensor
+from megapmp.parallel.pipeline import run_schedule, tied_duplicate_params
+from megapmp.parallel.schedules import build_schedule
 
 
 def log(message: str) -> None:
@@ -150,38 +168,80 @@ class Trackers:
 
 
 class Trainer:
+    """One rank of a run. With torch.distributed initialised (torchrun, or tests' gloo ranks) the model
+    is split by ``cfg.parallel`` (tp x pp, data parallel filling the world); otherwise one process."""
+
     def __init__(self, cfg: TrainConfig, run_dir: str | Path):
         self.cfg = cfg
         self.run_dir = Path(run_dir)
-        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.ctx = runtime.build_context(cfg.parallel)
+        self.world = self.ctx.world_size
+        self.is_main = self.ctx.rank == 0
+        if self.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
         # Absolute shard paths keep the checkpoint's record usable from any working directory
         # (the exporter finds the tokenizer beside the training shards).
         cfg.data.train = [str(Path(p).resolve()) for p in cfg.data.train]
         cfg.data.valid = [str(Path(p).resolve()) for p in cfg.data.valid]
-        self.device = pick_device()
+        self.device = pick_device() if self.world == 1 else runtime.local_device()
         self.amp_dtype = autocast_dtype(cfg.precision, self.device)
         self.loader = StepLoader(cfg.data.train, kind=cfg.data.kind, weights=cfg.data.weights,
                                  items_per_step=cfg.data.items_per_step, micro_batches=cfg.data.micro_batches,
-                                 seq_len=cfg.data.seq_len, layout=cfg.data.layout, seed=cfg.data.seed)
+                                 seq_len=cfg.data.seq_len, layout=cfg.data.layout, seed=cfg.data.seed,
+                                 dp_rank=self.ctx.dp_rank, dp_size=self.ctx.dp_size)
         self._resolve_vocab(self.loader.meta)
         cfg.validate()
-        self.model = build_model(cfg, self.device)
-        if cfg.checkpoint.init_from:
-            origin = load_initial_weights(self.model, cfg.checkpoint.init_from, cfg.checkpoint.init_reward_head)
-            log(f"initialised from {origin}")
-        o = cfg.optimizer
-        self.optimizer, optimizer_backend = build_optimizer(
-            self.model, lr=o.lr, weight_decay=o.weight_decay, betas=(o.beta1, o.beta2), eps=o.eps, backend=o.backend)
-        self.param_names = {p: n for n, p in self.model.named_parameters()}
+        self._build_model()
         self.valid_pairs = self._load_valid_pairs()
         self.step = 0
         self.skipped_steps = 0
         self.consecutive_nonfinite = 0
-        log(f"device {self.device}, precision {self.amp_dtype or torch.float32}, attention {cfg.attention_backend}, "
-            f"optimizer {optimizer_backend}, loss torch-chunked, "
-            f"{sum(p.numel() for p in self.model.parameters()) / 1e6:.2f}M parameters")
         self._maybe_resume()
-        (self.run_dir / "config.json").write_text(json.dumps(asdict(cfg), indent=2) + "\n")
+        if self.is_main:
+            (self.run_dir / "config.json").write_text(json.dumps(asdict(cfg), indent=2) + "\n")
+
+    def _build_model(self) -> None:
+        cfg, ctx = self.cfg, self.ctx
+        # The full model is seeded (or loaded) the same way on every rank, then each keeps its part.
+        # With init_from the random init is overwritten, so a big model is staged on the CPU instead.
+        staging = torch.device("cpu") if (self.world > 1 and cfg.checkpoint.init_from) else self.device
+        full = build_model(cfg, staging)
+        if cfg.checkpoint.init_from:
+            origin = load_initial_weights(full, cfg.checkpoint.init_from, cfg.checkpoint.init_reward_head)
+            self.log(f"initialised from {origin}")
+        self.chunks = runtime.stage_chunks(full, cfg, ctx, self.device)
+        self.model = self.chunks[0]  # the whole model in a single-stage run
+        self.params = runtime.named_parameters(self.chunks)
+        self.param_names = {p: n for n, p in self.params}
+        o = cfg.optimizer
+        self.zero = None
+        if cfg.parallel.distributed_optimizer:
+            self.zero = DistributedOptimizer(self.params, ctx.dp_group, lr=o.lr, weight_decay=o.weight_decay,
+                                             betas=(o.beta1, o.beta2), eps=o.eps)
+            counted = runtime.counted_in_norm(self.chunks, ctx)
+            self.zero_norm_weights = self.zero.norm_weights([counted[id(p)] for _, p in self.zero.named])
+            self.optimizer, optimizer_backend = None, f"ZeRO-1 AdamW over {ctx.dp_size} DP ranks"
+        else:
+            module = self.model if len(self.chunks) == 1 else torch.nn.ModuleList(self.chunks)
+            self.optimizer, optimizer_backend = build_optimizer(
+                module, lr=o.lr, weight_decay=o.weight_decay, betas=(o.beta1, o.beta2), eps=o.eps, backend=o.backend)
+        self.grad_sync = GradSync([p for _, p in self.params], None if self.zero else ctx.dp_group,
+                                  bucket_mb=cfg.parallel.bucket_mb, overlap=cfg.parallel.overlap_grad_reduce)
+        self.norm_counted = runtime.counted_in_norm(self.chunks, ctx)
+        n_params = sum(p.numel() for _, p in self.params)
+        self.log(f"device {self.device}, precision {self.amp_dtype or torch.float32}, attention {cfg.attention_backend}, "
+                 f"optimizer {optimizer_backend}, loss {'vocab-parallel' if ctx.tp_size > 1 else 'torch-chunked'}, "
+                 f"{n_params / 1e6:.2f}M parameters on rank 0")
+        if self.world > 1:
+            p = cfg.parallel
+            self.log(f"layout: world {self.world} = tp {ctx.tp_size} x pp {ctx.pp_size} x dp {ctx.dp_size} "
+                     f"(vpp {ctx.vpp_size}, schedule {p.schedule if ctx.pp_size > 1 else '-'}, sequence parallel "
+                     f"{p.sequence_parallel}, distributed optimizer {p.distributed_optimizer}, DP overlap "
+                     f"{p.overlap_grad_reduce}); backend {dist.get_backend()}")
+
+    def log(self, message: str) -> None:
+        if self.is_main:
+            log(message)
 
     def _resolve_vocab(self, meta) -> None:
         """model.vocab_size = 0 means: the shard's padded vocabulary. A model smaller than the
@@ -206,36 +266,109 @@ class Trainer:
     def _checkpoint_root(self) -> Path:
         return self.run_dir / "checkpoints"
 
+    def _barrier(self) -> None:
+        if self.world > 1:
+            dist.barrier()
+
     def _maybe_resume(self) -> None:
         resume = self.cfg.checkpoint.resume
-        for stale in ckpt.remove_incomplete(self._checkpoint_root()):
-            log(f"removed {stale.name}, left by a save that did not finish")
+        if self.is_main:
+            for stale in ckpt.remove_incomplete(self._checkpoint_root()):
+                log(f"removed {stale.name}, left by a save that did not finish")
+        self._barrier()
         if resume == "none":
             return
         path = ckpt.latest_checkpoint(self._checkpoint_root()) if resume == "auto" else Path(resume)
         if path is None:
             return
-        model_state, optimizer_tensors, state = ckpt.load_checkpoint(path)
-        self.model.load_state_dict(model_state, strict=False)
-        self.model.tie_weights()
-        ckpt.optimizer_from_tensors(self.optimizer, self.param_names, optimizer_tensors, state["optimizer"])
+        if self.world == 1 and not ckpt.is_sharded(path):
+            model_state, optimizer_tensors, state = ckpt.load_checkpoint(path)
+            self.model.load_state_dict(model_state, strict=False)
+            self.model.tie_weights()
+            ckpt.optimizer_from_tensors(self.optimizer, self.param_names, optimizer_tensors, state["optimizer"])
+        else:
+            model_state, optimizer_states, state = ckpt.load_full_checkpoint(path)
+            self._load_full_state(model_state, optimizer_states)
         self.loader.load_state_dict(state["loader"])
         ckpt.set_rng_state(state["rng"])
         self.step, self.skipped_steps = state["step"], state["skipped_steps"]
         self.consecutive_nonfinite = state["consecutive_nonfinite"]
-        log(f"resumed from {path} at step {self.step}")
+        self.log(f"resumed from {path} at step {self.step}")
+
+    @torch.no_grad()
+    def _load_full_state(self, model_state: dict, optimizer_states: dict) -> None:
+        """Full (layout-independent) weights and AdamW states -> this rank's slices."""
+        if self.cfg.model.tie_word_embeddings:
+            model_state.setdefault("lm_head.weight", model_state["embed_tokens.weight"])
+            if "embed_tokens.weight" in optimizer_states:
+                optimizer_states.setdefault("lm_head.weight", optimizer_states["embed_tokens.weight"])
+        for chunk in self.chunks:
+            load_full_state_dict(chunk, model_state, self.ctx)
+        layouts = runtime.layouts(self.chunks)
+        local = {name: {k: v if k == "step" else shard_tensor(v, layouts[name], self.ctx.tp_rank, self.ctx.tp_size)
+                        for k, v in optimizer_states[name].items()}
+                 for name, _ in self.params if name in optimizer_states}
+        if self.zero is not None:
+            self.zero.load_local(local)
+            return
+        current = self.optimizer.state_dict()
+        index = {p: i for i, p in enumerate(p for g in self.optimizer.param_groups for p in g["params"])}
+        current["state"] = {index[p]: {k: v.to(self.device) if k != "step" else v.float().reshape(())
+                                       for k, v in local[name].items()}
+                            for name, p in self.params if name in local and p in index}
+        self.optimizer.load_state_dict(current)
+
+    def _trainer_state(self, optimizer_rest) -> dict:
+        return {"step": self.step, "skipped_steps": self.skipped_steps,
+                "consecutive_nonfinite": self.consecutive_nonfinite, "optimizer": optimizer_rest,
+                "loader": self.loader.state_dict(), "rng": ckpt.rng_state(), "config": asdict(self.cfg),
+                "shard_meta": asdict(self.loader.meta)}
 
     def save_checkpoint(self) -> Path:
+        if self.world > 1:
+            return self._save_sharded()
         optimizer_tensors, optimizer_rest = ckpt.optimizer_to_tensors(self.optimizer, self.param_names)
-        state = {"step": self.step, "skipped_steps": self.skipped_steps,
-                 "consecutive_nonfinite": self.consecutive_nonfinite, "optimizer": optimizer_rest,
-                 "loader": self.loader.state_dict(), "rng": ckpt.rng_state(), "config": asdict(self.cfg),
-                 "shard_meta": asdict(self.loader.meta)}
         model_state = {k: v for k, v in self.model.state_dict().items()
                        if not (k == "lm_head.weight" and self.cfg.model.tie_word_embeddings)}
         return ckpt.save_checkpoint(self._checkpoint_root(), self.step, model_state=model_state,
-                                    optimizer_tensors=optimizer_tensors, trainer_state=state,
+                                    optimizer_tensors=optimizer_tensors, trainer_state=self._trainer_state(optimizer_rest),
                                     keep_last=self.cfg.checkpoint.keep_last)
+
+    def _save_sharded(self) -> Path:
+        ctx, root = self.ctx, self._checkpoint_root()
+        tmp = ckpt.partial_dir(root, self.step)
+        if self.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        self._barrier()
+        skip = {id(p) for p in tied_duplicate_params(self.chunks, ctx)}
+        layouts = runtime.layouts(self.chunks)
+        if ctx.dp_rank == 0:
+            records = [[n, list(p.shape), asdict(layouts[n])] for n, p in self.params]
+            model_state = {n: p for n, p in self.params if id(p) not in skip}
+            optimizer_tensors = None
+            if self.zero is None:
+                optimizer_tensors = {f"{n}.{k}": v.reshape(()) if k == "step" else v
+                                     for n, p in self.params if id(p) not in skip
+                                     for k, v in self.optimizer.state.get(p, {}).items() if torch.is_tensor(v)}
+            ckpt.write_rank_files(tmp, tp_rank=ctx.tp_rank, pp_rank=ctx.pp_rank, dp_rank=0, model_state=model_state,
+                                  param_records=records, optimizer_tensors=optimizer_tensors, zero_state=None)
+        if self.zero is not None:
+            ckpt.write_rank_files(tmp, tp_rank=ctx.tp_rank, pp_rank=ctx.pp_rank, dp_rank=ctx.dp_rank,
+                                  model_state=None, param_records=None, optimizer_tensors=None,
+                                  zero_state=self.zero.shard_state())
+        self._barrier()
+        final = ckpt.step_dir(root, self.step)
+        if self.is_main:
+            p = self.cfg.parallel
+            layout = {"tp": ctx.tp_size, "pp": ctx.pp_size, "dp": ctx.dp_size, "vpp": ctx.vpp_size,
+                      "sequence_parallel": p.sequence_parallel, "distributed_optimizer": p.distributed_optimizer,
+                      "tie_word_embeddings": self.cfg.model.tie_word_embeddings}
+            kind = "zero1" if self.zero is not None else "adamw"
+            final = ckpt.publish_sharded(root, self.step, layout=layout, trainer_state=self._trainer_state({"kind": kind}),
+                                         keep_last=self.cfg.checkpoint.keep_last)
+        self._barrier()
+        return final
 
     # -- the step ---------------------------------------------------------------------------------
 
@@ -244,38 +377,118 @@ class Trainer:
         lr = lr_at(self.step, lr=cfg.optimizer.lr, total_steps=cfg.steps, schedule=cfg.schedule.name,
                    warmup_fraction=cfg.schedule.warmup_fraction, decay_fraction=cfg.schedule.decay_fraction,
                    min_lr_ratio=cfg.schedule.min_lr_ratio)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
-        self.optimizer.zero_grad(set_to_none=True)
-        # loss, rm_loss, lm_loss, correct, margin: summed on the device, read once per step
-        totals = torch.zeros(5, dtype=torch.float32, device=self.device)
-        for micro in step.micro_batches:
-            batch = micro.to_torch(self.device)
-            with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
-                hidden = self.model(batch.input_ids, batch.position_ids, attention_inputs(batch))
-            out = pmp_loss(hidden, self.model.lm_head.weight, self.model.score.weight, batch,
-                           rm_coef=cfg.loss.rm_coef, lm_coef=cfg.loss.lm_coef, global_pairs=step.global_pairs,
-                           global_lm_tokens=step.global_lm_tokens, lm_chunk=cfg.loss.lm_chunk)
-            out.loss.backward()
-            totals += torch.stack([out.loss.detach(), out.rm_loss, out.lm_loss, out.correct, out.margin_sum])
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.optimizer.grad_clip or float("inf"))
-        loss, rm_loss, lm_loss, correct, margin = totals.tolist()
+        self._zero_grad(lr)
+        totals = self._forward_backward(step)
+        zero_grads = self._complete_grads()
+        grad_norm = self._clip(zero_grads)
+        loss, rm_loss, lm_loss, correct, margin, tokens = totals.tolist()
         finite = math.isfinite(loss) and bool(torch.isfinite(grad_norm))
         if finite:
-            self.optimizer.step()
+            self._optimizer_step(lr, zero_grads)
             self.consecutive_nonfinite = 0
         else:
-            self.optimizer.zero_grad(set_to_none=True)
+            self._zero_grad(lr)
             self.skipped_steps += 1
             self.consecutive_nonfinite += 1
         pairs = step.global_pairs
         return {"loss": loss, "rm_loss": rm_loss, "lm_loss": lm_loss,
                 "rm_acc": correct / pairs if pairs else None, "margin": margin / pairs if pairs else None,
                 "lr": lr, "grad_norm": float(grad_norm), "pairs": pairs,
-                "tokens": sum(m.num_real_tokens for m in step.micro_batches), "skipped": not finite}
+                "tokens": int(tokens), "skipped": not finite}
+
+    def _zero_grad(self, lr: float) -> None:
+        if self.optimizer is not None:
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr
+        for _, p in self.params:
+            p.grad = None
+
+    def _forward_backward(self, step: StepBatch) -> torch.Tensor:
+        """Every micro-batch's forward and backward; returns the step's global sums
+        [loss, rm_loss, lm_loss, correct, margin_sum, tokens] (same on every rank)."""
+        micro = [m.to_torch(self.device) for m in step.micro_batches]
+        loss_kwargs = dict(rm_coef=self.cfg.loss.rm_coef, lm_coef=self.cfg.loss.lm_coef,
+                           global_pairs=step.global_pairs, global_lm_tokens=step.global_lm_tokens,
+                           lm_chunk=self.cfg.loss.lm_chunk)
+        self.grad_sync.start_step(len(micro))
+        forward_context = runtime.autocast_context(self.device, self.amp_dtype)
+        if self.ctx.pp_size == 1:
+            totals = torch.zeros(5, dtype=torch.float32, device=self.device)
+            for batch in micro:
+                with forward_context():
+                    hidden = self.model(batch.input_ids, batch.position_ids, attention_inputs(batch))
+                out = self._loss(hidden, self.model, batch, loss_kwargs)
+                out.loss.backward()
+                totals += torch.stack([out.loss.detach(), out.rm_loss, out.lm_loss, out.correct, out.margin_sum])
+        else:
+            actions = build_schedule(self.cfg.parallel.schedule, self.ctx.pp_size, len(micro),
+                                     self.ctx.vpp_size)[self.ctx.pp_rank]
+            last = self.chunks[-1]
+            totals = run_schedule(actions, self.chunks, micro, self.ctx,
+                                  lambda hidden, batch: self._loss(hidden, last, batch, loss_kwargs),
+                                  forward_context=forward_context, activation_shape=self._activation_shape)
+        tokens = torch.tensor([float(sum(m.num_real_tokens for m in step.micro_batches))], device=totals.device)
+        totals = torch.cat([totals.float(), tokens])
+        if self.ctx.dp_size > 1:
+            dist.all_reduce(totals, group=self.ctx.dp_group)  # each DP rank's loss is its share of the global one
+        return totals
+
+    def _loss(self, hidden, model, batch, loss_kwargs):
+        if self.ctx.tp_size > 1:
+            return parallel_pmp_loss(hidden, model, batch, self.ctx, **loss_kwargs)
+        return pmp_loss(hidden, model.lm_head.weight, model.score.weight, batch, **loss_kwargs)
+
+    def _activation_shape(self, batch):
+        rows, seq_len = batch.input_ids.shape
+        if self.cfg.parallel.sequence_parallel and self.ctx.tp_size > 1:
+            return (rows * seq_len // self.ctx.tp_size, self.cfg.model.hidden_size)  # an SP token shard
+        return (rows, seq_len, self.cfg.model.hidden_size)
+
+    def _complete_grads(self):
+        """DP sum (waits for the overlapped buckets), TP-partial and tied-embedding sums; under ZeRO-1
+        the DP reduce-scatter instead, returning (this rank's gradient slice, per-parameter presence)."""
+        self.grad_sync.finish()
+        runtime.tp_partial_sync(self.chunks, self.ctx)
+        return self.zero.reduce_scatter_grads() if self.zero is not None else None
+
+    def _clip(self, zero_grads) -> torch.Tensor:
+        """The global gradient norm (each element of the full model counted once); gradients are
+        scaled to grad_clip here, or, under ZeRO-1, in the optimizer step."""
+        max_norm = self.cfg.optimizer.grad_clip or float("inf")
+        if self.world == 1 and self.zero is None:
+            return torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
+        if zero_grads is not None:
+            local_sq = (zero_grads[0].float().pow(2) * self.zero_norm_weights).sum()
+            self.clip_scale = None
+            norm = runtime.global_norm(local_sq, self.ctx, over_dp=True)
+            self.clip_scale = runtime.clip_coefficient(norm, max_norm)
+            return norm
+        local_sq = torch.zeros((), dtype=torch.float32, device=self.device)
+        for _, p in self.params:
+            if p.grad is not None and self.norm_counted[id(p)]:
+                local_sq = local_sq + p.grad.float().pow(2).sum()
+        norm = runtime.global_norm(local_sq, self.ctx, over_dp=False)
+        scale = runtime.clip_coefficient(norm, max_norm)
+        for _, p in self.params:
+            if p.grad is not None:
+                p.grad.mul_(scale.to(p.grad.dtype))
+        return norm
+
+    def _optimizer_step(self, lr: float, zero_grads) -> None:
+        if self.zero is not None:
+            grad, present = zero_grads
+            self.zero.step(grad, present, lr=lr, scale=self.clip_scale)
+        else:
+            self.optimizer.step()
 
     def evaluate(self) -> dict:
         if not self.valid_pairs:
+            return {}
+        if self.world > 1:  # score_pairs runs the whole single-device model
+            if not getattr(self, "_eval_warned", False):
+                self.log("held-out scoring is single-process only: skipped in this parallel run "
+                         "(score the exported checkpoint with tools/evaluate.py)")
+                self._eval_warned = True
             return {}
         r_c, r_r = score_pairs(self.model, self.valid_pairs, seq_len=self.cfg.data.seq_len,
                                layout=self.cfg.data.layout, pad_id=self.loader.pad_id, device=self.device,
@@ -285,11 +498,12 @@ class Trainer:
 
     def fit(self) -> list[dict]:
         cfg = self.cfg
-        metrics = MetricsLog(self.run_dir / "metrics.jsonl", self.step)
-        trackers = Trackers(cfg, self.run_dir)
+        # Only global rank 0 writes metrics and shows progress; every rank returns the same history.
+        metrics = MetricsLog(self.run_dir / "metrics.jsonl", self.step) if self.is_main else None
+        trackers = Trackers(cfg, self.run_dir) if self.is_main else None
         history = []
         bar = tqdm(total=cfg.steps, initial=self.step, desc="train", unit="step", dynamic_ncols=True,
-                   disable=not cfg.logging.progress)
+                   disable=not (cfg.logging.progress and self.is_main))
         try:
             while self.step < cfg.steps:
                 started = time.perf_counter()
@@ -302,8 +516,9 @@ class Trainer:
                           "skipped_steps": self.skipped_steps}
                 if cfg.logging.eval_interval and (self.step % cfg.logging.eval_interval == 0 or self.step == cfg.steps):
                     record.update(self.evaluate())
-                metrics.write(record)
-                trackers.log(record)
+                if self.is_main:
+                    metrics.write(record)
+                    trackers.log(record)
                 history.append(record)
                 bar.update(1)
                 bar.set_postfix(loss=f"{record['loss']:.4f}",
@@ -317,8 +532,9 @@ class Trainer:
                     self.save_checkpoint()
         finally:
             bar.close()
-            metrics.close()
-            trackers.close()
+            if self.is_main:
+                metrics.close()
+                trackers.close()
         return history
 
 
@@ -326,7 +542,12 @@ def main(argv=None) -> int:
     args, overrides = parse_cli(argv)
     cfg = load_train_config(args.config, overrides)
     torch.set_num_threads(cfg.num_threads) if cfg.num_threads else None
-    Trainer(cfg, args.run_dir).fit()
+    distributed = runtime.init_distributed()
+    try:
+        Trainer(cfg, args.run_dir).fit()
+    finally:
+        if distributed:
+            dist.destroy_process_group()
     return 0
 
 

@@ -2,6 +2,7 @@
 """Convert megapmp checkpoints to and from Hugging Face Qwen2 directories, and check that they agree.
 
   to-hf    a megapmp checkpoint -> a Qwen2ForSequenceClassification directory (one label, `score` head)
+           (single-process or sharded by a parallel run of any TP/PP/DP layout: gathered to full tensors)
            that transformers, vLLM or any HF stack loads, with the training tokenizer and a
            megapmp_scoring.json saying how to build inputs so that its scores equal ours.
   from-hf  a Qwen2ForCausalLM or Qwen2ForSequenceClassification directory -> a megapmp checkpoint
@@ -119,6 +120,10 @@ def resolve_checkpoint(path: str | os.PathLike) -> Path:
     if not path.is_dir():
         raise ConvertError(f"{path} is a file, not a megapmp checkpoint directory")
     if (path / "trainer.json").is_file():
+        if (path / "layout.json").is_file():  # a sharded checkpoint of a parallel run: model/*.safetensors
+            if not any((path / "model").glob("*.safetensors")):
+                raise ConvertError(f"{path} has layout.json but no model/*.safetensors shards: not a complete checkpoint")
+            return path
         if not (path / "model.safetensors").is_file():
             raise ConvertError(f"{path} has trainer.json but no model.safetensors: not a complete checkpoint")
         return path
@@ -153,13 +158,15 @@ def checkpoint_model_config(checkpoint: Path, state: dict):
 
 
 def load_checkpoint_weights(checkpoint: Path, config) -> dict:
-    """megapmp-keyed weights of a checkpoint; no lm_head.weight when tied (it is the embedding)."""
+    """megapmp-keyed weights of a checkpoint (a sharded one is gathered into full tensors, whatever its
+    TP/PP/DP layout); no lm_head.weight when tied (it is the embedding)."""
     from megapmp.checkpoint import load_model_weights
 
     try:
         state_dict = load_model_weights(checkpoint)
     except Exception as e:  # a truncated or foreign file: say which one
-        raise ConvertError(f"{checkpoint / 'model.safetensors'}: unreadable ({e})") from None
+        where = checkpoint / ("model" if (checkpoint / "layout.json").exists() else "model.safetensors")
+        raise ConvertError(f"{where}: unreadable ({e})") from None
     if config.tie_word_embeddings:
         state_dict.pop("lm_head.weight", None)
     return state_dict
