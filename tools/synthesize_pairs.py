@@ -1,0 +1,230 @@
+#!/usr/bin/env python
+"""Synthesize CodePMP code-preference pairs from source code.
+
+Subcommands:
+  collect  walk source directories and git checkouts into a JSONL of deduplicated snippets with
+           provenance (repo, path, licence, commit, line)
+  rules    the model-free backend, end to end: collect -> describe (docstring, signature, comments,
+           facts from the AST) -> mutate (one behaviour-changing AST edit) -> filter -> pairs JSONL with
+           prompt/chosen/rejected and provenance. The chosen response is the snippet as written; the
+           rejected one differs only in the mutated node's text.
+
+Output is written to OUTPUT.partial and renamed at the end. An interrupted `rules` run resumes when
+rerun with the same options: finished ids are skipped and the final file equals an uninterrupted run's.
+
+Examples:
+  python tools/synthesize_pairs.py rules --source ~/src/repos --output data/pairs.jsonl --stats data/stats.json
+  python tools/synthesize_pairs.py collect --source ~/src/repos --languages all --output data/snippets.jsonl
+  python tools/synthesize_pairs.py rules --snippets data/snippets.jsonl --output data/pairs.jsonl --seed 1
+  python tools/preprocess_pairs.py --input data/pairs.jsonl --output-prefix data/pairs --template codepmp
+
+Adding a subcommand (the model-backed summarize, generate --backend vllm|openai, commits): write
+`add_NAME_arguments(parser)` and `run_NAME(args) -> exit code`, and call `register(...)` with them at the
+bottom of this file. Reuse `add_source_arguments` / `collect_from_args` for inputs and
+`megapmp.synth.pipeline.ResumableJsonlWriter` for resumable output.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from megapmp.synth.collect import EXCLUDED_DIRS, LANGUAGES, CollectConfig, collect
+from megapmp.synth.filters import PairFilter
+from megapmp.synth.pipeline import read_snippets, run_rules, write_jsonl_atomic
+from megapmp.synth.rules import MUTATION_KINDS, DescribeConfig, RulesConfig, snippet_to_pair
+
+
+@dataclass(frozen=True)
+class Subcommand:
+    name: str
+    help: str
+    add_arguments: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[argparse.Namespace], int]
+
+
+SUBCOMMANDS: dict[str, Subcommand] = {}
+
+
+def register(name: str, help: str, add_arguments, run) -> None:
+    if name in SUBCOMMANDS:
+        raise ValueError(f"subcommand {name!r} registered twice")
+    SUBCOMMANDS[name] = Subcommand(name, help, add_arguments, run)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Shared flags
+
+
+def add_source_arguments(p: argparse.ArgumentParser, default_languages: str, required: bool = True) -> None:
+    defaults = CollectConfig()
+    g = p.add_argument_group("collection (files -> snippets)")
+    g.add_argument("--source", nargs="+", default=[], required=required, metavar="DIR",
+                   help="directories (or single files) to walk, in this order; a git checkout's name becomes "
+                        "the snippets' repo, otherwise the directory's name")
+    g.add_argument("--languages", default=default_languages, metavar="all|LANG[,LANG]",
+                   help=f"languages to keep (default {default_languages}); known: "
+                        f"{', '.join(sorted(set(LANGUAGES.values())))}. Python is split into functions and "
+                        "methods; other languages are whole-file snippets")
+    g.add_argument("--min-lines", type=int, default=defaults.min_lines, metavar="N",
+                   help=f"drop snippets with fewer non-blank lines (default {defaults.min_lines})")
+    g.add_argument("--max-lines", type=int, default=defaults.max_lines, metavar="N",
+                   help=f"drop snippets with more non-blank lines (default {defaults.max_lines})")
+    g.add_argument("--min-bytes", type=int, default=defaults.min_file_bytes, metavar="N",
+                   help=f"drop files smaller than N bytes (default {defaults.min_file_bytes})")
+    g.add_argument("--max-bytes", type=int, default=defaults.max_file_bytes, metavar="N",
+                   help=f"drop files larger than N bytes (default {defaults.max_file_bytes})")
+    g.add_argument("--max-line-chars", type=int, default=defaults.max_line_chars, metavar="N",
+                   help="a file with a longer line counts as minified and is dropped "
+                        f"(default {defaults.max_line_chars})")
+    g.add_argument("--max-mean-line-chars", type=float, default=defaults.max_mean_line_chars, metavar="X",
+                   help="a file whose mean line length exceeds X (low newline density) counts as minified "
+                        f"(default {defaults.max_mean_line_chars:g})")
+    g.add_argument("--near-dup-threshold", type=float, default=defaults.near_dup_threshold, metavar="J",
+                   help="drop a snippet whose estimated Jaccard similarity (MinHash, 5-token shingles) to an "
+                        f"earlier kept one is >= J (default {defaults.near_dup_threshold}); a value > 1 "
+                        "turns near-duplicate removal off (exact duplicates are always removed)")
+    g.add_argument("--exclude-dir", action="append", default=[], metavar="NAME",
+                   help=f"directory name to skip, repeatable, added to: {' '.join(EXCLUDED_DIRS)}")
+
+
+def collect_config_from_args(args: argparse.Namespace) -> CollectConfig:
+    languages = None if args.languages == "all" else tuple(args.languages.split(","))
+    return CollectConfig(languages=languages, min_file_bytes=args.min_bytes, max_file_bytes=args.max_bytes,
+                         max_line_chars=args.max_line_chars, max_mean_line_chars=args.max_mean_line_chars,
+                         min_lines=args.min_lines, max_lines=args.max_lines,
+                         near_dup_threshold=args.near_dup_threshold,
+                         exclude_dirs=EXCLUDED_DIRS + tuple(args.exclude_dir))
+
+
+def collect_from_args(args: argparse.Namespace) -> tuple[list[dict], dict]:
+    config = collect_config_from_args(args)
+    snippets, stats = collect(args.source, config, progress=not args.no_progress)
+    return snippets, {"config": config.to_dict(), **stats.as_dict()}
+
+
+def add_run_arguments(p: argparse.ArgumentParser, output_help: str) -> None:
+    p.add_argument("--output", required=True, metavar="FILE.jsonl", help=output_help)
+    p.add_argument("--stats", default=None, metavar="FILE.json",
+                   help="also write the run's statistics (kept/dropped by reason per stage, throughput) here")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def report(stats: dict, path: str | None) -> None:
+    text = json.dumps(stats, indent=1)
+    print(text, file=sys.stderr)
+    if path:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text(text + "\n")
+        os.replace(tmp, path)
+
+
+# ---------------------------------------------------------------------------------------------------
+# collect
+
+
+def add_collect_arguments(p: argparse.ArgumentParser) -> None:
+    add_source_arguments(p, default_languages="all")
+    add_run_arguments(p, "snippets JSONL: id, language, code, name, path, repo, license, commit, lineno")
+
+
+def run_collect(args: argparse.Namespace) -> int:
+    snippets, stats = collect_from_args(args)
+    write_jsonl_atomic(args.output, snippets)
+    report({"command": "collect", "output": args.output, "snippets": len(snippets), "collect": stats}, args.stats)
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------------
+# rules
+
+
+def add_rules_arguments(p: argparse.ArgumentParser) -> None:
+    add_source_arguments(p, default_languages="python", required=False)
+    p.add_argument("--snippets", default=None, metavar="FILE.jsonl",
+                   help="read snippets written by `collect` instead of walking --source")
+    add_run_arguments(p, "pairs JSONL: prompt, chosen, rejected, id, mutation, mutation_detail, name, language, "
+                         "repo, path, lineno, license, commit; resumes from FILE.jsonl.partial if present")
+    g = p.add_argument_group("pairs (snippets -> prompt/chosen/rejected)")
+    g.add_argument("--seed", type=int, default=0,
+                   help="mutation seed; with the snippet id it fixes each snippet's mutation (default 0)")
+    g.add_argument("--limit", type=int, default=None, metavar="N",
+                   help="stop after N pairs in the output (a prefix of the full run's output)")
+    g.add_argument("--mutations", default=",".join(MUTATION_KINDS), metavar="KIND[,KIND]",
+                   help="mutation kinds to try, in a seeded order per snippet "
+                        f"(default all: {','.join(MUTATION_KINDS)})")
+    g.add_argument("--docstring", default="first", choices=["first", "all"],
+                   help="use the docstring's first paragraph (default) or all of it in the description")
+    g.add_argument("--min-length-ratio", type=float, default=PairFilter.min_length_ratio, metavar="R",
+                   help="drop pairs whose chosen/rejected character-length ratio is below R (default 0.5)")
+    g.add_argument("--max-length-ratio", type=float, default=PairFilter.max_length_ratio, metavar="R",
+                   help="drop pairs whose chosen/rejected character-length ratio is above R (default 2.0)")
+    g.add_argument("--workers", type=int, default=1, metavar="N",
+                   help="processes for describe+mutate; the output is identical for any N (default 1)")
+    g.add_argument("--flush-every", type=int, default=256, metavar="N",
+                   help="flush and fsync the partial output every N pairs: the most work a kill can lose")
+
+
+def run_rules_command(args: argparse.Namespace) -> int:
+    start = time.perf_counter()
+    if bool(args.source) == bool(args.snippets):
+        raise ValueError("rules: give exactly one of --source DIR ... or --snippets FILE")
+    if args.snippets:
+        snippets, collect_stats = read_snippets(args.snippets), {"snippets_file": args.snippets}
+        inputs = {"snippets": str(Path(args.snippets).resolve())}
+    else:
+        snippets, collect_stats = collect_from_args(args)
+        inputs = {"sources": [str(Path(s).resolve()) for s in args.source], "collect": collect_stats["config"]}
+    config = RulesConfig(seed=args.seed, kinds=tuple(args.mutations.split(",")),
+                         describe=DescribeConfig(docstring=args.docstring))
+    pair_filter = PairFilter(args.min_length_ratio, args.max_length_ratio)
+    # --limit, --workers and --flush-every do not change any line, so a resume may change them.
+    fingerprint = {"command": "rules", **inputs, "seed": config.seed, "kinds": list(config.kinds),
+                   "docstring": args.docstring, "filter": [pair_filter.min_length_ratio, pair_filter.max_length_ratio]}
+    to_pair = functools.partial(snippet_to_pair, config=config)
+    stats = run_rules(snippets, args.output, to_pair, pair_filter, fingerprint, limit=args.limit,
+                      workers=args.workers, flush_every=args.flush_every, progress=not args.no_progress)
+    total = time.perf_counter() - start
+    report({"command": "rules", "output": args.output, "snippets": len(snippets), "collect": collect_stats,
+            **stats.as_dict(), "total_seconds": round(total, 3),
+            "total_pairs_per_s": round((stats.pairs_written - stats.resumed_pairs) / total, 1)}, args.stats)
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------------
+
+
+register("collect", "walk sources into a snippets JSONL", add_collect_arguments, run_collect)
+register("rules", "model-free pairs: collect -> describe -> mutate -> filter", add_rules_arguments, run_rules_command)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for command in SUBCOMMANDS.values():
+        child = sub.add_parser(command.name, help=command.help, description=command.help)
+        command.add_arguments(child)
+        child.set_defaults(run=command.run)
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.run(args)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
