@@ -350,6 +350,8 @@ class LoggingConfig:
     """Also write TensorBoard events to RUN_DIR/tensorboard (needs the tensorboard package)."""
     wandb_project: str | None = None
     """Also log to this Weights & Biases project (needs wandb)."""
+    peak_tflops: float = 0.0
+    """Peak dense TFLOP/s per device for MFU (0: the table in megapmp/flops.py for known GPUs; no MFU on CPU)."""
 
 
 @dataclass
@@ -370,7 +372,7 @@ class TrainConfig:
     """Model-initialisation seed."""
     precision: str = "auto"
     """auto (bf16 autocast on GPU, fp32 on CPU), fp32, bf16 or fp16."""
-    attention_backend: str = "sdpa"
+    attention_backend: str = "auto"
     """Attention implementation over packed rows."""
     activation_checkpointing: bool = False
     """Recompute each decoder layer in backward to save activation memory."""
@@ -389,6 +391,10 @@ class TrainConfig:
                 problems.append(str(e))
         if self.steps <= 0:
             problems.append(f"steps={self.steps} must be positive")
+        from megapmp.model.attention import ATTENTION_BACKENDS  # the model imports this module
+
+        if self.attention_backend not in ATTENTION_BACKENDS:
+            problems.append(f"attention_backend={self.attention_backend!r} is not one of {', '.join(sorted(ATTENTION_BACKENDS))}")
         if self.precision not in ("auto", "fp32", "bf16", "fp16"):
             problems.append(f"precision={self.precision!r} is not auto, fp32, bf16 or fp16")
         p, d = self.parallel, self.data

@@ -7,13 +7,23 @@ Both sums run over this micro-batch; the denominators are the counts of the whol
 all data-parallel ranks, so summing micro-batch losses (and all-reducing gradients) gives the same
 value for any micro-batch split or parallel layout.
 
-Only the hidden states of LM-target positions ever meet the vocabulary, in chunks of `lm_chunk`
-tokens: the [tokens x vocab] logits of the whole batch are never materialised (the seed implementation
-keeps bf16 and fp32 copies of them for every row position).
+Only the hidden states of LM-target positions ever meet the vocabulary: the [tokens x vocab] logits
+of the whole batch are never materialised (the seed implementation keeps bf16 and fp32 copies of them
+for every row position). Two backends compute the same value:
+
+* ``"torch"`` (torch-chunked): ``lm_loss_sum``'s checkpointed chunks of `lm_chunk` tokens, and
+  ``pair_rewards`` + ``rm_loss_sum``. The default on CPU (and wherever triton is missing).
+* ``"triton"`` (triton-fused): ``megapmp_kernels.pair_loss.fused_pair_loss`` -- tiled log-sum-exp over the
+  vocabulary, logits recomputed in backward, the reward read-out and pairwise log-sigmoid in the same
+  autograd Function. The default on CUDA when triton is importable.
+
+``MEGAPMP_LOSS_BACKEND`` (auto | torch | triton) or the ``backend`` argument overrides the choice;
+``loss_backend(device, tp_size)`` names what a run will use (for the trainer's log line).
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
@@ -21,6 +31,40 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 
 from megapmp.data.packing import IGNORE_INDEX
+
+
+LOSS_BACKEND_ENV = "MEGAPMP_LOSS_BACKEND"
+_BACKENDS = ("auto", "torch", "triton")
+
+
+def resolve_loss_backend(device, backend: str | None = None) -> str:
+    """"torch" or "triton": ``backend`` if given, else $MEGAPMP_LOSS_BACKEND, else auto.
+
+    auto = triton on CUDA when triton is importable, torch otherwise. An explicit "triton" that cannot
+    run (no triton; a CPU device without TRITON_INTERPRET=1) raises rather than silently falling back.
+    """
+    choice = (backend or os.environ.get(LOSS_BACKEND_ENV) or "auto").strip().lower()
+    if choice not in _BACKENDS:
+        raise ValueError(f"loss backend must be one of {_BACKENDS} (from the backend argument or "
+                         f"${LOSS_BACKEND_ENV}), got {choice!r}")
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    if choice == "torch" or (choice == "auto" and device.type != "cuda"):
+        return "torch"
+    from megapmp_kernels.pair_loss import triton_error  # imports no triton kernel yet
+
+    problem = triton_error(device)
+    if problem is None:
+        return "triton"
+    if choice == "triton":
+        raise ValueError(f"loss backend 'triton' was requested but cannot run: {problem}")
+    return "torch"
+
+
+def loss_backend(device, tp_size: int = 1, backend: str | None = None) -> str:
+    """The loss implementation a run on ``device`` will use, for logs: "triton-fused" or "torch-chunked",
+    prefixed with "vocab-parallel " when the LM head is split over ``tp_size`` > 1 ranks."""
+    name = {"triton": "triton-fused", "torch": "torch-chunked"}[resolve_loss_backend(device, backend)]
+    return f"vocab-parallel {name}" if tp_size > 1 else name
 
 
 @dataclass
@@ -68,8 +112,14 @@ def _chunk_ce(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> t
 
 def pmp_loss(hidden: torch.Tensor, lm_weight: torch.Tensor | None, score_weight: torch.Tensor | None, batch, *,
              rm_coef: float, lm_coef: float, global_pairs: int, global_lm_tokens: int,
-             lm_chunk: int = 4096) -> LossOutput:
-    """The PMP loss of one packed micro-batch (see module docstring). `batch` is a torch PackedBatch."""
+             lm_chunk: int = 4096, backend: str | None = None) -> LossOutput:
+    """The PMP loss of one packed micro-batch (see module docstring). `batch` is a torch PackedBatch.
+
+    ``backend``: "torch", "triton" or "auto"; None reads $MEGAPMP_LOSS_BACKEND (see resolve_loss_backend).
+    """
+    if resolve_loss_backend(hidden.device, backend) == "triton":
+        return _fused_pmp_loss(hidden, lm_weight, score_weight, batch, rm_coef=rm_coef, lm_coef=lm_coef,
+                               global_pairs=global_pairs, global_lm_tokens=global_lm_tokens)
     zero = hidden.new_zeros((), dtype=torch.float32)
     loss, rm, lm, correct, margin = zero, zero, zero, zero, zero
     num_pairs = len(batch.chosen_index)
@@ -81,5 +131,35 @@ def pmp_loss(hidden: torch.Tensor, lm_weight: torch.Tensor | None, score_weight:
         correct, margin = (diff > 0).sum().float(), diff.sum()
     if lm_coef and global_lm_tokens:
         lm = lm_loss_sum(hidden, lm_weight, batch.labels, lm_chunk) / global_lm_tokens
+        loss = loss + lm_coef * lm
+    return LossOutput(loss, rm.detach(), lm.detach(), correct, margin, num_pairs)
+
+
+def _fused_pmp_loss(hidden, lm_weight, score_weight, batch, *, rm_coef, lm_coef, global_pairs, global_lm_tokens):
+    """pmp_loss through the fused Function: the rows are selected here, their gradients scatter back."""
+    from megapmp_kernels.pair_loss import fused_pair_loss
+
+    zero = hidden.new_zeros((), dtype=torch.float32)
+    loss, rm, lm, correct, margin = zero, zero, zero, zero, zero
+    num_pairs = len(batch.chosen_index)
+    use_rm, use_lm = bool(rm_coef and num_pairs), bool(lm_coef and global_lm_tokens)
+    if not (use_rm or use_lm):
+        return LossOutput(loss, rm, lm, correct, margin, num_pairs)
+    flat = hidden.reshape(-1, hidden.shape[-1])  # [R*S, H]
+    selected = targets = chosen = rejected = None
+    if use_lm:
+        flat_labels = batch.labels.reshape(-1)
+        positions = torch.nonzero(flat_labels != IGNORE_INDEX).squeeze(-1)  # [T]
+        selected, targets = flat[positions], flat_labels[positions]
+    if use_rm:
+        chosen, rejected = flat[batch.chosen_index], flat[batch.rejected_index]
+    sums = fused_pair_loss(selected, lm_weight if use_lm else None, targets, chosen, rejected,
+                           score_weight if use_rm else None, ignore_index=IGNORE_INDEX, backend="triton")
+    if use_rm:
+        rm = sums.rm_sum / global_pairs
+        loss = loss + rm_coef * rm
+        correct, margin = (sums.margins > 0).sum().float(), sums.margins.sum()
+    if use_lm:
+        lm = sums.lm_sum / global_lm_tokens
         loss = loss + lm_coef * lm
     return LossOutput(loss, rm.detach(), lm.detach(), correct, margin, num_pairs)

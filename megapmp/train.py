@@ -40,8 +40,10 @@ from megapmp.config import TrainConfig, load_train_config, parse_cli
 from megapmp.data.loader import StepBatch, StepLoader
 from megapmp.data.datasets import PairDataset
 from megapmp.eval.scoring import attention_inputs, pairwise_accuracy, score_pairs
-from megapmp.loss import pmp_loss
+from megapmp.loss import loss_backend, pmp_loss
 from megapmp.model import Qwen2RewardModel
+from megapmp.backends import backend_report, format_report
+from megapmp.flops import mfu, peak_flops, step_flops
 from megapmp.optim import build_optimizer, lr_at
 from megapmp.parallel import runtime
 from megapmp.parallel.data_parallel import DistributedOptimizer, GradSync
@@ -229,9 +231,12 @@ class Trainer:
                                   bucket_mb=cfg.parallel.bucket_mb, overlap=cfg.parallel.overlap_grad_reduce)
         self.norm_counted = runtime.counted_in_norm(self.chunks, ctx)
         n_params = sum(p.numel() for _, p in self.params)
-        self.log(f"device {self.device}, precision {self.amp_dtype or torch.float32}, attention {cfg.attention_backend}, "
-                 f"optimizer {optimizer_backend}, loss {'vocab-parallel' if ctx.tp_size > 1 else 'torch-chunked'}, "
-                 f"{n_params / 1e6:.2f}M parameters on rank 0")
+        self.peak_flops = peak_flops(self.device, override_tflops=cfg.logging.peak_tflops or None)
+        self.log(format_report(backend_report(self.device, self.amp_dtype, cfg.attention_backend,
+                                              optimizer_backend=optimizer_backend)))
+        self.log(f"loss {loss_backend(self.device, ctx.tp_size)}, "
+                 f"{n_params / 1e6:.2f}M parameters on rank 0, peak "
+                 f"{self.peak_flops / 1e12 if self.peak_flops else 'unknown'} TFLOP/s per device for MFU")
         if self.world > 1:
             p = cfg.parallel
             self.log(f"layout: world {self.world} = tp {ctx.tp_size} x pp {ctx.pp_size} x dp {ctx.dp_size} "
@@ -381,7 +386,7 @@ class Trainer:
         totals = self._forward_backward(step)
         zero_grads = self._complete_grads()
         grad_norm = self._clip(zero_grads)
-        loss, rm_loss, lm_loss, correct, margin, tokens = totals.tolist()
+        loss, rm_loss, lm_loss, correct, margin, tokens, flops = totals.tolist()
         finite = math.isfinite(loss) and bool(torch.isfinite(grad_norm))
         if finite:
             self._optimizer_step(lr, zero_grads)
@@ -394,7 +399,7 @@ class Trainer:
         return {"loss": loss, "rm_loss": rm_loss, "lm_loss": lm_loss,
                 "rm_acc": correct / pairs if pairs else None, "margin": margin / pairs if pairs else None,
                 "lr": lr, "grad_norm": float(grad_norm), "pairs": pairs,
-                "tokens": int(tokens), "skipped": not finite}
+                "tokens": int(tokens), "flops": flops, "skipped": not finite}
 
     def _zero_grad(self, lr: float) -> None:
         if self.optimizer is not None:
@@ -427,8 +432,12 @@ class Trainer:
             totals = run_schedule(actions, self.chunks, micro, self.ctx,
                                   lambda hidden, batch: self._loss(hidden, last, batch, loss_kwargs),
                                   forward_context=forward_context, activation_shape=self._activation_shape)
-        tokens = torch.tensor([float(sum(m.num_real_tokens for m in step.micro_batches))], device=totals.device)
-        totals = torch.cat([totals.float(), tokens])
+        # Model FLOPs on the real per-segment lengths (padding counts zero), summed over DP below.
+        flops = step_flops(self.cfg.model, step.micro_batches, lm_head=bool(self.cfg.loss.lm_coef),
+                           reward_head=bool(self.cfg.loss.rm_coef))
+        tokens = torch.tensor([float(sum(m.num_real_tokens for m in step.micro_batches)), flops], device=totals.device,
+                              dtype=torch.float64)
+        totals = torch.cat([totals.double(), tokens])
         if self.ctx.dp_size > 1:
             dist.all_reduce(totals, group=self.ctx.dp_group)  # each DP rank's loss is its share of the global one
         return totals
@@ -512,7 +521,10 @@ class Trainer:
                     torch.cuda.synchronize()
                 elapsed = time.perf_counter() - started
                 self.step += 1
+                flops = record.pop("flops")
                 record = {"step": self.step, **record, "tokens_per_s": record["tokens"] / elapsed,
+                          "tflops_per_device": flops / elapsed / self.world / 1e12,
+                          "mfu": mfu(flops, elapsed, self.peak_flops, num_devices=self.world),
                           "skipped_steps": self.skipped_steps}
                 if cfg.logging.eval_interval and (self.step % cfg.logging.eval_interval == 0 or self.step == cfg.steps):
                     record.update(self.evaluate())

@@ -91,6 +91,10 @@ def add_common_arguments(parser: argparse.ArgumentParser, task) -> None:
     model.add_argument("--layout", default="shared-prefix", choices=("shared-prefix", "duplicated"),
                        help="packing: two responses behind one prompt copy (shared-prefix, default) or one prompt "
                             "copy per response (duplicated); the scores are the same up to rounding")
+    model.add_argument("--backend", default="megapmp", choices=("megapmp", "transformers"),
+                       help="megapmp: our model and packed scoring (checkpoint or HF dir); transformers: an HF export "
+                            "scored by transformers alone (AutoModelForSequenceClassification + the export's "
+                            "megapmp_scoring.json recipe), the independent check of an export")
     model.add_argument("--threads", type=int, default=0, help="CPU threads for torch (default: torch's choice)")
     model.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -134,6 +138,10 @@ def main(argv=None) -> int:
 
     def get_scorer():
         log(f"loading {args.model}")
+        if args.backend == "transformers":
+            from megapmp.eval.hf_scorer import TransformersRewardScorer
+
+            return TransformersRewardScorer(args.model, device=args.device, progress=not args.no_progress)
         scorer = RewardScorer.load(args.model, tokenizer=args.tokenizer, template=args.template,
                                    eos_policy=args.eos_policy, dtype=args.dtype, device=args.device,
                                    precision=args.precision, seq_len=args.seq_len, batch_tokens=args.batch_tokens,

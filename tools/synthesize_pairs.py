@@ -8,8 +8,14 @@ Subcommands:
            facts from the AST) -> mutate (one behaviour-changing AST edit) -> filter -> pairs JSONL with
            prompt/chosen/rejected and provenance. The chosen response is the snippet as written; the
            rejected one differs only in the mutated node's text.
+  summarize  snippets -> descriptions: a strong model answers CodePMP's description prompt
+             (--backend openai --base-url URL | --backend vllm, --model M)
+  generate   descriptions -> pairs: CodePMP's code prompt answered by --strong-model (chosen) and
+             --weak-model (rejected); feeds tools/preprocess_pairs.py --template codepmp
+  commits    Commit-Instruct: small one-function Python commits of --repo DIR -> pairs; model-free
+             (message -> after/before) or with --backend/--model CodeFavor's explain/judge/rewrite
 
-Output is written to OUTPUT.partial and renamed at the end. An interrupted `rules` run resumes when
+Output is written to OUTPUT.partial and renamed at the end. An interrupted run of any subcommand resumes when
 rerun with the same options: finished ids are skipped and the final file equals an uninterrupted run's.
 
 Examples:
@@ -36,6 +42,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from megapmp.synth.backends import BackendError
 from megapmp.synth.collect import EXCLUDED_DIRS, LANGUAGES, CollectConfig, collect
 from megapmp.synth.filters import PairFilter
 from megapmp.synth.pipeline import read_snippets, run_rules, write_jsonl_atomic
@@ -206,6 +213,18 @@ def run_rules_command(args: argparse.Namespace) -> int:
 register("collect", "walk sources into a snippets JSONL", add_collect_arguments, run_collect)
 register("rules", "model-free pairs: collect -> describe -> mutate -> filter", add_rules_arguments, run_rules_command)
 
+# Model-backed stages (megapmp.synth.generate / commits; backends in megapmp.synth.backends).
+from megapmp.synth.commits import add_commits_arguments, run_commits  # noqa: E402
+from megapmp.synth.generate import (add_generate_arguments, add_summarize_arguments, run_generate,  # noqa: E402
+                                    run_summarize)
+
+register("summarize", "snippets -> descriptions with a strong model (CodePMP's description prompt)",
+         add_summarize_arguments, run_summarize)
+register("generate", "descriptions -> pairs: chosen by --strong-model, rejected by --weak-model",
+         add_generate_arguments, run_generate)
+register("commits", "Commit-Instruct: small Python commits of a git repo -> pairs (model-free or CodeFavor)",
+         add_commits_arguments, run_commits)
+
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -221,7 +240,8 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.run(args)
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, FileNotFoundError, ImportError, BackendError) as e:
+        # BackendError: a model server that kept failing after all retries; ImportError: vllm not installed.
         print(f"error: {e}", file=sys.stderr)
         return 1
 

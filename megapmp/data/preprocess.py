@@ -267,7 +267,11 @@ def document_sources(paths: Iterable[str], text_key: str = "text") -> Iterator[t
     for path in map(Path, paths):
         if path.is_dir():
             for sub in sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in DOCUMENT_SUFFIXES):
-                yield str(sub), 0, sub.read_bytes()
+                raw = sub.read_bytes()
+                # A walk meets empty files (package __init__.py) as a matter of course: they are not
+                # bad input, just nothing to learn from. A file named explicitly is still checked.
+                if raw.strip():
+                    yield str(sub), 0, raw
         elif path.name.endswith((".jsonl", ".jsonl.gz")):
             for line_no, raw in open_lines(path):
                 try:

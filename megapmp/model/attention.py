@@ -9,12 +9,41 @@ R must not see C. Query q may attend key k iff
     segment[q] == segment[k] != -1  and  k <= q  and  (branch[k] == 0 or branch[k] == branch[q])
 
 and a padding token (segment -1) attends only to itself, which keeps its softmax finite.
+
+Backends (``ATTENTION_BACKENDS``; all compute that rule, with 1/sqrt(D) scaling):
+
+    sdpa             the reference: one dense [R, 1, S, S] boolean mask; any device, O(R S^2).
+    segmented        SDPA per *problem* (below), problems of similar length batched into padded buckets;
+                     O(sum of real problem sizes). The fastest CPU path; any device.
+    flash_attn       ``flash_attn.flash_attn_varlen_func`` over the problems (CUDA, fp16/bf16).
+    torch_varlen     ``torch.nn.attention.varlen.varlen_attn`` over the problems (CUDA, fp16/bf16).
+    varlen_reference the varlen call site with a torch kernel (``varlen_reference``): tests the index
+                     building of the two GPU backends on any device.
+    auto             per call: flash_attn, else torch_varlen on CUDA with a half dtype; segmented otherwise.
+
+A *problem* is one call of a varlen kernel with bottom-right causal alignment: queries Q (length lq)
+over keys K (length lk >= lq), query i seeing key j iff j <= i + lk - lq. Each segment of branch pattern
+``0^p a^x b^y`` (a != b in {1, 2}, any of p, x, y possibly 0) gives
+
+    A: the queries [P X] over the keys [P X]          (lq = lk = p + x, plain causal)
+    B: the queries  Y    over the keys [P Y], if x, y > 0   (lq = y, lk = p + y: Y sees all of P, causal in Y)
+
+so in the shared-prefix layout ``[P C R]`` the prompt is encoded once and attended by both responses,
+and a plain segment is one square problem. The varlen backends make ONE kernel call over all problems
+(``VarlenPlan``): every real token is gathered once as a query, the keys of a B problem repeat P, so
+``cu_seqlens_q != cu_seqlens_k`` and the kernel's bottom-right alignment does the rest. Padding tokens are no problem: their output is their own
+value vector, which is exactly what attending only to itself gives. Segments of any other branch
+pattern (never produced by the packers) make the varlen backends raise; ``segmented`` and ``auto``
+then use the dense reference.
 """
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass, field
+from functools import lru_cache
 from typing import Callable, Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -39,6 +68,7 @@ class AttentionInputs:
     max_seqlen: int
     # Built once per micro-batch and reused by every layer (and by checkpoint recomputation).
     _mask_cache: dict = field(default_factory=dict, init=False, repr=False, compare=False)
+    _plan_cache: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def __post_init__(self):
         _check_shapes(self.segment_ids, self.branch_ids)
@@ -95,6 +125,25 @@ class AttentionInputs:
         if device not in self._mask_cache:
             self._mask_cache[device] = build_mask(self.segment_ids.to(device), self.branch_ids.to(device))
         return self._mask_cache[device]
+
+    def varlen_plan(self, device=None) -> "VarlenPlan | None":
+        """The problems of this batch as varlen-kernel inputs (see the module docstring), cached per
+        device; None if some segment has a branch pattern the varlen decomposition does not cover."""
+        return self._cached_plan("varlen", device, lambda: VarlenPlan.build(self.segment_ids, self.branch_ids))
+
+    def bucket_plan(self, device=None) -> "BucketPlan | None":
+        """The problems batched into padded buckets for the ``segmented`` backend, cached per device."""
+        return self._cached_plan("buckets", device, lambda: BucketPlan.build(self.segment_ids, self.branch_ids))
+
+    def _cached_plan(self, kind: str, device, build):
+        device = torch.device(device) if device is not None else self.segment_ids.device
+        if (kind, "cpu") not in self._plan_cache:
+            self._plan_cache[(kind, "cpu")] = build()
+        key = (kind, str(device))
+        if key not in self._plan_cache:
+            plan = self._plan_cache[(kind, "cpu")]
+            self._plan_cache[key] = None if plan is None else plan.to(device)
+        return self._plan_cache[key]
 
     def default_position_ids(self) -> torch.Tensor:
         """int64 [R, S]: the number of *other* tokens each token may see.
@@ -161,6 +210,209 @@ def build_mask(segment_ids: torch.Tensor, branch_ids: torch.Tensor) -> torch.Ten
     return mask[:, None]
 
 
+# ---------------------------------------------------------------- problems: the varlen decomposition
+
+
+def _as_numpy(x) -> np.ndarray:
+    return x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
+
+
+def segment_structure(segment_ids, branch_ids) -> np.ndarray | None:
+    """int64 [n_segments, 4]: (flat start, p, x, y) of each real segment, whose branch ids read
+    ``0^p a^x b^y`` (a != b nonzero; see the module docstring); None if some segment reads otherwise.
+
+    Accepts numpy arrays or tensors of shape [R, S]; segments are listed in flat order.
+    """
+    seg = _as_numpy(segment_ids).astype(np.int64, copy=False)
+    branch = _as_numpy(branch_ids).astype(np.int64, copy=False).reshape(-1)
+    rows, seq_len = seg.shape
+    flat = seg.reshape(-1)
+    starts = np.ones(flat.size, dtype=bool)
+    starts[1:] = flat[1:] != flat[:-1]
+    starts[::seq_len] = True
+    bounds = np.append(np.flatnonzero(starts), flat.size)
+    out = []
+    for lo, hi in zip(bounds[:-1].tolist(), bounds[1:].tolist()):
+        if flat[lo] == PAD_SEGMENT:
+            continue
+        b = branch[lo:hi]
+        nonzero = np.flatnonzero(b)
+        if nonzero.size == 0:
+            out.append((lo, hi - lo, 0, 0))
+            continue
+        p = int(nonzero[0])
+        rest = b[p:]
+        change = np.flatnonzero(rest != rest[0])
+        x = int(change[0]) if change.size else rest.size
+        tail = rest[x:]
+        if tail.size and (tail[0] == SHARED_BRANCH or (tail != tail[0]).any()):
+            return None
+        out.append((lo, p, x, tail.size))
+    return np.asarray(out, dtype=np.int64).reshape(-1, 4)
+
+
+def _problems(structure: np.ndarray):
+    """Per problem: (query ranges, key ranges) as lists of flat [lo, hi) ranges."""
+    problems = []
+    for start, p, x, y in structure.tolist():
+        if x and y:
+            problems.append(([(start, start + p + x)], [(start, start + p + x)]))
+            tail = start + p + x
+            problems.append(([(tail, tail + y)], [(start, start + p), (tail, tail + y)]))
+        else:
+            problems.append(([(start, start + p + x + y)], [(start, start + p + x + y)]))
+    return problems
+
+
+def _ranges_index(ranges) -> np.ndarray:
+    return np.concatenate([np.arange(lo, hi, dtype=np.int64) for lo, hi in ranges]) if ranges else \
+        np.zeros(0, dtype=np.int64)
+
+
+@dataclass
+class VarlenPlan:
+    """Inputs of one varlen-kernel call over all problems of a batch of N = R * S tokens.
+
+    ``q_index`` [Tq] / ``k_index`` [Tk]: flat token index of each packed query / key, problem after
+    problem; ``cu_q`` / ``cu_k`` int32 [n + 1] their boundaries; ``pad_index`` [N - Tq] the padding
+    tokens; ``out_index`` [N]: row of ``cat([kernel output, padding values])`` that is each token's
+    output. ``identity``: no padding and no shared-prefix problem, so the gathers can be skipped.
+    """
+
+    q_index: torch.Tensor
+    k_index: torch.Tensor
+    cu_q: torch.Tensor
+    cu_k: torch.Tensor
+    max_q: int
+    max_k: int
+    pad_index: torch.Tensor
+    out_index: torch.Tensor
+    identity: bool
+
+    @classmethod
+    def build(cls, segment_ids, branch_ids) -> "VarlenPlan | None":
+        structure = segment_structure(segment_ids, branch_ids)
+        if structure is None:
+            return None
+        n_tokens = int(np.prod(tuple(segment_ids.shape)))
+        problems = _problems(structure)
+        q_parts = [_ranges_index(q) for q, _ in problems]
+        k_parts = [_ranges_index(k) for _, k in problems]
+        lq = np.array([len(x) for x in q_parts], dtype=np.int64)
+        lk = np.array([len(x) for x in k_parts], dtype=np.int64)
+        q_index = np.concatenate(q_parts) if q_parts else np.zeros(0, np.int64)
+        k_index = np.concatenate(k_parts) if k_parts else np.zeros(0, np.int64)
+        is_query = np.zeros(n_tokens, dtype=bool)
+        is_query[q_index] = True
+        pad_index = np.flatnonzero(~is_query)
+        out_index = np.empty(n_tokens, dtype=np.int64)
+        out_index[q_index] = np.arange(q_index.size)
+        out_index[pad_index] = q_index.size + np.arange(pad_index.size)
+        identity = pad_index.size == 0 and bool((lq == lk).all()) and np.array_equal(q_index, np.arange(n_tokens))
+        cu = lambda n: torch.from_numpy(np.concatenate([[0], np.cumsum(n)]).astype(np.int32))
+        return cls(torch.from_numpy(q_index), torch.from_numpy(k_index), cu(lq), cu(lk),
+                   int(lq.max(initial=0)), int(lk.max(initial=0)), torch.from_numpy(pad_index),
+                   torch.from_numpy(out_index), identity)
+
+    def to(self, device) -> "VarlenPlan":
+        move = lambda t: t.to(device, non_blocking=True)
+        return VarlenPlan(move(self.q_index), move(self.k_index), move(self.cu_q), move(self.cu_k), self.max_q,
+                          self.max_k, move(self.pad_index), move(self.out_index), self.identity)
+
+
+@dataclass
+class Bucket:
+    """Problems padded to one shape: ``q_index`` [B, Lq] and ``k_index`` [B, Lk] are flat token indices
+    (padding slots point at token 0: their scores are masked off or their outputs dropped, so they add
+    exactly zero to any gradient); ``mask`` [B, 1, Lq, Lk] or None for square causal problems."""
+
+    q_index: torch.Tensor
+    k_index: torch.Tensor
+    mask: torch.Tensor | None
+
+
+@dataclass
+class BucketPlan:
+    """The problems of a batch batched for SDPA. ``out_index`` [N]: row of
+    ``cat([bucket outputs flattened to [B * Lq] rows each..., padding values])`` holding each token's output."""
+
+    buckets: list
+    pad_index: torch.Tensor
+    out_index: torch.Tensor
+
+    # A bucket grows while its padded size stays within SLACK x the real size of its problems.
+    SLACK = 1.25
+
+    @classmethod
+    def build(cls, segment_ids, branch_ids) -> "BucketPlan | None":
+        structure = segment_structure(segment_ids, branch_ids)
+        if structure is None:
+            return None
+        n_tokens = int(np.prod(tuple(segment_ids.shape)))
+        problems = [(_ranges_index(q), _ranges_index(k)) for q, k in _problems(structure)]
+        square = [pr for pr in problems if len(pr[0]) == len(pr[1])]
+        masked = [pr for pr in problems if len(pr[0]) != len(pr[1])]
+        buckets, out_index, offset = [], np.empty(n_tokens, dtype=np.int64), 0
+        is_query = np.zeros(n_tokens, dtype=bool)
+        for group, causal in ((square, True), (masked, False)):
+            for members in _greedy_buckets(group):
+                bucket, rows_q = _make_bucket(members, causal)
+                lq = bucket.q_index.shape[1]
+                for b, (q, _) in enumerate(members):
+                    out_index[q] = offset + b * lq + np.arange(len(q))
+                    is_query[q] = True
+                offset += rows_q
+                buckets.append(bucket)
+        pad_index = np.flatnonzero(~is_query)
+        out_index[pad_index] = offset + np.arange(pad_index.size)
+        return cls(buckets, torch.from_numpy(pad_index), torch.from_numpy(out_index))
+
+    def to(self, device) -> "BucketPlan":
+        move = lambda t: None if t is None else t.to(device, non_blocking=True)
+        buckets = [Bucket(move(b.q_index), move(b.k_index), move(b.mask)) for b in self.buckets]
+        return BucketPlan(buckets, move(self.pad_index), move(self.out_index))
+
+
+def _greedy_buckets(problems):
+    """Sort by size and cut into runs whose padded cost (count x max lq x max lk) stays within
+    BucketPlan.SLACK x their real cost (sum of lq x lk)."""
+    order = sorted(problems, key=lambda pr: (len(pr[1]), len(pr[0])))
+    groups, current, real, max_q, max_k = [], [], 0, 0, 0
+    for q, k in order:
+        mq, mk = max(max_q, len(q)), max(max_k, len(k))
+        r = real + len(q) * len(k)
+        if current and (len(current) + 1) * mq * mk > BucketPlan.SLACK * r:
+            groups.append(current)
+            current, real, mq, mk, r = [], 0, len(q), len(k), len(q) * len(k)
+        current.append((q, k))
+        real, max_q, max_k = r, mq, mk
+    if current:
+        groups.append(current)
+    return groups
+
+
+def _make_bucket(members, causal: bool) -> tuple[Bucket, int]:
+    lq = max(len(q) for q, _ in members)
+    lk = max(len(k) for _, k in members)
+    q_index = np.zeros((len(members), lq), dtype=np.int64)
+    k_index = np.zeros((len(members), lk), dtype=np.int64)
+    for b, (q, k) in enumerate(members):
+        q_index[b, : len(q)] = q
+        k_index[b, : len(k)] = k
+    mask = None
+    if not causal:
+        # Bottom-right causal per problem: query i sees key j iff j <= i + lk_b - lq_b (< lk_b for real
+        # queries). Padded query rows get the same formula, which leaves each at least one key.
+        shift = torch.tensor([len(k) - len(q) for q, k in members])[:, None, None]
+        i = torch.arange(lq)[None, :, None]
+        j = torch.arange(lk)[None, None, :]
+        mask = (j <= i + shift)[:, None]
+    return Bucket(torch.from_numpy(q_index), torch.from_numpy(k_index), mask), len(members) * lq
+
+
+# ---------------------------------------------------------------- backends
+
+
 def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn: AttentionInputs) -> torch.Tensor:
     """``F.scaled_dot_product_attention`` with the explicit boolean mask; works on any device."""
     q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [R, H, S, D]
@@ -174,9 +426,205 @@ def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn: Atte
     return out.transpose(1, 2)
 
 
+def _pad_outputs(v_flat: torch.Tensor, pad_index: torch.Tensor, groups: int) -> torch.Tensor:
+    """[n_pad, Hq, D]: a padding token attends only to itself, so its output is its own value vector."""
+    out = v_flat.index_select(0, pad_index)
+    return out.repeat_interleave(groups, dim=1) if groups > 1 else out
+
+
+def segmented_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn: AttentionInputs) -> torch.Tensor:
+    """SDPA per bucket of problems: cost follows the real segment lengths, not R x S^2."""
+    plan = attn.bucket_plan(q.device)
+    if plan is None:
+        return sdpa_attention(q, k, v, attn)
+    rows, seq_len, heads, dim = q.shape
+    groups = heads // k.shape[2]
+    q_flat, k_flat, v_flat = (t.reshape(rows * seq_len, -1, dim) for t in (q, k, v))  # [N, heads, D]
+    outs = []
+    for bucket in plan.buckets:
+        qb = q_flat[bucket.q_index].transpose(1, 2)  # [B, Hq, Lq, D]
+        kb = k_flat[bucket.k_index].transpose(1, 2)  # [B, Hkv, Lk, D]
+        vb = v_flat[bucket.k_index].transpose(1, 2)
+        ob = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=bucket.mask, is_causal=bucket.mask is None,
+                                            enable_gqa=groups > 1)  # [B, Hq, Lq, D]
+        outs.append(ob.transpose(1, 2).reshape(-1, heads, dim))
+    outs.append(_pad_outputs(v_flat, plan.pad_index, groups).to(outs[0].dtype if outs else v.dtype))
+    out = torch.cat(outs).index_select(0, plan.out_index)  # [N, Hq, D]
+    return out.view(rows, seq_len, heads, dim)
+
+
+VarlenKernel = Callable[..., torch.Tensor]
+
+
+def varlen_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_q: torch.Tensor, cu_k: torch.Tensor,
+                     causal_bottom_right: bool = True) -> torch.Tensor:
+    """What ``flash_attn_varlen_func(..., causal=True)`` computes, in plain torch (slow; for tests).
+
+    q: [Tq, Hq, D]; k, v: [Tk, Hkv, D]; problem i is q[cu_q[i]:cu_q[i+1]] over k[cu_k[i]:cu_k[i+1]];
+    causal alignment bottom-right (query i sees key j iff j <= i + lk - lq); query head h uses kv head
+    h // (Hq / Hkv); a query row that sees no key outputs zeros, as flash-attn documents.
+    """
+    groups = q.shape[1] // k.shape[1]
+    out = []
+    for i in range(cu_q.numel() - 1):
+        qi = q[int(cu_q[i]) : int(cu_q[i + 1])].transpose(0, 1)  # [Hq, lq, D]
+        ki = k[int(cu_k[i]) : int(cu_k[i + 1])].transpose(0, 1).repeat_interleave(groups, dim=0)  # [Hq, lk, D]
+        vi = v[int(cu_k[i]) : int(cu_k[i + 1])].transpose(0, 1).repeat_interleave(groups, dim=0)
+        lq, lk = qi.shape[1], ki.shape[1]
+        scores = (qi @ ki.transpose(1, 2)) * qi.shape[-1] ** -0.5  # [Hq, lq, lk]
+        if causal_bottom_right:
+            allowed = torch.arange(lk, device=q.device)[None, :] <= torch.arange(lq, device=q.device)[:, None] + lk - lq
+            scores = scores.masked_fill(~allowed, float("-inf"))
+        probs = torch.nan_to_num(scores.softmax(-1), nan=0.0)  # all-masked rows -> 0
+        out.append((probs @ vi).transpose(0, 1))  # [lq, Hq, D]
+    return torch.cat(out) if out else q.new_zeros(q.shape)
+
+
+def _compute_dtype(q: torch.Tensor) -> torch.dtype:
+    """The dtype a varlen kernel runs in: the autocast dtype when autocast is on (the q/k after RoPE
+    are fp32 there, while SDPA would be cast by autocast itself), else q's."""
+    if torch.is_autocast_enabled(q.device.type):
+        return torch.get_autocast_dtype(q.device.type)
+    return q.dtype
+
+
+def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn: AttentionInputs,
+                     kernel: VarlenKernel) -> torch.Tensor:
+    """The GPU call site: gather the problems, call ``kernel(q, k, v, cu_q, cu_k, max_q, max_k)`` (packed
+    [T, H, D] tensors, bottom-right causal), scatter back; shared by flash_attn / torch_varlen / tests."""
+    plan = attn.varlen_plan(q.device)
+    if plan is None:
+        raise ValueError("a segment's branch ids are not of the form shared* a* b* (see megapmp.model.attention); "
+                         "the varlen backends cannot express that mask: use attention backend 'sdpa'")
+    rows, seq_len, heads, dim = q.shape
+    groups = heads // k.shape[2]
+    dtype = _compute_dtype(q)
+    q_flat, k_flat, v_flat = (t.reshape(rows * seq_len, -1, dim).to(dtype) for t in (q, k, v))  # [N, heads, D]
+    if plan.identity:
+        out = kernel(q_flat, k_flat, v_flat, plan.cu_q, plan.cu_k, plan.max_q, plan.max_k)
+    else:
+        out = kernel(q_flat.index_select(0, plan.q_index), k_flat.index_select(0, plan.k_index),
+                     v_flat.index_select(0, plan.k_index), plan.cu_q, plan.cu_k, plan.max_q, plan.max_k)
+        out = torch.cat([out, _pad_outputs(v_flat, plan.pad_index, groups)]).index_select(0, plan.out_index)
+    return out.view(rows, seq_len, heads, dim)
+
+
+def _reference_kernel(q, k, v, cu_q, cu_k, max_q, max_k):
+    return varlen_reference(q, k, v, cu_q, cu_k, causal_bottom_right=True)
+
+
+def _flash_attn_kernel(q, k, v, cu_q, cu_k, max_q, max_k):
+    from flash_attn import flash_attn_varlen_func
+
+    # flash-attn >= 2.1 aligns the causal mask to the bottom-right corner when seqlen_q != seqlen_k
+    # (flash_attn_varlen_func docstring: "If causal=True, the causal mask is aligned to the bottom right
+    # corner of the attention matrix"), which is exactly what problem B ([R] over [P R]) needs.
+    # GQA is native: "head 0, 1, 2 of Q will attention to head 0 of K, V" (our repeat_interleave order).
+    return flash_attn_varlen_func(q, k, v, cu_q, cu_k, max_q, max_k, dropout_p=0.0, causal=True)
+
+
+def _torch_varlen_kernel(q, k, v, cu_q, cu_k, max_q, max_k):
+    from torch.nn.attention.varlen import varlen_attn
+
+    # window_size=(-1, 0) is varlen_attn's documented spelling of causal. It goes to
+    # aten._flash_attention_forward, whose causal mask is bottom-right (FA2 semantics; torch's own
+    # CausalBias LOWER_RIGHT path relies on it), and the cuDNN varlen path refuses any window
+    # instead of silently using another alignment. `_torch_varlen_usable` demands both keywords.
+    return varlen_attn(q, k, v, cu_q, cu_k, max_q, max_k, window_size=(-1, 0), enable_gqa=q.shape[1] != k.shape[1])
+
+
+def varlen_reference_attention(q, k, v, attn):
+    return varlen_attention(q, k, v, attn, _reference_kernel)
+
+
+def flash_attn_attention(q, k, v, attn):
+    _require("flash_attn", q)
+    return varlen_attention(q, k, v, attn, _flash_attn_kernel)
+
+
+def torch_varlen_attention(q, k, v, attn):
+    _require("torch_varlen", q)
+    return varlen_attention(q, k, v, attn, _torch_varlen_kernel)
+
+
+# ---------------------------------------------------------------- availability and auto
+
+
+@lru_cache(maxsize=None)
+def _flash_attn_usable() -> tuple[bool, str]:
+    try:
+        import flash_attn
+        from flash_attn import flash_attn_varlen_func  # noqa: F401
+    except Exception as error:  # an ABI-mismatched build raises OSError/RuntimeError, not only ImportError
+        return False, f"flash_attn not importable ({type(error).__name__}: {error})"
+    version = getattr(flash_attn, "__version__", "0")
+    major_minor = tuple(int(x) for x in version.split(".")[:2] if x.isdigit())
+    if major_minor < (2, 1):
+        return False, f"flash_attn {version} < 2.1 aligns causal masks top-left"
+    return True, f"flash_attn {version}"
+
+
+@lru_cache(maxsize=None)
+def _torch_varlen_usable() -> tuple[bool, str]:
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except Exception as error:
+        return False, f"torch.nn.attention.varlen not importable ({type(error).__name__})"
+    params = inspect.signature(varlen_attn).parameters
+    missing = [name for name in ("window_size", "enable_gqa") if name not in params]
+    if missing:
+        return False, f"torch {torch.__version__} varlen_attn lacks {', '.join(missing)}"
+    return True, f"torch {torch.__version__} varlen_attn"
+
+
+def backend_available(name: str, device, dtype: torch.dtype | None = None) -> tuple[bool, str]:
+    """Whether backend `name` can run on `device` (with compute dtype `dtype`, if given), and why."""
+    device = torch.device(device)
+    if name in ("sdpa", "segmented", "varlen_reference", "auto"):
+        return True, "pure torch"
+    if name not in ("flash_attn", "torch_varlen"):
+        return False, f"unknown attention backend {name!r}"
+    if device.type != "cuda":
+        return False, f"{name} needs a CUDA device, not {device.type}"
+    if dtype is not None and dtype not in (torch.float16, torch.bfloat16):
+        return False, f"{name} needs fp16/bf16, not {dtype}"
+    return _flash_attn_usable() if name == "flash_attn" else _torch_varlen_usable()
+
+
+def _require(name: str, q: torch.Tensor) -> None:
+    ok, reason = backend_available(name, q.device, _compute_dtype(q))
+    if not ok:
+        raise RuntimeError(f"attention backend {name!r} is not usable here: {reason}")
+
+
+def resolve_attention_backend(name: str, device, dtype: torch.dtype | None = None) -> str:
+    """The concrete backend ``name`` stands for: ``auto`` becomes flash_attn, else torch_varlen (CUDA,
+    half dtype), else segmented; any other name is returned as is."""
+    if name != "auto":
+        return name
+    for candidate in ("flash_attn", "torch_varlen"):
+        if backend_available(candidate, device, dtype)[0]:
+            return candidate
+    return "segmented"
+
+
+def auto_attention(q, k, v, attn):
+    name = resolve_attention_backend("auto", q.device, _compute_dtype(q))
+    if name != "segmented" and attn.varlen_plan(q.device) is None:
+        name = "segmented"  # a branch pattern the varlen kernels cannot express: segmented falls back to dense
+    return ATTENTION_BACKENDS[name](q, k, v, attn)
+
+
 AttentionBackend = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, AttentionInputs], torch.Tensor]
 
-ATTENTION_BACKENDS: dict[str, AttentionBackend] = {"sdpa": sdpa_attention}
+ATTENTION_BACKENDS: dict[str, AttentionBackend] = {
+    "sdpa": sdpa_attention,
+    "segmented": segmented_attention,
+    "flash_attn": flash_attn_attention,
+    "torch_varlen": torch_varlen_attention,
+    "varlen_reference": varlen_reference_attention,
+    "auto": auto_attention,
+}
 
 
 def attention(

@@ -18,7 +18,7 @@ import torch
 import torch.utils.checkpoint
 
 from megapmp.data.packing import IGNORE_INDEX
-from megapmp.loss import LossOutput, pair_rewards, rm_loss_sum
+from megapmp.loss import LossOutput, pair_rewards, resolve_loss_backend, rm_loss_sum
 from megapmp.parallel.collectives import copy_to_tp, gather_from_sequence, group_rank, reduce_from_tp
 from megapmp.parallel.tensor_parallel import vocab_parallel_ce_sum
 
@@ -37,11 +37,14 @@ def sequence_parallel_pair_rewards(hidden_shard: torch.Tensor, score_weight: tor
 
 
 def vocab_parallel_lm_loss_sum(hidden: torch.Tensor, lm_weight: torch.Tensor, labels: torch.Tensor, group, *,
-                               sequence_parallel: bool = False, chunk: int = 4096) -> torch.Tensor:
+                               sequence_parallel: bool = False, chunk: int = 4096,
+                               backend: str | None = None) -> torch.Tensor:
     """Summed next-token CE over labelled positions (as megapmp.loss.lm_loss_sum), vocab-parallel.
 
     hidden: [R, S, H] replicated over TP, or under SP this rank's token shard [R*S/T, H];
     lm_weight: this rank's vocab rows [V/T, H]; labels: [R, S], identical on every TP rank.
+    backend: see megapmp.loss.resolve_loss_backend; "triton" runs the fused kernel on the local vocab
+    shard (local log-sum-exp, then the TP all-reduce in megapmp_kernels.pair_loss.combine_partials).
     """
     width = lm_weight.shape[-1]
     if sequence_parallel:
@@ -53,6 +56,12 @@ def vocab_parallel_lm_loss_sum(hidden: torch.Tensor, lm_weight: torch.Tensor, la
     selected, targets = flat[positions], flat_labels[positions]  # [T, H], [T]
     if not sequence_parallel:
         selected = copy_to_tp(selected, group)  # after the selection: backward all-reduces [T, H] only
+    if resolve_loss_backend(hidden.device, backend) == "triton":
+        from megapmp_kernels.pair_loss import fused_pair_loss
+
+        vocab_start = group_rank(group) * lm_weight.shape[0]
+        return fused_pair_loss(selected, lm_weight, targets, vocab_start=vocab_start, group=group,
+                               ignore_index=IGNORE_INDEX, backend="triton").lm_sum  # dH partial: summed above
     total = hidden.new_zeros((), dtype=torch.float32)
     for start in range(0, len(positions), chunk):
         h, t = selected[start: start + chunk], targets[start: start + chunk]
@@ -66,7 +75,8 @@ def _chunk_ce(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, grou
 
 
 def parallel_pmp_loss(hidden: torch.Tensor, model, batch, ctx, *, rm_coef: float, lm_coef: float,
-                      global_pairs: int, global_lm_tokens: int, lm_chunk: int = 4096) -> LossOutput:
+                      global_pairs: int, global_lm_tokens: int, lm_chunk: int = 4096,
+                      backend: str | None = None) -> LossOutput:
     """``megapmp.loss.pmp_loss`` for a model passed through ``parallelize_model``.
 
     hidden: the model's output ([R, S, H], or under SP this rank's shard [R*S/T, H]); ``batch`` is the
@@ -92,6 +102,7 @@ def parallel_pmp_loss(hidden: torch.Tensor, model, batch, ctx, *, rm_coef: float
         correct, margin = (diff > 0).sum().float(), diff.sum()
     if lm_coef and global_lm_tokens:
         lm = vocab_parallel_lm_loss_sum(hidden, model.lm_head.weight, batch.labels, group,
-                                        sequence_parallel=sequence_parallel, chunk=lm_chunk) / global_lm_tokens
+                                        sequence_parallel=sequence_parallel, chunk=lm_chunk,
+                                        backend=backend) / global_lm_tokens
         loss = loss + lm_coef * lm
     return LossOutput(loss, rm.detach(), lm.detach(), correct, margin, num_pairs)

@@ -1,0 +1,614 @@
+"""Fused packed-pair loss: the CodePMP LM + pairwise-reward terms without [tokens x vocab] logits.
+
+    lm_sum = sum_{t valid} logsumexp_v(h_t . W_v) - h_t . W_{y_t}          (CE over chosen-response tokens)
+    rm_sum = sum_i -log sigmoid(r_chosen_i - r_rejected_i),  r = h . w_score  (fp32)
+
+``fused_pair_loss`` is one autograd Function computing both sums (and the detached margins
+r_chosen - r_rejected). Its caller selects the rows: the hidden states of the LM-target tokens
+[T, H] and of the two read-out tokens of each pair [N, H] x 2; their gradients flow back through
+that selection. Two interchangeable backends implement the two primitives of the LM term:
+
+* ``"triton"`` -- two Triton kernels (CUDA; on CPU under ``TRITON_INTERPRET=1``, fp32 only):
+  - ``lse_partials``: for blocks of BT tokens, the vocabulary is tiled in BV columns and each logit
+    tile h[BT, H] @ W[BV, H]^T is accumulated in fp32 over H in BD slices (``tl.dot``); an online
+    max / sum-exp per token gives one log-sum-exp per (token, vocab split), and the tile holding the
+    target picks its logit. The grid is (token blocks, vocab splits): the splits give the GPU enough
+    programs when T is small, and token blocks vary fastest so that programs running together read
+    the same W tiles (L2 reuse). Splits are combined in torch (``combine_partials``).
+  - ``grad_logits``: recomputes the logit tiles of one vocab chunk [v0, v1) for all T tokens and
+    writes  g = (exp(z - lse) - onehot(y)) * dL/dlm_sum  in the weight's dtype; cuBLAS then gives
+    dW[v0:v1] = g^T @ h (each row of dW written once, fp32 accumulation inside the GEMM) and
+    dH += g @ W[v0:v1] (fp32 accumulator [T, H]).
+* ``"torch"`` -- the same two primitives in chunked torch (any device; the CPU path), with the same
+  memory behaviour: nothing larger than one [T x chunk] block of logits exists at a time.
+
+Backward is deterministic: no atomics anywhere (the forward reduces splits in torch, the gradient
+kernel writes disjoint tiles, and the dH / dW contractions are plain GEMMs). Its workspace is one
+[T x chunk] block of grad-logits (``chunk_bytes``, default 256 MiB; the chunk runs over the
+*vocabulary* so that dW needs no accumulation) plus the fp32 dH accumulator [T, H].
+
+Vocab-parallel: ``lm_weight`` may be this rank's rows [V/tp, H] of the LM head, ``vocab_start`` its
+first global id, ``group`` the tensor-parallel group. Each rank computes local log-sum-exps and the
+target logit where it owns the target; ``combine_partials`` all-reduces them (max, then one sum of
+[2, T]). Backward needs no collective: the returned dH is this rank's partial, which the caller's
+``copy_to_tp`` (or the sequence-parallel all-gather's reduce-scatter) sums, as in Megatron.
+
+``pair_loss_reference`` is the naive full-logits torch formulation (fp32 logits, autograd) the tests
+compare against; ``naive_pair_loss`` is the seed implementation's path (logits in the model dtype,
+an fp32 copy, F.cross_entropy), the baseline of ``tools/bench_loss.py``.
+
+Precision: the logit GEMMs run in ``compute_dtype`` (the autocast dtype where autocast is on, else
+lm_weight's dtype) with fp32 accumulation, every softmax / log-sum-exp quantity in fp32; fp32 operands
+use tf32 only where torch.backends.cuda.matmul.allow_tf32 says torch would. Gradients come back in
+each input's dtype.
+
+Importing this module never requires triton; the kernels are jitted at first use, so
+``TRITON_INTERPRET`` is read then (set it before the first call, not necessarily before import).
+``compile_report()`` (``tools/bench_loss.py --compile-report``) compiles every autotune candidate for
+sm_90 on a machine without a GPU and reports registers, spills and HGMMA / cp.async use.
+
+Performance notes (H100, NOT measured: written without a GPU). With P = T * V * H:
+  fused  forward 2P (Triton), backward 2P recompute (Triton) + 4P (cuBLAS dW, dH) = 8P FLOPs; bytes
+         ~ 4 passes over W + 3 over the [T x V] grad-logits in bf16 -> compute-bound.
+  naive  6P FLOPs (cuBLAS) + ~44 bytes per logit of elementwise traffic (bf16 logits, fp32 copy,
+         log-softmax and its backward, cast back).
+  Qwen2-7B, T = 4096 (P = 2.2e12): naive ~ 13.4 TFLOP (~19 ms at ~700 TFLOP/s) + ~27 GB (~9 ms) ~ 28 ms;
+  fused ~ 8.9 TFLOP Triton (~15 ms at ~600) + 8.9 TFLOP cuBLAS (~13 ms) + ~1 ms ~ 29 ms: a toss-up.
+  Qwen2-1.5B: naive ~ 8 + 9 ms, fused ~ 6 + 5.5 + 1 ms: fused ahead. If 7B misses "no slower than
+  eager", the levers are (1) skip the backward recompute by materialising [token-chunk x V] logits with
+  cuBLAS (Liger-style; costs dW read-modify-writes per token chunk), (2) CCE's gradient filtering
+  (skip vocab tiles whose softmax is below bf16 resolution), (3) a TMA / warp-specialised tile loop.
+"""
+from __future__ import annotations
+
+import math
+import os
+from typing import NamedTuple
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+try:  # the kernels are optional: the torch backend needs nothing beyond torch
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - exercised only where triton is absent
+    triton = tl = None
+
+IGNORE_INDEX = -100
+DEFAULT_CHUNK_BYTES = 256 << 20  # grad-logits workspace of the backward (and the torch forward's logits)
+_LOG2E = 1.4426950408889634
+_LN2 = 0.6931471805599453
+
+__all__ = ["PairLossSums", "fused_pair_loss", "pair_loss_reference", "naive_pair_loss", "combine_partials",
+           "lse_partials", "grad_logits", "triton_available", "triton_error"]
+
+
+class PairLossSums(NamedTuple):
+    lm_sum: torch.Tensor  # fp32 scalar: summed CE over valid target tokens (this micro-batch)
+    rm_sum: torch.Tensor  # fp32 scalar: summed -log sigmoid(r_chosen - r_rejected)
+    margins: torch.Tensor  # fp32 [N], detached: r_chosen - r_rejected
+
+
+# -- triton availability ------------------------------------------------------------------------------
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "yes", "on")
+
+
+def triton_error(device: torch.device | str | None = None) -> str | None:
+    """Why the triton backend cannot run on ``device`` (None: it can)."""
+    if triton is None:
+        return "triton is not importable"
+    device = torch.device(device) if device is not None else None
+    if device is not None and device.type != "cuda" and not _interpreting():
+        return f"triton kernels need a CUDA device (or TRITON_INTERPRET=1 for CPU tests), got {device}"
+    return None
+
+
+def triton_available(device: torch.device | str | None = "cuda") -> bool:
+    return triton_error(device) is None
+
+
+# -- Triton kernels (plain functions here, jitted on first use; see _kernels) ---------------------------
+
+if tl is not None:
+
+    def _lse_partials_kernel(H, W, TGT, LSE, Z, T, V, D, stride_ht, stride_wv, vocab_start,
+                             BT: tl.constexpr, BV: tl.constexpr, BD: tl.constexpr, PRECISION: tl.constexpr):
+        """Program (token block, vocab split): log-sum-exp of the split's logits and the target logit.
+
+        LSE, Z: [num_splits, T] fp32. A split past the vocabulary writes lse = -inf, z = 0.
+        """
+        pid_t = tl.program_id(0)
+        pid_s = tl.program_id(1)
+        per_split = tl.cdiv(tl.cdiv(V, BV), tl.num_programs(1))  # vocab blocks per split
+        rows = pid_t * BT + tl.arange(0, BT)
+        row_ok = rows < T
+        rows64 = rows.to(tl.int64)
+        tgt = tl.load(TGT + rows, mask=row_ok, other=0).to(tl.int64) - vocab_start  # local id (any value)
+        m = tl.full([BT], float("-inf"), tl.float32)  # running max, base-2 units
+        s = tl.zeros([BT], tl.float32)  # running sum of 2^(x - m)
+        z = tl.zeros([BT], tl.float32)  # target logit, natural units
+        for vb in range(0, per_split):
+            cols = (pid_s * per_split + vb) * BV + tl.arange(0, BV)
+            col_ok = cols < V
+            cols64 = cols.to(tl.int64)
+            acc = tl.zeros([BT, BV], tl.float32)
+            for d0 in range(0, D, BD):
+                ds = d0 + tl.arange(0, BD)
+                d_ok = ds < D
+                h = tl.load(H + rows64[:, None] * stride_ht + ds[None, :], mask=row_ok[:, None] & d_ok[None, :],
+                            other=0.0)
+                w = tl.load(W + cols64[:, None] * stride_wv + ds[None, :], mask=col_ok[:, None] & d_ok[None, :],
+                            other=0.0)
+                acc = tl.dot(h, tl.trans(w), acc, input_precision=PRECISION)
+            hit = (cols64[None, :] == tgt[:, None]) & col_ok[None, :]
+            z += tl.sum(tl.where(hit, acc, 0.0), axis=1)
+            x = tl.where(col_ok[None, :], acc * 1.4426950408889634, float("-inf"))
+            m_new = tl.maximum(m, tl.max(x, axis=1))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # no (-inf) - (-inf) when a block is empty
+            s = s * tl.exp2(m - m_safe) + tl.sum(tl.exp2(x - m_safe[:, None]), axis=1)
+            m = m_new
+        nonempty = s > 0.0
+        lse = tl.where(nonempty, (m + tl.log2(tl.where(nonempty, s, 1.0))) * 0.6931471805599453, float("-inf"))
+        out = pid_s * T + rows
+        tl.store(LSE + out, lse, mask=row_ok)
+        tl.store(Z + out, z, mask=row_ok)
+
+    def _grad_logits_kernel(H, W, TGT, LSE, SCALE, G, T, V, D, stride_ht, stride_wv, stride_gt, vocab_start,
+                            v_lo, v_hi, ignore_index,
+                            BT: tl.constexpr, BV: tl.constexpr, BD: tl.constexpr, PRECISION: tl.constexpr):
+        """Program (token block, vocab block of [v_lo, v_hi)): G = (softmax - onehot) * scale, [T, v_hi - v_lo].
+
+        Rows whose target is ignore_index get 0. SCALE: a 1-element fp32 tensor (dL/dlm_sum).
+        """
+        pid_t = tl.program_id(0)
+        pid_v = tl.program_id(1)
+        rows = pid_t * BT + tl.arange(0, BT)
+        row_ok = rows < T
+        rows64 = rows.to(tl.int64)
+        cols = v_lo + pid_v * BV + tl.arange(0, BV)  # local vocab ids
+        col_ok = cols < v_hi
+        cols64 = cols.to(tl.int64)
+        acc = tl.zeros([BT, BV], tl.float32)
+        for d0 in range(0, D, BD):
+            ds = d0 + tl.arange(0, BD)
+            d_ok = ds < D
+            h = tl.load(H + rows64[:, None] * stride_ht + ds[None, :], mask=row_ok[:, None] & d_ok[None, :],
+                        other=0.0)
+            w = tl.load(W + cols64[:, None] * stride_wv + ds[None, :], mask=col_ok[:, None] & d_ok[None, :],
+                        other=0.0)
+            acc = tl.dot(h, tl.trans(w), acc, input_precision=PRECISION)
+        tgt_raw = tl.load(TGT + rows, mask=row_ok, other=ignore_index).to(tl.int64)
+        lse = tl.load(LSE + rows, mask=row_ok, other=0.0)
+        scale = tl.load(SCALE)
+        row_scale = tl.where(row_ok & (tgt_raw != ignore_index), scale, 0.0)
+        p = tl.exp2((acc - lse[:, None]) * 1.4426950408889634)
+        onehot = cols64[None, :] == (tgt_raw - vocab_start)[:, None]
+        g = (p - tl.where(onehot, 1.0, 0.0)) * row_scale[:, None]
+        dst = G + rows64[:, None] * stride_gt + (cols64 - v_lo)[None, :]
+        tl.store(dst, g.to(G.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
+
+
+_KERNELS: dict | None = None
+# Interpreter (CPU tests): small tiles; tl.dot needs every dim >= 16.
+_INTERPRET_CONFIG = {"BT": 16, "BV": 32, "BD": 16}
+
+
+# H100 candidates, not timed (no GPU was lent when they were written). compile_report() compiles each
+# for sm_90 on any machine: for bf16 / fp16 / fp32-as-tf32 every one shows HGMMA (wgmma), LDGSTS
+# (cp.async, num_stages deep) and no spill stores; fp32 "ieee" (torch's default when tf32 is off) has
+# no tensor-core path (FMA) and the 128x128 lse tiles spill a little. Shared memory per stage is
+# (BT + BV) * BD * elt bytes; the autotuner drops configs that fail to launch.
+_TILES = {  # (BT, BV, BD, num_warps, num_stages)
+    ("lse", 2): [(128, 128, 64, 8, 3), (128, 128, 64, 8, 4), (64, 256, 64, 8, 4), (64, 128, 64, 4, 4),
+                 (128, 64, 64, 4, 4), (64, 128, 32, 4, 5)],
+    ("grad", 2): [(128, 128, 64, 8, 3), (128, 128, 64, 8, 4), (128, 256, 64, 8, 3), (64, 256, 64, 8, 4),
+                  (64, 128, 64, 4, 4), (128, 64, 64, 4, 4)],
+    ("lse", 4): [(128, 128, 32, 8, 3), (128, 128, 32, 8, 4), (64, 128, 32, 8, 3), (128, 64, 32, 8, 3),
+                 (64, 64, 32, 4, 3)],
+    ("grad", 4): [(128, 128, 32, 8, 3), (128, 128, 32, 8, 4), (64, 128, 32, 8, 3), (128, 64, 32, 8, 3),
+                  (64, 64, 32, 4, 3)],
+}
+
+
+def _gpu_configs(kernel: str, elt: int):
+    return [triton.Config({"BT": bt, "BV": bv, "BD": bd}, num_warps=warps, num_stages=stages)
+            for bt, bv, bd, warps, stages in _TILES[(kernel, 4 if elt >= 4 else 2)]]
+
+
+def _kernels() -> dict:
+    """Jit (once, on first use) the two kernels: raw, and autotuned per operand width (16 / 32 bit)."""
+    global _KERNELS
+    if _KERNELS is None:
+        if triton is None:
+            raise RuntimeError("the triton backend of fused_pair_loss needs triton, which is not importable")
+        kernels = {"lse": triton.jit(_lse_partials_kernel), "grad": triton.jit(_grad_logits_kernel)}
+        # T is not in the keys: it changes every packed micro-batch and would re-tune each step.
+        tuned = {(name, elt): triton.autotune(_gpu_configs(name, elt), key=["V", "D"])(fn)
+                 for name, fn in kernels.items() for elt in (2, 4)}
+        _KERNELS = {"raw": kernels, "tuned": tuned}
+    return _KERNELS
+
+
+def _launch(name: str, grid_of, args, elt: int, precision: str, config: dict | None):
+    """Run kernel `name` with an explicit tile config, the interpreter's small one, or autotuned."""
+    kernels = _kernels()
+    cfg = config or (_INTERPRET_CONFIG if _interpreting() else None)
+    if cfg is None:
+        kernels["tuned"][(name, 4 if elt >= 4 else 2)][lambda meta: grid_of(meta["BT"], meta["BV"])](
+            *args, PRECISION=precision)
+    else:
+        kw = {k: v for k, v in cfg.items() if k in ("num_warps", "num_stages")}
+        kernels["raw"][name][grid_of(cfg["BT"], cfg["BV"])](*args, BT=cfg["BT"], BV=cfg["BV"], BD=cfg["BD"],
+                                                             PRECISION=precision, **kw)
+
+
+def compile_report(dtypes=("bf16", "fp32"), arch: int = 90) -> list[dict]:
+    """Compile every autotune candidate for sm_<arch> without a GPU (triton.compile on a GPUTarget,
+    arguments marked divisible by 16 as the launcher specialises them at real shapes) and read the
+    cubin back with the cuobjdump that ships with triton: registers, spill stores (STL), shared
+    memory, and the instructions that matter (HGMMA = wgmma tensor-core ops, LDGSTS = cp.async).
+    fp32 is compiled as tf32 (torch.backends.cuda.matmul.allow_tf32); "ieee" has no tensor-core path."""
+    import re
+    import subprocess
+    import tempfile
+
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    bindir = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+    signatures = {
+        "lse": dict(H="*{dt}", W="*{dt}", TGT="*i64", LSE="*fp32", Z="*fp32", T="i32", V="i32", D="i32",
+                    stride_ht="i32", stride_wv="i32", vocab_start="i32"),
+        "grad": dict(H="*{dt}", W="*{dt}", TGT="*i64", LSE="*fp32", SCALE="*fp32", G="*{dt}", T="i32", V="i32",
+                     D="i32", stride_ht="i32", stride_wv="i32", stride_gt="i32", vocab_start="i32", v_lo="i32",
+                     v_hi="i32", ignore_index="i32"),
+    }
+    aligned = ("H", "W", "G", "LSE", "Z", "D", "stride_ht", "stride_wv", "stride_gt", "v_lo")
+    fns = {"lse": _lse_partials_kernel, "grad": _grad_logits_kernel}
+    rows = []
+    for dt in dtypes:
+        elt = 4 if dt == "fp32" else 2
+        for name, fn in fns.items():
+            for bt, bv, bd, warps, stages in _TILES[(name, elt)]:
+                sig = {a: t.format(dt=dt) for a, t in signatures[name].items()}
+                const = {"BT": bt, "BV": bv, "BD": bd, "PRECISION": "tf32"}
+                sig.update({c: "constexpr" for c in const})
+                names = list(sig)
+                attrs = {(names.index(a),): [["tt.divisibility", 16]] for a in aligned if a in sig}
+                row = {"kernel": name, "dtype": dt, "BT": bt, "BV": bv, "BD": bd, "num_warps": warps,
+                       "num_stages": stages}
+                try:
+                    src = ASTSource(fn=triton.jit(fn), signature=sig, attrs=attrs,
+                                    constexprs={(names.index(c),): v for c, v in const.items()})
+                    compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32),
+                                              options={"num_warps": warps, "num_stages": stages})
+                    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+                        f.write(compiled.asm["cubin"])
+                        f.flush()
+                        usage = subprocess.run([os.path.join(bindir, "cuobjdump"), "-res-usage", f.name],
+                                               capture_output=True, text=True).stdout
+                        sass = subprocess.run([os.path.join(bindir, "cuobjdump"), "-sass", f.name],
+                                              capture_output=True, text=True).stdout
+                    found = re.search(r"REG:(\d+) STACK:(\d+) SHARED:(\d+)", usage)
+                    row.update(shared_bytes=compiled.metadata.shared,
+                               regs=int(found.group(1)) if found else None,
+                               stack_bytes=int(found.group(2)) if found else None,
+                               hgmma=sass.count("HGMMA"), ldgsts=sass.count("LDGSTS"), stl=sass.count("STL"))
+                except Exception as e:  # report, don't stop: one bad config is information
+                    row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
+                rows.append(row)
+    return rows
+
+
+def _precision(dtype: torch.dtype) -> str:
+    """fp32 inputs follow torch's matmul setting (tf32 only where torch would use it too)."""
+    if dtype == torch.float32 and not (torch.backends.cuda.matmul.allow_tf32 and not _interpreting()):
+        return "ieee"
+    return "tf32"
+
+
+def _num_splits(device: torch.device, tokens: int, vocab: int) -> int:
+    """Vocab splits of the forward grid: ~2 waves of programs, >= 8 tiles of 256 columns per split."""
+    if device.type != "cuda":
+        return 1
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    token_blocks = max(1, math.ceil(tokens / 128))
+    return max(1, min(math.ceil(2 * sms / token_blocks), math.ceil(vocab / 2048), 64))
+
+
+def _check_rows(h: torch.Tensor, w: torch.Tensor, targets: torch.Tensor):
+    if h.dim() != 2 or w.dim() != 2 or h.shape[1] != w.shape[1]:
+        raise ValueError(f"hidden {tuple(h.shape)} and lm_weight {tuple(w.shape)} must be [T, H] and [V, H]")
+    if targets.shape != (h.shape[0],):
+        raise ValueError(f"targets {tuple(targets.shape)} must be [T] = [{h.shape[0]}]")
+    if h.dtype != w.dtype:
+        h = h.to(w.dtype)
+    return h.contiguous(), w.contiguous(), targets.contiguous()
+
+
+# -- the two primitives, both backends -------------------------------------------------------------------
+
+def lse_partials(h: torch.Tensor, w: torch.Tensor, targets: torch.Tensor, *, vocab_start: int = 0,
+                 backend: str = "torch", chunk_bytes: int = DEFAULT_CHUNK_BYTES, num_splits: int | None = None,
+                 config: dict | None = None):
+    """Per-split log-sum-exp and target logit of h @ w^T: two fp32 tensors [S, T] (see combine_partials).
+
+    h: [T, H]; w: [V_local, H]; targets: [T] global ids (a target outside [vocab_start, vocab_start +
+    V_local) contributes 0 to z). The torch backend's splits are its vocab chunks.
+    """
+    h, w, targets = _check_rows(h, w, targets)
+    T, D = h.shape
+    V = w.shape[0]
+    if backend == "torch":
+        cols = _chunk_cols(T, V, 4, chunk_bytes)
+        lse, z = [], []
+        local = targets - vocab_start
+        for v0 in range(0, V, cols):
+            logits = h.float() @ w[v0:v0 + cols].float().t()  # [T, c] fp32 (fp32 products, like tl.dot)
+            inside = (local >= v0) & (local < v0 + logits.shape[1])
+            picked = logits.gather(1, (local - v0).clamp(0, logits.shape[1] - 1)[:, None]).squeeze(1)
+            z.append(torch.where(inside, picked, torch.zeros_like(picked)))
+            top = logits.amax(dim=-1)
+            lse.append(top + logits.sub_(top[:, None]).exp_().sum(dim=-1).log())  # in place: one [T, c] block
+        return torch.stack(lse), torch.stack(z)
+    if backend != "triton":
+        raise ValueError(f"backend must be 'torch' or 'triton', got {backend!r}")
+    problem = triton_error(h.device)
+    if problem:
+        raise RuntimeError(problem)
+    S = num_splits or _num_splits(h.device, T, V)
+    lse = torch.empty((S, T), dtype=torch.float32, device=h.device)
+    z = torch.empty((S, T), dtype=torch.float32, device=h.device)
+    if T == 0:
+        return lse, z
+    args = (h, w, targets, lse, z, T, V, D, h.stride(0), w.stride(0), vocab_start)
+    _launch("lse", lambda bt, bv: (triton.cdiv(T, bt), S), args, w.element_size(), _precision(w.dtype), config)
+    return lse, z
+
+
+def grad_logits(h: torch.Tensor, w: torch.Tensor, targets: torch.Tensor, lse: torch.Tensor, scale: torch.Tensor,
+                v0: int, v1: int, *, vocab_start: int = 0, ignore_index: int = IGNORE_INDEX, backend: str = "torch",
+                out: torch.Tensor | None = None, config: dict | None = None) -> torch.Tensor:
+    """dL/dlogits of the local vocab columns [v0, v1) for all T rows, in w's dtype: [T, v1 - v0].
+
+    (softmax(h @ w^T) - onehot(targets)) * scale with the global ``lse`` [T] (fp32); rows whose target
+    is ``ignore_index`` are 0. ``scale``: fp32 tensor with one element (dL/dlm_sum).
+    """
+    h, w, targets = _check_rows(h, w, targets)
+    T, D = h.shape
+    width = v1 - v0
+    if out is None:
+        out = torch.empty((T, width), dtype=w.dtype, device=h.device)
+    if backend == "torch":
+        if out.dtype == torch.float32:  # compute in place in `out`: one [T, c] block
+            logits = torch.mm(h.float(), w[v0:v1].float().t(), out=out)
+        else:
+            logits = h.float() @ w[v0:v1].float().t()  # [T, c] fp32, rounded into `out` at the end
+        p = logits.sub_(lse[:, None]).exp_()
+        valid = targets != ignore_index
+        local = targets - vocab_start - v0
+        inside = valid & (local >= 0) & (local < width)
+        rows = torch.nonzero(inside).squeeze(-1)
+        p[rows, local[rows]] -= 1.0
+        p.mul_((scale.float().reshape(()) * valid)[:, None])
+        if p is not out:
+            out.copy_(p)
+        return out
+    if backend != "triton":
+        raise ValueError(f"backend must be 'torch' or 'triton', got {backend!r}")
+    if T == 0 or width == 0:
+        return out
+    scale = scale.float().reshape(1).contiguous()
+    lse = lse.float().contiguous()
+    args = (h, w, targets, lse, scale, out, T, w.shape[0], D, h.stride(0), w.stride(0), out.stride(0),
+            vocab_start, v0, v1, ignore_index)
+    _launch("grad", lambda bt, bv: (triton.cdiv(T, bt), triton.cdiv(width, bv)), args, w.element_size(),
+            _precision(w.dtype), config)
+    return out
+
+
+def _chunk_cols(tokens: int, vocab: int, elt: int, chunk_bytes: int) -> int:
+    """Vocab columns per chunk so that a [tokens x cols] block of `elt`-byte values fits chunk_bytes."""
+    cols = chunk_bytes // max(1, tokens * elt)
+    if cols >= vocab:
+        return max(1, vocab)
+    return max(128, cols // 128 * 128)  # whole kernel tiles; never fewer than 128 columns
+
+
+def combine_partials(lse_parts: torch.Tensor, z_parts: torch.Tensor, group=None):
+    """lse [T] and target logit z [T] over the whole vocabulary from per-split (and per-rank) partials.
+
+    lse_parts / z_parts: [S, T] of this rank. With a tensor-parallel ``group`` of several ranks, rank
+    t's partials cover its vocab shard: all-reduce(max) of the local lse, then one all-reduce(sum) of
+    [exp(lse_t - max), z_t].
+    """
+    lse = torch.logsumexp(lse_parts, dim=0)
+    z = z_parts.sum(dim=0)
+    if group is not None and dist.get_world_size(group) > 1:
+        top = lse.clone()
+        dist.all_reduce(top, op=dist.ReduceOp.MAX, group=group)
+        sums = torch.stack([(lse - top).exp(), z])
+        dist.all_reduce(sums, group=group)
+        lse, z = top + sums[0].log(), sums[1]
+    return lse, z
+
+
+# -- the autograd Function ---------------------------------------------------------------------------------
+
+class _Options(NamedTuple):
+    compute_dtype: torch.dtype
+    vocab_start: int
+    group: object
+    ignore_index: int
+    backend: str
+    chunk_bytes: int
+    num_splits: int | None
+    config: dict | None
+
+
+class _FusedPairLoss(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, lm_weight, targets, chosen, rejected, score_weight, opts: _Options):
+        device = (hidden if hidden is not None else chosen).device
+        with torch.autocast(device.type, enabled=False):  # dtypes are explicit here (opts.compute_dtype, fp32)
+            return _FusedPairLoss._forward(ctx, device, hidden, lm_weight, targets, chosen, rejected,
+                                           score_weight, opts)
+
+    @staticmethod
+    def _forward(ctx, device, hidden, lm_weight, targets, chosen, rejected, score_weight, opts: _Options):
+        lm_sum = torch.zeros((), dtype=torch.float32, device=device)
+        rm_sum = torch.zeros((), dtype=torch.float32, device=device)
+        margins = torch.zeros((0,), dtype=torch.float32, device=device)
+        lse = None
+        if hidden is not None and hidden.shape[0]:
+            lse_parts, z_parts = lse_partials(hidden.to(opts.compute_dtype), lm_weight.to(opts.compute_dtype),
+                                              targets, vocab_start=opts.vocab_start,
+                                              backend=opts.backend, chunk_bytes=opts.chunk_bytes,
+                                              num_splits=opts.num_splits, config=opts.config)
+            lse, z = combine_partials(lse_parts, z_parts, opts.group)
+            valid = targets != opts.ignore_index
+            lm_sum = torch.where(valid, lse - z, torch.zeros_like(lse)).sum()
+        if chosen is not None and chosen.shape[0]:
+            weight = score_weight.float().reshape(-1)
+            margins = chosen.float() @ weight - rejected.float() @ weight  # [N]
+            rm_sum = -F.logsigmoid(margins).sum()
+        ctx.opts = opts
+        ctx.save_for_backward(hidden, lm_weight, targets, lse, chosen, rejected, score_weight, margins)
+        ctx.mark_non_differentiable(margins)
+        return lm_sum, rm_sum, margins
+
+    @staticmethod
+    def backward(ctx, grad_lm, grad_rm, _grad_margins):
+        with torch.autocast(grad_lm.device.type, enabled=False):
+            return _FusedPairLoss._backward(ctx, grad_lm, grad_rm)
+
+    @staticmethod
+    def _backward(ctx, grad_lm, grad_rm):
+        hidden, lm_weight, targets, lse, chosen, rejected, score_weight, margins = ctx.saved_tensors
+        opts = ctx.opts
+        need = ctx.needs_input_grad
+        d_hidden = d_weight = d_chosen = d_rejected = d_score = None
+        if lse is not None and grad_lm is not None and (need[0] or need[1]):
+            d_hidden, d_weight = _lm_backward(hidden, lm_weight, targets, lse, grad_lm, opts, need[0], need[1])
+        if margins.numel() and grad_rm is not None and (need[3] or need[4] or need[5]):
+            weight = score_weight.float().reshape(-1)
+            coef = (torch.sigmoid(margins) - 1.0) * grad_rm.float()  # d(-log sigmoid(m))/dm * upstream, [N]
+            if need[3] or need[4]:
+                d_pos = coef[:, None] * weight[None, :]  # [N, H]
+                d_chosen = d_pos.to(chosen.dtype) if need[3] else None
+                d_rejected = (-d_pos).to(rejected.dtype) if need[4] else None
+            if need[5]:
+                d_score = (coef @ (chosen.float() - rejected.float())).reshape(score_weight.shape).to(score_weight.dtype)
+        return d_hidden, d_weight, None, d_chosen, d_rejected, d_score, None
+
+
+def _lm_backward(hidden, lm_weight, targets, lse, grad_lm, opts: _Options, need_hidden: bool, need_weight: bool):
+    """dH [T, H] (this rank's partial under vocab parallelism) and dW [V_local, H], chunked over the vocab."""
+    h, w, targets = _check_rows(hidden.to(opts.compute_dtype), lm_weight.to(opts.compute_dtype), targets)
+    T, V = h.shape[0], w.shape[0]
+    # the grad-logits block is in w's dtype; the torch twin also needs an fp32 block for non-fp32 weights
+    elt = w.element_size() if opts.backend == "triton" or w.dtype == torch.float32 else w.element_size() + 4
+    cols = _chunk_cols(T, V, elt, opts.chunk_bytes)
+    scale = grad_lm.float().reshape(1)
+    d_weight = torch.empty_like(lm_weight) if need_weight else None
+    acc = None  # fp32 dH accumulator
+    buf = torch.empty(T * min(cols, V), dtype=w.dtype, device=h.device)
+    for v0 in range(0, V, cols):
+        v1 = min(V, v0 + cols)
+        g = grad_logits(h, w, targets, lse, scale, v0, v1, vocab_start=opts.vocab_start,
+                        ignore_index=opts.ignore_index, backend=opts.backend,
+                        out=buf[: T * (v1 - v0)].view(T, v1 - v0), config=opts.config)
+        if need_weight:  # every row of dW written once: no accumulation
+            if d_weight.dtype == g.dtype:
+                torch.mm(g.t(), h, out=d_weight[v0:v1])
+            else:  # e.g. fp32 master weights computed in bf16 under autocast
+                d_weight[v0:v1].copy_(g.t() @ h)
+        if need_hidden:
+            if acc is None:
+                acc = (g @ w[v0:v1]).float()
+            elif acc.dtype == g.dtype:
+                acc.addmm_(g, w[v0:v1])
+            else:
+                acc.add_(g @ w[v0:v1])
+        del g
+    d_hidden = acc.to(hidden.dtype) if need_hidden else None
+    return d_hidden, d_weight
+
+
+def fused_pair_loss(hidden: torch.Tensor | None, lm_weight: torch.Tensor | None, targets: torch.Tensor | None,
+                    chosen: torch.Tensor | None = None, rejected: torch.Tensor | None = None,
+                    score_weight: torch.Tensor | None = None, *, vocab_start: int = 0, group=None,
+                    ignore_index: int = IGNORE_INDEX, backend: str = "auto", chunk_bytes: int | None = None,
+                    num_splits: int | None = None, config: dict | None = None,
+                    compute_dtype: torch.dtype | None = None) -> PairLossSums:
+    """Summed CE of the LM targets and summed pairwise -log sigmoid, in one autograd Function.
+
+    hidden: [T, H] hidden states of the LM-target positions (None: no LM term); lm_weight: [V_local, H];
+    targets: [T] global token ids (``ignore_index`` rows count 0). chosen / rejected: [N, H] hidden
+    states at the pairs' read-out tokens, score_weight: [H] or [1, H] (None: no RM term). Gradients
+    flow to hidden, lm_weight, chosen, rejected and score_weight. ``vocab_start`` / ``group``: see the
+    module docstring (the dH of a vocab-parallel rank is partial). ``backend``: "triton", "torch" or
+    "auto" (triton on CUDA when importable). ``num_splits`` / ``config`` pin the forward's vocab splits
+    and the kernels' tile sizes (tests); by default they are chosen per device (autotuned on CUDA).
+    ``compute_dtype``: the dtype of the logit GEMMs (fp32 accumulation always); default: the autocast
+    dtype where autocast is on for this device (as torch.mm would), else lm_weight's dtype. Gradients
+    come back in each input's own dtype. The reward term is always fp32.
+    """
+    device = (hidden if hidden is not None else chosen).device
+    if backend == "auto":
+        backend = "triton" if device.type == "cuda" and triton_available(device) else "torch"
+    if compute_dtype is None and lm_weight is not None:
+        compute_dtype = (torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type)
+                         else lm_weight.dtype)
+    if hidden is not None and (lm_weight is None or targets is None):
+        raise ValueError("the LM term needs lm_weight and targets")
+    if chosen is not None and (rejected is None or score_weight is None or rejected.shape != chosen.shape):
+        raise ValueError("the RM term needs rejected (shaped like chosen) and score_weight")
+    if hidden is None and chosen is None:
+        raise ValueError("fused_pair_loss needs the LM rows, the reward rows, or both")
+    opts = _Options(compute_dtype, vocab_start, group, ignore_index, backend, chunk_bytes or DEFAULT_CHUNK_BYTES, num_splits,
+                    config)
+    return PairLossSums(*_FusedPairLoss.apply(hidden, lm_weight, targets, chosen, rejected, score_weight, opts))
+
+
+# -- references -------------------------------------------------------------------------------------------
+
+def _up(x: torch.Tensor) -> torch.Tensor:
+    return x if x.dtype == torch.float64 else x.float()
+
+
+def pair_loss_reference(hidden, lm_weight, targets, chosen=None, rejected=None, score_weight=None, *,
+                        ignore_index: int = IGNORE_INDEX) -> PairLossSums:
+    """The naive formulation with full logits [T, V] in fp32 (fp64 for fp64 inputs) and autograd."""
+    device = (hidden if hidden is not None else chosen).device
+    lm_sum = rm_sum = torch.zeros((), dtype=torch.float32, device=device)
+    margins = torch.zeros((0,), dtype=torch.float32, device=device)
+    if hidden is not None:
+        logits = _up(hidden) @ _up(lm_weight).t()
+        lm_sum = F.cross_entropy(logits, targets, ignore_index=ignore_index, reduction="sum")
+    if chosen is not None:
+        weight = _up(score_weight).reshape(-1)
+        margins = _up(chosen) @ weight - _up(rejected) @ weight
+        rm_sum = -F.logsigmoid(margins).sum()
+    return PairLossSums(lm_sum, rm_sum, margins.detach())
+
+
+def naive_pair_loss(hidden, lm_weight, targets, chosen=None, rejected=None, score_weight=None, *,
+                    ignore_index: int = IGNORE_INDEX):
+    """The seed implementation's path: logits [T, V] in the model dtype, an fp32 copy, F.cross_entropy.
+
+    Returns (PairLossSums, logits): the seed keeps the model-dtype logits alive (they are the model's
+    output), so the benchmark holds them until backward is done, as the seed does.
+    """
+    logits = hidden @ lm_weight.t()  # [T, V] model dtype
+    lm_sum = F.cross_entropy(logits.float(), targets, ignore_index=ignore_index, reduction="sum")
+    rm_sum = torch.zeros((), dtype=torch.float32, device=hidden.device)
+    margins = torch.zeros((0,), dtype=torch.float32, device=hidden.device)
+    if chosen is not None:
+        weight = score_weight.float().reshape(-1)
+        margins = chosen.float() @ weight - rejected.float() @ weight
+        rm_sum = -F.logsigmoid(margins).sum()
+    return PairLossSums(lm_sum, rm_sum, margins.detach()), logits

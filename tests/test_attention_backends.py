@@ -1,0 +1,319 @@
+"""Attention backends against the dense-mask reference, the varlen call site, and optional accelerators.
+
+Tolerance: fp32 on CPU, atol 1e-5 (as tests/test_model.py): every backend computes the same softmax
+over the same keys; only the summation order differs (keys absent vs masked, other SDPA kernels),
+~1e-6 on these O(1) inputs. The flash_attn / torch_varlen tests need CUDA and are skipped on CPU: their
+index building is covered here through ``varlen_reference``, which the same call site drives.
+"""
+import sys
+import types
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+
+from megapmp.backends import (Probe, apply_fast_paths, backend_report, detect_accelerators, format_report,
+                              fp8_autocast, select_attention_backend)
+from megapmp.config import model_preset
+from megapmp.data.datasets import Pair
+from megapmp.data.packing import pack_pairs
+from megapmp.model import AttentionInputs, Qwen2RewardModel, attention
+from megapmp.model.attention import (BucketPlan, backend_available, resolve_attention_backend,
+                                     segment_structure, varlen_reference)
+
+ATOL = 1e-5
+CPU_BACKENDS = ["segmented", "varlen_reference", "auto"]
+
+
+def packed_attn(layout, seed=0, n_pairs=7, seq_len=64, lengths=(1, 12)):
+    rng = np.random.default_rng(seed)
+    pairs = [Pair(*(np.arange(rng.integers(*lengths)) + 2 for _ in range(3))) for _ in range(n_pairs)]
+    b = pack_pairs(pairs, seq_len, layout, pad_id=0)
+    return AttentionInputs.from_segments(b.segment_ids, b.branch_ids)
+
+
+def qkv(attn, heads, kv_heads, dim=8, seed=0, dtype=torch.float32):
+    torch.manual_seed(seed)
+    rows, seq_len = attn.shape
+    make = lambda h: torch.randn(rows, seq_len, h, dim, dtype=dtype, requires_grad=True)
+    return make(heads), make(kv_heads), make(kv_heads)
+
+
+def run(backend, q, k, v, attn, grad_out):
+    out = attention(q, k, v, attn, backend)
+    return (out, *torch.autograd.grad(out, (q, k, v), grad_out))
+
+
+HAND_ROWS = {
+    # [P C R] with p = 4, c = 3, r = 5; a plain segment; padding.
+    "shared_prefix": ([[0] * 12 + [1] * 7 + [-1] * 2], [[0] * 4 + [1] * 3 + [2] * 5 + [0] * 9]),
+    # p = 0 ([C R]: R sees only R), x-only ([P C]), a one-token segment, no padding.
+    "edge_patterns": ([[0] * 5 + [1] * 4 + [2] + [3] * 3], [[1] * 2 + [2] * 3 + [0] * 2 + [1] * 2 + [0] + [0] * 3]),
+    # rows entirely padding and rows without padding
+    "padding_rows": ([[0] * 6, [-1] * 6, [0, 0, 1, 1, 1, -1]], [[0, 0, 1, 1, 2, 2], [0] * 6, [0] * 6]),
+}
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("heads,kv_heads", [(4, 2), (4, 4), (4, 1)])
+@pytest.mark.parametrize("case", ["duplicated", "shared-prefix", *HAND_ROWS])
+def test_backend_matches_dense_reference_forward_and_grads(backend, heads, kv_heads, case):
+    if case in HAND_ROWS:
+        attn = AttentionInputs.from_segments(*HAND_ROWS[case])
+    else:
+        attn = packed_attn(case, seed=heads + kv_heads)
+    q, k, v = qkv(attn, heads, kv_heads)
+    grad_out = torch.randn_like(q)
+    expected = run("sdpa", q, k, v, attn, grad_out)
+    got = run(backend, q, k, v, attn, grad_out)
+    for name, a, b in zip(("out", "dq", "dk", "dv"), got, expected):
+        torch.testing.assert_close(a, b, rtol=0, atol=ATOL, msg=name)
+
+
+def test_segmented_model_matches_sdpa_model_with_activation_checkpointing():
+    attn = packed_attn("shared-prefix", seed=3, n_pairs=5, seq_len=48)
+    positions = attn.default_position_ids()
+    tokens = torch.randint(0, 384, attn.shape)
+    grads, hiddens = [], []
+    for backend, checkpointing in (("sdpa", False), ("segmented", True)):
+        torch.manual_seed(0)
+        model = Qwen2RewardModel(model_preset("tiny"), attention_backend=backend,
+                                 activation_checkpointing=checkpointing)
+        model.init_weights()
+        hidden = model.train()(tokens, positions, attn)
+        (model.rewards(hidden).sum() + model.lm_logits(hidden).logsumexp(-1).mean()).backward()
+        hiddens.append(hidden.detach())
+        grads.append({n: p.grad for n, p in model.named_parameters()})
+    torch.testing.assert_close(hiddens[1], hiddens[0], rtol=0, atol=ATOL)
+    for name in grads[0]:
+        torch.testing.assert_close(grads[1][name], grads[0][name], rtol=0, atol=ATOL, msg=name)
+
+
+# ---------------------------------------------------------------- the varlen decomposition
+
+
+def test_structure_and_varlen_plan_of_a_shared_prefix_row():
+    attn = AttentionInputs.from_segments(*HAND_ROWS["shared_prefix"])
+    assert segment_structure(attn.segment_ids, attn.branch_ids).tolist() == [[0, 4, 3, 5], [12, 7, 0, 0]]
+    plan = attn.varlen_plan()
+    # problems: [P C] (7 over 7), R over [P R] (5 over 9), the plain segment (7 over 7)
+    assert plan.cu_q.tolist() == [0, 7, 12, 19] and plan.cu_k.tolist() == [0, 7, 16, 23]
+    assert (plan.max_q, plan.max_k) == (7, 9)
+    assert plan.q_index.tolist() == list(range(19))
+    assert plan.k_index.tolist() == list(range(7)) + [0, 1, 2, 3, 7, 8, 9, 10, 11] + list(range(12, 19))
+    assert plan.pad_index.tolist() == [19, 20] and not plan.identity
+    assert sorted(plan.out_index.tolist()) == list(range(21))
+    assert plan.cu_q.dtype == plan.cu_k.dtype == torch.int32  # what flash-attn demands
+
+
+def test_plain_unpadded_rows_skip_the_gathers():
+    plan = AttentionInputs.from_segment_lengths([[3, 5], [8]], 8).varlen_plan()
+    assert plan.identity and plan.cu_q.tolist() == plan.cu_k.tolist() == [0, 3, 8, 16]
+
+
+def test_plan_is_cached_per_device():
+    attn = packed_attn("duplicated")
+    assert attn.varlen_plan() is attn.varlen_plan("cpu") and attn.bucket_plan() is attn.bucket_plan()
+
+
+def test_buckets_stay_within_their_padding_slack():
+    attn = packed_attn("shared-prefix", seed=5, n_pairs=40, seq_len=256, lengths=(1, 40))
+    plan = attn.bucket_plan()
+    padded = 0
+    for bucket in plan.buckets:
+        b, lq = bucket.q_index.shape
+        padded += b * lq * bucket.k_index.shape[1]
+    varlen = attn.varlen_plan()
+    lq, lk = np.diff(varlen.cu_q.numpy()), np.diff(varlen.cu_k.numpy())
+    real = int((lq * lk).sum())
+    assert padded <= BucketPlan.SLACK * real
+    assert len(plan.buckets) < len(lq)  # problems really are batched
+
+
+def test_varlen_reference_follows_flash_attn_bottom_right_causal_doc():
+    # flash_attn_varlen_func docstring: seqlen_q = 2, seqlen_k = 5 keeps [1 1 1 1 0; 1 1 1 1 1];
+    # seqlen_q = 5, seqlen_k = 2 keeps [0 0; 0 0; 0 0; 1 0; 1 1], and an all-zero row outputs zero.
+    torch.manual_seed(0)
+    v = torch.randn(7, 1, 4)
+    cu_q, cu_k = torch.tensor([0, 2, 7]), torch.tensor([0, 5, 7])
+    q = torch.zeros(7, 1, 4)  # equal scores: the output is the mean of the visible values
+    k = torch.zeros(7, 1, 4)
+    out = varlen_reference(q, k, v, cu_q, cu_k)
+    torch.testing.assert_close(out[0], v[0:4].mean(0))
+    torch.testing.assert_close(out[1], v[0:5].mean(0))
+    assert out[2:5].abs().max() == 0
+    torch.testing.assert_close(out[5], v[5])
+    torch.testing.assert_close(out[6], v[5:7].mean(0))
+
+
+def test_unsupported_branch_pattern():
+    # shared tokens after a response: not a pattern the packers produce nor the varlen kernels express
+    attn = AttentionInputs.from_segments([[0, 0, 0, 0, -1]], [[0, 1, 0, 2, 0]])
+    assert segment_structure(attn.segment_ids, attn.branch_ids) is None
+    q, k, v = qkv(attn, 2, 1)
+    grad_out = torch.randn_like(q)
+    for backend in ("segmented", "auto"):  # fall back to the dense reference
+        for a, b in zip(run(backend, q, k, v, attn, grad_out), run("sdpa", q, k, v, attn, grad_out)):
+            torch.testing.assert_close(a, b, rtol=0, atol=ATOL)
+    with pytest.raises(ValueError, match="use attention backend 'sdpa'"):
+        attention(q, k, v, attn, "varlen_reference")
+
+
+def test_gpu_backends_refuse_cleanly_on_cpu():
+    attn = packed_attn("duplicated")
+    q, k, v = qkv(attn, 4, 2)
+    for backend in ("flash_attn", "torch_varlen"):
+        ok, reason = backend_available(backend, "cpu")
+        assert not ok and "CUDA" in reason
+        with pytest.raises(RuntimeError, match="not usable here"):
+            attention(q, k, v, attn, backend)
+    assert resolve_attention_backend("auto", "cpu", torch.float32) == "segmented"
+    assert not backend_available("flash_attn", "cuda", torch.float32)[0]  # fp32: flash kernels are half-only
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("backend", ["flash_attn", "torch_varlen", "segmented"])
+@pytest.mark.parametrize("layout", ["duplicated", "shared-prefix"])
+def test_gpu_backend_matches_dense_reference_bf16(backend, layout):
+    ok, reason = backend_available(backend, "cuda", torch.bfloat16)
+    if not ok:
+        pytest.skip(reason)
+    attn = packed_attn(layout, n_pairs=24, seq_len=512, lengths=(1, 60)).to("cuda")
+    q, k, v = (t.detach().to("cuda", torch.bfloat16).requires_grad_() for t in qkv(attn, 8, 2, dim=64))
+    grad_out = torch.randn_like(q)
+    expected = run("sdpa", *(t.float().detach().requires_grad_() for t in (q, k, v)), attn, grad_out.float())
+    got = run(backend, q, k, v, attn, grad_out)
+    for name, a, b in zip(("out", "dq", "dk", "dv"), got, expected):
+        # bf16 operands: ~3 significant digits; relative to the reference's scale
+        assert (a.float() - b).norm() / b.norm() < 2e-2, name
+
+
+# ---------------------------------------------------------------- accelerators and fast paths
+
+
+def test_detection_never_raises_and_reports_reasons():
+    probes = detect_accelerators()
+    assert {"torch", "flash_attn", "torch_varlen", "transformer_engine", "apex_rmsnorm", "apex_adam",
+            "triton"} <= set(probes)
+    for name, probe in probes.items():
+        assert isinstance(probe, Probe) and probe.detail, name
+    assert probes["torch"].available and probes["torch"].version == torch.__version__
+
+
+def test_select_attention_backend():
+    assert select_attention_backend("auto", "cpu", torch.float32)[0] == "segmented"
+    assert select_attention_backend("sdpa", "cpu") == ("sdpa", "requested")
+    with pytest.raises(ValueError, match="cannot run here"):
+        select_attention_backend("flash_attn", "cpu", torch.float32)
+    with pytest.raises(ValueError, match="unknown"):
+        select_attention_backend("xformers", "cpu")
+
+
+def test_backend_report_line():
+    report = backend_report("cpu", torch.float32, "auto", optimizer_backend="torch.AdamW",
+                            fast_paths=["apex_rmsnorm: not used (x)"])
+    line = format_report(report)
+    assert report["attention"]["chosen"] == "segmented"
+    assert line.startswith("backends: attention segmented (auto") and "optimizer torch.AdamW" in line
+    assert "installed: torch=" in line and "flash_attn=" in line
+
+
+def tiny_model(seed=0):
+    torch.manual_seed(seed)
+    model = Qwen2RewardModel(model_preset("tiny"))
+    model.init_weights()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.add_(0.1 * torch.randn_like(p))
+    return model
+
+
+def test_fast_paths_are_a_clean_noop_on_cpu():
+    model = tiny_model()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    types_before = [type(m) for m in model.modules()]
+    lines = apply_fast_paths(model, "cpu", apex_rmsnorm="auto", te_linear="auto", te_rmsnorm="auto")
+    assert len(lines) == 3 and all("not used" in line for line in lines)
+    assert [type(m) for m in model.modules()] == types_before
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    with pytest.raises(RuntimeError, match="apex_rmsnorm=on"):
+        apply_fast_paths(model, "cpu", apex_rmsnorm="on")
+    with pytest.raises(ValueError, match="expected one of"):
+        apply_fast_paths(model, "cpu", te_linear="yes")
+    assert apply_fast_paths(model, "cpu", apex_rmsnorm="off") == ["te_rmsnorm: off", "apex_rmsnorm: off",
+                                                                   "te_linear: off"]
+
+
+def test_fp8_autocast_off_is_a_nullcontext_and_on_needs_te():
+    with fp8_autocast(False):
+        pass
+    if not detect_accelerators()["transformer_engine"].available:
+        with pytest.raises(RuntimeError, match="transformer_engine"):
+            fp8_autocast(True)
+
+
+class _StubRMSNorm(nn.Module):
+    """Stands in for apex's FusedRMSNorm / TE's RMSNorm (same constructor shape, same math, `weight`)."""
+
+    def __init__(self, hidden, eps=1e-5, **_):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.empty(hidden))
+
+    def forward(self, x):
+        return self.weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps))
+
+
+class _StubTELinear(nn.Linear):
+    def __init__(self, in_features, out_features, bias=True, params_dtype=None, device=None):
+        super().__init__(in_features, out_features, bias=bias, dtype=params_dtype, device=device)
+
+
+def test_fast_path_swaps_keep_names_values_and_outputs(monkeypatch):
+    """The swap plumbing, with stub classes standing in for apex and TE (neither runs on this CPU):
+    same parameter names, copied values, same outputs. The real libraries' numerics are not tested here."""
+    apex_norm = types.ModuleType("apex.normalization")
+    apex_norm.FusedRMSNorm = _StubRMSNorm
+    te_pytorch = types.ModuleType("transformer_engine.pytorch")
+    te_pytorch.Linear, te_pytorch.RMSNorm = _StubTELinear, _StubRMSNorm
+    monkeypatch.setitem(sys.modules, "apex", types.ModuleType("apex"))
+    monkeypatch.setitem(sys.modules, "apex.normalization", apex_norm)
+    monkeypatch.setitem(sys.modules, "transformer_engine", types.ModuleType("transformer_engine"))
+    monkeypatch.setitem(sys.modules, "transformer_engine.pytorch", te_pytorch)
+    yes = Probe(True, "stub", "stub")
+    probes = {"apex_rmsnorm": yes, "transformer_engine": yes}
+
+    model = tiny_model()
+    attn = packed_attn("shared-prefix", n_pairs=3, seq_len=40)
+    tokens, positions = torch.randint(0, 384, attn.shape), attn.default_position_ids()
+    with torch.no_grad():
+        expected = model(tokens, positions, attn)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    # "cuda" is only compared against, never allocated on: the stubs live on the weights' device.
+    lines = apply_fast_paths(model, "cuda", apex_rmsnorm="on", te_linear="on", probes=probes)
+    assert lines == ["te_rmsnorm: off", "apex_rmsnorm: 5 RMSNorm -> apex.normalization.FusedRMSNorm",
+                     "te_linear: 14 decoder nn.Linear -> transformer_engine.pytorch.Linear"]
+    assert isinstance(model.layers["0"].input_layernorm, _StubRMSNorm) and isinstance(model.norm, _StubRMSNorm)
+    assert isinstance(model.layers["1"].mlp.down_proj, _StubTELinear)
+    assert type(model.lm_head) is nn.Linear and type(model.score) is nn.Linear  # heads untouched
+    new_state = model.state_dict()
+    assert list(new_state) == list(state)
+    assert all(torch.equal(new_state[k], state[k]) for k in state)
+    with torch.no_grad():
+        torch.testing.assert_close(model(tokens, positions, attn), expected, rtol=0, atol=ATOL)
+
+
+def test_attention_benchmark_runs_and_checks_parity_on_cpu():
+    from megapmp.backends import benchmark_attention
+
+    threads = torch.get_num_threads()
+    records = benchmark_attention("cpu", seq_len=64, pairs=6, lengths=(2, 9), heads=2, kv_heads=1, head_dim=8,
+                                  steps=1, backends=["sdpa", "segmented", "flash_attn"])
+    assert torch.get_num_threads() == threads
+    timed = [r for r in records if "seconds" in r]
+    assert {(r["layout"], r["backend"]) for r in timed} == {(lay, be) for lay in ("duplicated", "shared-prefix")
+                                                            for be in ("sdpa", "segmented")}
+    assert all(r["rel_err_out"] < 1e-5 and r["rel_err_dq"] < 1e-5 for r in timed)
+    assert sum("skipped" in r for r in records) == 2  # flash_attn, both layouts

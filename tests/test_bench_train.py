@@ -1,0 +1,60 @@
+"""tools/bench_train.py end to end with tiny settings: one JSON line with the documented keys, both sides fed
+the same real tokens, and (same weights, same pairs, same normalisation) the same first-step losses.
+
+Tolerance 1e-5 on losses: fp32 on CPU, the padded HF forward and our packed forward run the same math on
+different tensor shapes, so only summation order differs (~1e-7 on the O(1) RM loss, ~1e-6 on the LM loss).
+"""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ["--model", "tiny", "--pairs-per-step", "3", "--seq-len", "512", "--prompt-len", "8,24",
+        "--response-len", "8,32", "--warmup", "1", "--steps", "1", "--mem-steps", "2",
+        "--threads", "1"]  # 2 intra-op threads on 2 shared cores make tiny ops ~20x slower
+TOL = 1e-5
+
+
+def run_bench(*extra) -> dict:
+    done = subprocess.run([sys.executable, str(ROOT / "tools" / "bench_train.py"), *TINY, *extra],
+                          cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-4000:]
+    lines = done.stdout.strip().splitlines()
+    assert len(lines) == 1, done.stdout
+    return json.loads(lines[0])
+
+
+@pytest.mark.parametrize("layout", ["duplicated", "shared-prefix"])
+def test_bench_against_baseline(layout):
+    out = run_bench("--layout", layout)
+    for key in ("megapmp_tokens_per_s", "baseline_tokens_per_s", "speedup", "megapmp_peak_bytes",
+                "baseline_peak_bytes", "memory_ratio", "model", "device", "layout", "pairs_per_step",
+                "real_tokens_per_step", "baseline_padded_tokens_per_step", "megapmp_row_tokens_per_step",
+                "loss_megapmp", "loss_baseline"):
+        assert key in out and out[key] is not None, key
+    assert out["layout"] == layout and out["model"] == "tiny" and out["device"] == "cpu"
+    assert out["pairs_per_step"] == 3
+    # Both sides processed the same real tokens ([P C] + [P R] per pair), counted from their own batches.
+    assert out["megapmp_real_tokens_per_step"] == out["baseline_real_tokens_per_step"] == out["real_tokens_per_step"]
+    assert out["lm_tokens_per_step"] == out["baseline_lm_tokens_per_step"] > 0
+    assert out["baseline_padded_tokens_per_step"] >= out["real_tokens_per_step"]
+    assert out["megapmp_row_tokens_per_step"] % 512 == 0
+    assert out["megapmp_tokens_per_s"] > 0 and out["baseline_tokens_per_s"] > 0
+    assert out["megapmp_peak_bytes"] > 0 and out["baseline_peak_bytes"] > 0
+    assert out["memory_ratio"] == pytest.approx(out["baseline_peak_bytes"] / out["megapmp_peak_bytes"])
+    assert out["rm_loss_abs_diff"] < TOL and out["lm_loss_abs_diff"] < TOL
+    assert out["loss_megapmp"] == pytest.approx(out["loss_baseline"], abs=2 * TOL)
+
+
+def test_bench_compare_layouts():
+    out = run_bench("--compare-layouts", "--no-memory")
+    for key in ("duplicated_tokens_per_s", "shared_prefix_tokens_per_s", "shared_prefix_speedup"):
+        assert out[key] > 0, key
+    assert out["duplicated_real_tokens_per_step"] == out["shared_prefix_real_tokens_per_step"] \
+        == out["real_tokens_per_step"]
+    assert out["shared_prefix_row_tokens_per_step"] <= out["duplicated_row_tokens_per_step"]
+    assert out["rm_loss_abs_diff"] < TOL and out["lm_loss_abs_diff"] < TOL

@@ -1,0 +1,318 @@
+"""The fused packed-pair loss (megapmp_kernels.pair_loss) against full-logits references, on CPU.
+
+The Triton kernels run under the interpreter (TRITON_INTERPRET=1, set below before anything can jit
+them; numpy, fp32 only), with small tiles (BT=16, BV=32, BD=16) so that odd shapes exercise every mask:
+T, V and H not multiples of the tiles, forward vocab splits past the vocabulary (empty splits), the
+backward's vocab chunks not aligned to the tiles, ignore_index rows, T = 1.
+
+Reference: pair_loss_reference on float64 copies of the inputs (full logits, autograd). Tolerance,
+fp32: rtol 1e-5 and atol 1e-6 x the reference tensor's largest magnitude (per tensor: elementwise
+relative error means nothing for entries that cancel to ~0). Both backends land near 1e-7 relative
+(fp32 tile sums in another order); a wrong mask, shard offset or missing term is O(1).
+"""
+import importlib.util
+import os
+
+os.environ["TRITON_INTERPRET"] = "1"  # before any kernel is jitted (they are jitted on first use)
+
+from types import SimpleNamespace  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from distributed_utils import run_ranks  # noqa: E402
+from megapmp.loss import LOSS_BACKEND_ENV, lm_loss_sum, loss_backend, pmp_loss, resolve_loss_backend  # noqa: E402
+from megapmp_kernels import pair_loss as PL  # noqa: E402
+
+HAS_TRITON = importlib.util.find_spec("triton") is not None
+needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="triton is not importable: the kernels cannot run "
+                                                         "(the torch backend is still tested)")
+BACKENDS = ["torch", pytest.param("triton", marks=needs_triton)]
+RTOL, ATOL_SCALE = 1e-5, 1e-6
+TILES = {"BT": 16, "BV": 32, "BD": 16}
+
+
+def close(actual, expected, what=""):
+    expected = expected.detach()
+    atol = ATOL_SCALE * max(float(expected.abs().max()), 1e-30) if expected.numel() else 0.0
+    torch.testing.assert_close(actual.detach().to(expected.dtype), expected, rtol=RTOL, atol=atol,
+                               msg=lambda m: f"{what}: {m}")
+
+
+def make_inputs(seed, T, H, V, N, ignored=()):
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(T, H, generator=g)
+    weight = torch.randn(V, H, generator=g) * (2.0 / H ** 0.5)  # logits ~ N(0, 4): a peaked softmax
+    targets = torch.randint(0, V, (T,), generator=g)
+    for i in ignored:
+        targets[i] = PL.IGNORE_INDEX
+    chosen, rejected = torch.randn(N, H, generator=g), torch.randn(N, H, generator=g)
+    score = torch.randn(1, H, generator=g) * 0.3
+    return hidden, weight, targets, chosen, rejected, score
+
+
+def leaves(tensors, dtype=None):
+    return [t.detach().clone().to(dtype or t.dtype).requires_grad_() for t in tensors]
+
+
+def reference(hidden, weight, targets, chosen, rejected, score, lm_coef=0.7, rm_coef=1.3):
+    """float64 full-logits loss and gradients (hidden, weight, chosen, rejected, score)."""
+    h, w, c, r, s = leaves([hidden, weight, chosen, rejected, score], torch.float64)
+    out = PL.pair_loss_reference(h, w, targets, c, r, s)
+    grads = torch.autograd.grad(lm_coef * out.lm_sum + rm_coef * out.rm_sum, [h, w, c, r, s])
+    return out, grads
+
+
+SHAPES = [  # (seed, T, H, V, N, ignored target rows, backward chunk columns, forward splits)
+    pytest.param(1, 37, 48, 389, 5, (3, 36), 128, 3, id="T37-H48-V389"),
+    pytest.param(2, 1, 32, 100, 1, (), 128, 3, id="T1-V100-empty-split"),  # 4 vocab tiles over 3 splits: one empty
+    pytest.param(3, 70, 50, 257, 3, (0,), 10**9, 2, id="T70-H50-V257-one-chunk"),
+    pytest.param(4, 20, 24, 150, 2, tuple(range(20)), 128, 1, id="all-ignored"),
+]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("seed,T,H,V,N,ignored,chunk_cols,splits", SHAPES)
+def test_loss_and_gradients_match_reference(backend, seed, T, H, V, N, ignored, chunk_cols, splits):
+    inputs = make_inputs(seed, T, H, V, N, ignored)
+    ref, ref_grads = reference(*inputs)
+    h, w, c, r, s = leaves([inputs[0], inputs[1], inputs[3], inputs[4], inputs[5]])
+    out = PL.fused_pair_loss(h, w, inputs[2], c, r, s, backend=backend, chunk_bytes=T * chunk_cols * 4,
+                             num_splits=splits, config=TILES if backend == "triton" else None)
+    close(out.lm_sum, ref.lm_sum, "lm_sum")
+    close(out.rm_sum, ref.rm_sum, "rm_sum")
+    close(out.margins, ref.margins, "margins")
+    assert not out.margins.requires_grad
+    grads = torch.autograd.grad(0.7 * out.lm_sum + 1.3 * out.rm_sum, [h, w, c, r, s])
+    for name, got, want in zip(["hidden", "lm_weight", "chosen", "rejected", "score_weight"], grads, ref_grads):
+        assert got.shape == want.shape and got.dtype == torch.float32, name
+        close(got, want, f"d {name}")
+    if len(ignored) == T:
+        assert out.lm_sum.item() == 0.0 and not grads[0].any() and not grads[1].any()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_lm_only_and_rm_only(backend):
+    hidden, weight, targets, chosen, rejected, score = make_inputs(5, 23, 40, 131, 4)
+    cfg = TILES if backend == "triton" else None
+    h, w = leaves([hidden, weight])
+    out = PL.fused_pair_loss(h, w, targets, backend=backend, config=cfg, num_splits=2)
+    hd, wd = leaves([hidden, weight], torch.float64)
+    ref = F.cross_entropy(hd @ wd.t(), targets, reduction="sum")
+    close(out.lm_sum, ref, "lm_sum")
+    assert out.rm_sum.item() == 0.0 and out.margins.numel() == 0
+    for got, want in zip(torch.autograd.grad(out.lm_sum, [h, w]), torch.autograd.grad(ref, [hd, wd])):
+        close(got, want, "lm-only grads")
+    c, r, s = leaves([chosen, rejected, score])
+    out = PL.fused_pair_loss(None, None, None, c, r, s, backend=backend)
+    ref, ref_grads = reference(hidden, weight, targets, chosen, rejected, score, lm_coef=0.0, rm_coef=1.0)
+    close(out.rm_sum, ref.rm_sum, "rm_sum")
+    for got, want in zip(torch.autograd.grad(out.rm_sum, [c, r, s]), ref_grads[2:]):
+        close(got, want, "rm-only grads")
+
+
+@needs_triton
+def test_kernels_write_every_element_and_are_deterministic():
+    hidden, weight, targets, *_ = make_inputs(6, 37, 48, 389, 1, ignored=(5,))
+    lse_parts, z_parts = PL.lse_partials(hidden, weight, targets, backend="triton", num_splits=4, config=TILES)
+    assert lse_parts.shape == (4, 37) and torch.isfinite(lse_parts).all() and torch.isfinite(z_parts).all()
+    lse, z = PL.combine_partials(lse_parts, z_parts)
+    ref_logits = hidden.double() @ weight.double().t()
+    close(lse, torch.logsumexp(ref_logits, -1), "lse")
+    valid = targets != PL.IGNORE_INDEX
+    close(z[valid], ref_logits[valid].gather(1, targets[valid, None]).squeeze(1), "target logit")
+    scale = torch.tensor([0.5])
+    outs = []
+    for _ in range(2):
+        poisoned = torch.full((37, 389 - 61), float("nan"))  # columns [61, 389): not tile-aligned
+        outs.append(PL.grad_logits(hidden, weight, targets, lse, scale, 61, 389, backend="triton", out=poisoned,
+                                   config=TILES))
+    assert torch.isfinite(outs[0]).all(), "grad_logits left elements unwritten"
+    assert torch.equal(outs[0], outs[1]), "grad_logits is not deterministic"
+    want = PL.grad_logits(hidden, weight, targets, lse, scale, 61, 389, backend="torch")
+    close(outs[0], want, "grad_logits vs torch twin")
+    assert not outs[0][5].any()  # the ignore_index row
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_vocab_split_in_one_process(backend):
+    """V = 389 split unevenly into two shards [0, 195) and [195, 389), as two TP ranks would hold them:
+    each shard's partials (local lse, target logit where owned), combined; then each shard's
+    grad-logits with the global lse gives its dW rows and its partial dH, which sum to the full one."""
+    hidden, weight, targets, *_ = make_inputs(7, 37, 48, 389, 1, ignored=(2,))
+    assert {int(t) // 195 for t in targets if t >= 0} == {0, 1}  # both shards own targets
+    cfg = TILES if backend == "triton" else None
+    shards = [(0, weight[:195]), (195, weight[195:])]
+    parts = [PL.lse_partials(hidden, w, targets, vocab_start=v0, backend=backend, num_splits=2, config=cfg)
+             for v0, w in shards]
+    lse, z = PL.combine_partials(torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]))
+    valid = targets != PL.IGNORE_INDEX
+    hd, wd = leaves([hidden, weight], torch.float64)
+    ref = F.cross_entropy(hd @ wd.t(), targets, reduction="sum")
+    close(torch.where(valid, lse - z, 0).sum(), ref, "combined loss")
+    ref_dh, ref_dw = torch.autograd.grad(ref * 0.25, [hd, wd])
+    scale = torch.tensor([0.25])
+    dh = torch.zeros_like(hidden)
+    for v0, w in shards:
+        g = PL.grad_logits(hidden, w, targets, lse, scale, 0, w.shape[0], vocab_start=v0, backend=backend,
+                           config=cfg)
+        close(g.t() @ hidden, ref_dw[v0:v0 + w.shape[0]], f"dW shard at {v0}")
+        dh += g @ w
+    close(dh, ref_dh, "dH summed over shards")
+
+
+def _tp_rank(rank, world, seed, sequence_parallel):
+    os.environ["TRITON_INTERPRET"] = "1"  # this process may not have imported the test module
+    from megapmp.parallel.loss import vocab_parallel_lm_loss_sum
+    from megapmp.parallel.topology import ParallelDims
+
+    group = ParallelDims(tp=world, world_size=world).build().tp_group
+    T, H = 30, 40
+    hidden, weight, targets, *_ = make_inputs(seed, T, H, 2 * 131, 1, ignored=(4,))
+    labels = targets.reshape(1, -1)
+    hd, wd = leaves([hidden, weight], torch.float64)
+    ref = F.cross_entropy(hd @ wd.t(), targets, reduction="sum")
+    ref_dh, ref_dw = torch.autograd.grad(ref, [hd, wd])
+    if sequence_parallel:  # this rank's token shard [T / tp, H]; the all-gather's backward reduce-scatters
+        hidden, ref_dh = hidden.chunk(world)[rank], ref_dh.chunk(world)[rank]
+    results = {}
+    for backend in ["torch", "triton"] if HAS_TRITON else ["torch"]:
+        h = (hidden if sequence_parallel else hidden.reshape(1, T, H)).clone().requires_grad_()
+        w = weight.chunk(world)[rank].clone().requires_grad_()
+        loss = vocab_parallel_lm_loss_sum(h, w, labels, group, sequence_parallel=sequence_parallel,
+                                          backend=backend)
+        close(loss, ref, f"{backend} loss")
+        loss.backward()
+        close(h.grad.reshape(ref_dh.shape), ref_dh, f"{backend} dH (partials summed over the TP group)")
+        close(w.grad, ref_dw.chunk(world)[rank], f"{backend} dW shard")
+        results[backend] = loss.item()
+    return results
+
+
+@pytest.mark.parametrize("sequence_parallel", [False, True], ids=["tp", "tp+sp"])
+def test_vocab_parallel_two_gloo_ranks(sequence_parallel):
+    """The fused path behind vocab_parallel_lm_loss_sum on 2 gloo ranks: the all-reduce combine of
+    combine_partials, vocab_start offsets, and the partial dH summed by copy_to_tp (TP) or by the
+    sequence all-gather's reduce-scatter (TP+SP)."""
+    results = run_ranks(2, _tp_rank, 8, sequence_parallel, timeout=120)
+    assert results[0] == results[1]
+
+
+# -- the torch-chunked CPU path and the pmp_loss wiring -----------------------------------------------
+
+def test_chunked_cpu_path_matches_naive_full_logits():
+    hidden, weight, targets, *_ = make_inputs(9, 45, 32, 211, 1, ignored=(0, 7, 44))
+    labels = targets.reshape(3, 15)
+    h, w = leaves([hidden.reshape(3, 15, 32), weight])
+    got = lm_loss_sum(h, w, labels, chunk=7)  # 7 checkpointed chunks of 7 tokens (the last one short)
+    hd, wd = leaves([hidden, weight], torch.float64)
+    ref = F.cross_entropy(hd @ wd.t(), targets, reduction="sum")
+    close(got, ref, "chunked loss")
+    for got_g, want in zip(torch.autograd.grad(got, [h, w]), torch.autograd.grad(ref, [hd, wd])):
+        close(got_g.reshape(want.shape), want, "chunked grads")
+    naive, _logits = PL.naive_pair_loss(hidden, weight, targets)
+    close(naive.lm_sum, ref, "naive (seed) path")
+
+
+def _packed_batch(seed):
+    g = torch.Generator().manual_seed(seed)
+    R, S, V = 2, 19, 97
+    labels = torch.randint(0, V, (R, S), generator=g)
+    labels[torch.rand(R, S, generator=g) < 0.4] = PL.IGNORE_INDEX
+    chosen = torch.tensor([5, 18, 30])
+    rejected = torch.tensor([9, 25, 37])
+    return SimpleNamespace(labels=labels, chosen_index=chosen, rejected_index=rejected), R, S, V
+
+
+@needs_triton
+@pytest.mark.parametrize("coefs", [(1.0, 1.0), (0.0, 1.0), (1.0, 0.0)], ids=["pmp", "lm-pretrain", "rm-finetune"])
+def test_pmp_loss_triton_backend_matches_torch_backend(coefs):
+    rm_coef, lm_coef = coefs
+    batch, R, S, V = _packed_batch(10)
+    g = torch.Generator().manual_seed(11)
+    hidden, weight, score = torch.randn(R, S, 36, generator=g), torch.randn(V, 36, generator=g) * 0.3, \
+        torch.randn(1, 36, generator=g)
+    kwargs = dict(rm_coef=rm_coef, lm_coef=lm_coef, global_pairs=5, global_lm_tokens=40)
+    outs, grads = {}, {}
+    for backend in ["torch", "triton"]:
+        h, w, s = leaves([hidden, weight, score])
+        out = pmp_loss(h, w, s, batch, backend=backend, **kwargs)
+        out.loss.backward()
+        outs[backend], grads[backend] = out, [x.grad if x.grad is not None else torch.zeros_like(x) for x in (h, w, s)]
+    a, b = outs["triton"], outs["torch"]
+    for field in ("loss", "rm_loss", "lm_loss", "correct", "margin_sum"):
+        close(getattr(a, field), getattr(b, field), field)
+    assert a.num_pairs == b.num_pairs == 3
+    for name, x, y in zip(["hidden", "lm_weight", "score"], grads["triton"], grads["torch"]):
+        close(x, y, f"d {name}")
+
+
+def test_backend_selection(monkeypatch):
+    monkeypatch.delenv(LOSS_BACKEND_ENV, raising=False)
+    assert resolve_loss_backend("cpu") == "torch"  # auto on CPU: torch-chunked, even with the interpreter on
+    assert loss_backend("cpu") == "torch-chunked"
+    assert loss_backend("cpu", tp_size=2) == "vocab-parallel torch-chunked"
+    monkeypatch.setenv(LOSS_BACKEND_ENV, "bogus")
+    with pytest.raises(ValueError, match="loss backend must be one of"):
+        resolve_loss_backend("cpu")
+    monkeypatch.setenv(LOSS_BACKEND_ENV, "torch")
+    assert resolve_loss_backend("cuda") == "torch"
+    if HAS_TRITON:
+        monkeypatch.setenv(LOSS_BACKEND_ENV, "triton")
+        assert loss_backend("cpu") == "triton-fused"  # TRITON_INTERPRET=1 in this process
+        monkeypatch.setenv("TRITON_INTERPRET", "0")
+        with pytest.raises(ValueError, match="need a CUDA device"):
+            resolve_loss_backend("cpu")
+        assert resolve_loss_backend("cpu", backend="torch") == "torch"  # the argument beats the environment
+
+
+def test_bf16_weights_torch_backend():
+    """The model-dtype path of the backward (bf16 grad-logits chunks, fp32 dH accumulator, dW rows in
+    bf16), through the torch twin of the kernels; bf16 rounding: rtol 2e-2."""
+    hidden, weight, targets, chosen, rejected, score = make_inputs(12, 33, 64, 300, 3, ignored=(1,))
+    ref, ref_grads = reference(hidden, weight, targets, chosen, rejected, score)
+    h, w, c, r, s = leaves([hidden, weight, chosen, rejected, score], torch.bfloat16)
+    out = PL.fused_pair_loss(h, w, targets, c, r, s, backend="torch", chunk_bytes=33 * 128 * 4)
+    grads = torch.autograd.grad(0.7 * out.lm_sum + 1.3 * out.rm_sum, [h, w, c, r, s])
+    torch.testing.assert_close(out.lm_sum.double(), ref.lm_sum, rtol=2e-2, atol=0)
+    for name, got, want in zip(["hidden", "lm_weight", "chosen", "rejected", "score"], grads, ref_grads):
+        assert got.dtype == torch.bfloat16, name
+        err = (got.double() - want).norm() / want.norm()
+        assert err < 2e-2, f"d {name}: relative error {err:.2e}"
+
+
+def test_autocast_sets_the_compute_dtype():
+    """Under autocast the logit GEMMs run in the autocast dtype (as torch.mm would); gradients come back
+    in the inputs' dtypes (fp32 master weights), the reward term stays fp32."""
+    hidden, weight, targets, chosen, rejected, score = make_inputs(13, 21, 32, 200, 2)
+    ref, ref_grads = reference(hidden, weight, targets, chosen, rejected, score)
+    h, w, c, r, s = leaves([hidden, weight, chosen, rejected, score])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = PL.fused_pair_loss(h, w, targets, c, r, s, backend="torch")
+    close(out.rm_sum, ref.rm_sum, "fp32 reward term")
+    assert out.lm_sum.item() != pytest.approx(ref.lm_sum.item(), rel=1e-6)  # bf16 products: not fp32 exact
+    torch.testing.assert_close(out.lm_sum.double(), ref.lm_sum, rtol=2e-2, atol=0)
+    grads = torch.autograd.grad(0.7 * out.lm_sum + 1.3 * out.rm_sum, [h, w, c, r, s])
+    for name, got, want in zip(["hidden", "lm_weight", "chosen", "rejected", "score"], grads, ref_grads):
+        assert got.dtype == torch.float32, name
+        assert (got.double() - want).norm() / want.norm() < 2e-2, name
+
+
+@needs_triton
+def test_autotuned_launch_path(monkeypatch):
+    """The GPU launch path (triton.autotune wrappers, meta-dependent grids), run under the interpreter
+    with one small candidate per kernel (a single config is used without benchmarking)."""
+    small = [(16, 32, 16, 4, 2)]
+    monkeypatch.setattr(PL, "_TILES", {key: small for key in PL._TILES})
+    monkeypatch.setattr(PL, "_INTERPRET_CONFIG", None)
+    monkeypatch.setattr(PL, "_KERNELS", None)
+    inputs = make_inputs(14, 19, 32, 97, 2, ignored=(3,))
+    ref, ref_grads = reference(*inputs)
+    h, w, c, r, s = leaves([inputs[0], inputs[1], inputs[3], inputs[4], inputs[5]])
+    out = PL.fused_pair_loss(h, w, inputs[2], c, r, s, backend="triton", num_splits=2, chunk_bytes=19 * 64 * 4)
+    close(out.lm_sum, ref.lm_sum, "lm_sum")
+    grads = torch.autograd.grad(0.7 * out.lm_sum + 1.3 * out.rm_sum, [h, w, c, r, s])
+    for got, want in zip(grads, ref_grads):
+        close(got, want, "grads")
+    assert set(PL._KERNELS["tuned"]) == {("lse", 2), ("lse", 4), ("grad", 2), ("grad", 4)}

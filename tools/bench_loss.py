@@ -1,0 +1,328 @@
+#!/usr/bin/env python
+"""Memory and time of the fused packed-pair loss against the seed's naive logits path. Prints ONE JSON line.
+
+Both sides compute the PMP loss of one micro-batch, forward and backward,
+
+    loss = lm_sum / T + rm_sum / N,   lm_sum = CE over T chosen-response tokens,  rm_sum = -log sigmoid(margins)
+
+from the same inputs: hidden rows of the T target tokens [T, H], the LM head [V, H], targets [T], the
+reward rows of N pairs [N, H] x 2 and the score head [1, H]; gradients w.r.t. all five.
+
+  naive  the seed implementation: logits [T, V] in the model dtype (kept alive until backward is done, as
+         the seed's model output is), an fp32 copy, F.cross_entropy (megapmp_kernels.pair_loss.naive_pair_loss).
+  fused  megapmp_kernels.pair_loss.fused_pair_loss: on CUDA the Triton kernels (--backend auto|triton); on
+         CPU its chunked torch twin (same algorithm and memory behaviour: vocab-chunked log-sum-exp,
+         logits recomputed in backward in [T x chunk] blocks), reported as fused_impl "torch-chunked".
+
+Memory (peak bytes above the baseline once the inputs exist; both sides include their gradient outputs,
+whose total is grad_bytes, so *_workspace_bytes = peak - grad_bytes is what each side needs on top of
+what any implementation must return):
+  cuda  torch.cuda.max_memory_allocated() - memory_allocated() before the measured step (after a warm-up
+        step, which also autotunes the kernels), one process.
+  cpu   torch has no CPU allocator statistics, so: a fresh subprocess per side, run with
+        MALLOC_MMAP_THRESHOLD_=65536 (every allocation over 64 KiB is its own mapping, returned to the OS
+        when freed, so RSS follows the live tensors instead of glibc's free lists): a warm-up step,
+        malloc_trim, reset the kernel's peak-RSS counter (/proc/self/clear_refs 5), then VmHWM - VmRSS
+        around the measured step.
+
+Time: median of --reps forward+backward steps. CUDA: events after synchronising. CPU: a third process
+(default allocator) alternating naive and fused steps, --threads intra-op threads, so that load from other
+processes hits both sides alike. On CPU compare ratios only (DESIGN.md principle 12).
+
+max_rel_err: max over loss terms and gradients of ||fused - naive|| / ||naive|| (naive computes bf16
+logits on GPU, so expect ~1e-3 there; fp32 on CPU ~1e-6); rel_err has each term.
+
+Shapes (--tokens / --pairs override T / N):
+  qwen2-1.5b  V=151936 H=1536 T=4096 N=16  (GPU; 4k-16k tokens)
+  qwen2-7b    V=152064 H=3584 T=4096 N=16  (GPU)
+  small       V=16384  H=256  T=1024 N=8   (CPU)
+  medium      V=32768  H=512  T=2048 N=16  (CPU)
+--chunk-bytes: the fused backward's grad-logits workspace. Default: the library's 256 MiB on the Qwen2
+shapes; on the reduced CPU shapes the same budget scaled by T*V / (4096*152064), i.e. the fraction of
+the logits it covers at Qwen2 scale with 4k tokens, so that the reduced shapes keep the real proportions.
+"""
+from __future__ import annotations
+
+import argparse
+import ctypes
+import gc
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+SHAPES = {
+    "qwen2-1.5b": dict(vocab=151936, hidden=1536, tokens=4096, pairs=16),
+    "qwen2-7b": dict(vocab=152064, hidden=3584, tokens=4096, pairs=16),
+    "small": dict(vocab=16384, hidden=256, tokens=1024, pairs=8),
+    "medium": dict(vocab=32768, hidden=512, tokens=2048, pairs=16),
+}
+QWEN_SCALE = 4096 * 152064
+NAMES = ["lm_sum", "rm_sum", "d_hidden", "d_lm_weight", "d_chosen", "d_rejected", "d_score"]
+
+
+def log(*args) -> None:
+    print(*args, file=sys.stderr, flush=True)
+
+
+def parse(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda if available")
+    p.add_argument("--shape", choices=sorted(SHAPES), default=None, help="default: qwen2-1.5b on cuda, small on cpu")
+    p.add_argument("--tokens", type=int, default=None, help="T, target tokens (overrides the shape's)")
+    p.add_argument("--pairs", type=int, default=None, help="N, pairs (overrides the shape's)")
+    p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default=None, help="model dtype; default bf16 on "
+                   "cuda, fp32 on cpu")
+    p.add_argument("--backend", choices=["auto", "triton", "torch"], default="auto", help="fused side's backend")
+    p.add_argument("--chunk-bytes", type=int, default=None, help="fused backward workspace (see above)")
+    p.add_argument("--reps", type=int, default=None, help="timed steps per side (default 20 cuda, 3 cpu)")
+    p.add_argument("--threads", type=int, default=1, help="CPU intra-op threads (default 1)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--compile-report", action="store_true", help="no benchmark: compile the kernels' autotune "
+                   "candidates for sm_90 on this machine (no GPU needed) and print one JSON line with registers, "
+                   "spills, shared memory and HGMMA / LDGSTS counts per config")
+    p.add_argument("--child", choices=["naive", "fused", "timing"], help=argparse.SUPPRESS)
+    p.add_argument("--out", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    import torch
+
+    args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    args.shape = args.shape or ("qwen2-1.5b" if args.device == "cuda" else "small")
+    shape = SHAPES[args.shape]
+    args.tokens = args.tokens or shape["tokens"]
+    args.pairs = args.pairs or shape["pairs"]
+    args.vocab, args.hidden = shape["vocab"], shape["hidden"]
+    args.dtype = args.dtype or ("bf16" if args.device == "cuda" else "fp32")
+    args.reps = args.reps or (20 if args.device == "cuda" else 3)
+    if args.chunk_bytes is None:
+        from megapmp_kernels.pair_loss import DEFAULT_CHUNK_BYTES
+
+        scale = 1.0 if args.shape.startswith("qwen2") else min(1.0, args.tokens * args.vocab / QWEN_SCALE)
+        args.chunk_bytes = int(DEFAULT_CHUNK_BYTES * scale)
+    return args
+
+
+def make_inputs(args):
+    import torch
+
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
+    g = torch.Generator().manual_seed(args.seed)
+    T, H, V, N = args.tokens, args.hidden, args.vocab, args.pairs
+    cpu = [torch.randn(T, H, generator=g), torch.randn(V, H, generator=g) * 0.02,
+           torch.randn(N, H, generator=g), torch.randn(N, H, generator=g), torch.randn(1, H, generator=g) * 0.02]
+    targets = torch.randint(0, V, (T,), generator=g).to(args.device)
+    leaves = [x.to(device=args.device, dtype=dtype).requires_grad_() for x in cpu]
+    del cpu
+    return leaves, targets
+
+
+def make_step(side, args, leaves, targets):
+    import torch
+    from megapmp_kernels.pair_loss import fused_pair_loss, naive_pair_loss
+
+    h, w, c, r, s = leaves
+
+    def step():
+        if side == "naive":
+            sums, logits = naive_pair_loss(h, w, targets, c, r, s)
+        else:
+            sums, logits = fused_pair_loss(h, w, targets, c, r, s, backend=args.backend,
+                                           chunk_bytes=args.chunk_bytes), None
+        loss = sums.lm_sum / args.tokens + sums.rm_sum / args.pairs
+        grads = torch.autograd.grad(loss, leaves)
+        del logits  # the seed's logits live until backward is done
+        return [sums.lm_sum.detach(), sums.rm_sum.detach(), *grads]
+
+    return step
+
+
+def fused_impl(args) -> str:
+    if args.backend == "torch" or (args.backend == "auto" and args.device != "cuda"):
+        return "torch-chunked"
+    return "triton"
+
+
+# -- CPU: one subprocess per side ---------------------------------------------------------------------
+
+def _rss_kb():
+    fields = {}
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(("VmRSS:", "VmHWM:")):
+                key, value = line.split(":")
+                fields[key] = int(value.split()[0])
+    return fields["VmRSS"], fields["VmHWM"]
+
+
+def cpu_child(args) -> None:
+    """--child naive|fused: peak RSS of one step (and its outputs); --child timing: both sides interleaved."""
+    import torch
+
+    torch.set_num_threads(args.threads)
+    leaves, targets = make_inputs(args)
+    if args.child == "timing":
+        steps = {side: make_step(side, args, leaves, targets) for side in ("naive", "fused")}
+        times = {side: [] for side in steps}
+        for side, step in steps.items():
+            step()  # warm-up
+        for _ in range(args.reps):  # alternate, so that load from other processes hits both sides alike
+            for side, step in steps.items():
+                t0 = time.perf_counter()
+                step()
+                times[side].append(1000 * (time.perf_counter() - t0))
+        print(json.dumps({side: statistics.median(t) for side, t in times.items()}), flush=True)
+        return
+    step = make_step(args.child, args, leaves, targets)
+    libc = ctypes.CDLL("libc.so.6")
+    out = step()  # warm-up (lazy initialisations stay out of the measured peak)
+    del out
+    gc.collect()
+    libc.malloc_trim(0)
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # VmHWM := VmRSS
+    except OSError as e:  # the warm-up's peak then bounds the reading from above
+        log(f"[bench_loss] cannot reset the peak-RSS counter ({e}): the peak includes the warm-up step")
+    base, _ = _rss_kb()
+    out = step()
+    _, peak = _rss_kb()
+    torch.save([x.float() for x in out], args.out)
+    print(json.dumps({"peak_bytes": (peak - base) * 1024}), flush=True)
+
+
+def run_cpu(args) -> dict:
+    import torch
+
+    results, outputs = {}, {}
+    with tempfile.TemporaryDirectory(prefix="bench-loss-") as tmp:
+        for side in ("naive", "fused", "timing"):
+            path = os.path.join(tmp, f"{side}.pt")
+            cmd = [sys.executable, os.path.abspath(__file__), "--child", side, "--out", path, "--device", "cpu",
+                   "--shape", args.shape, "--tokens", str(args.tokens), "--pairs", str(args.pairs), "--dtype",
+                   args.dtype, "--backend", args.backend, "--chunk-bytes", str(args.chunk_bytes), "--reps",
+                   str(args.reps), "--threads", str(args.threads), "--seed", str(args.seed)]
+            env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
+            if side != "timing":  # every freed tensor leaves RSS at once (exact live peak; slower allocation)
+                env["MALLOC_MMAP_THRESHOLD_"] = "65536"
+            log(f"[bench_loss] {side}: T={args.tokens} H={args.hidden} V={args.vocab} ...")
+            done = subprocess.run(cmd, env=env, capture_output=True, text=True)
+            if done.returncode:
+                raise RuntimeError(f"{side} side failed:\n{done.stderr[-4000:]}")
+            results[side] = json.loads(done.stdout.strip().splitlines()[-1])
+            if side != "timing":
+                outputs[side] = torch.load(path)
+    errs = relative_errors(outputs["fused"], outputs["naive"])
+    return dict(naive_peak_bytes=results["naive"]["peak_bytes"], fused_peak_bytes=results["fused"]["peak_bytes"],
+                naive_ms=results["timing"]["naive"], fused_ms=results["timing"]["fused"], rel_err=errs,
+                device=f"cpu ({args.threads} thread{'s' if args.threads > 1 else ''})",
+                memory_method="subprocess per side (MALLOC_MMAP_THRESHOLD_=65536): VmHWM - VmRSS around one step "
+                              "after a warm-up step, malloc_trim and clear_refs; times from a third process "
+                              "alternating the sides")
+
+
+def relative_errors(got, want) -> dict:
+    out = {}
+    for name, a, b in zip(NAMES, got, want):
+        a, b = a.float(), b.float()
+        out[name] = float((a - b).norm() / b.norm().clamp_min(1e-30))
+    return out
+
+
+# -- CUDA: one process ----------------------------------------------------------------------------------
+
+def run_cuda(args) -> dict:
+    import torch
+
+    leaves, targets = make_inputs(args)
+    results, kept = {}, {}
+    for side in ("naive", "fused"):
+        step = make_step(side, args, leaves, targets)
+        try:
+            out = step()  # warm-up; autotunes the fused kernels
+            del out
+            torch.cuda.synchronize()
+            gc.collect()
+            torch.cuda.empty_cache()
+            base = torch.cuda.memory_allocated()
+            torch.cuda.reset_peak_memory_stats()
+            out = step()
+            torch.cuda.synchronize()
+            peak = torch.cuda.max_memory_allocated() - base
+            kept[side] = out
+            times = []
+            for _ in range(args.reps):
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                torch.cuda.synchronize()
+                start.record()
+                step()
+                end.record()
+                torch.cuda.synchronize()
+                times.append(start.elapsed_time(end))
+            results[side] = {"peak_bytes": peak, "ms": statistics.median(times),
+                             "ms_spread": [min(times), max(times)]}
+        except torch.cuda.OutOfMemoryError as e:
+            log(f"[bench_loss] {side}: out of memory: {e}")
+            results[side] = {"peak_bytes": None, "ms": None, "error": "out of memory"}
+            kept.pop(side, None)
+            gc.collect()
+            torch.cuda.empty_cache()
+    errs = relative_errors(kept["fused"], kept["naive"]) if len(kept) == 2 else {}
+    return dict(naive_peak_bytes=results["naive"]["peak_bytes"], fused_peak_bytes=results["fused"]["peak_bytes"],
+                naive_ms=results["naive"]["ms"], fused_ms=results["fused"]["ms"], rel_err=errs,
+                naive_ms_range=results["naive"].get("ms_spread"), fused_ms_range=results["fused"].get("ms_spread"),
+                device=torch.cuda.get_device_name(), memory_method="torch.cuda.max_memory_allocated - baseline")
+
+
+def main(argv=None) -> dict:
+    args = parse(argv)
+    if args.compile_report:
+        os.environ.pop("TRITON_INTERPRET", None)
+        from megapmp_kernels.pair_loss import compile_report
+
+        rows = compile_report()
+        result = {"compile_report": rows, "target": "sm_90",
+                  "ok": all("error" not in r and r["stl"] == 0 and (r["hgmma"] > 0) for r in rows)}
+        print(json.dumps(result), flush=True)
+        return result
+    if args.child:
+        cpu_child(args)
+        return {}
+    import torch
+
+    res = run_cpu(args) if args.device == "cpu" else run_cuda(args)
+    elt = {"bf16": 2, "fp16": 2, "fp32": 4}[args.dtype]
+    T, H, V, N = args.tokens, args.hidden, args.vocab, args.pairs
+    grad_bytes = elt * (T * H + V * H + 2 * N * H + H)
+    naive, fused = res["naive_peak_bytes"], res["fused_peak_bytes"]
+    result = {
+        "shape": args.shape, "tokens": T, "hidden": H, "vocab": V, "pairs": N, "dtype": args.dtype,
+        "device": res["device"], "fused_impl": fused_impl(args), "chunk_bytes": args.chunk_bytes,
+        "fused_peak_bytes": fused, "naive_peak_bytes": naive,
+        "memory_ratio": naive / fused if naive and fused else None,
+        "grad_bytes": grad_bytes,
+        "fused_workspace_bytes": fused - grad_bytes if fused is not None else None,
+        "naive_workspace_bytes": naive - grad_bytes if naive is not None else None,
+        "workspace_ratio": (naive - grad_bytes) / max(1, fused - grad_bytes) if naive and fused else None,
+        "fused_ms": res["fused_ms"], "naive_ms": res["naive_ms"],
+        "speedup": res["naive_ms"] / res["fused_ms"] if res["naive_ms"] and res["fused_ms"] else None,
+        "max_rel_err": max(res["rel_err"].values()) if res["rel_err"] else None, "rel_err": res["rel_err"],
+        "memory_method": res["memory_method"], "torch": torch.__version__,
+    }
+    for key in ("naive_ms_range", "fused_ms_range"):
+        if res.get(key):
+            result[key] = res[key]
+    try:
+        import triton
+
+        result["triton"] = triton.__version__
+    except ImportError:
+        result["triton"] = None
+    print(json.dumps(result), flush=True)
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,549 @@
+#!/usr/bin/env python
+"""Benchmark one PMP optimizer step: megapmp (packed rows + pmp_loss) against the seed approach
+(CodePMP's reward_trainer.py: HF Qwen2ForSequenceClassification on right-padded rows, full fp32 logits),
+on the same pairs, the same model size and the same initial weights, in one process invocation.
+
+Sides (both: rm_coef * -logsigmoid(r_c - r_r) averaged over pairs + lm_coef * CE averaged over chosen-response
+tokens, then gradient-norm clipping and one AdamW step built by megapmp.optim.build_optimizer with the same
+hyper-parameters):
+
+  baseline   CodePMP's collator and compute_loss: the pair's chosen row [P C] and rejected row [P R] are
+             interleaved (chosen, rejected, chosen, ...) into one batch right-padded to its longest row;
+             HF Qwen2ForSequenceClassification (num_labels=1, attn_implementation sdpa, eager as fallback)
+             with output_hidden_states=True; reward = HF's pooled score (last non-pad token, so pad id 0 !=
+             the EOS every response ends with); a separate lm_head Linear on the chosen rows' last hidden
+             states, logits.float(), the shifted .contiguous() copy of all logits, CrossEntropyLoss with
+             labels masked to the chosen-response tokens. Weights: ours through megapmp.convert.hf.to_hf_state_dict
+             (lm_head copied; tied to the HF embedding if the config ties them, so both sides train the same
+             parameters).
+  megapmp    pack_pairs(pairs, --seq-len, --layout) -> Qwen2RewardModel -> pmp_loss, as Trainer.train_step
+             does with one micro-batch (global_pairs / global_lm_tokens = this step's counts).
+
+Both timed regions include building the batch (padding / packing and conversion to tensors), forward,
+loss, backward, clipping and the optimizer step (then zero_grad(set_to_none=True)).
+
+Throughput = real tokens / step seconds, where real tokens of a pair = len([P C]) + len([P R]) =
+2P + C + R for every side and layout (shared-prefix encodes P once, but is credited the same tokens, so
+its ratio to duplicated is a pair-throughput ratio). Steps are interleaved (A B, B A, A B, ...: the
+order alternates so neither side always runs on a warmer cache) after --warmup untimed steps; each step
+uses a fresh deterministic batch of pairs, the same for every side. Reported rates are medians over
+the --steps timed steps; speedup = ratio of the medians; speedup_paired_median = median of per-step
+time ratios (both sides ran the same batch back to back). *_cpu_tokens_per_s / speedup_cpu_time: the same
+with the process's CPU time (time.process_time, all threads) instead of wall time -- much less disturbed by
+other jobs time-slicing a shared machine; use it with --threads 1 there (idle OpenMP threads spin and bill
+CPU time), and the wall-clock keys on a quiet machine.
+
+Memory (per side, in a FRESH subprocess: `bench_train.py --_child megapmp|baseline ...`, so one side's
+allocations never colour the other's):
+  CPU:  peak_bytes = VmHWM - VmRSS, where VmRSS is read after model + optimizer construction (and
+        gc), VmHWM (peak resident set) after --mem-steps steps, i.e. everything a training step adds on
+        top of the resident weights: activations, logits, gradients, the AdamW states created by the first
+        step, temporaries. steady_peak_bytes: the same for the steps after the first, with the peak reset
+        (/proc/self/clear_refs = 5) and the baseline RSS re-read just before each step (AdamW states then
+        already exist, so this is the per-step transient alone). The children run with
+        MALLOC_MMAP_THRESHOLD_=131072 and MALLOC_TRIM_THRESHOLD_=0 so that every tensor over 128 KiB is
+        its own mmap and is returned to the OS when freed: RSS then tracks live tensor bytes instead of
+        glibc's cached free lists.
+  CUDA: the same definitions with torch.cuda.max_memory_allocated() / memory_allocated()
+        (torch.cuda.reset_peak_memory_stats() for the steady value).
+memory_ratio = baseline_peak_bytes / megapmp_peak_bytes (> 1: megapmp needs less).
+
+Loss check: the first (warmup) step's losses of both sides are reported; same weights, same pairs and the
+same normalisation, so in the duplicated layout rm and lm losses agree to ~1e-5 (fp32; shared-prefix is the
+same math too).
+
+--compare-layouts times megapmp duplicated against megapmp shared-prefix instead (no baseline) and reports
+duplicated_tokens_per_s, shared_prefix_tokens_per_s and shared_prefix_speedup.
+
+Prints ONE JSON line on stdout; progress goes to stderr. On CPU compare ratios, not absolute rates.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import gc
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from megapmp.config import MODEL_PRESETS, ModelConfig, TrainConfig, model_preset
+from megapmp.convert.hf import to_hf_config, to_hf_state_dict
+from megapmp.data.datasets import Pair
+from megapmp.data.packing import IGNORE_INDEX, pack_pairs
+from megapmp.eval.scoring import attention_inputs
+from megapmp.loss import pmp_loss
+from megapmp.model import Qwen2RewardModel
+from megapmp.optim import build_optimizer
+
+PAD_ID, EOS_ID = 0, 1  # random token ids are drawn from [2, vocab): pad never equals a real token
+CPU_MODEL = "bench-cpu"
+MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "131072", "MALLOC_TRIM_THRESHOLD_": "0"}
+
+
+def log(message: str) -> None:
+    print(f"[bench_train] {message}", file=sys.stderr, flush=True)
+
+
+# --------------------------------------------------------------------------------------------------
+# Configuration and data
+
+
+def model_config(args) -> ModelConfig:
+    if args.model == CPU_MODEL:
+        # CPU-sized, untied like Qwen2-7B (the paper's model); vocabulary large enough for the logits to matter.
+        config = ModelConfig(vocab_size=32000, hidden_size=256, intermediate_size=688, num_hidden_layers=4,
+                             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
+                             rope_theta=10000.0, tie_word_embeddings=False)
+    else:
+        config = model_preset(args.model)
+    if args.vocab:
+        config.vocab_size = args.vocab
+    config.validate()
+    return config
+
+
+def length_range(text: str) -> tuple[int, int]:
+    lo, hi = (int(x) for x in text.split(","))
+    if not 1 <= lo <= hi:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected LO,HI with 1 <= LO <= HI")
+    return lo, hi
+
+
+def step_pairs(args, step: int, vocab: int) -> list[Pair]:
+    """The pairs of step `step`: a pure function of (--seed, step). CodePMP-shaped: the prompt about as
+    long as each response; responses end with EOS; ids in [2, vocab) so none equals PAD or EOS."""
+    rng = np.random.default_rng([args.seed, step])
+    pairs = []
+    for _ in range(args.pairs_per_step):
+        p = int(rng.integers(args.prompt_len[0], args.prompt_len[1] + 1))
+        c, r = (int(rng.integers(args.response_len[0], args.response_len[1] + 1)) for _ in range(2))
+        prompt = rng.integers(2, vocab, p, dtype=np.int64)
+        chosen, rejected = (np.append(rng.integers(2, vocab, n - 1, dtype=np.int64), EOS_ID) for n in (c, r))
+        pairs.append(Pair(prompt, chosen, rejected))
+    return pairs
+
+
+def real_tokens(pairs) -> int:
+    return sum(2 * len(p.prompt) + len(p.chosen) + len(p.rejected) for p in pairs)
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(name)
+
+
+def amp_dtype(precision: str, device: torch.device):
+    if precision == "auto":
+        precision = "bf16" if device.type == "cuda" else "fp32"
+    return {"fp32": None, "bf16": torch.bfloat16}[precision]
+
+
+def reference_weights(config: ModelConfig, seed: int) -> dict[str, torch.Tensor]:
+    """megapmp's init (HF Qwen2 init) on CPU; both sides start from these exact tensors."""
+    torch.manual_seed(seed)
+    model = Qwen2RewardModel(config)
+    model.init_weights()
+    return model.state_dict()
+
+
+# --------------------------------------------------------------------------------------------------
+# The two sides
+
+
+class Side:
+    name = "?"
+
+    def __init__(self, args, config, device):
+        self.args, self.config, self.device = args, config, device
+        self.amp = amp_dtype(args.precision, device)
+
+    def _optimizer(self, model):
+        optimizer, _ = build_optimizer(model, lr=self.args.lr, weight_decay=self.args.weight_decay,
+                                       betas=(0.9, 0.95), eps=1e-8, backend="torch")
+        return optimizer
+
+    def _finish(self, loss) -> None:
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.args.grad_clip)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def autocast(self):
+        return torch.autocast(self.device.type, dtype=self.amp, enabled=self.amp is not None)
+
+
+class MegapmpSide(Side):
+    def __init__(self, args, config, device, state_dict, layout):
+        super().__init__(args, config, device)
+        self.layout = layout
+        self.name = f"megapmp[{layout}]"
+        self.model = Qwen2RewardModel(config, activation_checkpointing=args.activation_checkpointing,
+                                      attention_backend=args.attention_backend)
+        self.model.load_state_dict(state_dict)
+        self.model.tie_weights()
+        self.model.to(device).train()
+        self.optimizer = self._optimizer(self.model)
+
+    def step(self, pairs) -> dict:
+        packed = pack_pairs(pairs, self.args.seq_len, self.layout, PAD_ID)
+        batch = packed.to_torch(self.device)
+        with self.autocast():
+            hidden = self.model(batch.input_ids, batch.position_ids, attention_inputs(batch))  # [R, S, H]
+        out = pmp_loss(hidden, self.model.lm_head.weight, self.model.score.weight, batch,
+                       rm_coef=self.args.rm_coef, lm_coef=self.args.lm_coef, global_pairs=len(pairs),
+                       global_lm_tokens=packed.num_lm_tokens, lm_chunk=self.args.lm_chunk)
+        self._finish(out.loss)
+        shared = self.layout == "shared-prefix"
+        return {"loss": float(out.loss.detach()), "rm_loss": float(out.rm_loss), "lm_loss": float(out.lm_loss),
+                # the prompt of a shared-prefix pair stands for both [P C] and [P R]
+                "real_tokens": packed.num_real_tokens + (sum(len(p.prompt) for p in pairs) if shared else 0),
+                "lm_tokens": packed.num_lm_tokens, "row_tokens": int(np.prod(packed.shape))}
+
+
+class BaselineSide(Side):
+    name = "baseline"
+
+    def __init__(self, args, config, device, state_dict):
+        super().__init__(args, config, device)
+        from transformers import Qwen2Config, Qwen2ForSequenceClassification
+
+        hf_config = Qwen2Config(**to_hf_config(config, pad_token_id=PAD_ID, eos_token_id=EOS_ID))
+        model, self.attn_implementation = None, None
+        for implementation in ("sdpa", "eager"):
+            try:
+                hf_config._attn_implementation = implementation
+                model = Qwen2ForSequenceClassification(hf_config)
+                self.attn_implementation = implementation
+                break
+            except (ValueError, ImportError) as error:  # sdpa unsupported here: fall back to eager
+                log(f"baseline: attn_implementation={implementation} failed ({error})")
+        model.load_state_dict(to_hf_state_dict(state_dict, config, include_lm_head=False))
+        # CodePMP: model.lm_head = AutoModelForCausalLM.from_pretrained(...).lm_head, a separate Linear.
+        model.lm_head = torch.nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            model.lm_head.weight = model.model.embed_tokens.weight
+        else:
+            with torch.no_grad():
+                model.lm_head.weight.copy_(state_dict["lm_head.weight"])
+        self.model = model.to(device).train()
+        self.optimizer = self._optimizer(self.model)
+
+    def collate(self, pairs):
+        """CodePMP's RewardDataCollatorWithPadding: rows chosen0, rejected0, chosen1, ... right-padded to the
+        longest; labels = the chosen-response tokens of the chosen rows, IGNORE_INDEX elsewhere."""
+        rows = []
+        for p in pairs:
+            rows += [np.concatenate([p.prompt, p.chosen]), np.concatenate([p.prompt, p.rejected])]
+        width = max(len(r) for r in rows)
+        input_ids = np.full((len(rows), width), PAD_ID, np.int64)
+        attention_mask = np.zeros((len(rows), width), np.int64)
+        labels = np.full((len(rows), width), IGNORE_INDEX, np.int64)
+        for i, row in enumerate(rows):
+            input_ids[i, : len(row)], attention_mask[i, : len(row)] = row, 1
+        for i, p in enumerate(pairs):
+            start = len(p.prompt)
+            labels[2 * i, start : start + len(p.chosen)] = p.chosen
+        return (torch.from_numpy(t).to(self.device) for t in (input_ids, attention_mask, labels))
+
+    def step(self, pairs) -> dict:
+        input_ids, attention_mask, labels = self.collate(pairs)
+        with self.autocast():
+            output = self.model(input_ids=input_ids, attention_mask=attention_mask, return_dict=True,
+                                output_hidden_states=True)
+            rewards = output.logits.float()  # [2N, 1], pooled at the last non-pad token
+            rm_loss = -F.logsigmoid(rewards[::2] - rewards[1::2]).mean()
+            hidden = output.hidden_states[-1][::2]  # [N, W, H], final-normed
+            if self.amp is not None:
+                hidden = hidden.to(self.amp)
+            logits = self.model.lm_head(hidden).float()  # [N, W, V]: every position of every chosen row
+            shift_logits = logits[..., :-1, :].contiguous()
+            shift_labels = labels[::2][..., 1:].contiguous()
+            lm_loss = F.cross_entropy(shift_logits.view(-1, self.config.vocab_size), shift_labels.view(-1))
+            loss = self.args.rm_coef * rm_loss + self.args.lm_coef * lm_loss
+        self._finish(loss)
+        return {"loss": float(loss.detach()), "rm_loss": float(rm_loss.detach()), "lm_loss": float(lm_loss.detach()),
+                "real_tokens": int(attention_mask.sum()), "lm_tokens": int((labels != IGNORE_INDEX).sum()),
+                "row_tokens": int(input_ids.numel())}
+
+
+def build_side(kind: str, args, config, device, state_dict):
+    if kind == "baseline":
+        return BaselineSide(args, config, device, state_dict)
+    return MegapmpSide(args, config, device, state_dict, kind)
+
+
+# --------------------------------------------------------------------------------------------------
+# Memory: one side per fresh subprocess
+
+
+def _proc_status_bytes(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError(f"/proc/self/status has no {field}")
+
+
+def _reset_peak_rss() -> bool:
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def run_child(args) -> None:
+    """Measure one side's step memory; prints one JSON line."""
+    device = pick_device(args.device)
+    config = model_config(args)
+    kind = "baseline" if args._child == "baseline" else args.layout
+    state_dict = reference_weights(config, args.seed)
+    side = build_side(kind, args, config, device, state_dict)
+    del state_dict
+    gc.collect()
+    cuda = device.type == "cuda"
+    if cuda:
+        torch.cuda.synchronize()
+        current = torch.cuda.memory_allocated
+        torch.cuda.reset_peak_memory_stats()
+    else:
+        current = lambda: _proc_status_bytes("VmRSS")  # noqa: E731
+    base = current()
+    resettable = cuda or _reset_peak_rss()
+    peaks, steady = [], []  # absolute peak during each step; per-step peak over the RSS just before it
+    for i in range(args.mem_steps):
+        pairs = step_pairs(args, i, config.vocab_size)
+        if i > 0 and resettable:
+            gc.collect()
+            before = current()
+            torch.cuda.reset_peak_memory_stats() if cuda else _reset_peak_rss()
+        side.step(pairs)
+        if cuda:
+            torch.cuda.synchronize()
+        peaks.append(torch.cuda.max_memory_allocated() if cuda else _proc_status_bytes("VmHWM"))
+        if i > 0 and resettable:
+            steady.append(peaks[-1] - before)
+    # Without a peak reset VmHWM only grows, so the max is still the peak over all steps.
+    result = {"side": side.name, "peak_bytes": max(peaks) - base, "steady_peak_bytes": max(steady) if steady else None,
+              "base_bytes": base, "method": "cuda.max_memory_allocated" if cuda else "VmHWM-VmRSS"}
+    print(json.dumps(result), flush=True)
+
+
+def measure_memory(args, argv, kind: str) -> dict:
+    child = "baseline" if kind == "baseline" else "megapmp"
+    command = [sys.executable, os.path.abspath(__file__), *argv, "--_child", child]
+    if child == "megapmp":
+        command += ["--layout", kind]
+    env = dict(os.environ, **MALLOC_ENV)
+    log(f"memory: {kind} in a fresh process")
+    done = subprocess.run(command, env=env, stdout=subprocess.PIPE, text=True)
+    if done.returncode:
+        raise RuntimeError(f"memory child {kind} failed with exit status {done.returncode}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+# --------------------------------------------------------------------------------------------------
+# Timing
+
+
+def profile_side(side, args, config) -> None:
+    from torch.profiler import ProfilerActivity, profile
+
+    pairs = step_pairs(args, 0, config.vocab_size)
+    side.step(pairs)
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=False) as prof:
+        side.step(step_pairs(args, 1, config.vocab_size))
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25), file=sys.stderr)
+
+
+def time_sides(args, config, device, kinds: list[str]) -> dict:
+    state_dict = reference_weights(config, args.seed)
+    sides = [build_side(kind, args, config, device, state_dict) for kind in kinds]
+    del state_dict
+    if args.profile:
+        profile_side(sides[kinds.index(args.profile)], args, config)
+        sys.exit(0)
+    times = {k: [] for k in kinds}
+    cpu_times = {k: [] for k in kinds}
+    first = {}
+    counts = {k: {"real_tokens": [], "row_tokens": [], "lm_tokens": []} for k in kinds}
+    expected = []
+    for i in range(args.warmup + args.steps):
+        pairs = step_pairs(args, i, config.vocab_size)
+        timed = i >= args.warmup
+        order = list(range(len(sides))) if i % 2 == 0 else list(reversed(range(len(sides))))
+        for j in order:
+            side, kind = sides[j], kinds[j]
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            started, cpu_started = time.perf_counter(), time.process_time()
+            out = side.step(pairs)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            elapsed, cpu_elapsed = time.perf_counter() - started, time.process_time() - cpu_started
+            if i == 0:
+                first[kind] = out
+            if timed:
+                times[kind].append(elapsed)
+                cpu_times[kind].append(cpu_elapsed)
+                for key in counts[kind]:
+                    counts[kind][key].append(out[key])
+            log(f"step {i}{'' if timed else ' (warmup)'} {side.name}: {elapsed:.3f}s ({cpu_elapsed:.3f}s CPU), loss {out['loss']:.6f}, "
+                f"{out['real_tokens']} real / {out['row_tokens']} row tokens")
+        if timed:
+            expected.append(real_tokens(pairs))
+    rates = {k: [n / t for n, t in zip(expected, times[k])] for k in kinds}
+    cpu_rates = {k: [n / t for n, t in zip(expected, cpu_times[k])] for k in kinds}
+    return {"sides": sides, "times": times, "rates": rates, "cpu_rates": cpu_rates, "first": first, "counts": counts,
+            "expected_real_tokens": expected}
+
+
+def mean(values):
+    return float(statistics.fmean(values)) if values else None
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args._child:
+        run_child(args)
+        return 0
+    started = time.perf_counter()
+    device = pick_device(args.device)
+    config = model_config(args)
+    kinds = ["duplicated", "shared-prefix"] if args.compare_layouts else ["baseline", args.layout]
+    log(f"model {args.model} ({config.hidden_size}h x {config.num_hidden_layers}L, vocab {config.vocab_size}), "
+        f"device {device}, {args.pairs_per_step} pairs/step, sides {kinds}, torch threads {torch.get_num_threads()}")
+    run = time_sides(args, config, device, kinds)
+    med = {k: statistics.median(run["rates"][k]) for k in kinds}
+    cpu = {k: statistics.median(run["cpu_rates"][k]) for k in kinds}
+    paired = statistics.median([tb / ta for ta, tb in zip(run["times"][kinds[1]], run["times"][kinds[0]])])
+    memory = {} if args.no_memory else {k: measure_memory(args, argv, k) for k in kinds}
+    first = run["first"]
+    counts = run["counts"]
+    result = {"model": args.model, "device": str(device), "precision": str(amp_dtype(args.precision, device) or "fp32"),
+              "vocab_size": config.vocab_size, "pairs_per_step": args.pairs_per_step, "seq_len": args.seq_len,
+              "steps": args.steps, "warmup": args.warmup, "threads": torch.get_num_threads(),
+              "attention_backend": args.attention_backend,
+              "real_tokens_per_step": mean(run["expected_real_tokens"])}
+
+    def mem(kind, key):
+        return memory[kind][key] if memory else None
+
+    if args.compare_layouts:
+        d, s = "duplicated", "shared-prefix"
+        result.update({
+            "layout": "duplicated vs shared-prefix",
+            "duplicated_tokens_per_s": med[d], "shared_prefix_tokens_per_s": med[s],
+            "shared_prefix_speedup": med[s] / med[d], "shared_prefix_speedup_paired_median": paired,
+            "shared_prefix_speedup_cpu_time": cpu[s] / cpu[d],
+            "duplicated_row_tokens_per_step": mean(counts[d]["row_tokens"]),
+            "shared_prefix_row_tokens_per_step": mean(counts[s]["row_tokens"]),
+            "duplicated_real_tokens_per_step": mean(counts[d]["real_tokens"]),
+            "shared_prefix_real_tokens_per_step": mean(counts[s]["real_tokens"]),
+            "duplicated_peak_bytes": mem(d, "peak_bytes"), "shared_prefix_peak_bytes": mem(s, "peak_bytes"),
+            "duplicated_steady_peak_bytes": mem(d, "steady_peak_bytes"),
+            "shared_prefix_steady_peak_bytes": mem(s, "steady_peak_bytes"),
+            "loss_duplicated": first[d]["loss"], "loss_shared_prefix": first[s]["loss"],
+            "rm_loss_abs_diff": abs(first[d]["rm_loss"] - first[s]["rm_loss"]),
+            "lm_loss_abs_diff": abs(first[d]["lm_loss"] - first[s]["lm_loss"]),
+        })
+    else:
+        b, m = "baseline", args.layout
+        peak_b, peak_m = mem(b, "peak_bytes"), mem(m, "peak_bytes")
+        steady_b, steady_m = mem(b, "steady_peak_bytes"), mem(m, "steady_peak_bytes")
+        result.update({
+            "layout": args.layout, "baseline_attn_implementation": run["sides"][0].attn_implementation,
+            "megapmp_tokens_per_s": med[m], "baseline_tokens_per_s": med[b], "speedup": med[m] / med[b],
+            "speedup_paired_median": paired,
+            "megapmp_cpu_tokens_per_s": cpu[m], "baseline_cpu_tokens_per_s": cpu[b], "speedup_cpu_time": cpu[m] / cpu[b],
+            "megapmp_step_s_median": statistics.median(run["times"][m]),
+            "baseline_step_s_median": statistics.median(run["times"][b]),
+            "megapmp_peak_bytes": peak_m, "baseline_peak_bytes": peak_b,
+            "memory_ratio": peak_b / peak_m if memory else None,
+            "megapmp_steady_peak_bytes": steady_m, "baseline_steady_peak_bytes": steady_b,
+            "steady_memory_ratio": steady_b / steady_m if memory and steady_m else None,
+            "memory_method": mem(m, "method"),
+            "megapmp_real_tokens_per_step": mean(counts[m]["real_tokens"]),
+            "baseline_real_tokens_per_step": mean(counts[b]["real_tokens"]),
+            "baseline_padded_tokens_per_step": mean(counts[b]["row_tokens"]),
+            "megapmp_row_tokens_per_step": mean(counts[m]["row_tokens"]),
+            "lm_tokens_per_step": mean(counts[m]["lm_tokens"]),
+            "baseline_lm_tokens_per_step": mean(counts[b]["lm_tokens"]),
+            "loss_megapmp": first[m]["loss"], "loss_baseline": first[b]["loss"],
+            "rm_loss_megapmp": first[m]["rm_loss"], "rm_loss_baseline": first[b]["rm_loss"],
+            "lm_loss_megapmp": first[m]["lm_loss"], "lm_loss_baseline": first[b]["lm_loss"],
+            "rm_loss_abs_diff": abs(first[m]["rm_loss"] - first[b]["rm_loss"]),
+            "lm_loss_abs_diff": abs(first[m]["lm_loss"] - first[b]["lm_loss"]),
+            "targets": {"speedup>=1.5": med[m] / med[b] >= 1.5,
+                        "memory_ratio>=1/0.6": (peak_b / peak_m >= 1 / 0.6) if memory else None},
+        })
+    result["wall_s"] = time.perf_counter() - started
+    print(json.dumps(result), flush=True)
+    return 0
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="\n\n".join(__doc__.split("\n\n")[1:]))
+    parser.add_argument("--model", default=CPU_MODEL, choices=[CPU_MODEL, *sorted(MODEL_PRESETS)],
+                        help=f"model preset; {CPU_MODEL} = hidden 256, 4 layers, 4 heads, 2 kv heads, intermediate "
+                             "688, untied (default)")
+    parser.add_argument("--vocab", type=int, default=0,
+                        help="vocabulary size override (default: 32000 for bench-cpu, the preset's otherwise; "
+                             "151936 = Qwen2's)")
+    parser.add_argument("--layout", default="duplicated", choices=["duplicated", "shared-prefix"],
+                        help="megapmp pair layout (default duplicated)")
+    parser.add_argument("--compare-layouts", action="store_true",
+                        help="time megapmp duplicated vs shared-prefix (no baseline)")
+    parser.add_argument("--pairs-per-step", type=int, default=16)
+    parser.add_argument("--seq-len", type=int, default=2048, help="megapmp packed row length (default 2048)")
+    parser.add_argument("--prompt-len", type=length_range, default=(60, 200), metavar="LO,HI",
+                        help="prompt tokens, uniform in [LO, HI] (default 60,200)")
+    parser.add_argument("--response-len", type=length_range, default=(60, 250), metavar="LO,HI",
+                        help="tokens of each response incl. its EOS, uniform in [LO, HI] (default 60,250)")
+    parser.add_argument("--steps", type=int, default=5, help="timed steps per side (default 5)")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed steps per side first (default 1)")
+    parser.add_argument("--mem-steps", type=int, default=2,
+                        help="steps run by each memory child (default 2: the first, then one steady step)")
+    parser.add_argument("--no-memory", action="store_true", help="skip the memory subprocesses")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="auto", help="auto (cuda if available), cpu or cuda")
+    parser.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
+                        help="auto: bf16 autocast on CUDA, fp32 on CPU (both sides alike)")
+    parser.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: torch's default)")
+    parser.add_argument("--lr", type=float, default=1e-5)
+    parser.add_argument("--weight-decay", type=float, default=0.1)
+    parser.add_argument("--grad-clip", type=float, default=1.0)
+    parser.add_argument("--rm-coef", type=float, default=1.0)
+    parser.add_argument("--lm-coef", type=float, default=1.0)
+    parser.add_argument("--lm-chunk", type=int, default=4096, help="megapmp loss.lm_chunk")
+    parser.add_argument("--activation-checkpointing", action="store_true", help="megapmp side only")
+    trainer_backend = {f.name: f.default for f in dataclasses.fields(TrainConfig)}["attention_backend"]
+    parser.add_argument("--attention-backend", default=trainer_backend,
+                        help="megapmp attention backend, a key of megapmp.model.attention.ATTENTION_BACKENDS "
+                             f"(default: the trainer's default, TrainConfig.attention_backend = {trainer_backend})")
+    parser.add_argument("--profile", choices=["baseline", "duplicated", "shared-prefix"],
+                        help="print a torch.profiler table of one step of that side to stderr and exit")
+    parser.add_argument("--_child", choices=["megapmp", "baseline"], help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.steps < 1 or args.warmup < 1 or args.mem_steps < 1:
+        parser.error("--steps, --warmup and --mem-steps must be >= 1 (the first step's losses are compared)")
+    return args
+
+
+if __name__ == "__main__":
+    sys.exit(main())
