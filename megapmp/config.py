@@ -502,6 +502,11 @@ def parse_cli(argv=None):
     parser.add_argument("--config", default=None, help="TOML file (examples/configs/*.toml)")
     parser.add_argument("--run-dir", required=True, help="output directory: config.json, metrics.jsonl, checkpoints/")
     args, rest = parser.parse_known_args(argv)
+    return args, parse_overrides(rest, parser)
+
+
+def parse_overrides(rest: list[str], parser) -> list[tuple[str, str]]:
+    """`--section.key value` or `--section.key=value` tokens as (dotted key, raw value) pairs."""
     overrides = []
     i = 0
     while i < len(rest):
@@ -515,4 +520,4 @@ def parse_cli(argv=None):
         else:
             parser.error(f"overrides come as '--section.key value' pairs; could not read {token!r}")
         overrides.append((key.replace("-", "_"), value))
-    return args, overrides
+    return overrides

@@ -124,27 +124,15 @@ def format_estimate(est: dict) -> str:
 def main(argv=None) -> int:
     import argparse
 
-    from megapmp.config import load_train_config
+    from megapmp.config import load_train_config, parse_overrides
 
     parser = argparse.ArgumentParser(prog="python -m megapmp.parallel.memory",
                                      description="Print a training layout and its per-rank memory estimate.")
     parser.add_argument("--config", required=True)
     parser.add_argument("--world-size", type=int, default=None, help="default: tp x pp")
     args, rest = parser.parse_known_args(argv)
-    overrides = []
-    i = 0
-    while i < len(rest):
-        token = rest[i]
-        if token.startswith("--") and "=" in token:
-            key, value = token[2:].split("=", 1)
-            i += 1
-        elif token.startswith("--") and i + 1 < len(rest):
-            key, value = token[2:], rest[i + 1]
-            i += 2
-        else:
-            parser.error(f"overrides come as '--section.key value' pairs; could not read {token!r}")
-        if key != "run-dir":
-            overrides.append((key.replace("-", "_"), value))
+    # The launch scripts pass their whole trainer command line; --run-dir is not a config key.
+    overrides = [(k, v) for k, v in parse_overrides(rest, parser) if k != "run_dir"]
     cfg = load_train_config(args.config, overrides)
     if cfg.model.vocab_size == 0:
         print("note: model.vocab_size = 0 (the shards' vocabulary); estimating with 151936", file=sys.stderr)
