@@ -89,12 +89,12 @@ fi
 # -- training: LM pretraining -> PMP -> RM finetuning ------------------------------------------------
 R=$OUT/runs
 stage train_lm "${TRAIN[@]}" --run-dir "$R/lm" --data.train "$D/lm_docs" --data.kind documents --loss.rm_coef 0 \
-  --data.seq_len 512 --data.items_per_step 8 --data.micro_batches 1 --steps 60 --optimizer.lr 3e-3 --logging.eval_interval 0 --checkpoint.interval 30
+  --data.seq_len 512 --data.items_per_step 8 --data.micro_batches 1 --steps 150 --optimizer.lr 3e-3 --logging.eval_interval 0 --checkpoint.interval 50
 stage train_pmp "${TRAIN[@]}" --run-dir "$R/pmp" --data.train "$D/pmp_train" --data.valid "$D/pmp_valid" \
-  --data.seq_len 1024 --data.items_per_step 16 --steps 120 --optimizer.lr 2e-3 --logging.eval_interval 40 \
-  --checkpoint.interval 40 --checkpoint.init_from "$R/lm" --checkpoint.init_reward_head false
+  --data.seq_len 1024 --data.items_per_step 16 --steps 400 --optimizer.lr 2e-3 --logging.eval_interval 50 \
+  --checkpoint.interval 50 --checkpoint.init_from "$R/lm" --checkpoint.init_reward_head false
 stage train_rm "${TRAIN[@]}" --run-dir "$R/rm" --data.train "$RM_TRAIN" --data.valid "$RM_VALID" --loss.lm_coef 0 \
-  --data.seq_len 1024 --data.items_per_step 16 --steps 100 --optimizer.lr 1e-3 --logging.eval_interval 50 \
+  --data.seq_len 1024 --data.items_per_step 16 --steps 200 --optimizer.lr 1e-3 --logging.eval_interval 50 \
   --checkpoint.interval 50 --checkpoint.init_from "$R/pmp"
 
 # -- export --------------------------------------------------------------------------------------------

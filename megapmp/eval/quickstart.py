@@ -101,8 +101,9 @@ def markdown(report: dict) -> str:
         check = report["agreement"].get(name, {})
         keys = [k for k in ours if k not in ("stderr", "items", "questions", "single_draw", "oracle", "random_pick")]
         for k in keys:
+            diff = check.get("max_abs_diff")
             lines.append(f"| {name} {k} | {_fmt(ours[k])} | {_fmt(theirs.get(k, '-'))} | "
-                         f"{_fmt(check.get('max_abs_diff', '-'))} |")
+                         f"{'-' if diff is None else f'{diff:.1e}'} |")
     lines += ["", f"HF export agrees with megapmp on every score (atol {AGREEMENT_ATOL}): **{report['hf_agrees']}**", ""]
     if report["skipped"]:
         lines += ["Skipped: " + "; ".join(f"{k} ({v})" for k, v in report["skipped"].items()), ""]
