@@ -167,7 +167,7 @@ def main(argv=None) -> int:
 def _summary(report: dict) -> str:
     r = report["results"]
     task = report["task"]
-    if task == "best-of-n":
+    if task in ("best-of-n", "code-bon"):
         return "best-of-n: " + ", ".join(f"N={row['n']}: {row['accuracy']:.4f}" for row in r["rows"])
     if task == "codeprefbench":
         return "codeprefbench: " + ", ".join(f"{a}: {v['accuracy']:.4f}" for a, v in r["aspects"].items()) + \
