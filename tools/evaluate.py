@@ -6,6 +6,7 @@
                    Monte-Carlo, the paper's single-draw protocol, oracle and random-pick baselines
   multiple-choice  LogiQA2.0 / ReClor -> accuracy of the argmax option (ties wrong)
   codeprefbench    CodePrefBench aspect files -> accuracy per aspect (ties 0.5)
+  code-bon         HumanEval candidates -> Best-of-N by sandboxed execution (tools/generate_candidates.py)
 
 The model is a megapmp checkpoint (a step_XXXXXXXX/ directory, or a run / checkpoints directory whose
 newest complete checkpoint is taken) or an HF directory (e.g. written by tools/convert_checkpoint.py to-hf).
