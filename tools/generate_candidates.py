@@ -97,7 +97,7 @@ def read_done(path: Path, generator: dict) -> set[str]:
         with open(path, "r+b") as f:
             f.truncate(cut)
         raw = raw[:cut]
-    for line_no, line in enumerate(raw.decode("utf-8").splitlines(), 1):
+    for line_no, line in enumerate(raw.decode("utf-8").split("\n"), 1):  # not splitlines(): U+2028 in JSON
         if not line.strip():
             continue
         record = json.loads(line)

@@ -62,7 +62,8 @@ def finetune_shard(base: Path, work: Path, size: int) -> str:
 
     prefix = work / "data" / f"gsm8k_{size}"
     if not Path(f"{prefix}.json").exists():
-        lines = (base / "data" / "gsm8k_train.jsonl").read_text().splitlines()
+        # split("\n"), not splitlines(): JSON strings may hold U+2028 and other characters splitlines() breaks at.
+        lines = [l for l in (base / "data" / "gsm8k_train.jsonl").read_text().split("\n") if l.strip()]
         if len(lines) < size:
             raise ValueError(f"only {len(lines)} GSM8K training pairs, asked for {size}")
         subset = work / "data" / f"gsm8k_{size}.jsonl"

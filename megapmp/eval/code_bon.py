@@ -117,7 +117,7 @@ class ExecCache:
         self.path = Path(path)
         self.entries: dict[str, dict] = {}
         if self.path.exists():
-            for line in self.path.read_text(encoding="utf-8").splitlines():
+            for line in self.path.read_text(encoding="utf-8").split("\n"):  # not splitlines(): U+2028 in JSON
                 try:
                     entry = json.loads(line)
                 except ValueError:

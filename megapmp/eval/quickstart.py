@@ -38,7 +38,7 @@ def headline(name: str, report: dict):
 
 def _flat_scores(path: Path) -> np.ndarray:
     values = []
-    for line in path.read_text().splitlines():
+    for line in filter(str.strip, path.read_text().split("\n")):  # not splitlines(): U+2028 in JSON
         record = json.loads(line)
         for key in ("r_chosen", "r_rejected"):
             if key in record:
