@@ -240,15 +240,7 @@ def summarize(snippets: list[dict], output: str | os.PathLike, backend: Backend,
                          **_passthrough(snippet)}, None))
         return out
 
-    with StageOutput(output, fingerprint) as out:
-        todo = [s for s in snippets if s["id"] not in out.done]
-        stats.skipped_done, stats.resumed_kept = len(snippets) - len(todo), out.resumed_kept
-        stats.resumed_dropped = out.resumed_dropped
-        _run_batches(todo, out, stats, process, config.batch_size, progress, "summarize", len(snippets))
-        stats.written = out.writer.written
-        out.finish()
-    stats.seconds = time.perf_counter() - start
-    return stats
+    return _run_stage(output, fingerprint, snippets, stats, process, config.batch_size, progress, "summarize", start)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -331,11 +323,17 @@ def generate_pairs(descriptions: list[dict], output: str | os.PathLike, strong: 
                             if not k.startswith("description_")}}, None))
         return out
 
+    return _run_stage(output, fingerprint, descriptions, stats, process, config.batch_size, progress, "generate", start)
+
+
+def _run_stage(output, fingerprint, records, stats, process, batch_size, progress, name, start):
+    """The resumable shell both stages share: skip ids already written, process the rest in batches,
+    then rename the finished output into place."""
     with StageOutput(output, fingerprint) as out:
-        todo = [r for r in descriptions if r["id"] not in out.done]
-        stats.skipped_done, stats.resumed_kept = len(descriptions) - len(todo), out.resumed_kept
+        todo = [r for r in records if r["id"] not in out.done]
+        stats.skipped_done, stats.resumed_kept = len(records) - len(todo), out.resumed_kept
         stats.resumed_dropped = out.resumed_dropped
-        _run_batches(todo, out, stats, process, config.batch_size, progress, "generate", len(descriptions))
+        _run_batches(todo, out, stats, process, batch_size, progress, name, len(records))
         stats.written = out.writer.written
         out.finish()
     stats.seconds = time.perf_counter() - start
