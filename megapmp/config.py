@@ -255,6 +255,10 @@ class DataConfig:
     """Pair packing: duplicated [P C][P R] or shared-prefix [P C R]."""
     seq_len: int = 2048
     """Tokens per packed row; a pair must fit in one row."""
+    packing: str = "flat"
+    """flat: each micro-batch becomes one [1, T] row of its real tokens (no row-end padding; for the
+    varlen attention backends: segmented, torch_varlen, flash_attn, auto); rows: [R, seq_len] rows as
+    first-fit left them (what the dense-mask sdpa backend needs)."""
     items_per_step: int = 32
     """Global batch: pairs (or document windows) per optimizer step, over all data-parallel ranks."""
     micro_batches: int = 1
@@ -272,6 +276,8 @@ class DataConfig:
             problems.append(f"kind={self.kind!r} is not pairs or documents")
         if self.layout not in ("duplicated", "shared-prefix"):
             problems.append(f"layout={self.layout!r} is not duplicated or shared-prefix")
+        if self.packing not in ("flat", "rows"):
+            problems.append(f"packing={self.packing!r} is not flat or rows")
         for name in ("seq_len", "items_per_step", "micro_batches", "valid_items"):
             if getattr(self, name) <= 0:
                 problems.append(f"{name}={getattr(self, name)} must be positive")
@@ -410,6 +416,9 @@ class TrainConfig:
             problems += tp_problems(self.model, p.tp)
         if p.sequence_parallel and p.tp > 1 and d.seq_len % p.tp:
             problems.append(f"sequence parallel needs data.seq_len={d.seq_len} divisible by parallel.tp={p.tp}")
+        if self.attention_backend == "sdpa" and d.packing == "flat":
+            problems.append("attention_backend=sdpa builds a dense [T, T] mask per row: with data.packing=flat "
+                            "that is the whole micro-batch; use data.packing=rows, or a varlen backend")
         if self.data.kind == "documents" and self.loss.rm_coef:
             problems.append("data.kind=documents has no pairs: set loss.rm_coef = 0 for LM pretraining")
         if problems:

@@ -11,7 +11,7 @@ Only the hidden states of LM-target positions ever meet the vocabulary: the [tok
 of the whole batch are never materialised (the seed implementation keeps bf16 and fp32 copies of them
 for every row position). Two backends compute the same value:
 
-* ``"torch"`` (torch-chunked): ``lm_loss_sum``'s checkpointed chunks of `lm_chunk` tokens, and
+* ``"torch"`` (torch-chunked): ``lm_loss_sum``'s chunks of `lm_chunk` tokens, gradients made in forward, and
   ``pair_rewards`` + ``rm_loss_sum``. The default on CPU (and wherever triton is missing).
 * ``"triton"`` (triton-fused): ``megapmp_kernels.pair_loss.fused_pair_loss`` -- tiled log-sum-exp over the
   vocabulary, logits recomputed in backward, the reward read-out and pairwise log-sigmoid in the same
@@ -28,7 +28,6 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-import torch.utils.checkpoint
 
 from megapmp.data.packing import IGNORE_INDEX
 
@@ -91,23 +90,62 @@ def rm_loss_sum(r_chosen: torch.Tensor, r_rejected: torch.Tensor) -> torch.Tenso
 def lm_loss_sum(hidden: torch.Tensor, lm_weight: torch.Tensor, labels: torch.Tensor, chunk: int = 4096) -> torch.Tensor:
     """Summed next-token CE over positions whose label is not IGNORE_INDEX, logits in fp32, in chunks.
 
-    Each chunk's logits are recomputed in backward (checkpointed), so peak extra memory is one chunk of
-    [chunk x vocab] fp32 logits, however many target tokens the batch holds.
+    Peak extra memory is one chunk of [chunk x vocab] fp32 logits, however many target tokens the batch
+    holds (see ChunkedLinearCrossEntropy).
     """
     flat_labels = labels.reshape(-1)
     positions = torch.nonzero(flat_labels != IGNORE_INDEX).squeeze(-1)  # [T]
     selected = hidden.reshape(-1, hidden.shape[-1])[positions]  # [T, H]
-    targets = flat_labels[positions]  # [T]
-    total = hidden.new_zeros((), dtype=torch.float32)
-    for start in range(0, len(positions), chunk):
-        h, t = selected[start : start + chunk], targets[start : start + chunk]
-        total = total + torch.utils.checkpoint.checkpoint(_chunk_ce, h, lm_weight, t, use_reentrant=False)
-    return total
+    return ChunkedLinearCrossEntropy.apply(selected, lm_weight, flat_labels[positions], chunk)
 
 
-def _chunk_ce(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    logits = (h @ weight.t()).float()  # [chunk, V]
-    return F.cross_entropy(logits, targets, reduction="sum")
+class ChunkedLinearCrossEntropy(torch.autograd.Function):
+    """sum_t CE(hidden[t] @ weight.T, targets[t]) without a [T x V] tensor, gradients made in forward.
+
+    The loss is the graph's last op and its output a scalar, so d(loss)/d(logits) = softmax - onehot is
+    known while each chunk's logits are still at hand: forward turns them into grad_hidden [T, H] and
+    accumulates grad_weight [V, H] there and then, and backward only scales the two by the incoming
+    scalar. Against checkpointed chunks (recompute logits in backward) this skips one [T x H x V]
+    matmul, a third of the LM head's work, and holds one [chunk x V] buffer instead of logits,
+    log-probabilities and their gradient. grad_weight is allocated at the same point in the step as the
+    checkpointed version's (loss backward runs first), so the step's peak does not grow.
+    (The Triton kernel recomputes instead: on a GPU the [V, H] fp32 accumulator is the bigger cost.)
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, chunk):
+        need_hidden, need_weight = ctx.needs_input_grad[:2]
+        grad_hidden = torch.empty_like(hidden) if need_hidden else None
+        grad_weight = torch.zeros_like(weight, dtype=torch.float32) if need_weight else None
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        for start in range(0, hidden.shape[0], chunk):
+            h, t = hidden[start : start + chunk], targets[start : start + chunk]
+            logits = (h @ weight.t()).float()  # [c, V], the only vocabulary-sized buffer
+            rows = torch.arange(len(t), device=t.device)
+            target_logit = logits[rows, t]
+            row_max = logits.amax(dim=-1)
+            exp = logits.sub_(row_max[:, None]).exp_()  # in place: exp(logit - max)
+            sum_exp = exp.sum(dim=-1)
+            total += (row_max + sum_exp.log() - target_logit).sum()  # log-sum-exp - target logit
+            if need_hidden or need_weight:
+                grad_logits = exp.mul_(sum_exp.reciprocal()[:, None])  # softmax - onehot, in place, fp32
+                grad_logits[rows, t] -= 1.0
+                if need_hidden:
+                    grad_hidden[start : start + chunk] = grad_logits.to(weight.dtype) @ weight
+                if need_weight:
+                    grad_weight.addmm_(grad_logits.t(), h.float())
+        ctx.grads = (grad_hidden, grad_weight, weight.dtype)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_total):
+        grad_hidden, grad_weight, weight_dtype = ctx.grads
+        ctx.grads = None  # one backward only: free the buffers as soon as they are handed on
+        if grad_hidden is not None:
+            grad_hidden = grad_hidden * grad_total.to(grad_hidden.dtype)
+        if grad_weight is not None:
+            grad_weight = (grad_weight * grad_total).to(weight_dtype)
+        return grad_hidden, grad_weight, None, None
 
 
 def pmp_loss(hidden: torch.Tensor, lm_weight: torch.Tensor | None, score_weight: torch.Tensor | None, batch, *,

@@ -189,7 +189,9 @@ class Trainer:
         self.amp_dtype = autocast_dtype(cfg.precision, self.device)
         self.loader = StepLoader(cfg.data.train, kind=cfg.data.kind, weights=cfg.data.weights,
                                  items_per_step=cfg.data.items_per_step, micro_batches=cfg.data.micro_batches,
-                                 seq_len=cfg.data.seq_len, layout=cfg.data.layout, seed=cfg.data.seed,
+                                 seq_len=cfg.data.seq_len, layout=cfg.data.layout, packing=cfg.data.packing,
+                                 pad_multiple=cfg.parallel.tp if cfg.parallel.sequence_parallel else 1,
+                                 seed=cfg.data.seed,
                                  dp_rank=self.ctx.dp_rank, dp_size=self.ctx.dp_size)
         self._resolve_vocab(self.loader.meta)
         cfg.validate()

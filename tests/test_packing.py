@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 
 from megapmp.data.datasets import Pair
 from megapmp.data.loader import BlendedSampler, EpochShuffle, StepLoader
-from megapmp.data.packing import IGNORE_INDEX, pack_documents, pack_pairs, pair_packed_length
+from megapmp.data.packing import IGNORE_INDEX, flatten_rows, pack_documents, pack_pairs, pair_packed_length
 from megapmp.data.preprocess import build_shard
 
 PAD = 999
@@ -39,8 +39,33 @@ def locate(batch, flat):
 def test_pack_pairs_invariants(lengths, seq_len, layout):
     pairs = make_pairs(lengths)
     batch = pack_pairs(pairs, seq_len, layout, PAD)
+    assert batch.shape[1] == seq_len
+    check_pair_batch(batch, pairs, layout)
+
+
+@settings(max_examples=60, deadline=None)
+@given(lengths=pair_lengths, seq_len=st.integers(80, 160), layout=st.sampled_from(["duplicated", "shared-prefix"]),
+       multiple=st.sampled_from([1, 2, 3, 8]))
+def test_flatten_rows_keeps_every_invariant_in_one_row(lengths, seq_len, layout, multiple):
+    pairs = make_pairs(lengths)
+    rows = pack_pairs(pairs, seq_len, layout, PAD)
+    flat = flatten_rows(rows, PAD, multiple)
+    real = rows.num_real_tokens
+    assert flat.shape[0] == 1 and flat.shape[1] % multiple == 0 and real <= flat.shape[1] < real + multiple
+    # The real tokens, in order, with their positions, branches and labels; padding only at the end.
+    keep = rows.segment_ids.ravel() >= 0
+    for name in ("input_ids", "position_ids", "branch_ids", "labels"):
+        assert getattr(flat, name)[0, :real].tolist() == getattr(rows, name).ravel()[keep].tolist(), name
+    assert (flat.segment_ids[0, real:] == -1).all() and (flat.segment_ids[0, :real] >= 0).all()
+    assert flat.num_lm_tokens == rows.num_lm_tokens and flat.num_real_tokens == real
+    # Every attention segment of every row is exactly one segment of the flat row.
+    assert len(np.unique(flat.segment_ids[0, :real])) == sum(len(np.unique(r[r >= 0])) for r in rows.segment_ids)
+    check_pair_batch(flat, pairs, layout)
+
+
+def check_pair_batch(batch, pairs, layout):
     rows, S = batch.shape
-    assert S == seq_len and batch.num_pairs == len(pairs)
+    assert batch.num_pairs == len(pairs)
 
     # Rows hold exactly the real tokens of their pairs, nothing is lost or split.
     assert batch.num_real_tokens == sum(int(pair_packed_length(*map(len, (p.prompt, p.chosen, p.rejected)), layout))
@@ -149,6 +174,10 @@ def shard(tmp_path_factory):
                                 "chosen": "c" * int(rng.integers(1, 40)),
                                 "rejected": "r" * int(rng.integers(1, 40))}) + "\n")
     build_shard([str(root / "pairs.jsonl")], str(root / "shard"), progress=False)
+    with open(root / "docs.jsonl", "w") as f:
+        for i in range(16):
+            f.write(json.dumps({"text": "d" * int(rng.integers(5, 300)) + str(i)}) + "\n")
+    build_shard([str(root / "docs.jsonl")], str(root / "docs"), kind="documents", keys=("text",), progress=False)
     return str(root / "shard")
 
 
@@ -188,3 +217,23 @@ def test_step_loader_resume_gives_identical_batches(shard):
 def test_step_loader_rejects_bad_split(shard):
     with pytest.raises(ValueError, match="not divisible"):
         StepLoader([shard], items_per_step=10, micro_batches=3, seq_len=256)
+    with pytest.raises(ValueError, match="packing 'padded'"):
+        StepLoader([shard], items_per_step=8, seq_len=256, packing="padded")
+
+
+@pytest.mark.parametrize("kind_layout", [("pairs", "duplicated"), ("pairs", "shared-prefix"), ("documents", None)])
+def test_step_loader_flat_packing_is_the_rows_without_padding(shard, kind_layout):
+    kind, layout = kind_layout
+    kwargs = dict(kind=kind, items_per_step=8, micro_batches=2, seq_len=128, seed=3,
+                  **({"layout": layout} if layout else {}))
+    prefix = shard if kind == "pairs" else shard[: -len("shard")] + "docs"
+    rows = StepLoader([prefix], **kwargs)
+    flat = StepLoader([prefix], packing="flat", pad_multiple=4, **kwargs)
+    for _ in range(3):
+        a, b = rows.next_step(), flat.next_step()
+        assert (a.global_pairs, a.global_lm_tokens) == (b.global_pairs, b.global_lm_tokens)
+        for x, y in zip(a.micro_batches, b.micro_batches):
+            assert y.shape[0] == 1 and y.shape[1] % 4 == 0
+            keep = x.segment_ids.ravel() >= 0
+            assert y.input_ids[0, : keep.sum()].tolist() == x.input_ids.ravel()[keep].tolist()
+            assert y.input_ids.ravel()[y.chosen_index].tolist() == x.input_ids.ravel()[x.chosen_index].tolist()

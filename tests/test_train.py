@@ -95,6 +95,17 @@ def test_validate_names_every_offending_value():
         assert needle in message
 
 
+def test_dense_mask_attention_needs_row_packing():
+    data = {"train": ["shard"]}
+    cfg = build_train_config({"model": {"preset": "tiny"}, "data": data, "attention_backend": "sdpa"})
+    with pytest.raises(ValueError, match="use data.packing=rows"):
+        cfg.validate()
+    build_train_config({"model": {"preset": "tiny"}, "data": {**data, "packing": "rows"},
+                        "attention_backend": "sdpa"}).validate()
+    with pytest.raises(ValueError, match="packing='ragged' is not flat or rows"):
+        build_train_config({"model": {"preset": "tiny"}, "data": {**data, "packing": "ragged"}}).validate()
+
+
 def test_cli_overrides_and_unknown_keys():
     args, overrides = parse_cli(["--run-dir", "r", "--optimizer.lr", "1e-4", "--data.layout=shared-prefix"])
     cfg = build_train_config({"model": {"preset": "qwen2-1.5b"}}, overrides)

@@ -16,8 +16,9 @@ hyper-parameters):
              labels masked to the chosen-response tokens. Weights: ours through megapmp.convert.hf.to_hf_state_dict
              (lm_head copied; tied to the HF embedding if the config ties them, so both sides train the same
              parameters).
-  megapmp    pack_pairs(pairs, --seq-len, --layout) -> Qwen2RewardModel -> pmp_loss, as Trainer.train_step
-             does with one micro-batch (global_pairs / global_lm_tokens = this step's counts).
+  megapmp    pack_pairs(pairs, --seq-len, --layout) [-> flatten_rows with --packing flat] -> Qwen2RewardModel
+             -> pmp_loss, as Trainer.train_step does with one micro-batch (global_pairs / global_lm_tokens =
+             this step's counts).
 
 Both timed regions include building the batch (padding / packing and conversion to tensors), forward,
 loss, backward, clipping and the optimizer step (then zero_grad(set_to_none=True)).
@@ -75,11 +76,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from megapmp.config import MODEL_PRESETS, ModelConfig, TrainConfig, model_preset
+from megapmp.config import MODEL_PRESETS, DataConfig, ModelConfig, TrainConfig, model_preset
 from megapmp.convert.hf import to_hf_config, to_hf_state_dict
 from megapmp.data.datasets import Pair
-from megapmp.data.packing import IGNORE_INDEX, pack_pairs
+from megapmp.data.packing import IGNORE_INDEX, PACKINGS, flatten_rows, pack_pairs
 from megapmp.eval.scoring import attention_inputs
+from megapmp.flops import batch_flops
 from megapmp.loss import pmp_loss
 from megapmp.model import Qwen2RewardModel
 from megapmp.optim import build_optimizer
@@ -196,6 +198,8 @@ class MegapmpSide(Side):
 
     def step(self, pairs) -> dict:
         packed = pack_pairs(pairs, self.args.seq_len, self.layout, PAD_ID)
+        if self.args.packing == "flat":
+            packed = flatten_rows(packed, PAD_ID)
         batch = packed.to_torch(self.device)
         with self.autocast():
             hidden = self.model(batch.input_ids, batch.position_ids, attention_inputs(batch))  # [R, S, H]
@@ -207,7 +211,8 @@ class MegapmpSide(Side):
         return {"loss": float(out.loss.detach()), "rm_loss": float(out.rm_loss), "lm_loss": float(out.lm_loss),
                 # the prompt of a shared-prefix pair stands for both [P C] and [P R]
                 "real_tokens": packed.num_real_tokens + (sum(len(p.prompt) for p in pairs) if shared else 0),
-                "lm_tokens": packed.num_lm_tokens, "row_tokens": int(np.prod(packed.shape))}
+                "lm_tokens": packed.num_lm_tokens, "row_tokens": int(np.prod(packed.shape)),
+                "flops": batch_flops(self.config, packed)}
 
 
 class BaselineSide(Side):
@@ -375,7 +380,7 @@ def time_sides(args, config, device, kinds: list[str]) -> dict:
     times = {k: [] for k in kinds}
     cpu_times = {k: [] for k in kinds}
     first = {}
-    counts = {k: {"real_tokens": [], "row_tokens": [], "lm_tokens": []} for k in kinds}
+    counts = {k: {"real_tokens": [], "row_tokens": [], "lm_tokens": [], "flops": []} for k in kinds}
     expected = []
     for i in range(args.warmup + args.steps):
         pairs = step_pairs(args, i, config.vocab_size)
@@ -396,7 +401,8 @@ def time_sides(args, config, device, kinds: list[str]) -> dict:
                 times[kind].append(elapsed)
                 cpu_times[kind].append(cpu_elapsed)
                 for key in counts[kind]:
-                    counts[kind][key].append(out[key])
+                    if key in out:
+                        counts[kind][key].append(out[key])
             log(f"step {i}{'' if timed else ' (warmup)'} {side.name}: {elapsed:.3f}s ({cpu_elapsed:.3f}s CPU), loss {out['loss']:.6f}, "
                 f"{out['real_tokens']} real / {out['row_tokens']} row tokens")
         if timed:
@@ -405,6 +411,14 @@ def time_sides(args, config, device, kinds: list[str]) -> dict:
     cpu_rates = {k: [n / t for n, t in zip(expected, cpu_times[k])] for k in kinds}
     return {"sides": sides, "times": times, "rates": rates, "cpu_rates": cpu_rates, "first": first, "counts": counts,
             "expected_real_tokens": expected}
+
+
+def flops_total(count) -> float:
+    return sum(f.total for f in count["flops"])
+
+
+def lm_share(count) -> float:
+    return sum(f.lm_head for f in count["flops"]) / flops_total(count)
 
 
 def mean(values):
@@ -435,7 +449,7 @@ def main(argv=None) -> int:
     result = {"model": args.model, "device": str(device), "precision": str(amp_dtype(args.precision, device) or "fp32"),
               "vocab_size": config.vocab_size, "pairs_per_step": args.pairs_per_step, "seq_len": args.seq_len,
               "steps": args.steps, "warmup": args.warmup, "threads": torch.get_num_threads(),
-              "attention_backend": args.attention_backend,
+              "attention_backend": args.attention_backend, "packing": args.packing,
               "real_tokens_per_step": mean(run["expected_real_tokens"])}
 
     def mem(kind, key):
@@ -455,6 +469,13 @@ def main(argv=None) -> int:
             "duplicated_peak_bytes": mem(d, "peak_bytes"), "shared_prefix_peak_bytes": mem(s, "peak_bytes"),
             "duplicated_steady_peak_bytes": mem(d, "steady_peak_bytes"),
             "shared_prefix_steady_peak_bytes": mem(s, "steady_peak_bytes"),
+            # Model FLOPs (megapmp.flops, Megatron's formula on the real segments) of the timed steps: the
+            # speedup shared-prefix would reach if step time followed FLOPs, and how much of a step is the
+            # LM head over chosen tokens, which both layouts pay alike (the reason the ratio stays below
+            # the token ratio; ~6% at Qwen2-1.5B, ~11% at Qwen2-0.5B).
+            "flops_ratio": flops_total(counts[d]) / flops_total(counts[s]),
+            "lm_head_flops_share_shared_prefix": lm_share(counts[s]),
+            "lm_head_flops_share_duplicated": lm_share(counts[d]),
             "loss_duplicated": first[d]["loss"], "loss_shared_prefix": first[s]["loss"],
             "rm_loss_abs_diff": abs(first[d]["rm_loss"] - first[s]["rm_loss"]),
             "lm_loss_abs_diff": abs(first[d]["lm_loss"] - first[s]["lm_loss"]),
@@ -507,6 +528,10 @@ def parse_args(argv):
                              "151936 = Qwen2's)")
     parser.add_argument("--layout", default="duplicated", choices=["duplicated", "shared-prefix"],
                         help="megapmp pair layout (default duplicated)")
+    default_packing = {f.name: f.default for f in dataclasses.fields(DataConfig)}["packing"]
+    parser.add_argument("--packing", default=default_packing, choices=PACKINGS,
+                        help="megapmp micro-batch shape: flat = one [1, T] row of real tokens, rows = [R, --seq-len] "
+                             f"rows with row-end padding (default: the trainer's, DataConfig.packing = {default_packing})")
     parser.add_argument("--compare-layouts", action="store_true",
                         help="time megapmp duplicated vs shared-prefix (no baseline)")
     parser.add_argument("--pairs-per-step", type=int, default=16)

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from megapmp.data.datasets import DocumentDataset, PairDataset, check_compatible
-from megapmp.data.packing import LAYOUTS, PackedBatch, pack_documents, pack_pairs
+from megapmp.data.packing import LAYOUTS, PACKINGS, PackedBatch, flatten_rows, pack_documents, pack_pairs
 
 
 class EpochShuffle:
@@ -109,7 +109,9 @@ class StepBatch:
 
 class StepLoader:
     """Per optimizer step: draw `items_per_step` items globally, keep this rank's slice, split it into
-    `micro_batches` contiguous groups and pack each group into rows of `seq_len` tokens.
+    `micro_batches` contiguous groups and pack each group into rows of `seq_len` tokens; with
+    packing="flat" those rows then become one row of their real tokens, padded to a multiple of
+    `pad_multiple` (the TP size under sequence parallelism).
 
     `kind` is "pairs" (PMP, RM finetuning) or "documents" (LM pretraining; items are windows of at most
     seq_len tokens).
@@ -117,6 +119,7 @@ class StepLoader:
 
     def __init__(self, prefixes: list[str], *, kind: str = "pairs", weights: list[float] | None = None,
                  items_per_step: int, micro_batches: int = 1, seq_len: int, layout: str = "duplicated",
+                 packing: str = "rows", pad_multiple: int = 1,
                  dp_rank: int = 0, dp_size: int = 1, seed: int = 0, shuffle: bool = True):
         problems = []
         if items_per_step % (dp_size * micro_batches):
@@ -126,11 +129,14 @@ class StepLoader:
             problems.append(f"dp_rank {dp_rank} is outside [0, {dp_size})")
         if kind == "pairs" and layout not in LAYOUTS:
             problems.append(f"layout {layout!r} is not one of {', '.join(LAYOUTS)}")
+        if packing not in PACKINGS:
+            problems.append(f"packing {packing!r} is not one of {', '.join(PACKINGS)}")
         if kind not in ("pairs", "documents"):
             problems.append(f"kind {kind!r} is not pairs or documents")
         if problems:
             raise ValueError("; ".join(problems))
         self.kind, self.layout, self.seq_len = kind, layout, seq_len
+        self.packing, self.pad_multiple = packing, pad_multiple
         self.items_per_step, self.micro_batches = items_per_step, micro_batches
         self.dp_rank, self.dp_size = dp_rank, dp_size
         if kind == "pairs":
@@ -157,8 +163,12 @@ class StepLoader:
     def _pack(self, draws: np.ndarray) -> PackedBatch:
         items = [self.datasets[d][i] for d, i in draws.tolist()]
         if self.kind == "pairs":
-            return pack_pairs(items, self.seq_len, self.layout, self.pad_id)
-        return pack_documents(items, self.seq_len, self.pad_id)
+            packed = pack_pairs(items, self.seq_len, self.layout, self.pad_id)
+        else:
+            packed = pack_documents(items, self.seq_len, self.pad_id)
+        if self.packing == "flat":
+            packed = flatten_rows(packed, self.pad_id, self.pad_multiple)
+        return packed
 
     def _global_counts(self, draws: np.ndarray) -> tuple[int, int]:
         pairs = lm_tokens = 0

@@ -198,3 +198,45 @@ def pack_documents(pieces, seq_len: int, pad_id: int) -> PackedBatch:
             builder.put(pieces[i][1:], 1, PROMPT, lm_targets=True)
             builder.end_segment(len(pieces[i]))
     return builder.finish("documents")
+
+
+PACKINGS = ("rows", "flat")
+
+
+def flatten_rows(packed: PackedBatch, pad_id: int, multiple: int = 1) -> PackedBatch:
+    """The same micro-batch as ONE row holding only its real tokens, padded at the end to a multiple of
+    `multiple` tokens (e.g. the tensor-parallel size under sequence parallelism).
+
+    Rows of seq_len are how first-fit bounds a micro-batch, but the row-end padding they leave is pure
+    waste to a varlen attention kernel (flash-attn, torch varlen, the segmented CPU path): every token of
+    a [1, T] row is one the model must process anyway. Segments keep their order; segment ids are
+    renumbered so they stay unique within the single row; the read-out indices follow their tokens.
+    """
+    if multiple < 1:
+        raise ValueError(f"multiple must be >= 1, got {multiple}")
+    keep = packed.segment_ids.reshape(-1) >= 0  # [R*S]
+    real = int(keep.sum())
+    width = max(multiple, -(-real // multiple) * multiple)
+    new_index = np.cumsum(keep) - 1  # flat old index -> flat new index, valid where keep
+
+    def take(array: np.ndarray, fill) -> np.ndarray:
+        out = np.full((1, width), fill, array.dtype)
+        out[0, :real] = array.reshape(-1)[keep]
+        return out
+
+    # Renumber segments: a new one starts wherever (row, segment id) changes among the kept tokens.
+    rows = np.repeat(np.arange(packed.shape[0]), packed.shape[1])[keep]
+    old_segments = packed.segment_ids.reshape(-1)[keep]
+    starts = np.ones(real, dtype=bool)
+    starts[1:] = (rows[1:] != rows[:-1]) | (old_segments[1:] != old_segments[:-1])
+    segment_ids = np.full((1, width), -1, np.int32)
+    segment_ids[0, :real] = np.cumsum(starts) - 1
+    bounds = np.append(np.flatnonzero(starts), real)
+    if width > real:
+        bounds = np.append(bounds, width)  # the tail padding is a run of its own
+    cu = bounds.astype(np.int32)
+    return PackedBatch(take(packed.input_ids, pad_id), take(packed.position_ids, 0), segment_ids,
+                       take(packed.branch_ids, 0), take(packed.labels, IGNORE_INDEX),
+                       new_index[packed.chosen_index].astype(np.int64),
+                       new_index[packed.rejected_index].astype(np.int64), cu, int(np.diff(cu).max(initial=0)),
+                       packed.layout)
