@@ -92,6 +92,9 @@ def load_initial_weights(model: Qwen2RewardModel, source: str, with_reward_head:
         if not imported.has_score:  # a causal LM: its zero-filled head must not replace our init
             state.pop("score.weight", None)
         origin = "HF directory"
+        if not imported.has_lm_head:  # untied, and no lm_head.weight anywhere: keep our init, not zeros
+            state.pop("lm_head.weight", None)
+            origin += ", fresh LM head"
     else:
         if (path / "checkpoints").is_dir():
             path = path / "checkpoints"
@@ -106,7 +109,8 @@ def load_initial_weights(model: Qwen2RewardModel, source: str, with_reward_head:
     if not with_reward_head or "score.weight" not in state:
         state["score.weight"] = model.score.weight.detach().clone()
     missing, unexpected = model.load_state_dict(state, strict=False)
-    missing = [k for k in missing if not (k == "lm_head.weight" and model.config.tie_word_embeddings)]
+    missing = [k for k in missing if not (k == "lm_head.weight" and (model.config.tie_word_embeddings
+                                                                    or origin.endswith("fresh LM head")))]
     if missing or unexpected:
         raise ValueError(f"init_from {source}: missing {missing}, unexpected {unexpected}")
     return f"{origin} ({'with' if with_reward_head else 'fresh'} reward head)"

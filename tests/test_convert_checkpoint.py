@@ -21,6 +21,7 @@ import torch
 
 from megapmp import checkpoint as ckpt
 from megapmp.config import ModelConfig
+from megapmp.convert.hf import from_hf_config
 from megapmp.data.datasets import PairDataset
 from megapmp.data.preprocess import build_shard
 from megapmp.data.tokenizers import load_tokenizer
@@ -204,8 +205,7 @@ def test_to_hf_from_hf_round_trip_is_bitwise(trained, tmp_path):
 
         # Both the imported checkpoint and the HF directory itself initialise the trainer's model exactly.
         reference = our_model(trained.checkpoint).state_dict()
-        sources = [imported] + ([export] if trained.tied or extra else [])  # init_from an HF dir skips lm_head.safetensors
-        for source in sources:
+        for source in (imported, export):  # an untied export's LM head is read from lm_head.safetensors
             model = Qwen2RewardModel(our_model(trained.checkpoint).config)
             assert "with reward head" in load_initial_weights(model, str(source), with_reward_head=True)
             assert_same_tensors(model.state_dict(), reference)
@@ -247,6 +247,28 @@ def test_from_hf_causal_lm_has_no_reward_head_and_trainer_starts_a_fresh_one(tmp
     # An LM without a reward head is no reward model: exporting it is refused.
     assert run("to-hf", "--input", tmp_path / "ckpt", "--output", tmp_path / "out") == 1
     assert "no reward head" in capsys.readouterr().err
+
+
+def test_init_from_an_untied_hf_dir_without_lm_head_keeps_the_fresh_head(tmp_path):
+    """An untied sequence classifier exported without its LM head (and no lm_head.safetensors beside
+    it): the trainer keeps its own initial LM head rather than the zeros the importer fills in."""
+    from transformers import Qwen2Config, Qwen2ForSequenceClassification
+
+    from megapmp.train import load_initial_weights
+
+    torch.manual_seed(0)
+    hf = Qwen2ForSequenceClassification(Qwen2Config(
+        vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, tie_word_embeddings=False, pad_token_id=1, eos_token_id=0, num_labels=1))
+    hf.save_pretrained(tmp_path / "rm")
+    config = from_hf_config(json.loads((tmp_path / "rm" / "config.json").read_text()))
+    model = Qwen2RewardModel(config)
+    model.init_weights()
+    fresh_head = model.lm_head.weight.detach().clone()
+    origin = load_initial_weights(model, str(tmp_path / "rm"), with_reward_head=True)
+    assert "fresh LM head" in origin and "with reward head" in origin
+    assert torch.equal(model.lm_head.weight, fresh_head) and fresh_head.abs().sum() > 0
+    assert torch.equal(model.score.weight, hf.score.weight.detach())
 
 
 # ---------------------------------------------------------------- tokenizers as HF fast tokenizers

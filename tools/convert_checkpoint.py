@@ -56,7 +56,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 SCORING_FILE = "megapmp_scoring.json"
-LM_HEAD_FILE = "lm_head.safetensors"
 TOKENIZER_SUBDIR = "tokenizer"  # the exported tokenizer, loadable as written by any transformers version
 IMPORTED_TOKENIZER_DIR = "tokenizer"  # where from-hf keeps the HF directory's tokenizer files
 SCORING_FORMAT, SCORING_VERSION = "megapmp-scoring", 1
@@ -595,7 +594,7 @@ def export_to_hf(input_path, output, *, dtype: str = "float32", with_lm_head: bo
     import torch
     from safetensors.torch import save_file
 
-    from megapmp.convert.hf import save_hf_directory
+    from megapmp.convert.hf import LM_HEAD_FILE, save_hf_directory
 
     state_dict = load_checkpoint_weights(checkpoint, config)
     if "score.weight" not in state_dict:
@@ -670,17 +669,15 @@ def import_from_hf(input_path, output, *, overwrite: bool = False) -> dict:
     except ValueError as e:
         raise ConvertError(f"{source / 'config.json'}: malformed JSON ({e})") from None
 
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import save_file
 
-    from megapmp.convert.hf import TOKENIZER_FILES, from_hf_state_dict, load_hf_directory
+    from megapmp.convert.hf import (LM_HEAD_FILE, TOKENIZER_FILES, from_hf_config, from_hf_state_dict,
+                                    load_hf_state_dict, merge_separate_lm_head)
 
     try:
-        config, hf_state = load_hf_directory(source)
-        lm_head_file = source / LM_HEAD_FILE
-        used_lm_head_file = (not config.tie_word_embeddings and "lm_head.weight" not in hf_state
-                             and lm_head_file.is_file())
-        if used_lm_head_file:  # written beside a to-hf export of an untied model
-            hf_state["lm_head.weight"] = load_file(str(lm_head_file))["lm_head.weight"]
+        config = from_hf_config(json.loads((source / "config.json").read_text()))
+        hf_state = load_hf_state_dict(source)
+        used_lm_head_file = merge_separate_lm_head(source, config, hf_state)
         imported = from_hf_state_dict(hf_state, config)
     except Exception as e:  # malformed config, missing or foreign weights, a refused pickle
         raise ConvertError(f"{source}: {type(e).__name__}: {e}") from None

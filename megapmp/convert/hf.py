@@ -48,6 +48,9 @@ TOKENIZER_FILES = (
     "added_tokens.json",
     "tokenizer.model",
 )
+# Beside a to-hf export of an untied model: its LM head, which Qwen2ForSequenceClassification would
+# report as an unexpected key in model.safetensors.
+LM_HEAD_FILE = "lm_head.safetensors"
 # In order of preference; the .bin files are read with torch.load(weights_only=True) only.
 WEIGHT_FILES = (
     "model.safetensors",
@@ -386,4 +389,16 @@ def load_hf_directory(directory: str | os.PathLike) -> tuple[ModelConfig, dict[s
     """
     directory = Path(directory)
     config = from_hf_config(json.loads((directory / "config.json").read_text()))
-    return config, load_hf_state_dict(directory)
+    state_dict = load_hf_state_dict(directory)
+    merge_separate_lm_head(directory, config, state_dict)
+    return config, state_dict
+
+
+def merge_separate_lm_head(directory: str | os.PathLike, config: ModelConfig, hf_state_dict: dict) -> bool:
+    """Add ``lm_head.weight`` from LM_HEAD_FILE when an untied model's weights lack it and the file is
+    there (megapmp's to-hf export writes it so); True if it was used."""
+    path = Path(directory) / LM_HEAD_FILE
+    if config.tie_word_embeddings or "lm_head.weight" in hf_state_dict or not path.is_file():
+        return False
+    hf_state_dict["lm_head.weight"] = load_safetensors(str(path))["lm_head.weight"]
+    return True
