@@ -54,7 +54,11 @@ same normalisation, so in the duplicated layout rm and lm losses agree to ~1e-5 
 same math too).
 
 --compare-layouts times megapmp duplicated against megapmp shared-prefix instead (no baseline) and reports
-duplicated_tokens_per_s, shared_prefix_tokens_per_s and shared_prefix_speedup.
+duplicated_tokens_per_s, shared_prefix_tokens_per_s and shared_prefix_speedup, with flops_ratio (the two
+layouts' model FLOPs on the timed batches, megapmp.flops: the speedup if time followed FLOPs) and
+lm_head_flops_share_* (the LM head over chosen tokens, which both layouts pay alike: the bigger it is, the
+further the ceiling sits below the token ratio; ~5.5% at Qwen2-1.5B, ~12% at Qwen2-0.5B, 47% at the
+default bench-cpu vocabulary of 32,000 -- `--vocab 2048` gives this CPU model Qwen2-1.5B's share).
 
 Prints ONE JSON line on stdout; progress goes to stderr. On CPU compare ratios, not absolute rates.
 """
