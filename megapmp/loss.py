@@ -76,11 +76,17 @@ class LossOutput:
     num_pairs: int
 
 
+def fp32_rewards(rows: torch.Tensor, score_weight: torch.Tensor) -> torch.Tensor:
+    """rows [N, H] @ score_weight [1, H] -> [N] in fp32, also inside autocast: rewards are compared
+    with each other, and a bf16 product would round away margins the loss still has to see."""
+    with torch.autocast(rows.device.type, enabled=False):
+        return rows.float() @ score_weight.float().reshape(-1)
+
+
 def pair_rewards(hidden: torch.Tensor, score_weight: torch.Tensor, chosen_index, rejected_index):
     """Rewards at the read-out tokens, computed in fp32. hidden: [R, S, H]; indices flat into R * S."""
     flat = hidden.reshape(-1, hidden.shape[-1])  # [R*S, H]
-    weight = score_weight.float().reshape(-1)  # [H]
-    return flat[chosen_index].float() @ weight, flat[rejected_index].float() @ weight  # [N], [N]
+    return fp32_rewards(flat[chosen_index], score_weight), fp32_rewards(flat[rejected_index], score_weight)
 
 
 def rm_loss_sum(r_chosen: torch.Tensor, r_rejected: torch.Tensor) -> torch.Tensor:

@@ -114,3 +114,26 @@ def test_flat_packing_gives_the_row_packing_loss_and_gradients(layout):
         torch.testing.assert_close(getattr(b, term), getattr(a, term), rtol=1e-5, atol=1e-5, msg=term)
     for name in grads_a:
         torch.testing.assert_close(grads_b[name], grads_a[name], rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_pmp_loss_under_bf16_autocast_keeps_rewards_fp32():
+    """The trainer runs the loss inside the forward's autocast (bf16 logit GEMMs); the rewards must still
+    be exact fp32 products, while the LM term moves only by bf16 rounding."""
+    config = model_preset("tiny")
+    pairs = random_pairs(6, seed=5, vocab=config.vocab_size)
+    batch = flatten_rows(pack_pairs(pairs, 64, "shared-prefix", pad_id=0), pad_id=0).to_torch()
+    torch.manual_seed(0)
+    hidden = torch.randn(*batch.input_ids.shape, config.hidden_size) * 2.0
+    lm_weight, score_weight = torch.randn(config.vocab_size, config.hidden_size) * 0.1, torch.randn(1, config.hidden_size)
+    kwargs = dict(rm_coef=1.0, lm_coef=1.0, global_pairs=len(pairs), global_lm_tokens=batch.num_lm_tokens,
+                  lm_chunk=32, backend="torch")
+    fp32 = pmp_loss(hidden, lm_weight, score_weight, batch, **kwargs)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed = pmp_loss(hidden, lm_weight, score_weight, batch, **kwargs)
+        rows = hidden.reshape(-1, config.hidden_size)[batch.chosen_index]
+        bf16_rewards = rows @ score_weight.reshape(-1)  # what an unguarded product would give
+    assert mixed.rm_loss.dtype == torch.float32 and mixed.lm_loss.dtype == torch.float32
+    assert torch.equal(mixed.rm_loss, fp32.rm_loss) and torch.equal(mixed.margin_sum, fp32.margin_sum)
+    assert bf16_rewards.dtype == torch.bfloat16  # so the equality above is not autocast being off
+    torch.testing.assert_close(mixed.lm_loss, fp32.lm_loss, rtol=2e-2, atol=0)
+    assert not torch.equal(mixed.lm_loss, fp32.lm_loss)  # the LM GEMMs really ran in bf16

@@ -130,6 +130,19 @@ def test_golden_loss_curve(shards, tmp_path):
     assert got == pytest.approx(golden, rel=1e-5)
 
 
+def test_bf16_autocast_run_follows_the_fp32_curve(shards, tmp_path):
+    """precision=bf16 (CPU autocast over the forward and the loss; fp32 master weights and rewards):
+    the same run within bf16 rounding of the fp32 one, and the packing choice does not matter."""
+    steps = [("steps", "6")]
+    fp32 = losses(Trainer(config(shards, *steps), tmp_path / "fp32").fit())
+    bf16 = losses(Trainer(config(shards, *steps, ("precision", "bf16")), tmp_path / "bf16").fit())
+    rows = losses(Trainer(config(shards, *steps, ("precision", "bf16"), ("data.packing", "rows")),
+                          tmp_path / "rows").fit())
+    assert all(math.isfinite(x) for x in bf16) and bf16 != fp32
+    assert max(abs(a - b) / abs(b) for a, b in zip(bf16, fp32)) < 2e-2
+    assert max(abs(a - b) / abs(b) for a, b in zip(rows, bf16)) < 2e-2
+
+
 def test_pmp_learns_the_preference(shards, tmp_path):
     cfg = config(shards, ("steps", "30"), ("data.valid", str(shards / "valid")), ("logging.eval_interval", "30"))
     history = Trainer(cfg, tmp_path / "run").fit()

@@ -205,11 +205,11 @@ class MegapmpSide(Side):
         if self.args.packing == "flat":
             packed = flatten_rows(packed, PAD_ID)
         batch = packed.to_torch(self.device)
-        with self.autocast():
+        with self.autocast():  # the loss under autocast too, as the trainer runs it
             hidden = self.model(batch.input_ids, batch.position_ids, attention_inputs(batch))  # [R, S, H]
-        out = pmp_loss(hidden, self.model.lm_head.weight, self.model.score.weight, batch,
-                       rm_coef=self.args.rm_coef, lm_coef=self.args.lm_coef, global_pairs=len(pairs),
-                       global_lm_tokens=packed.num_lm_tokens, lm_chunk=self.args.lm_chunk)
+            out = pmp_loss(hidden, self.model.lm_head.weight, self.model.score.weight, batch,
+                           rm_coef=self.args.rm_coef, lm_coef=self.args.lm_coef, global_pairs=len(pairs),
+                           global_lm_tokens=packed.num_lm_tokens, lm_chunk=self.args.lm_chunk)
         self._finish(out.loss)
         shared = self.layout == "shared-prefix"
         return {"loss": float(out.loss.detach()), "rm_loss": float(out.rm_loss), "lm_loss": float(out.lm_loss),

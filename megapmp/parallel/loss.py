@@ -18,7 +18,7 @@ import torch
 import torch.utils.checkpoint
 
 from megapmp.data.packing import IGNORE_INDEX
-from megapmp.loss import LossOutput, pair_rewards, resolve_loss_backend, rm_loss_sum
+from megapmp.loss import LossOutput, fp32_rewards, pair_rewards, resolve_loss_backend, rm_loss_sum
 from megapmp.parallel.collectives import copy_to_tp, gather_from_sequence, group_rank, reduce_from_tp
 from megapmp.parallel.tensor_parallel import vocab_parallel_ce_sum
 
@@ -31,7 +31,7 @@ def sequence_parallel_pair_rewards(hidden_shard: torch.Tensor, score_weight: tor
     index = torch.cat([chosen_index, rejected_index])  # [2N]
     owned = (index >= start) & (index < start + tokens)
     local = (index - start).clamp(0, tokens - 1)
-    rewards = hidden_shard[local].float() @ score_weight.float().reshape(-1)  # [2N], valid where owned
+    rewards = fp32_rewards(hidden_shard[local], score_weight)  # [2N], valid where owned
     rewards = reduce_from_tp(torch.where(owned, rewards, torch.zeros_like(rewards)), group)
     return rewards[: len(chosen_index)], rewards[len(chosen_index):]
 

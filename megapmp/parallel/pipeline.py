@@ -133,8 +133,9 @@ def run_schedule(actions: Sequence[Action], chunks: Sequence[nn.Module], micro_b
             x = batch.input_ids if v == 0 else inputs[(m, c)]
             with forward_context():
                 hidden = chunks[c](x, batch.position_ids, attention_inputs(batch))
-            if v == V - 1:  # the loss outside autocast, as in the single-process trainer
-                out = loss_fn(hidden, batch)
+                # The loss under the same autocast, as in the single-process trainer (fp32 rewards inside).
+                out = loss_fn(hidden, batch) if v == V - 1 else None
+            if out is not None:
                 totals += torch.stack([out.loss.detach().float(), out.rm_loss.float(), out.lm_loss.float(),
                                        out.correct.float(), out.margin_sum.float()])
                 # A micro-batch without loss terms still owes the earlier stages a (zero) gradient.
