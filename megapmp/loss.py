@@ -125,21 +125,9 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
         grad_weight = torch.zeros_like(weight, dtype=torch.float32) if need_weight else None
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         for start in range(0, hidden.shape[0], chunk):
-            h, t = hidden[start : start + chunk], targets[start : start + chunk]
-            logits = (h @ weight.t()).float()  # [c, V], the only vocabulary-sized buffer
-            rows = torch.arange(len(t), device=t.device)
-            target_logit = logits[rows, t]
-            row_max = logits.amax(dim=-1)
-            exp = logits.sub_(row_max[:, None]).exp_()  # in place: exp(logit - max)
-            sum_exp = exp.sum(dim=-1)
-            total += (row_max + sum_exp.log() - target_logit).sum()  # log-sum-exp - target logit
-            if need_hidden or need_weight:
-                grad_logits = exp.mul_(sum_exp.reciprocal()[:, None])  # softmax - onehot, in place, fp32
-                grad_logits[rows, t] -= 1.0
-                if need_hidden:
-                    grad_hidden[start : start + chunk] = grad_logits.to(weight.dtype) @ weight
-                if need_weight:
-                    grad_weight.addmm_(grad_logits.t(), h.float())
+            rows = slice(start, start + chunk)
+            total += _ce_chunk(hidden[rows], weight, targets[rows],
+                               grad_hidden[rows] if need_hidden else None, grad_weight)
         ctx.grads = (grad_hidden, grad_weight, weight.dtype)
         return total
 
@@ -147,11 +135,32 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
     def backward(ctx, grad_total):
         grad_hidden, grad_weight, weight_dtype = ctx.grads
         ctx.grads = None  # one backward only: free the buffers as soon as they are handed on
+        # In place: these buffers are handed on as the gradients, no second copy of [V, H].
         if grad_hidden is not None:
-            grad_hidden = grad_hidden * grad_total.to(grad_hidden.dtype)
+            grad_hidden.mul_(grad_total.to(grad_hidden.dtype))
         if grad_weight is not None:
-            grad_weight = (grad_weight * grad_total).to(weight_dtype)
+            grad_weight = grad_weight.mul_(grad_total).to(weight_dtype)
         return grad_hidden, grad_weight, None, None
+
+
+def _ce_chunk(h, weight, targets, grad_hidden_out, grad_weight_acc) -> torch.Tensor:
+    """Summed CE of one chunk; writes its d/dh into grad_hidden_out and adds its d/dW to grad_weight_acc
+    (either may be None). A function of its own so the [c, V] buffer is freed before the next chunk's."""
+    logits = (h @ weight.t()).float()  # [c, V], the only vocabulary-sized buffer
+    rows = torch.arange(len(targets), device=targets.device)
+    target_logit = logits[rows, targets]
+    row_max = logits.amax(dim=-1)
+    exp = logits.sub_(row_max[:, None]).exp_()  # in place: exp(logit - max)
+    sum_exp = exp.sum(dim=-1)
+    total = (row_max + sum_exp.log() - target_logit).sum()  # log-sum-exp - target logit
+    if grad_hidden_out is not None or grad_weight_acc is not None:
+        grad_logits = exp.mul_(sum_exp.reciprocal()[:, None])  # softmax - onehot, in place, fp32
+        grad_logits[rows, targets] -= 1.0
+        if grad_hidden_out is not None:
+            grad_hidden_out.copy_(grad_logits.to(weight.dtype) @ weight)
+        if grad_weight_acc is not None:
+            grad_weight_acc.addmm_(grad_logits.t(), h.float())
+    return total
 
 
 def pmp_loss(hidden: torch.Tensor, lm_weight: torch.Tensor | None, score_weight: torch.Tensor | None, batch, *,

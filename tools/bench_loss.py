@@ -14,6 +14,10 @@ reward rows of N pairs [N, H] x 2 and the score head [1, H]; gradients w.r.t. al
          CPU its chunked torch twin (same algorithm and memory behaviour: vocab-chunked log-sum-exp,
          logits recomputed in backward in [T x chunk] blocks), reported as fused_impl "torch-chunked".
 
+  chunked  what megapmp.loss runs where the Triton kernel does not (the CPU trainer):
+         ChunkedLinearCrossEntropy (vocab-wide logits of --chunk-bytes worth of rows at a time, gradients
+         made in forward, no recompute) + fp32 rewards; reported as chunked_* keys.
+
 Memory (peak bytes above the baseline once the inputs exist; both sides include their gradient outputs,
 whose total is grad_bytes, so *_workspace_bytes = peak - grad_bytes is what each side needs on top of
 what any implementation must return):
@@ -61,6 +65,7 @@ SHAPES = {
     "medium": dict(vocab=32768, hidden=512, tokens=2048, pairs=16),
 }
 QWEN_SCALE = 4096 * 152064
+SIDES = ("naive", "fused", "chunked")
 NAMES = ["lm_sum", "rm_sum", "d_hidden", "d_lm_weight", "d_chosen", "d_rejected", "d_score"]
 
 
@@ -84,7 +89,7 @@ def parse(argv=None):
     p.add_argument("--compile-report", action="store_true", help="no benchmark: compile the kernels' autotune "
                    "candidates for sm_90 on this machine (no GPU needed) and print one JSON line with registers, "
                    "spills, shared memory and HGMMA / LDGSTS counts per config")
-    p.add_argument("--child", choices=["naive", "fused", "timing"], help=argparse.SUPPRESS)
+    p.add_argument("--child", choices=[*SIDES, "timing"], help=argparse.SUPPRESS)
     p.add_argument("--out", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     import torch
@@ -124,6 +129,8 @@ def make_step(side, args, leaves, targets):
     from megapmp_kernels.pair_loss import fused_pair_loss, naive_pair_loss
 
     h, w, c, r, s = leaves
+    if side == "chunked":
+        return chunked_step(args, leaves, targets)
 
     def step():
         if side == "naive":
@@ -135,6 +142,27 @@ def make_step(side, args, leaves, targets):
         grads = torch.autograd.grad(loss, leaves)
         del logits  # the seed's logits live until backward is done
         return [sums.lm_sum.detach(), sums.rm_sum.detach(), *grads]
+
+    return step
+
+
+def chunked_rows(args) -> int:
+    """Rows per chunk of megapmp.loss's chunked CE for the --chunk-bytes budget of fp32 logits."""
+    return max(1, args.chunk_bytes // (4 * args.vocab))
+
+
+def chunked_step(args, leaves, targets):
+    import torch
+    from megapmp.loss import ChunkedLinearCrossEntropy, fp32_rewards, rm_loss_sum
+
+    h, w, c, r, s = leaves
+    rows = chunked_rows(args)
+
+    def step():
+        lm_sum = ChunkedLinearCrossEntropy.apply(h, w, targets, rows)
+        rm_sum = rm_loss_sum(fp32_rewards(c, s), fp32_rewards(r, s))
+        grads = torch.autograd.grad(lm_sum / args.tokens + rm_sum / args.pairs, leaves)
+        return [lm_sum.detach(), rm_sum.detach(), *grads]
 
     return step
 
@@ -164,7 +192,7 @@ def cpu_child(args) -> None:
     torch.set_num_threads(args.threads)
     leaves, targets = make_inputs(args)
     if args.child == "timing":
-        steps = {side: make_step(side, args, leaves, targets) for side in ("naive", "fused")}
+        steps = {side: make_step(side, args, leaves, targets) for side in SIDES}
         times = {side: [] for side in steps}
         for side, step in steps.items():
             step()  # warm-up
@@ -198,7 +226,7 @@ def run_cpu(args) -> dict:
 
     results, outputs = {}, {}
     with tempfile.TemporaryDirectory(prefix="bench-loss-") as tmp:
-        for side in ("naive", "fused", "timing"):
+        for side in (*SIDES, "timing"):
             path = os.path.join(tmp, f"{side}.pt")
             cmd = [sys.executable, os.path.abspath(__file__), "--child", side, "--out", path, "--device", "cpu",
                    "--shape", args.shape, "--tokens", str(args.tokens), "--pairs", str(args.pairs), "--dtype",
@@ -217,6 +245,8 @@ def run_cpu(args) -> dict:
     errs = relative_errors(outputs["fused"], outputs["naive"])
     return dict(naive_peak_bytes=results["naive"]["peak_bytes"], fused_peak_bytes=results["fused"]["peak_bytes"],
                 naive_ms=results["timing"]["naive"], fused_ms=results["timing"]["fused"], rel_err=errs,
+                chunked_peak_bytes=results["chunked"]["peak_bytes"], chunked_ms=results["timing"]["chunked"],
+                chunked_rel_err=relative_errors(outputs["chunked"], outputs["naive"]),
                 device=f"cpu ({args.threads} thread{'s' if args.threads > 1 else ''})",
                 memory_method="subprocess per side (MALLOC_MMAP_THRESHOLD_=65536): VmHWM - VmRSS around one step "
                               "after a warm-up step, malloc_trim and clear_refs; times from a third process "
@@ -238,7 +268,7 @@ def run_cuda(args) -> dict:
 
     leaves, targets = make_inputs(args)
     results, kept = {}, {}
-    for side in ("naive", "fused"):
+    for side in SIDES:
         step = make_step(side, args, leaves, targets)
         try:
             out = step()  # warm-up; autotunes the fused kernels
@@ -269,9 +299,12 @@ def run_cuda(args) -> dict:
             kept.pop(side, None)
             gc.collect()
             torch.cuda.empty_cache()
-    errs = relative_errors(kept["fused"], kept["naive"]) if len(kept) == 2 else {}
+    errs = relative_errors(kept["fused"], kept["naive"]) if {"fused", "naive"} <= kept.keys() else {}
+    chunked_errs = relative_errors(kept["chunked"], kept["naive"]) if {"chunked", "naive"} <= kept.keys() else {}
     return dict(naive_peak_bytes=results["naive"]["peak_bytes"], fused_peak_bytes=results["fused"]["peak_bytes"],
                 naive_ms=results["naive"]["ms"], fused_ms=results["fused"]["ms"], rel_err=errs,
+                chunked_peak_bytes=results["chunked"]["peak_bytes"], chunked_ms=results["chunked"]["ms"],
+                chunked_rel_err=chunked_errs,
                 naive_ms_range=results["naive"].get("ms_spread"), fused_ms_range=results["fused"].get("ms_spread"),
                 device=torch.cuda.get_device_name(), memory_method="torch.cuda.max_memory_allocated - baseline")
 
@@ -311,6 +344,15 @@ def main(argv=None) -> dict:
         "max_rel_err": max(res["rel_err"].values()) if res["rel_err"] else None, "rel_err": res["rel_err"],
         "memory_method": res["memory_method"], "torch": torch.__version__,
     }
+    chunked = res["chunked_peak_bytes"]
+    result.update({
+        "chunked_rows": chunked_rows(args), "chunked_peak_bytes": chunked,
+        "chunked_workspace_bytes": chunked - grad_bytes if chunked is not None else None,
+        "chunked_workspace_ratio": (naive - grad_bytes) / max(1, chunked - grad_bytes) if naive and chunked else None,
+        "chunked_ms": res["chunked_ms"],
+        "chunked_speedup": res["naive_ms"] / res["chunked_ms"] if res["naive_ms"] and res["chunked_ms"] else None,
+        "chunked_max_rel_err": max(res["chunked_rel_err"].values()) if res["chunked_rel_err"] else None,
+    })
     for key in ("naive_ms_range", "fused_ms_range"):
         if res.get(key):
             result[key] = res[key]
