@@ -114,7 +114,9 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
     scalar. Against checkpointed chunks (recompute logits in backward) this skips one [T x H x V]
     matmul, a third of the LM head's work, and holds one [chunk x V] buffer instead of logits,
     log-probabilities and their gradient. grad_weight is allocated at the same point in the step as the
-    checkpointed version's (loss backward runs first), so the step's peak does not grow.
+    checkpointed version's (loss backward runs first), so the step's peak does not grow -- except where
+    several loss forwards wait for their backwards (the last stage of an all-forward-all-backward
+    pipeline schedule), which each hold one [V, H] fp32 buffer until then; 1F1B keeps it at one.
     (The Triton kernel recomputes instead: on a GPU the [V, H] fp32 accumulator is the bigger cost.)
     """
 
