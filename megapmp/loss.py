@@ -102,7 +102,8 @@ def lm_loss_sum(hidden: torch.Tensor, lm_weight: torch.Tensor, labels: torch.Ten
     flat_labels = labels.reshape(-1)
     positions = torch.nonzero(flat_labels != IGNORE_INDEX).squeeze(-1)  # [T]
     selected = hidden.reshape(-1, hidden.shape[-1])[positions]  # [T, H]
-    return ChunkedLinearCrossEntropy.apply(selected, lm_weight, flat_labels[positions], chunk)
+    return ChunkedLinearCrossEntropy.apply(selected, lm_weight, flat_labels[positions], chunk,
+                                           torch.is_grad_enabled())
 
 
 class ChunkedLinearCrossEntropy(torch.autograd.Function):
@@ -121,8 +122,11 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, targets, chunk):
-        need_hidden, need_weight = ctx.needs_input_grad[:2]
+    def forward(ctx, hidden, weight, targets, chunk, grad_enabled=True):
+        # Grad mode is always off inside forward and needs_input_grad ignores no_grad(), so the caller
+        # says whether a backward can follow (torch.is_grad_enabled()); without one, no gradient work.
+        need_hidden = grad_enabled and ctx.needs_input_grad[0]
+        need_weight = grad_enabled and ctx.needs_input_grad[1]
         grad_hidden = torch.empty_like(hidden) if need_hidden else None
         grad_weight = torch.zeros_like(weight, dtype=torch.float32) if need_weight else None
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
@@ -134,15 +138,23 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
         return total
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx, grad_total):
+        if ctx.grads is None:
+            raise RuntimeError("ChunkedLinearCrossEntropy supports one backward per forward (its gradients are "
+                               "made in forward and handed on in place); recompute the loss to differentiate again")
         grad_hidden, grad_weight, weight_dtype = ctx.grads
-        ctx.grads = None  # one backward only: free the buffers as soon as they are handed on
-        # In place: these buffers are handed on as the gradients, no second copy of [V, H].
+        ctx.grads = None  # free the buffers as soon as they are handed on
+        # In place: these buffers are handed on as the gradients, no second copy of [V, H]. The scale
+        # (lm_coef / global tokens) is applied in fp32: rounding it to bf16 would bias every gradient.
         if grad_hidden is not None:
-            grad_hidden.mul_(grad_total.to(grad_hidden.dtype))
+            if grad_hidden.dtype == torch.float32:
+                grad_hidden.mul_(grad_total)
+            else:
+                grad_hidden.copy_(grad_hidden.float() * grad_total)
         if grad_weight is not None:
             grad_weight = grad_weight.mul_(grad_total).to(weight_dtype)
-        return grad_hidden, grad_weight, None, None
+        return grad_hidden, grad_weight, None, None, None
 
 
 def _ce_chunk(h, weight, targets, grad_hidden_out, grad_weight_acc) -> torch.Tensor:
@@ -160,7 +172,7 @@ def _ce_chunk(h, weight, targets, grad_hidden_out, grad_weight_acc) -> torch.Ten
         grad_logits[rows, targets] -= 1.0
         if grad_hidden_out is not None:
             grad_hidden_out.copy_(grad_logits.to(weight.dtype) @ weight)
-        if grad_weight_acc is not None:
+        if grad_weight_acc is not None:  # in place into fp32 (autocast leaves it so): no [V, H] temporary
             grad_weight_acc.addmm_(grad_logits.t(), h.float())
     return total
 

@@ -426,8 +426,8 @@ class Trainer:
         if self.ctx.pp_size == 1:
             totals = torch.zeros(5, dtype=torch.float32, device=self.device)
             for batch in micro:
-                # The loss too runs under autocast: its logit GEMMs then take the bf16 tensor-core path
-                # (fp32 accumulation, fp32 softmax) instead of fp32 ones; the rewards stay fp32 inside.
+                # The loss too runs under autocast, so its logit GEMMs take the bf16 tensor-core path instead
+                # of fp32 ones (softmax and log-sum-exp stay fp32; the rewards stay fp32 inside).
                 with forward_context():
                     hidden = self.model(batch.input_ids, batch.position_ids, attention_inputs(batch))
                     out = self._loss(hidden, self.model, batch, loss_kwargs)

@@ -43,16 +43,40 @@ def test_chunked_linear_ce_matches_full_logits(tokens, hidden, vocab, chunk):
     torch.testing.assert_close(got_grads[1], w.grad, rtol=1e-5, atol=1e-5)
 
 
-def test_chunked_linear_ce_frozen_inputs_and_no_grad():
+def test_chunked_linear_ce_frozen_inputs_and_no_grad(monkeypatch):
     torch.manual_seed(0)
     h, w, t = leaf(20, 8), torch.randn(50, 8), torch.randint(0, 50, (20,))
     ChunkedLinearCrossEntropy.apply(h, w, t, 7).backward()  # only the hidden states need a gradient
     expected = torch.autograd.grad(full_logits_ce(h, w, t), h)[0]
     torch.testing.assert_close(h.grad, expected, rtol=1e-5, atol=1e-5)
+
+    # Under no_grad (evaluation) no gradient is made at all: every chunk is called without outputs for it.
+    import megapmp.loss as loss_module
+
+    calls = []
+    real_chunk = loss_module._ce_chunk
+
+    def spy(h, weight, targets, grad_hidden_out, grad_weight_acc):
+        calls.append((grad_hidden_out is None, grad_weight_acc is None))
+        return real_chunk(h, weight, targets, grad_hidden_out, grad_weight_acc)
+
+    monkeypatch.setattr(loss_module, "_ce_chunk", spy)
+    labels = t.reshape(4, 5)
     with torch.no_grad():
-        value = ChunkedLinearCrossEntropy.apply(h, w, t, 7)
-    assert not value.requires_grad
+        value = lm_loss_sum(h.reshape(4, 5, 8), w.requires_grad_(), labels, chunk=7)
+    assert calls == [(True, True)] * 3 and not value.requires_grad
     torch.testing.assert_close(value, full_logits_ce(h, w, t).detach(), rtol=1e-6, atol=1e-5)
+    calls.clear()
+    lm_loss_sum(h.reshape(4, 5, 8), w, labels, chunk=7).backward()
+    assert calls == [(False, False)] * 3
+
+
+def test_chunked_linear_ce_refuses_a_second_backward():
+    h, w, t = leaf(6, 4), leaf(9, 4), torch.randint(0, 9, (6,))
+    loss = ChunkedLinearCrossEntropy.apply(h, w, t, 4)
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="one backward per forward"):
+        loss.backward()
 
 
 def test_chunked_linear_ce_bf16_weights_get_bf16_gradients():

@@ -235,5 +235,15 @@ def test_step_loader_flat_packing_is_the_rows_without_padding(shard, kind_layout
         for x, y in zip(a.micro_batches, b.micro_batches):
             assert y.shape[0] == 1 and y.shape[1] % 4 == 0
             keep = x.segment_ids.ravel() >= 0
-            assert y.input_ids[0, : keep.sum()].tolist() == x.input_ids.ravel()[keep].tolist()
-            assert y.input_ids.ravel()[y.chosen_index].tolist() == x.input_ids.ravel()[x.chosen_index].tolist()
+            for name in ("input_ids", "position_ids", "labels", "branch_ids"):
+                assert getattr(y, name)[0, : keep.sum()].tolist() == getattr(x, name).ravel()[keep].tolist(), name
+            assert y.num_lm_tokens == x.num_lm_tokens > 0
+            # One cu_seqlens run per real segment of the rows, plus the tail padding run if any.
+            real_runs = sum(len(np.unique(row[row >= 0])) for row in x.segment_ids)
+            assert len(y.cu_seqlens) - 1 == real_runs + int(y.shape[1] > keep.sum())
+            if kind == "pairs":
+                assert len(y.chosen_index) == len(x.chosen_index) > 0
+                for index in ("chosen_index", "rejected_index"):
+                    got, want = getattr(y, index), getattr(x, index)
+                    assert y.input_ids.ravel()[got].tolist() == x.input_ids.ravel()[want].tolist()
+                    assert y.position_ids.ravel()[got].tolist() == x.position_ids.ravel()[want].tolist()

@@ -91,8 +91,8 @@ def run_schedule(actions: Sequence[Action], chunks: Sequence[nn.Module], micro_b
     micro_batches: torch PackedBatch objects, the same on every stage of the pipeline.
     loss_fn(hidden, batch) -> LossOutput: called on the last virtual stage only; backward starts from
         its ``loss``, which must already be normalised by the step's global counts (pmp_loss_fn).
-    forward_context: entered around every chunk forward (e.g. ``lambda: torch.autocast(...)``); the
-        loss and backward run outside it, as in the single-process trainer.
+    forward_context: entered around every chunk forward (e.g. ``lambda: torch.autocast(...)``) and the
+        last stage's loss; backward runs outside it, as in the single-process trainer.
     activation_shape(batch) -> shape of the hidden states sent between stages; default (R, S, H).
     activation_dtype: dtype they travel in; default the chunks' parameter dtype. A stage output of
         another dtype is an error, not a silent cast.
