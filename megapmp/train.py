@@ -84,6 +84,7 @@ def load_initial_weights(model: Qwen2RewardModel, source: str, with_reward_head:
     from megapmp.convert.hf import from_hf_state_dict, load_hf_directory
 
     path = Path(source)
+    keep_own_lm_head = model.config.tie_word_embeddings  # tied: the embedding is the LM head
     is_megapmp = (path / "checkpoints").is_dir() or (path / "trainer.json").exists() or bool(ckpt.list_checkpoints(path))
     if not is_megapmp and (path / "config.json").exists():
         _, hf_state = load_hf_directory(path)
@@ -94,6 +95,7 @@ def load_initial_weights(model: Qwen2RewardModel, source: str, with_reward_head:
         origin = "HF directory"
         if not imported.has_lm_head:  # untied, and no lm_head.weight anywhere: keep our init, not zeros
             state.pop("lm_head.weight", None)
+            keep_own_lm_head = True
             origin += ", fresh LM head"
     else:
         if (path / "checkpoints").is_dir():
@@ -109,8 +111,7 @@ def load_initial_weights(model: Qwen2RewardModel, source: str, with_reward_head:
     if not with_reward_head or "score.weight" not in state:
         state["score.weight"] = model.score.weight.detach().clone()
     missing, unexpected = model.load_state_dict(state, strict=False)
-    missing = [k for k in missing if not (k == "lm_head.weight" and (model.config.tie_word_embeddings
-                                                                    or origin.endswith("fresh LM head")))]
+    missing = [k for k in missing if not (k == "lm_head.weight" and keep_own_lm_head)]
     if missing or unexpected:
         raise ValueError(f"init_from {source}: missing {missing}, unexpected {unexpected}")
     return f"{origin} ({'with' if with_reward_head else 'fresh'} reward head)"
