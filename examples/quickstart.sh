@@ -33,7 +33,7 @@ elif [ -x .venv/bin/python ] || ! (cd / && python3 -c "import megapmp, torch, tr
 else
   PY=python3
 fi
-(cd / && "$PY" -c "import megapmp, transformers, matplotlib") 2>/dev/null || "$PY" -m pip install -q -e "$ROOT[dev]"
+(cd / && "$PY" -c "import megapmp, megapmp_kernels.pair_loss, transformers, matplotlib") 2>/dev/null || "$PY" -m pip install -q -e "$ROOT[dev]"
 export TOKENIZERS_PARALLELISM=false
 
 echo "{}" > "$OUT/timings.json"

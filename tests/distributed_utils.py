@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import pickle
 import queue
 import shutil
 import sys
@@ -55,7 +56,9 @@ def _rank_main(rank, world_size, store_path, fn, args, results):
     except BaseException:
         results.put((rank, False, traceback.format_exc()))
         return
-    results.put((rank, True, out))
+    # Plain pickle, by value: a multiprocessing queue would pass tensors as file descriptors that the
+    # parent can only collect while this rank's process is still alive (FileNotFoundError otherwise).
+    results.put((rank, True, pickle.dumps(out)))
     dist.destroy_process_group()
 
 
@@ -110,4 +113,4 @@ def run_ranks(world_size: int, fn, *args, timeout: float = 60.0) -> list:
         raise RankError(f"{len(errors)} of {world_size} ranks failed:\n{report}")
     if missing:
         raise TimeoutError(f"ranks {missing} of {world_size} did not finish within {timeout} s")
-    return [outputs[r] for r in range(world_size)]
+    return [pickle.loads(outputs[r]) for r in range(world_size)]

@@ -74,7 +74,7 @@ def test_backend_matches_dense_reference_forward_and_grads(backend, heads, kv_he
 def test_segmented_model_matches_sdpa_model_with_activation_checkpointing():
     attn = packed_attn("shared-prefix", seed=3, n_pairs=5, seq_len=48)
     positions = attn.default_position_ids()
-    tokens = torch.randint(0, 384, attn.shape)
+    tokens = torch.randint(0, 384, attn.shape, generator=torch.Generator().manual_seed(0))
     grads, hiddens = [], []
     for backend, checkpointing in (("sdpa", False), ("segmented", True)):
         torch.manual_seed(0)
@@ -87,7 +87,9 @@ def test_segmented_model_matches_sdpa_model_with_activation_checkpointing():
         grads.append({n: p.grad for n, p in model.named_parameters()})
     torch.testing.assert_close(hiddens[1], hiddens[0], rtol=0, atol=ATOL)
     for name in grads[0]:
-        torch.testing.assert_close(grads[1][name], grads[0][name], rtol=0, atol=ATOL, msg=name)
+        # score.weight's gradient sums ~10 hidden states into entries of magnitude ~100, where one fp32
+        # ulp is 7.6e-6: an absolute tolerance alone failed for some token draws, so fp32's rtol is added.
+        torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1.3e-6, atol=ATOL, msg=name)
 
 
 # ---------------------------------------------------------------- the varlen decomposition
