@@ -40,8 +40,9 @@ TRUNCATION_HELP = (
 
 def parse_args(argv=None) -> argparse.Namespace:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["verify"]:  # `verify PREFIX...` reads better than the flag it stands for
-        argv = ["--verify", *argv[1:]]
+    # `verify PREFIX...` (as the first word, --no-progress aside) stands for --verify PREFIX...
+    if [a for a in argv if a != "--no-progress"][:1] == ["verify"]:
+        argv[argv.index("verify")] = "--verify"
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--input", nargs="+", default=[], metavar="FILE",
                    help="JSONL or JSONL.gz files of pairs, read in the order given (documents mode: also "
