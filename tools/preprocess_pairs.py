@@ -69,7 +69,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--workers", type=int, default=1, metavar="N",
                    help="tokenizer processes; output is identical for any N")
     p.add_argument("--on-error", default="fail", choices=["fail", "skip"],
-                   help="fail: stop at the first bad record with its file, line and field, exit 1, leave no "
+                   help="fail: stop at the first bad record with its file, line and field, exit 2, leave no "
                         "output; skip: leave bad records out, write each to --rejects with its reason")
     p.add_argument("--rejects", default=None, metavar="FILE",
                    help="JSONL of rejected records (needed with skip); must not be an input")
