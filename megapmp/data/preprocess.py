@@ -480,6 +480,10 @@ def _check_paths(inputs, output_prefix: str, rejects_path: str | None, overwrite
                 raise OutputError(f"--rejects {rejects_path} is {path}: writing the rejects there would destroy it")
         if target.is_dir():
             raise OutputError(f"--rejects {rejects_path} is a directory, expected a file name")
+        try:  # now, not after the shard is written: a failure then would leave half the output
+            target.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise OutputError(f"--rejects {rejects_path}: cannot write there ({e.strerror or e})") from None
 
 
 def _prepare_tokenizer(spec, staging_dir: Path, inputs, kind, keys, template_text, load_tokenizer, train_bpe):
