@@ -81,8 +81,11 @@ def check_token_ids(dataset, items, vocab_size: int) -> None:
     for i in items:
         document = dataset.document_of(i)
         for sequence in dataset.index.document(document):
-            if len(sequence) and (int(sequence.max()) >= vocab_size or int(sequence.min()) < 0):
-                bad = int(sequence.max()) if int(sequence.max()) >= vocab_size else int(sequence.min())
+            if not len(sequence):
+                continue
+            low, high = int(sequence.min()), int(sequence.max())
+            if high >= vocab_size or low < 0:
+                bad = high if high >= vocab_size else low
                 raise ShardError(f"{bin_path(dataset.prefix)}: document {document} holds token id {bad}, outside the "
                                  f"vocabulary [0, {vocab_size}): the shard is damaged or was made with another "
                                  f"tokenizer (check it: python tools/preprocess_pairs.py verify {dataset.prefix})")

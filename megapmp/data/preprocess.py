@@ -66,7 +66,7 @@ class PairFormat:
     max_length: int | None = None  # limit on prompt + response tokens, for each response
     overlong: str = "error"  # error: reject the record; truncate: see fit_pair
     dtype: str = "uint16"
-    identical: str = "reject"  # reject: chosen == rejected is bad input (it teaches nothing); keep
+    identical: str = "reject"  # reject: chosen == rejected is a bad record (nothing to prefer); keep: train on it
 
 
 def fit_pair(prompt: list[int], chosen: list[int], rejected: list[int], max_length: int, eos_id: int | None):
@@ -413,7 +413,7 @@ def build_shard(inputs: list[str], output_prefix: str, *, kind: str = "pairs", t
             if not stats.documents:
                 # A 0-pair shard only fails later, in the trainer, far from its cause.
                 why = f"all {stats.rejected} records were rejected" if stats.rejected else "the input is empty"
-                raise InputError(", ".join(map(str, inputs)), None, None, f"no {unit} to write: {why}")
+                raise InputError(", ".join(map(str, inputs)), None, None, f"no {kind} to write: {why}")
         bar.close()
         if rejects_file:
             rejects_file.close()
