@@ -17,7 +17,9 @@ from typing import Iterator
 # One JSONL line larger than this is rejected before parsing, so a corrupt file cannot exhaust memory.
 MAX_LINE_BYTES = 64 << 20
 # A lone surrogate can only enter a parsed string through a \uD800-\uDFFF escape (valid UTF-8 bytes never
-# decode to one), so lines without such an escape skip the walk over the parsed object.
+# decode to one), and a key can only be spelled two ways through a \u or \/ escape; a line without either
+# (most lines) skips both the walk over the parsed object and the exact duplicate-key parse.
+_ESCAPE = re.compile(rb"\\[u/]")
 _SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
 
 
@@ -46,6 +48,20 @@ def _unique_keys(pairs: list[tuple[str, object]]) -> dict:
                 raise _DuplicateKey(key)
             seen.add(key)
     return record
+
+
+def _may_hide_duplicates(value, raw: bytes, escaped: bool) -> bool:
+    """False when `raw` provably repeats no key: one flat object each of whose keys occurs exactly once
+    in its plain spelling, and no escape that could spell a key another way. Everything else takes the
+    exact check, which costs about three plain parses."""
+    if not isinstance(value, dict):
+        return isinstance(value, list)
+    if escaped:
+        return True
+    for key, child in value.items():
+        if isinstance(child, (dict, list)) or raw.count(b'"' + key.encode("utf-8") + b'"') != 1:
+            return True
+    return False
 
 
 def _find_surrogate(value, path: str = "") -> tuple[str, int] | None:
@@ -79,12 +95,16 @@ def parse_json_line(file: str, line_no: int, raw: bytes):
     except UnicodeDecodeError as e:
         raise InputError(file, line_no, None, f"invalid UTF-8 at byte {e.start}") from None
     try:
-        value = json.loads(text, object_pairs_hook=_unique_keys)
-    except _DuplicateKey as e:
-        raise InputError(file, line_no, e.key, "duplicate key in a JSON object") from None
+        value = json.loads(text)
     except json.JSONDecodeError as e:
         raise InputError(file, line_no, None, f"malformed JSON: {e.msg} at column {e.colno}") from None
-    if _SURROGATE_ESCAPE.search(raw):
+    escaped = _ESCAPE.search(raw) is not None
+    if _may_hide_duplicates(value, raw, escaped):
+        try:
+            json.loads(text, object_pairs_hook=_unique_keys)
+        except _DuplicateKey as e:
+            raise InputError(file, line_no, e.key, "duplicate key in a JSON object") from None
+    if escaped and _SURROGATE_ESCAPE.search(raw):
         found = _find_surrogate(value)
         if found is not None:
             field, index = found
