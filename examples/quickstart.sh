@@ -65,11 +65,12 @@ stage pairs "$PY" tools/synthesize_pairs.py rules --source "$STDLIB" --output "$
 head -n -400 "$D/stdlib_pairs.jsonl" > "$D/pmp_train.jsonl"
 tail -n 400 "$D/stdlib_pairs.jsonl" > "$D/pmp_valid.jsonl"
 
-PRE=("$PY" tools/preprocess_pairs.py --max-length 512 --overlong truncate --workers 2)
+# --overwrite: a rerun into the same folder rebuilds its own shards (preprocessing refuses that by default).
+PRE=("$PY" tools/preprocess_pairs.py --max-length 512 --overlong truncate --workers 2 --overwrite)
 stage shards_pmp "${PRE[@]}" --input "$D/pmp_train.jsonl" --output-prefix "$D/pmp_train" --tokenizer bpe:4096 --template codepmp
 TOK=$D/pmp_train.tokenizer
 stage shards_pmp_valid "${PRE[@]}" --input "$D/pmp_valid.jsonl" --output-prefix "$D/pmp_valid" --tokenizer "$TOK" --template codepmp
-stage shards_lm "$PY" tools/preprocess_pairs.py --documents --input "$STDLIB/json" "$STDLIB/email" "$STDLIB/asyncio" \
+stage shards_lm "$PY" tools/preprocess_pairs.py --documents --overwrite --input "$STDLIB/json" "$STDLIB/email" "$STDLIB/asyncio" \
   "$STDLIB/collections" "$STDLIB/unittest" "$STDLIB/logging" --output-prefix "$D/lm_docs" --tokenizer "$TOK" --workers 2
 
 GSM8K=$DATA/gsm8k

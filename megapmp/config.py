@@ -8,11 +8,17 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+
+class ConfigError(ValueError):
+    """A configuration the user must fix (bad value, unknown key, unreadable file); the trainer's CLI
+    prints it on one line and exits 2, while other exceptions stay tracebacks."""
 
 
 def _raise_if_any(component: str, problems: list[str]) -> None:
     if problems:
-        raise ValueError(f"invalid {component}: " + "; ".join(problems))
+        raise ConfigError(f"invalid {component}: " + "; ".join(problems))
 
 
 @dataclass
@@ -151,7 +157,7 @@ MODEL_PRESETS: dict[str, ModelConfig] = {
 def model_preset(name: str) -> ModelConfig:
     """A fresh copy of the preset ``name`` (editing it leaves ``MODEL_PRESETS`` untouched)."""
     if name not in MODEL_PRESETS:
-        raise ValueError(f"unknown model preset {name!r}; known: {sorted(MODEL_PRESETS)}")
+        raise ConfigError(f"unknown model preset {name!r}; known: {sorted(MODEL_PRESETS)}")
     return dataclasses.replace(MODEL_PRESETS[name])
 
 
@@ -265,11 +271,17 @@ class DataConfig:
     """Gradient-accumulation micro-batches per step on each data-parallel rank."""
     seed: int = 1234
     """Shuffling seed; the order is a pure function of (seed, epoch)."""
+    verify: str = "open"
+    """Shard checks before training. open: the cheap checks at open (index and file sizes, the sidecar's
+    counts), plus every token id checked against the vocabulary as it is read; full: also each train and
+    valid shard's sha256 against its sidecar, reading every byte once before the first step."""
 
     def validate(self) -> None:
         problems = []
         if not self.train:
-            problems.append("train lists no shard prefix")
+            problems.append("train lists no shard prefix (set data.train in the config or pass --data.train PREFIX)")
+        if self.verify not in ("open", "full"):
+            problems.append(f"verify={self.verify!r} is not open or full")
         if self.weights is not None and len(self.weights) != len(self.train):
             problems.append(f"weights has {len(self.weights)} entries for {len(self.train)} train shards")
         if self.kind not in ("pairs", "documents"):
@@ -422,7 +434,7 @@ class TrainConfig:
         if self.data.kind == "documents" and self.loss.rm_coef:
             problems.append("data.kind=documents has no pairs: set loss.rm_coef = 0 for LM pretraining")
         if problems:
-            raise ValueError("invalid TrainConfig: " + " | ".join(problems))
+            raise ConfigError("invalid TrainConfig: " + " | ".join(problems))
 
 
 SECTIONS = {f.name for f in fields(TrainConfig) if f.name in
@@ -441,21 +453,24 @@ def _convert(raw, current, type_hint: str, key: str):
             return True
         if raw.lower() in ("0", "false", "no", "off"):
             return False
-        raise ValueError(f"--{key} expects true or false, got {raw!r}")
-    if hint.startswith("int"):
-        return int(raw)
-    if hint.startswith("float"):
-        return float(raw)
-    if hint.startswith("list"):
-        items = [x for x in raw.split(",") if x]
-        return [float(x) for x in items] if key.endswith("weights") else items
+        raise ConfigError(f"--{key} expects true or false, got {raw!r}")
+    try:
+        if hint.startswith("int"):
+            return int(raw)
+        if hint.startswith("float"):
+            return float(raw)
+        if hint.startswith("list"):
+            items = [x for x in raw.split(",") if x]
+            return [float(x) for x in items] if key.endswith("weights") else items
+    except ValueError:
+        raise ConfigError(f"--{key} expects {hint.split('|')[0]}, got {raw!r}") from None
     return raw
 
 
 def _apply(obj, key: str, value, full_key: str) -> None:
     names = {f.name: f for f in fields(obj)}
     if key not in names:
-        raise ValueError(f"unknown config key {full_key!r}; {type(obj).__name__} has: {', '.join(sorted(names))}")
+        raise ConfigError(f"unknown config key {full_key!r}; {type(obj).__name__} has: {', '.join(sorted(names))}")
     setattr(obj, key, _convert(value, getattr(obj, key), str(names[key].type), full_key))
 
 
@@ -476,7 +491,7 @@ def build_train_config(table: dict, overrides: list[tuple[str, str]] = ()) -> Tr
     for section, values in table.items():
         if section in SECTIONS:
             if not isinstance(values, dict):
-                raise ValueError(f"config section [{section}] must be a table")
+                raise ConfigError(f"config section [{section}] must be a table")
             for key, value in values.items():
                 _apply(getattr(cfg, section), key, value, f"{section}.{key}")
         else:
@@ -485,6 +500,8 @@ def build_train_config(table: dict, overrides: list[tuple[str, str]] = ()) -> Tr
         if key == "model.preset":
             continue
         section, _, name = key.rpartition(".")
+        if section and section not in SECTIONS:
+            raise ConfigError(f"unknown config section in {key!r}; sections are: {', '.join(sorted(SECTIONS))}")
         _apply(getattr(cfg, section) if section else cfg, name, value, key)
     return cfg
 
@@ -494,8 +511,13 @@ def load_train_config(path: str | None, overrides: list[tuple[str, str]] = ()) -
     if path:
         import tomllib
 
-        with open(path, "rb") as f:
-            table = tomllib.load(f)
+        if not Path(path).is_file():
+            raise ConfigError(f"{path}: config file not found")
+        try:
+            with open(path, "rb") as f:
+                table = tomllib.load(f)
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+            raise ConfigError(f"{path}: not valid TOML ({e})") from None
     return build_train_config(table, overrides)
 
 

@@ -36,9 +36,11 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from megapmp import checkpoint as ckpt
-from megapmp.config import TrainConfig, load_train_config, parse_cli
+from megapmp.config import ConfigError, TrainConfig, load_train_config, parse_cli
 from megapmp.data.loader import StepBatch, StepLoader
-from megapmp.data.datasets import PairDataset
+from megapmp.data.datasets import PairDataset, check_token_ids
+from megapmp.data.indexed import ShardError
+from megapmp.data.shards import verify_shards
 from megapmp.eval.scoring import attention_inputs, pairwise_accuracy, score_pairs
 from megapmp.loss import loss_backend, pmp_loss
 from megapmp.model import Qwen2RewardModel
@@ -181,15 +183,19 @@ class Trainer:
     def __init__(self, cfg: TrainConfig, run_dir: str | Path):
         self.cfg = cfg
         self.run_dir = Path(run_dir)
+        cfg.data.validate()  # before any shard is opened: no data.train is a message, not an IndexError
         self.ctx = runtime.build_context(cfg.parallel)
         self.world = self.ctx.world_size
         self.is_main = self.ctx.rank == 0
-        if self.is_main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
         # Absolute shard paths keep the checkpoint's record usable from any working directory
         # (the exporter finds the tokenizer beside the training shards).
         cfg.data.train = [str(Path(p).resolve()) for p in cfg.data.train]
         cfg.data.valid = [str(Path(p).resolve()) for p in cfg.data.valid]
+        if cfg.data.verify == "full":
+            # Every rank hashes what it will read (the page cache makes the repeats cheap), so no rank
+            # waits at a barrier for one that failed.
+            self.log(f"verifying {len(cfg.data.train) + len(cfg.data.valid)} shard(s) against their sidecars")
+            verify_shards(cfg.data.train + cfg.data.valid, progress=self.is_main and cfg.logging.progress)
         self.device = pick_device() if self.world == 1 else runtime.local_device()
         self.amp_dtype = autocast_dtype(cfg.precision, self.device)
         self.loader = StepLoader(cfg.data.train, kind=cfg.data.kind, weights=cfg.data.weights,
@@ -200,6 +206,8 @@ class Trainer:
                                  dp_rank=self.ctx.dp_rank, dp_size=self.ctx.dp_size)
         self._resolve_vocab(self.loader.meta)
         cfg.validate()
+        if self.is_main:  # only now: a config that does not validate leaves no run directory behind
+            self.run_dir.mkdir(parents=True, exist_ok=True)
         self._build_model()
         self.valid_pairs = self._load_valid_pairs()
         self.step = 0
@@ -261,7 +269,7 @@ class Trainer:
         if self.cfg.model.vocab_size == 0:
             self.cfg.model.vocab_size = meta.padded_vocab_size
         if self.cfg.model.vocab_size < meta.vocab_size:
-            raise ValueError(f"model.vocab_size={self.cfg.model.vocab_size} is smaller than the shards' tokenizer "
+            raise ConfigError(f"model.vocab_size={self.cfg.model.vocab_size} is smaller than the shards' tokenizer "
                              f"vocabulary ({meta.vocab_size}); set model.vocab_size = 0 to use the shards' size")
 
     def _load_valid_pairs(self):
@@ -270,7 +278,9 @@ class Trainer:
         pairs = []
         for prefix in self.cfg.data.valid:
             ds = PairDataset(prefix)
-            pairs += [ds[i] for i in range(min(len(ds), self.cfg.data.valid_items - len(pairs)))]
+            take = range(min(len(ds), self.cfg.data.valid_items - len(pairs)))
+            check_token_ids(ds, take, ds.meta.vocab_size)  # once, here: these pairs are scored again and again
+            pairs += [ds[i] for i in take]
         return pairs
 
     # -- checkpoints ------------------------------------------------------------------------------
@@ -559,13 +569,23 @@ class Trainer:
         return history
 
 
+# Errors in what the user gave (config, shards, paths): one line and exit 2. Anything else is a bug in
+# megapmp and keeps its traceback.
+USER_ERRORS = (ConfigError, ShardError, FileNotFoundError)
+
+
 def main(argv=None) -> int:
     args, overrides = parse_cli(argv)
-    cfg = load_train_config(args.config, overrides)
-    torch.set_num_threads(cfg.num_threads) if cfg.num_threads else None
-    distributed = runtime.init_distributed()
+    distributed = False
     try:
+        cfg = load_train_config(args.config, overrides)
+        torch.set_num_threads(cfg.num_threads) if cfg.num_threads else None
+        distributed = runtime.init_distributed()
         Trainer(cfg, args.run_dir).fit()
+    except USER_ERRORS as e:
+        message = " ".join(str(e).split())
+        print(f"megapmp.train: error: {message}", file=sys.stderr)
+        return 2
     finally:
         if distributed:
             dist.destroy_process_group()

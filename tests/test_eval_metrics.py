@@ -293,7 +293,7 @@ def test_candidates_adapter(tmp_path):
     with pytest.raises(DataError, match=r"broken.jsonl:1: candidates\[0\].correct"):
         load_candidate_sets(tmp_path / "broken.jsonl", "candidates")
     (tmp_path / "notjson.jsonl").write_text("{oops\n")
-    with pytest.raises(DataError, match=r"notjson.jsonl:1: not valid JSON"):
+    with pytest.raises(DataError, match=r"notjson.jsonl:1: malformed JSON"):
         load_candidate_sets(tmp_path / "notjson.jsonl", "candidates")
     with pytest.raises(DataError, match="no such file"):
         load_candidate_sets(tmp_path / "missing.jsonl", "candidates")

@@ -17,6 +17,7 @@ import json
 import json.decoder
 import json.encoder
 import os
+import re
 import string
 import struct
 import subprocess
@@ -28,7 +29,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from megapmp.data.indexed import IndexedDataset, IndexedWriter, optimal_dtype
+from megapmp.data.indexed import IndexedDataset, IndexedWriter, ShardError, optimal_dtype
 from megapmp.data.preprocess import InputError, build_shard, fit_pair
 from megapmp.data.shards import ShardMeta, load_shard_tokenizer, verify_shard
 from megapmp.data.tokenizers import CL100K_PATTERN, load_tokenizer, train_bpe
@@ -344,7 +345,7 @@ def test_codepmp_template_and_keys(tmp_path):
     assert_pairs_shard(tmp_path / "s", tok, records, template=CODEPMP_TEXT, keys=keys)
     assert sidecar(tmp_path / "s")["template"] == {"name": "codepmp", "text": CODEPMP_TEXT}
     # The default field names do not exist in CodePMP's data: the first line is named.
-    proc = preprocess(source, tmp_path / "t", expect_rc=1)
+    proc = preprocess(source, tmp_path / "t", expect_rc=2)
     assert f"{source}:1 field 'prompt': missing field" in proc.stderr
 
 
@@ -363,7 +364,7 @@ def test_template_file_with_query_placeholder(tmp_path):
 
     no_placeholder = tmp_path / "bad.txt"
     no_placeholder.write_text("no placeholder here")
-    proc = preprocess(tmp_path / "p.jsonl", tmp_path / "out" / "t", "--template", no_placeholder, expect_rc=1)
+    proc = preprocess(tmp_path / "p.jsonl", tmp_path / "out" / "t", "--template", no_placeholder, expect_rc=2)
     assert "{prompt}" in proc.stderr and str(no_placeholder) in proc.stderr
     assert not (tmp_path / "out").exists() or list((tmp_path / "out").iterdir()) == []
 
@@ -394,7 +395,7 @@ def test_bad_record_fails_with_file_line_field_and_leaves_nothing(tmp_path, case
     source = bad_input_file(tmp_path / "in.jsonl", line)
     out = tmp_path / "out"
     out.mkdir()
-    proc = preprocess(source, out / "shard", "--max-length", 200, expect_rc=1)
+    proc = preprocess(source, out / "shard", "--max-length", 200, expect_rc=2)
     where = f"{source}:4" + (f" field '{field}'" if field else "")
     assert f"error: {where}: " in proc.stderr
     assert reason in proc.stderr
@@ -408,7 +409,7 @@ def test_late_failure_with_trained_tokenizer_and_workers_leaves_nothing(tmp_path
     source = write_jsonl(tmp_path / "in.jsonl", records)
     out = tmp_path / "out"
     out.mkdir()
-    proc = preprocess(source, out / "shard", "--tokenizer", "bpe:300", "--workers", "2", expect_rc=1)
+    proc = preprocess(source, out / "shard", "--tokenizer", "bpe:300", "--workers", "2", expect_rc=2)
     assert f"{source}:701: malformed JSON" in proc.stderr
     assert list(out.iterdir()) == []
 
@@ -439,7 +440,7 @@ def test_skip_without_rejects_file_is_refused(tmp_path):
     source = bad_input_file(tmp_path / "in.jsonl", BAD_LINES["malformed_json"][0])
     out = tmp_path / "out"
     out.mkdir()
-    proc = preprocess(source, out / "shard", "--on-error", "skip", expect_rc=1)
+    proc = preprocess(source, out / "shard", "--on-error", "skip", expect_rc=2)
     assert "--on-error skip needs --rejects" in proc.stderr
     assert list(out.iterdir()) == []
 
@@ -579,7 +580,9 @@ def test_verify_shard_detects_a_flipped_byte(tmp_path, suffix):
     data = bytearray(path.read_bytes())
     data[len(data) // 2] ^= 0x01
     path.write_bytes(bytes(data))
-    with pytest.raises(ValueError, match=f"checksum mismatch for {suffix}_sha256"):
+    # A flipped index byte may already break the index's own consistency, caught before any hashing;
+    # either way the message names the damaged file.
+    with pytest.raises(ShardError, match=re.escape(f"{prefix}.{suffix}: ")):
         verify_shard(prefix)
 
 
@@ -628,11 +631,11 @@ def test_merge_refuses_different_tokenizers(tmp_path, two_partitions, tokenizer_
     # Same family, vocab size and special ids: only the tokenizer files differ.
     assert sidecar(other)["vocab_size"] == sidecar(prefixes["A"])["vocab_size"] == 400
     out = tmp_path / "out"
-    proc = run_tool("--merge", prefixes["A"], other, "--output-prefix", out / "bad", expect_rc=1)
+    proc = run_tool("--merge", prefixes["A"], other, "--output-prefix", out / "bad", expect_rc=2)
     assert f"cannot merge {other} into {prefixes['A']}: they differ in tokenizer" in proc.stderr
     byte_shard = tmp_path / "D" / "part"
     preprocess(write_jsonl(tmp_path / "D.jsonl", BASE_PAIRS), byte_shard)
-    proc = run_tool("--merge", prefixes["A"], byte_shard, "--output-prefix", out / "bad", expect_rc=1)
+    proc = run_tool("--merge", prefixes["A"], byte_shard, "--output-prefix", out / "bad", expect_rc=2)
     assert "differ in vocab_size, eos_id, pad_id" in proc.stderr and "tokenizer" in proc.stderr
     assert not out.exists() or list(out.iterdir()) == []
 
@@ -671,7 +674,7 @@ def test_documents_mode_reports_invalid_utf8(tmp_path):
     bad.write_bytes(b"ok = 1\ns = 'caf\xe9'\n")
     out = tmp_path / "out"
     out.mkdir()
-    proc = preprocess(tmp_path / "src", out / "docs", "--documents", expect_rc=1)
+    proc = preprocess(tmp_path / "src", out / "docs", "--documents", expect_rc=2)
     assert f"error: {bad}:2: invalid UTF-8" in proc.stderr
     assert list(out.iterdir()) == []
 
@@ -687,15 +690,16 @@ def test_documents_mode_jsonl_bad_lines_fail_or_skip(tmp_path):
     source = write_jsonl(tmp_path / "docs.jsonl.gz", [{"text": "a = 1\n"}, b"{bad", {"text": 5}, {"text": NON_ASCII}])
     out = tmp_path / "out"
     out.mkdir()
-    proc = preprocess(source, out / "d", "--documents", expect_rc=1)
-    assert f"error: {source}:2 field 'text': not a JSON object with a string field" in proc.stderr
+    proc = preprocess(source, out / "d", "--documents", expect_rc=2)
+    assert f"error: {source}:2 field 'text': malformed JSON: Expecting property name" in proc.stderr
     assert list(out.iterdir()) == []
 
     rejects = tmp_path / "rejects.jsonl"
     preprocess(source, out / "d", "--documents", "--workers", 2, "--on-error", "skip", "--rejects", rejects)
     rows = [json.loads(line) for line in rejects.read_text().splitlines()]
     assert [(r["line"], r["field"], r["reason"]) for r in rows] == [
-        (2, "text", "not a JSON object with a string field"), (3, "text", "expected a string, got int")]
+        (2, "text", "malformed JSON: Expecting property name enclosed in double quotes at column 2"),
+        (3, "text", "expected a string, got int")]
     tok = load_tokenizer("byte")
     assert read_mmidx(out / "d").documents == [[tok.encode("a = 1\n") + [256]], [tok.encode(NON_ASCII) + [256]]]
     assert sidecar(out / "d")["counts"]["rejected"] == 2

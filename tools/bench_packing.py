@@ -187,7 +187,8 @@ def main(argv=None) -> int:
         log(f"tokenizing with {args.tokenizer} (max length {args.max_length}) ...")
         counts = build_shard([str(jsonl)], str(work / "shard"), tokenizer=args.tokenizer, workers=args.workers,
                              max_length=args.max_length, overlong="error", on_error="skip",
-                             rejects_path=str(work / "rejects.jsonl"), progress=False)
+                             rejects_path=str(work / "rejects.jsonl"), overwrite=True,  # --keep reruns
+                             progress=False)
         reasons = [json.loads(line)["reason"] for line in open(work / "rejects.jsonl", encoding="utf-8")]
         dropped_overlong = sum("--max-length" in reason for reason in reasons)
         ds = PairDataset(str(work / "shard"))

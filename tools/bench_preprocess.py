@@ -218,7 +218,8 @@ def child_megapmp(input_path: str, tokenizer: str, prefix: str, workers: int) ->
     from megapmp.data.preprocess import build_shard
 
     start = time.perf_counter()
-    counts = build_shard([input_path], prefix, tokenizer=tokenizer, workers=workers, progress=False)
+    counts = build_shard([input_path], prefix, tokenizer=tokenizer, workers=workers, overwrite=True,
+                         progress=False)  # --repeat rebuilds the same prefix
     seconds = time.perf_counter() - start
     return {"seconds": seconds, "pairs": counts["pairs"], "tokens": counts["tokens"],
             "internal_seconds": counts["seconds"], **_rss_report()}

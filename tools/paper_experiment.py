@@ -70,7 +70,7 @@ def finetune_shard(base: Path, work: Path, size: int) -> str:
         subset.parent.mkdir(parents=True, exist_ok=True)
         subset.write_text("\n".join(lines[:size]) + "\n")
         build_shard([str(subset)], str(prefix), tokenizer=str(base / "data" / "pmp_train.tokenizer"),
-                    max_length=512, overlong="truncate", progress=False)
+                    max_length=512, overlong="truncate", overwrite=True, progress=False)  # no sidecar: unfinished
     return str(prefix)
 
 

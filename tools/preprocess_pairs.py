@@ -4,9 +4,12 @@
 Writes PREFIX.bin + PREFIX.idx (Megatron's MMIDIDX v1 layout, one pair = one document of three
 sequences: prompt, chosen response, rejected response), PREFIX.json (tokenizer identity, vocab sizes,
 template, policies, counts, sha256 checksums) and PREFIX.tokenizer/ (the tokenizer, so the shard is
-self-describing). Everything is written under temporary names and renamed at the end.
+self-describing). Everything is written under temporary names and renamed at the end; an existing
+shard is never replaced without --overwrite.
 
-Exit codes: 0 success; 1 a rejected input record (with --on-error fail) or bad options; 2 usage.
+Exit codes: 0 success; 2 bad input (a rejected record with --on-error fail, an empty input, a damaged
+.gz), bad options or usage, an output that cannot be written or would overwrite, or (verify) a damaged
+shard. Every error is one line naming the file (and line and field where there is one).
 
 Examples:
   python tools/preprocess_pairs.py --input pairs.jsonl --output-prefix data/pairs --tokenizer bpe:8192
@@ -14,6 +17,7 @@ Examples:
       --tokenizer /models/Qwen2-7B --max-length 1024 --overlong truncate --workers 16
   python tools/preprocess_pairs.py --documents --input /usr/lib/python3.11 --output-prefix data/stdlib
   python tools/preprocess_pairs.py --merge data/part0 data/part1 --output-prefix data/all
+  python tools/preprocess_pairs.py verify data/all data/part0     # full check: sha256 against the sidecar
 """
 
 from __future__ import annotations
@@ -22,8 +26,9 @@ import argparse
 import json
 import sys
 
-from megapmp.data.preprocess import InputError, build_shard
-from megapmp.data.shards import merge_shard_set
+from megapmp.data.indexed import ShardError
+from megapmp.data.preprocess import IDENTICAL_POLICIES, InputError, build_shard
+from megapmp.data.shards import OutputError, merge_shard_set, verify_shards
 
 TRUNCATION_HELP = (
     "What to do with a pair whose prompt + response exceeds --max-length tokens: 'error' rejects it "
@@ -34,11 +39,15 @@ TRUNCATION_HELP = (
 
 
 def parse_args(argv=None) -> argparse.Namespace:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # `verify PREFIX...` (as the first word, --no-progress aside) stands for --verify PREFIX...
+    if [a for a in argv if a != "--no-progress"][:1] == ["verify"]:
+        argv[argv.index("verify")] = "--verify"
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--input", nargs="+", default=[], metavar="FILE",
                    help="JSONL or JSONL.gz files of pairs, read in the order given (documents mode: also "
                         "directories or source files, one file = one document)")
-    p.add_argument("--output-prefix", required=True, metavar="PREFIX",
+    p.add_argument("--output-prefix", default=None, metavar="PREFIX",
                    help="output path without extension: PREFIX.bin, PREFIX.idx, PREFIX.json, PREFIX.tokenizer/")
     p.add_argument("--tokenizer", default="byte", metavar="SPEC",
                    help="byte (embedded UTF-8 bytes, the default); bpe:N (train an N-token byte-level BPE on the "
@@ -60,9 +69,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--workers", type=int, default=1, metavar="N",
                    help="tokenizer processes; output is identical for any N")
     p.add_argument("--on-error", default="fail", choices=["fail", "skip"],
-                   help="fail: stop at the first bad record with its file, line and field, exit 1, leave no "
+                   help="fail: stop at the first bad record with its file, line and field, exit 2, leave no "
                         "output; skip: leave bad records out, write each to --rejects with its reason")
-    p.add_argument("--rejects", default=None, metavar="FILE", help="JSONL of rejected records (needed with skip)")
+    p.add_argument("--rejects", default=None, metavar="FILE",
+                   help="JSONL of rejected records (needed with skip); must not be an input")
+    p.add_argument("--identical", default="reject", choices=list(IDENTICAL_POLICIES),
+                   help="a pair whose chosen equals its rejected carries no preference: 'reject' treats it as a "
+                        "bad record (stop, or skip and count it with --on-error skip); 'keep' trains on it")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing shard at --output-prefix (by default that is an error)")
     p.add_argument("--documents", action="store_true",
                    help="plain-document mode for LM pretraining: each file (or JSONL line) is one token document")
     p.add_argument("--vocab-multiple", type=int, default=128, metavar="M",
@@ -70,15 +85,26 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--merge", nargs="+", default=None, metavar="PREFIX",
                    help="instead of tokenizing: merge these shards (partitions written separately, same tokenizer "
                         "and policies) into --output-prefix, in the order given")
+    p.add_argument("--verify", nargs="+", default=None, metavar="PREFIX",
+                   help="instead of tokenizing: check these shards fully (index, sizes and both files' sha256 "
+                        "against the sidecar); also spelled `verify PREFIX...`")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.verify is None and args.output_prefix is None:
+        p.error("the following arguments are required: --output-prefix")
+    return args
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:
+        if args.verify:
+            metas = verify_shards(args.verify, progress=not args.no_progress)
+            for prefix, meta in zip(args.verify, metas):
+                print(f"{prefix}: ok ({json.dumps(meta.counts)})")
+            return 0
         if args.merge:
-            meta = merge_shard_set(args.merge, args.output_prefix)
+            meta = merge_shard_set(args.merge, args.output_prefix, overwrite=args.overwrite)
             stats = meta.counts
         else:
             kind = "documents" if args.documents else "pairs"
@@ -88,10 +114,14 @@ def main(argv=None) -> int:
                 keys=tuple((args.keys or default_keys).split(",")), template=args.template,
                 eos_policy=args.eos_policy, max_length=args.max_length, overlong=args.overlong,
                 workers=args.workers, on_error=args.on_error, rejects_path=args.rejects,
-                vocab_multiple=args.vocab_multiple, progress=not args.no_progress)
-    except (InputError, ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+                vocab_multiple=args.vocab_multiple, identical=args.identical, overwrite=args.overwrite,
+                progress=not args.no_progress)
+    except (InputError, OutputError, ShardError, ValueError, OSError) as e:
+        # OSError covers what the checks cannot foresee (a full disk, a file that vanished); its
+        # message names the file.
+        message = " ".join(str(e).split())
+        print(f"error: {message}", file=sys.stderr)
+        return 2
     print(json.dumps(stats))
     if stats.get("rejected"):
         print(f"warning: {stats['rejected']} records rejected, listed in {args.rejects}", file=sys.stderr)

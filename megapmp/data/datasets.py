@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from megapmp.data.indexed import ShardError, bin_path
 from megapmp.data.shards import ShardMeta, open_shard
 
 
@@ -29,7 +30,7 @@ class PairDataset:
         per_doc = np.diff(self.index.document_index)
         if len(per_doc) and not (per_doc == 3).all():
             bad = int(np.argmax(per_doc != 3))
-            raise ValueError(f"{prefix}: document {bad} has {per_doc[bad]} sequences, a pair has 3")
+            raise ShardError(f"{prefix}: document {bad} has {per_doc[bad]} sequences, a pair has 3")
         lengths = self.index.sequence_lengths.reshape(-1, 3)
         self.prompt_lengths, self.chosen_lengths, self.rejected_lengths = lengths.T
 
@@ -40,6 +41,9 @@ class PairDataset:
         first = 3 * int(i)
         seq = self.index.sequence
         return Pair(seq(first), seq(first + 1), seq(first + 2))
+
+    def document_of(self, i: int) -> int:
+        return int(i)
 
 
 class DocumentDataset:
@@ -65,6 +69,27 @@ class DocumentDataset:
         offset = int(self.offset_of_item[i])
         return self.index.sequence(int(self.sequence_of_item[i]))[offset : offset + self.window]
 
+    def document_of(self, i: int) -> int:
+        sequence = int(self.sequence_of_item[i])
+        return int(np.searchsorted(self.index.document_index, sequence, side="right")) - 1
+
+
+def check_token_ids(dataset, items, vocab_size: int) -> None:
+    """Raise ShardError naming the shard and document of the first of `items` holding a token id
+    outside [0, vocab_size): a damaged `.bin` keeps its size, and would otherwise end in a bare
+    IndexError inside the embedding (or, below the model's padded size, train on garbage)."""
+    for i in items:
+        document = dataset.document_of(i)
+        for sequence in dataset.index.document(document):
+            if not len(sequence):
+                continue
+            low, high = int(sequence.min()), int(sequence.max())
+            if high >= vocab_size or low < 0:
+                bad = high if high >= vocab_size else low
+                raise ShardError(f"{bin_path(dataset.prefix)}: document {document} holds token id {bad}, outside the "
+                                 f"vocabulary [0, {vocab_size}): the shard is damaged or was made with another "
+                                 f"tokenizer (check it: python tools/preprocess_pairs.py verify {dataset.prefix})")
+
 
 def check_compatible(metas: list[ShardMeta], prefixes: list[str]) -> None:
     """Datasets blended into one stream must share tokenizer ids and template."""
@@ -72,4 +97,4 @@ def check_compatible(metas: list[ShardMeta], prefixes: list[str]) -> None:
     for prefix, meta in zip(prefixes[1:], metas[1:]):
         differ = [k for k in ("vocab_size", "eos_id", "pad_id", "template", "eos_policy") if getattr(meta, k) != getattr(first, k)]
         if differ:
-            raise ValueError(f"{prefix} cannot be blended with {prefixes[0]}: different {', '.join(differ)}")
+            raise ShardError(f"{prefix} cannot be blended with {prefixes[0]}: different {', '.join(differ)}")

@@ -17,6 +17,13 @@ sequences (prompt, chosen response, rejected response); a plain text document is
 The writer streams: tokens go straight to the `.bin`, and the per-sequence lengths are spilled to a
 scratch file, so memory stays flat however many sequences are written. Both files are written under
 temporary names and only renamed into place by `finish()`: a crash leaves no partial shard.
+
+Checked at every open (`IndexedDataset`), from the index alone and in O(sequences), never reading the
+`.bin`: the `.idx` size is exactly what its header implies; lengths are non-negative; pointers are the
+running byte offsets of the lengths (sequences back to back, as both writers lay them out); the
+document index starts at 0, never decreases and ends at S; the `.bin` size is the sum of the lengths.
+A violation raises `ShardError` naming the file. Token values themselves are checked as they are read
+(megapmp/data/loader.py) and by the sidecar's checksums on demand (megapmp/data/shards.py).
 """
 
 from __future__ import annotations
@@ -64,6 +71,10 @@ def bin_path(prefix: str | os.PathLike) -> Path:
 
 def idx_path(prefix: str | os.PathLike) -> Path:
     return Path(f"{prefix}.idx")
+
+
+class ShardError(ValueError):
+    """A shard that is damaged or does not fit the run: the message names the file and what is wrong."""
 
 
 class IndexedWriter:
@@ -189,20 +200,40 @@ class IndexHeader:
     header_bytes: int
 
 
+_HEADER_BYTES = len(INDEX_MAGIC) + 8 + 1 + 8 + 8
+
+
 def read_index_header(path: str | os.PathLike) -> IndexHeader:
     with open(path, "rb") as f:
-        magic = f.read(len(INDEX_MAGIC))
-        if magic != INDEX_MAGIC:
-            raise ValueError(f"{path}: not an MMIDIDX index (magic {magic!r})")
-        (version,) = struct.unpack("<Q", f.read(8))
-        if version != INDEX_VERSION:
-            raise ValueError(f"{path}: MMIDIDX version {version}, only {INDEX_VERSION} is supported")
-        (code,) = struct.unpack("<B", f.read(1))
-        if code not in CODE_DTYPES:
-            raise ValueError(f"{path}: unknown dtype code {code}")
-        (num_sequences,) = struct.unpack("<Q", f.read(8))
-        (doc_count,) = struct.unpack("<Q", f.read(8))
-        return IndexHeader(CODE_DTYPES[code], num_sequences, doc_count - 1, f.tell())
+        raw = f.read(_HEADER_BYTES)
+    if len(raw) < _HEADER_BYTES or raw[: len(INDEX_MAGIC)] != INDEX_MAGIC:
+        raise ShardError(f"{path}: not an MMIDIDX index (magic {raw[:len(INDEX_MAGIC)]!r})")
+    version, code, num_sequences, doc_count = struct.unpack_from("<QBQQ", raw, len(INDEX_MAGIC))
+    if version != INDEX_VERSION:
+        raise ShardError(f"{path}: MMIDIDX version {version}, only {INDEX_VERSION} is supported")
+    if code not in CODE_DTYPES:
+        raise ShardError(f"{path}: unknown dtype code {code}")
+    if doc_count < 1:
+        raise ShardError(f"{path}: document count {doc_count}, at least 1 (the leading 0) expected")
+    return IndexHeader(CODE_DTYPES[code], num_sequences, doc_count - 1, _HEADER_BYTES)
+
+
+def check_index(path: Path, header: IndexHeader, lengths: np.ndarray, pointers: np.ndarray,
+                document_index: np.ndarray) -> int:
+    """The index's internal consistency (see the module docstring); returns the `.bin` size it implies."""
+    itemsize = header.dtype.itemsize
+    if len(lengths) and int(lengths.min()) < 0:
+        raise ShardError(f"{path}: sequence {int(np.argmax(lengths < 0))} has a negative length")
+    ends = np.cumsum(lengths, dtype=np.int64) * itemsize
+    expected = np.concatenate(([0], ends[:-1])) if len(ends) else ends
+    if not np.array_equal(pointers, expected):
+        bad = int(np.argmax(pointers != expected))
+        raise ShardError(f"{path}: sequence {bad} points at byte {int(pointers[bad])}, its lengths say {int(expected[bad])}")
+    steps = np.diff(document_index)
+    if document_index[0] != 0 or document_index[-1] != header.num_sequences or (len(steps) and steps.min() < 0):
+        raise ShardError(f"{path}: the document index does not run from 0 to {header.num_sequences} sequences "
+                         f"in order (starts {int(document_index[0])}, ends {int(document_index[-1])})")
+    return int(ends[-1]) if len(ends) else 0
 
 
 class IndexedDataset:
@@ -210,20 +241,29 @@ class IndexedDataset:
 
     def __init__(self, prefix: str | os.PathLike):
         self.prefix = Path(prefix)
-        header = read_index_header(idx_path(prefix))
+        index_file, data_file = idx_path(prefix), bin_path(prefix)
+        for path in (index_file, data_file):
+            if not path.is_file():
+                raise FileNotFoundError(f"{path}: shard file missing (is {prefix} a shard prefix?)")
+        header = read_index_header(index_file)
         self.dtype = header.dtype
         n_seq, n_doc = header.num_sequences, header.num_documents
-        self._idx = np.memmap(idx_path(prefix), dtype=np.uint8, mode="r")
+        idx_size = os.path.getsize(index_file)
+        expected_idx = header.header_bytes + 12 * n_seq + 8 * (n_doc + 1)
+        if idx_size != expected_idx:
+            raise ShardError(f"{index_file}: {idx_size} bytes, its header ({n_seq} sequences, {n_doc} documents) "
+                             f"says {expected_idx}")
+        self._idx = np.memmap(index_file, dtype=np.uint8, mode="r")
         offset = header.header_bytes
         self.sequence_lengths = np.frombuffer(self._idx, np.int32, n_seq, offset)
         offset += 4 * n_seq
         self.sequence_pointers = np.frombuffer(self._idx, np.int64, n_seq, offset)
         offset += 8 * n_seq
         self.document_index = np.frombuffer(self._idx, np.int64, n_doc + 1, offset)
-        bin_size = os.path.getsize(bin_path(prefix))
-        expected = int(self.sequence_lengths.sum(dtype=np.int64)) * self.dtype.itemsize
+        expected = check_index(index_file, header, self.sequence_lengths, self.sequence_pointers, self.document_index)
+        bin_size = os.path.getsize(data_file)
         if bin_size != expected:
-            raise ValueError(f"{bin_path(prefix)}: {bin_size} bytes, index says {expected}")
+            raise ShardError(f"{data_file}: {bin_size} bytes, index says {expected}")
         # An empty file cannot be memory-mapped.
         self._bin = np.memmap(bin_path(prefix), dtype=self.dtype, mode="r") if bin_size else np.empty(0, self.dtype)
 
@@ -259,7 +299,7 @@ def merge_shards(prefixes: list[str | os.PathLike], output_prefix: str | os.Path
     datasets = [IndexedDataset(p) for p in prefixes]
     dtypes = {d.dtype for d in datasets}
     if len(dtypes) != 1:
-        raise ValueError(f"cannot merge shards of different dtypes: {sorted(map(str, dtypes))}")
+        raise ShardError(f"cannot merge shards of different dtypes: {sorted(map(str, dtypes))}")
     with IndexedWriter(output_prefix, dtypes.pop()) as writer:
         for ds in datasets:
             # Tokens are read with plain file reads, not through the memory map: mapped pages would stay
@@ -274,7 +314,7 @@ def merge_shards(prefixes: list[str | os.PathLike], output_prefix: str | os.Path
                         bin_file.seek(int(ds.sequence_pointers[first_seq]))
                     data = bin_file.read(nbytes)
                     if len(data) != nbytes:
-                        raise ValueError(f"{bin_path(ds.prefix)}: truncated (wanted {nbytes} bytes)")
+                        raise ShardError(f"{bin_path(ds.prefix)}: truncated (wanted {nbytes} bytes)")
                     writer.add_flat_documents(np.frombuffer(data, ds.dtype), lengths,
                                               np.diff(ds.document_index[start : stop + 1]))
     return writer

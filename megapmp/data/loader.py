@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from megapmp.data.datasets import DocumentDataset, PairDataset, check_compatible
+from megapmp.data.datasets import DocumentDataset, PairDataset, check_compatible, check_token_ids
 from megapmp.data.packing import LAYOUTS, PACKINGS, PackedBatch, flatten_rows, pack_documents, pack_pairs
 
 
@@ -115,6 +115,9 @@ class StepLoader:
 
     `kind` is "pairs" (PMP, RM finetuning) or "documents" (LM pretraining; items are windows of at most
     seq_len tokens).
+
+    Every token read is checked against the shards' vocabulary (one vectorised max per micro-batch on
+    the host, before any tensor exists); a token outside it raises ShardError naming shard and document.
     """
 
     def __init__(self, prefixes: list[str], *, kind: str = "pairs", weights: list[float] | None = None,
@@ -145,6 +148,7 @@ class StepLoader:
             self.datasets = [DocumentDataset(p, window=seq_len) for p in prefixes]
         check_compatible([d.meta for d in self.datasets], list(prefixes))
         self.pad_id = self.datasets[0].meta.pad_id
+        self.vocab_size = self.datasets[0].meta.vocab_size
         self.sampler = BlendedSampler([len(d) for d in self.datasets], weights, seed=seed, shuffle=shuffle)
         self.steps_taken = 0
 
@@ -166,6 +170,10 @@ class StepLoader:
             packed = pack_pairs(items, self.seq_len, self.layout, self.pad_id)
         else:
             packed = pack_documents(items, self.seq_len, self.pad_id)
+        ids = packed.input_ids
+        if ids.size and (int(ids.max()) >= self.vocab_size or int(ids.min()) < 0):
+            for d, i in draws.tolist():
+                check_token_ids(self.datasets[d], [i], self.vocab_size)
         if self.packing == "flat":
             packed = flatten_rows(packed, self.pad_id, self.pad_multiple)
         return packed

@@ -11,19 +11,19 @@ seconds of start-up and hundreds of MB per worker.
 
 from __future__ import annotations
 
-import gzip
 import itertools
 import json
 import multiprocessing as mp
 import os
 import shutil
-import tempfile
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Iterator, NamedTuple
 
 import numpy as np
+
+from megapmp.data.jsonl import InputError, open_lines, parse_json_line
 
 CODEPMP_TEMPLATE = (
     "### Instruction: Please read the following code description carefully and generate the actual code "
@@ -34,17 +34,8 @@ TEMPLATES = {"none": "{prompt}", "codepmp": CODEPMP_TEMPLATE}
 EOS_POLICIES = ("response", "none")
 OVERLONG_POLICIES = ("error", "truncate")
 CHUNK_LINES = 256
-# One JSONL line larger than this is rejected before parsing, so a corrupt file cannot exhaust memory.
-MAX_LINE_BYTES = 64 << 20
-
-
-class InputError(ValueError):
-    """A bad input record: names the file, the 1-based line and the field."""
-
-    def __init__(self, file: str, line: int, field: str | None, reason: str):
-        self.file, self.line, self.field, self.reason = file, line, field, reason
-        where = f"{file}:{line}" + (f" field '{field}'" if field else "")
-        super().__init__(f"{where}: {reason}")
+IDENTICAL_POLICIES = ("reject", "keep")
+IDENTICAL_REASON = "chosen and rejected are identical: no preference signal"
 
 
 def resolve_template(spec: str) -> tuple[str, str]:
@@ -75,6 +66,7 @@ class PairFormat:
     max_length: int | None = None  # limit on prompt + response tokens, for each response
     overlong: str = "error"  # error: reject the record; truncate: see fit_pair
     dtype: str = "uint16"
+    identical: str = "reject"  # reject: chosen == rejected is a bad record (nothing to prefer); keep: train on it
 
 
 def fit_pair(prompt: list[int], chosen: list[int], rejected: list[int], max_length: int, eos_id: int | None):
@@ -117,6 +109,7 @@ class ChunkResult:
     rejects: list[dict] = field(default_factory=list)
     truncated: int = 0
     truncated_tokens: int = 0
+    identical: int = 0  # rejects (of `rejects`) whose chosen equals their rejected
 
 
 # Per-worker state, built once by the pool initializer.
@@ -134,16 +127,7 @@ def _init_worker(fmt: PairFormat) -> None:
 
 
 def _parse_pair(file: str, line_no: int, raw: bytes, keys: tuple[str, str, str]) -> tuple[str, str, str]:
-    if len(raw) > MAX_LINE_BYTES:
-        raise InputError(file, line_no, None, f"line is {len(raw)} bytes, over the {MAX_LINE_BYTES}-byte limit")
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise InputError(file, line_no, None, f"invalid UTF-8 at byte {e.start}") from None
-    try:
-        record = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise InputError(file, line_no, None, f"malformed JSON: {e.msg} at column {e.colno}") from None
+    record = parse_json_line(file, line_no, raw)
     if not isinstance(record, dict):
         raise InputError(file, line_no, None, f"expected a JSON object, got {type(record).__name__}")
     values = []
@@ -167,12 +151,18 @@ def _reject(err: InputError, raw: bytes) -> dict:
 def process_pair_chunk(file: str, lines: list[tuple[int, bytes]]) -> ChunkResult:
     """Worker entry point: parse, validate, template, tokenize and fit one chunk of JSONL lines."""
     fmt, tok = _worker_format, _worker_tokenizer
-    rejects, accepted = [], []
+    rejects, accepted, identical = [], [], 0
     for line_no, raw in lines:
         try:
-            accepted.append((line_no, raw, _parse_pair(file, line_no, raw, fmt.keys)))
+            prompt, chosen, rejected = _parse_pair(file, line_no, raw, fmt.keys)
         except InputError as e:
             rejects.append(_reject(e, raw))
+            continue
+        if chosen == rejected and fmt.identical == "reject":
+            rejects.append(_reject(InputError(file, line_no, fmt.keys[2], IDENTICAL_REASON), raw))
+            identical += 1
+            continue
+        accepted.append((line_no, raw, (prompt, chosen, rejected)))
     prompts = [fmt.template.replace("{prompt}", p) for _, _, (p, _, _) in accepted]
     encoded = tok.encode_batch(prompts + [c for *_, (_, c, _) in accepted] + [r for *_, (_, _, r) in accepted])
     n = len(accepted)
@@ -198,7 +188,7 @@ def process_pair_chunk(file: str, lines: list[tuple[int, bytes]]) -> ChunkResult
     tokens = np.fromiter(itertools.chain.from_iterable(pieces), dtype=fmt.dtype, count=sum(lengths))
     n_docs = len(lengths) // 3
     return ChunkResult(tokens, np.asarray(lengths, np.int32), np.full(n_docs, 3, np.int64), rejects,
-                       truncated, truncated_tokens)
+                       truncated, truncated_tokens, identical)
 
 
 def process_document_chunk(items: list[tuple[str, int, bytes]]) -> ChunkResult:
@@ -225,16 +215,6 @@ def process_document_chunk(items: list[tuple[str, int, bytes]]) -> ChunkResult:
     lengths = np.fromiter((len(d) for d in docs), dtype=np.int32, count=len(docs))
     tokens = np.fromiter(itertools.chain.from_iterable(docs), dtype=fmt.dtype, count=int(lengths.sum()))
     return ChunkResult(tokens, lengths, np.ones(len(docs), np.int64), rejects)
-
-
-def open_lines(path: str | os.PathLike) -> Iterator[tuple[int, bytes]]:
-    """(1-based line number, raw bytes without the newline) for non-blank lines of JSONL(.gz)."""
-    opener = gzip.open if str(path).endswith(".gz") else open
-    with opener(path, "rb") as f:
-        for line_no, raw in enumerate(f, start=1):
-            raw = raw.rstrip(b"\r\n")
-            if raw.strip():
-                yield line_no, raw
 
 
 def pair_chunks(paths: Iterable[str]) -> Iterator[tuple[str, list[tuple[int, bytes]]]]:
@@ -275,15 +255,19 @@ def document_sources(paths: Iterable[str], text_key: str = "text") -> Iterator[t
         elif path.name.endswith((".jsonl", ".jsonl.gz")):
             for line_no, raw in open_lines(path):
                 try:
-                    value = json.loads(raw)[text_key]
-                except (ValueError, KeyError, TypeError):
+                    record = parse_json_line(str(path), line_no, raw)
+                except InputError as e:
+                    yield str(path), line_no, BadDocument(e.field or text_key, e.reason, raw)
+                    continue
+                if not isinstance(record, dict) or text_key not in record:
                     yield str(path), line_no, BadDocument(text_key, "not a JSON object with a string field", raw)
                     continue
+                value = record[text_key]
                 if not isinstance(value, str):
                     reason = f"expected a string, got {type(value).__name__}"
                     yield str(path), line_no, BadDocument(text_key, reason, raw)
                     continue
-                yield str(path), line_no, value.encode("utf-8", errors="surrogatepass")
+                yield str(path), line_no, value.encode("utf-8")
         elif path.is_file():
             yield str(path), 0, path.read_bytes()
         else:
@@ -328,6 +312,7 @@ class BuildStats:
     rejected: int = 0
     truncated: int = 0
     truncated_tokens: int = 0
+    identical: int = 0
     seconds: float = 0.0
 
     def as_dict(self, kind: str) -> dict:
@@ -335,6 +320,7 @@ class BuildStats:
         rate = self.documents / self.seconds if self.seconds else 0.0
         return {unit: self.documents, "sequences": self.sequences, "tokens": self.tokens,
                 "rejected": self.rejected, "truncated": self.truncated, "truncated_tokens": self.truncated_tokens,
+                "identical": self.identical,
                 "seconds": round(self.seconds, 3), f"{unit}_per_s": round(rate, 1),
                 "tokens_per_s": round(self.tokens / self.seconds, 1) if self.seconds else 0.0}
 
@@ -372,31 +358,35 @@ def build_shard(inputs: list[str], output_prefix: str, *, kind: str = "pairs", t
                 keys: tuple[str, ...] = ("prompt", "chosen", "rejected"), template: str = "none",
                 eos_policy: str = "response", max_length: int | None = None, overlong: str = "error",
                 workers: int = 1, on_error: str = "fail", rejects_path: str | None = None,
-                vocab_multiple: int = 128, progress: bool = True) -> dict:
+                vocab_multiple: int = 128, identical: str = "reject", overwrite: bool = False,
+                progress: bool = True) -> dict:
     """Tokenize `inputs` into the shard `output_prefix` (.bin/.idx/.json, + .tokenizer/).
 
-    Raises InputError on the first bad record when on_error == "fail"; nothing is left behind then.
-    Returns the statistics also stored in the sidecar's `counts`.
+    Raises InputError on the first bad record when on_error == "fail", and when nothing is left to
+    write; OutputError when the output cannot be written there, or exists and `overwrite` is False.
+    Nothing is left behind on any error. A pair whose chosen equals its rejected is a bad record unless
+    identical == "keep". Returns the statistics also stored in the sidecar's `counts`.
     """
     import time
 
     from tqdm import tqdm
 
     from megapmp.data.indexed import IndexedWriter, optimal_dtype
-    from megapmp.data.shards import ShardMeta, shard_checksums, tokenizer_dir
+    from megapmp.data.shards import ShardMeta, make_staging_dir, shard_checksums, shard_sizes, tokenizer_dir
     from megapmp.data.tokenizers import load_tokenizer, padded_vocab_size, train_bpe
 
-    _check_options(inputs, kind, keys, eos_policy, max_length, overlong, workers, on_error, rejects_path)
-    template_name, template_text = resolve_template(template) if kind == "pairs" else ("none", "{prompt}")
     output_prefix = str(output_prefix)
-    Path(output_prefix).parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{Path(output_prefix).name}.", dir=Path(output_prefix).parent))
+    _check_options(inputs, kind, keys, eos_policy, max_length, overlong, workers, on_error, rejects_path, identical)
+    _check_paths(inputs, output_prefix, rejects_path, overwrite)
+    template_name, template_text = resolve_template(template) if kind == "pairs" else ("none", "{prompt}")
+    staging = make_staging_dir(output_prefix)
     start = time.perf_counter()
     try:
         tok = _prepare_tokenizer(tokenizer, staging / "tokenizer", inputs, kind, keys, template_text,
                                  load_tokenizer, train_bpe)
         dtype = optimal_dtype(tok.vocab_size)
-        fmt = PairFormat(tok.spec(), tuple(keys), template_text, eos_policy, max_length, overlong, dtype.name)
+        fmt = PairFormat(tok.spec(), tuple(keys), template_text, eos_policy, max_length, overlong, dtype.name,
+                         identical)
         stats = BuildStats()
         rejects_file = open(staging / "rejects.jsonl", "w") if rejects_path else None
         unit = "pairs" if kind == "pairs" else "docs"
@@ -415,10 +405,15 @@ def build_shard(inputs: list[str], output_prefix: str, *, kind: str = "pairs", t
                 for reject in result.rejects:
                     rejects_file.write(json.dumps(reject, ensure_ascii=False) + "\n")
                 stats.rejected += len(result.rejects)
+                stats.identical += result.identical
                 stats.truncated += result.truncated
                 stats.truncated_tokens += result.truncated_tokens
                 bar.update(len(result.sequences_per_doc))
             stats.documents, stats.sequences, stats.tokens = writer.num_documents, writer.num_sequences, writer.num_elements
+            if not stats.documents:
+                # A 0-pair shard only fails later, in the trainer, far from its cause.
+                why = f"all {stats.rejected} records were rejected" if stats.rejected else "the input is empty"
+                raise InputError(", ".join(map(str, inputs)), None, None, f"no {kind} to write: {why}")
         bar.close()
         if rejects_file:
             rejects_file.close()
@@ -432,14 +427,16 @@ def build_shard(inputs: list[str], output_prefix: str, *, kind: str = "pairs", t
                          vocab_multiple=vocab_multiple, eos_id=tok.eos_id, pad_id=tok.pad_id, dtype=dtype.name,
                          template={"name": template_name, "text": template_text}, eos_policy=eos_policy,
                          max_length=max_length, overlong=overlong, counts=counts,
-                         checksums=shard_checksums(output_prefix), inputs=[str(p) for p in inputs])
+                         checksums=shard_checksums(output_prefix), sizes=shard_sizes(output_prefix),
+                         inputs=[str(p) for p in inputs])
         meta.save(output_prefix)
         return counts
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 
 
-def _check_options(inputs, kind, keys, eos_policy, max_length, overlong, workers, on_error, rejects_path) -> None:
+def _check_options(inputs, kind, keys, eos_policy, max_length, overlong, workers, on_error, rejects_path,
+                   identical) -> None:
     problems = []
     if not inputs:
         problems.append("no input given")
@@ -462,10 +459,31 @@ def _check_options(inputs, kind, keys, eos_policy, max_length, overlong, workers
         problems.append(f"--workers {workers} must be at least 1")
     if on_error not in ("fail", "skip"):
         problems.append(f"--on-error {on_error!r} is not fail or skip")
+    if identical not in IDENTICAL_POLICIES:
+        problems.append(f"--identical {identical!r} is not one of {', '.join(IDENTICAL_POLICIES)}")
     if on_error == "skip" and not rejects_path:
         problems.append("--on-error skip needs --rejects FILE, so that no rejected line is lost silently")
     if problems:
         raise ValueError("; ".join(problems))
+
+
+def _check_paths(inputs, output_prefix: str, rejects_path: str | None, overwrite: bool) -> None:
+    """Refuse outputs that would destroy something: an existing shard (unless `overwrite`), or a rejects
+    file that is one of the inputs or one of the shard's own files. Paths are compared resolved."""
+    from megapmp.data.shards import OutputError, refuse_existing_output, shard_files
+
+    refuse_existing_output(output_prefix, overwrite)
+    if rejects_path:
+        target = Path(rejects_path).resolve()
+        for path in [*inputs, *shard_files(output_prefix)]:
+            if Path(path).resolve() == target:
+                raise OutputError(f"--rejects {rejects_path} is {path}: writing the rejects there would destroy it")
+        if target.is_dir():
+            raise OutputError(f"--rejects {rejects_path} is a directory, expected a file name")
+        try:  # now, not after the shard is written: a failure then would leave half the output
+            target.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise OutputError(f"--rejects {rejects_path}: cannot write there ({e.strerror or e})") from None
 
 
 def _prepare_tokenizer(spec, staging_dir: Path, inputs, kind, keys, template_text, load_tokenizer, train_bpe):

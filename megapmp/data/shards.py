@@ -3,7 +3,12 @@ tokenizer they were made with saved beside them in `PREFIX.tokenizer/`.
 
 The sidecar records everything a reader needs to use the tokens the same way they were made: the
 tokenizer identity and vocabulary sizes, the prompt template, the EOS and truncation policies, counts,
-and sha256 checksums of both binary files.
+and sha256 checksums and sizes of both binary files.
+
+Opening a shard (`open_shard`) is cheap and always checks: the index's own consistency and the `.bin`
+size (megapmp/data/indexed.py), then that the sidecar's dtype, counts and recorded file sizes agree with
+the index. `verify_shard` adds the full check on demand: both files' sha256 against the sidecar (this
+reads every byte; `python tools/preprocess_pairs.py verify PREFIX` or the trainer's `--data.verify full`).
 """
 
 from __future__ import annotations
@@ -13,10 +18,12 @@ import json
 import os
 import shutil
 import tempfile
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
-from megapmp.data.indexed import IndexedDataset, bin_path, idx_path, merge_shards
+import numpy as np
+
+from megapmp.data.indexed import IndexedDataset, ShardError, bin_path, idx_path, merge_shards
 
 SIDECAR_FORMAT = "megapmp-shard"
 SIDECAR_VERSION = 1
@@ -47,6 +54,7 @@ class ShardMeta:
     overlong: str = "error"
     counts: dict = field(default_factory=dict)
     checksums: dict = field(default_factory=dict)
+    sizes: dict = field(default_factory=dict)  # {"bin": bytes, "idx": bytes}; absent in older sidecars
     inputs: list = field(default_factory=list)
     format: str = SIDECAR_FORMAT
     version: int = SIDECAR_VERSION
@@ -59,9 +67,15 @@ class ShardMeta:
         path = sidecar_path(prefix)
         if not path.exists():
             raise FileNotFoundError(f"{path}: shard sidecar missing (is {prefix} a megapmp shard prefix?)")
-        data = json.loads(path.read_text())
-        if data.get("format") != SIDECAR_FORMAT or data.get("version") != SIDECAR_VERSION:
-            raise ValueError(f"{path}: not a {SIDECAR_FORMAT} v{SIDECAR_VERSION} sidecar")
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ShardError(f"{path}: unreadable shard sidecar ({e})") from None
+        if not isinstance(data, dict) or data.get("format") != SIDECAR_FORMAT or data.get("version") != SIDECAR_VERSION:
+            raise ShardError(f"{path}: not a {SIDECAR_FORMAT} v{SIDECAR_VERSION} sidecar")
+        unknown = sorted(set(data) - {f.name for f in fields(cls)})
+        if unknown:
+            raise ShardError(f"{path}: unknown sidecar fields {', '.join(unknown)}")
         return cls(**data)
 
 
@@ -74,11 +88,13 @@ def write_text_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def sha256_file(path: str | os.PathLike) -> str:
+def sha256_file(path: str | os.PathLike, progress=None) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         while block := f.read(8 << 20):
             digest.update(block)
+            if progress is not None:
+                progress(len(block))
     return digest.hexdigest()
 
 
@@ -86,14 +102,84 @@ def shard_checksums(prefix: str | os.PathLike) -> dict:
     return {"bin_sha256": sha256_file(bin_path(prefix)), "idx_sha256": sha256_file(idx_path(prefix))}
 
 
-def verify_shard(prefix: str | os.PathLike) -> ShardMeta:
-    """Raise ValueError if the binary files do not match the checksums in the sidecar."""
+def shard_sizes(prefix: str | os.PathLike) -> dict:
+    return {"bin": os.path.getsize(bin_path(prefix)), "idx": os.path.getsize(idx_path(prefix))}
+
+
+def shard_files(prefix: str | os.PathLike) -> list[Path]:
+    """Every path a shard occupies."""
+    return [bin_path(prefix), idx_path(prefix), sidecar_path(prefix), tokenizer_dir(prefix)]
+
+
+class OutputError(ValueError):
+    """An output that cannot be written where asked, or that would destroy an existing file."""
+
+
+def refuse_existing_output(prefix: str | os.PathLike, overwrite: bool) -> None:
+    existing = [str(p) for p in shard_files(prefix) if p.exists()]
+    if existing and not overwrite:
+        raise OutputError(f"{prefix}: a shard already exists there ({', '.join(existing)}); "
+                          f"pass --overwrite to replace it")
+
+
+def make_staging_dir(prefix: str | os.PathLike) -> Path:
+    """A fresh temporary directory beside `prefix` (same file system, so the final renames are atomic)."""
+    parent = Path(prefix).parent
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+        return Path(tempfile.mkdtemp(prefix=f".{Path(prefix).name}.", dir=parent))
+    except OSError as e:
+        raise OutputError(f"{parent}: cannot write the output there ({e.strerror or e})") from None
+
+
+def check_meta(prefix: str | os.PathLike, meta: ShardMeta, index: IndexedDataset) -> None:
+    """The cheap at-open check: the sidecar's dtype, counts and recorded sizes agree with the index
+    and the files (fields an older sidecar lacks are not checked)."""
+    problems = []
+    if meta.dtype != index.dtype.name:
+        problems.append(f"dtype {meta.dtype} in the sidecar, {index.dtype.name} in the index")
+    unit = "pairs" if meta.kind == "pairs" else "documents"
+    recorded = {unit: index.num_documents, "sequences": index.num_sequences,
+                "tokens": int(index.sequence_lengths.sum(dtype=np.int64))}
+    for key, actual in recorded.items():
+        if key in meta.counts and meta.counts[key] != actual:
+            problems.append(f"{key}: {meta.counts[key]} in the sidecar, {actual} in the index")
+    for key, actual in shard_sizes(prefix).items():
+        if key in meta.sizes and meta.sizes[key] != actual:
+            problems.append(f"{prefix}.{key} is {actual} bytes, the sidecar recorded {meta.sizes[key]}")
+    if problems:
+        raise ShardError(f"{sidecar_path(prefix)}: does not match the shard: {'; '.join(problems)}")
+
+
+def verify_shard(prefix: str | os.PathLike, progress=None) -> ShardMeta:
+    """The full check: open the shard (cheap checks), then hash both files against the sidecar.
+
+    Raises ShardError naming the file whose checksum differs. `progress`, if given, is called with
+    the number of bytes hashed so far, block by block.
+    """
     meta = ShardMeta.load(prefix)
-    actual = shard_checksums(prefix)
-    bad = [k for k in actual if meta.checksums.get(k) != actual[k]]
-    if bad:
-        raise ValueError(f"{prefix}: checksum mismatch for {', '.join(bad)}")
+    check_meta(prefix, meta, IndexedDataset(prefix))
+    if not meta.checksums:
+        raise ShardError(f"{sidecar_path(prefix)}: records no checksums to verify against")
+    for key, path in (("bin_sha256", bin_path(prefix)), ("idx_sha256", idx_path(prefix))):
+        if meta.checksums.get(key) != sha256_file(path, progress):
+            raise ShardError(f"{path}: sha256 differs from the sidecar's {key}: the file is damaged "
+                             f"(or was changed after preprocessing)")
     return meta
+
+
+def verify_shards(prefixes: list[str], progress: bool = True) -> list[ShardMeta]:
+    """`verify_shard` for each prefix, with one progress bar over all their bytes."""
+    from tqdm import tqdm
+
+    total = sum(os.path.getsize(p) for prefix in prefixes for p in (bin_path(prefix), idx_path(prefix))
+                if p.is_file())
+    metas = []
+    with tqdm(total=total, unit="B", unit_scale=True, desc="verify shards", disable=not progress,
+              dynamic_ncols=True, mininterval=0.5) as bar:
+        for prefix in prefixes:
+            metas.append(verify_shard(prefix, bar.update))
+    return metas
 
 
 def load_shard_tokenizer(prefix: str | os.PathLike):
@@ -111,9 +197,15 @@ def _tokenizers_match(a: dict, b: dict) -> bool:
     return {k: v for k, v in a.items() if k not in ignore} == {k: v for k, v in b.items() if k not in ignore}
 
 
-def merge_shard_set(prefixes: list[str], output_prefix: str) -> ShardMeta:
-    """Merge shards written as separate partitions (same tokenizer, template and policies) into one."""
-    metas = [ShardMeta.load(p) for p in prefixes]
+def merge_shard_set(prefixes: list[str], output_prefix: str, overwrite: bool = False) -> ShardMeta:
+    """Merge shards written as separate partitions (same tokenizer, template and policies) into one.
+
+    Refuses an existing `output_prefix` unless `overwrite`, and an output that is one of the inputs."""
+    refuse_existing_output(output_prefix, overwrite)
+    target = Path(output_prefix).resolve()
+    if any(Path(p).resolve() == target for p in prefixes):
+        raise OutputError(f"{output_prefix}: is also an input of the merge")
+    metas = [open_shard(p)[1] for p in prefixes]
     first = metas[0]
     for prefix, meta in zip(prefixes[1:], metas[1:]):
         mismatched = [name for name in ("kind", "vocab_size", "eos_id", "pad_id", "dtype", "template", "eos_policy",
@@ -123,7 +215,7 @@ def merge_shard_set(prefixes: list[str], output_prefix: str) -> ShardMeta:
             mismatched.append("tokenizer")
         if mismatched:
             raise ValueError(f"cannot merge {prefix} into {prefixes[0]}: they differ in {', '.join(mismatched)}")
-    Path(output_prefix).parent.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(make_staging_dir(output_prefix))  # fail early, with the folder named, if it is not writable
     merge_shards(prefixes, output_prefix)
     counts = {}
     for meta in metas:
@@ -131,7 +223,7 @@ def merge_shard_set(prefixes: list[str], output_prefix: str) -> ShardMeta:
             if isinstance(value, (int, float)) and not key.endswith("_per_s"):
                 counts[key] = counts.get(key, 0) + value
     merged = ShardMeta(**{**asdict(first), "counts": counts, "inputs": [i for m in metas for i in m.inputs],
-                          "checksums": shard_checksums(output_prefix)})
+                          "checksums": shard_checksums(output_prefix), "sizes": shard_sizes(output_prefix)})
     _copy_tokenizer(prefixes[0], output_prefix, merged)
     merged.save(output_prefix)
     return merged
@@ -148,7 +240,10 @@ def _copy_tokenizer(src_prefix: str, dst_prefix: str, meta: ShardMeta) -> None:
 
 
 def open_shard(prefix: str | os.PathLike, kind: str | None = None) -> tuple[IndexedDataset, ShardMeta]:
+    """Open a shard with the cheap checks (module docstring); raises ShardError naming what is wrong."""
     meta = ShardMeta.load(prefix)
     if kind is not None and meta.kind != kind:
-        raise ValueError(f"{prefix}: holds {meta.kind}, expected {kind}")
-    return IndexedDataset(prefix), meta
+        raise ShardError(f"{prefix}: holds {meta.kind}, expected {kind}")
+    index = IndexedDataset(prefix)
+    check_meta(prefix, meta, index)
+    return index, meta

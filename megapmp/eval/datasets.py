@@ -43,6 +43,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Sequence
 
+from megapmp.data.jsonl import InputError, iter_jsonl as read_jsonl
+
 GSM8K_SOLUTION_KEYS = ("6b_finetuning", "6b_verification", "175b_finetuning", "175b_verification")
 # CodePMP BoN_eval/RM_rank_inference_multi_option.py, "prompt_no_input_with_text" / "..._with_context":
 # the option follows "Response:" directly.
@@ -108,34 +110,33 @@ def _check_file(path) -> Path:
 
 
 def iter_jsonl(path) -> Iterator[tuple[int, dict]]:
-    """(1-based line number, object) for each non-blank line of a JSONL file (``.gz`` allowed)."""
+    """(1-based line number, object) for each non-blank line of a JSONL file (``.gz`` allowed).
+
+    Read through megapmp.data.jsonl, the reader preprocessing uses: invalid UTF-8, lone surrogates,
+    duplicate keys and truncated ``.gz`` files are DataErrors naming FILE:LINE."""
     path = _check_file(path)
     try:
-        with _open_text(path) as f:
-            for line_no, line in enumerate(f, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    obj = json.loads(line)
-                except ValueError as e:
-                    raise DataError(f"{path}:{line_no}: not valid JSON ({e})") from None
-                if not isinstance(obj, dict):
-                    raise DataError(f"{path}:{line_no}: expected a JSON object, got {type(obj).__name__}")
-                yield line_no, obj
-    except (OSError, UnicodeDecodeError, EOFError) as e:
+        yield from read_jsonl(path)
+    except InputError as e:
+        raise DataError(str(e)) from None
+    except OSError as e:
         raise DataError(f"{path}: unreadable ({e})") from None
 
 
 def iter_records(path) -> Iterator[tuple[int, dict]]:
     """JSONL, or a JSON array of objects (ReClor's official files), with record numbers for errors."""
     path = _check_file(path)
-    with _open_text(path) as f:
-        head = f.read(4096).lstrip()
-    if head.startswith("["):
+    try:
+        # Sniffed as bytes: a bad byte in the head is reported with its line by the JSONL reader.
+        with (gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")) as f:
+            head = f.read(4096).lstrip()
+    except (OSError, EOFError) as e:
+        raise DataError(f"{path}: unreadable ({e})") from None
+    if head.startswith(b"["):
         try:
             with _open_text(path) as f:
                 data = json.load(f)
-        except ValueError as e:
+        except (ValueError, OSError, EOFError) as e:  # UnicodeDecodeError is a ValueError
             raise DataError(f"{path}: not valid JSON ({e})") from None
         for i, obj in enumerate(data, start=1):
             if not isinstance(obj, dict):

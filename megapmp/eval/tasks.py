@@ -181,7 +181,7 @@ def run_rm_accuracy(ctx: TaskContext) -> dict:
     prefix = _shard_prefix(path)
     fmt_used = ctx.format or ("shard" if prefix else detect_format(path))
     if fmt_used == "shard":
-        from megapmp.data.datasets import PairDataset
+        from megapmp.data.datasets import PairDataset, check_token_ids
 
         if prefix is None:
             raise DataError(f"{path}: not a shard prefix (expected {path}.idx and {path}.bin)")
@@ -189,6 +189,7 @@ def run_rm_accuracy(ctx: TaskContext) -> dict:
         _check_shard_matches(prefix, scorer)
         dataset = PairDataset(prefix)
         n = len(dataset) if ctx.limit is None else min(len(dataset), ctx.limit)
+        check_token_ids(dataset, range(n), dataset.meta.vocab_size)  # a named error, not an IndexError in the model
         token_pairs = [dataset[i] for i in range(n)]
         r_c, r_r = scorer.score_token_pairs(token_pairs)
         ids, groups = [str(i) for i in range(n)], [""] * n

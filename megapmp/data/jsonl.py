@@ -1,0 +1,140 @@
+"""The one JSONL reader: every bad line becomes an `InputError` naming FILE:LINE (and the field).
+
+Preprocessing and evaluation both read JSONL through here, so a truncated `.gz`, invalid UTF-8, a lone
+surrogate such as `"\\ud800"` (valid JSON, but not text any tokenizer can encode) or a duplicated key get
+the same one-line message everywhere. No torch here: this runs in preprocessing's worker processes.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import re
+import zlib
+from typing import Iterator
+
+# One JSONL line larger than this is rejected before parsing, so a corrupt file cannot exhaust memory.
+MAX_LINE_BYTES = 64 << 20
+# A lone surrogate can only enter a parsed string through a \uD800-\uDFFF escape (valid UTF-8 bytes never
+# decode to one), and a key can only be spelled two ways through a \u or \/ escape; a line without either
+# (most lines) skips both the walk over the parsed object and the exact duplicate-key parse.
+_ESCAPE = re.compile(rb"\\[u/]")
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+
+
+class InputError(ValueError):
+    """A bad input record: names the file, the 1-based line and the field."""
+
+    def __init__(self, file: str, line: int | None, field: str | None, reason: str):
+        self.file, self.line, self.field, self.reason = file, line, field, reason
+        where = str(file) + (f":{line}" if line else "") + (f" field '{field}'" if field else "")
+        super().__init__(f"{where}: {reason}")
+
+
+class _DuplicateKey(ValueError):
+    def __init__(self, key: str):
+        self.key = key
+
+
+def _unique_keys(pairs: list[tuple[str, object]]) -> dict:
+    # Python's json keeps the last of duplicated keys silently; for a preference pair that can swap which
+    # response is "chosen" without anyone noticing, so a duplicate is bad input.
+    record = dict(pairs)
+    if len(record) != len(pairs):
+        seen = set()
+        for key, _ in pairs:
+            if key in seen:
+                raise _DuplicateKey(key)
+            seen.add(key)
+    return record
+
+
+def _may_hide_duplicates(value, raw: bytes, escaped: bool) -> bool:
+    """False when `raw` provably repeats no key: one flat object each of whose keys occurs exactly once
+    in its plain spelling, and no escape that could spell a key another way. Everything else takes the
+    exact check, which costs about three plain parses."""
+    if not isinstance(value, dict):
+        return isinstance(value, list)
+    if escaped:
+        return True
+    for key, child in value.items():
+        if isinstance(child, (dict, list)) or raw.count(b'"' + key.encode("utf-8") + b'"') != 1:
+            return True
+    return False
+
+
+def _find_surrogate(value, path: str = "") -> tuple[str, int] | None:
+    """(field path, character index) of the first lone surrogate inside a parsed JSON value."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as e:
+            return path, e.start
+        return None
+    if isinstance(value, dict):
+        items = value.items()
+    elif isinstance(value, list):
+        items = ((f"[{i}]", v) for i, v in enumerate(value))
+    else:
+        return None
+    for key, child in items:
+        sub = f"{path}{key}" if key.startswith("[") else (f"{path}.{key}" if path else key)
+        found = _find_surrogate(child, sub)
+        if found is not None:
+            return found
+    return None
+
+
+def parse_json_line(file: str, line_no: int, raw: bytes):
+    """Parse one JSONL line (bytes without the newline), or raise InputError naming FILE:LINE."""
+    if len(raw) > MAX_LINE_BYTES:
+        raise InputError(file, line_no, None, f"line is {len(raw)} bytes, over the {MAX_LINE_BYTES}-byte limit")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise InputError(file, line_no, None, f"invalid UTF-8 at byte {e.start}") from None
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise InputError(file, line_no, None, f"malformed JSON: {e.msg} at column {e.colno}") from None
+    escaped = _ESCAPE.search(raw) is not None
+    if _may_hide_duplicates(value, raw, escaped):
+        try:
+            json.loads(text, object_pairs_hook=_unique_keys)
+        except _DuplicateKey as e:
+            raise InputError(file, line_no, e.key, "duplicate key in a JSON object") from None
+    if escaped and _SURROGATE_ESCAPE.search(raw):
+        found = _find_surrogate(value)
+        if found is not None:
+            field, index = found
+            raise InputError(file, line_no, field or None,
+                             f"lone surrogate escape at character {index}: not valid Unicode text")
+    return value
+
+
+def open_lines(path: str | os.PathLike) -> Iterator[tuple[int, bytes]]:
+    """(1-based line number, raw bytes without the newline) for the non-blank lines of JSONL(.gz).
+
+    A damaged gzip stream raises InputError after the last line that could be read, naming it.
+    """
+    opener = gzip.open if str(path).endswith(".gz") else open
+    line_no = 0
+    try:
+        with opener(path, "rb") as f:
+            for line_no, raw in enumerate(f, start=1):
+                raw = raw.rstrip(b"\r\n")
+                if raw.strip():
+                    yield line_no, raw
+    except (EOFError, gzip.BadGzipFile, zlib.error) as e:
+        reason = "truncated gzip file" if isinstance(e, EOFError) else f"corrupt gzip file ({e})"
+        raise InputError(str(path), line_no + 1, None, f"{reason}; the file is cut off after line {line_no}") from None
+
+
+def iter_jsonl(path: str | os.PathLike) -> Iterator[tuple[int, dict]]:
+    """(1-based line number, object) for each non-blank line of a JSONL(.gz) file of objects."""
+    for line_no, raw in open_lines(path):
+        record = parse_json_line(str(path), line_no, raw)
+        if not isinstance(record, dict):
+            raise InputError(str(path), line_no, None, f"expected a JSON object, got {type(record).__name__}")
+        yield line_no, record
