@@ -343,5 +343,5 @@ def test_evaluate_inputs_name_file_and_line(tmp_path, capsys, bad, reason):
     rc = evaluate_tool.main(["rm-accuracy", "--model", str(tmp_path / "no_model"), "--data", str(source),
                              "--output", str(tmp_path / "report.json"), "--no-progress"])
     line = one_line_error(capsys.readouterr().err)
-    assert rc != 0 and line.startswith(f"error: {source}{reason}")
+    assert rc == 2 and line.startswith(f"evaluate.py: error: {source}{reason}")
     assert not (tmp_path / "report.json").exists()

@@ -167,7 +167,7 @@ def test_given_labels_and_unknown_ids(run_dir, tmp_path):
     o = json.loads((tmp_path / "o.json").read_text())["results"]["execution"]
     assert o["questions"][0]["status"] == ["passed", "failed"]
     assert _evaluate_main(["code-bon", "--model", str(run_dir), "--data", str(own), "--output",
-                           str(tmp_path / "o.json"), "--n-values", "1", "--no-progress"]) == 1
+                           str(tmp_path / "o.json"), "--n-values", "1", "--no-progress"]) == 2
 
 
 def test_generate_candidates_resume(tmp_path):

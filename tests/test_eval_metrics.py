@@ -542,7 +542,7 @@ def test_evaluate_rm_accuracy_end_to_end(run_dir, tmp_path):
     proc = subprocess.run([sys.executable, str(REPO / "tools" / "evaluate.py"), "rm-accuracy", "--model", str(run_dir),
                            "--data", str(tmp_path / "bad.jsonl"), "--output", str(tmp_path / "x.json")],
                           capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 1 and "bad.jsonl:1: field 'chosen' must be a string" in proc.stderr
+    assert proc.returncode == 2 and "bad.jsonl:1: field 'chosen' must be a string" in proc.stderr
 
 
 def _evaluate_main(argv):
@@ -604,7 +604,7 @@ def test_evaluate_rm_accuracy_on_a_shard_matches_the_texts(bpe_run, run_dir, tmp
     assert shard["mean_margin"] == pytest.approx(text["mean_margin"], abs=1e-5)
     # A shard tokenized differently from the model's inputs is refused.
     assert _evaluate_main(["rm-accuracy", "--model", str(run_dir), "--data", str(prefix), "--output",
-                           str(tmp_path / "x.json"), *common]) == 1
+                           str(tmp_path / "x.json"), *common]) == 2
 
 
 def test_evaluate_help_lists_every_flag(capsys):

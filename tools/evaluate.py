@@ -14,7 +14,7 @@ Texts are tokenized with the model's own recipe: its training tokenizer, prompt 
 (from the checkpoint's record of its training shard, or megapmp_scoring.json), as in training.
 
 Every run writes a JSON report (--output), optionally Markdown (--markdown) and a PNG plot (--plot).
-Exit codes: 0 success; 1 bad input (missing/malformed file, unusable model), with a message; 2 usage.
+Exit codes: 0 success; 2 bad input (missing/malformed file, unusable model: a one-line message) or bad usage.
 
 Examples:
   python tools/evaluate.py best-of-n --model runs/rm --data ../shared/data/gsm8k/example_model_solutions.jsonl \\
@@ -158,8 +158,8 @@ def main(argv=None) -> int:
     try:
         report = run_evaluation(TASKS[args.command], args, get_scorer)
     except (DataError, ModelLoadError, ValueError, FileNotFoundError, RuntimeError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+        print(f"evaluate.py: error: {e}", file=sys.stderr)
+        return 2
     log(f"wrote {args.output}" + "".join(f", {p}" for p in (args.markdown, args.plot) if p))
     print(_summary(report))
     return 0
