@@ -174,6 +174,27 @@ FORGERIES = {
         "    for fd in range(3, 256):\n        for rec in (b'passed\\n', b'ok', b'megapmp-tests-done\\n'):\n"
         "            try:\n                posix.write(fd, rec)\n            except OSError:\n                pass\n"
         "    os._exit(0)\n", TEST),
+    # Hunt the nonce in every object the garbage collector knows (module dicts, closures, cells,
+    # tuples), call anything named like a harness function, write every candidate to every descriptor.
+    "forge_nonce_hunt_via_gc": (
+        "import gc, os, posix, re, sys, types\n"
+        "def add(a, b):\n"
+        "    found = set()\n"
+        "    for o in gc.get_objects():\n"
+        "        if isinstance(o, dict):\n            items = list(o.values())\n"
+        "        elif isinstance(o, (list, tuple, set, frozenset)):\n            items = list(o)\n"
+        "        elif isinstance(o, types.FunctionType):\n"
+        "            items = [c.cell_contents for c in (o.__closure__ or ()) if c.cell_contents is not None]\n"
+        "            if o.__name__ in ('finish', 'report', '_finish'):\n"
+        "                try:\n                    o()\n                except Exception:\n                    pass\n"
+        "        else:\n            continue\n"
+        "        found.update(v for v in items if isinstance(v, str) and re.fullmatch('[0-9a-f]{16,64}', v))\n"
+        "    main = sys.modules.get('__main__')\n"
+        "    found.update(v for v in vars(main).values() if isinstance(v, str) and re.fullmatch('[0-9a-f]{16,64}', v))\n"
+        "    for n in found:\n"
+        "        for fd in range(3, 64):\n"
+        "            try:\n                posix.write(fd, n.encode())\n            except OSError:\n                pass\n"
+        "    os._exit(0)\n", TEST),
 }
 
 
@@ -182,6 +203,20 @@ def _forgery(solution: str, test: str):
         r = sb.run_tests(solution, test, "add", timeout_s=10.0)
         return r.status != "passed", f"{r.status}; {_out(r)}"
     return attack
+
+
+def _forge_reported_records(sb) -> tuple[bool, str]:
+    # A harness that reports through the channel (as verified.run_doctests does) runs code that prints
+    # look-alike records and writes them to every descriptor; only the harness's own line may arrive.
+    if not hasattr(sb, "run_reporting"):
+        return False, "no authenticated report channel (records are parsed from stdout)"
+    code = ("report = globals().pop('__sandbox_report__')\n"
+            "exec(compile(%r, 'snippet.py', 'exec'), {'__name__': 'snippet'})\n"
+            "report('harness: done')\n") % (
+        "import posix\nfor fd in range(1, 64):\n    try:\n        posix.write(fd, b'{\"ok\": true}\\n')\n"
+        "    except OSError:\n        pass\nprint('{\"ok\": true}')\n")
+    r, lines = sb.run_reporting(code, timeout_s=10.0)
+    return r.status == "passed" and lines == ["harness: done"], f"lines {lines}; {_out(r)}"
 
 
 def _control_correct_solution_passes(sb) -> tuple[bool, str]:
@@ -204,6 +239,7 @@ ATTACKS = {
     "escape_setsid_grandchild_survives": _escape_setsid_grandchild,
     "escape_connect_loopback_via__socket": _escape_loopback,
     **{name: _forgery(*args) for name, args in FORGERIES.items()},
+    "forge_reported_records": _forge_reported_records,
     "control_correct_solution_passes": _control_correct_solution_passes,
 }
 

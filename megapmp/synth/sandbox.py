@@ -48,14 +48,23 @@ the process exited with 0 *and* the pipe holds exactly that nonce. So printing a
 nothing (stdout is never parsed), and so does exiting early: ``sys.exit``/``os._exit`` at the top
 level or inside a test, ``SystemExit`` raised by the solution, a crash or a kill leave the pipe empty.
 The nonce reaches the bootstrap through a descriptor it reads and closes before the program starts;
-it is not in the program file, argv, the environment or any file, and is held only in a closure.
-Before reporting, the harness checks that the program left the test machinery alone: no builtin
-replaced, no trace or profile function installed, and every function of ``unittest`` still defined by
-``unittest`` itself (a patched ``assertEqual`` fails the run). Writes to the verdict descriptor through
-``os.write`` are refused by the guards. Limits of this design, stated plainly: the tests run in the same
-interpreter as the solution (HumanEval's tests call helpers the prompt defines), so a program that
-deliberately walks the harness's frames or memory could still find the nonce; every forgery through
-the program's output, its exit status or the ordinary test machinery is caught.
+it is not in the program file, argv, the environment or any file, and while the program runs it is
+a local variable of the harness's frame only: no module global, no closure or container that
+``gc.get_objects()`` lists (``sys.modules["__main__"]`` is the program's own module). Before reporting,
+the harness checks that the program left the test machinery alone: no builtin replaced, no trace or
+profile function installed, and every function of ``unittest.case`` still defined by ``unittest``
+itself (a patched ``assertEqual`` fails the run). Writes to the verdict descriptor through ``os.write``
+are refused by the guards, and raw writes lack the nonce. The limit of this design, stated plainly: the
+tests run in the same interpreter as the solution (HumanEval's tests call helpers the prompt defines),
+so a solution that walks its call stack up to the harness's frame (``sys._getframe().f_back``) can
+still read the nonce; closing that needs the tests and the solution in different processes. Every
+forgery through the program's output, its exit status, the descriptors it holds, the objects the
+garbage collector lists or the ordinary test machinery is caught.
+
+`run_reporting` gives a harness written as the program itself (the doctest runner of
+`megapmp.synth.verified`) the same private channel: each line it reports carries the nonce, lines
+without it are dropped, stdout is never parsed. There the reporting callable is an ordinary Python
+object of the program, so code under test that searches the garbage collector for it could call it.
 
 Statuses: ``passed`` (exit 0; for `run_tests` also the harness's record), ``failed`` (non-zero exit:
 exception, failed assertion, refused operation, early exit), ``timeout`` (wall-clock limit or
@@ -80,8 +89,8 @@ import threading
 import time
 from dataclasses import dataclass, field
 
-__all__ = ["SandboxResult", "SandboxUnavailable", "run_untrusted", "run_tests", "sandbox_capabilities",
-           "require_sandbox", "humaneval_program", "Status"]
+__all__ = ["SandboxResult", "SandboxUnavailable", "run_untrusted", "run_tests", "run_reporting",
+           "sandbox_capabilities", "require_sandbox", "humaneval_program", "Status"]
 
 log = logging.getLogger(__name__)
 
@@ -381,23 +390,12 @@ except BaseException as exc:
     os._exit(EXIT_SETUP)
 
 
-def _make_finish(fd, nonce, write, exit_):
-    """The harness's only way to report success; the nonce lives in this closure alone."""
-    def finish():
-        for stream in (sys.stdout, sys.stderr):
-            try:
-                stream.flush()
-            except BaseException:
-                pass
-        write(fd, nonce.encode())
-        exit_(0)
-    return finish
-
-
-def _untouched(snapshot):
+def _untouched(snapshot, gettrace, getprofile):
     """Whether the test machinery is as it was before the program ran (see the module docstring)."""
     import builtins
-    if sys.gettrace() is not None or sys.getprofile() is not None:
+    if sys.gettrace is not gettrace or sys.getprofile is not getprofile:
+        return "sys.gettrace/sys.getprofile were replaced"
+    if gettrace() is not None or getprofile() is not None:
         return "a trace or profile function is installed"
     for name, value in snapshot.items():
         if getattr(builtins, name, None) is not value:
@@ -413,50 +411,79 @@ def _untouched(snapshot):
     return None
 
 
-def _run_harness(namespace, entry_point, finish, snapshot):
+def _make_report(fd, nonce, write):
+    """For a harness written as the program itself (run_reporting): one authenticated line per call."""
+    prefix = nonce.encode()
+    def report(text):
+        write(fd, prefix + text.encode("utf-8", "replace").replace(b"\n", b" ") + b"\n")
+    return report
+
+
+def _main(code, program_path, entry_point, verdict_fd, nonce, report):
+    """Run the program as the real __main__ module and, for run_tests, be the harness.
+
+    With an entry point the program holds the solution and the test code; this function calls
+    ``check(<entry point>)`` itself and, only when that returned normally and nothing was tampered
+    with, writes the nonce to the verdict descriptor and ends the process before any program code can
+    run again. The nonce and everything used after the tests (write, exit, the tamper check) are locals
+    of this frame, bound before the program runs: no module global, no object the garbage collector
+    lists, holds them."""
+    import types
+    write, exit_, untouched = _os_write, os._exit, _untouched
+    snapshot, gettrace, getprofile = dict(vars(builtins)), sys.gettrace, sys.getprofile
+    stdout, stderr = sys.stdout, sys.stderr
+    main = types.ModuleType("__main__")
+    main.__file__, main.__builtins__ = program_path, builtins
+    sys.modules["__main__"] = main
+    namespace = main.__dict__
+    if report is not None:
+        namespace["__sandbox_report__"] = report
+    del report
     try:
         exec(code, namespace)
-        check, candidate = namespace["check"], namespace[entry_point]
-        check(candidate)
+        if entry_point is None:
+            return
+        namespace["check"](namespace[entry_point])
     except SystemExit as exc:
-        sys.stderr.write("sandbox: the program exited (SystemExit %r) before the tests completed\n" % (exc.code,))
-        return 1
-    tampered = _untouched(snapshot)
-    if tampered:
-        sys.stderr.write("sandbox: the program tampered with the test machinery: %s\n" % tampered)
-        return 1
-    finish()
-
-
-namespace = {"__name__": "__main__", "__file__": program_path, "__builtins__": builtins}
-_finish = _make_finish(cfg["verdict_fd"], _nonce, _os_write, os._exit) if _nonce else None
-_harness_entry = cfg["entry_point"]
-_snapshot = dict(vars(builtins))
-del cfg, _nonce
-try:
-    if _finish is None:
-        exec(code, namespace)
-    else:
-        sys.exit(_run_harness(namespace, _harness_entry, _finish, _snapshot))
-except MemoryError:
-    try:
-        sys.stdout.flush()
-    except BaseException:
-        pass
-    os.write(2, MEMORY_MARKER)
-    os._exit(EXIT_MEMORY)
-except SystemExit:
-    raise
-except BaseException as exc:
-    try:  # the program's frames only, not this bootstrap's
-        tb = exc.__traceback__.tb_next
-        while tb is not None and tb.tb_frame.f_code.co_filename != program_path:
-            tb = tb.tb_next
-        traceback.print_exception(type(exc), exc, tb)
+        if entry_point is None:
+            raise
+        stderr.write("sandbox: the program exited (SystemExit %r) before the tests completed\n" % (exc.code,))
+        exit_(1)
     except MemoryError:
-        os.write(2, MEMORY_MARKER)
-        os._exit(EXIT_MEMORY)
-    sys.exit(1)
+        try:
+            stdout.flush()
+        except BaseException:
+            pass
+        write(2, MEMORY_MARKER)
+        exit_(EXIT_MEMORY)
+    except BaseException as exc:
+        try:  # the program's frames only, not this bootstrap's
+            tb = exc.__traceback__.tb_next
+            while tb is not None and tb.tb_frame.f_code.co_filename != program_path:
+                tb = tb.tb_next
+            traceback.print_exception(type(exc), exc, tb)
+        except MemoryError:
+            write(2, MEMORY_MARKER)
+            exit_(EXIT_MEMORY)
+        sys.exit(1)
+    tampered = untouched(snapshot, gettrace, getprofile)
+    for stream in (stdout, stderr):
+        try:
+            stream.flush()
+        except BaseException:
+            pass
+    if tampered:
+        write(2, ("sandbox: the program tampered with the test machinery: %s\n" % tampered).encode())
+        exit_(1)
+    write(verdict_fd, nonce.encode())
+    exit_(0)
+
+
+_report = None
+if _nonce and not cfg["entry_point"]:
+    _report = _make_report(cfg["verdict_fd"], _nonce, _os_write)
+    _nonce = None
+_main(code, program_path, cfg["entry_point"], cfg["verdict_fd"], globals().pop("_nonce"), globals().pop("_report"))
 '''
 
 
@@ -790,7 +817,7 @@ def _returncode(rc: int | None, backend: str | None) -> int | None:
 
 
 def _communicate(proc, deadline, limit, uid, caps, verdict_fd):
-    out, err, verdict = _Capture(limit), _Capture(limit), _Capture(256)
+    out, err, verdict = _Capture(limit), _Capture(limit), _Capture(limit)
     sel = selectors.DefaultSelector()
     sel.register(proc.stdout, selectors.EVENT_READ, out)
     sel.register(proc.stderr, selectors.EVENT_READ, err)
@@ -888,3 +915,26 @@ def run_tests(solution_code: str, test_code: str, entry_point: str, timeout_s: f
                              result.stderr + "\nsandbox: exit status 0 without the harness's record that the tests "
                                              "completed\n", result.seconds, result.isolation, result.run_id)
     return result
+
+
+def run_reporting(code: str, *, timeout_s: float = 5.0, unsafe_no_sandbox: bool = False,
+                  **limits) -> tuple[SandboxResult, list[str]]:
+    """Run a harness written as the program itself, which reports through ``__sandbox_report__``.
+
+    The program finds a callable ``__sandbox_report__(text)`` among its globals; each call delivers one
+    line to the caller on the private verdict pipe, prefixed by a per-run nonce the program's text never
+    contains. A harness takes it out of its globals first (``report = globals().pop("__sandbox_report__")``)
+    and then runs the code under test, so that code can neither call it nor forge a line: lines on the pipe
+    without the nonce are dropped, and stdout is never parsed. Returns the result and the reported lines
+    in order (`megapmp.synth.verified.run_doctests` is the user).
+    """
+    _check_limits(timeout_s, limits.get("memory_mb", 512), limits.get("max_procs", 32))
+    caps = require_sandbox(unsafe_no_sandbox)
+    nonce = secrets.token_hex(16)
+    kwargs = dict(memory_mb=512, cpu_s=None, max_file_bytes=1 << 20, max_procs=32, max_open_files=64,
+                  max_output_bytes=1 << 16, guards=True)
+    kwargs.update(limits)
+    result, channel = _execute(code, caps=caps, timeout_s=timeout_s, nonce=nonce, **kwargs)
+    prefix = nonce.encode()
+    lines = [line[len(prefix):].decode("utf-8", "replace") for line in channel.split(b"\n") if line.startswith(prefix)]
+    return result, lines
