@@ -449,3 +449,30 @@ def test_some_backend_and_user_ran_the_attacks(attack_results):
     if CAPS["backend"] is None:
         pytest.skip(f"no OS isolation on this machine: {CAPS['problems']}")
     assert ("caller", CAPS["backend"]) in ran
+
+
+def test_clis_refuse_without_isolation_unless_unsafe(monkeypatch, tmp_path, capsys):
+    from megapmp.eval import code_bon
+    from megapmp.synth import verified
+
+    monkeypatch.setattr(sandbox, "_caps", dict(CAPS, backend=None, drop_uid=False, nproc=False,
+                                               problems={"bwrap": "not installed", "unshare": "not installed"}))
+    out = tmp_path / "pairs.jsonl"
+    args = ["humaneval", "--limit", "1", "--k", "1", "--max-tries", "2", "--out", str(out), "--no-progress"]
+    assert verified.main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert "--unsafe-no-sandbox" in err and len(err.splitlines()) == 1 and not out.exists()
+    assert verified.main(args + ["--unsafe-no-sandbox"]) == 0 and out.exists()
+    assert "sandbox: none (--unsafe-no-sandbox)" in capsys.readouterr().err
+
+    test = "def check(candidate):\n    assert candidate(1, 2) == 3\n"
+    problem = code_bon.CodeProblem("q", "def add(a, b):\n", ["    return a + b\n"], [None], test, "add")
+    with pytest.raises(SandboxUnavailable):
+        code_bon.execute_candidates([problem], progress=False)
+    summary = code_bon.execute_candidates([problem], progress=False, unsafe_no_sandbox=True)
+    assert problem.correct == [True] and summary["isolation"] == "none (--unsafe-no-sandbox)"
+
+    import argparse
+    parser = argparse.ArgumentParser()
+    code_bon.add_code_bon_arguments(parser)  # tools/evaluate.py code-bon takes its options from here
+    assert parser.parse_args(["--unsafe-no-sandbox"]).unsafe_no_sandbox

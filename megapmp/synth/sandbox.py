@@ -776,7 +776,7 @@ def _execute(code: str, *, caps: dict, timeout_s, memory_mb, cpu_s, max_file_byt
         setup = _setup_fd({"cfg": cfg, "program": code, "nonce": nonce})
         fds.append(setup)
         home = plan["sandbox_dir"] or workdir
-        argv = plan["prefix"] + [sys.executable, "-I", "-S", "-B", "-c", _BOOTSTRAP, str(setup),
+        argv = plan["prefix"] + [_interpreter(), "-I", "-S", "-B", "-c", _BOOTSTRAP, str(setup),
                                  f"megapmp-sandbox-{run_id}"]
         env = {"PATH": "/usr/bin:/bin", "HOME": home, "TMPDIR": home, "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8"}
         try:
@@ -807,6 +807,12 @@ def _execute(code: str, *, caps: dict, timeout_s, memory_mb, cpu_s, max_file_byt
             _release_uid(uid)
         if workdir is not None:
             _rmtree(workdir)
+
+
+def _interpreter() -> str:
+    """The real interpreter binary: with -I -S a virtualenv adds nothing, and its directory may be
+    hidden inside the namespaces (a venv under /tmp is covered by the private /tmp)."""
+    return os.path.realpath(sys.executable)
 
 
 def _returncode(rc: int | None, backend: str | None) -> int | None:
