@@ -63,21 +63,17 @@ def _escape_shared_tmp(sb) -> tuple[bool, str]:
 
 
 def _escape_parent_environ(sb) -> tuple[bool, str]:
-    secret = "sk-megapmp-" + secrets.token_hex(12)
-    old = os.environ.get("OPENAI_API_KEY")
-    os.environ["OPENAI_API_KEY"] = secret
-    try:
-        code = RAN + (
-            "import os\nfound = []\nfor pid in os.listdir('/proc'):\n    if pid.isdigit():\n        try:\n"
-            "            data = open('/proc/%s/environ' % pid, 'rb').read()\n        except OSError:\n"
-            "            continue\n        found += [v.decode(errors='replace') for v in data.split(b'\\0')"
-            " if v.startswith(b'OPENAI_API_KEY=')]\nprint(found)\nprint(os.environ)\n")
-        r = sb.run_untrusted(code, timeout_s=10.0)
-    finally:
-        if old is None:
-            del os.environ["OPENAI_API_KEY"]
-        else:
-            os.environ["OPENAI_API_KEY"] = old
+    # The secret is in this process's environment since it started (main() sees to it): that is what
+    # /proc/<pid>/environ shows; a variable set later lives elsewhere in memory.
+    secret = os.environ.get("OPENAI_API_KEY", "")
+    if not secret.startswith("sk-megapmp-"):
+        return False, "the runner was not started with a planted OPENAI_API_KEY"
+    code = RAN + (
+        "import os\nfound = []\nfor pid in os.listdir('/proc'):\n    if pid.isdigit():\n        try:\n"
+        "            data = open('/proc/%s/environ' % pid, 'rb').read()\n        except OSError:\n"
+        "            continue\n        found += [v.decode(errors='replace') for v in data.split(b'\\0')"
+        " if v.startswith(b'OPENAI_API_KEY=')]\nprint(found)\nprint(os.environ)\n")
+    r = sb.run_untrusted(code, timeout_s=10.0)
     leaked = secret in r.stdout or secret in r.stderr
     return _ran(r) and not leaked, f"secret leaked: {leaked}; {_out(r)}"
 
@@ -257,6 +253,10 @@ def run_all(sb) -> dict[str, list]:
 
 def main(argv: list[str]) -> int:
     """argv: the directory holding sandbox.py, then optionally the backend to force (bwrap, unshare)."""
+    if not os.environ.get("OPENAI_API_KEY", "").startswith("sk-megapmp-"):
+        # Plant the secret in the initial environment, where /proc/<pid>/environ reads it: start again.
+        env = dict(os.environ, OPENAI_API_KEY="sk-megapmp-" + secrets.token_hex(12))
+        os.execve(sys.executable, sys.orig_argv, env)
     sys.path.insert(0, argv[0])
     import ctypes
 

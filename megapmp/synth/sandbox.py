@@ -570,7 +570,7 @@ def sandbox_capabilities(refresh: bool = False) -> dict:
             return dict(_caps)
         root = os.geteuid() == 0
         base = {"backend": None, "bwrap": shutil.which("bwrap"), "unshare": shutil.which("unshare"),
-                "drop_uid": root and shutil.which("kill") is not None, "kill_binary": shutil.which("kill"),
+                "drop_uid": root, "kill_binary": shutil.which("kill"),
                 "problems": {}}
         caps = dict(base)
         for backend in ("bwrap", "unshare"):
@@ -645,6 +645,8 @@ def _kill_uid(uid: int, kill_binary: str) -> None:
     """Kill every process running as `uid` by signalling -1 *as* that uid (no /proc scan, no races
     with a fork loop: kill(-1) reaches all processes the sender may signal in one call). Only needed
     without a PID namespace (--unsafe-no-sandbox as root)."""
+    if kill_binary is None:
+        return
     try:
         subprocess.run([kill_binary, "-9", "-1"], user=uid, group=uid, extra_groups=[], env={},
                        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
