@@ -588,8 +588,9 @@ def sandbox_capabilities(refresh: bool = False) -> dict:
         caps["rlimits"] = _RLIMITS + (["RLIMIT_NPROC"] if caps["nproc"] else [])
         _caps = caps
         if caps["backend"]:
-            log.info("sandbox: %s isolation (user/mount/pid/net/ipc namespaces), %s, rlimits %s",
-                     caps["backend"], "per-run uid" if caps["drop_uid"] else "no capabilities",
+            log.info("sandbox: %s isolation (%s namespaces), %s, rlimits %s", caps["backend"],
+                     "mount/pid/net/ipc/uts" if root else "user/mount/pid/net/ipc/uts",
+                     "per-run uid" if caps["drop_uid"] else "no capabilities",
                      ",".join(caps["rlimits"]))
         else:
             log.warning("sandbox: no OS isolation available (%s)", _problems_text(caps))
