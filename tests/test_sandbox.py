@@ -1,24 +1,35 @@
-"""megapmp.synth.sandbox: generated code runs only in a separate, limited process.
+"""megapmp.synth.sandbox: generated code runs only in a separate process inside OS isolation.
 
 Every test checks that the calling process is unharmed afterwards (same cwd, same environment, no
-leftover sandbox processes, still computing). Tests of an OS-level mechanism (network namespace,
-unprivileged uid, RLIMIT_NPROC) run with the in-process guards off, and are skipped where
-`sandbox_capabilities()` says the mechanism is not available.
+leftover sandbox processes, still computing). The escapes and verdict forgeries of issue 11
+(`sandbox_attacks.py`) run with every available backend, as the caller (root in CI) and as an
+unprivileged user (``setpriv`` to uid 65534); each must be contained. Tests of an OS-level mechanism run
+with the in-process guards off. A test skips only where the OS lacks what the mechanism needs.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import pathlib
+import shutil
 import socket
+import subprocess
+import sys
+import tempfile
 import textwrap
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
+import sandbox_attacks
 from megapmp.synth import sandbox
-from megapmp.synth.sandbox import run_tests, run_untrusted, sandbox_capabilities
+from megapmp.synth.sandbox import SandboxUnavailable, run_tests, run_untrusted, sandbox_capabilities
 
 CAPS = sandbox_capabilities()
+needs_isolation = pytest.mark.skipif(CAPS["backend"] is None,
+                                     reason=f"no OS isolation on this machine: {CAPS['problems']}")
 
 
 def _rss_kb() -> int:
@@ -29,8 +40,9 @@ def _rss_kb() -> int:
     raise AssertionError("no VmRSS")
 
 
-def _sandbox_processes(marker: str) -> list[int]:
-    """Live processes whose command line mentions `marker` (a sandbox directory)."""
+def _sandbox_processes(run_id: str) -> list[int]:
+    """Live processes of the sandbox run `run_id` (its bootstrap's command line names it)."""
+    marker = f"megapmp-sandbox-{run_id}"
     found = []
     for pid in os.listdir("/proc"):
         if not pid.isdigit():
@@ -48,7 +60,14 @@ def _sandbox_processes(marker: str) -> list[int]:
 
 
 @pytest.fixture(autouse=True)
-def caller_unharmed():
+def caller_unharmed(request):
+    if "attack_results" in request.fixturenames:  # those ran in separate processes
+        yield
+        return
+    if CAPS["backend"] is None and "unsafe" not in request.node.name:
+        pytest.skip(f"no OS isolation on this machine: {CAPS['problems']}")
+    unsafe = CAPS["backend"] is None
+
     def environment():
         return {k: v for k, v in os.environ.items() if k != "PYTEST_CURRENT_TEST"}
 
@@ -57,7 +76,7 @@ def caller_unharmed():
     assert os.getcwd() == cwd
     assert environment() == env
     assert sum(i * i for i in range(1000)) == 332833500  # still computing
-    assert run_untrusted("print(6 * 7)").stdout == "42\n"  # and can still start sandboxes
+    assert run_untrusted("print(6 * 7)", unsafe_no_sandbox=unsafe).stdout == "42\n"  # and can still start sandboxes
 
 
 def test_passing_program_returns_stdout():
@@ -101,7 +120,9 @@ def test_unbounded_allocation_hits_memory_limit():
 
 
 def test_write_outside_directory_is_refused(tmp_path):
-    target = tmp_path / "outside.txt"
+    # The guard refuses before the kernel would; a path outside the sandbox's /tmp, so the guard is
+    # what answers (inside the namespaces the caller's /tmp is not even there).
+    target = pathlib.Path("/usr/local") / f"megapmp-guard-test-{os.getpid()}.txt"
     attempts = [
         f"open({str(target)!r}, 'w').write('x')",
         f"import pathlib\npathlib.Path({str(target)!r}).write_text('x')",
@@ -121,7 +142,8 @@ def test_write_outside_directory_is_refused(tmp_path):
         r = run_untrusted(code)
         # The guard refuses; with a uid switch the kernel may refuse first (listing a 0700 directory).
         assert r.status == "failed", (code, r)
-        assert "SandboxViolation" in r.stderr or "PermissionError" in r.stderr, (code, r.stderr)
+        # The guard refuses, or the victim is not even visible (the caller's /tmp is not the sandbox's).
+        assert any(e in r.stderr for e in ("SandboxViolation", "PermissionError", "FileNotFoundError")), r.stderr
     assert victim.read_text() == "keep me"
     # Inside its own directory the program may write, and tempfile works there.
     r = run_untrusted("import os, tempfile\nopen('a.txt', 'w').write('x')\n"
@@ -131,14 +153,26 @@ def test_write_outside_directory_is_refused(tmp_path):
     assert r.stdout == "['d', 'prog.py']\n"
 
 
-@pytest.mark.skipif(not CAPS["drop_uid"], reason="the sandbox cannot switch to an unprivileged uid here")
-def test_unprivileged_uid_refuses_outside_writes_without_guards(tmp_path):
+@needs_isolation
+def test_read_only_file_system_without_guards(tmp_path):
     target = tmp_path / "outside.txt"
     r = run_untrusted(f"open({str(target)!r}, 'w').write('x')", guards=False)
-    assert r.status == "failed" and "PermissionError" in r.stderr, r
+    assert r.status == "failed" and ("Read-only file system" in r.stderr or "PermissionError" in r.stderr or
+                                     "No such file" in r.stderr), r
     assert not target.exists()
-    r = run_untrusted("import os\nos.kill(1, 0)\n", guards=False)  # signalling others is refused
-    assert r.status == "failed" and "PermissionError" in r.stderr, r
+    r = run_untrusted("import os\nos.mkdir('/tmp/d')\nopen('/tmp/d/x', 'w').write('x')\nopen('/dev/shm/y', 'w')"
+                      ".write('y')\nprint(sorted(os.listdir('/tmp')), os.listdir('/dev/shm'))\n", guards=False)
+    assert r.status == "passed" and r.stdout == "['d', 'prog.py'] ['y']\n", r  # private, writable
+
+
+@pytest.mark.skipif(not CAPS["drop_uid"], reason="a per-run uid needs a root caller")
+def test_per_run_uid_cannot_signal_others_without_guards():
+    # pid 1 of the sandbox's own namespace is itself or bubblewrap's init; outside, nothing is visible.
+    r = run_untrusted("import os\nprint(sorted(int(p) for p in os.listdir('/proc') if p.isdigit())[:3])\n"
+                      "print(os.getuid())\n", guards=False)
+    assert r.status == "passed", r
+    pids, uid = r.stdout.splitlines()
+    assert max(eval(pids)) <= 3 and int(uid) != 0, r.stdout
 
 
 def test_file_size_limit():
@@ -177,7 +211,7 @@ def test_socket_to_loopback_is_refused():
         srv.close()
 
 
-@pytest.mark.skipif(not CAPS["netns"], reason="unshare(1) cannot create a network namespace here")
+@needs_isolation
 def test_network_namespace_blocks_loopback_without_guards():
     srv = _listener()
     port = srv.getsockname()[1]
@@ -186,6 +220,8 @@ def test_network_namespace_blocks_loopback_without_guards():
                           guards=False)
         assert r.status == "failed", r
         assert "Network is unreachable" in r.stderr or "Connection refused" in r.stderr, r.stderr
+        r = run_untrusted("import socket\nprint(socket.if_nameindex())", guards=False)
+        assert r.status == "passed" and r.stdout == "[(1, 'lo')]\n", r  # no interface but loopback
         _assert_no_connection(srv)
     finally:
         srv.close()
@@ -212,30 +248,30 @@ FORK_LOOP = textwrap.dedent("""
 @pytest.mark.parametrize("guards", [True, False])
 def test_fork_loop_is_limited_and_killed(guards):
     if not guards and not CAPS["nproc"]:
-        pytest.skip("RLIMIT_NPROC is not enforced here (root without a uid switch)")
+        pytest.skip("RLIMIT_NPROC is not enforced here (no per-run uid: the caller is not root)")
     r = run_untrusted(FORK_LOOP, timeout_s=2.0, max_procs=16, guards=guards)
     assert r.status == "timeout", r
-    workdir, forked = r.stdout.splitlines()[:2]
+    _, forked = r.stdout.splitlines()[:2]
     assert int(forked.split()[1]) < 16  # the 50 forks were cut at the limit
     time.sleep(0.2)
-    assert _sandbox_processes(workdir) == []  # none of them outlives the run
-    assert not os.path.exists(workdir)
+    assert _sandbox_processes(r.run_id) == []  # none of them outlives the run
 
 
-@pytest.mark.skipif(not CAPS["drop_uid"], reason="needs the per-run uid to find escaped processes")
+@needs_isolation
 def test_process_that_leaves_the_group_is_killed():
     code = textwrap.dedent("""
         import os, time
-        print(os.getcwd(), flush=True)
         if os.fork() == 0:
-            os.setsid()  # leaves the process group the sandbox kills on exit
+            os.setsid()  # leaves the process group; the PID namespace still holds it
             time.sleep(60)
             os._exit(0)
+        time.sleep(0.3)
+        print('forked', flush=True)
     """)
-    r = run_untrusted(code, timeout_s=5.0)
-    assert r.status == "passed", r
+    r = run_untrusted(code, timeout_s=5.0, guards=False)
+    assert r.status == "passed" and r.stdout == "forked\n", r
     time.sleep(0.2)
-    assert _sandbox_processes(r.stdout.split()[0]) == []
+    assert _sandbox_processes(r.run_id) == []
 
 
 def test_bomb_like_forks_without_guards_do_not_harm_the_caller():
@@ -244,7 +280,7 @@ def test_bomb_like_forks_without_guards_do_not_harm_the_caller():
     r = run_untrusted(code, timeout_s=1.5, max_procs=16, guards=False)
     assert r.status in ("timeout", "failed", "killed"), r
     time.sleep(0.2)
-    assert _sandbox_processes(r.stdout.splitlines()[0]) == []
+    assert _sandbox_processes(r.run_id) == []
 
 
 def test_exec_and_subprocess_are_refused():
@@ -283,24 +319,33 @@ def test_run_tests_humaneval_style():
     assert bad.status == "failed" and "AssertionError" in bad.stderr
     # Exiting with 0 before the tests ran is not a pass.
     quitter = run_tests("import os\ndef add(a, b):\n    os._exit(0)\n", tests, "add")
-    assert quitter.status == "failed" and "exited before the tests completed" in quitter.stderr
+    assert quitter.status == "failed" and "without the harness's record" in quitter.stderr
+    leaver = run_tests("import sys\ndef add(a, b):\n    sys.exit(0)\n", tests, "add")
+    assert leaver.status == "failed" and "SystemExit" in leaver.stderr
     slow = run_tests("def add(a, b):\n    while True:\n        pass\n", tests, "add", timeout_s=1.0)
     assert slow.status == "timeout"
 
 
-def test_fallback_without_namespace_or_uid_switch(monkeypatch):
-    # The in-process guards alone still refuse network and outside writes (e.g. non-root, no unshare).
-    monkeypatch.setattr(sandbox, "_caps", dict(CAPS, netns=False, netns_command=None, drop_uid=False,
-                                               nproc=False))
-    r = run_untrusted("import socket\nsocket.socket()")
+def test_refuses_without_isolation_unless_unsafe(monkeypatch):
+    # Where no backend works: a one-line refusal, and with the explicit opt-in the guards alone.
+    monkeypatch.setattr(sandbox, "_caps", dict(CAPS, backend=None, drop_uid=False, nproc=False,
+                                               problems={"bwrap": "not installed", "unshare": "not installed"}))
+    with pytest.raises(SandboxUnavailable, match="--unsafe-no-sandbox") as info:
+        run_untrusted("print(1)")
+    assert "\n" not in str(info.value)
+    with pytest.raises(SandboxUnavailable):
+        run_tests("def f():\n    return 1\n", "def check(c):\n    assert c() == 1\n", "f")
+    r = run_untrusted("import socket\nsocket.socket()", unsafe_no_sandbox=True)
     assert r.status == "failed" and "SandboxViolation" in r.stderr
-    assert "netns" not in r.isolation and "drop_uid" not in r.isolation
-    r = run_untrusted("print(1)")
+    assert r.isolation[0] == "unsafe_no_sandbox"
+    r = run_untrusted("print(1)", unsafe_no_sandbox=True)
     assert r.status == "passed" and r.stdout == "1\n"
-    r = run_untrusted(FORK_LOOP, timeout_s=1.5, max_procs=8)
+    assert run_tests("def f():\n    return 1\n", "def check(c):\n    assert c() == 1\n", "f",
+                     unsafe_no_sandbox=True).status == "passed"
+    r = run_untrusted(FORK_LOOP, timeout_s=1.5, max_procs=8, unsafe_no_sandbox=True)
     assert r.status == "timeout" and int(r.stdout.splitlines()[1].split()[1]) <= 8  # the guard's fork budget
     time.sleep(0.2)
-    assert _sandbox_processes(r.stdout.splitlines()[0]) == []
+    assert _sandbox_processes(r.run_id) == []
 
 
 def test_concurrent_runs_are_independent():
@@ -314,6 +359,123 @@ def test_concurrent_runs_are_independent():
 
 def test_capabilities_are_reported():
     caps = sandbox_capabilities()
-    assert {"netns", "drop_uid", "nproc", "rlimits"} <= set(caps)
-    r = run_untrusted("pass")
-    assert ("netns" in r.isolation) == caps["netns"] and ("drop_uid" in r.isolation) == caps["drop_uid"]
+    assert {"backend", "drop_uid", "nproc", "rlimits", "problems"} <= set(caps)
+    assert caps["backend"] in ("bwrap", "unshare", None)
+    if caps["backend"] is not None:
+        r = run_untrusted("pass")
+        assert r.isolation[0] == caps["backend"] and ("drop_uid" in r.isolation) == caps["drop_uid"]
+
+
+# --------------------------------------------------------------------------------------------------
+# Issue 11's escapes and forgeries, per backend, as the caller and as an unprivileged user
+# --------------------------------------------------------------------------------------------------
+
+NOBODY = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
+
+
+def _copy_for_everyone() -> str:
+    """sandbox.py and the attacks in a directory any uid can read (the checkout may be under /root)."""
+    d = tempfile.mkdtemp(prefix="megapmp-attacks-")
+    os.chmod(d, 0o755)
+    for src in (sandbox.__file__, sandbox_attacks.__file__):
+        dst = os.path.join(d, os.path.basename(src))
+        shutil.copyfile(src, dst)
+        os.chmod(dst, 0o644)
+    return d
+
+
+def _interpreter_for_nobody() -> str | None:
+    """A Python >= 3.10 that uid 65534 can run: ours if reachable, else the system's."""
+    for python in dict.fromkeys([sys.executable, os.path.realpath(sys.executable), "/usr/bin/python3"]):
+        try:
+            # sys.executable is what the sandbox will start: it must be executable by that uid too.
+            check = "import os, sys; assert sys.version_info >= (3, 10) and os.access(sys.executable, os.X_OK)"
+            r = subprocess.run(NOBODY + [python, "-I", "-c", check],
+                               capture_output=True, timeout=30, cwd="/")
+        except (OSError, subprocess.SubprocessError):
+            continue
+        if r.returncode == 0:
+            return python
+    return None
+
+
+VARIANTS = [(user, backend) for user in ("caller", "nobody") for backend in ("bwrap", "unshare")]
+
+
+@pytest.fixture(scope="module")
+def attack_results():
+    """Every variant's results, the four runs side by side (each is a fresh process)."""
+    d = _copy_for_everyone()
+    nobody_python = _interpreter_for_nobody() if os.geteuid() == 0 and shutil.which("setpriv") else None
+    commands = {}
+    for user, backend in VARIANTS:
+        if user == "caller":
+            commands[(user, backend)] = [sys.executable, "-I", os.path.join(d, "sandbox_attacks.py"), d, backend]
+        elif nobody_python is not None:
+            commands[(user, backend)] = NOBODY + [nobody_python, "-I", os.path.join(d, "sandbox_attacks.py"), d,
+                                                  backend]
+    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin")}
+
+    def run(cmd):
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd="/", env=env)
+        assert r.returncode == 0, r.stderr[-3000:]
+        return json.loads(r.stdout.strip().splitlines()[-1])
+
+    try:
+        with ThreadPoolExecutor(len(commands) or 1) as pool:
+            futures = {key: pool.submit(run, cmd) for key, cmd in commands.items()}
+            results = {key: f.result() for key, f in futures.items()}
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+    if nobody_python is None:
+        reason = ("the tests run unprivileged already (the caller variants are the unprivileged run)"
+                  if os.geteuid() != 0 else "no Python interpreter that uid 65534 can run, or no setpriv")
+        for backend in ("bwrap", "unshare"):
+            results[("nobody", backend)] = {"_unavailable": reason}
+    return results
+
+
+@pytest.mark.parametrize("attack", list(sandbox_attacks.ATTACKS))
+@pytest.mark.parametrize("user,backend", VARIANTS)
+def test_attack_is_contained(attack_results, user, backend, attack):
+    results = attack_results[(user, backend)]
+    if "_unavailable" in results:
+        pytest.skip(f"{user} / {results['_unavailable']}")
+    assert results["_backend"] == backend
+    contained, detail = results[attack]
+    assert contained, f"{attack} as {user} with {backend}: {detail}"
+
+
+def test_some_backend_and_user_ran_the_attacks(attack_results):
+    # The skips above must not hide everything: on a machine where isolation works at all, the attacks ran.
+    ran = [key for key, res in attack_results.items() if "_unavailable" not in res]
+    if CAPS["backend"] is None:
+        pytest.skip(f"no OS isolation on this machine: {CAPS['problems']}")
+    assert ("caller", CAPS["backend"]) in ran
+
+
+def test_clis_refuse_without_isolation_unless_unsafe(monkeypatch, tmp_path, capsys):
+    from megapmp.eval import code_bon
+    from megapmp.synth import verified
+
+    monkeypatch.setattr(sandbox, "_caps", dict(CAPS, backend=None, drop_uid=False, nproc=False,
+                                               problems={"bwrap": "not installed", "unshare": "not installed"}))
+    out = tmp_path / "pairs.jsonl"
+    args = ["humaneval", "--limit", "1", "--k", "1", "--max-tries", "2", "--out", str(out), "--no-progress"]
+    assert verified.main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert "--unsafe-no-sandbox" in err and len(err.splitlines()) == 1 and not out.exists()
+    assert verified.main(args + ["--unsafe-no-sandbox"]) == 0 and out.exists()
+    assert "sandbox: none (--unsafe-no-sandbox)" in capsys.readouterr().err
+
+    test = "def check(candidate):\n    assert candidate(1, 2) == 3\n"
+    problem = code_bon.CodeProblem("q", "def add(a, b):\n", ["    return a + b\n"], [None], test, "add")
+    with pytest.raises(SandboxUnavailable):
+        code_bon.execute_candidates([problem], progress=False)
+    summary = code_bon.execute_candidates([problem], progress=False, unsafe_no_sandbox=True)
+    assert problem.correct == [True] and summary["isolation"] == "none (--unsafe-no-sandbox)"
+
+    import argparse
+    parser = argparse.ArgumentParser()
+    code_bon.add_code_bon_arguments(parser)  # tools/evaluate.py code-bon takes its options from here
+    assert parser.parse_args(["--unsafe-no-sandbox"]).unsafe_no_sandbox

@@ -13,9 +13,13 @@ import textwrap
 import pytest
 
 from megapmp.synth.rules import MUTATION_KINDS
-from megapmp.synth.sandbox import run_tests
+from megapmp.synth.sandbox import run_tests, sandbox_capabilities
 from megapmp.synth.verified import (VerifyConfig, doctest_pairs, humaneval_pairs, load_humaneval, main,
                                     run_doctests)
+
+_CAPS = sandbox_capabilities()
+# Every test here executes code; without OS isolation the sandbox refuses to (see test_sandbox.py).
+pytestmark = pytest.mark.skipif(_CAPS["backend"] is None, reason=f"no OS isolation on this machine: {_CAPS['problems']}")
 
 # Imports before the definition (0, 12), a helper function in the prompt (10, 32, 38), randomised
 # tests in a loop (32), a one-liner with no mutation site (38): the shapes the splicing has to handle.

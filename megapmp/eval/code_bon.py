@@ -152,20 +152,24 @@ class ExecCache:
 
 
 def _run_one(program_prompt: str, response: str, test: str, entry_point: str, timeout_s: float,
-             memory_mb: int) -> tuple[str, float]:
+             memory_mb: int, unsafe_no_sandbox: bool) -> tuple[str, float]:
     from megapmp.synth.sandbox import run_tests
 
     with _CALLS_LOCK:
         SANDBOX_CALLS["runs"] += 1
-    result = run_tests(program_prompt + response, test, entry_point, timeout_s=timeout_s, memory_mb=memory_mb)
+    result = run_tests(program_prompt + response, test, entry_point, timeout_s=timeout_s, memory_mb=memory_mb,
+                       unsafe_no_sandbox=unsafe_no_sandbox)
     return result.status, result.seconds
 
 
 def execute_candidates(problems: list[CodeProblem], *, cache: ExecCache | None = None, reexecute: bool = False,
                        workers: int = 2, timeout_s: float = 10.0, memory_mb: int = 1024,
-                       progress: bool = True) -> dict:
+                       progress: bool = True, unsafe_no_sandbox: bool = False) -> dict:
     """Fill each problem's ``status`` and ``correct``: given labels are kept (status ``given``) unless
-    ``reexecute``; the others come from the cache or a sandbox run. Returns the execution summary."""
+    ``reexecute``; the others come from the cache or a sandbox run. Returns the execution summary.
+
+    unsafe_no_sandbox: where no OS isolation works, execute anyway with the in-process guards only
+    (otherwise `megapmp.synth.sandbox.SandboxUnavailable` is raised before anything runs)."""
     tests = None
     jobs = []  # (problem index, candidate index, key, test, entry point)
     counts = Counter()
@@ -191,14 +195,19 @@ def execute_candidates(problems: list[CodeProblem], *, cache: ExecCache | None =
                 counts["cached"] += 1
             else:
                 jobs.append((qi, ci, key, test, entry))
+    isolation = None
     if jobs:
         from tqdm import tqdm
 
-        log(f"executing {len(jobs)} candidates in the sandbox ({workers} at a time, {timeout_s:g} s each at most)")
+        from megapmp.synth.sandbox import require_sandbox
+
+        isolation = require_sandbox(unsafe_no_sandbox)["backend"] or "none (--unsafe-no-sandbox)"
+        log(f"executing {len(jobs)} candidates in the sandbox ({isolation} isolation, {workers} at a time, "
+            f"{timeout_s:g} s each at most)")
         bar = tqdm(total=len(jobs), desc="execute", unit="cand", disable=not progress, file=sys.stderr)
         with ThreadPoolExecutor(max(1, workers)) as pool:
             futures = {pool.submit(_run_one, problems[qi].prompt, problems[qi].responses[ci], test, entry, timeout_s,
-                                   memory_mb): (qi, ci, key) for qi, ci, key, test, entry in jobs}
+                                   memory_mb, unsafe_no_sandbox): (qi, ci, key) for qi, ci, key, test, entry in jobs}
             try:
                 for future in as_completed(futures):
                     qi, ci, key = futures[future]
@@ -218,7 +227,7 @@ def execute_candidates(problems: list[CodeProblem], *, cache: ExecCache | None =
                     cache.close()
     statuses = Counter(s for p in problems for s in p.status)
     return {"executed": counts["executed"], "cached": counts["cached"], "given": counts["given"],
-            "reexecute": reexecute, "cache": str(cache.path) if cache is not None else None,
+            "reexecute": reexecute, "cache": str(cache.path) if cache is not None else None, "isolation": isolation,
             "timeout_s": timeout_s, "statuses": dict(sorted(statuses.items())),
             "passed": int(sum(sum(p.correct) for p in problems)),
             "questions": [{"id": p.id, "passed": int(sum(p.correct)), "status": list(p.status)} for p in problems]}
@@ -248,7 +257,8 @@ def run_code_bon(ctx: TaskContext) -> dict:
     cache = ExecCache(args.exec_cache or default_exec_cache(args.output))
     execution = execute_candidates(problems, cache=cache, reexecute=args.reexecute, workers=args.exec_workers,
                                    timeout_s=args.exec_timeout, memory_mb=args.exec_memory_mb,
-                                   progress=not getattr(args, "no_progress", False))
+                                   progress=not getattr(args, "no_progress", False),
+                                   unsafe_no_sandbox=args.unsafe_no_sandbox)
     log(f"execution: {execution['executed']} executed, {execution['cached']} from {cache.path}, "
         f"{execution['given']} labelled in the file; statuses {execution['statuses']}")
 
@@ -286,6 +296,9 @@ def add_code_bon_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--exec-timeout", type=float, default=10.0, metavar="S",
                         help="wall-clock limit per candidate's test run (default 10 s); a hang counts as wrong")
     parser.add_argument("--exec-memory-mb", type=int, default=1024, help="memory limit per test run (default 1024)")
+    parser.add_argument("--unsafe-no-sandbox", action="store_true",
+                        help="where no OS isolation (bubblewrap or unshare namespaces) works, execute candidates anyway "
+                             "with in-process guards only; without it such a machine refuses to execute")
 
 
 def markdown_code_bon(report: dict) -> str:

@@ -30,7 +30,6 @@ import ast
 import json
 import os
 import re
-import secrets
 import sys
 import time
 from collections import Counter
@@ -41,7 +40,8 @@ from typing import Iterable, Iterator
 from tqdm import tqdm
 
 from megapmp.synth.rules import MUTATION_KINDS, mutate
-from megapmp.synth.sandbox import PROGRAM_NAME, SandboxResult, humaneval_program, run_tests, run_untrusted
+from megapmp.synth.sandbox import (PROGRAM_NAME, SandboxResult, SandboxUnavailable, humaneval_program, require_sandbox,
+                                   run_reporting, run_tests)
 
 __all__ = ["VerifyConfig", "VerifyStats", "DoctestReport", "humaneval_pairs", "doctest_pairs", "load_humaneval", "write_jsonl",
            "failed_test", "run_doctests"]
@@ -53,7 +53,8 @@ class VerifyConfig:
     most. timeout_s: limit for the chosen program; a mutant gets max(min_mutant_timeout_s,
     mutant_timeout_factor * the chosen program's time), capped at timeout_s, so an infinite loop costs
     little but a slow machine does not turn a correct mutant into a "timeout" failure.
-    memory_mb: RLIMIT_AS of each run. workers: concurrent sandbox processes."""
+    memory_mb: RLIMIT_AS of each run. workers: concurrent sandbox processes. unsafe_no_sandbox: where no
+    OS isolation works, run anyway with the in-process guards only (otherwise SandboxUnavailable)."""
 
     k: int = 3
     max_tries: int = 15
@@ -64,6 +65,7 @@ class VerifyConfig:
     mutant_timeout_factor: float = 20.0
     memory_mb: int = 1024
     workers: int = 2
+    unsafe_no_sandbox: bool = False
 
     def __post_init__(self):
         bad = []
@@ -224,7 +226,7 @@ def _humaneval_problem(problem: dict, config: VerifyConfig) -> tuple[list[dict],
     stats = VerifyStats(problems=1)
     task_id, prompt, entry = problem["task_id"], problem["prompt"], problem["entry_point"]
     chosen, test = problem["canonical_solution"], problem["test"]
-    limits = {"memory_mb": config.memory_mb}
+    limits = {"memory_mb": config.memory_mb, "unsafe_no_sandbox": config.unsafe_no_sandbox}
     good = run_tests(prompt + chosen, test, entry, timeout_s=config.timeout_s, **limits)
     stats.sandbox_runs += 1
     if not good.passed:
@@ -291,6 +293,7 @@ def humaneval_pairs(problems: list[dict], config: VerifyConfig = VerifyConfig(),
 
 def _parallel(fn, items, config, progress, desc) -> tuple[list[dict], VerifyStats]:
     t0 = time.monotonic()
+    require_sandbox(config.unsafe_no_sandbox)  # refuse before any work, not once per task
     stats = VerifyStats()
     results: list[list[dict]] = [[] for _ in items]
     with ThreadPoolExecutor(config.workers) as pool:
@@ -312,10 +315,9 @@ def _parallel(fn, items, config, progress, desc) -> tuple[list[dict], VerifyStat
 # --------------------------------------------------------------------------------------------------
 
 _DOCTEST_HARNESS = r'''
+report = globals().pop("__sandbox_report__")  # before any snippet code runs: see sandbox.run_reporting
 import doctest, inspect, json, sys, traceback
 SOURCE = {source!r}
-NONCE = {nonce!r}
-out = sys.stdout
 namespace = {{"__name__": "snippet"}}
 exec(compile(SOURCE, "snippet.py", "exec"), namespace)
 finder = doctest.DocTestFinder(recurse=True, exclude_empty=True)
@@ -328,8 +330,7 @@ tests.sort(key=lambda t: t.name)
 class Recorder(doctest.DocTestRunner):
     def _emit(self, test, example, ok, got):
         index = next(i for i, e in enumerate(test.examples) if e is example)
-        out.write(NONCE + json.dumps({{"test": test.name, "index": index, "ok": ok, "got": got[-500:]}}) + "\n")
-        out.flush()
+        report(json.dumps({{"test": test.name, "index": index, "ok": ok, "got": got[-500:]}}))
     def report_start(self, o, test, example):
         pass
     def report_success(self, o, test, example, got):
@@ -340,8 +341,7 @@ class Recorder(doctest.DocTestRunner):
         self._emit(test, example, False, traceback.format_exception_only(*exc_info[:2])[-1])
 
 runner = Recorder(verbose=False)
-out.write(NONCE + json.dumps({{"plan": [[t.name, [e.source for e in t.examples]] for t in tests]}}) + "\n")
-out.flush()
+report(json.dumps({{"plan": [[t.name, [e.source for e in t.examples]] for t in tests]}}))
 for t in tests:
     runner.run(t, out=lambda s: None)
 '''
@@ -365,14 +365,12 @@ class DoctestReport:
 
 
 def run_doctests(source: str, timeout_s: float = 10.0, **limits) -> DoctestReport:
-    """Run every doctest example of the functions and classes in `source`, in the sandbox."""
-    nonce = "megapmp-doctest-" + secrets.token_hex(8) + ":"
-    result = run_untrusted(_DOCTEST_HARNESS.format(source=source, nonce=nonce), timeout_s=timeout_s, **limits)
+    """Run every doctest example of the functions and classes in `source`, in the sandbox. The outcomes
+    come from the harness's authenticated channel (`sandbox.run_reporting`), never from stdout."""
+    result, lines = run_reporting(_DOCTEST_HARNESS.format(source=source), timeout_s=timeout_s, **limits)
     plan, seen = [], {}
-    for line in result.stdout.splitlines():
-        if not line.startswith(nonce):
-            continue
-        record = json.loads(line[len(nonce):])
+    for line in lines:
+        record = json.loads(line)
         if "plan" in record:
             plan = [(name, sources) for name, sources in record["plan"]]
         else:
@@ -406,7 +404,7 @@ def _doctest_snippet(item: tuple[str, str], config: VerifyConfig) -> tuple[list[
     if not targets:
         stats.dropped["task:no_doctests"] += 1
         return [], stats
-    limits = {"memory_mb": config.memory_mb}
+    limits = {"memory_mb": config.memory_mb, "unsafe_no_sandbox": config.unsafe_no_sandbox}
     good = run_doctests(source, timeout_s=config.timeout_s, **limits)
     stats.sandbox_runs += 1
     if good.result.status != "passed" or not good.all_passed:
@@ -515,12 +513,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, default=VerifyConfig.workers)
     parser.add_argument("--stats", help="also write the stats as JSON here")
     parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--unsafe-no-sandbox", action="store_true",
+                        help="where no OS isolation (bubblewrap or unshare namespaces) works, run the code anyway with "
+                             "in-process guards only; without it such a machine refuses to run it")
     args = parser.parse_args(argv)
     try:
         config = VerifyConfig(k=args.k, max_tries=args.max_tries, seed=args.seed, timeout_s=args.timeout,
-                              workers=args.workers)
+                              workers=args.workers, unsafe_no_sandbox=args.unsafe_no_sandbox)
     except ValueError as exc:
         parser.error(str(exc))
+    try:
+        isolation = require_sandbox(config.unsafe_no_sandbox)["backend"]
+    except SandboxUnavailable as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"sandbox: {isolation or 'none (--unsafe-no-sandbox)'} isolation", file=sys.stderr)
     if args.source == "humaneval":
         pairs, stats = humaneval_pairs(load_humaneval(args.limit), config, progress=not args.no_progress)
     else:
