@@ -191,9 +191,9 @@ def check_state(path: str | os.PathLike, model_state: dict, optimizer_states: di
     missing = sorted(set(expected) - set(model_state))
     unexpected = sorted(set(model_state) - set(expected))
     if missing:
-        problems.append(f"model: missing tensors {_names(missing)}")
+        problems.append(f"model: missing {len(missing)} tensors: {_names(missing)}")
     if unexpected:
-        problems.append(f"model: unexpected tensors {_names(unexpected)}")
+        problems.append(f"model: {len(unexpected)} unexpected tensors: {_names(unexpected)}")
     problems += [f"model: {name} has shape {list(model_state[name].shape)}, the model's is {list(shape)}"
                  for name, shape in expected.items()
                  if name in model_state and tuple(model_state[name].shape) != tuple(shape)]
@@ -215,7 +215,7 @@ def check_state(path: str | os.PathLike, model_state: dict, optimizer_states: di
     if recorded is not None:
         lost = sorted(set(recorded) - set(optimizer_states))
         if lost:
-            problems.append(f"optimizer: missing state for {_names(lost)}")
+            problems.append(f"optimizer: missing state for {len(lost)} parameters: {_names(lost)}")
     elif trainer_state.get("step", 0) > 0 and not optimizer_states:
         problems.append(f"optimizer: no state at step {trainer_state.get('step')}")
     if problems:
