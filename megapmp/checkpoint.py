@@ -108,9 +108,10 @@ def _short(digest: str) -> str:
     return digest[:12] + "..."
 
 
-def verify_checkpoint(path: str | os.PathLike) -> bool:
+def verify_checkpoint(path: str | os.PathLike, only: tuple[str, ...] | None = None) -> bool:
     """Check every file of the checkpoint directory `path` against its manifest: each listed file present
-    with the recorded size and sha256, and no file that the manifest does not list.
+    with the recorded size and sha256, and no file that the manifest does not list. `only` (relative path
+    prefixes, e.g. the weight files) restricts the check to those files, for readers that need no more.
 
     Returns True when verified and False for a checkpoint written before manifests existed (nothing to
     verify against: the caller loads it as unverified and says so). Raises CheckpointError naming every
@@ -125,6 +126,9 @@ def verify_checkpoint(path: str | os.PathLike) -> bool:
         raise CheckpointError(f"{path / MANIFEST}: not a {MANIFEST_FORMAT} manifest")
     expected = manifest["files"]
     on_disk = {p.relative_to(path).as_posix() for p in path.rglob("*") if p.is_file()} - {MANIFEST}
+    if only is not None:
+        expected = {rel: meta for rel, meta in expected.items() if rel.startswith(only)}
+        on_disk = {rel for rel in on_disk if rel.startswith(only)}
     problems = [f"{rel}: missing (manifest lists {meta['size']} bytes)" for rel, meta in expected.items()
                 if rel not in on_disk]
     problems += [f"{rel}: not in the manifest" for rel in sorted(on_disk - set(expected))]
@@ -343,8 +347,12 @@ def load_checkpoint(path: str | os.PathLike) -> tuple[dict, dict, dict]:
 
 def load_model_weights(path: str | os.PathLike) -> dict:
     """Weights only, from a checkpoint directory (single-file or sharded: full tensors are gathered),
-    its model.safetensors, or an HF-style safetensors file."""
+    its model.safetensors, or an HF-style safetensors file. A checkpoint directory's weight files are
+    verified against its manifest first (CheckpointError if damaged), so init_from, evaluation and export
+    never read corrupted weights."""
     path = Path(path)
+    if path.is_dir() and (path / "trainer.json").exists():
+        verify_checkpoint(path, only=("model", "layout", "trainer.json"))
     if path.is_dir() and is_sharded(path):
         return load_sharded_weights(path)
     file = path / "model.safetensors" if path.is_dir() else path
