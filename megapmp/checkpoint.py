@@ -352,7 +352,7 @@ def load_model_weights(path: str | os.PathLike) -> dict:
     never read corrupted weights."""
     path = Path(path)
     if path.is_dir() and (path / "trainer.json").exists():
-        verify_checkpoint(path, only=("model", "layout", "trainer.json"))
+        verify_checkpoint(path, only=("model", "layout"))  # the weight files (and, sharded, their layout)
     if path.is_dir() and is_sharded(path):
         return load_sharded_weights(path)
     file = path / "model.safetensors" if path.is_dir() else path

@@ -120,7 +120,8 @@ def drop_tensors(file: Path, prefixes) -> list[str]:
 def rewrite_manifest(path: Path) -> None:
     """What a damage that also rewrote the manifest would leave: only the strict load can catch it.
     Written from the format spec (megapmp/checkpoint.py), not with the code under test."""
-    files = {p.relative_to(path).as_posix(): {"size": p.stat().st_size, "sha256": hashlib.sha256(p.read_bytes()).hexdigest()}
+    files = {p.relative_to(path).as_posix(): {"size": p.stat().st_size,
+                                              "sha256": hashlib.sha256(p.read_bytes()).hexdigest()}
              for p in sorted(path.rglob("*")) if p.is_file() and p.name != "manifest.json"}
     body = {"format": "megapmp-manifest-v1", "step": int(path.name.split("_")[1]), "files": files}
     (path / "manifest.json").write_text(json.dumps(body, indent=1) + "\n")
@@ -185,7 +186,8 @@ def test_truncated_file_is_caught(shards, reference, capfd, tmp_path):
     weights = run / "checkpoints" / STEP4 / "model.safetensors"
     size = weights.stat().st_size
     os.truncate(weights, size // 2)
-    resume_and_check_fallback(run, shards, reference, capfd, f"model.safetensors: {size // 2} bytes, manifest says {size}")
+    resume_and_check_fallback(run, shards, reference, capfd,
+                              f"model.safetensors: {size // 2} bytes, manifest says {size}")
 
 
 def test_truncated_file_without_manifest_is_named(shards, reference, capfd, tmp_path):
