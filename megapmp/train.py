@@ -18,7 +18,8 @@ runs are sharded by rank and resume under any other layout (megapmp.checkpoint).
 
 Writes RUN_DIR/config.json, RUN_DIR/metrics.jsonl (one JSON object per optimizer step) and
 RUN_DIR/checkpoints/step_XXXXXXXX/. With checkpoint.resume = "auto" (the default) a restarted run
-continues from its newest complete checkpoint and reproduces the uninterrupted loss curve.
+continues from its newest intact checkpoint (manifest verified, tensors loaded strictly; a damaged one is
+skipped with a message naming the file) and reproduces the uninterrupted loss curve.
 """
 
 from __future__ import annotations

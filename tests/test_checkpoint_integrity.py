@@ -26,7 +26,7 @@ from megapmp import checkpoint as ckpt
 from megapmp.config import load_train_config
 from megapmp.data.preprocess import build_shard
 from megapmp.train import Trainer
-from tests.distributed_utils import run_ranks
+from tests.distributed_utils import RankError, run_ranks
 from tests.test_train import TINY, synthetic_pairs
 
 REPO = Path(__file__).resolve().parents[1]
@@ -313,7 +313,22 @@ def train_runs(rank, world_size, runs):
     return out
 
 
-def test_sharded_checkpoint_damage_falls_back(shards, tmp_path):
+def killed_in_step4_save(rank, world_size, run_dir, extra):
+    """Train, with rank 1 SIGKILLed right after it wrote its first file of the step-4 checkpoint."""
+    from megapmp import checkpoint
+
+    real_save = checkpoint.save_file
+
+    def save_then_die(tensors, filename, *args, **kwargs):
+        real_save(tensors, filename, *args, **kwargs)
+        if rank == 1 and ".step_00000004" in str(filename):
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    checkpoint.save_file = save_then_die
+    Trainer(load_train_config(str(TINY), extra), run_dir).fit()
+
+
+def test_sharded_checkpoint_damage_and_kill_fall_back(shards, tmp_path):
     tp2 = [("parallel.tp", "2")]
     whole = tmp_path / "whole"
     ((reference_curve, _, _),) = run_ranks(2, train_runs, [(str(whole), overrides(shards, *tp2,
@@ -333,14 +348,22 @@ def test_sharded_checkpoint_damage_falls_back(shards, tmp_path):
         if case == "both":
             overwrite(run / "checkpoints" / STEP2 / "optimizer" / "tp00_pp000.safetensors", 4096, b"\xff" * 64)
         runs[case] = run
-    results = run_ranks(2, train_runs, [(str(runs[c]), overrides(shards, *tp2)) for c in ("0xff", "dropped")],
-                        timeout=300)[0]
-    for (got, err, start), needle in zip(results, ["model/tp01_pp000.safetensors: sha256",
-                                                   "TP rank 1 of stage 0 (tp01_pp000) has no layers.0.mlp."]):
-        assert start == 2 and needle in err and "fell back to step_00000002" in err, err
-        assert got == reference_curve[2:]
-    assert ckpt.verify_checkpoint(whole / "checkpoints" / STEP4)
-    with pytest.raises(Exception, match="no intact checkpoint to resume from"):
+    runs["killed"] = tmp_path / "killed"
+    with pytest.raises(RankError, match="rank 1 exited"):
+        run_ranks(2, killed_in_step4_save, str(runs["killed"]), overrides(shards, *tp2), timeout=300)
+    assert (runs["killed"] / "checkpoints" / ".step_00000004.partial").is_dir()
+
+    cases = ["0xff", "dropped", "killed"]
+    results = run_ranks(2, train_runs, [(str(runs[c]), overrides(shards, *tp2)) for c in cases], timeout=300)[0]
+    needles = {"0xff": "model/tp01_pp000.safetensors: sha256",
+               "dropped": "TP rank 1 of stage 0 (tp01_pp000) has no layers.0.mlp.",
+               "killed": "removed .step_00000004.partial"}
+    for case, (got, err, start) in zip(cases, results):
+        assert start == 2 and needles[case] in err, (case, err)
+        assert case == "killed" or "fell back to step_00000002" in err, (case, err)
+        assert got == reference_curve[2:], case
+        assert all(ckpt.verify_checkpoint(p) for p in ckpt.list_checkpoints(runs[case] / "checkpoints")), case
+    with pytest.raises(RankError, match="no intact checkpoint to resume from"):
         run_ranks(2, train_runs, [(str(runs["both"]), overrides(shards, *tp2))], timeout=300)
 
 
