@@ -14,7 +14,7 @@ from megapmp import checkpoint as ckpt
 from megapmp.config import load_train_config
 from megapmp.data.preprocess import build_shard
 from megapmp.train import Trainer
-from tests.test_train import FAST, TINY, losses, synthetic_pairs
+from tests.test_train import TINY, losses, synthetic_pairs
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((REPO / "examples" / "configs").glob("*.toml"))
@@ -65,8 +65,8 @@ def test_one_process_distributed_optimizer_is_plain_adamw(shards, capfd, tmp_pat
     """ZeRO-1 over one DP rank shards nothing: plain AdamW, the curve of the same run without
     parallel.distributed_optimizer bit for bit, and a plain (not sharded) checkpoint that resumes."""
     def run(name, *extra):
-        cfg = load_train_config(str(TINY), FAST + [("data.train", str(shards / "train")), ("steps", "6"),
-                                                   ("checkpoint.interval", "3"), *extra])
+        cfg = load_train_config(str(TINY), SMALL_RUN + [("data.train", str(shards / "train")), ("steps", "6"),
+                                                        ("checkpoint.interval", "3"), *extra])
         return Trainer(cfg, tmp_path / name).fit()
 
     plain = run("plain")
