@@ -3,19 +3,32 @@
     CHECKPOINTS/step_00000100/
         model.safetensors      weights under megapmp's module names
         optimizer.safetensors  optimizer state tensors, keyed "<param name>.<state key>"
-        trainer.json           step, optimizer hyper-parameters and scalar state, scheduler, sampler,
-                               RNG states, config, counters
+        trainer.json           step, optimizer hyper-parameters and scalar state (with "state_names", the
+                               parameters that have optimizer state), scheduler, sampler, RNG states,
+                               config, counters
+        manifest.json          {"format": "megapmp-manifest-v1", "step": 100,
+                                "files": {"<relative path>": {"size": bytes, "sha256": hex}, ...}}:
+                               every other file of the directory, written last
 
 Parallel runs write a sharded checkpoint instead (layout.json, model/, optimizer/, layout/: see
-"Sharded checkpoints" below); `load_full_checkpoint` and `load_model_weights` read either format.
+"Sharded checkpoints" below), with the same manifest over all of its files; `load_full_checkpoint`
+and `load_model_weights` read either format.
 
-A checkpoint is written into a temporary directory beside its final name and renamed when complete,
-so a run killed at any moment leaves either the whole checkpoint or none of it; `latest_checkpoint`
-only ever sees complete ones.
+Integrity rules (DESIGN.md, "Reliability rules"):
+- A checkpoint is written into a temporary directory beside its final name; the manifest is computed
+  from the files as they are on disk, and only then is the directory renamed into place. A run killed
+  at any moment leaves either the whole checkpoint or a `.step_*` temp dir (removed at the next start).
+- `verify_checkpoint` checks every file against the manifest (presence, size, sha256, nothing unlisted)
+  and `check_state` checks that the tensors are exactly the model's (names and shapes) with complete
+  optimizer state, so a resume never trains from a damaged checkpoint. Failures raise `CheckpointError`
+  naming the checkpoint, the file and what differs. A checkpoint written before manifests (none there)
+  still loads, unverified: the caller says so.
+- `prune` keeps the newest `keep_last` checkpoints and never removes the one just written and verified.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -25,9 +38,17 @@ import tempfile
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 STEP_DIR = re.compile(r"^step_(\d{8})$")
+MANIFEST = "manifest.json"
+MANIFEST_FORMAT = "megapmp-manifest-v1"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that is damaged, incomplete or does not fit the model. The message is one line naming
+    the checkpoint, the file and what is wrong; a ValueError, so the CLI reports it as bad input (exit 2)."""
 
 
 def step_dir(root: str | os.PathLike, step: int) -> Path:
@@ -35,6 +56,8 @@ def step_dir(root: str | os.PathLike, step: int) -> Path:
 
 
 def list_checkpoints(root: str | os.PathLike) -> list[Path]:
+    """Complete checkpoint directories under `root` (renamed into place, with trainer.json), oldest first.
+    Complete is not intact: `verify_checkpoint` says whether the files are the ones that were written."""
     root = Path(root)
     if not root.is_dir():
         return []
@@ -56,10 +79,166 @@ def latest_checkpoint(root: str | os.PathLike) -> Path | None:
     return found[-1] if found else None
 
 
+# ------------------------------------------------------------------------------------------------
+# Manifest: every file's size and sha256
+
+def sha256_file(path: str | os.PathLike) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def describe_files(directory: str | os.PathLike, relative: list[str] | None = None) -> dict[str, dict]:
+    """{relative path: {"size", "sha256"}} of the files `relative` under `directory` (default: all of them
+    but the manifest), read back from disk, so the manifest records what was written, not what was meant."""
+    directory = Path(directory)
+    if relative is None:
+        relative = [p.relative_to(directory).as_posix() for p in directory.rglob("*")
+                    if p.is_file() and p.relative_to(directory).as_posix() != MANIFEST]
+    return {rel: {"size": (directory / rel).stat().st_size, "sha256": sha256_file(directory / rel)}
+            for rel in sorted(relative)}
+
+
+def write_manifest(directory: str | os.PathLike, step: int, files: dict[str, dict]) -> None:
+    """Write manifest.json for `files` (from `describe_files`); the last file of a checkpoint."""
+    body = {"format": MANIFEST_FORMAT, "step": step, "files": dict(sorted(files.items()))}
+    (Path(directory) / MANIFEST).write_text(json.dumps(body, indent=1) + "\n")
+
+
+def _short(digest: str) -> str:
+    return digest[:12] + "..."
+
+
+def verify_checkpoint(path: str | os.PathLike, only: tuple[str, ...] | None = None) -> bool:
+    """Check every file of the checkpoint directory `path` against its manifest: each listed file present
+    with the recorded size and sha256, and no file that the manifest does not list. `only` (relative path
+    prefixes, e.g. the weight files) restricts the check to those files, for readers that need no more.
+
+    Returns True when verified and False for a checkpoint written before manifests existed (nothing to
+    verify against: the caller loads it as unverified and says so). Raises CheckpointError naming every
+    mismatch (file, expected vs actual)."""
+    path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: no such checkpoint directory")
+    if not (path / MANIFEST).exists():
+        return False
+    manifest = _read_json(path / MANIFEST)
+    if manifest.get("format") != MANIFEST_FORMAT or not isinstance(manifest.get("files"), dict):
+        raise CheckpointError(f"{path / MANIFEST}: not a {MANIFEST_FORMAT} manifest")
+    expected = manifest["files"]
+    on_disk = {p.relative_to(path).as_posix() for p in path.rglob("*") if p.is_file()} - {MANIFEST}
+    if only is not None:
+        expected = {rel: meta for rel, meta in expected.items() if rel.startswith(only)}
+        on_disk = {rel for rel in on_disk if rel.startswith(only)}
+    problems = [f"{rel}: missing (manifest lists {meta['size']} bytes)" for rel, meta in expected.items()
+                if rel not in on_disk]
+    problems += [f"{rel}: not in the manifest" for rel in sorted(on_disk - set(expected))]
+    for rel, meta in expected.items():
+        if rel not in on_disk:
+            continue
+        size = (path / rel).stat().st_size
+        if size != meta["size"]:  # cheap, and a truncated file needs no hashing to be caught
+            problems.append(f"{rel}: {size} bytes, manifest says {meta['size']}")
+            continue
+        digest = sha256_file(path / rel)
+        if digest != meta["sha256"]:
+            problems.append(f"{rel}: sha256 {_short(digest)}, manifest says {_short(meta['sha256'])}")
+    if problems:
+        raise CheckpointError(f"{path}: " + "; ".join(problems))
+    return True
+
+
+# ------------------------------------------------------------------------------------------------
+# Reading: every failure names its file
+
+def _read_json(file: Path) -> dict:
+    try:
+        return json.loads(file.read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"{file}: missing") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{file}: unreadable JSON ({e})") from e
+
+
+def _read_tensors(file: Path) -> dict[str, torch.Tensor]:
+    try:
+        return load_file(file)
+    except FileNotFoundError:
+        raise CheckpointError(f"{file}: missing") from None
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"{file}: not a readable safetensors file ({e})") from e
+
+
+def per_parameter(tensors: dict, scalars: dict | None = None) -> dict[str, dict]:
+    """"<param name>.<state key>" entries -> {param name: {state key: value}} (scalars become tensors)."""
+    states: dict[str, dict] = {}
+    for key, value in tensors.items():
+        name, k = key.rsplit(".", 1)
+        states.setdefault(name, {})[k] = value
+    for key, value in (scalars or {}).items():
+        name, k = key.rsplit(".", 1)
+        states.setdefault(name, {})[k] = torch.tensor(float(value))
+    return states
+
+
+TRAINER_KEYS = ("step", "skipped_steps", "consecutive_nonfinite", "optimizer", "loader", "rng")
+
+
+def check_state(path: str | os.PathLike, model_state: dict, optimizer_states: dict, trainer_state: dict,
+                expected: dict[str, tuple], parameter_shapes: dict[str, tuple] | None = None) -> None:
+    """Strict loading, before anything is copied into the model: the checkpoint's tensors must be exactly
+    `expected` (full-model name -> shape; a tied LM head is not stored), every optimizer entry must belong to
+    a parameter of `parameter_shapes` (default `expected`; a ZeRO-1 checkpoint may hold the tied head's
+    duplicate state), have its shape and the same state keys as the others, and the parameters with state
+    must be the ones trainer.json records ("state_names"; older checkpoints: some state at any step > 0).
+    Raises CheckpointError listing what is missing, unexpected or misshapen."""
+    problems = [f"trainer.json: no {key!r}" for key in TRAINER_KEYS if key not in trainer_state]
+    missing = sorted(set(expected) - set(model_state))
+    unexpected = sorted(set(model_state) - set(expected))
+    if missing:
+        problems.append(f"model: missing {len(missing)} tensors: {_names(missing)}")
+    if unexpected:
+        problems.append(f"model: {len(unexpected)} unexpected tensors: {_names(unexpected)}")
+    problems += [f"model: {name} has shape {list(model_state[name].shape)}, the model's is {list(shape)}"
+                 for name, shape in expected.items()
+                 if name in model_state and tuple(model_state[name].shape) != tuple(shape)]
+    shapes = expected if parameter_shapes is None else parameter_shapes
+    key_sets = {frozenset(entry) for entry in optimizer_states.values()}
+    for name, entry in sorted(optimizer_states.items()):
+        if name not in shapes:
+            problems.append(f"optimizer: state for unknown parameter {name}")
+            continue
+        for k in ("exp_avg", "exp_avg_sq"):
+            if k not in entry:
+                problems.append(f"optimizer: {name} has no {k}")
+            elif tuple(entry[k].shape) != tuple(shapes[name]):
+                problems.append(f"optimizer: {name}.{k} has shape {list(entry[k].shape)}, "
+                                f"the parameter's is {list(shapes[name])}")
+    if len(key_sets) > 1:
+        problems.append(f"optimizer: parameters have different state keys {sorted(sorted(s) for s in key_sets)}")
+    recorded = (trainer_state.get("optimizer") or {}).get("state_names")
+    if recorded is not None:
+        lost = sorted(set(recorded) - set(optimizer_states))
+        if lost:
+            problems.append(f"optimizer: missing state for {len(lost)} parameters: {_names(lost)}")
+    elif trainer_state.get("step", 0) > 0 and not optimizer_states:
+        problems.append(f"optimizer: no state at step {trainer_state.get('step')}")
+    if problems:
+        raise CheckpointError(f"{path}: " + "; ".join(problems))
+
+
+def _names(names: list[str], limit: int = 6) -> str:
+    shown = ", ".join(names[:limit])
+    return f"{shown} (+{len(names) - limit} more)" if len(names) > limit else shown
+
+
+# ------------------------------------------------------------------------------------------------
+# Optimizer state and RNG
+
 def optimizer_to_tensors(optimizer: torch.optim.Optimizer, names: dict) -> tuple[dict, dict]:
     """Split an optimizer state_dict into safetensors-able tensors and a JSON-able rest.
 
     `names` maps each parameter object to its model name, so state is keyed by name, not by position.
+    The rest records which parameters have state ("state_names"), so a load can tell lost state from none.
     """
     state = optimizer.state_dict()
     params = [p for group in optimizer.param_groups for p in group["params"]]
@@ -73,7 +252,8 @@ def optimizer_to_tensors(optimizer: torch.optim.Optimizer, names: dict) -> tuple
                 scalars[f"{name}.{key}"] = value
     groups = [{k: v for k, v in g.items() if k != "params"} | {"params": [names[params[i]] for i in g["params"]]}
               for g in state["param_groups"]]
-    return tensors, {"param_groups": groups, "scalars": scalars}
+    state_names = sorted(names[params[i]] for i in state["state"])
+    return tensors, {"param_groups": groups, "scalars": scalars, "state_names": state_names}
 
 
 def optimizer_from_tensors(optimizer: torch.optim.Optimizer, names: dict, tensors: dict, rest: dict) -> None:
@@ -103,9 +283,13 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all([torch.tensor(s, dtype=torch.uint8) for s in state["cuda"]])
 
 
+# ------------------------------------------------------------------------------------------------
+# Writing
+
 def save_checkpoint(root: str | os.PathLike, step: int, *, model_state: dict, optimizer_tensors: dict,
                     trainer_state: dict, keep_last: int | None = None) -> Path:
-    """Write a complete checkpoint for `step` atomically; then prune to the newest `keep_last`."""
+    """Write a complete checkpoint for `step` atomically (files, then the manifest of what is on disk,
+    then the rename); then prune to the newest `keep_last`, never removing this one."""
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     final = step_dir(root, step)
@@ -114,39 +298,67 @@ def save_checkpoint(root: str | os.PathLike, step: int, *, model_state: dict, op
         save_file({k: v.detach().contiguous().cpu() for k, v in model_state.items()}, tmp / "model.safetensors")
         save_file(optimizer_tensors, tmp / "optimizer.safetensors")
         (tmp / "trainer.json").write_text(json.dumps(trainer_state, indent=1) + "\n")
-        if final.exists():  # re-saving a step (e.g. after a resume): replace it whole
-            shutil.rmtree(final)
-        os.rename(tmp, final)
+        write_manifest(tmp, step, describe_files(tmp))
+        _move_into_place(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    if keep_last:
-        for old in list_checkpoints(root)[:-keep_last]:
-            shutil.rmtree(old, ignore_errors=True)
+    prune(root, keep_last, keep=final)
     return final
 
 
+def _move_into_place(tmp: Path, final: Path) -> None:
+    """Rename the finished `tmp` to `final`. A checkpoint already there (the same step saved again after a
+    resume) is first renamed aside to a `.step_*` name, so a kill at any point leaves no half-deleted
+    step directory that still looks complete; the aside copy is deleted last (or at the next start)."""
+    aside = None
+    if final.exists():
+        aside = final.with_name(f".{final.name}.replaced")
+        shutil.rmtree(aside, ignore_errors=True)
+        os.rename(final, aside)
+    os.rename(tmp, final)
+    if aside is not None:
+        shutil.rmtree(aside, ignore_errors=True)
+
+
+def prune(root: str | os.PathLike, keep_last: int | None, *, keep: Path) -> list[Path]:
+    """Delete the oldest checkpoints beyond the newest `keep_last`, but never `keep`: the checkpoint just
+    written and verified (its manifest describes the bytes on disk). Called only after that checkpoint is
+    in place, so the newest verified one always survives. Returns what was removed."""
+    if not keep_last:
+        return []
+    removed = [old for old in list_checkpoints(root)[:-keep_last] if old != Path(keep)]
+    for old in removed:
+        shutil.rmtree(old, ignore_errors=True)
+    return removed
+
+
 def load_checkpoint(path: str | os.PathLike) -> tuple[dict, dict, dict]:
-    """(model_state, optimizer_tensors, trainer_state) of a checkpoint directory."""
+    """(model_state, optimizer_tensors, trainer_state) of a checkpoint directory. Reads only: see
+    `verify_checkpoint` and `check_state` for integrity; unreadable files raise CheckpointError."""
     path = Path(path)
     if not (path / "trainer.json").exists():
-        raise FileNotFoundError(f"{path} is not a complete megapmp checkpoint (no trainer.json)")
-    trainer_state = json.loads((path / "trainer.json").read_text())
-    model_state = load_file(path / "model.safetensors")
-    optimizer_tensors = load_file(path / "optimizer.safetensors") if (path / "optimizer.safetensors").exists() else {}
+        raise CheckpointError(f"{path} is not a complete megapmp checkpoint (no trainer.json)")
+    trainer_state = _read_json(path / "trainer.json")
+    model_state = _read_tensors(path / "model.safetensors")
+    optimizer_tensors = _read_tensors(path / "optimizer.safetensors")
     return model_state, optimizer_tensors, trainer_state
 
 
 def load_model_weights(path: str | os.PathLike) -> dict:
     """Weights only, from a checkpoint directory (single-file or sharded: full tensors are gathered),
-    its model.safetensors, or an HF-style safetensors file."""
+    its model.safetensors, or an HF-style safetensors file. A checkpoint directory's weight files are
+    verified against its manifest first (CheckpointError if damaged), so init_from, evaluation and export
+    never read corrupted weights."""
     path = Path(path)
+    if path.is_dir() and (path / "trainer.json").exists():
+        verify_checkpoint(path, only=("model", "layout"))  # the weight files (and, sharded, their layout)
     if path.is_dir() and is_sharded(path):
         return load_sharded_weights(path)
     file = path / "model.safetensors" if path.is_dir() else path
     if file.suffix != ".safetensors":
         raise ValueError(f"{file}: only .safetensors weights are loaded (never pickles)")
-    return load_file(file)
+    return _read_tensors(file)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -160,6 +372,11 @@ def load_model_weights(path: str | os.PathLike) -> dict:
 #       optimizer/tp00_pp000.safetensors    "<name>.exp_avg", "<name>.exp_avg_sq", "<name>.step" (local shards)
 #       optimizer/tp00_pp000_dp000.safetensors   ZeRO-1 instead: this DP rank's flat slices
 #                                           master, exp_avg, exp_avg_sq [S] and per-parameter steps
+#       manifest.json                       every file above, as in a single-file checkpoint
+#
+# Each rank hashes the files it wrote (`write_rank_files` returns their manifest entries); global rank 0
+# gathers them, checks that they are exactly the files in the temp dir, adds layout.json and trainer.json,
+# writes the manifest and renames (`publish_sharded`).
 #
 # The last pipeline stage's copy of a tied LM head is never written (it is the embedding).
 # `load_full_checkpoint` rebuilds full tensors from any layout (concatenating TP shards along the
@@ -183,36 +400,45 @@ def partial_dir(root: str | os.PathLike, step: int) -> Path:
 
 
 def write_rank_files(tmp: Path, *, tp_rank: int, pp_rank: int, dp_rank: int, model_state: dict | None,
-                     param_records: list | None, optimizer_tensors: dict | None, zero_state: dict | None) -> None:
-    """One rank's part of a sharded checkpoint (see the layout above); None parts are not written."""
+                     param_records: list | None, optimizer_tensors: dict | None,
+                     zero_state: dict | None) -> dict[str, dict]:
+    """One rank's part of a sharded checkpoint (see the layout above); None parts are not written.
+    Returns the manifest entries of the files written (hashed here, so the ranks hash in parallel)."""
     tag = rank_tag(tp_rank, pp_rank)
     for sub in ("model", "layout", "optimizer"):
         (tmp / sub).mkdir(parents=True, exist_ok=True)
+    written = []
     if model_state is not None:
-        save_file({k: v.detach().contiguous().cpu() for k, v in model_state.items()}, tmp / "model" / f"{tag}.safetensors")
+        written.append(f"model/{tag}.safetensors")
+        save_file({k: v.detach().contiguous().cpu() for k, v in model_state.items()}, tmp / written[-1])
     if param_records is not None:
-        (tmp / "layout" / f"{tag}.json").write_text(json.dumps(param_records) + "\n")
+        written.append(f"layout/{tag}.json")
+        (tmp / written[-1]).write_text(json.dumps(param_records) + "\n")
     if optimizer_tensors is not None:
-        save_file({k: v.detach().contiguous().cpu() for k, v in optimizer_tensors.items()},
-                  tmp / "optimizer" / f"{tag}.safetensors")
+        written.append(f"optimizer/{tag}.safetensors")
+        save_file({k: v.detach().contiguous().cpu() for k, v in optimizer_tensors.items()}, tmp / written[-1])
     if zero_state is not None:
-        save_file({k: v.detach().contiguous().cpu() for k, v in zero_state.items()},
-                  tmp / "optimizer" / f"{tag}_dp{dp_rank:03d}.safetensors")
+        written.append(f"optimizer/{tag}_dp{dp_rank:03d}.safetensors")
+        save_file({k: v.detach().contiguous().cpu() for k, v in zero_state.items()}, tmp / written[-1])
+    return describe_files(tmp, written)
 
 
 def publish_sharded(root: str | os.PathLike, step: int, *, layout: dict, trainer_state: dict,
-                    keep_last: int | None = None) -> Path:
-    """Rank 0, after every rank wrote its files: add layout.json and trainer.json, rename, prune."""
+                    rank_files: dict[str, dict], keep_last: int | None = None) -> Path:
+    """Rank 0, after every rank wrote its files: add layout.json and trainer.json, write the manifest of all
+    files (`rank_files`: every rank's `write_rank_files` entries, united), rename, prune."""
     root = Path(root)
     tmp, final = partial_dir(root, step), step_dir(root, step)
     (tmp / "layout.json").write_text(json.dumps({"format": SHARDED_FORMAT, **layout}, indent=1) + "\n")
     (tmp / "trainer.json").write_text(json.dumps(trainer_state, indent=1) + "\n")
-    if final.exists():
-        shutil.rmtree(final)
-    os.rename(tmp, final)
-    if keep_last:
-        for old in list_checkpoints(root)[:-keep_last]:
-            shutil.rmtree(old, ignore_errors=True)
+    files = {**rank_files, **describe_files(tmp, ["layout.json", "trainer.json"])}
+    on_disk = {p.relative_to(tmp).as_posix() for p in tmp.rglob("*") if p.is_file()}
+    if on_disk != set(files):  # a rank that wrote nothing, or a stray writer: never publish that
+        raise RuntimeError(f"{tmp}: the ranks reported {sorted(set(files) - on_disk)} not on disk and "
+                           f"{sorted(on_disk - set(files))} on disk unreported; checkpoint not published")
+    write_manifest(tmp, step, files)
+    _move_into_place(tmp, final)
+    prune(root, keep_last, keep=final)
     return final
 
 
@@ -230,22 +456,37 @@ def _join_tp(parts: list[torch.Tensor], layout: dict) -> torch.Tensor:
 
 
 def _records(path: Path, tp: int, pp: int) -> dict:
-    return {(t, p): json.loads((path / "layout" / f"{rank_tag(t, p)}.json").read_text())
-            for t in range(tp) for p in range(pp)}
+    return {(t, p): _read_json(path / "layout" / f"{rank_tag(t, p)}.json") for t in range(tp) for p in range(pp)}
+
+
+def _join_files(path: Path, files: dict, tp: int, p: int, name: str, tp_layout: dict,
+                key: str | None = None) -> torch.Tensor:
+    """_join_tp over the TP ranks' loaded files of stage `p`; a rank file without the tensor is named."""
+    parts = []
+    for t in range(tp):
+        entry = files[(t, p)].get(name)
+        if key is not None and entry is not None:
+            entry = entry.get(key)
+        if entry is None:
+            what = f"{name}.{key}" if key else name
+            raise CheckpointError(f"{path}: TP rank {t} of stage {p} ({rank_tag(t, p)}) has no {what}")
+        parts.append(entry)
+    return _join_tp(parts, tp_layout)
 
 
 def load_sharded_weights(path: str | os.PathLike) -> dict:
     """Full-model weights (megapmp names) from a sharded checkpoint of any layout."""
     path = Path(path)
-    layout = json.loads((path / "layout.json").read_text())
+    layout = _read_json(path / "layout.json")
     tp, pp = layout["tp"], layout["pp"]
     records = _records(path, tp, pp)
-    files = {(t, p): load_file(path / "model" / f"{rank_tag(t, p)}.safetensors") for t in range(tp) for p in range(pp)}
+    files = {(t, p): _read_tensors(path / "model" / f"{rank_tag(t, p)}.safetensors")
+             for t in range(tp) for p in range(pp)}
     full = {}
     for p in range(pp):
         for name, _, tp_layout in records[(0, p)]:
-            if name in files[(0, p)]:
-                full[name] = _join_tp([files[(t, p)][name] for t in range(tp)], tp_layout)
+            if name in files[(0, p)]:  # absent: a tied duplicate, or lost (check_state names it)
+                full[name] = _join_files(path, files, tp, p, name, tp_layout)
     return full
 
 
@@ -253,18 +494,26 @@ def load_sharded_optimizer(path: str | os.PathLike) -> dict[str, dict[str, torch
     """Full per-parameter AdamW state {name: {"exp_avg", "exp_avg_sq", "step"}} from a sharded checkpoint
     (plain or ZeRO-1), in full-model shapes."""
     path = Path(path)
-    layout = json.loads((path / "layout.json").read_text())
+    layout = _read_json(path / "layout.json")
     tp, pp, dp = layout["tp"], layout["pp"], layout["dp"]
     records = _records(path, tp, pp)
     local: dict[tuple[int, int], dict[str, dict]] = {}
     for (t, p), recs in records.items():
         states: dict[str, dict] = {}
         if layout.get("distributed_optimizer"):
-            slices = [load_file(path / "optimizer" / f"{rank_tag(t, p)}_dp{d:03d}.safetensors") for d in range(dp)]
+            files = [path / "optimizer" / f"{rank_tag(t, p)}_dp{d:03d}.safetensors" for d in range(dp)]
+            slices = [_read_tensors(file) for file in files]
+            for file, s in zip(files, slices):
+                lost = [k for k in ("exp_avg", "exp_avg_sq", "steps") if k not in s]
+                if lost:
+                    raise CheckpointError(f"{file}: no {', '.join(lost)}")
             names = [r[0] for r in recs]
             shapes = [r[1] for r in recs]
             numel = sum(math.prod(s) for s in shapes)
             flat = {k: torch.cat([s[k] for s in slices])[:numel] for k in ("exp_avg", "exp_avg_sq")}
+            if flat["exp_avg"].numel() != numel or slices[0]["steps"].numel() != len(names):
+                raise CheckpointError(f"{path}: the {rank_tag(t, p)} ZeRO slices do not cover the "
+                                      f"{len(names)} parameters of layout/{rank_tag(t, p)}.json")
             steps = slices[0]["steps"]
             offset = 0
             for i, (name, shape) in enumerate(zip(names, shapes)):
@@ -274,21 +523,15 @@ def load_sharded_optimizer(path: str | os.PathLike) -> dict[str, dict[str, torch
                     states[name]["step"] = torch.tensor(float(steps[i]))
                 offset += n
         else:
-            file = path / "optimizer" / f"{rank_tag(t, p)}.safetensors"
-            tensors = load_file(file) if file.exists() else {}
-            for key, value in tensors.items():
-                name, k = key.rsplit(".", 1)
-                states.setdefault(name, {})[k] = value
+            states = per_parameter(_read_tensors(path / "optimizer" / f"{rank_tag(t, p)}.safetensors"))
         local[(t, p)] = states
     full: dict[str, dict] = {}
     for p in range(pp):
         for name, _, tp_layout in records[(0, p)]:
             if name not in local[(0, p)]:
                 continue
-            entry = {}
-            for k, v in local[(0, p)][name].items():
-                entry[k] = v if k == "step" else _join_tp([local[(t, p)][name][k] for t in range(tp)], tp_layout)
-            full[name] = entry
+            full[name] = {k: v if k == "step" else _join_files(path, local, tp, p, name, tp_layout, key=k)
+                          for k, v in local[(0, p)][name].items()}
     return full
 
 
@@ -297,14 +540,8 @@ def load_full_checkpoint(path: str | os.PathLike) -> tuple[dict, dict, dict]:
     a checkpoint in either format."""
     path = Path(path)
     if is_sharded(path):
-        trainer_state = json.loads((path / "trainer.json").read_text())
+        trainer_state = _read_json(path / "trainer.json")
         return load_sharded_weights(path), load_sharded_optimizer(path), trainer_state
     model_state, tensors, trainer_state = load_checkpoint(path)
-    states: dict[str, dict] = {}
-    for key, value in tensors.items():
-        name, k = key.rsplit(".", 1)
-        states.setdefault(name, {})[k] = value
-    for key, value in trainer_state.get("optimizer", {}).get("scalars", {}).items():
-        name, k = key.rsplit(".", 1)
-        states.setdefault(name, {})[k] = torch.tensor(float(value))
-    return model_state, states, trainer_state
+    scalars = trainer_state.get("optimizer", {}).get("scalars", {})
+    return model_state, per_parameter(tensors, scalars), trainer_state

@@ -18,7 +18,8 @@ runs are sharded by rank and resume under any other layout (megapmp.checkpoint).
 
 Writes RUN_DIR/config.json, RUN_DIR/metrics.jsonl (one JSON object per optimizer step) and
 RUN_DIR/checkpoints/step_XXXXXXXX/. With checkpoint.resume = "auto" (the default) a restarted run
-continues from its newest complete checkpoint and reproduces the uninterrupted loss curve.
+continues from its newest intact checkpoint (manifest verified, tensors loaded strictly; a damaged one is
+skipped with a message naming the file) and reproduces the uninterrupted loss curve.
 """
 
 from __future__ import annotations
@@ -223,6 +224,10 @@ class Trainer:
         # With init_from the random init is overwritten, so a big model is staged on the CPU instead.
         staging = torch.device("cpu") if (self.world > 1 and cfg.checkpoint.init_from) else self.device
         full = build_model(cfg, staging)
+        # What a checkpoint of this model must hold (full shapes, any layout): resume loads strictly against it.
+        self.parameter_shapes = {k: tuple(v.shape) for k, v in full.state_dict().items()}
+        self.checkpoint_shapes = {k: shape for k, shape in self.parameter_shapes.items()
+                                  if not (k == "lm_head.weight" and cfg.model.tie_word_embeddings)}
         if cfg.checkpoint.init_from:
             origin = load_initial_weights(full, cfg.checkpoint.init_from, cfg.checkpoint.init_reward_head)
             self.log(f"initialised from {origin}")
@@ -232,7 +237,12 @@ class Trainer:
         self.param_names = {p: n for n, p in self.params}
         o = cfg.optimizer
         self.zero = None
-        if cfg.parallel.distributed_optimizer:
+        if cfg.parallel.distributed_optimizer and ctx.dp_size == 1:
+            # ZeRO-1 over one DP rank shards nothing: plain AdamW is the same optimizer, with the same curve
+            # and the plain checkpoint format (a one-process run of a multi-GPU config saves and resumes).
+            self.log("parallel.distributed_optimizer = true with 1 data-parallel rank: nothing to shard, "
+                     "using plain AdamW")
+        if cfg.parallel.distributed_optimizer and ctx.dp_size > 1:
             self.zero = DistributedOptimizer(self.params, ctx.dp_group, lr=o.lr, weight_decay=o.weight_decay,
                                              betas=(o.beta1, o.beta2), eps=o.eps)
             counted = runtime.counted_in_norm(self.chunks, ctx)
@@ -256,7 +266,7 @@ class Trainer:
             p = cfg.parallel
             self.log(f"layout: world {self.world} = tp {ctx.tp_size} x pp {ctx.pp_size} x dp {ctx.dp_size} "
                      f"(vpp {ctx.vpp_size}, schedule {p.schedule if ctx.pp_size > 1 else '-'}, sequence parallel "
-                     f"{p.sequence_parallel}, distributed optimizer {p.distributed_optimizer}, DP overlap "
+                     f"{p.sequence_parallel}, distributed optimizer {self.zero is not None}, DP overlap "
                      f"{p.overlap_grad_reduce}); backend {dist.get_backend()}")
 
     def log(self, message: str) -> None:
@@ -293,29 +303,96 @@ class Trainer:
             dist.barrier()
 
     def _maybe_resume(self) -> None:
-        resume = self.cfg.checkpoint.resume
+        """checkpoint.resume = "auto": the newest intact checkpoint, falling back past damaged ones (each
+        skipped with a message saying what is wrong); a path: that checkpoint or a CheckpointError."""
+        resume, root = self.cfg.checkpoint.resume, self._checkpoint_root()
         if self.is_main:
-            for stale in ckpt.remove_incomplete(self._checkpoint_root()):
+            for stale in ckpt.remove_incomplete(root):
                 log(f"removed {stale.name}, left by a save that did not finish")
         self._barrier()
         if resume == "none":
             return
-        path = ckpt.latest_checkpoint(self._checkpoint_root()) if resume == "auto" else Path(resume)
-        if path is None:
-            return
+        explicit = resume != "auto"
+        candidates = [Path(resume)] if explicit else ckpt.list_checkpoints(root)[::-1]
+        skipped = []
+        for path in candidates:
+            problem = self._try_resume(path)
+            if problem is None:
+                if skipped:
+                    self.log(f"fell back to {path.name}: newer checkpoints are damaged ({', '.join(skipped)})")
+                return
+            if explicit:
+                raise ckpt.CheckpointError(f"checkpoint.resume={resume}: {problem}")
+            self.log(f"not resuming from {path.name}, it is damaged: {problem}")
+            skipped.append(path.name)
+        if candidates:
+            raise ckpt.CheckpointError(f"no intact checkpoint to resume from in {root} ({', '.join(skipped)} are "
+                                       f"damaged: see the messages above); name one with --checkpoint.resume PATH "
+                                       f"or start over with --checkpoint.resume none")
+
+    def _try_resume(self, path: Path) -> str | None:
+        """Verify, read and strictly check `path`, then load it; returns what is wrong instead (nothing is
+        loaded then). Rank 0 hashes the files; every rank reads and checks the same full state."""
+        verified, problem = None, None
+        if self.is_main:
+            try:
+                verified = ckpt.verify_checkpoint(path)
+            except ckpt.CheckpointError as e:
+                problem = str(e)
+        verified, problem = self._from_rank0((verified, problem))
+        if problem is None:
+            try:
+                model_state, optimizer_states, state = self._read_checkpoint(path)
+            except ckpt.CheckpointError as e:
+                problem = str(e)
+        problem = self._any_rank_problem(problem)
+        if problem is not None:
+            return problem
+        if not verified:
+            self.log(f"{path} has no {ckpt.MANIFEST} (written before checkpoints had one): loading it unverified")
+        self._load_state(path, model_state, optimizer_states, state)
+        return None
+
+    def _read_checkpoint(self, path: Path) -> tuple[dict, dict, dict]:
+        """(full model state, per-parameter optimizer state, trainer state), checked against this model."""
+        if not (path / "trainer.json").exists():
+            raise ckpt.CheckpointError(f"{path} is not a complete megapmp checkpoint (no trainer.json)")
+        model_state, optimizer_states, state = ckpt.load_full_checkpoint(path)
+        ckpt.check_state(path, model_state, optimizer_states, state, self.checkpoint_shapes, self.parameter_shapes)
+        return model_state, optimizer_states, state
+
+    def _load_state(self, path: Path, model_state: dict, optimizer_states: dict, state: dict) -> None:
         if self.world == 1 and not ckpt.is_sharded(path):
-            model_state, optimizer_tensors, state = ckpt.load_checkpoint(path)
-            self.model.load_state_dict(model_state, strict=False)
+            # The single-file format restores the optimizer's own state_dict (param groups included).
+            if self.cfg.model.tie_word_embeddings:
+                model_state["lm_head.weight"] = model_state["embed_tokens.weight"]
+            self.model.load_state_dict(model_state, strict=True)
             self.model.tie_weights()
-            ckpt.optimizer_from_tensors(self.optimizer, self.param_names, optimizer_tensors, state["optimizer"])
+            tensors = {f"{name}.{k}": v for name, entry in optimizer_states.items() for k, v in entry.items()
+                       if f"{name}.{k}" not in state["optimizer"]["scalars"]}
+            ckpt.optimizer_from_tensors(self.optimizer, self.param_names, tensors, state["optimizer"])
         else:
-            model_state, optimizer_states, state = ckpt.load_full_checkpoint(path)
             self._load_full_state(model_state, optimizer_states)
         self.loader.load_state_dict(state["loader"])
         ckpt.set_rng_state(state["rng"])
         self.step, self.skipped_steps = state["step"], state["skipped_steps"]
         self.consecutive_nonfinite = state["consecutive_nonfinite"]
         self.log(f"resumed from {path} at step {self.step}")
+
+    def _from_rank0(self, value):
+        if self.world == 1:
+            return value
+        box = [value]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def _any_rank_problem(self, problem: str | None) -> str | None:
+        """The first rank's problem, on every rank, so that all ranks load the same checkpoint."""
+        if self.world == 1:
+            return problem
+        problems = [None] * self.world
+        dist.all_gather_object(problems, problem)
+        return next((p for p in problems if p is not None), None)
 
     @torch.no_grad()
     def _load_full_state(self, model_state: dict, optimizer_states: dict) -> None:
@@ -365,6 +442,7 @@ class Trainer:
         self._barrier()
         skip = {id(p) for p in tied_duplicate_params(self.chunks, ctx)}
         layouts = runtime.layouts(self.chunks)
+        written, state_names = {}, set()  # this rank's manifest entries and parameters with optimizer state
         if ctx.dp_rank == 0:
             records = [[n, list(p.shape), asdict(layouts[n])] for n, p in self.params]
             model_state = {n: p for n, p in self.params if id(p) not in skip}
@@ -373,21 +451,31 @@ class Trainer:
                 optimizer_tensors = {f"{n}.{k}": v.reshape(()) if k == "step" else v
                                      for n, p in self.params if id(p) not in skip
                                      for k, v in self.optimizer.state.get(p, {}).items() if torch.is_tensor(v)}
-            ckpt.write_rank_files(tmp, tp_rank=ctx.tp_rank, pp_rank=ctx.pp_rank, dp_rank=0, model_state=model_state,
-                                  param_records=records, optimizer_tensors=optimizer_tensors, zero_state=None)
+                state_names = {key.rsplit(".", 1)[0] for key in optimizer_tensors}
+            written |= ckpt.write_rank_files(tmp, tp_rank=ctx.tp_rank, pp_rank=ctx.pp_rank, dp_rank=0,
+                                             model_state=model_state, param_records=records,
+                                             optimizer_tensors=optimizer_tensors, zero_state=None)
         if self.zero is not None:
-            ckpt.write_rank_files(tmp, tp_rank=ctx.tp_rank, pp_rank=ctx.pp_rank, dp_rank=ctx.dp_rank,
-                                  model_state=None, param_records=None, optimizer_tensors=None,
-                                  zero_state=self.zero.shard_state())
-        self._barrier()
+            zero_state = self.zero.shard_state()
+            state_names = {n for (n, p), steps in zip(self.zero.named, zero_state["steps"].tolist())
+                           if steps > 0 and id(p) not in skip}
+            written |= ckpt.write_rank_files(tmp, tp_rank=ctx.tp_rank, pp_rank=ctx.pp_rank, dp_rank=ctx.dp_rank,
+                                             model_state=None, param_records=None, optimizer_tensors=None,
+                                             zero_state=zero_state)
+        # Rank 0 writes the manifest of every rank's files: gather what each wrote (after all have written).
+        reports = [None] * self.world
+        dist.all_gather_object(reports, (written, sorted(state_names)))
         final = ckpt.step_dir(root, self.step)
         if self.is_main:
             p = self.cfg.parallel
             layout = {"tp": ctx.tp_size, "pp": ctx.pp_size, "dp": ctx.dp_size, "vpp": ctx.vpp_size,
-                      "sequence_parallel": p.sequence_parallel, "distributed_optimizer": p.distributed_optimizer,
+                      "sequence_parallel": p.sequence_parallel, "distributed_optimizer": self.zero is not None,
                       "tie_word_embeddings": self.cfg.model.tie_word_embeddings}
             kind = "zero1" if self.zero is not None else "adamw"
-            final = ckpt.publish_sharded(root, self.step, layout=layout, trainer_state=self._trainer_state({"kind": kind}),
+            rank_files = {rel: meta for files, _ in reports for rel, meta in files.items()}
+            state_names = sorted({name for _, names in reports for name in names})
+            final = ckpt.publish_sharded(root, self.step, layout=layout, rank_files=rank_files,
+                                         trainer_state=self._trainer_state({"kind": kind, "state_names": state_names}),
                                          keep_last=self.cfg.checkpoint.keep_last)
         self._barrier()
         return final
