@@ -657,9 +657,9 @@ class Trainer:
         return history
 
 
-# Errors in what the user gave (config, shards, paths): one line and exit 2. Anything else is a bug in
-# megapmp and keeps its traceback.
-USER_ERRORS = (ConfigError, ShardError, FileNotFoundError)
+# Errors in what the user gave (config, shards, checkpoints, paths): one line and exit 2. Anything else is
+# a bug in megapmp and keeps its traceback.
+USER_ERRORS = (ConfigError, ShardError, ckpt.CheckpointError, FileNotFoundError)
 
 
 def main(argv=None) -> int:

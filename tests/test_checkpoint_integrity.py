@@ -216,6 +216,13 @@ def test_nothing_intact_is_a_one_line_error(shards, reference, tmp_path):
     assert type(err.value).__name__ == "CheckpointError" and "\n" not in message
     assert message.startswith(f"no intact checkpoint to resume from in {run / 'checkpoints'}")
     assert "--checkpoint.resume" in message
+    # The command line: that one line and exit code 2, no traceback.
+    argv = ["--config", str(TINY), "--run-dir", str(run), *(f"--{k}={v}" for k, v in overrides(shards))]
+    proc = subprocess.run([sys.executable, "-m", "megapmp.train", *argv], cwd=REPO, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
+    assert f"megapmp.train: error: no intact checkpoint to resume from in {run / 'checkpoints'}" in proc.stderr
 
 
 def test_an_explicit_damaged_checkpoint_is_an_error_not_a_fallback(shards, reference, tmp_path):
