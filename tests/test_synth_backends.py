@@ -17,6 +17,7 @@ import subprocess
 import sys
 import threading
 import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -239,6 +240,42 @@ def test_timeout_is_retried_then_reported(tiny_models):
         assert wall < 1.8, f"{wall:.2f}s: the 0.3 s timeout did not cut the server's 2 s delay"
     finally:
         srv.close()
+
+
+class _FixedReply(BaseHTTPRequestHandler):
+    """Answers every POST with the server's `reply` = (status, content type, body): a broken server."""
+
+    def log_message(self, *args):
+        pass
+
+    def do_POST(self):
+        self.rfile.read(int(self.headers["Content-Length"]))
+        status, content_type, body = self.server.reply
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+
+@pytest.mark.parametrize("reply, error", [
+    ((200, "text/plain", b"hello"), r"response has no choices: hello"),
+    ((200, "application/json", b'{"choices": []}'), r"response has no choices"),
+    ((200, "application/json", b'{"choices": ['), r"response is not JSON"),
+    ((400, "text/plain", b"bad field"), r"failed with HTTP 400 \(not retried\): bad field"),
+])
+def test_unreadable_responses_fail_clearly(reply, error):
+    srv = ThreadingHTTPServer(("127.0.0.1", 0), _FixedReply)
+    srv.reply, srv.daemon_threads = reply, True
+    threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+    url = f"http://127.0.0.1:{srv.server_address[1]}"
+    try:
+        with OpenAIBackend(url, "m", max_retries=0) as b, pytest.raises(BackendError) as e:
+            b.complete(["x"], FAST)
+        assert _one_line_matches(e.value, rf"POST {url}/v1/completions \(model 'm'\):? {error}")
+    finally:
+        srv.shutdown()
+        srv.server_close()
 
 
 def test_openai_backend_without_openai_says_how_to_install():

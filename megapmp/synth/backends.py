@@ -21,6 +21,7 @@ VLLMBackend: `vllm.LLM` (imported only when constructed), `LLM.generate(prompts,
 from __future__ import annotations
 
 import abc
+import json
 import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
@@ -211,13 +212,16 @@ class OpenAIBackend(Backend):
             if status in RETRY_STATUSES or status >= 500:
                 raise BackendError(f"{where} {attempts}; last error: HTTP {status}: {message}") from None
             raise BackendError(f"{where} failed with HTTP {status} (not retried): {message}") from None
-        except openai.APIError as e:  # a response the SDK could not read (not JSON, wrong shape)
+        except openai.APIError as e:  # a response the SDK could not read
             raise BackendError(f"{where}: bad response: {_one_line(e)}") from None
-        if endpoint == "models":
-            return response.data
-        if not response.choices:
-            raise BackendError(f"{where}: response has no choices: {_one_line(response)}")
-        return response.choices[0]
+        except json.JSONDecodeError as e:  # the SDK parses a JSON content type itself and lets this through
+            raise BackendError(f"{where}: response is not JSON: {_one_line(e)}") from None
+        # A body that is not JSON at all comes back from the SDK as a plain string.
+        field = "data" if endpoint == "models" else "choices"
+        items = getattr(response, field, None)
+        if not isinstance(items, list) or (field == "choices" and not items):
+            raise BackendError(f"{where}: response has no {field}: {_one_line(response)[:200]}")
+        return items if endpoint == "models" else items[0]
 
 
 def _server_message(e) -> str:
