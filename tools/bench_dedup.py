@@ -13,9 +13,9 @@ shingles, 128 permutations in 16 bands x 8 rows, a candidate confirmed by its es
 
 Each side runs --repeats times, alternating, in this process; its time is the fastest run and covers
 hashing, LSH lookups and inserts (tokenizing included on both sides). `*_cpu_s` is this process's CPU time
-(both sides are single-threaded), which other load on a shared machine disturbs far less than `*_s` (wall). The sides estimate Jaccard with
-different hash functions, so pairs near the threshold can fall either way: `overlap` is
-|both removed| / |either removed|.
+(both sides are single-threaded), which other load on a shared machine disturbs far less than `*_s` (wall).
+The sides estimate Jaccard with different hash functions, so pairs near the threshold can fall either
+way: `overlap` is |both removed| / |either removed|.
 
 Prints ONE JSON line on stdout; progress goes to stderr. `datasketch_over_own` (CPU time; > 1: datasketch
 slower) is what to compare across machines; absolute times depend on the CPU and on its other load.
