@@ -130,8 +130,9 @@ def main(argv=None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     import torch
 
+    from megapmp.convert.source import ConvertError
     from megapmp.eval.datasets import DataError
-    from megapmp.eval.reward_model import ModelLoadError, RewardScorer
+    from megapmp.eval.reward_model import RewardScorer
     from megapmp.eval.tasks import TASKS, log, run_evaluation
 
     if args.threads:
@@ -157,7 +158,7 @@ def main(argv=None) -> int:
 
     try:
         report = run_evaluation(TASKS[args.command], args, get_scorer)
-    except (DataError, ModelLoadError, ValueError, FileNotFoundError, RuntimeError) as e:
+    except (DataError, ConvertError, ValueError, FileNotFoundError, RuntimeError) as e:
         print(f"evaluate.py: error: {e}", file=sys.stderr)
         return 2
     log(f"wrote {args.output}" + "".join(f", {p}" for p in (args.markdown, args.plot) if p))
