@@ -49,6 +49,9 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from megapmp.convert.export import DTYPES, export_to_hf, import_from_hf, verify_export
 from megapmp.convert.source import ConvertError
