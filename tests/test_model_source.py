@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict
-from pathlib import Path
 
 import pytest
 import torch
@@ -69,6 +68,7 @@ def test_run_checkpoints_and_step_dirs_load_the_newest_checkpoint(run):
     root, model = run
     written = load_file(root / "checkpoints" / "step_00000002" / "model.safetensors")
     for path in (root, root / "checkpoints", root / "checkpoints" / "step_00000002"):
+        assert find_model_source(path) == (CHECKPOINT, root / "checkpoints" / "step_00000002")
         source = load_model_source(path)
         assert (source.kind, source.path, source.step) == (CHECKPOINT, root / "checkpoints" / "step_00000002", 2)
         assert source.config == model.config and not source.sharded
@@ -172,6 +172,7 @@ def test_hf_sequence_classifier_scores_like_transformers(tied, tmp_path):
     torch.manual_seed(0)
     hf = Qwen2ForSequenceClassification(hf_config(tied)).eval()
     hf.save_pretrained(tmp_path / "rm")
+    assert find_model_source(tmp_path / "rm") == (HF, tmp_path / "rm")
     source = load_model_source(tmp_path / "rm")
     assert (source.kind, source.path, source.step) == (HF, tmp_path / "rm", None)
     assert source.has_reward_head and source.config.tie_word_embeddings == tied

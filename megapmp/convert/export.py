@@ -358,8 +358,8 @@ def verify_export(checkpoint_path, hf_dir, *, pairs_file: str | None = None, lim
 
 @torch.no_grad()
 def _rewards_at_last_token(model: Qwen2RewardModel, rows: list[list[int]], pad_id: int) -> np.ndarray:
-    """float64 reward at each row's last token: one right-padded causal row per sequence, as HF scores
-    them (the evaluator packs pairs instead; megapmp.eval checks that the two agree)."""
+    """float64 reward at each row's last token: one right-padded causal row per sequence, as HF scores them
+    (the evaluator packs pairs behind a shared prompt instead, which gives the same rewards up to rounding)."""
     lengths = [len(row) for row in rows]
     width = max(lengths)
     input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
