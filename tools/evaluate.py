@@ -141,7 +141,7 @@ def main(argv=None) -> int:
     def get_scorer():
         log(f"loading {args.model}")
         if args.backend == "transformers":
-            from megapmp.eval.hf_scorer import TransformersRewardScorer
+            from megapmp.convert.hf_scorer import TransformersRewardScorer
 
             return TransformersRewardScorer(args.model, device=args.device, progress=not args.no_progress)
         scorer = RewardScorer.load(args.model, tokenizer=args.tokenizer, template=args.template,

@@ -37,6 +37,7 @@ import torch
 from safetensors.torch import save_file
 
 from megapmp.convert.hf import LM_HEAD_FILE, TOKENIZER_FILES, save_hf_directory
+from megapmp.convert.hf_scorer import TransformersRewardScorer
 from megapmp.convert.hf_tokenizer import export_tokenizer
 from megapmp.convert.source import (CHECKPOINT, HF, SCORING_FILE, TOKENIZER_SUBDIR, ConvertError, ModelSource,
                                     ScoringRecipe, find_model_source, load_model_source, scoring_recipe)
@@ -302,13 +303,9 @@ def verify_export(checkpoint_path, hf_dir, *, pairs_file: str | None = None, lim
     recipe = scoring_recipe(source, tokenizer=tokenizer_spec, shard=shard, native=True)
     pairs = load_pairs(pairs_file, limit)
 
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer  # optional: the hf extra
-
     if not (hf_dir / SCORING_FILE).is_file():
         raise ConvertError(f"{hf_dir} has no {SCORING_FILE}: not a megapmp export")
-    scoring = json.loads((hf_dir / SCORING_FILE).read_text())
-    hf_model = AutoModelForSequenceClassification.from_pretrained(hf_dir, dtype=torch.float32).eval()
+    hf = TransformersRewardScorer(hf_dir, device="cpu", dtype=torch.float32, progress=False)
     export_dtype = str(json.loads((hf_dir / "config.json").read_text()).get("torch_dtype", "float32"))
 
     # Ours at the export's precision: weights rounded through its dtype, computed in fp32 like HF here.
@@ -324,35 +321,20 @@ def verify_export(checkpoint_path, hf_dir, *, pairs_file: str | None = None, lim
                            f"unexpected {unexpected})")
 
     ours_rows, hf_rows = [], []
-    hf_tok = None
-    if scoring["tokenizer"].get("hf_tokenizer"):
-        hf_tok = AutoTokenizer.from_pretrained(hf_dir / scoring["tokenizer"].get("path", "."))
-        template = scoring["template"]["text"]
-        eos = [scoring["eos_token_id"]] if scoring["eos_policy"] == "response" else []
-
-        def hf_ids(text: str) -> list[int]:
-            return hf_tok(text, add_special_tokens=False)["input_ids"]
     for pair in pairs:
         prompt, responses = recipe.encode(pair["prompt"], [pair["chosen"], pair["rejected"]])
         ours_rows += [prompt + ids for ids in responses]
-        hf_rows += ([hf_ids(template.replace("{prompt}", pair["prompt"])) + hf_ids(pair[key]) + eos
-                     for key in ("chosen", "rejected")] if hf_tok is not None else ours_rows[-2:])
+        if hf.tokenizer is None:  # no HF form of the tokenizer (SentencePiece): the scores alone are compared
+            hf_rows += ours_rows[-2:]
+        else:
+            hf_rows += [hf.input_ids(pair["prompt"], pair[key]) for key in ("chosen", "rejected")]
     id_mismatches = sum(a != b for a, b in zip(ours_rows, hf_rows))
-
     ours = _rewards_at_last_token(model, ours_rows, recipe.pad_id)
-    pad = scoring["pad_token_id"]
-    width = max(len(r) for r in hf_rows)
-    input_ids = torch.full((len(hf_rows), width), pad, dtype=torch.long)
-    attention_mask = torch.zeros_like(input_ids)
-    for i, row in enumerate(hf_rows):
-        input_ids[i, : len(row)] = torch.tensor(row)
-        attention_mask[i, : len(row)] = 1
-    with torch.no_grad():
-        theirs = hf_model(input_ids=input_ids, attention_mask=attention_mask).logits[:, 0].double().numpy()
+    theirs = hf.score_ids(hf_rows)
     max_diff = float(np.abs(ours - theirs).max())
     ok = id_mismatches == 0 and max_diff <= atol
     return {"ok": ok, "pairs": len(pairs), "sequences": len(hf_rows), "id_mismatches": id_mismatches,
-            "tokenizer_checked": hf_tok is not None, "max_abs_diff": max_diff, "atol": atol,
+            "tokenizer_checked": hf.tokenizer is not None, "max_abs_diff": max_diff, "atol": atol,
             "export_dtype": export_dtype, "checkpoint": str(checkpoint)}
 
 
