@@ -38,6 +38,7 @@ from tqdm import tqdm
 
 from megapmp import checkpoint as ckpt
 from megapmp.config import ConfigError, TrainConfig, load_train_config, parse_cli
+from megapmp.convert.source import init_model_from
 from megapmp.data.loader import StepBatch, StepLoader
 from megapmp.data.datasets import PairDataset, check_token_ids
 from megapmp.data.indexed import ShardError
@@ -83,41 +84,8 @@ def build_model(cfg: TrainConfig, device: torch.device) -> Qwen2RewardModel:
 
 
 def load_initial_weights(model: Qwen2RewardModel, source: str, with_reward_head: bool) -> str:
-    """Initialise from a megapmp checkpoint (a step dir or a run's checkpoints dir) or an HF directory."""
-    from megapmp.convert.hf import from_hf_state_dict, load_hf_directory
-
-    path = Path(source)
-    keep_own_lm_head = model.config.tie_word_embeddings  # tied: the embedding is the LM head
-    is_megapmp = (path / "checkpoints").is_dir() or (path / "trainer.json").exists() or bool(ckpt.list_checkpoints(path))
-    if not is_megapmp and (path / "config.json").exists():
-        _, hf_state = load_hf_directory(path)
-        imported = from_hf_state_dict(hf_state, model.config)
-        state = dict(imported.state_dict)
-        if not imported.has_score:  # a causal LM: its zero-filled head must not replace our init
-            state.pop("score.weight", None)
-        origin = "HF directory"
-        if not imported.has_lm_head:  # untied, and no lm_head.weight anywhere: keep our init, not zeros
-            state.pop("lm_head.weight", None)
-            keep_own_lm_head = True
-            origin += ", fresh LM head"
-    else:
-        if (path / "checkpoints").is_dir():
-            path = path / "checkpoints"
-        if not (path / "trainer.json").exists():
-            latest = ckpt.latest_checkpoint(path)
-            if latest is None:
-                raise FileNotFoundError(f"checkpoint.init_from={source}: no complete checkpoint there")
-            path = latest
-        state = ckpt.load_model_weights(path)
-        origin = f"checkpoint {path.name}"
-    state = {k: v for k, v in state.items() if v is not None}
-    if not with_reward_head or "score.weight" not in state:
-        state["score.weight"] = model.score.weight.detach().clone()
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    missing = [k for k in missing if not (k == "lm_head.weight" and keep_own_lm_head)]
-    if missing or unexpected:
-        raise ValueError(f"init_from {source}: missing {missing}, unexpected {unexpected}")
-    return f"{origin} ({'with' if with_reward_head else 'fresh'} reward head)"
+    """Initialise from any model source (a run, checkpoints or step dir, sharded or not, or an HF directory)."""
+    return init_model_from(model, source, with_reward_head=with_reward_head)
 
 
 class MetricsLog:

@@ -22,6 +22,7 @@ import torch
 from megapmp import checkpoint as ckpt
 from megapmp.config import ModelConfig
 from megapmp.convert.hf import from_hf_config
+from megapmp.convert.hf_tokenizer import export_tokenizer
 from megapmp.data.datasets import PairDataset
 from megapmp.data.preprocess import build_shard
 from megapmp.data.tokenizers import load_tokenizer
@@ -345,7 +346,7 @@ def test_tokenizer_export_gives_our_ids_in_transformers(kind, tmp_path):
         assert tokenizer.added_tokens == (() if qwen else ("<|pad|>",))
 
     export = _export_dir(tmp_path / "export", tokenizer)
-    info = tool.export_tokenizer(tokenizer, export)
+    info = export_tokenizer(tokenizer, export)
     if kind == "sentencepiece":  # no faithful HF fast form: the model file is kept, and said so
         assert not info["hf_tokenizer"] and info["note"] and info["path"] == "tokenizer"
         assert (export / "tokenizer" / "sp.model").read_bytes() == (tmp_path / "sp.model").read_bytes()

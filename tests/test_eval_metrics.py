@@ -506,12 +506,9 @@ def test_hf_export_and_shard_score_like_the_checkpoint(which, run_dir, bpe_run, 
         t_c, t_r = scorer.score_pairs(["Sum 1 and 2.", "Sum 3 and 4."], ["return 1 + 2", "return 3 + 4"],
                                       ["return 1 - 2", "return 3 - 4"])
         np.testing.assert_allclose(np.r_[s_c, s_r], np.r_[t_c, t_r], atol=1e-5)
-    tool = REPO / "tools" / "convert_checkpoint.py"
-    spec = importlib.util.spec_from_file_location("convert_checkpoint_for_eval", tool)
-    convert = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = convert
-    spec.loader.exec_module(convert)
-    convert.export_to_hf(run, tmp_path / "hf")
+    from megapmp.convert.export import export_to_hf
+
+    export_to_hf(run, tmp_path / "hf")
     hf = RewardScorer.load(tmp_path / "hf", progress=False)
     assert hf.describe()["kind"] == "hf" and hf.describe()["eos_policy"] == "response"
     assert hf.describe()["template"]["text"] == scorer.describe()["template"]["text"]

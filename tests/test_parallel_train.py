@@ -245,12 +245,9 @@ def test_torchrun_writes_one_metrics_file_and_exports_like_single(shards, refere
     MEASURED[f"torchrun tp2 pp2 (10 steps, {time.time() - started:.0f} s)"] = max_rel(
         [r["loss"] for r in records], [r["loss"] for r in single])
 
-    sys.path.insert(0, str(REPO / "tools"))
-    try:
-        from convert_checkpoint import export_to_hf
-    finally:
-        sys.path.pop(0)
     from safetensors.torch import load_file
+
+    from megapmp.convert.export import export_to_hf
 
     export_to_hf(run, tmp_path / "hf_sharded")
     export_to_hf(tmp_path / "single10", tmp_path / "hf_single")

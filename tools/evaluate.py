@@ -130,8 +130,9 @@ def main(argv=None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     import torch
 
+    from megapmp.convert.source import ConvertError
     from megapmp.eval.datasets import DataError
-    from megapmp.eval.reward_model import ModelLoadError, RewardScorer
+    from megapmp.eval.reward_model import RewardScorer
     from megapmp.eval.tasks import TASKS, log, run_evaluation
 
     if args.threads:
@@ -140,7 +141,7 @@ def main(argv=None) -> int:
     def get_scorer():
         log(f"loading {args.model}")
         if args.backend == "transformers":
-            from megapmp.eval.hf_scorer import TransformersRewardScorer
+            from megapmp.convert.hf_scorer import TransformersRewardScorer
 
             return TransformersRewardScorer(args.model, device=args.device, progress=not args.no_progress)
         scorer = RewardScorer.load(args.model, tokenizer=args.tokenizer, template=args.template,
@@ -157,7 +158,7 @@ def main(argv=None) -> int:
 
     try:
         report = run_evaluation(TASKS[args.command], args, get_scorer)
-    except (DataError, ModelLoadError, ValueError, FileNotFoundError, RuntimeError) as e:
+    except (DataError, ConvertError, ValueError, FileNotFoundError, RuntimeError) as e:
         print(f"evaluate.py: error: {e}", file=sys.stderr)
         return 2
     log(f"wrote {args.output}" + "".join(f", {p}" for p in (args.markdown, args.plot) if p))

@@ -16,24 +16,37 @@ from typing import Sequence
 
 import numpy as np
 import torch
+from tqdm import tqdm
+
+from megapmp.convert.source import SCORING_FILE, ConvertError
+from megapmp.device import pick_device
 
 
 class TransformersRewardScorer:
-    """`score(prompts, responses)` with an HF directory written by `tools/convert_checkpoint.py to-hf`."""
+    """`score(prompts, responses)` with an HF directory written by `megapmp.convert.export.export_to_hf`.
+
+    dtype: the dtype the model computes in (default: as transformers loads it). An export whose tokenizer
+    has no HF form (SentencePiece: megapmp_scoring.json says hf_tokenizer false) scores token ids only.
+    """
 
     def __init__(self, directory: str | os.PathLike, *, batch_size: int = 16, device: str | None = None,
-                 progress: bool = True):
-        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+                 dtype: torch.dtype | None = None, progress: bool = True):
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        from transformers import AutoModelForSequenceClassification, AutoTokenizer  # optional: the hf extra
 
         self.directory = Path(directory)
-        recipe_path = self.directory / "megapmp_scoring.json"
+        recipe_path = self.directory / SCORING_FILE
         if not recipe_path.exists():
-            raise FileNotFoundError(f"{recipe_path}: not a megapmp export (the input recipe is missing)")
+            raise ConvertError(f"{recipe_path}: not a megapmp export (the input recipe is missing)")
         self.recipe = json.loads(recipe_path.read_text())
-        tokenizer_dir = self.directory / self.recipe.get("tokenizer", {}).get("path", ".")
-        self.tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
-        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        self.model = AutoModelForSequenceClassification.from_pretrained(self.directory).to(self.device).eval()
+        tokenizer_info = self.recipe.get("tokenizer", {})
+        self.tokenizer = None
+        if tokenizer_info.get("hf_tokenizer", True):
+            self.tokenizer = AutoTokenizer.from_pretrained(self.directory / tokenizer_info.get("path", "."))
+        self.device = pick_device(device)
+        model_kwargs = {} if dtype is None else {"dtype": dtype}
+        self.model = AutoModelForSequenceClassification.from_pretrained(self.directory, **model_kwargs)
+        self.model = self.model.to(self.device).eval()
         self.template = self.recipe["template"]["text"]
         self.eos = [self.recipe["eos_token_id"]] if self.recipe["eos_policy"] == "response" else []
         self.pad_id = self.model.config.pad_token_id
@@ -45,15 +58,21 @@ class TransformersRewardScorer:
                 "eos_policy": self.recipe["eos_policy"], "pad_id": self.pad_id,
                 "parameters": sum(p.numel() for p in self.model.parameters())}
 
-    def _ids(self, prompt: str, response: str) -> list[int]:
-        encode = lambda text: self.tokenizer(text, add_special_tokens=False)["input_ids"]
+    def input_ids(self, prompt: str, response: str) -> list[int]:
+        """The ids of one (prompt, response) by the recipe: tokenized separately, no special tokens."""
+        if self.tokenizer is None:
+            raise ConvertError(f"{self.directory}: its tokenizer has no HF form; score token ids instead")
+
+        def encode(text: str) -> list[int]:
+            return self.tokenizer(text, add_special_tokens=False)["input_ids"]
         return encode(self.template.replace("{prompt}", prompt)) + encode(response) + self.eos
 
-    @torch.no_grad()
     def score(self, prompts: Sequence[str], responses: Sequence[str]) -> np.ndarray:
-        from tqdm import tqdm
+        return self.score_ids([self.input_ids(p, r) for p, r in zip(prompts, responses)])
 
-        sequences = [self._ids(p, r) for p, r in zip(prompts, responses)]
+    @torch.no_grad()
+    def score_ids(self, sequences: Sequence[Sequence[int]]) -> np.ndarray:
+        """float64 score of each id sequence (the pooled last non-pad token), in order."""
         order = np.argsort([-len(s) for s in sequences], kind="stable")  # similar lengths share a batch
         out = np.empty(len(sequences), np.float64)
         for start in tqdm(range(0, len(order), self.batch_size), desc="score (transformers)", unit="batch",
@@ -63,10 +82,10 @@ class TransformersRewardScorer:
             ids = torch.full((len(members), width), self.pad_id, dtype=torch.long)
             mask = torch.zeros_like(ids)
             for row, i in enumerate(members):
-                ids[row, : len(sequences[i])] = torch.tensor(sequences[i])
+                ids[row, : len(sequences[i])] = torch.tensor(list(sequences[i]))
                 mask[row, : len(sequences[i])] = 1
             logits = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device)).logits
-            out[members] = logits[:, 0].float().cpu().numpy()
+            out[members] = logits[:, 0].double().cpu().numpy()
         return out
 
     def score_pairs(self, prompts, chosen, rejected):
