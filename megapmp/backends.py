@@ -39,6 +39,14 @@ class Probe:
     detail: str
 
 
+def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype of ``precision`` ("auto" | "fp32" | "bf16" | "fp16") on ``device``: bf16 autocast
+    on GPUs (fp32 master weights), plain fp32 (None: no autocast) on CPUs unless asked otherwise."""
+    if precision == "auto":
+        precision = "bf16" if device.type == "cuda" else "fp32"
+    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+
+
 def _module_version(module) -> str | None:
     version = getattr(module, "__version__", None)
     if version is None:

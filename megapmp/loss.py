@@ -27,9 +27,13 @@ import os
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
+import torch.utils.checkpoint
 
 from megapmp.data.packing import IGNORE_INDEX
+from megapmp.parallel.collectives import copy_to_tp, gather_from_sequence, group_rank, reduce_from_tp
+from megapmp.parallel.tensor_parallel import vocab_parallel_ce_sum
 
 
 LOSS_BACKEND_ENV = "MEGAPMP_LOSS_BACKEND"
@@ -91,19 +95,6 @@ def pair_rewards(hidden: torch.Tensor, score_weight: torch.Tensor, chosen_index,
 
 def rm_loss_sum(r_chosen: torch.Tensor, r_rejected: torch.Tensor) -> torch.Tensor:
     return -F.logsigmoid(r_chosen - r_rejected).sum()
-
-
-def lm_loss_sum(hidden: torch.Tensor, lm_weight: torch.Tensor, labels: torch.Tensor, chunk: int = 4096) -> torch.Tensor:
-    """Summed next-token CE over positions whose label is not IGNORE_INDEX, logits in fp32, in chunks.
-
-    Peak extra memory is one chunk of [chunk x vocab] fp32 logits, however many target tokens the batch
-    holds (see ChunkedLinearCrossEntropy).
-    """
-    flat_labels = labels.reshape(-1)
-    positions = torch.nonzero(flat_labels != IGNORE_INDEX).squeeze(-1)  # [T]
-    selected = hidden.reshape(-1, hidden.shape[-1])[positions]  # [T, H]
-    return ChunkedLinearCrossEntropy.apply(selected, lm_weight, flat_labels[positions], chunk,
-                                           torch.is_grad_enabled())
 
 
 class ChunkedLinearCrossEntropy(torch.autograd.Function):
@@ -177,56 +168,111 @@ def _ce_chunk(h, weight, targets, grad_hidden_out, grad_weight_acc) -> torch.Ten
     return total
 
 
-def pmp_loss(hidden: torch.Tensor, lm_weight: torch.Tensor | None, score_weight: torch.Tensor | None, batch, *,
-             rm_coef: float, lm_coef: float, global_pairs: int, global_lm_tokens: int,
-             lm_chunk: int = 4096, backend: str | None = None) -> LossOutput:
-    """The PMP loss of one packed micro-batch (see module docstring). `batch` is a torch PackedBatch.
+@dataclass(frozen=True)
+class Heads:
+    """The two heads the loss reads: ``lm`` [V, H] (or this TP rank's vocab rows [V/tp, H]) and ``score``
+    [1, H] (replicated over TP). Either is None where a model part has no such head."""
 
+    lm: torch.Tensor | None
+    score: torch.Tensor | None
+
+    @classmethod
+    def of(cls, model) -> "Heads":
+        """The heads of a model (or a pipeline's last chunk) with ``lm_head`` / ``score`` Linear modules."""
+        return cls(model.lm_head.weight if model.lm_head is not None else None,
+                   model.score.weight if model.score is not None else None)
+
+
+def pmp_loss(hidden: torch.Tensor, heads: Heads, batch, *, rm_coef: float, lm_coef: float, global_pairs: int,
+             global_lm_tokens: int, tp_group=None, sequence_parallel: bool = False, lm_chunk: int = 4096,
+             backend: str | None = None) -> LossOutput:
+    """The PMP loss of one packed micro-batch (see module docstring). ``batch`` is a torch PackedBatch.
+
+    hidden: the model's output [R, S, H]; with a tensor-parallel ``tp_group`` (the LM head split over its
+    vocabulary, Megatron's vocab-parallel CE) either replicated over TP or, under ``sequence_parallel``, this
+    rank's token shard [R*S/T, H]. The value is the same on every TP rank and equals the single-device one.
     ``backend``: "torch", "triton" or "auto"; None reads $MEGAPMP_LOSS_BACKEND (see resolve_loss_backend).
     """
-    if resolve_loss_backend(hidden.device, backend) == "triton":
-        return _fused_pmp_loss(hidden, lm_weight, score_weight, batch, rm_coef=rm_coef, lm_coef=lm_coef,
-                               global_pairs=global_pairs, global_lm_tokens=global_lm_tokens)
+    if sequence_parallel and hidden.shape[0] * _group_size(tp_group) != batch.input_ids.numel():
+        raise ValueError(f"sequence-parallel hidden {tuple(hidden.shape)} x tp={_group_size(tp_group)} does not "
+                         f"cover the batch's {tuple(batch.input_ids.shape)} tokens")
     zero = hidden.new_zeros((), dtype=torch.float32)
     loss, rm, lm, correct, margin = zero, zero, zero, zero, zero
     num_pairs = len(batch.chosen_index)
     if rm_coef and num_pairs:
-        r_chosen, r_rejected = pair_rewards(hidden, score_weight, batch.chosen_index, batch.rejected_index)
+        if sequence_parallel:
+            r_chosen, r_rejected = sequence_parallel_pair_rewards(hidden, heads.score, batch.chosen_index,
+                                                                  batch.rejected_index, tp_group)
+        else:
+            r_chosen, r_rejected = pair_rewards(hidden, heads.score, batch.chosen_index, batch.rejected_index)
         rm = rm_loss_sum(r_chosen, r_rejected) / global_pairs
         loss = loss + rm_coef * rm
         diff = (r_chosen - r_rejected).detach()
         correct, margin = (diff > 0).sum().float(), diff.sum()
     if lm_coef and global_lm_tokens:
-        lm = lm_loss_sum(hidden, lm_weight, batch.labels, lm_chunk) / global_lm_tokens
+        lm = lm_loss_sum(hidden, heads.lm, batch.labels, tp_group, sequence_parallel=sequence_parallel,
+                         chunk=lm_chunk, backend=backend) / global_lm_tokens
         loss = loss + lm_coef * lm
     return LossOutput(loss, rm.detach(), lm.detach(), correct, margin, num_pairs)
 
 
-def _fused_pmp_loss(hidden, lm_weight, score_weight, batch, *, rm_coef, lm_coef, global_pairs, global_lm_tokens):
-    """pmp_loss through the fused Function: the rows are selected here, their gradients scatter back."""
-    from megapmp_kernels.pair_loss import fused_pair_loss
+def _group_size(group) -> int:
+    return dist.get_world_size(group) if group is not None else 1
 
-    zero = hidden.new_zeros((), dtype=torch.float32)
-    loss, rm, lm, correct, margin = zero, zero, zero, zero, zero
-    num_pairs = len(batch.chosen_index)
-    use_rm, use_lm = bool(rm_coef and num_pairs), bool(lm_coef and global_lm_tokens)
-    if not (use_rm or use_lm):
-        return LossOutput(loss, rm, lm, correct, margin, num_pairs)
-    flat = hidden.reshape(-1, hidden.shape[-1])  # [R*S, H]
-    selected = targets = chosen = rejected = None
-    if use_lm:
-        flat_labels = batch.labels.reshape(-1)
-        positions = torch.nonzero(flat_labels != IGNORE_INDEX).squeeze(-1)  # [T]
-        selected, targets = flat[positions], flat_labels[positions]
-    if use_rm:
-        chosen, rejected = flat[batch.chosen_index], flat[batch.rejected_index]
-    sums = fused_pair_loss(selected, lm_weight if use_lm else None, targets, chosen, rejected,
-                           score_weight if use_rm else None, ignore_index=IGNORE_INDEX, backend="triton")
-    if use_rm:
-        rm = sums.rm_sum / global_pairs
-        loss = loss + rm_coef * rm
-        correct, margin = (sums.margins > 0).sum().float(), sums.margins.sum()
-    if use_lm:
-        lm = sums.lm_sum / global_lm_tokens
-        loss = loss + lm_coef * lm
-    return LossOutput(loss, rm.detach(), lm.detach(), correct, margin, num_pairs)
+
+def sequence_parallel_pair_rewards(hidden_shard: torch.Tensor, score_weight: torch.Tensor, chosen_index,
+                                   rejected_index, group):
+    """fp32 rewards [N], [N] from an SP token shard [R*S/T, H] (flat indices into R*S), replicated.
+
+    Rather than all-gathering [R*S, H] for 2N rows, each rank reads the reward at the flat indices that
+    fall in its token shard, zeros elsewhere, and one all-reduce of the [2N] rewards (``reduce_from_tp``:
+    backward identity) completes them; the score weight's gradient is then partial per rank, which
+    ``allreduce_tp_replicated_grads`` sums. With lm_coef = 0 (RM finetuning) no [R*S, H] collective happens.
+    """
+    tokens = hidden_shard.shape[0]
+    start = group_rank(group) * tokens
+    index = torch.cat([chosen_index, rejected_index])  # [2N]
+    owned = (index >= start) & (index < start + tokens)
+    local = (index - start).clamp(0, tokens - 1)
+    rewards = fp32_rewards(hidden_shard[local], score_weight)  # [2N], valid where owned
+    rewards = reduce_from_tp(torch.where(owned, rewards, torch.zeros_like(rewards)), group)
+    return rewards[: len(chosen_index)], rewards[len(chosen_index):]
+
+
+def lm_loss_sum(hidden: torch.Tensor, lm_weight: torch.Tensor, labels: torch.Tensor, tp_group=None, *,
+                sequence_parallel: bool = False, chunk: int = 4096, backend: str | None = None) -> torch.Tensor:
+    """Summed next-token CE over positions whose label is not IGNORE_INDEX, logits in fp32, in chunks.
+
+    hidden: [R, S, H], or under SP this rank's token shard [R*S/T, H]; lm_weight: [V, H] or this TP rank's
+    vocab rows [V/T, H]; labels: [R, S], identical on every TP rank. Peak extra memory is one chunk of
+    [chunk x V(/T)] fp32 logits, however many target tokens the batch holds. The hidden states of the
+    target positions enter the TP region through ``copy_to_tp`` (or, under SP, the all-gather of the token
+    shards, whose backward reduce-scatters the per-rank partial gradients -- Megatron's SP LM head).
+    """
+    width = lm_weight.shape[-1]
+    flat = gather_from_sequence(hidden, tp_group) if sequence_parallel else hidden.reshape(-1, width)  # [R*S, H]
+    flat_labels = labels.reshape(-1)
+    positions = torch.nonzero(flat_labels != IGNORE_INDEX).squeeze(-1)  # [T]
+    selected, targets = flat[positions], flat_labels[positions]  # [T, H], [T]
+    tp = _group_size(tp_group)
+    if tp > 1 and not sequence_parallel:
+        selected = copy_to_tp(selected, tp_group)  # after the selection: backward all-reduces [T, H] only
+    if resolve_loss_backend(hidden.device, backend) == "triton":
+        from megapmp_kernels.pair_loss import fused_pair_loss
+
+        vocab_start = group_rank(tp_group) * lm_weight.shape[0] if tp > 1 else 0
+        return fused_pair_loss(selected, lm_weight, targets, vocab_start=vocab_start, group=tp_group,
+                               ignore_index=IGNORE_INDEX, backend="triton").lm_sum
+    if tp == 1:
+        return ChunkedLinearCrossEntropy.apply(selected, lm_weight, targets, chunk, torch.is_grad_enabled())
+    total = hidden.new_zeros((), dtype=torch.float32)
+    for start in range(0, len(positions), chunk):
+        h, t = selected[start: start + chunk], targets[start: start + chunk]
+        total = total + torch.utils.checkpoint.checkpoint(_vocab_parallel_chunk_ce, h, lm_weight, t, tp_group,
+                                                          use_reentrant=False)
+    return total
+
+
+def _vocab_parallel_chunk_ce(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, group) -> torch.Tensor:
+    local_logits = (h @ weight.t()).float()  # [chunk, V/T]
+    return vocab_parallel_ce_sum(local_logits, targets, group)
