@@ -22,11 +22,10 @@ from distributed_utils import run_ranks
 from megapmp.config import model_preset
 from megapmp.data.datasets import Pair
 from megapmp.data.packing import pack_pairs
-from megapmp.eval.scoring import attention_inputs
-from megapmp.loss import pair_rewards, pmp_loss
+from megapmp.model.attention import attention_inputs
+from megapmp.loss import Heads, pair_rewards, pmp_loss, sequence_parallel_pair_rewards
 from megapmp.model import Qwen2RewardModel
 from megapmp.parallel import collectives as C
-from megapmp.parallel.loss import parallel_pmp_loss, sequence_parallel_pair_rewards
 from megapmp.parallel.parallelize import (
     allreduce_tp_replicated_grads, clip_grad_norm_, full_state_dict, load_full_state_dict, parallelize_model,
     tp_partial_grad_params, tp_replicated_params,
@@ -330,11 +329,12 @@ def _model_parity(rank, world, tp, sequence_parallel, layout, kv_heads, checkpoi
         assert torch.equal(full, reference.state_dict()[name]), name
 
     hidden_ref = reference(batch.input_ids, batch.position_ids, attn)
-    out_ref = pmp_loss(hidden_ref, reference.lm_head.weight, reference.score.weight, batch, **coefs, **counts)
+    out_ref = pmp_loss(hidden_ref, Heads.of(reference), batch, **coefs, **counts)
     out_ref.loss.backward()
 
     hidden = model(batch.input_ids, batch.position_ids, attn)
-    out = parallel_pmp_loss(hidden, model, batch, ctx, **coefs, **counts)
+    out = pmp_loss(hidden, Heads.of(model), batch, tp_group=ctx.tp_group, sequence_parallel=sequence_parallel,
+                   **coefs, **counts)
     out.loss.backward()
     allreduce_tp_replicated_grads(model, ctx)
 
