@@ -31,7 +31,7 @@ import torch
 import torch.distributed as dist
 
 from megapmp.data.packing import IGNORE_INDEX
-from megapmp.parallel.collectives import copy_to_tp, gather_from_sequence, group_rank, reduce_from_tp
+from megapmp.parallel.collectives import copy_to_tp, gather_from_sequence, group_rank
 from megapmp_kernels.pair_loss import fused_pair_loss, triton_error
 
 
@@ -135,7 +135,7 @@ def pmp_loss(hidden: torch.Tensor, heads: Heads, batch, *, rm_coef: float, lm_co
                            heads.score if use_rm else None, group=tp_group if tp > 1 else None,
                            vocab_start=group_rank(tp_group) * heads.lm.shape[0] if use_lm and tp > 1 else 0,
                            ignore_index=IGNORE_INDEX, backend=resolve_loss_backend(hidden.device, backend),
-                           chunk_tokens=lm_chunk)
+                           chunk_tokens=lm_chunk, reward_group=tp_group if sequence_parallel else None)
     if use_rm:
         rm = sums.rm_sum / global_pairs
         loss = loss + rm_coef * rm
@@ -184,10 +184,10 @@ def reward_rows(hidden: torch.Tensor, chosen_index, rejected_index, tp_group=Non
     (flat indices into R * S), replicated over TP.
 
     Under SP, rather than all-gathering [R*S, H] for 2N rows, each rank takes the rows that fall in its
-    token shard, zeros elsewhere, and one all-reduce of [2N, H] (``reduce_from_tp``: backward identity,
-    so each rank's shard gets the gradient of the rows it owns) completes them. Every rank then computes
-    the same rewards and the same (full) score-head gradient. With lm_coef = 0 (RM finetuning) no
-    [R*S, H] collective happens at all.
+    token shard and zeros elsewhere: partial rows, whose rewards fused_pair_loss completes with one
+    all-reduce of the [N] margins (``reward_group``). The score weight's gradient is then partial per rank,
+    which ``allreduce_tp_replicated_grads`` sums. With lm_coef = 0 (RM finetuning) no [R*S, H] collective
+    happens at all.
     """
     if not sequence_parallel:
         flat = hidden.reshape(-1, hidden.shape[-1])  # [R*S, H]
@@ -197,5 +197,6 @@ def reward_rows(hidden: torch.Tensor, chosen_index, rejected_index, tp_group=Non
     index = torch.cat([chosen_index, rejected_index])  # [2N]
     owned = (index >= start) & (index < start + tokens)
     local = (index - start).clamp(0, tokens - 1)
-    rows = reduce_from_tp(torch.where(owned[:, None], hidden[local], torch.zeros_like(hidden[local])), tp_group)
+    rows = hidden[local]  # [2N, H]
+    rows = torch.where(owned[:, None], rows, torch.zeros_like(rows))
     return rows[: len(chosen_index)], rows[len(chosen_index):]

@@ -23,7 +23,7 @@ from megapmp.config import model_preset
 from megapmp.data.datasets import Pair
 from megapmp.data.packing import pack_pairs
 from megapmp.model.attention import attention_inputs
-from megapmp.loss import Heads, pair_rewards, pmp_loss, sequence_parallel_pair_rewards
+from megapmp.loss import Heads, fp32_rewards, pair_rewards, pmp_loss, reward_rows
 from megapmp.model import Qwen2RewardModel
 from megapmp.parallel import collectives as C
 from megapmp.parallel.parallelize import (
@@ -342,8 +342,8 @@ def _model_parity(rank, world, tp, sequence_parallel, layout, kv_heads, checkpoi
         if sequence_parallel:
             assert hidden.shape == (batch.input_ids.numel() // tp, 64)
             close(hidden, chunk(hidden_ref.reshape(-1, 64), ctx.tp_rank, tp), "hidden shard")
-            rewards = sequence_parallel_pair_rewards(hidden, model.score.weight, batch.chosen_index,
-                                                     batch.rejected_index, ctx.tp_group)
+            rows = reward_rows(hidden, batch.chosen_index, batch.rejected_index, ctx.tp_group, sequence_parallel=True)
+            rewards = [C.reduce_from_tp(fp32_rewards(r, model.score.weight), ctx.tp_group) for r in rows]
         else:
             close(hidden, hidden_ref, "hidden")
             rewards = pair_rewards(hidden, model.score.weight, batch.chosen_index, batch.rejected_index)

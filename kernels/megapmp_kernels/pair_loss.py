@@ -448,6 +448,7 @@ class _Options(NamedTuple):
     compute_dtype: torch.dtype
     vocab_start: int
     group: object
+    reward_group: object
     ignore_index: int
     backend: str
     chunk_bytes: int
@@ -480,6 +481,8 @@ class _FusedPairLoss(torch.autograd.Function):
         if chosen is not None and chosen.shape[0]:
             weight = score_weight.float().reshape(-1)
             margins = chosen.float() @ weight - rejected.float() @ weight  # [N]
+            if opts.reward_group is not None:  # partial margins (rows owned elsewhere are zero): complete them
+                dist.all_reduce(margins, group=opts.reward_group)
             rm_sum = -F.logsigmoid(margins).sum()
         ctx.opts = opts
         ctx.save_for_backward(hidden, lm_weight, targets, lse, chosen, rejected, score_weight, margins)
@@ -637,8 +640,27 @@ def _ce_chunk(h, weight, local_targets, grad_hidden_out, grad_weight_acc, group)
     return total
 
 
+def _multi(group):
+    """``group`` if it has several ranks, else None (no collective needed)."""
+    return group if group is not None and dist.get_world_size(group) > 1 else None
+
+
+class _SumOverGroup(torch.autograd.Function):
+    """forward: all-reduce(sum) over ``group``; backward: identity (each rank's input is its own share)."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        x = x.clone()
+        dist.all_reduce(x, group=group)
+        return x
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None
+
+
 def _torch_pair_loss(hidden, lm_weight, targets, chosen, rejected, score_weight, *, vocab_start, group,
-                     ignore_index, chunk_tokens) -> PairLossSums:
+                     ignore_index, chunk_tokens, reward_group) -> PairLossSums:
     """The torch backend: ChunkedLinearCrossEntropy for the LM term, plain autograd for the reward term."""
     device = (hidden if hidden is not None else chosen).device
     lm_sum = rm_sum = torch.zeros((), dtype=torch.float32, device=device)
@@ -648,6 +670,8 @@ def _torch_pair_loss(hidden, lm_weight, targets, chosen, rejected, score_weight,
         # away margins the loss still has to see.
         with torch.autocast(device.type, enabled=False):
             margins = chosen.float() @ score_weight.float().reshape(-1) - rejected.float() @ score_weight.float().reshape(-1)
+            if reward_group is not None:
+                margins = _SumOverGroup.apply(margins, reward_group)
             rm_sum = -F.logsigmoid(margins).sum()
         margins = margins.detach()
     if hidden is not None:
@@ -664,7 +688,8 @@ def fused_pair_loss(hidden: torch.Tensor | None, lm_weight: torch.Tensor | None,
                     score_weight: torch.Tensor | None = None, *, vocab_start: int = 0, group=None,
                     ignore_index: int = IGNORE_INDEX, backend: str = "auto", chunk_bytes: int | None = None,
                     num_splits: int | None = None, config: dict | None = None,
-                    compute_dtype: torch.dtype | None = None, chunk_tokens: int = 4096) -> PairLossSums:
+                    compute_dtype: torch.dtype | None = None, chunk_tokens: int = 4096,
+                    reward_group=None) -> PairLossSums:
     """Summed CE of the LM targets and summed pairwise -log sigmoid, in one autograd Function.
 
     hidden: [T, H] hidden states of the LM-target positions (None: no LM term); lm_weight: [V_local, H];
@@ -681,6 +706,10 @@ def fused_pair_loss(hidden: torch.Tensor | None, lm_weight: torch.Tensor | None,
     block, ``compute_dtype`` is the dtype of the logit GEMMs (fp32 accumulation always; default: the
     autocast dtype where autocast is on for this device, as torch.mm would, else lm_weight's dtype).
     Gradients come back in each input's own dtype. The reward term is always fp32.
+
+    ``reward_group`` (sequence parallelism): chosen / rejected are this rank's partial rows -- zero where
+    another rank of the group holds the read-out token -- and the margins are summed over the group
+    (backward: identity), so the score head's gradient is this rank's partial, to be summed over TP.
     """
     device = (hidden if hidden is not None else chosen).device
     if backend == "auto":
@@ -696,10 +725,11 @@ def fused_pair_loss(hidden: torch.Tensor | None, lm_weight: torch.Tensor | None,
         raise ValueError("fused_pair_loss needs the LM rows, the reward rows, or both")
     if backend == "torch":
         return _torch_pair_loss(hidden, lm_weight, targets, chosen, rejected, score_weight, vocab_start=vocab_start,
-                                group=group, ignore_index=ignore_index, chunk_tokens=chunk_tokens)
+                                group=group, ignore_index=ignore_index, chunk_tokens=chunk_tokens,
+                                reward_group=_multi(reward_group))
     if backend != "triton":
         raise ValueError(f"backend must be 'auto', 'torch' or 'triton', got {backend!r}")
-    opts = _Options(compute_dtype, vocab_start, group, ignore_index, backend, chunk_bytes or DEFAULT_CHUNK_BYTES, num_splits,
+    opts = _Options(compute_dtype, vocab_start, group, _multi(reward_group), ignore_index, backend, chunk_bytes or DEFAULT_CHUNK_BYTES, num_splits,
                     config)
     return PairLossSums(*_FusedPairLoss.apply(hidden, lm_weight, targets, chosen, rejected, score_weight, opts))
 

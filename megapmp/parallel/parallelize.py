@@ -49,7 +49,7 @@ class TPLayout:
 
     kind "shard": the full tensor is the concatenation over TP ranks along ``dim``.
     kind "replicated": every TP rank holds the full tensor. ``partial_grad``: each rank's gradient is
-        only its sequence shard's share (SP norms, row-parallel bias) and must be all-reduced.
+        only its sequence shard's share (SP norms, score, row-parallel bias) and must be all-reduced.
     kind "kv_replica": dim-0 slot ``slot`` of ``slots`` equal slots (one kv head), held by T / slots
         ranks, whose gradients are partial (each rank's q heads only) and must be summed.
     """
@@ -127,9 +127,8 @@ def parallelize_model(model: nn.Module, ctx, *, sequence_parallel: bool = False)
         model.lm_head = head
         layouts["lm_head.weight"] = shard0
     if model.score is not None:
-        # Replicated, and its gradient complete on every rank even under SP: megapmp.loss.reward_rows
-        # all-reduces the read-out rows, so every rank computes the same full rewards.
-        layouts["score.weight"] = TPLayout()
+        # The reward is read at owned token indices of the SP shard, so its grad is partial there.
+        layouts["score.weight"] = sp_replicated
 
     model.tp_layouts = layouts
     model.tp_sequence_parallel = sequence_parallel
