@@ -3,7 +3,7 @@
 topology        ParallelDims (rank matrix, validation) -> ParallelContext (explicit process groups);
                 process-group start-up from torchrun, this process's device
 collectives     paired autograd collectives over an explicit group
-tensor_parallel column / row / vocab-parallel layers, vocab-parallel cross entropy, GQA sharding rules
+tensor_parallel column / row / vocab-parallel layers (the vocab-parallel CE is megapmp_kernels.fused_pair_loss's), GQA sharding rules
 parallelize     parallelize_model (TP + sequence parallel by module name), TP gradient completion
 schedules, pipeline*  pipeline parallelism
 data_parallel   bucketed, backward-overlapped DP gradient all-reduce; ZeRO-1 distributed AdamW
