@@ -171,9 +171,15 @@ class LossConfig:
     """Weight of the next-token CE on chosen-response tokens; 0 for RM finetuning."""
     lm_chunk: int = 4096
     """Target tokens whose logits are materialised at once (bounds the loss's extra memory)."""
+    backend: str = "auto"
+    """Implementation of megapmp_kernels.fused_pair_loss: "torch" (chunked, any device), "triton" (fused
+    kernels; CUDA, or CPU under TRITON_INTERPRET=1) or "auto" (triton on CUDA when importable, else torch).
+    $MEGAPMP_LOSS_BACKEND, when set, overrides this at start (and config.json records the override)."""
 
     def validate(self) -> None:
         problems = []
+        if self.backend not in ("auto", "torch", "triton"):
+            problems.append(f"backend={self.backend!r} must be one of auto, torch, triton")
         if self.rm_coef < 0 or self.lm_coef < 0:
             problems.append(f"rm_coef={self.rm_coef} and lm_coef={self.lm_coef} must be >= 0")
         if self.rm_coef == 0 and self.lm_coef == 0:

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
+
 import torch
+
 
 def pick_device(device: str | torch.device | None = None) -> torch.device:
     """`device` as asked; otherwise the GPU when there is one, else the CPU."""
@@ -20,3 +23,10 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
         return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
     except KeyError:
         raise ValueError(f"precision {precision!r} is not auto, fp32, bf16 or fp16") from None
+
+
+def local_device() -> torch.device:
+    """This process's device in a (possibly torchrun-launched) run: the GPU of its LOCAL_RANK, else the CPU."""
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
+    return torch.device("cpu")

@@ -26,10 +26,12 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
 import sys
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -37,39 +39,39 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from megapmp import checkpoint as ckpt
+from megapmp.backends import backend_report, format_report
 from megapmp.config import ConfigError, TrainConfig, load_train_config, parse_cli
 from megapmp.convert.source import init_model_from
-from megapmp.data.loader import StepBatch, StepLoader
 from megapmp.data.datasets import PairDataset, check_token_ids
 from megapmp.data.indexed import ShardError
-from megapmp.data.shards import verify_shards
-from megapmp.eval.scoring import attention_inputs, pairwise_accuracy, score_pairs
-from megapmp.loss import loss_backend, pmp_loss
-from megapmp.model import Qwen2RewardModel
-from megapmp.backends import backend_report, format_report
+from megapmp.data.loader import StepBatch, StepLoader
+from megapmp.data.shards import ShardMeta, verify_shards
+from megapmp.device import autocast_dtype, local_device
+from megapmp.eval.scoring import pairwise_accuracy, score_pairs
 from megapmp.flops import mfu, peak_flops, step_flops
-from megapmp.optim import build_optimizer, lr_at
-from megapmp.parallel import runtime
-from megapmp.parallel.data_parallel import DistributedOptimizer, GradSync
-from megapmp.parallel.loss import parallel_pmp_loss
-from megapmp.parallel.parallelize import load_full_state_dict, shard_tensor
-from megapmp.parallel.pipeline import run_schedule, tied_duplicate_params
-from megapmp.parallel.schedules import build_schedule
+from megapmp.loss import LOSS_BACKEND_ENV, loss_backend, pmp_loss
+from megapmp.metrics import MetricsLog, Trackers
+from megapmp.model import Qwen2RewardModel
+from megapmp.optim import lr_at
+from megapmp.parallel.engine import Engine, build_rank_chunks
+from megapmp.parallel.topology import build_context, init_distributed
 
 
 def log(message: str) -> None:
     print(f"[megapmp] {message}", file=sys.stderr, flush=True)
 
 
-def pick_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def autocast_dtype(precision: str, device: torch.device):
-    """bf16 autocast on GPUs (fp32 master weights), plain fp32 on CPUs unless asked otherwise."""
-    if precision == "auto":
-        precision = "bf16" if device.type == "cuda" else "fp32"
-    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+def resolve_config(cfg: TrainConfig, meta: ShardMeta) -> TrainConfig:
+    """``cfg`` with what the run's shards and environment decide filled in, before validation:
+    model.vocab_size = 0 means the shards' padded vocabulary (a model smaller than the tokenizer's
+    vocabulary would index out of range: an error, not a warning), and $MEGAPMP_LOSS_BACKEND, when set,
+    overrides loss.backend (so config.json records what ran)."""
+    vocab_size = cfg.model.vocab_size or meta.padded_vocab_size
+    if vocab_size < meta.vocab_size:
+        raise ConfigError(f"model.vocab_size={vocab_size} is smaller than the shards' tokenizer "
+                          f"vocabulary ({meta.vocab_size}); set model.vocab_size = 0 to use the shards' size")
+    backend = os.environ.get(LOSS_BACKEND_ENV, "").strip().lower() or cfg.loss.backend
+    return replace(cfg, model=replace(cfg.model, vocab_size=vocab_size), loss=replace(cfg.loss, backend=backend))
 
 
 def build_model(cfg: TrainConfig, device: torch.device) -> Qwen2RewardModel:
@@ -88,63 +90,6 @@ def load_initial_weights(model: Qwen2RewardModel, source: str, with_reward_head:
     return init_model_from(model, source, with_reward_head=with_reward_head)
 
 
-class MetricsLog:
-    """Append-only metrics.jsonl; on resume, lines past the restored step are dropped so the file
-    reads as one uninterrupted run."""
-
-    def __init__(self, path: Path, resume_step: int):
-        self.path = path
-        kept = []
-        if path.exists() and resume_step > 0:
-            kept = [line for line in path.read_text().splitlines()
-                    if line.strip() and json.loads(line)["step"] <= resume_step]
-        path.write_text("".join(line + "\n" for line in kept))
-        self.file = open(path, "a")
-
-    def write(self, record: dict) -> None:
-        self.file.write(json.dumps(record) + "\n")
-        self.file.flush()
-
-    def close(self) -> None:
-        self.file.close()
-
-
-class Trackers:
-    """Optional TensorBoard and Weights & Biases logging; each is imported only when enabled, and a
-    missing package is an error at start-up, not a silent no-op."""
-
-    def __init__(self, cfg: TrainConfig, run_dir: Path):
-        self.tensorboard = self.wandb = None
-        if cfg.logging.tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-            except ImportError as e:
-                raise ImportError("logging.tensorboard = true needs the tensorboard package "
-                                  "(pip install tensorboard)") from e
-            self.tensorboard = SummaryWriter(str(run_dir / "tensorboard"))
-        if cfg.logging.wandb_project:
-            try:
-                import wandb
-            except ImportError as e:
-                raise ImportError("logging.wandb_project needs the wandb package (pip install wandb)") from e
-            self.wandb = wandb.init(project=cfg.logging.wandb_project, dir=str(run_dir), config=asdict(cfg),
-                                    resume="allow", name=run_dir.name)
-
-    def log(self, record: dict) -> None:
-        scalars = {k: v for k, v in record.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
-        if self.tensorboard is not None:
-            for key, value in scalars.items():
-                self.tensorboard.add_scalar(f"train/{key}", value, record["step"])
-        if self.wandb is not None:
-            self.wandb.log(scalars, step=record["step"])
-
-    def close(self) -> None:
-        if self.tensorboard is not None:
-            self.tensorboard.close()
-        if self.wandb is not None:
-            self.wandb.finish()
-
-
 class Trainer:
     """One rank of a run. With torch.distributed initialised (torchrun, or tests' gloo ranks) the model
     is split by ``cfg.parallel`` (tp x pp, data parallel filling the world); otherwise one process."""
@@ -153,7 +98,7 @@ class Trainer:
         self.cfg = cfg
         self.run_dir = Path(run_dir)
         cfg.data.validate()  # before any shard is opened: no data.train is a message, not an IndexError
-        self.ctx = runtime.build_context(cfg.parallel)
+        self.ctx = build_context(cfg.parallel)
         self.world = self.ctx.world_size
         self.is_main = self.ctx.rank == 0
         # Absolute shard paths keep the checkpoint's record usable from any working directory
@@ -165,7 +110,7 @@ class Trainer:
             # waits at a barrier for one that failed.
             self.log(f"verifying {len(cfg.data.train) + len(cfg.data.valid)} shard(s) against their sidecars")
             verify_shards(cfg.data.train + cfg.data.valid, progress=self.is_main and cfg.logging.progress)
-        self.device = pick_device() if self.world == 1 else runtime.local_device()
+        self.device = local_device()
         self.amp_dtype = autocast_dtype(cfg.precision, self.device)
         self.loader = StepLoader(cfg.data.train, kind=cfg.data.kind, weights=cfg.data.weights,
                                  items_per_step=cfg.data.items_per_step, micro_batches=cfg.data.micro_batches,
@@ -173,13 +118,13 @@ class Trainer:
                                  pad_multiple=cfg.parallel.tp if cfg.parallel.sequence_parallel else 1,
                                  seed=cfg.data.seed,
                                  dp_rank=self.ctx.dp_rank, dp_size=self.ctx.dp_size)
-        self._resolve_vocab(self.loader.meta)
+        self.cfg = cfg = resolve_config(cfg, self.loader.meta)
         cfg.validate()
         if self.is_main:  # only now: a config that does not validate leaves no run directory behind
             self.run_dir.mkdir(parents=True, exist_ok=True)
         self._build_model()
         self.valid_pairs = self._load_valid_pairs()
-        self.step = 0
+        self.step = 0  # optimizer steps taken
         self.skipped_steps = 0
         self.consecutive_nonfinite = 0
         self._maybe_resume()
@@ -199,56 +144,30 @@ class Trainer:
         if cfg.checkpoint.init_from:
             origin = load_initial_weights(full, cfg.checkpoint.init_from, cfg.checkpoint.init_reward_head)
             self.log(f"initialised from {origin}")
-        self.chunks = runtime.stage_chunks(full, cfg, ctx, self.device)
-        self.model = self.chunks[0]  # the whole model in a single-stage run
-        self.params = runtime.named_parameters(self.chunks)
-        self.param_names = {p: n for n, p in self.params}
-        o = cfg.optimizer
-        self.zero = None
-        if cfg.parallel.distributed_optimizer and ctx.dp_size == 1:
-            # ZeRO-1 over one DP rank shards nothing: plain AdamW is the same optimizer, with the same curve
-            # and the plain checkpoint format (a one-process run of a multi-GPU config saves and resumes).
-            self.log("parallel.distributed_optimizer = true with 1 data-parallel rank: nothing to shard, "
-                     "using plain AdamW")
-        if cfg.parallel.distributed_optimizer and ctx.dp_size > 1:
-            self.zero = DistributedOptimizer(self.params, ctx.dp_group, lr=o.lr, weight_decay=o.weight_decay,
-                                             betas=(o.beta1, o.beta2), eps=o.eps)
-            counted = runtime.counted_in_norm(self.chunks, ctx)
-            self.zero_norm_weights = self.zero.norm_weights([counted[id(p)] for _, p in self.zero.named])
-            self.optimizer, optimizer_backend = None, f"ZeRO-1 AdamW over {ctx.dp_size} DP ranks"
-        else:
-            module = self.model if len(self.chunks) == 1 else torch.nn.ModuleList(self.chunks)
-            self.optimizer, optimizer_backend = build_optimizer(
-                module, lr=o.lr, weight_decay=o.weight_decay, betas=(o.beta1, o.beta2), eps=o.eps, backend=o.backend)
-        self.grad_sync = GradSync([p for _, p in self.params], None if self.zero else ctx.dp_group,
-                                  bucket_mb=cfg.parallel.bucket_mb, overlap=cfg.parallel.overlap_grad_reduce)
-        self.norm_counted = runtime.counted_in_norm(self.chunks, ctx)
-        n_params = sum(p.numel() for _, p in self.params)
+        build_chunk = partial(Qwen2RewardModel, cfg.model, activation_checkpointing=cfg.activation_checkpointing,
+                              attention_backend=cfg.attention_backend)
+        chunks = build_rank_chunks(full, build_chunk, ctx, self.device, sequence_parallel=cfg.parallel.sequence_parallel)
+        self.engine = Engine(chunks, ctx, cfg.parallel, cfg.optimizer, device=self.device, amp_dtype=self.amp_dtype)
+        self.model = chunks[0]  # the whole model in a single-stage run
+        for note in self.engine.notes:
+            self.log(note)
+        n_params = sum(p.numel() for _, p in self.engine.params)
         self.peak_flops = peak_flops(self.device, override_tflops=cfg.logging.peak_tflops or None)
         self.log(format_report(backend_report(self.device, self.amp_dtype, cfg.attention_backend,
-                                              optimizer_backend=optimizer_backend)))
-        self.log(f"loss {loss_backend(self.device, ctx.tp_size)}, "
+                                              optimizer_backend=self.engine.optimizer_backend)))
+        self.log(f"loss {loss_backend(self.device, ctx.tp_size, cfg.loss.backend)}, "
                  f"{n_params / 1e6:.2f}M parameters on rank 0, peak "
                  f"{self.peak_flops / 1e12 if self.peak_flops else 'unknown'} TFLOP/s per device for MFU")
         if self.world > 1:
             p = cfg.parallel
             self.log(f"layout: world {self.world} = tp {ctx.tp_size} x pp {ctx.pp_size} x dp {ctx.dp_size} "
                      f"(vpp {ctx.vpp_size}, schedule {p.schedule if ctx.pp_size > 1 else '-'}, sequence parallel "
-                     f"{p.sequence_parallel}, distributed optimizer {self.zero is not None}, DP overlap "
+                     f"{p.sequence_parallel}, distributed optimizer {self.engine.zero is not None}, DP overlap "
                      f"{p.overlap_grad_reduce}); backend {dist.get_backend()}")
 
     def log(self, message: str) -> None:
         if self.is_main:
             log(message)
-
-    def _resolve_vocab(self, meta) -> None:
-        """model.vocab_size = 0 means: the shard's padded vocabulary. A model smaller than the
-        tokenizer's vocabulary would index out of range, so that is an error, not a warning."""
-        if self.cfg.model.vocab_size == 0:
-            self.cfg.model.vocab_size = meta.padded_vocab_size
-        if self.cfg.model.vocab_size < meta.vocab_size:
-            raise ConfigError(f"model.vocab_size={self.cfg.model.vocab_size} is smaller than the shards' tokenizer "
-                             f"vocabulary ({meta.vocab_size}); set model.vocab_size = 0 to use the shards' size")
 
     def _load_valid_pairs(self):
         if not self.cfg.data.valid:
@@ -338,9 +257,9 @@ class Trainer:
             self.model.tie_weights()
             tensors = {f"{name}.{k}": v for name, entry in optimizer_states.items() for k, v in entry.items()
                        if f"{name}.{k}" not in state["optimizer"]["scalars"]}
-            ckpt.optimizer_from_tensors(self.optimizer, self.param_names, tensors, state["optimizer"])
+            ckpt.optimizer_from_tensors(self.engine.optimizer, self.engine.param_names, tensors, state["optimizer"])
         else:
-            self._load_full_state(model_state, optimizer_states)
+            self.engine.load_full_state(model_state, optimizer_states, self.cfg.model.tie_word_embeddings)
         self.loader.load_state_dict(state["loader"])
         ckpt.set_rng_state(state["rng"])
         self.step, self.skipped_steps = state["step"], state["skipped_steps"]
@@ -362,29 +281,6 @@ class Trainer:
         dist.all_gather_object(problems, problem)
         return next((p for p in problems if p is not None), None)
 
-    @torch.no_grad()
-    def _load_full_state(self, model_state: dict, optimizer_states: dict) -> None:
-        """Full (layout-independent) weights and AdamW states -> this rank's slices."""
-        if self.cfg.model.tie_word_embeddings:
-            model_state.setdefault("lm_head.weight", model_state["embed_tokens.weight"])
-            if "embed_tokens.weight" in optimizer_states:
-                optimizer_states.setdefault("lm_head.weight", optimizer_states["embed_tokens.weight"])
-        for chunk in self.chunks:
-            load_full_state_dict(chunk, model_state, self.ctx)
-        layouts = runtime.layouts(self.chunks)
-        local = {name: {k: v if k == "step" else shard_tensor(v, layouts[name], self.ctx.tp_rank, self.ctx.tp_size)
-                        for k, v in optimizer_states[name].items()}
-                 for name, _ in self.params if name in optimizer_states}
-        if self.zero is not None:
-            self.zero.load_local(local)
-            return
-        current = self.optimizer.state_dict()
-        index = {p: i for i, p in enumerate(p for g in self.optimizer.param_groups for p in g["params"])}
-        current["state"] = {index[p]: {k: v.to(self.device) if k != "step" else v.float().reshape(())
-                                       for k, v in local[name].items()}
-                            for name, p in self.params if name in local and p in index}
-        self.optimizer.load_state_dict(current)
-
     def _trainer_state(self, optimizer_rest) -> dict:
         return {"step": self.step, "skipped_steps": self.skipped_steps,
                 "consecutive_nonfinite": self.consecutive_nonfinite, "optimizer": optimizer_rest,
@@ -394,7 +290,7 @@ class Trainer:
     def save_checkpoint(self) -> Path:
         if self.world > 1:
             return self._save_sharded()
-        optimizer_tensors, optimizer_rest = ckpt.optimizer_to_tensors(self.optimizer, self.param_names)
+        optimizer_tensors, optimizer_rest = ckpt.optimizer_to_tensors(self.engine.optimizer, self.engine.param_names)
         model_state = {k: v for k, v in self.model.state_dict().items()
                        if not (k == "lm_head.weight" and self.cfg.model.tie_word_embeddings)}
         return ckpt.save_checkpoint(self._checkpoint_root(), self.step, model_state=model_state,
@@ -408,38 +304,27 @@ class Trainer:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
         self._barrier()
-        skip = {id(p) for p in tied_duplicate_params(self.chunks, ctx)}
-        layouts = runtime.layouts(self.chunks)
-        written, state_names = {}, set()  # this rank's manifest entries and parameters with optimizer state
+        local = self.engine.local_state()
+        written = {}  # this rank's manifest entries
         if ctx.dp_rank == 0:
-            records = [[n, list(p.shape), asdict(layouts[n])] for n, p in self.params]
-            model_state = {n: p for n, p in self.params if id(p) not in skip}
-            optimizer_tensors = None
-            if self.zero is None:
-                optimizer_tensors = {f"{n}.{k}": v.reshape(()) if k == "step" else v
-                                     for n, p in self.params if id(p) not in skip
-                                     for k, v in self.optimizer.state.get(p, {}).items() if torch.is_tensor(v)}
-                state_names = {key.rsplit(".", 1)[0] for key in optimizer_tensors}
             written |= ckpt.write_rank_files(tmp, tp_rank=ctx.tp_rank, pp_rank=ctx.pp_rank, dp_rank=0,
-                                             model_state=model_state, param_records=records,
-                                             optimizer_tensors=optimizer_tensors, zero_state=None)
-        if self.zero is not None:
-            zero_state = self.zero.shard_state()
-            state_names = {n for (n, p), steps in zip(self.zero.named, zero_state["steps"].tolist())
-                           if steps > 0 and id(p) not in skip}
+                                             model_state=local["model"], param_records=local["records"],
+                                             optimizer_tensors=local["optimizer"], zero_state=None)
+        if local["zero"] is not None:
             written |= ckpt.write_rank_files(tmp, tp_rank=ctx.tp_rank, pp_rank=ctx.pp_rank, dp_rank=ctx.dp_rank,
                                              model_state=None, param_records=None, optimizer_tensors=None,
-                                             zero_state=zero_state)
+                                             zero_state=local["zero"])
+        state_names = local["state_names"] if ctx.dp_rank == 0 or local["zero"] is not None else []
         # Rank 0 writes the manifest of every rank's files: gather what each wrote (after all have written).
         reports = [None] * self.world
-        dist.all_gather_object(reports, (written, sorted(state_names)))
+        dist.all_gather_object(reports, (written, state_names))
         final = ckpt.step_dir(root, self.step)
         if self.is_main:
             p = self.cfg.parallel
             layout = {"tp": ctx.tp_size, "pp": ctx.pp_size, "dp": ctx.dp_size, "vpp": ctx.vpp_size,
-                      "sequence_parallel": p.sequence_parallel, "distributed_optimizer": self.zero is not None,
+                      "sequence_parallel": p.sequence_parallel, "distributed_optimizer": self.engine.zero is not None,
                       "tie_word_embeddings": self.cfg.model.tie_word_embeddings}
-            kind = "zero1" if self.zero is not None else "adamw"
+            kind = self.engine.kind
             rank_files = {rel: meta for files, _ in reports for rel, meta in files.items()}
             state_names = sorted({name for _, names in reports for name in names})
             final = ckpt.publish_sharded(root, self.step, layout=layout, rank_files=rank_files,
@@ -450,120 +335,36 @@ class Trainer:
 
     # -- the step ---------------------------------------------------------------------------------
 
-    def train_step(self, step: StepBatch) -> dict:
-        cfg = self.cfg
+    def train_step(self, batch: StepBatch) -> dict:
+        """One optimizer step over ``batch`` (this DP rank's micro-batches); returns its metrics."""
+        cfg, engine = self.cfg, self.engine
         lr = lr_at(self.step, lr=cfg.optimizer.lr, total_steps=cfg.steps, schedule=cfg.schedule.name,
                    warmup_fraction=cfg.schedule.warmup_fraction, decay_fraction=cfg.schedule.decay_fraction,
                    min_lr_ratio=cfg.schedule.min_lr_ratio)
-        self._zero_grad(lr)
-        totals = self._forward_backward(step)
-        zero_grads = self._complete_grads()
-        grad_norm = self._clip(zero_grads)
-        loss, rm_loss, lm_loss, correct, margin, tokens, flops = totals.tolist()
-        finite = math.isfinite(loss) and bool(torch.isfinite(grad_norm))
+        loss_fn = partial(pmp_loss, rm_coef=cfg.loss.rm_coef, lm_coef=cfg.loss.lm_coef, lm_chunk=cfg.loss.lm_chunk,
+                          global_pairs=batch.global_pairs, global_lm_tokens=batch.global_lm_tokens,
+                          backend=cfg.loss.backend)
+        # Model FLOPs on the real per-segment lengths (padding counts zero), summed over DP by the engine.
+        flops = step_flops(cfg.model, batch.micro_batches, lm_head=bool(cfg.loss.lm_coef),
+                           reward_head=bool(cfg.loss.rm_coef))
+        engine.zero_grad()
+        sums = engine.forward_backward([m.to_torch(self.device) for m in batch.micro_batches], loss_fn,
+                                       tokens=sum(m.num_real_tokens for m in batch.micro_batches), flops=flops)
+        engine.finish_grads()
+        grad_norm = engine.clip_grad_norm(cfg.optimizer.grad_clip)
+        finite = math.isfinite(sums.loss) and bool(torch.isfinite(grad_norm))
         if finite:
-            self._optimizer_step(lr, zero_grads)
+            engine.optimizer_step(lr)
             self.consecutive_nonfinite = 0
         else:
-            self._zero_grad(lr)
+            engine.zero_grad()
             self.skipped_steps += 1
             self.consecutive_nonfinite += 1
-        pairs = step.global_pairs
-        return {"loss": loss, "rm_loss": rm_loss, "lm_loss": lm_loss,
-                "rm_acc": correct / pairs if pairs else None, "margin": margin / pairs if pairs else None,
+        pairs = batch.global_pairs
+        return {"loss": sums.loss, "rm_loss": sums.rm_loss, "lm_loss": sums.lm_loss,
+                "rm_acc": sums.correct / pairs if pairs else None, "margin": sums.margin_sum / pairs if pairs else None,
                 "lr": lr, "grad_norm": float(grad_norm), "pairs": pairs,
-                "tokens": int(tokens), "flops": flops, "skipped": not finite}
-
-    def _zero_grad(self, lr: float) -> None:
-        if self.optimizer is not None:
-            for group in self.optimizer.param_groups:
-                group["lr"] = lr
-        for _, p in self.params:
-            p.grad = None
-
-    def _forward_backward(self, step: StepBatch) -> torch.Tensor:
-        """Every micro-batch's forward and backward; returns the step's global sums
-        [loss, rm_loss, lm_loss, correct, margin_sum, tokens] (same on every rank)."""
-        micro = [m.to_torch(self.device) for m in step.micro_batches]
-        loss_kwargs = dict(rm_coef=self.cfg.loss.rm_coef, lm_coef=self.cfg.loss.lm_coef,
-                           global_pairs=step.global_pairs, global_lm_tokens=step.global_lm_tokens,
-                           lm_chunk=self.cfg.loss.lm_chunk)
-        self.grad_sync.start_step(len(micro))
-        forward_context = runtime.autocast_context(self.device, self.amp_dtype)
-        if self.ctx.pp_size == 1:
-            totals = torch.zeros(5, dtype=torch.float32, device=self.device)
-            for batch in micro:
-                # The loss too runs under autocast, so its logit GEMMs take the bf16 tensor-core path instead
-                # of fp32 ones (softmax and log-sum-exp stay fp32; the rewards stay fp32 inside).
-                with forward_context():
-                    hidden = self.model(batch.input_ids, batch.position_ids, attention_inputs(batch))
-                    out = self._loss(hidden, self.model, batch, loss_kwargs)
-                out.loss.backward()
-                totals += torch.stack([out.loss.detach(), out.rm_loss, out.lm_loss, out.correct, out.margin_sum])
-        else:
-            actions = build_schedule(self.cfg.parallel.schedule, self.ctx.pp_size, len(micro),
-                                     self.ctx.vpp_size)[self.ctx.pp_rank]
-            last = self.chunks[-1]
-            totals = run_schedule(actions, self.chunks, micro, self.ctx,
-                                  lambda hidden, batch: self._loss(hidden, last, batch, loss_kwargs),
-                                  forward_context=forward_context, activation_shape=self._activation_shape)
-        # Model FLOPs on the real per-segment lengths (padding counts zero), summed over DP below.
-        flops = step_flops(self.cfg.model, step.micro_batches, lm_head=bool(self.cfg.loss.lm_coef),
-                           reward_head=bool(self.cfg.loss.rm_coef))
-        tokens = torch.tensor([float(sum(m.num_real_tokens for m in step.micro_batches)), flops], device=totals.device,
-                              dtype=torch.float64)
-        totals = torch.cat([totals.double(), tokens])
-        if self.ctx.dp_size > 1:
-            dist.all_reduce(totals, group=self.ctx.dp_group)  # each DP rank's loss is its share of the global one
-        return totals
-
-    def _loss(self, hidden, model, batch, loss_kwargs):
-        if self.ctx.tp_size > 1:
-            return parallel_pmp_loss(hidden, model, batch, self.ctx, **loss_kwargs)
-        return pmp_loss(hidden, model.lm_head.weight, model.score.weight, batch, **loss_kwargs)
-
-    def _activation_shape(self, batch):
-        rows, seq_len = batch.input_ids.shape
-        if self.cfg.parallel.sequence_parallel and self.ctx.tp_size > 1:
-            return (rows * seq_len // self.ctx.tp_size, self.cfg.model.hidden_size)  # an SP token shard
-        return (rows, seq_len, self.cfg.model.hidden_size)
-
-    def _complete_grads(self):
-        """DP sum (waits for the overlapped buckets), TP-partial and tied-embedding sums; under ZeRO-1
-        the DP reduce-scatter instead, returning (this rank's gradient slice, per-parameter presence)."""
-        self.grad_sync.finish()
-        runtime.tp_partial_sync(self.chunks, self.ctx)
-        return self.zero.reduce_scatter_grads() if self.zero is not None else None
-
-    def _clip(self, zero_grads) -> torch.Tensor:
-        """The global gradient norm (each element of the full model counted once); gradients are
-        scaled to grad_clip here, or, under ZeRO-1, in the optimizer step."""
-        max_norm = self.cfg.optimizer.grad_clip or float("inf")
-        if self.world == 1 and self.zero is None:
-            return torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
-        if zero_grads is not None:
-            local_sq = (zero_grads[0].float().pow(2) * self.zero_norm_weights).sum()
-            self.clip_scale = None
-            norm = runtime.global_norm(local_sq, self.ctx, over_dp=True)
-            self.clip_scale = runtime.clip_coefficient(norm, max_norm)
-            return norm
-        local_sq = torch.zeros((), dtype=torch.float32, device=self.device)
-        for _, p in self.params:
-            if p.grad is not None and self.norm_counted[id(p)]:
-                local_sq = local_sq + p.grad.float().pow(2).sum()
-        norm = runtime.global_norm(local_sq, self.ctx, over_dp=False)
-        scale = runtime.clip_coefficient(norm, max_norm)
-        for _, p in self.params:
-            if p.grad is not None:
-                p.grad.mul_(scale.to(p.grad.dtype))
-        return norm
-
-    def _optimizer_step(self, lr: float, zero_grads) -> None:
-        if self.zero is not None:
-            grad, present = zero_grads
-            self.zero.step(grad, present, lr=lr, scale=self.clip_scale)
-        else:
-            self.optimizer.step()
+                "tokens": int(sums.tokens), "flops": sums.flops, "skipped": not finite}
 
     def evaluate(self) -> dict:
         if not self.valid_pairs:
@@ -636,7 +437,7 @@ def main(argv=None) -> int:
     try:
         cfg = load_train_config(args.config, overrides)
         torch.set_num_threads(cfg.num_threads) if cfg.num_threads else None
-        distributed = runtime.init_distributed()
+        distributed = init_distributed()
         Trainer(cfg, args.run_dir).fit()
     except USER_ERRORS as e:
         message = " ".join(str(e).split())

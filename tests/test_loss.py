@@ -1,4 +1,4 @@
-"""The CPU loss path (ChunkedLinearCrossEntropy, lm_loss_sum, pmp_loss) against full-logit torch references,
+"""The CPU loss path (megapmp_kernels.pair_loss.ChunkedLinearCrossEntropy, lm_loss_sum, pmp_loss) against full-logit torch references,
 and flat packing against row packing through the whole model.
 
 Tolerance: fp32 on CPU. The references materialise [T x V] logits and let autograd differentiate
@@ -13,8 +13,9 @@ import torch.nn.functional as F
 from megapmp.config import model_preset
 from megapmp.data.datasets import Pair
 from megapmp.data.packing import IGNORE_INDEX, flatten_rows, pack_pairs
-from megapmp.eval.scoring import attention_inputs
-from megapmp.loss import ChunkedLinearCrossEntropy, lm_loss_sum, pmp_loss
+from megapmp.model.attention import attention_inputs
+from megapmp.loss import Heads, lm_loss_sum, pmp_loss
+from megapmp_kernels.pair_loss import ChunkedLinearCrossEntropy
 from megapmp.model import Qwen2RewardModel
 
 
@@ -51,14 +52,14 @@ def test_chunked_linear_ce_frozen_inputs_and_no_grad(monkeypatch):
     torch.testing.assert_close(h.grad, expected, rtol=1e-5, atol=1e-5)
 
     # Under no_grad (evaluation) no gradient is made at all: every chunk is called without outputs for it.
-    import megapmp.loss as loss_module
+    import megapmp_kernels.pair_loss as loss_module
 
     calls = []
     real_chunk = loss_module._ce_chunk
 
-    def spy(h, weight, targets, grad_hidden_out, grad_weight_acc):
+    def spy(h, weight, targets, grad_hidden_out, grad_weight_acc, group):
         calls.append((grad_hidden_out is None, grad_weight_acc is None))
-        return real_chunk(h, weight, targets, grad_hidden_out, grad_weight_acc)
+        return real_chunk(h, weight, targets, grad_hidden_out, grad_weight_acc, group)
 
     monkeypatch.setattr(loss_module, "_ce_chunk", spy)
     labels = t.reshape(4, 5)
@@ -128,7 +129,7 @@ def test_flat_packing_gives_the_row_packing_loss_and_gradients(layout):
         model.init_weights()
         b = batch.to_torch()
         hidden = model.train()(b.input_ids, b.position_ids, attention_inputs(b))
-        out = pmp_loss(hidden, model.lm_head.weight, model.score.weight, b, rm_coef=1.0, lm_coef=1.0,
+        out = pmp_loss(hidden, Heads.of(model), b, rm_coef=1.0, lm_coef=1.0,
                        global_pairs=len(pairs), global_lm_tokens=batch.num_lm_tokens, lm_chunk=16,
                        backend="torch")
         out.loss.backward()
@@ -151,9 +152,9 @@ def test_pmp_loss_under_bf16_autocast_keeps_rewards_fp32():
     lm_weight, score_weight = torch.randn(config.vocab_size, config.hidden_size) * 0.1, torch.randn(1, config.hidden_size)
     kwargs = dict(rm_coef=1.0, lm_coef=1.0, global_pairs=len(pairs), global_lm_tokens=batch.num_lm_tokens,
                   lm_chunk=32, backend="torch")
-    fp32 = pmp_loss(hidden, lm_weight, score_weight, batch, **kwargs)
+    fp32 = pmp_loss(hidden, Heads(lm_weight, score_weight), batch, **kwargs)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        mixed = pmp_loss(hidden, lm_weight, score_weight, batch, **kwargs)
+        mixed = pmp_loss(hidden, Heads(lm_weight, score_weight), batch, **kwargs)
         rows = hidden.reshape(-1, config.hidden_size)[batch.chosen_index]
         bf16_rewards = rows @ score_weight.reshape(-1)  # what an unguarded product would give
     assert mixed.rm_loss.dtype == torch.float32 and mixed.lm_loss.dtype == torch.float32

@@ -22,7 +22,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from distributed_utils import run_ranks  # noqa: E402
-from megapmp.loss import LOSS_BACKEND_ENV, lm_loss_sum, loss_backend, pmp_loss, resolve_loss_backend  # noqa: E402
+from megapmp.loss import LOSS_BACKEND_ENV, Heads, lm_loss_sum, loss_backend, pmp_loss, resolve_loss_backend  # noqa: E402
 from megapmp_kernels import pair_loss as PL  # noqa: E402
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
@@ -164,7 +164,7 @@ def test_vocab_split_in_one_process(backend):
 
 def _tp_rank(rank, world, seed, sequence_parallel):
     os.environ["TRITON_INTERPRET"] = "1"  # this process may not have imported the test module
-    from megapmp.parallel.loss import vocab_parallel_lm_loss_sum
+    from megapmp.loss import lm_loss_sum
     from megapmp.parallel.topology import ParallelDims
 
     group = ParallelDims(tp=world, world_size=world).build().tp_group
@@ -180,8 +180,7 @@ def _tp_rank(rank, world, seed, sequence_parallel):
     for backend in ["torch", "triton"] if HAS_TRITON else ["torch"]:
         h = (hidden if sequence_parallel else hidden.reshape(1, T, H)).clone().requires_grad_()
         w = weight.chunk(world)[rank].clone().requires_grad_()
-        loss = vocab_parallel_lm_loss_sum(h, w, labels, group, sequence_parallel=sequence_parallel,
-                                          backend=backend)
+        loss = lm_loss_sum(h, w, labels, group, sequence_parallel=sequence_parallel, backend=backend)
         close(loss, ref, f"{backend} loss")
         loss.backward()
         close(h.grad.reshape(ref_dh.shape), ref_dh, f"{backend} dH (partials summed over the TP group)")
@@ -192,7 +191,7 @@ def _tp_rank(rank, world, seed, sequence_parallel):
 
 @pytest.mark.parametrize("sequence_parallel", [False, True], ids=["tp", "tp+sp"])
 def test_vocab_parallel_two_gloo_ranks(sequence_parallel):
-    """The fused path behind vocab_parallel_lm_loss_sum on 2 gloo ranks: the all-reduce combine of
+    """The fused path behind the vocab-parallel lm_loss_sum on 2 gloo ranks: the all-reduce combine of
     combine_partials, vocab_start offsets, and the partial dH summed by copy_to_tp (TP) or by the
     sequence all-gather's reduce-scatter (TP+SP)."""
     results = run_ranks(2, _tp_rank, 8, sequence_parallel, timeout=120)
@@ -237,7 +236,7 @@ def test_pmp_loss_triton_backend_matches_torch_backend(coefs):
     outs, grads = {}, {}
     for backend in ["torch", "triton"]:
         h, w, s = leaves([hidden, weight, score])
-        out = pmp_loss(h, w, s, batch, backend=backend, **kwargs)
+        out = pmp_loss(h, Heads(w, s), batch, backend=backend, **kwargs)
         out.loss.backward()
         outs[backend], grads[backend] = out, [x.grad if x.grad is not None else torch.zeros_like(x) for x in (h, w, s)]
     a, b = outs["triton"], outs["torch"]

@@ -16,24 +16,21 @@ import numpy as np
 import pytest
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from distributed_utils import run_ranks
 from megapmp.config import model_preset
 from megapmp.data.datasets import Pair
 from megapmp.data.packing import pack_pairs
-from megapmp.eval.scoring import attention_inputs
-from megapmp.loss import pair_rewards, pmp_loss
+from megapmp.model.attention import attention_inputs
+from megapmp.loss import Heads, fp32_rewards, pair_rewards, pmp_loss, reward_rows
 from megapmp.model import Qwen2RewardModel
 from megapmp.parallel import collectives as C
-from megapmp.parallel.loss import parallel_pmp_loss, sequence_parallel_pair_rewards
 from megapmp.parallel.parallelize import (
     allreduce_tp_replicated_grads, clip_grad_norm_, full_state_dict, load_full_state_dict, parallelize_model,
     tp_partial_grad_params, tp_replicated_params,
 )
 from megapmp.parallel.tensor_parallel import (
     ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding, attention_head_shards, check_tp_compatible,
-    vocab_parallel_ce_sum, vocab_parallel_cross_entropy,
 )
 from megapmp.parallel.topology import ParallelContext, ParallelDims
 
@@ -221,26 +218,7 @@ def _embedding(rank, world):
         close(layer.weight.grad, chunk(full.weight.grad, rank, world), f"weight grad sp={sp}")
 
 
-def _cross_entropy(rank, world):
-    group = tp_context(world).tp_group
-    logits = 3 * seeded(1, 9, 12)
-    targets = torch.randint(0, 12, (9,), generator=torch.Generator().manual_seed(2))
-    targets[4] = -100
-    assert {int(t) // 6 for t in targets if t >= 0} == {0, 1}  # both ranks own some targets
-    full = logits.clone().requires_grad_()
-    ref = F.cross_entropy(full, targets, reduction="sum")
-    ref.backward()
-    local = chunk(logits, rank, world, -1).clone().requires_grad_()
-    loss = vocab_parallel_ce_sum(local, targets, group)
-    close(loss, ref, "summed loss")
-    loss.backward()
-    close(local.grad, chunk(full.grad, rank, world, -1), "logit grad")
-    per_token = vocab_parallel_cross_entropy(chunk(logits, rank, world, -1), targets, group)
-    close(per_token, F.cross_entropy(logits, targets, reduction="none"), "per-token loss")
-
-
-@pytest.mark.parametrize("fn", [_column, _row, _embedding, _cross_entropy],
-                         ids=["column", "row", "vocab_embedding", "vocab_cross_entropy"])
+@pytest.mark.parametrize("fn", [_column, _row, _embedding], ids=["column", "row", "vocab_embedding"])
 def test_layer_matches_single_device(fn):
     run_ranks(2, fn)
 
@@ -330,11 +308,12 @@ def _model_parity(rank, world, tp, sequence_parallel, layout, kv_heads, checkpoi
         assert torch.equal(full, reference.state_dict()[name]), name
 
     hidden_ref = reference(batch.input_ids, batch.position_ids, attn)
-    out_ref = pmp_loss(hidden_ref, reference.lm_head.weight, reference.score.weight, batch, **coefs, **counts)
+    out_ref = pmp_loss(hidden_ref, Heads.of(reference), batch, **coefs, **counts)
     out_ref.loss.backward()
 
     hidden = model(batch.input_ids, batch.position_ids, attn)
-    out = parallel_pmp_loss(hidden, model, batch, ctx, **coefs, **counts)
+    out = pmp_loss(hidden, Heads.of(model), batch, tp_group=ctx.tp_group, sequence_parallel=sequence_parallel,
+                   **coefs, **counts)
     out.loss.backward()
     allreduce_tp_replicated_grads(model, ctx)
 
@@ -342,8 +321,8 @@ def _model_parity(rank, world, tp, sequence_parallel, layout, kv_heads, checkpoi
         if sequence_parallel:
             assert hidden.shape == (batch.input_ids.numel() // tp, 64)
             close(hidden, chunk(hidden_ref.reshape(-1, 64), ctx.tp_rank, tp), "hidden shard")
-            rewards = sequence_parallel_pair_rewards(hidden, model.score.weight, batch.chosen_index,
-                                                     batch.rejected_index, ctx.tp_group)
+            rows = reward_rows(hidden, batch.chosen_index, batch.rejected_index, ctx.tp_group, sequence_parallel=True)
+            rewards = [C.reduce_from_tp(fp32_rewards(r, model.score.weight), ctx.tp_group) for r in rows]
         else:
             close(hidden, hidden_ref, "hidden")
             rewards = pair_rewards(hidden, model.score.weight, batch.chosen_index, batch.rejected_index)

@@ -229,7 +229,9 @@ def test_torchrun_writes_one_metrics_file_and_exports_like_single(shards, refere
     for key, value in overrides(shards, ("steps", "10"), ("checkpoint.interval", "10")):
         args += [f"--{key}", value]
     args += ["--parallel.tp", "2", "--parallel.pp", "2"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo", "PYTHONPATH": str(REPO)}
+    # This checkout's kernels too: an installed megapmp_kernels may be another checkout's.
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo",
+           "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "kernels")])}
     started = time.time()
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "4",
                            "-m", "megapmp.train", *args],

@@ -18,10 +18,12 @@ from distributed_utils import run_ranks
 from megapmp.config import model_preset
 from megapmp.data.datasets import Pair
 from megapmp.data.packing import pack_pairs
-from megapmp.eval.scoring import attention_inputs
-from megapmp.loss import pmp_loss
+from megapmp.model.attention import attention_inputs
+from functools import partial
+
+from megapmp.loss import Heads, pmp_loss
 from megapmp.model import Qwen2RewardModel
-from megapmp.parallel.pipeline import (build_stage_chunks, layer_split, pmp_loss_fn, reduce_tied_embedding_grads,
+from megapmp.parallel.pipeline import (build_stage_chunks, layer_split, reduce_tied_embedding_grads,
                                        run_schedule, sync_tied_embeddings, tied_duplicate_params)
 from megapmp.parallel.schedules import build_schedule
 from megapmp.parallel.topology import ParallelContext, ParallelDims
@@ -34,6 +36,11 @@ LOSS = dict(rm_coef=1.0, lm_coef=0.5)
 def make_config(tied: bool, layers: int):
     return dataclasses.replace(model_preset("tiny"), vocab_size=VOCAB, tie_word_embeddings=tied,
                                num_hidden_layers=layers)
+
+
+def pmp_loss_fn(last_chunk, **loss_kwargs):
+    """run_schedule's loss_fn: pmp_loss with the last chunk's heads (what megapmp.parallel.engine passes)."""
+    return lambda hidden, batch: pmp_loss(hidden, Heads.of(last_chunk), batch, **loss_kwargs)
 
 
 def make_model(config) -> Qwen2RewardModel:
@@ -70,7 +77,7 @@ def reference(model, batches):
     totals = torch.zeros(5)
     for batch in batches:
         hidden = model(batch.input_ids, batch.position_ids, attention_inputs(batch))
-        out = pmp_loss(hidden, model.lm_head.weight, model.score.weight, batch, **loss_kwargs(batches))
+        out = pmp_loss(hidden, Heads.of(model), batch, **loss_kwargs(batches))
         out.loss.backward()
         totals += torch.stack([out.loss.detach(), out.rm_loss, out.lm_loss, out.correct, out.margin_sum])
     return totals, {n: p.grad.clone() for n, p in model.named_parameters()}
@@ -79,7 +86,8 @@ def reference(model, batches):
 def pipeline_step(ctx, schedule_name, chunks_per_stage, config, full_state, batches):
     """Build this stage's chunks from the full model's weights, run the schedule and return
     (metrics, {parameter name: grad}) for this stage."""
-    chunks = build_stage_chunks(config, ctx.pp_rank, ctx.pp_size, chunks_per_stage)
+    chunks = build_stage_chunks(partial(Qwen2RewardModel, config), config.num_hidden_layers, ctx.pp_rank, ctx.pp_size,
+                                chunks_per_stage)
     for chunk in chunks:
         chunk.load_state_dict({k: full_state[k] for k in chunk.state_dict()})
         if config.tie_word_embeddings and chunk.lm_head is not None and chunk.embed_tokens is None:
@@ -182,7 +190,7 @@ def test_layer_split_and_stage_chunks():
         return sorted(n for n, _ in chunk.named_parameters()
                       if not n.startswith("layers.") or n.endswith("mlp.up_proj.weight"))
 
-    names = [[held(chunk) for chunk in build_stage_chunks(config, stage, 2, 2)] for stage in range(2)]
+    names = [[held(chunk) for chunk in build_stage_chunks(partial(Qwen2RewardModel, config), config.num_hidden_layers, stage, 2, 2)] for stage in range(2)]
     assert names[0][0] == ["embed_tokens.weight", "layers.0.mlp.up_proj.weight", "layers.1.mlp.up_proj.weight"]
     assert names[1][0] == ["layers.2.mlp.up_proj.weight", "layers.3.mlp.up_proj.weight"]
     assert names[0][1] == ["layers.4.mlp.up_proj.weight", "layers.5.mlp.up_proj.weight"]
@@ -196,7 +204,7 @@ def test_tied_duplicate_is_the_last_stages_lm_head(tied):
     for pp in (1, 2, 3):
         for stage in range(pp):
             ctx = ParallelContext(dims=ParallelDims(pp=pp, world_size=pp), pp_rank=stage, pp_ranks=list(range(pp)))
-            chunks = build_stage_chunks(config, stage, pp)
+            chunks = build_stage_chunks(partial(Qwen2RewardModel, config), config.num_hidden_layers, stage, pp)
             expected = [chunks[-1].lm_head.weight] if tied and pp > 1 and stage == pp - 1 else []
             assert tied_duplicate_params(chunks, ctx) == expected
 

@@ -10,13 +10,13 @@ reward rows of N pairs [N, H] x 2 and the score head [1, H]; gradients w.r.t. al
 
   naive  the seed implementation: logits [T, V] in the model dtype (kept alive until backward is done, as
          the seed's model output is), an fp32 copy, F.cross_entropy (megapmp_kernels.pair_loss.naive_pair_loss).
-  fused  megapmp_kernels.pair_loss.fused_pair_loss: on CUDA the Triton kernels (--backend auto|triton); on
-         CPU its chunked torch twin (same algorithm and memory behaviour: vocab-chunked log-sum-exp,
-         logits recomputed in backward in [T x chunk] blocks), reported as fused_impl "torch-chunked".
+  fused  megapmp_kernels.pair_loss.fused_pair_loss, the one loss primitive megapmp.loss calls: on CUDA the
+         Triton kernels (--backend auto|triton); on CPU its torch backend, reported as fused_impl
+         "torch-chunked".
 
-  chunked  what megapmp.loss runs where the Triton kernel does not (the CPU trainer):
-         ChunkedLinearCrossEntropy (vocab-wide logits of --chunk-bytes worth of rows at a time, gradients
-         made in forward, no recompute) + fp32 rewards; reported as chunked_* keys.
+  chunked  the torch backend's LM algorithm called directly: ChunkedLinearCrossEntropy (vocab-wide logits
+         of --chunk-bytes worth of rows at a time, gradients made in forward, no recompute) + fp32
+         rewards; reported as chunked_* keys.
 
 Memory (peak bytes above the baseline once the inputs exist; both sides include their gradient outputs,
 whose total is grad_bytes, so *_workspace_bytes = peak - grad_bytes is what each side needs on top of
@@ -137,7 +137,7 @@ def make_step(side, args, leaves, targets):
             sums, logits = naive_pair_loss(h, w, targets, c, r, s)
         else:
             sums, logits = fused_pair_loss(h, w, targets, c, r, s, backend=args.backend,
-                                           chunk_bytes=args.chunk_bytes), None
+                                           chunk_bytes=args.chunk_bytes, chunk_tokens=chunked_rows(args)), None
         loss = sums.lm_sum / args.tokens + sums.rm_sum / args.pairs
         grads = torch.autograd.grad(loss, leaves)
         del logits  # the seed's logits live until backward is done
@@ -153,14 +153,16 @@ def chunked_rows(args) -> int:
 
 def chunked_step(args, leaves, targets):
     import torch
-    from megapmp.loss import ChunkedLinearCrossEntropy, fp32_rewards, rm_loss_sum
+    import torch.nn.functional as F
+    from megapmp_kernels.pair_loss import ChunkedLinearCrossEntropy
 
     h, w, c, r, s = leaves
     rows = chunked_rows(args)
 
     def step():
         lm_sum = ChunkedLinearCrossEntropy.apply(h, w, targets, rows)
-        rm_sum = rm_loss_sum(fp32_rewards(c, s), fp32_rewards(r, s))
+        weight = s.float().reshape(-1)
+        rm_sum = -F.logsigmoid(c.float() @ weight - r.float() @ weight).sum()
         grads = torch.autograd.grad(lm_sum / args.tokens + rm_sum / args.pairs, leaves)
         return [lm_sum.detach(), rm_sum.detach(), *grads]
 

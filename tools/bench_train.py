@@ -84,9 +84,9 @@ from megapmp.config import MODEL_PRESETS, DataConfig, ModelConfig, TrainConfig, 
 from megapmp.convert.hf import to_hf_config, to_hf_state_dict
 from megapmp.data.datasets import Pair
 from megapmp.data.packing import IGNORE_INDEX, PACKINGS, flatten_rows, pack_pairs
-from megapmp.eval.scoring import attention_inputs
+from megapmp.model.attention import attention_inputs
 from megapmp.flops import batch_flops
-from megapmp.loss import pmp_loss
+from megapmp.loss import Heads, pmp_loss
 from megapmp.model import Qwen2RewardModel
 from megapmp.optim import build_optimizer
 
@@ -207,7 +207,7 @@ class MegapmpSide(Side):
         batch = packed.to_torch(self.device)
         with self.autocast():  # the loss under autocast too, as the trainer runs it
             hidden = self.model(batch.input_ids, batch.position_ids, attention_inputs(batch))  # [R, S, H]
-            out = pmp_loss(hidden, self.model.lm_head.weight, self.model.score.weight, batch,
+            out = pmp_loss(hidden, Heads.of(self.model), batch,
                            rm_coef=self.args.rm_coef, lm_coef=self.args.lm_coef, global_pairs=len(pairs),
                            global_lm_tokens=packed.num_lm_tokens, lm_chunk=self.args.lm_chunk)
         self._finish(out.loss)

@@ -6,9 +6,15 @@
 ``fused_pair_loss`` is one autograd Function computing both sums (and the detached margins
 r_chosen - r_rejected). Its caller selects the rows: the hidden states of the LM-target tokens
 [T, H] and of the two read-out tokens of each pair [N, H] x 2; their gradients flow back through
-that selection. Two interchangeable backends implement the two primitives of the LM term:
+that selection. It is megapmp's only implementation of the loss (megapmp.loss.pmp_loss calls it),
+with two backends:
 
-* ``"triton"`` -- two Triton kernels (CUDA; on CPU under ``TRITON_INTERPRET=1``, fp32 only):
+* ``"torch"`` (any device; the CPU path) -- ``ChunkedLinearCrossEntropy``: chunks of T target rows
+  against the whole (local) vocabulary, softmax - onehot turned into dH and dW in forward, backward a
+  scale; no logit recompute, which on a CPU measures faster than recomputing (tools/bench_loss.py,
+  chunked_* vs the recomputing torch twin below). The reward term in plain fp32 autograd.
+* ``"triton"`` -- one autograd Function over two Triton kernels (CUDA; on CPU under
+  ``TRITON_INTERPRET=1``, fp32 only):
   - ``lse_partials``: for blocks of BT tokens, the vocabulary is tiled in BV columns and each logit
     tile h[BT, H] @ W[BV, H]^T is accumulated in fp32 over H in BD slices (``tl.dot``); an online
     max / sum-exp per token gives one log-sum-exp per (token, vocab split), and the tile holding the
@@ -19,10 +25,10 @@ that selection. Two interchangeable backends implement the two primitives of the
     writes  g = (exp(z - lse) - onehot(y)) * dL/dlm_sum  in the weight's dtype; cuBLAS then gives
     dW[v0:v1] = g^T @ h (each row of dW written once, fp32 accumulation inside the GEMM) and
     dH += g @ W[v0:v1] (fp32 accumulator [T, H]).
-* ``"torch"`` -- the same two primitives in chunked torch (any device; the CPU path), with the same
-  memory behaviour: nothing larger than one [T x chunk] block of logits exists at a time.
+``lse_partials`` / ``grad_logits`` keep a chunked torch twin each (``backend="torch"``): the kernels'
+references in the tests, with the same memory behaviour (nothing larger than one [T x chunk] block).
 
-Backward is deterministic: no atomics anywhere (the forward reduces splits in torch, the gradient
+Triton backward is deterministic: no atomics anywhere (the forward reduces splits in torch, the gradient
 kernel writes disjoint tiles, and the dH / dW contractions are plain GEMMs). Its workspace is one
 [T x chunk] block of grad-logits (``chunk_bytes``, default 256 MiB; the chunk runs over the
 *vocabulary* so that dW needs no accumulation) plus the fp32 dH accumulator [T, H].
@@ -80,7 +86,7 @@ DEFAULT_CHUNK_BYTES = 256 << 20  # grad-logits workspace of the backward (and th
 _LOG2E = 1.4426950408889634
 _LN2 = 0.6931471805599453
 
-__all__ = ["PairLossSums", "fused_pair_loss", "pair_loss_reference", "naive_pair_loss", "combine_partials",
+__all__ = ["PairLossSums", "fused_pair_loss", "ChunkedLinearCrossEntropy", "pair_loss_reference", "naive_pair_loss", "combine_partials",
            "lse_partials", "grad_logits", "triton_available", "triton_error"]
 
 
@@ -442,6 +448,7 @@ class _Options(NamedTuple):
     compute_dtype: torch.dtype
     vocab_start: int
     group: object
+    reward_group: object
     ignore_index: int
     backend: str
     chunk_bytes: int
@@ -474,6 +481,8 @@ class _FusedPairLoss(torch.autograd.Function):
         if chosen is not None and chosen.shape[0]:
             weight = score_weight.float().reshape(-1)
             margins = chosen.float() @ weight - rejected.float() @ weight  # [N]
+            if opts.reward_group is not None:  # partial margins (rows owned elsewhere are zero): complete them
+                dist.all_reduce(margins, group=opts.reward_group)
             rm_sum = -F.logsigmoid(margins).sum()
         ctx.opts = opts
         ctx.save_for_backward(hidden, lm_weight, targets, lse, chosen, rejected, score_weight, margins)
@@ -538,12 +547,149 @@ def _lm_backward(hidden, lm_weight, targets, lse, grad_lm, opts: _Options, need_
     return d_hidden, d_weight
 
 
+class ChunkedLinearCrossEntropy(torch.autograd.Function):
+    """The torch backend's LM term: sum_t CE(hidden[t] @ weight.T, targets[t]) in chunks of ``chunk``
+    tokens, gradients made in forward. (Every row must be a real target: fused_pair_loss drops
+    ``ignore_index`` rows before calling it.)
+
+    The loss is the graph's last op and its output a scalar, so d(loss)/d(logits) = softmax - onehot is
+    known while each chunk's logits are still at hand: forward turns them into grad_hidden [T, H] and
+    accumulates grad_weight [V, H] there and then, and backward only scales the two by the incoming
+    scalar. Against recomputing the logits in backward (the Triton path) this skips one [T x H x V]
+    matmul, a third of the LM head's work, and holds one [chunk x V] buffer instead of logits,
+    log-probabilities and their gradient: on a CPU the fastest of the torch formulations
+    (tools/bench_loss.py). grad_weight is allocated at the same point in the step as a recomputing
+    version's (loss backward runs first), so the step's peak does not grow -- except where several loss
+    forwards wait for their backwards (the last stage of an all-forward-all-backward pipeline schedule),
+    which each hold one [V, H] fp32 buffer until then; 1F1B keeps it at one. (On a GPU the [V, H] fp32
+    accumulator is the bigger cost, hence the Triton kernels recompute.)
+
+    Vocab-parallel (``group`` of several ranks, ``weight`` = this rank's rows [V/tp, H] from global id
+    ``vocab_start``): per chunk one all-reduce(max) of the row maxima and one all-reduce(sum) of
+    [sum-exp, target logit]; grad_hidden is then this rank's partial (summed by the caller's copy_to_tp
+    or the sequence all-gather's reduce-scatter), grad_weight this rank's rows, exact.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, chunk, grad_enabled=True, vocab_start=0, group=None):
+        # Grad mode is always off inside forward and needs_input_grad ignores no_grad(), so the caller
+        # says whether a backward can follow (torch.is_grad_enabled()); without one, no gradient work.
+        need_hidden = grad_enabled and ctx.needs_input_grad[0]
+        need_weight = grad_enabled and ctx.needs_input_grad[1]
+        grad_hidden = torch.empty_like(hidden) if need_hidden else None
+        grad_weight = torch.zeros_like(weight, dtype=torch.float32) if need_weight else None
+        group = group if group is not None and dist.get_world_size(group) > 1 else None
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        for start in range(0, hidden.shape[0], chunk):
+            rows = slice(start, start + chunk)
+            total += _ce_chunk(hidden[rows], weight, targets[rows] - vocab_start,
+                               grad_hidden[rows] if need_hidden else None, grad_weight, group)
+        ctx.grads = (grad_hidden, grad_weight, weight.dtype)
+        return total
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_total):
+        if ctx.grads is None:
+            raise RuntimeError("ChunkedLinearCrossEntropy supports one backward per forward (its gradients are "
+                               "made in forward and handed on in place); recompute the loss to differentiate again")
+        grad_hidden, grad_weight, weight_dtype = ctx.grads
+        ctx.grads = None  # free the buffers as soon as they are handed on
+        # In place: these buffers are handed on as the gradients, no second copy of [V, H]. The scale
+        # (lm_coef / global tokens) is applied in fp32: rounding it to bf16 would bias every gradient.
+        if grad_hidden is not None:
+            if grad_hidden.dtype == torch.float32:
+                grad_hidden.mul_(grad_total)
+            else:
+                grad_hidden.copy_(grad_hidden.float() * grad_total)
+        if grad_weight is not None:
+            grad_weight = grad_weight.mul_(grad_total).to(weight_dtype)
+        return grad_hidden, grad_weight, None, None, None, None, None
+
+
+def _ce_chunk(h, weight, local_targets, grad_hidden_out, grad_weight_acc, group) -> torch.Tensor:
+    """Summed CE of one chunk (``local_targets`` = ids relative to this rank's first vocab row); writes
+    its d/dh into grad_hidden_out and adds its d/dW to grad_weight_acc (either may be None). A function
+    of its own so the [c, V] buffer is freed before the next chunk's."""
+    logits = (h @ weight.t()).float()  # [c, V(/tp)], the only vocabulary-sized buffer
+    rows = torch.arange(len(local_targets), device=local_targets.device)
+    if group is None:
+        owned, target_logit = None, logits[rows, local_targets]
+    else:
+        owned = (local_targets >= 0) & (local_targets < weight.shape[0])
+        rows = rows[owned]
+        target_logit = torch.zeros(len(local_targets), dtype=torch.float32, device=logits.device)
+        target_logit[rows] = logits[rows, local_targets[rows]]
+    row_max = logits.amax(dim=-1)
+    if group is not None:
+        dist.all_reduce(row_max, op=dist.ReduceOp.MAX, group=group)
+    exp = logits.sub_(row_max[:, None]).exp_()  # in place: exp(logit - max)
+    sum_exp = exp.sum(dim=-1)
+    if group is not None:
+        sums = torch.stack([sum_exp, target_logit])
+        dist.all_reduce(sums, group=group)
+        sum_exp, target_logit = sums[0], sums[1]
+    total = (row_max + sum_exp.log() - target_logit).sum()  # log-sum-exp - target logit
+    if grad_hidden_out is not None or grad_weight_acc is not None:
+        grad_logits = exp.mul_(sum_exp.reciprocal()[:, None])  # softmax - onehot, in place, fp32
+        grad_logits[rows, local_targets[rows] if owned is not None else local_targets] -= 1.0
+        if grad_hidden_out is not None:
+            grad_hidden_out.copy_(grad_logits.to(weight.dtype) @ weight)
+        if grad_weight_acc is not None:  # in place into fp32 (autocast leaves it so): no [V, H] temporary
+            grad_weight_acc.addmm_(grad_logits.t(), h.float())
+    return total
+
+
+def _multi(group):
+    """``group`` if it has several ranks, else None (no collective needed)."""
+    return group if group is not None and dist.get_world_size(group) > 1 else None
+
+
+class _SumOverGroup(torch.autograd.Function):
+    """forward: all-reduce(sum) over ``group``; backward: identity (each rank's input is its own share)."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        x = x.clone()
+        dist.all_reduce(x, group=group)
+        return x
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None
+
+
+def _torch_pair_loss(hidden, lm_weight, targets, chosen, rejected, score_weight, *, vocab_start, group,
+                     ignore_index, chunk_tokens, reward_group) -> PairLossSums:
+    """The torch backend: ChunkedLinearCrossEntropy for the LM term, plain autograd for the reward term."""
+    device = (hidden if hidden is not None else chosen).device
+    lm_sum = rm_sum = torch.zeros((), dtype=torch.float32, device=device)
+    margins = torch.zeros((0,), dtype=torch.float32, device=device)
+    if chosen is not None and chosen.shape[0]:
+        # fp32 also inside autocast: rewards are compared with each other, and a bf16 product would round
+        # away margins the loss still has to see.
+        with torch.autocast(device.type, enabled=False):
+            margins = chosen.float() @ score_weight.float().reshape(-1) - rejected.float() @ score_weight.float().reshape(-1)
+            if reward_group is not None:
+                margins = _SumOverGroup.apply(margins, reward_group)
+            rm_sum = -F.logsigmoid(margins).sum()
+        margins = margins.detach()
+    if hidden is not None:
+        valid = targets != ignore_index
+        if not bool(valid.all()):
+            hidden, targets = hidden[valid], targets[valid]
+        lm_sum = ChunkedLinearCrossEntropy.apply(hidden, lm_weight, targets, chunk_tokens, torch.is_grad_enabled(),
+                                                 vocab_start, group)
+    return PairLossSums(lm_sum, rm_sum, margins)
+
+
 def fused_pair_loss(hidden: torch.Tensor | None, lm_weight: torch.Tensor | None, targets: torch.Tensor | None,
                     chosen: torch.Tensor | None = None, rejected: torch.Tensor | None = None,
                     score_weight: torch.Tensor | None = None, *, vocab_start: int = 0, group=None,
                     ignore_index: int = IGNORE_INDEX, backend: str = "auto", chunk_bytes: int | None = None,
                     num_splits: int | None = None, config: dict | None = None,
-                    compute_dtype: torch.dtype | None = None) -> PairLossSums:
+                    compute_dtype: torch.dtype | None = None, chunk_tokens: int = 4096,
+                    reward_group=None) -> PairLossSums:
     """Summed CE of the LM targets and summed pairwise -log sigmoid, in one autograd Function.
 
     hidden: [T, H] hidden states of the LM-target positions (None: no LM term); lm_weight: [V_local, H];
@@ -551,11 +697,19 @@ def fused_pair_loss(hidden: torch.Tensor | None, lm_weight: torch.Tensor | None,
     states at the pairs' read-out tokens, score_weight: [H] or [1, H] (None: no RM term). Gradients
     flow to hidden, lm_weight, chosen, rejected and score_weight. ``vocab_start`` / ``group``: see the
     module docstring (the dH of a vocab-parallel rank is partial). ``backend``: "triton", "torch" or
-    "auto" (triton on CUDA when importable). ``num_splits`` / ``config`` pin the forward's vocab splits
-    and the kernels' tile sizes (tests); by default they are chosen per device (autotuned on CUDA).
-    ``compute_dtype``: the dtype of the logit GEMMs (fp32 accumulation always); default: the autocast
-    dtype where autocast is on for this device (as torch.mm would), else lm_weight's dtype. Gradients
-    come back in each input's own dtype. The reward term is always fp32.
+    "auto" (triton on CUDA when importable).
+
+    torch backend: ``ChunkedLinearCrossEntropy`` over ``chunk_tokens`` target rows at a time (gradients
+    made in forward), the logit GEMMs in autocast's dtype where autocast is on. triton backend:
+    ``num_splits`` / ``config`` pin the forward's vocab splits and the kernels' tile sizes (tests; by
+    default chosen per device, autotuned on CUDA), ``chunk_bytes`` bounds the backward's grad-logits
+    block, ``compute_dtype`` is the dtype of the logit GEMMs (fp32 accumulation always; default: the
+    autocast dtype where autocast is on for this device, as torch.mm would, else lm_weight's dtype).
+    Gradients come back in each input's own dtype. The reward term is always fp32.
+
+    ``reward_group`` (sequence parallelism): chosen / rejected are this rank's partial rows -- zero where
+    another rank of the group holds the read-out token -- and the margins are summed over the group
+    (backward: identity), so the score head's gradient is this rank's partial, to be summed over TP.
     """
     device = (hidden if hidden is not None else chosen).device
     if backend == "auto":
@@ -569,7 +723,13 @@ def fused_pair_loss(hidden: torch.Tensor | None, lm_weight: torch.Tensor | None,
         raise ValueError("the RM term needs rejected (shaped like chosen) and score_weight")
     if hidden is None and chosen is None:
         raise ValueError("fused_pair_loss needs the LM rows, the reward rows, or both")
-    opts = _Options(compute_dtype, vocab_start, group, ignore_index, backend, chunk_bytes or DEFAULT_CHUNK_BYTES, num_splits,
+    if backend == "torch":
+        return _torch_pair_loss(hidden, lm_weight, targets, chosen, rejected, score_weight, vocab_start=vocab_start,
+                                group=group, ignore_index=ignore_index, chunk_tokens=chunk_tokens,
+                                reward_group=_multi(reward_group))
+    if backend != "triton":
+        raise ValueError(f"backend must be 'auto', 'torch' or 'triton', got {backend!r}")
+    opts = _Options(compute_dtype, vocab_start, group, _multi(reward_group), ignore_index, backend, chunk_bytes or DEFAULT_CHUNK_BYTES, num_splits,
                     config)
     return PairLossSums(*_FusedPairLoss.apply(hidden, lm_weight, targets, chosen, rejected, score_weight, opts))
 

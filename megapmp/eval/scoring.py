@@ -7,12 +7,7 @@ import torch
 
 from megapmp.data.packing import pack_pairs
 from megapmp.loss import pair_rewards
-from megapmp.model.attention import AttentionInputs
-
-
-def attention_inputs(batch) -> AttentionInputs:
-    """The model's view of a torch PackedBatch."""
-    return AttentionInputs(batch.segment_ids, batch.branch_ids, batch.cu_seqlens, batch.max_seqlen)
+from megapmp.model.attention import attention_inputs
 
 
 @torch.no_grad()

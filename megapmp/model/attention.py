@@ -154,6 +154,11 @@ class AttentionInputs:
         return (self.mask().squeeze(1).sum(-1) - 1).long()
 
 
+def attention_inputs(batch) -> AttentionInputs:
+    """The attention view of a torch PackedBatch (megapmp.data.packing): its packing structure only."""
+    return AttentionInputs(batch.segment_ids, batch.branch_ids, batch.cu_seqlens, batch.max_seqlen)
+
+
 def _check_shapes(segment_ids: torch.Tensor, branch_ids: torch.Tensor) -> None:
     if segment_ids.dim() != 2 or segment_ids.shape != branch_ids.shape:
         raise ValueError(

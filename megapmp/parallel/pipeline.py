@@ -1,10 +1,14 @@
 """Pipeline parallelism: split the model into stage chunks, and run one stage's schedule.
 
-    chunks = build_stage_chunks(config, ctx.pp_rank, ctx.pp_size, ctx.vpp_size)   # then load/init weights
+    chunks = build_stage_chunks(partial(Qwen2RewardModel, config), config.num_hidden_layers,
+                                ctx.pp_rank, ctx.pp_size, ctx.vpp_size)           # then load/init weights
     sync_tied_embeddings(chunks, ctx)                                             # after init or load
     actions = build_schedule("1f1b", ctx.pp_size, len(micro_batches), ctx.vpp_size)[ctx.pp_rank]
-    totals = run_schedule(actions, chunks, micro_batches, ctx, pmp_loss_fn(chunks[-1], ...))
+    totals = run_schedule(actions, chunks, micro_batches, ctx, loss_fn)           # loss_fn(hidden, batch)
     reduce_tied_embedding_grads(chunks, ctx)                                      # before clipping
+
+(megapmp.parallel.engine runs exactly this for the trainer.) The executor knows no concrete model and
+no loss: chunks are any modules called as below, the loss is a function of the last stage's output.
 
 `ctx` is a ``megapmp.parallel.topology.ParallelContext``; only ``pp_group``, ``pp_ranks``
 (global ranks of this pipeline's stages, in order), ``pp_rank`` and, for tied embeddings,
@@ -32,10 +36,9 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from megapmp.eval.scoring import attention_inputs
-from megapmp.loss import LossOutput, pmp_loss
-from megapmp.model.qwen2 import Qwen2RewardModel
-from megapmp.parallel.schedules import (B, F, RECV_B, RECV_F, SEND_B, SEND_F, Action, peer_stage, steps,
+from megapmp.model.attention import attention_inputs
+from megapmp.parallel.schedules import (B, F, RECV_B, RECV_F, SEND_B, SEND_F, Action, communication_batches,
+                                        peer_stage,
                                         virtual_stage)
 
 METRICS = ("loss", "rm_loss", "lm_loss", "correct", "margin_sum")  # the rows of run_schedule's result
@@ -54,30 +57,23 @@ def layer_split(num_layers: int, num_virtual_stages: int) -> list[list[int]]:
     return [list(range(bounds[v], bounds[v + 1])) for v in range(num_virtual_stages)]
 
 
-def build_stage_chunks(config, stage: int, num_stages: int, num_chunks: int = 1,
-                       **model_kwargs) -> list[Qwen2RewardModel]:
+def build_stage_chunks(build_chunk: Callable[..., nn.Module], num_layers: int, stage: int, num_stages: int,
+                       num_chunks: int = 1) -> list[nn.Module]:
     """This stage's model chunks; chunk c is virtual stage c * num_stages + stage. Virtual stage 0 has
-    the embedding, the last one the final norm, LM head and score head. Weights are uninitialised
+    the embedding, the last one the final norm, LM head and score head.
+
+    ``build_chunk(layer_ids=, with_embedding=, with_final_norm=, with_lm_head=, with_score=)`` makes one
+    chunk (e.g. ``functools.partial(Qwen2RewardModel, config)``); its weights are left as it makes them
     (call ``init_weights`` or load a state dict: parameter names are those of the full model)."""
     V = num_stages * num_chunks
-    layers = layer_split(config.num_hidden_layers, V)
+    layers = layer_split(num_layers, V)
     chunks = []
     for c in range(num_chunks):
         v = virtual_stage(stage, c, num_stages)
         last = v == V - 1
-        chunks.append(Qwen2RewardModel(config, layer_ids=layers[v], with_embedding=v == 0, with_final_norm=last,
-                                       with_lm_head=last, with_score=last, **model_kwargs))
+        chunks.append(build_chunk(layer_ids=layers[v], with_embedding=v == 0, with_final_norm=last,
+                                  with_lm_head=last, with_score=last))
     return chunks
-
-
-def pmp_loss_fn(last_chunk: Qwen2RewardModel, **loss_kwargs) -> Callable:
-    """The loss_fn of run_schedule for PMP: ``pmp_loss`` with the last chunk's heads. loss_kwargs are
-    pmp_loss's: rm_coef, lm_coef, global_pairs, global_lm_tokens (the whole step's counts), lm_chunk."""
-
-    def loss_fn(hidden, batch) -> LossOutput:
-        return pmp_loss(hidden, last_chunk.lm_head.weight, last_chunk.score.weight, batch, **loss_kwargs)
-
-    return loss_fn
 
 
 def run_schedule(actions: Sequence[Action], chunks: Sequence[nn.Module], micro_batches: Sequence, ctx,
@@ -89,8 +85,8 @@ def run_schedule(actions: Sequence[Action], chunks: Sequence[nn.Module], micro_b
     chunks: this stage's model chunks (chunk c = virtual stage c * pp + pp_rank), each called as
         ``chunk(input_ids or hidden [R, S(, H)], position_ids, attention_inputs) -> hidden [R, S, H]``.
     micro_batches: torch PackedBatch objects, the same on every stage of the pipeline.
-    loss_fn(hidden, batch) -> LossOutput: called on the last virtual stage only; backward starts from
-        its ``loss``, which must already be normalised by the step's global counts (pmp_loss_fn).
+    loss_fn(hidden, batch) -> megapmp.loss.LossOutput: called on the last virtual stage only; backward
+        starts from its ``loss``, which must already be normalised by the step's global counts.
     forward_context: entered around every chunk forward (e.g. ``lambda: torch.autocast(...)``) and the
         last stage's loss; backward runs outside it, as in the single-process trainer.
     activation_shape(batch) -> shape of the hidden states sent between stages; default (R, S, H).
@@ -121,14 +117,14 @@ def run_schedule(actions: Sequence[Action], chunks: Sequence[nn.Module], micro_b
     input_grads: dict = {}  # (m, c) -> gradient w.r.t. the input, to send back
     totals = torch.zeros(len(METRICS), dtype=torch.float32, device=device)
 
-    for step in steps(list(actions)):
-        if isinstance(step, tuple):
-            _communicate(step, ctx, P, inputs, outputs, output_grads, input_grads,
+    for action in communication_batches(list(actions)):
+        if isinstance(action, tuple):
+            _communicate(action, ctx, P, inputs, outputs, output_grads, input_grads,
                          lambda m: torch.empty(activation_shape(micro_batches[m]), dtype=dtype, device=device))
             continue
-        m, c = step.microbatch, step.chunk
+        m, c = action.microbatch, action.chunk
         v = virtual_stage(stage, c, P)
-        if step.kind == F:
+        if action.kind == F:
             batch = micro_batches[m]
             x = batch.input_ids if v == 0 else inputs[(m, c)]
             with forward_context():
@@ -144,13 +140,13 @@ def run_schedule(actions: Sequence[Action], chunks: Sequence[nn.Module], micro_b
                 raise TypeError(f"stage {stage} chunk {c} produced {hidden.dtype} activations, the pipeline "
                                 f"sends {dtype} (activation_dtype)")
             outputs[(m, c)] = hidden
-        elif step.kind == B:
+        elif action.kind == B:
             output = outputs.pop((m, c))
             torch.autograd.backward(output, grad_tensors=None if v == V - 1 else output_grads.pop((m, c)))
             if v > 0:
                 input_grads[(m, c)] = inputs.pop((m, c)).grad
         else:
-            raise ValueError(f"unknown action {step!r}")
+            raise ValueError(f"unknown action {action!r}")
 
     leftover = {name: sorted(d) for name, d in (("inputs", inputs), ("outputs", outputs),
                                                  ("output_grads", output_grads), ("input_grads", input_grads)) if d}

@@ -212,8 +212,9 @@ def _rounds_with_communication(rounds: list[list[Action]], stage: int, num_stage
 # ------------------------------------------------------------------------------ analysis
 
 
-def steps(actions: list[Action]) -> list[Action | tuple[Action, ...]]:
-    """Split a stage's list into compute actions and communication batches (tuples)."""
+def communication_batches(actions: list[Action]) -> list[Action | tuple[Action, ...]]:
+    """A stage's list as the executor runs it: each compute action alone, each run of consecutive p2p
+    actions as one batch (a tuple, posted together)."""
     out: list = []
     for a in actions:
         if a.kind in COMPUTE:
@@ -273,7 +274,7 @@ def simulate(schedule: Schedule, *, forward_cost: float = 1.0, backward_cost: fl
     """
     P = len(schedule)
     V = P * num_chunks_of(schedule)
-    stage_steps = [steps(actions) for actions in schedule]
+    stage_steps = [communication_batches(actions) for actions in schedule]
 
     # Match the k-th send on each channel (src -> dst) with the k-th receive there.
     sends: dict[tuple[int, int], list] = {}

@@ -1,4 +1,5 @@
-"""Tensor-parallel layers and the vocab-parallel cross entropy (Megatron ``tensor_parallel/layers.py``).
+"""Tensor-parallel layers (Megatron ``tensor_parallel/layers.py``); the vocab-parallel cross entropy is
+megapmp_kernels.fused_pair_loss's (one loss primitive).
 
 Shape legend: T = TP size, N tokens, H hidden, V vocabulary (padded). A weight "sharded on dim d" means
 rank t holds the t-th of T equal contiguous slices along d; the full tensor is their concatenation.
@@ -8,12 +9,11 @@ inspects plain layers (``init_weights``, optimizer grouping) handles them unchan
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
 from megapmp.parallel.collectives import (
-    _all_reduce, copy_to_tp, gather_from_sequence, gather_from_tp, group_rank, group_size, reduce_from_tp,
+    copy_to_tp, gather_from_sequence, gather_from_tp, group_rank, group_size, reduce_from_tp,
     reduce_scatter_to_sequence, scatter_to_tp,
 )
 
@@ -123,62 +123,6 @@ class VocabParallelEmbedding(nn.Embedding):
     def extra_repr(self) -> str:
         return (f"{super().extra_repr()}, full_num_embeddings={self.full_num_embeddings}, "
                 f"vocab_start={self.vocab_start}, sequence_parallel={self.sequence_parallel}")
-
-
-class _VocabParallelCE(torch.autograd.Function):
-    """Per-token CE over vocab-sharded logits; no collective in backward (Megatron's formulation).
-
-    With z [N, V] split as z_t [N, V/T] and m = max_v z, s = sum_v exp(z - m), the loss of token i with
-    target y_i is  l_i = log s_i - (z_{i,y_i} - m_i).  Rank t computes its local max, local sum of
-    exp and (if it owns y_i) the target logit; all-reduce(max), then one all-reduce(sum) of both sums.
-    dl_i/dz_t = softmax_t(z_i) - onehot_t(y_i), the one-hot being non-zero only on the owning rank.
-    """
-
-    @staticmethod
-    def forward(ctx, logits, targets, group, ignore_index):
-        logits = logits.float()  # [N, V/T]
-        vocab_local = logits.shape[-1]
-        start = group_rank(group) * vocab_local
-        logits_max = logits.max(dim=-1).values  # [N]
-        if group is not None:
-            logits_max = _all_reduce(logits_max, group, op=dist.ReduceOp.MAX)
-        shifted = logits - logits_max[:, None]
-        valid = targets != ignore_index
-        owned = (targets >= start) & (targets < start + vocab_local) & valid
-        local_targets = (targets - start).masked_fill(~owned, 0)
-        target_logit = shifted.gather(-1, local_targets[:, None]).squeeze(-1).masked_fill(~owned, 0.0)
-        exp = shifted.exp()
-        sums = torch.stack([exp.sum(-1), target_logit])  # [2, N]: one all-reduce for both
-        if group is not None:
-            sums = _all_reduce(sums, group)
-        sum_exp, target_logit = sums[0], sums[1]
-        loss = (sum_exp.log() - target_logit).masked_fill(~valid, 0.0)  # [N]
-        ctx.save_for_backward(exp / sum_exp[:, None], local_targets, owned, valid)
-        return loss
-
-    @staticmethod
-    def backward(ctx, grad_loss):
-        softmax, local_targets, owned, valid = ctx.saved_tensors
-        g = grad_loss.float() * valid
-        grad = softmax * g[:, None]
-        grad = grad.scatter_add(-1, local_targets[:, None], -(g * owned)[:, None])
-        return grad, None, None, None
-
-
-def vocab_parallel_cross_entropy(local_logits: torch.Tensor, targets: torch.Tensor, group,
-                                 ignore_index: int = -100) -> torch.Tensor:
-    """Per-token fp32 CE [N] from this rank's vocab slice of the logits.
-
-    local_logits: [N, V/T], rank t holding vocab columns [t*V/T, (t+1)*V/T); targets: [N] global ids,
-    identical on every rank of ``group``; ignore_index positions give 0 loss and 0 gradient.
-    """
-    return _VocabParallelCE.apply(local_logits, targets, group, ignore_index)
-
-
-def vocab_parallel_ce_sum(local_logits: torch.Tensor, targets: torch.Tensor, group,
-                          ignore_index: int = -100) -> torch.Tensor:
-    """Summed CE (``F.cross_entropy(full_logits, targets, reduction="sum")``) from vocab-sharded logits."""
-    return vocab_parallel_cross_entropy(local_logits, targets, group, ignore_index).sum()
 
 
 # -- GQA sharding ------------------------------------------------------------------------------------

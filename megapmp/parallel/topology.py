@@ -10,8 +10,10 @@ creates the groups. A ``ParallelContext`` is passed down explicitly; nothing her
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field, replace
 
+import torch
 import torch.distributed as dist
 
 
@@ -205,3 +207,29 @@ class ParallelContext:
     @property
     def next_stage_rank(self) -> int | None:
         return self.pp_ranks[self.pp_rank + 1] if not self.is_last_stage else None
+
+
+def init_distributed() -> bool:
+    """``init_process_group`` from torchrun's environment when WORLD_SIZE > 1 (NCCL on CUDA, else gloo);
+    sets the CUDA device from LOCAL_RANK. Returns whether torch.distributed is initialised."""
+    if dist.is_available() and dist.is_initialized():
+        return True
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return False
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group("nccl")
+    else:
+        dist.init_process_group("gloo")
+    return True
+
+
+def build_context(parallel_cfg) -> ParallelContext:
+    """This process's ParallelContext for ``cfg.parallel`` over the current world (1 without torch.distributed)."""
+    world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    ctx = ParallelDims.from_config(parallel_cfg, world).build()
+    if ctx.pp_group is not None and ctx.pp_size > 1:
+        # NCCL creates communicators lazily; a first collective on the pipeline group makes its p2p
+        # sends find an initialised communicator (batch_isend_irecv must not be the first call).
+        dist.barrier(group=ctx.pp_group)
+    return ctx
