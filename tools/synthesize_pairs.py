@@ -35,7 +35,6 @@ from __future__ import annotations
 import argparse
 import functools
 import json
-import os
 import sys
 import time
 from dataclasses import dataclass
@@ -45,7 +44,8 @@ from typing import Callable
 from megapmp.synth.backends import BackendError
 from megapmp.synth.collect import EXCLUDED_DIRS, LANGUAGES, CollectConfig, collect
 from megapmp.synth.filters import PairFilter
-from megapmp.synth.pipeline import read_snippets, run_rules, write_jsonl_atomic
+from megapmp.io import write_jsonl_atomic, write_text_atomic
+from megapmp.synth.pipeline import read_snippets, run_rules
 from megapmp.synth.rules import MUTATION_KINDS, DescribeConfig, RulesConfig, snippet_to_pair
 
 
@@ -128,11 +128,7 @@ def report(stats: dict, path: str | None) -> None:
     text = json.dumps(stats, indent=1)
     print(text, file=sys.stderr)
     if path:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text(text + "\n")
-        os.replace(tmp, path)
+        write_text_atomic(path, text + "\n")
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -43,7 +43,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Sequence
 
-from megapmp.data.jsonl import InputError, iter_jsonl as read_jsonl
+from megapmp.io import InputError, iter_jsonl as read_jsonl
 
 GSM8K_SOLUTION_KEYS = ("6b_finetuning", "6b_verification", "175b_finetuning", "175b_verification")
 # CodePMP BoN_eval/RM_rank_inference_multi_option.py, "prompt_no_input_with_text" / "..._with_context":
@@ -112,7 +112,7 @@ def _check_file(path) -> Path:
 def iter_jsonl(path) -> Iterator[tuple[int, dict]]:
     """(1-based line number, object) for each non-blank line of a JSONL file (``.gz`` allowed).
 
-    Read through megapmp.data.jsonl, the reader preprocessing uses: invalid UTF-8, lone surrogates,
+    Read through megapmp.io, the reader preprocessing uses: invalid UTF-8, lone surrogates,
     duplicate keys and truncated ``.gz`` files are DataErrors naming FILE:LINE."""
     path = _check_file(path)
     try:

@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
-import sys
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -32,7 +31,8 @@ from megapmp.eval import metrics
 from megapmp.eval.datasets import (CANDIDATE_LOADERS, DataError, detect_format, load_candidate_sets,
                                    load_codeprefbench, load_pairs)
 from megapmp.eval.report import (file_fingerprint, fmt, markdown_header, markdown_table, new_figure, save_figure,
-                                 write_json, write_text_atomic)
+                                 write_json)
+from megapmp.io import get_logger, write_text_atomic
 
 EXTRA_TASK_MODULES = ("megapmp.eval.code_bon",)
 
@@ -105,8 +105,7 @@ def load_tasks() -> dict[str, Task]:
     return TASKS
 
 
-def log(message: str) -> None:
-    print(f"[evaluate] {message}", file=sys.stderr, flush=True)
+log = get_logger("evaluate")
 
 
 def run_evaluation(task: Task, args: argparse.Namespace, get_scorer: Callable[[], object]) -> dict:

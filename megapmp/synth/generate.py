@@ -33,7 +33,8 @@ from typing import Callable, Iterable
 
 from megapmp.synth.backends import Backend, Completion, OpenAIBackend, SamplingParams
 from megapmp.synth.filters import PairFilter, StageStats
-from megapmp.synth.pipeline import ResumableJsonlWriter, dumps, ids_digest, read_jsonl
+from megapmp.io import iter_jsonl, jsonl_line, write_text_atomic
+from megapmp.synth.pipeline import ResumableJsonlWriter, ids_digest
 from megapmp.synth.prompts import CODE_PROMPT, DESCRIPTION_PROMPT, code_prompt, description_prompt
 
 # Keys never copied from an input record into an output record (they are the stage's own fields).
@@ -102,7 +103,7 @@ class StageOutput:
         self.writer.write(record)
 
     def drop(self, record_id: str, reason: str) -> None:
-        self._dropped_file.write(dumps({"id": record_id, "reason": reason}))
+        self._dropped_file.write(jsonl_line({"id": record_id, "reason": reason}))
 
     def sync(self) -> None:
         """Make everything written so far survive a kill (called once per batch)."""
@@ -341,7 +342,7 @@ def _run_stage(output, fingerprint, records, stats, process, batch_size, progres
 
 
 def read_records(path: str | os.PathLike) -> list[dict]:
-    return list(read_jsonl(path))
+    return [record for _, record in iter_jsonl(path)]
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -355,11 +356,7 @@ def report(stats: dict, path: str | None) -> None:
     text = json.dumps(stats, indent=1)
     print(text, file=sys.stderr)
     if path:
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        tmp = f"{path}.tmp-{os.getpid()}"
-        with open(tmp, "w") as f:
-            f.write(text + "\n")
-        os.replace(tmp, path)
+        write_text_atomic(path, text + "\n")
 
 
 def _add_common(p, output_help: str) -> None:

@@ -39,11 +39,12 @@ from typing import Iterable, Iterator
 
 from tqdm import tqdm
 
+from megapmp.io import InputError, iter_jsonl, write_jsonl_atomic
 from megapmp.synth.rules import MUTATION_KINDS, mutate
 from megapmp.synth.sandbox import (PROGRAM_NAME, SandboxResult, SandboxUnavailable, humaneval_program, require_sandbox,
                                    run_reporting, run_tests)
 
-__all__ = ["VerifyConfig", "VerifyStats", "DoctestReport", "humaneval_pairs", "doctest_pairs", "load_humaneval", "write_jsonl",
+__all__ = ["VerifyConfig", "VerifyStats", "DoctestReport", "humaneval_pairs", "doctest_pairs", "load_humaneval", 
            "failed_test", "run_doctests"]
 
 
@@ -465,37 +466,12 @@ def doctest_pairs(snippets: Iterable[tuple[str, str]], config: VerifyConfig = Ve
 # --------------------------------------------------------------------------------------------------
 
 
-def write_jsonl(pairs: Iterable[dict], path: str) -> int:
-    """Write pairs to `path` atomically (temp name in the same directory, then rename)."""
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    tmp = os.path.join(directory, f".{os.path.basename(path)}.tmp-{os.getpid()}")
-    n = 0
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            for pair in pairs:
-                f.write(json.dumps(pair, ensure_ascii=False) + "\n")
-                n += 1
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    return n
-
-
 def _read_snippets(path: str, field_name: str) -> list[tuple[str, str]]:
     snippets = []
-    with open(path, encoding="utf-8") as f:
-        for line_no, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"{path}:{line_no}: not JSON: {exc}") from None
-            if not isinstance(record, dict) or not isinstance(record.get(field_name), str):
-                raise ValueError(f"{path}:{line_no}: field {field_name!r} missing or not a string")
-            snippets.append((str(record.get("id", f"{os.path.basename(path)}:{line_no}")), record[field_name]))
+    for line_no, record in iter_jsonl(path):
+        if not isinstance(record.get(field_name), str):
+            raise InputError(path, line_no, field_name, "missing or not a string")
+        snippets.append((str(record.get("id", f"{os.path.basename(path)}:{line_no}")), record[field_name]))
     return snippets
 
 
@@ -534,11 +510,11 @@ def main(argv: list[str] | None = None) -> int:
         if not args.snippets:
             parser.error("doctest needs --snippets")
         pairs, stats = doctest_pairs(_read_snippets(args.snippets, args.field), config, progress=not args.no_progress)
-    write_jsonl(pairs, args.out)
+    write_jsonl_atomic(args.out, pairs)
     summary = stats.as_dict()
     print(json.dumps(summary, indent=2))
     if args.stats:
-        write_jsonl([summary], args.stats)
+        write_jsonl_atomic(args.stats, [summary])
     return 0
 
 
