@@ -40,7 +40,7 @@ from pathlib import Path
 import numpy as np
 
 from megapmp.eval import metrics
-from megapmp.eval.datasets import DataError, _field, iter_jsonl
+from megapmp.eval.datasets import DataError, candidates_record, iter_jsonl, require_field
 from megapmp.eval.report import fmt
 from megapmp.eval.tasks import (Task, TaskContext, _parse_n_values, _within_question_pairs, log, markdown_best_of_n,
                                 plot_best_of_n, register_task)
@@ -72,25 +72,12 @@ def load_code_candidates(path, limit: int | None = None) -> list[CodeProblem]:
     """Candidate sets whose ``correct`` labels are optional (see the module docstring)."""
     problems = []
     for line_no, obj in iter_jsonl(path):
-        qid = _field(path, line_no, obj, "id", str, what="a HumanEval task_id, e.g. HumanEval/0")
-        prompt = _field(path, line_no, obj, "prompt", str)
-        candidates = _field(path, line_no, obj, "candidates", list)
-        if not candidates:
-            raise DataError(f"{path}:{line_no}: field 'candidates' is empty")
-        responses, given = [], []
-        for k, c in enumerate(candidates):
-            if not isinstance(c, dict) or not isinstance(c.get("response"), str):
-                raise DataError(f"{path}:{line_no}: candidates[{k}] must be an object with a string 'response'")
-            label = c.get("correct")
-            if label is not None and not isinstance(label, bool):
-                raise DataError(f"{path}:{line_no}: candidates[{k}].correct must be true, false or absent, "
-                                f"got {label!r}")
-            responses.append(c["response"])
-            given.append(label)
+        qid = require_field(path, line_no, obj, "id", str, what="a HumanEval task_id, e.g. HumanEval/0")
+        prompt, responses, given = candidates_record(path, line_no, obj, labels_required=False)
         test = entry = None
         if obj.get("test") is not None:  # the record's own tests; else those of the HumanEval id
-            test = _field(path, line_no, obj, "test", str)
-            entry = _field(path, line_no, obj, "entry_point", str, what="needed with 'test'")
+            test = require_field(path, line_no, obj, "test", str)
+            entry = require_field(path, line_no, obj, "entry_point", str, what="needed with 'test'")
         problems.append(CodeProblem(qid, prompt, responses, given, test, entry))
         if limit is not None and len(problems) >= limit:
             break
