@@ -46,7 +46,7 @@ from megapmp.data.shards import verify_shards
 from megapmp.eval.scoring import attention_inputs, pairwise_accuracy, score_pairs
 from megapmp.loss import loss_backend, pmp_loss
 from megapmp.model import Qwen2RewardModel
-from megapmp.backends import backend_report, format_report
+from megapmp.accelerators import backend_report, format_report
 from megapmp.flops import mfu, peak_flops, step_flops
 from megapmp.optim import build_optimizer, lr_at
 from megapmp.parallel import runtime

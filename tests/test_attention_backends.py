@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from megapmp.backends import Probe, backend_report, detect_accelerators, format_report, select_attention_backend
+from megapmp.accelerators import Probe, backend_report, detect_accelerators, format_report, select_attention_backend
 from megapmp.config import model_preset
 from megapmp.data.datasets import Pair
 from megapmp.data.packing import pack_pairs

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from megapmp.synth.backends import (BackendError, OpenAIBackend, SamplingParams, VLLMBackend, make_backend)
+from megapmp.synth.llm import (BackendError, OpenAIBackend, SamplingParams, VLLMBackend, make_backend)
 
 REPO = Path(__file__).resolve().parents[1]
 CORPUS = [
@@ -281,7 +281,7 @@ def test_unreadable_responses_fail_clearly(reply, error):
 def test_openai_backend_without_openai_says_how_to_install():
     # importing megapmp must not need the SDK; building the backend says what to install
     code = ("import sys; sys.modules['openai'] = None\n"
-            "import megapmp.synth.backends as b, megapmp.synth.generate\n"
+            "import megapmp.synth.llm as b, megapmp.synth.generate\n"
             "try:\n    b.make_backend('openai', 'm', base_url='http://127.0.0.1:1')\n"
             "except ImportError as e:\n    print(e)\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,

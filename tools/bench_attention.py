@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Time the attention backends on CodePMP-shaped packed pairs, and print what megapmp would use here.
 
-    python tools/bench_attention.py              # the backend report only (megapmp.backends)
+    python tools/bench_attention.py              # the backend report only (megapmp.accelerators)
     python tools/bench_attention.py --bench      # plus forward + backward of each usable backend, one JSON line each
 
 Each record: layout, backend, rows, median seconds, attention TFLOP/s on the attended pairs
@@ -21,7 +21,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from megapmp.backends import backend_report, format_report  # noqa: E402
+from megapmp.accelerators import backend_report, format_report  # noqa: E402
 from megapmp.data.datasets import Pair  # noqa: E402
 from megapmp.data.packing import pack_pairs  # noqa: E402
 from megapmp.flops import attention_pairs  # noqa: E402

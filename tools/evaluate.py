@@ -53,7 +53,7 @@ def add_common_arguments(parser: argparse.ArgumentParser, task) -> None:
                                         "solutions per question); candidates: {id, prompt, candidates: [{response, "
                                         "correct}]}; codepmp-bon: CodePMP BoN shards {id, input, output, gold_answer} "
                                         "grouped by id; logiqa2: LogiQA 2.0 lines; reclor: ReClor JSON/JSONL "
-                                        "(see megapmp/eval/datasets.py)"))
+                                        "(see megapmp/eval/formats.py)"))
     io.add_argument("--output", required=True, metavar="REPORT.json",
                     help="JSON report to write (atomically): task, data fingerprints, model and input recipe, "
                          "arguments, results")
@@ -131,7 +131,7 @@ def main(argv=None) -> int:
     import torch
 
     from megapmp.convert.source import ConvertError
-    from megapmp.eval.datasets import DataError
+    from megapmp.eval.formats import DataError
     from megapmp.eval.reward_model import RewardScorer
     from megapmp.eval.tasks import TASKS, log, run_evaluation
 

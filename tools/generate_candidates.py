@@ -143,7 +143,7 @@ def extract_code(text: str) -> str:
 
 def model_candidates(backend, problems: list[dict], args, stop) -> list[list[dict]]:
     """args.n sampled completions for each problem, in order."""
-    from megapmp.synth.backends import SamplingParams
+    from megapmp.synth.llm import SamplingParams
 
     prompts = [p["prompt"] for p in problems]
     out: list[list[dict]] = [[] for _ in problems]
@@ -206,7 +206,7 @@ def main(argv=None) -> int:
 
     backend = None
     if args.backend != "mutants":
-        from megapmp.synth.backends import make_backend
+        from megapmp.synth.llm import make_backend
 
         backend = make_backend(args.backend, args.model, base_url=args.base_url, mode=args.mode,
                                api_key=os.environ.get(args.api_key_env, "EMPTY"), concurrency=args.concurrency,

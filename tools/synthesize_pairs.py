@@ -27,7 +27,7 @@ Examples:
 Adding a subcommand (the model-backed summarize, generate --backend vllm|openai, commits): write
 `add_NAME_arguments(parser)` and `run_NAME(args) -> exit code`, and call `register(...)` with them at the
 bottom of this file. Reuse `add_source_arguments` / `collect_from_args` for inputs and
-`megapmp.synth.pipeline.ResumableJsonlWriter` for resumable output.
+`megapmp.synth.stages.ResumableJsonlWriter` for resumable output.
 """
 
 from __future__ import annotations
@@ -41,12 +41,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from megapmp.synth.backends import BackendError
+from megapmp.io import write_jsonl_atomic, write_text_atomic
 from megapmp.synth.collect import EXCLUDED_DIRS, LANGUAGES, CollectConfig, collect
 from megapmp.synth.filters import PairFilter
-from megapmp.io import write_jsonl_atomic, write_text_atomic
-from megapmp.synth.pipeline import read_snippets, run_rules
+from megapmp.synth.llm import BackendError
 from megapmp.synth.rules import MUTATION_KINDS, DescribeConfig, RulesConfig, snippet_to_pair
+from megapmp.synth.stages import read_snippets, run_rules
 
 
 @dataclass(frozen=True)
@@ -209,7 +209,7 @@ def run_rules_command(args: argparse.Namespace) -> int:
 register("collect", "walk sources into a snippets JSONL", add_collect_arguments, run_collect)
 register("rules", "model-free pairs: collect -> describe -> mutate -> filter", add_rules_arguments, run_rules_command)
 
-# Model-backed stages (megapmp.synth.generate / commits; backends in megapmp.synth.backends).
+# Model-backed stages (megapmp.synth.generate / commits; backends in megapmp.synth.llm).
 from megapmp.synth.commits import add_commits_arguments, run_commits  # noqa: E402
 from megapmp.synth.generate import (add_generate_arguments, add_summarize_arguments, run_generate,  # noqa: E402
                                     run_summarize)

@@ -40,7 +40,7 @@ from pathlib import Path
 import numpy as np
 
 from megapmp.eval import metrics
-from megapmp.eval.datasets import DataError, candidates_record, iter_jsonl, require_field
+from megapmp.eval.formats import DataError, candidates_record, iter_jsonl, require_field
 from megapmp.eval.report import fmt
 from megapmp.eval.tasks import (Task, TaskContext, _parse_n_values, _within_question_pairs, log, markdown_best_of_n,
                                 plot_best_of_n, register_task)

@@ -28,7 +28,7 @@ from typing import Callable
 import numpy as np
 
 from megapmp.eval import metrics
-from megapmp.eval.datasets import (CANDIDATE_LOADERS, DataError, detect_format, load_candidate_sets,
+from megapmp.eval.formats import (CANDIDATE_LOADERS, DataError, detect_format, load_candidate_sets,
                                    load_codeprefbench, load_pairs)
 from megapmp.eval.report import (file_fingerprint, fmt, markdown_header, markdown_table, new_figure, save_figure,
                                  write_json)

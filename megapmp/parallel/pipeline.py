@@ -35,8 +35,8 @@ import torch.nn as nn
 from megapmp.eval.scoring import attention_inputs
 from megapmp.loss import LossOutput, pmp_loss
 from megapmp.model.qwen2 import Qwen2RewardModel
-from megapmp.parallel.schedules import (B, F, RECV_B, RECV_F, SEND_B, SEND_F, Action, peer_stage, steps,
-                                        virtual_stage)
+from megapmp.parallel.schedules import (B, F, RECV_B, RECV_F, SEND_B, SEND_F, Action, communication_batches,
+                                        peer_stage, virtual_stage)
 
 METRICS = ("loss", "rm_loss", "lm_loss", "correct", "margin_sum")  # the rows of run_schedule's result
 
@@ -121,7 +121,7 @@ def run_schedule(actions: Sequence[Action], chunks: Sequence[nn.Module], micro_b
     input_grads: dict = {}  # (m, c) -> gradient w.r.t. the input, to send back
     totals = torch.zeros(len(METRICS), dtype=torch.float32, device=device)
 
-    for step in steps(list(actions)):
+    for step in communication_batches(list(actions)):
         if isinstance(step, tuple):
             _communicate(step, ctx, P, inputs, outputs, output_grads, input_grads,
                          lambda m: torch.empty(activation_shape(micro_batches[m]), dtype=dtype, device=device))

@@ -48,12 +48,12 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from megapmp.synth.backends import Backend, SamplingParams
 from megapmp.synth.filters import PairFilter, StageStats
 from megapmp.synth.generate import RunStats, StageOutput, _run_batches, text_digest
-from megapmp.synth.pipeline import ids_digest
+from megapmp.synth.llm import Backend, SamplingParams
 from megapmp.synth.prompts import (EXPLAIN_PROMPT, JUDGE_PROMPT, REWRITE_PROMPT, explain_prompt, judge_prompt,
                                    parse_judgement, parse_rewrite, rewrite_prompt)
+from megapmp.synth.stages import ids_digest
 
 IMPROVEMENT_KEYWORDS = ("fix", "bug", "correct", "improv", "faster", "speed", "perf", "optimi", "handl",
                         "avoid", "prevent", "edge", "crash", "leak", "race", "wrong", "incorrect", "broken",
@@ -400,7 +400,7 @@ def commit_instruct(repo: str | os.PathLike, output: str | os.PathLike, backend:
 
 
 def add_commits_arguments(p) -> None:
-    from megapmp.synth.backends import add_backend_arguments, add_sampling_arguments
+    from megapmp.synth.llm import add_backend_arguments, add_sampling_arguments
 
     d = CommitConfig()
     p.add_argument("--repo", required=True, metavar="DIR", help="a git checkout")
@@ -426,7 +426,7 @@ def add_commits_arguments(p) -> None:
 
 
 def run_commits(args) -> int:
-    from megapmp.synth.backends import backend_from_args, sampling_from_args
+    from megapmp.synth.llm import backend_from_args, sampling_from_args
     from megapmp.synth.generate import report
 
     if not Path(args.repo).is_dir():

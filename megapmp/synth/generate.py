@@ -31,11 +31,11 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Callable, Iterable
 
-from megapmp.synth.backends import Backend, Completion, OpenAIBackend, SamplingParams
-from megapmp.synth.filters import PairFilter, StageStats
 from megapmp.io import iter_jsonl, jsonl_line, write_text_atomic
-from megapmp.synth.pipeline import ResumableJsonlWriter, ids_digest
+from megapmp.synth.filters import PairFilter, StageStats
+from megapmp.synth.llm import Backend, Completion, OpenAIBackend, SamplingParams
 from megapmp.synth.prompts import CODE_PROMPT, DESCRIPTION_PROMPT, code_prompt, description_prompt
+from megapmp.synth.stages import ResumableJsonlWriter, ids_digest
 
 # Keys never copied from an input record into an output record (they are the stage's own fields).
 _OWN_KEYS = {"code", "description", "prompt", "query", "chosen", "rejected", "better", "worse"}
@@ -371,7 +371,7 @@ def _add_common(p, output_help: str) -> None:
 
 
 def add_summarize_arguments(p) -> None:
-    from megapmp.synth.backends import add_backend_arguments, add_sampling_arguments
+    from megapmp.synth.llm import add_backend_arguments, add_sampling_arguments
 
     p.add_argument("--input", required=True, metavar="SNIPPETS.jsonl", help="snippets from `collect` (id, code, ...)")
     _add_common(p, "descriptions JSONL: id, description, code, description_model, provenance")
@@ -382,14 +382,14 @@ def add_summarize_arguments(p) -> None:
 
 
 def _config(args) -> GenerationConfig:
-    from megapmp.synth.backends import sampling_from_args
+    from megapmp.synth.llm import sampling_from_args
 
     return GenerationConfig(sampling=sampling_from_args(args), batch_size=args.batch_size,
                             drop_truncated=args.drop_truncated)
 
 
 def run_summarize(args) -> int:
-    from megapmp.synth.backends import backend_from_args
+    from megapmp.synth.llm import backend_from_args
 
     snippets = read_records(args.input)
     backend = backend_from_args(args, args.model)
@@ -403,7 +403,7 @@ def run_summarize(args) -> int:
 
 
 def add_generate_arguments(p) -> None:
-    from megapmp.synth.backends import add_backend_arguments, add_sampling_arguments
+    from megapmp.synth.llm import add_backend_arguments, add_sampling_arguments
 
     p.add_argument("--input", required=True, metavar="DESCRIPTIONS.jsonl",
                    help="descriptions from `summarize` (id + description, or prompt/query)")
@@ -423,7 +423,7 @@ def add_generate_arguments(p) -> None:
 
 
 def run_generate(args) -> int:
-    from megapmp.synth.backends import backend_from_args
+    from megapmp.synth.llm import backend_from_args
 
     descriptions = read_records(args.input)
     pair_filter = PairFilter(args.min_length_ratio, args.max_length_ratio)
