@@ -114,7 +114,7 @@ def read_done(path: Path, generator: dict) -> set[str]:
 
 def mutant_candidates(problem: dict, n: int, seed: int) -> list[dict]:
     """The canonical solution and up to n-1 distinct AST mutants of it (not executed)."""
-    from megapmp.synth.verified import VerifyConfig, VerifyStats, _enclosing_definition, _mutants
+    from megapmp.synth.verified import VerifyConfig, VerifyStats, enclosing_definition, mutants
 
     prompt, canonical = problem["prompt"], problem["canonical_solution"]
     out = [{"response": canonical, "origin": "canonical"}]
@@ -122,13 +122,13 @@ def mutant_candidates(problem: dict, n: int, seed: int) -> list[dict]:
         return out
     full = prompt + canonical
     try:
-        node = _enclosing_definition(ast.parse(full), full, len(prompt))
+        node = enclosing_definition(ast.parse(full), full, len(prompt))
     except SyntaxError:
         node = None
     if node is None:
         return out
     config = VerifyConfig(k=n - 1, max_tries=max(15, 3 * n), seed=seed)
-    for response, mutation in _mutants(full, len(prompt), node, problem["task_id"], config, VerifyStats()):
+    for response, mutation in mutants(full, len(prompt), node, problem["task_id"], config, VerifyStats()):
         out.append({"response": response, "origin": "mutant", "mutation": mutation})
         if len(out) >= n:
             break

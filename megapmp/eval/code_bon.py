@@ -42,8 +42,8 @@ import numpy as np
 from megapmp.eval import metrics
 from megapmp.eval.formats import DataError, candidates_record, iter_jsonl, require_field
 from megapmp.eval.report import fmt
-from megapmp.eval.tasks import (Task, TaskContext, _parse_n_values, _within_question_pairs, log, markdown_best_of_n,
-                                plot_best_of_n, register_task)
+from megapmp.eval.tasks import (Task, TaskContext, log, markdown_best_of_n, parse_n_values, plot_best_of_n,
+                                register_task, within_question_pairs)
 from megapmp.sandbox import require_sandbox, run_tests
 
 __all__ = ["CodeProblem", "load_code_candidates", "execute_candidates", "ExecCache", "exec_key", "run_code_bon",
@@ -230,7 +230,7 @@ def run_code_bon(ctx: TaskContext) -> dict:
     problems = load_code_candidates(path, ctx.limit)
     if not problems:
         raise DataError(f"{path}: no questions")
-    n_values = _parse_n_values(args.n_values)
+    n_values = parse_n_values(args.n_values)
     largest = max(len(p.responses) for p in problems)
     if n_values is None:
         n_values = metrics.default_n_values(min(len(p.responses) for p in problems), limit=args.max_n)
@@ -259,7 +259,7 @@ def run_code_bon(ctx: TaskContext) -> dict:
     ctx.write_scores([{"id": p.id, "scores": sc, "correct": p.correct, "status": p.status}
                       for p, sc in zip(problems, scores)])
     return {"format": "candidates", **curve, "candidates": int(sum(len(p.responses) for p in problems)),
-            "within_question": _within_question_pairs(scores, correct), "execution": execution}
+            "within_question": within_question_pairs(scores, correct), "execution": execution}
 
 
 def add_code_bon_arguments(parser: argparse.ArgumentParser) -> None:

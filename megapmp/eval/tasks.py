@@ -254,7 +254,7 @@ def _score_sets(ctx: TaskContext, sets) -> list[np.ndarray]:
     return out
 
 
-def _within_question_pairs(scores, correct) -> dict:
+def within_question_pairs(scores, correct) -> dict:
     """Over every (correct, incorrect) candidate pair of the same question: how often the correct one
     scores higher (ties wrong), and the mean score of correct and incorrect candidates."""
     right = total = ties = 0
@@ -273,7 +273,8 @@ def _within_question_pairs(scores, correct) -> dict:
             "mean_score_incorrect": float(all_scores[~all_correct].mean()) if (~all_correct).any() else float("nan")}
 
 
-def _parse_n_values(text: str | None) -> list[int] | None:
+def parse_n_values(text: str | None) -> list[int] | None:
+    """``--n-values`` "1,2,4" -> [1, 2, 4] (sorted, distinct, positive); None when not given."""
     if not text:
         return None
     try:
@@ -289,7 +290,7 @@ def run_best_of_n(ctx: TaskContext) -> dict:
     path = ctx.single_data("best-of-n")
     options = {"answer_type": ctx.args.answer_type} if (ctx.format or detect_format(path)) == "codepmp-bon" else {}
     fmt_used, sets = load_candidate_sets(path, ctx.format, ctx.limit, **options)
-    n_values = _parse_n_values(ctx.args.n_values)
+    n_values = parse_n_values(ctx.args.n_values)
     smallest = min(len(s.responses) for s in sets)
     if n_values is None:
         n_values = metrics.default_n_values(smallest, limit=ctx.args.max_n)
@@ -302,7 +303,7 @@ def run_best_of_n(ctx: TaskContext) -> dict:
                                     paper_seed=ctx.args.paper_seed)
     ctx.write_scores([{"id": s.id, "scores": sc, "correct": s.correct} for s, sc in zip(sets, scores)])
     return {"format": fmt_used, **curve, "candidates": int(sum(len(s.responses) for s in sets)),
-            "within_question": _within_question_pairs(scores, correct)}
+            "within_question": within_question_pairs(scores, correct)}
 
 
 def markdown_best_of_n(report: dict) -> str:

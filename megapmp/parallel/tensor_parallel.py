@@ -13,7 +13,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from megapmp.parallel.collectives import (
-    _all_reduce, copy_to_tp, gather_from_sequence, gather_from_tp, group_rank, group_size, reduce_from_tp,
+    all_reduce_copy, copy_to_tp, gather_from_sequence, gather_from_tp, group_rank, group_size, reduce_from_tp,
     reduce_scatter_to_sequence, scatter_to_tp,
 )
 
@@ -141,7 +141,7 @@ class _VocabParallelCE(torch.autograd.Function):
         start = group_rank(group) * vocab_local
         logits_max = logits.max(dim=-1).values  # [N]
         if group is not None:
-            logits_max = _all_reduce(logits_max, group, op=dist.ReduceOp.MAX)
+            logits_max = all_reduce_copy(logits_max, group, op=dist.ReduceOp.MAX)
         shifted = logits - logits_max[:, None]
         valid = targets != ignore_index
         owned = (targets >= start) & (targets < start + vocab_local) & valid
@@ -150,7 +150,7 @@ class _VocabParallelCE(torch.autograd.Function):
         exp = shifted.exp()
         sums = torch.stack([exp.sum(-1), target_logit])  # [2, N]: one all-reduce for both
         if group is not None:
-            sums = _all_reduce(sums, group)
+            sums = all_reduce_copy(sums, group)
         sum_exp, target_logit = sums[0], sums[1]
         loss = (sum_exp.log() - target_logit).masked_fill(~valid, 0.0)  # [N]
         ctx.save_for_backward(exp / sum_exp[:, None], local_targets, owned, valid)

@@ -49,7 +49,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from megapmp.synth.filters import PairFilter, StageStats
-from megapmp.synth.generate import RunStats, StageOutput, _run_batches, text_digest
+from megapmp.synth.generate import RunStats, StageOutput, run_batches, text_digest
 from megapmp.synth.llm import Backend, SamplingParams
 from megapmp.synth.prompts import (EXPLAIN_PROMPT, JUDGE_PROMPT, REWRITE_PROMPT, explain_prompt, judge_prompt,
                                    parse_judgement, parse_rewrite, rewrite_prompt)
@@ -388,7 +388,7 @@ def commit_instruct(repo: str | os.PathLike, output: str | os.PathLike, backend:
         todo = [i for i in items if i["id"] not in out.done]
         stats.skipped_done, stats.resumed_kept = len(items) - len(todo), out.resumed_kept
         stats.resumed_dropped = out.resumed_dropped
-        _run_batches(todo, out, stats, process, batch_size, progress, "commits", len(items))
+        run_batches(todo, out, stats, process, batch_size, progress, "commits", len(items))
         stats.written = out.writer.written
         out.finish()
     stats.seconds = time.perf_counter() - start

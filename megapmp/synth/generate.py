@@ -160,7 +160,7 @@ class RunStats:
                 "new_written_per_s": rate(new), "response_chars_per_s": rate(self.response_chars)}
 
 
-def _run_batches(todo: list[dict], out: StageOutput, stats: RunStats, process: Callable[[list[dict]], list],
+def run_batches(todo: list[dict], out: StageOutput, stats: RunStats, process: Callable[[list[dict]], list],
                  batch_size: int, progress: bool, desc: str, total: int) -> None:
     """`process(batch)` -> one (record or None, drop reason or None) per input record, in order."""
     from tqdm import tqdm
@@ -334,7 +334,7 @@ def _run_stage(output, fingerprint, records, stats, process, batch_size, progres
         todo = [r for r in records if r["id"] not in out.done]
         stats.skipped_done, stats.resumed_kept = len(records) - len(todo), out.resumed_kept
         stats.resumed_dropped = out.resumed_dropped
-        _run_batches(todo, out, stats, process, batch_size, progress, name, len(records))
+        run_batches(todo, out, stats, process, batch_size, progress, name, len(records))
         stats.written = out.writer.written
         out.finish()
     stats.seconds = time.perf_counter() - start

@@ -136,7 +136,7 @@ def _definition_span(full: str, node: ast.AST) -> tuple[int, int]:
     return starts[first - 1], min(starts[node.end_lineno], len(full))
 
 
-def _mutants(full: str, prompt_len: int, node: ast.AST, task_id: str, config: VerifyConfig,
+def mutants(full: str, prompt_len: int, node: ast.AST, task_id: str, config: VerifyConfig,
              stats: VerifyStats) -> Iterator[tuple[str, dict]]:
     """Distinct mutated completions (full[prompt_len:] with one bug) and their mutation records.
 
@@ -240,13 +240,13 @@ def _humaneval_problem(problem: dict, config: VerifyConfig) -> tuple[list[dict],
     except SyntaxError:
         stats.dropped["task:unparsable"] += 1
         return [], stats
-    node = _enclosing_definition(tree, full, len(prompt))
+    node = enclosing_definition(tree, full, len(prompt))
     if node is None:
         stats.dropped["task:no_definition"] += 1
         return [], stats
     timeout = config.mutant_timeout(good.seconds)
     pairs = []
-    for response, mutation in _mutants(full, len(prompt), node, task_id, config, stats):
+    for response, mutation in mutants(full, len(prompt), node, task_id, config, stats):
         solution = prompt + response
         bad = run_tests(solution, test, entry, timeout_s=timeout, **limits)
         stats.tried += 1
@@ -276,7 +276,7 @@ def _humaneval_problem(problem: dict, config: VerifyConfig) -> tuple[list[dict],
     return pairs, stats
 
 
-def _enclosing_definition(tree: ast.Module, full: str, prompt_len: int) -> ast.AST | None:
+def enclosing_definition(tree: ast.Module, full: str, prompt_len: int) -> ast.AST | None:
     """The top-level definition the completion belongs to: the one spanning the completion's first line."""
     boundary_line = full.count("\n", 0, prompt_len) + 1
     for n in tree.body:
@@ -422,7 +422,7 @@ def _doctest_snippet(item: tuple[str, str], config: VerifyConfig) -> tuple[list[
         chosen = source[prompt_len:]
         kept_here = 0
         task_id = f"{snippet_id}:{node.name}"
-        for response, mutation in _mutants(source, prompt_len, node, task_id, config, stats):
+        for response, mutation in mutants(source, prompt_len, node, task_id, config, stats):
             bad = run_doctests(prompt + response, timeout_s=timeout, **limits)
             stats.tried += 1
             stats.sandbox_runs += 1
