@@ -62,10 +62,10 @@ def tiny_models(tmp_path_factory) -> tuple[Path, Path]:
 
 
 class ServerProcess:
-    """`python -m megapmp.synth.serve` in a subprocess on a free loopback port."""
+    """`tools/serve_models.py` in a subprocess on a free loopback port."""
 
     def __init__(self, models: tuple[Path, ...], *extra: str):
-        args = [sys.executable, "-m", "megapmp.synth.serve", "--port", "0", "--threads", "1"]
+        args = [sys.executable, str(REPO / "tools" / "serve_models.py"), "--port", "0", "--threads", "1"]
         for m in models:
             args += ["--model", str(m)]
         self.proc = subprocess.Popen(args + list(extra), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,

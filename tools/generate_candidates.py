@@ -4,7 +4,7 @@
   # a model in this process (GPU, vLLM):
   python tools/generate_candidates.py --backend vllm --model deepseek-ai/deepseek-coder-1.3b-base \\
       --n 16 --temperature 0.8 --top-p 0.95 --max-tokens 512 --output cands.jsonl
-  # any OpenAI-compatible server (vllm serve, TGI, SGLang, python -m megapmp.synth.serve):
+  # any OpenAI-compatible server (vllm serve, TGI, SGLang, python tools/serve_models.py):
   python tools/generate_candidates.py --backend openai --base-url http://127.0.0.1:8000 --model NAME \\
       --n 16 --output cands.jsonl
   # no model (CPU demo): the canonical solution plus AST mutants of it -- SYNTHETIC candidates

@@ -331,7 +331,7 @@ def add_backend_arguments(p, required: bool = True) -> None:
     g = p.add_argument_group("backend")
     g.add_argument("--backend", choices=BACKENDS, required=required, default=None,
                    help="openai: any OpenAI-compatible server (vLLM `vllm serve`, TGI, SGLang, "
-                        "`python -m megapmp.synth.serve`) at --base-url; vllm: vLLM's offline engine in "
+                        "`python tools/serve_models.py`) at --base-url; vllm: vLLM's offline engine in "
                         "this process (GPU; pip install 'megapmp[synth]')")
     g.add_argument("--base-url", default=None, metavar="URL", help="e.g. http://127.0.0.1:8000 (/v1 optional)")
     g.add_argument("--mode", choices=MODES, default="completions",

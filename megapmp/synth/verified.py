@@ -17,15 +17,11 @@ the completion; the edit is textual and minimal (see `rules`), so chosen and rej
 the bug. Each pair also carries ``task_id``, ``mutation`` (kind, detail, line within the response)
 and ``verification`` (how each side ran, and which test or example the rejected one failed).
 
-CLI::
-
-    python -m megapmp.synth.verified humaneval --out pairs.jsonl [--k 3] [--workers 2] [--limit N]
-    python -m megapmp.synth.verified doctest --snippets snippets.jsonl --out pairs.jsonl [--field code]
+CLI: ``tools/verified_pairs.py``.
 """
 
 from __future__ import annotations
 
-import argparse
 import ast
 import json
 import os
@@ -39,13 +35,12 @@ from typing import Iterable, Iterator
 
 from tqdm import tqdm
 
-from megapmp.io import InputError, iter_jsonl, write_jsonl_atomic
-from megapmp.sandbox import (PROGRAM_NAME, SandboxResult, SandboxUnavailable, humaneval_program, require_sandbox,
-                             run_reporting, run_tests)
+from megapmp.io import InputError, iter_jsonl
+from megapmp.sandbox import PROGRAM_NAME, SandboxResult, humaneval_program, require_sandbox, run_reporting, run_tests
 from megapmp.synth.rules import MUTATION_KINDS, mutate
 
-__all__ = ["VerifyConfig", "VerifyStats", "DoctestReport", "humaneval_pairs", "doctest_pairs", "load_humaneval", 
-           "failed_test", "run_doctests"]
+__all__ = ["VerifyConfig", "VerifyStats", "DoctestReport", "humaneval_pairs", "doctest_pairs", "load_humaneval",
+           "read_snippet_sources", "failed_test", "run_doctests"]
 
 
 @dataclass(frozen=True)
@@ -466,57 +461,11 @@ def doctest_pairs(snippets: Iterable[tuple[str, str]], config: VerifyConfig = Ve
 # --------------------------------------------------------------------------------------------------
 
 
-def _read_snippets(path: str, field_name: str) -> list[tuple[str, str]]:
+def read_snippet_sources(path: str, field_name: str) -> list[tuple[str, str]]:
+    """(id, source) of each record of a snippets JSONL, the source taken from `field_name`."""
     snippets = []
     for line_no, record in iter_jsonl(path):
         if not isinstance(record.get(field_name), str):
             raise InputError(path, line_no, field_name, "missing or not a string")
         snippets.append((str(record.get("id", f"{os.path.basename(path)}:{line_no}")), record[field_name]))
     return snippets
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m megapmp.synth.verified", description=__doc__.split("\n\n")[0])
-    parser.add_argument("source", choices=("humaneval", "doctest"))
-    parser.add_argument("--out", required=True, help="pairs JSONL (written atomically)")
-    parser.add_argument("--snippets", help="doctest: JSONL of snippets")
-    parser.add_argument("--field", default="code", help="doctest: the snippet's source field (default: code)")
-    parser.add_argument("--limit", type=int, default=None, help="humaneval: first N problems only")
-    parser.add_argument("--k", type=int, default=VerifyConfig.k)
-    parser.add_argument("--max-tries", type=int, default=VerifyConfig.max_tries)
-    parser.add_argument("--seed", type=int, default=VerifyConfig.seed)
-    parser.add_argument("--timeout", type=float, default=VerifyConfig.timeout_s)
-    parser.add_argument("--workers", type=int, default=VerifyConfig.workers)
-    parser.add_argument("--stats", help="also write the stats as JSON here")
-    parser.add_argument("--no-progress", action="store_true")
-    parser.add_argument("--unsafe-no-sandbox", action="store_true",
-                        help="where no OS isolation (bubblewrap or unshare namespaces) works, run the code anyway with "
-                             "in-process guards only; without it such a machine refuses to run it")
-    args = parser.parse_args(argv)
-    try:
-        config = VerifyConfig(k=args.k, max_tries=args.max_tries, seed=args.seed, timeout_s=args.timeout,
-                              workers=args.workers, unsafe_no_sandbox=args.unsafe_no_sandbox)
-    except ValueError as exc:
-        parser.error(str(exc))
-    try:
-        isolation = require_sandbox(config.unsafe_no_sandbox)["backend"]
-    except SandboxUnavailable as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    print(f"sandbox: {isolation or 'none (--unsafe-no-sandbox)'} isolation", file=sys.stderr)
-    if args.source == "humaneval":
-        pairs, stats = humaneval_pairs(load_humaneval(args.limit), config, progress=not args.no_progress)
-    else:
-        if not args.snippets:
-            parser.error("doctest needs --snippets")
-        pairs, stats = doctest_pairs(_read_snippets(args.snippets, args.field), config, progress=not args.no_progress)
-    write_jsonl_atomic(args.out, pairs)
-    summary = stats.as_dict()
-    print(json.dumps(summary, indent=2))
-    if args.stats:
-        write_jsonl_atomic(args.stats, [summary])
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
