@@ -9,6 +9,7 @@ with the in-process guards off. A test skips only where the OS lacks what the me
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import pathlib
@@ -454,9 +455,17 @@ def test_some_backend_and_user_ran_the_attacks(attack_results):
     assert ("caller", CAPS["backend"]) in ran
 
 
+def _load_tool(name: str):
+    tool = pathlib.Path(__file__).resolve().parents[1] / "tools" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"tool_{name}", tool)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def test_clis_refuse_without_isolation_unless_unsafe(monkeypatch, tmp_path, capsys):
     from megapmp.eval import code_bon
-    from megapmp.synth import verified
+    verified = _load_tool("verified_pairs")
 
     monkeypatch.setattr(sandbox, "_caps", dict(CAPS, backend=None, drop_uid=False, nproc=False,
                                                problems={"bwrap": "not installed", "unshare": "not installed"}))
@@ -477,5 +486,5 @@ def test_clis_refuse_without_isolation_unless_unsafe(monkeypatch, tmp_path, caps
 
     import argparse
     parser = argparse.ArgumentParser()
-    code_bon.add_code_bon_arguments(parser)  # tools/evaluate.py code-bon takes its options from here
+    _load_tool("evaluate").add_code_bon_arguments(parser)  # tools/evaluate.py code-bon takes its options from here
     assert parser.parse_args(["--unsafe-no-sandbox"]).unsafe_no_sandbox

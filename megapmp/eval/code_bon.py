@@ -27,7 +27,6 @@ file, the status counts, and each question's per-candidate statuses.
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import sys
@@ -262,29 +261,6 @@ def run_code_bon(ctx: TaskContext) -> dict:
             "within_question": within_question_pairs(scores, correct), "execution": execution}
 
 
-def add_code_bon_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--n-values", default=None, metavar="N1,N2,...",
-                        help="N values to evaluate (default: 1, 2, 4, ... up to the smallest candidate count, capped "
-                             "by --max-n, plus that count itself)")
-    parser.add_argument("--max-n", type=int, default=256, help="largest default N (default 256)")
-    parser.add_argument("--mc-draws", type=int, default=1000,
-                        help="random N-subsets per question for the Monte-Carlo column (default 1000; 0 skips it)")
-    parser.add_argument("--mc-seed", type=int, default=0, help="seed of the Monte-Carlo draws (default 0)")
-    parser.add_argument("--paper-seed", type=int, default=metrics.PAPER_SEED,
-                        help="seed of the paper's single-draw protocol (default 123)")
-    parser.add_argument("--reexecute", action="store_true",
-                        help="execute every candidate, ignoring its 'correct' label and the execution cache")
-    parser.add_argument("--exec-cache", default=None, metavar="FILE.jsonl",
-                        help="execution cache (default: REPORT.exec.jsonl beside --output)")
-    parser.add_argument("--exec-workers", type=int, default=2, help="sandbox processes at a time (default 2)")
-    parser.add_argument("--exec-timeout", type=float, default=10.0, metavar="S",
-                        help="wall-clock limit per candidate's test run (default 10 s); a hang counts as wrong")
-    parser.add_argument("--exec-memory-mb", type=int, default=1024, help="memory limit per test run (default 1024)")
-    parser.add_argument("--unsafe-no-sandbox", action="store_true",
-                        help="where no OS isolation (bubblewrap or unshare namespaces) works, execute candidates anyway "
-                             "with in-process guards only; without it such a machine refuses to execute")
-
-
 def markdown_code_bon(report: dict) -> str:
     e = report["results"]["execution"]
     statuses = ", ".join(f"{k} {v}" for k, v in e["statuses"].items())
@@ -302,6 +278,6 @@ TASK = register_task(Task(
                 "expectation, Monte-Carlo, single-draw (seed 123), oracle (pass@N) and random-pick (pass@1) "
                 "columns as best-of-n. --data: {id: HumanEval task_id, prompt, candidates: [{response}]} JSONL "
                 "(tools/generate_candidates.py).",
-    formats=("candidates",), run=run_code_bon, add_arguments=add_code_bon_arguments, markdown=markdown_code_bon,
+    formats=("candidates",), run=run_code_bon, markdown=markdown_code_bon,
     plot=plot_best_of_n, plot_help="accuracy vs N on a log2 axis with the single-draw, oracle (pass@N) and "
                                    "random-pick (pass@1) lines"))

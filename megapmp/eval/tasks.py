@@ -16,7 +16,6 @@ Report envelope (JSON): ``{"task", "created", "elapsed_s", "limit", "data": {"pa
 
 from __future__ import annotations
 
-import argparse
 import importlib
 import json
 import time
@@ -39,9 +38,10 @@ EXTRA_TASK_MODULES = ("megapmp.eval.code_bon",)
 
 @dataclass
 class TaskContext:
-    """What a task's ``run`` gets: the parsed arguments, the data paths, and the model on demand."""
+    """What a task's ``run`` gets: its options, the data paths, and the model on demand. ``args`` holds the
+    options as attributes named like tools/evaluate.py's flags (``n_values``, ``mc_draws``, ...)."""
 
-    args: argparse.Namespace
+    args: object
     data: list[str]
     format: str | None
     limit: int | None
@@ -76,7 +76,6 @@ class Task:
     formats: tuple
     run: Callable[[TaskContext], dict]
     description: str = ""
-    add_arguments: Callable[[argparse.ArgumentParser], None] | None = None
     markdown: Callable[[dict], str] | None = None
     plot: Callable[[dict, str], None] | None = None
     multiple_data: bool = False
@@ -108,7 +107,7 @@ def load_tasks() -> dict[str, Task]:
 log = get_logger("evaluate")
 
 
-def run_evaluation(task: Task, args: argparse.Namespace, get_scorer: Callable[[], object]) -> dict:
+def run_evaluation(task: Task, args, get_scorer: Callable[[], object]) -> dict:
     """Run one task and write its outputs (--output JSON, --markdown, --plot); returns the report."""
     data = list(args.data)
     ctx = TaskContext(args=args, data=data, format=getattr(args, "format", None), limit=args.limit,
@@ -354,25 +353,6 @@ def plot_best_of_n(report: dict, path: str) -> None:
     save_figure(plt, fig, path)
 
 
-def add_best_of_n_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--n-values", default=None, metavar="N1,N2,...",
-                        help="N values to evaluate (default: 1, 2, 4, ... up to the smallest candidate count, capped "
-                             "by --max-n, plus that count itself). A question with fewer than N candidates is left "
-                             "out of that N's row (the row's 'questions' says how many entered)")
-    parser.add_argument("--max-n", type=int, default=256,
-                        help="largest default N (default 256, the paper's largest)")
-    parser.add_argument("--mc-draws", type=int, default=1000,
-                        help="random N-subsets per question for the Monte-Carlo column, a check on the exact "
-                             "expectation (default 1000; 0 skips it)")
-    parser.add_argument("--mc-seed", type=int, default=0, help="seed of the Monte-Carlo draws (default 0)")
-    parser.add_argument("--paper-seed", type=int, default=metrics.PAPER_SEED,
-                        help="seed of the paper's single-draw protocol (default 123, as in CodePMP's BoN_eval)")
-    parser.add_argument("--answer-type", default="auto", choices=("auto", "gsm8k", "math"),
-                        help="codepmp-bon only: how final answers are extracted and compared: gsm8k ('#### n', else "
-                             "the last number), math (last \\boxed{...}, normalised), or auto (math when the gold "
-                             "answer has \\boxed or LaTeX; default)")
-
-
 # ---------------------------------------------------------------------------------------------------
 # multiple-choice
 
@@ -472,7 +452,7 @@ register_task(Task(
                 "uniformly random N-subset of each question's candidates, computed exactly (ties at the top broken "
                 "uniformly at random), with its standard error across questions; a Monte-Carlo check; the "
                 "paper's single-draw protocol (seed 123); the oracle (pass@N) and random-pick baselines.",
-    formats=tuple(CANDIDATE_LOADERS), run=run_best_of_n, add_arguments=add_best_of_n_arguments,
+    formats=tuple(CANDIDATE_LOADERS), run=run_best_of_n,
     markdown=markdown_best_of_n, plot=plot_best_of_n,
     plot_help="accuracy vs N on a log2 axis with the single-draw, oracle and random-pick lines"))
 
