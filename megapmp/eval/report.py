@@ -6,13 +6,13 @@ import json
 import math
 from pathlib import Path
 
+import numpy as np
+
 from megapmp.io import atomic_open, sha256_file, write_text_atomic
 
 
 def jsonable(value):
     """Numpy scalars/arrays to Python, NaN/inf to None (strict JSON has neither)."""
-    import numpy as np
-
     if isinstance(value, dict):
         return {str(k): jsonable(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):

@@ -29,9 +29,9 @@ import numpy as np
 from megapmp.eval import metrics
 from megapmp.eval.formats import (CANDIDATE_LOADERS, DataError, detect_format, load_candidate_sets,
                                    load_codeprefbench, load_pairs)
-from megapmp.eval.report import (file_fingerprint, fmt, markdown_header, markdown_table, new_figure, save_figure,
-                                 write_json)
-from megapmp.io import get_logger, write_text_atomic
+from megapmp.eval.report import (file_fingerprint, fmt, jsonable, markdown_header, markdown_table, new_figure,
+                                 save_figure, write_json)
+from megapmp.io import get_logger, write_jsonl_atomic, write_text_atomic
 
 EXTRA_TASK_MODULES = ("megapmp.eval.code_bon",)
 
@@ -63,10 +63,7 @@ class TaskContext:
     def write_scores(self, records: list[dict]) -> None:
         """Per-item scores as JSONL, when --save-scores was given."""
         if self.save_scores:
-            from megapmp.eval.report import jsonable
-
-            write_text_atomic(self.save_scores, "".join(json.dumps(jsonable(r), ensure_ascii=False) + "\n"
-                                                        for r in records))
+            write_jsonl_atomic(self.save_scores, (jsonable(r) for r in records))
 
 
 @dataclass(frozen=True)
