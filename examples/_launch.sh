@@ -34,7 +34,7 @@ launch() {  # launch CONFIG PAIRS_PER_STEP ARGS...
     local args=(--config "$config" --run-dir "$RUN_DIR" --parallel.tp "$TP" --parallel.pp "$PP"
                 --data.items_per_step "$pairs" --data.micro_batches "$micro_batches" "$@" ${EXTRA_ARGS:-})
     echo "[launch] node $NODE_RANK of $NNODES, $GPUS_PER_NODE GPUs each, master $MASTER_ADDR:$MASTER_PORT"
-    "$PYTHON" -m megapmp.parallel.memory --world-size "$WORLD_SIZE" "${args[@]}"
+    "$PYTHON" "$(dirname "${BASH_SOURCE[0]}")/../tools/estimate_memory.py" --world-size "$WORLD_SIZE" "${args[@]}"
     if [[ "${DRY_RUN:-0}" == 1 ]]; then
         echo "[launch] dry run: $PYTHON -m torch.distributed.run --nnodes $NNODES --node-rank $NODE_RANK" \
              "--nproc-per-node $GPUS_PER_NODE --master-addr $MASTER_ADDR --master-port $MASTER_PORT -m megapmp.train ${args[*]}"

@@ -122,5 +122,5 @@ if [ -f "$CPB/correctness-alignment.jsonl.gz" ]; then
   evaluate codeprefbench codeprefbench "$CPB/correctness-alignment.jsonl.gz $CPB/efficiency-alignment.jsonl.gz" --limit 200
 else skip codeprefbench "no $CPB/*.jsonl.gz"; fi
 
-"$PY" -m megapmp.eval.quickstart "$OUT"
+"$PY" tools/quickstart_report.py "$OUT"
 echo "[quickstart] wrote $OUT/report.json, $OUT/report.md, $OUT/hf/" >&2

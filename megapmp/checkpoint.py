@@ -28,7 +28,6 @@ Integrity rules (DESIGN.md, "Reliability rules"):
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -38,6 +37,8 @@ import tempfile
 from pathlib import Path
 
 import torch
+
+from megapmp.io import sha256_file
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
@@ -81,11 +82,6 @@ def latest_checkpoint(root: str | os.PathLike) -> Path | None:
 
 # ------------------------------------------------------------------------------------------------
 # Manifest: every file's size and sha256
-
-def sha256_file(path: str | os.PathLike) -> str:
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
-
 
 def describe_files(directory: str | os.PathLike, relative: list[str] | None = None) -> dict[str, dict]:
     """{relative path: {"size", "sha256"}} of the files `relative` under `directory` (default: all of them

@@ -39,7 +39,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from megapmp import checkpoint as ckpt
-from megapmp.backends import backend_report, format_report
+from megapmp.accelerators import backend_report, format_report
 from megapmp.config import ConfigError, TrainConfig, load_train_config, parse_cli
 from megapmp.convert.source import init_model_from
 from megapmp.data.datasets import PairDataset, check_token_ids
@@ -49,16 +49,13 @@ from megapmp.data.shards import ShardMeta, verify_shards
 from megapmp.device import autocast_dtype, local_device
 from megapmp.eval.scoring import pairwise_accuracy, score_pairs
 from megapmp.flops import mfu, peak_flops, step_flops
+from megapmp.io import log
 from megapmp.loss import LOSS_BACKEND_ENV, loss_backend, pmp_loss
 from megapmp.metrics import MetricsLog, Trackers
 from megapmp.model import Qwen2RewardModel
 from megapmp.optim import lr_at
 from megapmp.parallel.engine import Engine, build_rank_chunks
 from megapmp.parallel.topology import build_context, init_distributed
-
-
-def log(message: str) -> None:
-    print(f"[megapmp] {message}", file=sys.stderr, flush=True)
 
 
 def resolve_config(cfg: TrainConfig, meta: ShardMeta) -> TrainConfig:

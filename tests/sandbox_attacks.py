@@ -1,8 +1,8 @@
-"""Escapes and verdict forgeries against megapmp.synth.sandbox, each judged from outside the sandbox.
+"""Escapes and verdict forgeries against megapmp.sandbox, each judged from outside the sandbox.
 
 Standard library only, and independent of the megapmp package: `tests/test_sandbox.py` runs every
 attack in its own process (as the caller, i.e. root in CI) and, through ``setpriv``, as an unprivileged
-user from a world-readable copy of this file and ``sandbox.py``:
+user from a world-readable copy of this file and ``runner.py`` (megapmp/sandbox/runner.py):
 
     python sandbox_attacks.py DIR_WITH_SANDBOX_PY  ->  JSON {attack: [contained, detail]}
 
@@ -252,7 +252,7 @@ def run_all(sb) -> dict[str, list]:
 
 
 def main(argv: list[str]) -> int:
-    """argv: the directory holding sandbox.py, then optionally the backend to force (bwrap, unshare)."""
+    """argv: the directory holding runner.py (megapmp/sandbox/runner.py), then optionally the backend to force (bwrap, unshare)."""
     if not os.environ.get("OPENAI_API_KEY", "").startswith("sk-megapmp-"):
         # Plant the secret in the initial environment, where /proc/<pid>/environ reads it: start again.
         env = dict(os.environ, OPENAI_API_KEY="sk-megapmp-" + secrets.token_hex(12))
@@ -260,7 +260,7 @@ def main(argv: list[str]) -> int:
     sys.path.insert(0, argv[0])
     import ctypes
 
-    import sandbox  # the copy in argv[0]
+    import runner as sandbox  # the copy in argv[0]
 
     # A user's own processes are dumpable (readable through /proc by the same uid); one that switched
     # uid from root, like this runner under setpriv, is not until it says so. Be the ordinary case.

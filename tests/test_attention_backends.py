@@ -5,16 +5,14 @@ over the same keys; only the summation order differs (keys absent vs masked, oth
 ~1e-6 on these O(1) inputs. The flash_attn / torch_varlen tests need CUDA and are skipped on CPU: their
 index building is covered here through ``varlen_reference``, which the same call site drives.
 """
-import sys
-import types
+import importlib.util
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-import torch.nn as nn
 
-from megapmp.backends import (Probe, apply_fast_paths, backend_report, detect_accelerators, format_report,
-                              fp8_autocast, select_attention_backend)
+from megapmp.accelerators import Probe, backend_report, detect_accelerators, format_report, select_attention_backend
 from megapmp.config import model_preset
 from megapmp.data.datasets import Pair
 from megapmp.data.packing import pack_pairs
@@ -23,6 +21,7 @@ from megapmp.model.attention import (BucketPlan, backend_available, resolve_atte
                                      segment_structure, varlen_reference)
 
 ATOL = 1e-5
+REPO = Path(__file__).resolve().parents[1]
 CPU_BACKENDS = ["segmented", "varlen_reference", "auto"]
 
 
@@ -213,103 +212,22 @@ def test_select_attention_backend():
 
 
 def test_backend_report_line():
-    report = backend_report("cpu", torch.float32, "auto", optimizer_backend="torch.AdamW",
-                            fast_paths=["apex_rmsnorm: not used (x)"])
+    report = backend_report("cpu", torch.float32, "auto", optimizer_backend="torch.AdamW")
     line = format_report(report)
     assert report["attention"]["chosen"] == "segmented"
     assert line.startswith("backends: attention segmented (auto") and "optimizer torch.AdamW" in line
     assert "installed: torch=" in line and "flash_attn=" in line
 
 
-def tiny_model(seed=0):
-    torch.manual_seed(seed)
-    model = Qwen2RewardModel(model_preset("tiny"))
-    model.init_weights()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.add_(0.1 * torch.randn_like(p))
-    return model
-
-
-def test_fast_paths_are_a_clean_noop_on_cpu():
-    model = tiny_model()
-    before = {k: v.clone() for k, v in model.state_dict().items()}
-    types_before = [type(m) for m in model.modules()]
-    lines = apply_fast_paths(model, "cpu", apex_rmsnorm="auto", te_linear="auto", te_rmsnorm="auto")
-    assert len(lines) == 3 and all("not used" in line for line in lines)
-    assert [type(m) for m in model.modules()] == types_before
-    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
-    with pytest.raises(RuntimeError, match="apex_rmsnorm=on"):
-        apply_fast_paths(model, "cpu", apex_rmsnorm="on")
-    with pytest.raises(ValueError, match="expected one of"):
-        apply_fast_paths(model, "cpu", te_linear="yes")
-    assert apply_fast_paths(model, "cpu", apex_rmsnorm="off") == ["te_rmsnorm: off", "apex_rmsnorm: off",
-                                                                   "te_linear: off"]
-
-
-def test_fp8_autocast_off_is_a_nullcontext_and_on_needs_te():
-    with fp8_autocast(False):
-        pass
-    if not detect_accelerators()["transformer_engine"].available:
-        with pytest.raises(RuntimeError, match="transformer_engine"):
-            fp8_autocast(True)
-
-
-class _StubRMSNorm(nn.Module):
-    """Stands in for apex's FusedRMSNorm / TE's RMSNorm (same constructor shape, same math, `weight`)."""
-
-    def __init__(self, hidden, eps=1e-5, **_):
-        super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.empty(hidden))
-
-    def forward(self, x):
-        return self.weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps))
-
-
-class _StubTELinear(nn.Linear):
-    def __init__(self, in_features, out_features, bias=True, params_dtype=None, device=None):
-        super().__init__(in_features, out_features, bias=bias, dtype=params_dtype, device=device)
-
-
-def test_fast_path_swaps_keep_names_values_and_outputs(monkeypatch):
-    """The swap plumbing, with stub classes standing in for apex and TE (neither runs on this CPU):
-    same parameter names, copied values, same outputs. The real libraries' numerics are not tested here."""
-    apex_norm = types.ModuleType("apex.normalization")
-    apex_norm.FusedRMSNorm = _StubRMSNorm
-    te_pytorch = types.ModuleType("transformer_engine.pytorch")
-    te_pytorch.Linear, te_pytorch.RMSNorm = _StubTELinear, _StubRMSNorm
-    monkeypatch.setitem(sys.modules, "apex", types.ModuleType("apex"))
-    monkeypatch.setitem(sys.modules, "apex.normalization", apex_norm)
-    monkeypatch.setitem(sys.modules, "transformer_engine", types.ModuleType("transformer_engine"))
-    monkeypatch.setitem(sys.modules, "transformer_engine.pytorch", te_pytorch)
-    yes = Probe(True, "stub", "stub")
-    probes = {"apex_rmsnorm": yes, "transformer_engine": yes}
-
-    model = tiny_model()
-    attn = packed_attn("shared-prefix", n_pairs=3, seq_len=40)
-    tokens, positions = torch.randint(0, 384, attn.shape), attn.default_position_ids()
-    with torch.no_grad():
-        expected = model(tokens, positions, attn)
-    state = {k: v.clone() for k, v in model.state_dict().items()}
-    # "cuda" is only compared against, never allocated on: the stubs live on the weights' device.
-    lines = apply_fast_paths(model, "cuda", apex_rmsnorm="on", te_linear="on", probes=probes)
-    assert lines == ["te_rmsnorm: off", "apex_rmsnorm: 5 RMSNorm -> apex.normalization.FusedRMSNorm",
-                     "te_linear: 14 decoder nn.Linear -> transformer_engine.pytorch.Linear"]
-    assert isinstance(model.layers["0"].input_layernorm, _StubRMSNorm) and isinstance(model.norm, _StubRMSNorm)
-    assert isinstance(model.layers["1"].mlp.down_proj, _StubTELinear)
-    assert type(model.lm_head) is nn.Linear and type(model.score) is nn.Linear  # heads untouched
-    new_state = model.state_dict()
-    assert list(new_state) == list(state)
-    assert all(torch.equal(new_state[k], state[k]) for k in state)
-    with torch.no_grad():
-        torch.testing.assert_close(model(tokens, positions, attn), expected, rtol=0, atol=ATOL)
+def _load_tool(name: str):
+    spec = importlib.util.spec_from_file_location(f"tool_{name}", REPO / "tools" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def test_attention_benchmark_runs_and_checks_parity_on_cpu():
-    from megapmp.backends import benchmark_attention
-
+    benchmark_attention = _load_tool("bench_attention").benchmark_attention
     threads = torch.get_num_threads()
     records = benchmark_attention("cpu", seq_len=64, pairs=6, lengths=(2, 9), heads=2, kv_heads=1, head_dim=8,
                                   steps=1, backends=["sdpa", "segmented", "flash_attn"])

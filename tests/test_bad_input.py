@@ -22,7 +22,7 @@ from megapmp.data.datasets import PairDataset
 from megapmp.data.indexed import ShardError
 from megapmp.data.preprocess import build_shard
 from megapmp.data.shards import ShardMeta, verify_shard
-from megapmp.eval.datasets import DataError, iter_jsonl
+from megapmp.eval.formats import DataError, iter_jsonl
 from megapmp.train import main as train_main
 
 REPO = Path(__file__).resolve().parents[1]

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from megapmp.eval import code_bon, metrics
-from megapmp.synth.sandbox import run_tests, sandbox_capabilities
+from megapmp.sandbox import run_tests, sandbox_capabilities
 from test_eval_metrics import _evaluate_main, make_checkpoint
 
 _CAPS = sandbox_capabilities()

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from megapmp.synth.backends import OpenAIBackend, SamplingParams
 from megapmp.synth.commits import CommitConfig, clean_message, commit_instruct, extract_change
+from megapmp.synth.llm import OpenAIBackend, SamplingParams
 from megapmp.synth.prompts import parse_judgement, parse_rewrite
 from test_synth_backends import _load_tool, server, tiny_models  # noqa: F401  (fixtures: one shared server)
 

@@ -21,7 +21,7 @@ import torch
 from megapmp.eval import metrics
 from megapmp.eval.answers import (extract_gsm8k_answer, extract_math_answer, gsm8k_equivalent, is_correct,
                                   last_boxed, math_equivalent, normalize_math_answer, parse_number)
-from megapmp.eval.datasets import (PASSAGE_TEMPLATE, DataError, detect_format, load_candidate_sets,
+from megapmp.eval.formats import (PASSAGE_TEMPLATE, DataError, detect_format, load_candidate_sets,
                                    load_codepmp_bon, load_codeprefbench, load_gsm8k_solutions, load_logiqa2,
                                    load_pairs, load_reclor)
 

@@ -41,7 +41,7 @@ def test_estimate_scales_with_the_layout():
 
 
 def test_cli_prints_layout_and_estimate():
-    out = subprocess.run([sys.executable, "-m", "megapmp.parallel.memory", "--config",
+    out = subprocess.run([sys.executable, str(REPO / "tools" / "estimate_memory.py"), "--config",
                           str(REPO / "examples" / "configs" / "pmp_7b.toml"), "--world-size", "32"],
                          capture_output=True, text=True, check=True, cwd=REPO).stdout
     assert "layout: world 32 = tp 2 x pp 1 x dp 16" in out

@@ -1,4 +1,4 @@
-"""megapmp.synth.sandbox: generated code runs only in a separate process inside OS isolation.
+"""megapmp.sandbox: generated code runs only in a separate process inside OS isolation.
 
 Every test checks that the calling process is unharmed afterwards (same cwd, same environment, no
 leftover sandbox processes, still computing). The escapes and verdict forgeries of issue 11
@@ -9,6 +9,7 @@ with the in-process guards off. A test skips only where the OS lacks what the me
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import pathlib
@@ -24,8 +25,8 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 import sandbox_attacks
-from megapmp.synth import sandbox
-from megapmp.synth.sandbox import SandboxUnavailable, run_tests, run_untrusted, sandbox_capabilities
+from megapmp.sandbox import SandboxUnavailable, run_tests, run_untrusted, sandbox_capabilities
+from megapmp.sandbox import runner as sandbox
 
 CAPS = sandbox_capabilities()
 needs_isolation = pytest.mark.skipif(CAPS["backend"] is None,
@@ -374,7 +375,7 @@ NOBODY = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
 
 
 def _copy_for_everyone() -> str:
-    """sandbox.py and the attacks in a directory any uid can read (the checkout may be under /root)."""
+    """megapmp/sandbox/runner.py and the attacks in a directory any uid can read (the checkout may be under /root)."""
     d = tempfile.mkdtemp(prefix="megapmp-attacks-")
     os.chmod(d, 0o755)
     for src in (sandbox.__file__, sandbox_attacks.__file__):
@@ -454,9 +455,17 @@ def test_some_backend_and_user_ran_the_attacks(attack_results):
     assert ("caller", CAPS["backend"]) in ran
 
 
+def _load_tool(name: str):
+    tool = pathlib.Path(__file__).resolve().parents[1] / "tools" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"tool_{name}", tool)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def test_clis_refuse_without_isolation_unless_unsafe(monkeypatch, tmp_path, capsys):
     from megapmp.eval import code_bon
-    from megapmp.synth import verified
+    verified = _load_tool("verified_pairs")
 
     monkeypatch.setattr(sandbox, "_caps", dict(CAPS, backend=None, drop_uid=False, nproc=False,
                                                problems={"bwrap": "not installed", "unshare": "not installed"}))
@@ -477,5 +486,5 @@ def test_clis_refuse_without_isolation_unless_unsafe(monkeypatch, tmp_path, caps
 
     import argparse
     parser = argparse.ArgumentParser()
-    code_bon.add_code_bon_arguments(parser)  # tools/evaluate.py code-bon takes its options from here
+    _load_tool("evaluate").add_code_bon_arguments(parser)  # tools/evaluate.py code-bon takes its options from here
     assert parser.parse_args(["--unsafe-no-sandbox"]).unsafe_no_sandbox

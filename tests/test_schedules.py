@@ -9,9 +9,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from megapmp.parallel.schedules import (B, COMMUNICATION, F, RECV_B, RECV_F, SEND_B, SEND_F, Action, ScheduleError,
-                                        _with_communication, all_forward_all_backward, build_schedule,
-                                        interleaved_one_f_one_b, one_f_one_b, peak_activations, simulate,
-                                        virtual_stage)
+                                        all_forward_all_backward, build_schedule, interleaved_one_f_one_b,
+                                        one_f_one_b, peak_activations, simulate, virtual_stage, with_communication)
 
 
 @st.composite
@@ -176,7 +175,7 @@ def test_simulate_catches_a_deadlock():
     rendezvous p2p: each stage blocks in a send whose receive the other posts only later."""
     P, M, C = 2, 4, 2
     rounds = interleaved_one_f_one_b(P, M, C)
-    naive = [_with_communication(compute_order(actions), s, P, C) for s, actions in enumerate(rounds)]
+    naive = [with_communication(compute_order(actions), s, P, C) for s, actions in enumerate(rounds)]
     with pytest.raises(ScheduleError, match="deadlock"):
         simulate(naive)
 

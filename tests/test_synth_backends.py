@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from megapmp.synth.backends import (BackendError, OpenAIBackend, SamplingParams, VLLMBackend, make_backend)
+from megapmp.synth.llm import (BackendError, OpenAIBackend, SamplingParams, VLLMBackend, make_backend)
 
 REPO = Path(__file__).resolve().parents[1]
 CORPUS = [
@@ -62,10 +62,10 @@ def tiny_models(tmp_path_factory) -> tuple[Path, Path]:
 
 
 class ServerProcess:
-    """`python -m megapmp.synth.serve` in a subprocess on a free loopback port."""
+    """`tools/serve_models.py` in a subprocess on a free loopback port."""
 
     def __init__(self, models: tuple[Path, ...], *extra: str):
-        args = [sys.executable, "-m", "megapmp.synth.serve", "--port", "0", "--threads", "1"]
+        args = [sys.executable, str(REPO / "tools" / "serve_models.py"), "--port", "0", "--threads", "1"]
         for m in models:
             args += ["--model", str(m)]
         self.proc = subprocess.Popen(args + list(extra), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
@@ -281,7 +281,7 @@ def test_unreadable_responses_fail_clearly(reply, error):
 def test_openai_backend_without_openai_says_how_to_install():
     # importing megapmp must not need the SDK; building the backend says what to install
     code = ("import sys; sys.modules['openai'] = None\n"
-            "import megapmp.synth.backends as b, megapmp.synth.generate\n"
+            "import megapmp.synth.llm as b, megapmp.synth.generate\n"
             "try:\n    b.make_backend('openai', 'm', base_url='http://127.0.0.1:1')\n"
             "except ImportError as e:\n    print(e)\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,

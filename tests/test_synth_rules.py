@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from megapmp.data.preprocess import build_shard
-from megapmp.synth import pipeline
+from megapmp.synth import stages
 from megapmp.synth.collect import CollectConfig, collect
 from megapmp.synth.filters import PairFilter
 from megapmp.synth.rules import MUTATION_KINDS, describe, mutate
@@ -341,7 +341,7 @@ def test_limit_gives_a_prefix(tmp_path, reference):
 
 def _interrupted_run(out: Path, monkeypatch, after: int) -> Path:
     """Run until the `after`-th pair is about to be written, then raise as a Ctrl-C would."""
-    real_write = pipeline.ResumableJsonlWriter.write
+    real_write = stages.ResumableJsonlWriter.write
     calls = {"n": 0}
 
     def write_then_die(self, record):
@@ -350,10 +350,10 @@ def _interrupted_run(out: Path, monkeypatch, after: int) -> Path:
             raise KeyboardInterrupt
         real_write(self, record)
 
-    monkeypatch.setattr(pipeline.ResumableJsonlWriter, "write", write_then_die)
+    monkeypatch.setattr(stages.ResumableJsonlWriter, "write", write_then_die)
     with pytest.raises(KeyboardInterrupt):
         _rules(out, "--seed", "7", "--flush-every", "8")
-    monkeypatch.setattr(pipeline.ResumableJsonlWriter, "write", real_write)
+    monkeypatch.setattr(stages.ResumableJsonlWriter, "write", real_write)
     partial = out.with_name(out.name + ".partial")
     assert not out.exists() and len(partial.read_bytes().splitlines()) == after - 1
     return partial

@@ -36,13 +36,13 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from megapmp.io import get_logger  # noqa: E402
 from megapmp.synth.collect import TOKEN, CollectConfig, NearDuplicateIndex, collect  # noqa: E402
 
 NUM_PERM, BANDS, SHINGLE = 128, 16, 5
 
 
-def log(*args) -> None:
-    print(*args, file=sys.stderr, flush=True)
+log = get_logger("bench_dedup")
 
 
 def shingle_hashes(code: str) -> np.ndarray:
@@ -102,7 +102,7 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     snippets, _ = collect(sources, CollectConfig(languages=("python",), near_dup_threshold=2.0))
     codes = [s["code"] for s in snippets][: args.limit]
-    log(f"[bench_dedup] {len(codes)} snippets from {sources} in {time.perf_counter() - t0:.1f}s")
+    log(f"{len(codes)} snippets from {sources} in {time.perf_counter() - t0:.1f}s")
 
     sides = {"own": own_removed, "datasketch": datasketch_removed}
     best = {name: float("inf") for name in sides}
@@ -116,7 +116,7 @@ def main(argv=None) -> int:
             best_cpu[name] = min(best_cpu[name], time.process_time() - c0)
             if removed.setdefault(name, result) != result:
                 raise RuntimeError(f"{name} removed other snippets on repeat {r + 1}: not deterministic")
-            log(f"[bench_dedup] repeat {r + 1} {name}: {time.perf_counter() - t0:.2f}s wall, "
+            log(f"repeat {r + 1} {name}: {time.perf_counter() - t0:.2f}s wall, "
                 f"{time.process_time() - c0:.2f}s cpu, {len(result)} removed")
     both, either = removed["own"] & removed["datasketch"], removed["own"] | removed["datasketch"]
     print(json.dumps({

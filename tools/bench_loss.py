@@ -58,6 +58,8 @@ import sys
 import tempfile
 import time
 
+from megapmp.io import get_logger
+
 SHAPES = {
     "qwen2-1.5b": dict(vocab=151936, hidden=1536, tokens=4096, pairs=16),
     "qwen2-7b": dict(vocab=152064, hidden=3584, tokens=4096, pairs=16),
@@ -69,8 +71,7 @@ SIDES = ("naive", "fused", "chunked")
 NAMES = ["lm_sum", "rm_sum", "d_hidden", "d_lm_weight", "d_chosen", "d_rejected", "d_score"]
 
 
-def log(*args) -> None:
-    print(*args, file=sys.stderr, flush=True)
+log = get_logger("bench_loss")
 
 
 def parse(argv=None):
@@ -215,7 +216,7 @@ def cpu_child(args) -> None:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")  # VmHWM := VmRSS
     except OSError as e:  # the warm-up's peak then bounds the reading from above
-        log(f"[bench_loss] cannot reset the peak-RSS counter ({e}): the peak includes the warm-up step")
+        log(f"cannot reset the peak-RSS counter ({e}): the peak includes the warm-up step")
     base, _ = _rss_kb()
     out = step()
     _, peak = _rss_kb()
@@ -237,7 +238,7 @@ def run_cpu(args) -> dict:
             env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
             if side != "timing":  # every freed tensor leaves RSS at once (exact live peak; slower allocation)
                 env["MALLOC_MMAP_THRESHOLD_"] = "65536"
-            log(f"[bench_loss] {side}: T={args.tokens} H={args.hidden} V={args.vocab} ...")
+            log(f"{side}: T={args.tokens} H={args.hidden} V={args.vocab} ...")
             done = subprocess.run(cmd, env=env, capture_output=True, text=True)
             if done.returncode:
                 raise RuntimeError(f"{side} side failed:\n{done.stderr[-4000:]}")
@@ -296,7 +297,7 @@ def run_cuda(args) -> dict:
             results[side] = {"peak_bytes": peak, "ms": statistics.median(times),
                              "ms_spread": [min(times), max(times)]}
         except torch.cuda.OutOfMemoryError as e:
-            log(f"[bench_loss] {side}: out of memory: {e}")
+            log(f"{side}: out of memory: {e}")
             results[side] = {"peak_bytes": None, "ms": None, "error": "out of memory"}
             kept.pop(side, None)
             gc.collect()

@@ -48,9 +48,10 @@ from pathlib import Path
 
 import numpy as np
 
+from megapmp.io import get_logger
 
-def log(*args) -> None:
-    print(*args, file=sys.stderr, flush=True)
+
+log = get_logger(None)
 
 
 def stdlib_files(root: Path):

@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import argparse
 import ast
-import hashlib
 import importlib
 import inspect
 import json
@@ -51,6 +50,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from megapmp.io import get_logger, sha256_file
+
 # Modules whose source (read via inspect.getsource) is the code text of the synthetic pairs.
 SOURCE_MODULES = (
     "argparse", "ast", "calendar", "collections", "configparser", "csv", "dataclasses", "datetime", "difflib",
@@ -62,8 +63,7 @@ PROMPT_OPENERS = ("Write a Python function", "Implement", "Create a helper", "Wr
                   "Implement a Python method", "Provide an implementation of")
 
 
-def log(*args) -> None:
-    print(*args, file=sys.stderr, flush=True)
+log = get_logger(None)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -270,14 +270,6 @@ def cpu_scaling_probe(seconds: float) -> float | None:
     return two / one
 
 
-def sha256(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(8 << 20):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 # --------------------------------------------------------------------------------------------------
 
 
@@ -396,7 +388,7 @@ def main(argv=None) -> int:
                      0, 1)
             big_run = runs[f"megapmp_w{wmax}_big"][0]
 
-        identical = all(sha256(str(work / f"baseline.{ext}")) == sha256(str(work / f"megapmp_w{w}.{ext}"))
+        identical = all(sha256_file(work / f"baseline.{ext}") == sha256_file(work / f"megapmp_w{w}.{ext}")
                         for w in workers for ext in ("bin", "idx"))
         if any(m["tokens"] != base["tokens"] or m["pairs"] != base["pairs"] for m in mega.values()):
             raise SystemExit("megapmp and the baseline disagree on pair/token counts")

@@ -86,6 +86,7 @@ from megapmp.data.datasets import Pair
 from megapmp.data.packing import IGNORE_INDEX, PACKINGS, flatten_rows, pack_pairs
 from megapmp.model.attention import attention_inputs
 from megapmp.flops import batch_flops
+from megapmp.io import get_logger
 from megapmp.loss import Heads, pmp_loss
 from megapmp.model import Qwen2RewardModel
 from megapmp.optim import build_optimizer
@@ -95,8 +96,7 @@ CPU_MODEL = "bench-cpu"
 MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "131072", "MALLOC_TRIM_THRESHOLD_": "0"}
 
 
-def log(message: str) -> None:
-    print(f"[bench_train] {message}", file=sys.stderr, flush=True)
+log = get_logger("bench_train")
 
 
 # --------------------------------------------------------------------------------------------------

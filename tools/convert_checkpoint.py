@@ -55,10 +55,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 from megapmp.convert.export import DTYPES, export_to_hf, import_from_hf, verify_export
 from megapmp.convert.source import ConvertError
+from megapmp.io import get_logger
 
 
-def log(message: str) -> None:
-    print(f"[convert_checkpoint] {message}", file=sys.stderr, flush=True)
+log = get_logger("convert_checkpoint")
 
 
 def build_parser() -> argparse.ArgumentParser:

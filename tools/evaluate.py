@@ -34,6 +34,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
+from megapmp.eval.metrics import PAPER_SEED  # noqa: E402
+
 
 def add_common_arguments(parser: argparse.ArgumentParser, task) -> None:
     io = parser.add_argument_group("data and outputs")
@@ -53,7 +55,7 @@ def add_common_arguments(parser: argparse.ArgumentParser, task) -> None:
                                         "solutions per question); candidates: {id, prompt, candidates: [{response, "
                                         "correct}]}; codepmp-bon: CodePMP BoN shards {id, input, output, gold_answer} "
                                         "grouped by id; logiqa2: LogiQA 2.0 lines; reclor: ReClor JSON/JSONL "
-                                        "(see megapmp/eval/datasets.py)"))
+                                        "(see megapmp/eval/formats.py)"))
     io.add_argument("--output", required=True, metavar="REPORT.json",
                     help="JSON report to write (atomically): task, data fingerprints, model and input recipe, "
                          "arguments, results")
@@ -100,6 +102,52 @@ def add_common_arguments(parser: argparse.ArgumentParser, task) -> None:
     model.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
+def add_best_of_n_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--n-values", default=None, metavar="N1,N2,...",
+                        help="N values to evaluate (default: 1, 2, 4, ... up to the smallest candidate count, capped "
+                             "by --max-n, plus that count itself). A question with fewer than N candidates is left "
+                             "out of that N's row (the row's 'questions' says how many entered)")
+    parser.add_argument("--max-n", type=int, default=256,
+                        help="largest default N (default 256, the paper's largest)")
+    parser.add_argument("--mc-draws", type=int, default=1000,
+                        help="random N-subsets per question for the Monte-Carlo column, a check on the exact "
+                             "expectation (default 1000; 0 skips it)")
+    parser.add_argument("--mc-seed", type=int, default=0, help="seed of the Monte-Carlo draws (default 0)")
+    parser.add_argument("--paper-seed", type=int, default=PAPER_SEED,
+                        help="seed of the paper's single-draw protocol (default 123, as in CodePMP's BoN_eval)")
+    parser.add_argument("--answer-type", default="auto", choices=("auto", "gsm8k", "math"),
+                        help="codepmp-bon only: how final answers are extracted and compared: gsm8k ('#### n', else "
+                             "the last number), math (last \\boxed{...}, normalised), or auto (math when the gold "
+                             "answer has \\boxed or LaTeX; default)")
+
+
+def add_code_bon_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--n-values", default=None, metavar="N1,N2,...",
+                        help="N values to evaluate (default: 1, 2, 4, ... up to the smallest candidate count, capped "
+                             "by --max-n, plus that count itself)")
+    parser.add_argument("--max-n", type=int, default=256, help="largest default N (default 256)")
+    parser.add_argument("--mc-draws", type=int, default=1000,
+                        help="random N-subsets per question for the Monte-Carlo column (default 1000; 0 skips it)")
+    parser.add_argument("--mc-seed", type=int, default=0, help="seed of the Monte-Carlo draws (default 0)")
+    parser.add_argument("--paper-seed", type=int, default=PAPER_SEED,
+                        help="seed of the paper's single-draw protocol (default 123)")
+    parser.add_argument("--reexecute", action="store_true",
+                        help="execute every candidate, ignoring its 'correct' label and the execution cache")
+    parser.add_argument("--exec-cache", default=None, metavar="FILE.jsonl",
+                        help="execution cache (default: REPORT.exec.jsonl beside --output)")
+    parser.add_argument("--exec-workers", type=int, default=2, help="sandbox processes at a time (default 2)")
+    parser.add_argument("--exec-timeout", type=float, default=10.0, metavar="S",
+                        help="wall-clock limit per candidate's test run (default 10 s); a hang counts as wrong")
+    parser.add_argument("--exec-memory-mb", type=int, default=1024, help="memory limit per test run (default 1024)")
+    parser.add_argument("--unsafe-no-sandbox", action="store_true",
+                        help="where no OS isolation (bubblewrap or unshare namespaces) works, execute candidates "
+                             "anyway with in-process guards only; without it such a machine refuses to execute")
+
+
+# The options of the tasks that take more than the common ones, by task name.
+TASK_ARGUMENTS = {"best-of-n": add_best_of_n_arguments, "code-bon": add_code_bon_arguments}
+
+
 def build_parser() -> argparse.ArgumentParser:
     from megapmp.eval.tasks import load_tasks
 
@@ -110,8 +158,8 @@ def build_parser() -> argparse.ArgumentParser:
     for task in tasks.values():
         p = sub.add_parser(task.name, help=task.help, description=task.description or task.help)
         add_common_arguments(p, task)
-        if task.add_arguments is not None:
-            task.add_arguments(p.add_argument_group(f"{task.name} options"))
+        if task.name in TASK_ARGUMENTS:
+            TASK_ARGUMENTS[task.name](p.add_argument_group(f"{task.name} options"))
     return parser
 
 
@@ -131,7 +179,7 @@ def main(argv=None) -> int:
     import torch
 
     from megapmp.convert.source import ConvertError
-    from megapmp.eval.datasets import DataError
+    from megapmp.eval.formats import DataError
     from megapmp.eval.reward_model import RewardScorer
     from megapmp.eval.tasks import TASKS, log, run_evaluation
 

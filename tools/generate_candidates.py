@@ -4,7 +4,7 @@
   # a model in this process (GPU, vLLM):
   python tools/generate_candidates.py --backend vllm --model deepseek-ai/deepseek-coder-1.3b-base \\
       --n 16 --temperature 0.8 --top-p 0.95 --max-tokens 512 --output cands.jsonl
-  # any OpenAI-compatible server (vllm serve, TGI, SGLang, python -m megapmp.synth.serve):
+  # any OpenAI-compatible server (vllm serve, TGI, SGLang, python tools/serve_models.py):
   python tools/generate_candidates.py --backend openai --base-url http://127.0.0.1:8000 --model NAME \\
       --n 16 --output cands.jsonl
   # no model (CPU demo): the canonical solution plus AST mutants of it -- SYNTHETIC candidates
@@ -114,7 +114,7 @@ def read_done(path: Path, generator: dict) -> set[str]:
 
 def mutant_candidates(problem: dict, n: int, seed: int) -> list[dict]:
     """The canonical solution and up to n-1 distinct AST mutants of it (not executed)."""
-    from megapmp.synth.verified import VerifyConfig, VerifyStats, _enclosing_definition, _mutants
+    from megapmp.synth.verified import VerifyConfig, VerifyStats, enclosing_definition, mutants
 
     prompt, canonical = problem["prompt"], problem["canonical_solution"]
     out = [{"response": canonical, "origin": "canonical"}]
@@ -122,13 +122,13 @@ def mutant_candidates(problem: dict, n: int, seed: int) -> list[dict]:
         return out
     full = prompt + canonical
     try:
-        node = _enclosing_definition(ast.parse(full), full, len(prompt))
+        node = enclosing_definition(ast.parse(full), full, len(prompt))
     except SyntaxError:
         node = None
     if node is None:
         return out
     config = VerifyConfig(k=n - 1, max_tries=max(15, 3 * n), seed=seed)
-    for response, mutation in _mutants(full, len(prompt), node, problem["task_id"], config, VerifyStats()):
+    for response, mutation in mutants(full, len(prompt), node, problem["task_id"], config, VerifyStats()):
         out.append({"response": response, "origin": "mutant", "mutation": mutation})
         if len(out) >= n:
             break
@@ -143,7 +143,7 @@ def extract_code(text: str) -> str:
 
 def model_candidates(backend, problems: list[dict], args, stop) -> list[list[dict]]:
     """args.n sampled completions for each problem, in order."""
-    from megapmp.synth.backends import SamplingParams
+    from megapmp.synth.llm import SamplingParams
 
     prompts = [p["prompt"] for p in problems]
     out: list[list[dict]] = [[] for _ in problems]
@@ -206,7 +206,7 @@ def main(argv=None) -> int:
 
     backend = None
     if args.backend != "mutants":
-        from megapmp.synth.backends import make_backend
+        from megapmp.synth.llm import make_backend
 
         backend = make_backend(args.backend, args.model, base_url=args.base_url, mode=args.mode,
                                api_key=os.environ.get(args.api_key_env, "EMPTY"), concurrency=args.concurrency,

@@ -48,13 +48,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import random
 import re
 import sys
 from dataclasses import dataclass, field
 from fractions import Fraction
 from pathlib import Path
+
+from megapmp.io import InputError, atomic_open, iter_jsonl, jsonl_line, write_text_atomic
 
 ANNOTATION = re.compile(r"<<([^<>]*)>>")
 # A printed number: 1,234.5 / 1234 / 12.50 / .5 — not part of a longer number, not after "3," in a list.
@@ -432,43 +433,33 @@ def main(argv=None) -> int:
     from tqdm import tqdm
 
     output = Path(args.output)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = output.with_name(f".{output.name}.tmp-{os.getpid()}")
     stats = {"input": str(source), "seed": args.seed, "questions": 0, "pairs": 0,
              "skipped": {reason: 0 for reason in SKIP_REASONS}, "changed_steps_histogram": {}}
     try:
-        with open(source, encoding="utf-8") as f, open(tmp, "w", encoding="utf-8") as out:
-            bar = tqdm(f, unit="q", desc="gsm8k pairs", disable=args.no_progress, file=sys.stderr)
-            for line_no, line in enumerate(bar, start=1):
-                if not line.strip():
-                    continue
+        with atomic_open(output) as out:
+            bar = tqdm(iter_jsonl(source), unit="q", desc="gsm8k pairs", disable=args.no_progress, file=sys.stderr)
+            for line_no, record in bar:
                 if args.limit is not None and stats["questions"] >= args.limit:
                     break
-                try:
-                    record = json.loads(line)
-                    if not isinstance(record.get("question"), str) or not isinstance(record.get("answer"), str):
-                        raise ValueError("expected string fields 'question' and 'answer'")
-                except (ValueError, AttributeError) as e:
-                    raise SystemExit(f"error: {source}:{line_no}: {e}") from None
+                if not isinstance(record.get("question"), str) or not isinstance(record.get("answer"), str):
+                    raise SystemExit(f"error: {source}:{line_no}: expected string fields 'question' and 'answer'")
                 stats["questions"] += 1
                 pair, reason = make_pair(record, line_no, args.seed, args.id_prefix)
                 if pair is None:
                     stats["skipped"][reason] += 1
                     continue
-                out.write(json.dumps(pair, ensure_ascii=False) + "\n")
+                out.write(jsonl_line(pair))
                 stats["pairs"] += 1
                 key = str(len(pair["changed_steps"]))
                 stats["changed_steps_histogram"][key] = stats["changed_steps_histogram"].get(key, 0) + 1
             bar.close()
-        os.replace(tmp, output)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    except InputError as e:
+        raise SystemExit(f"error: {e}") from None
     stats["skipped_total"] = sum(stats["skipped"].values())
     stats["output"] = str(output)
     text = json.dumps(stats, indent=2)
     if args.stats:
-        Path(args.stats).write_text(text + "\n")
+        write_text_atomic(args.stats, text + "\n")
     print(text, file=sys.stderr)
     return 0
 

@@ -167,7 +167,7 @@ def main(argv=None) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    from megapmp.eval.datasets import load_gsm8k_solutions, load_pairs
+    from megapmp.eval.formats import load_gsm8k_solutions, load_pairs
 
     base, out = Path(args.base).resolve(), Path(args.output).resolve()
     for needed in (base / "runs" / "lm", base / "runs" / "pmp", base / "data" / "gsm8k_train.jsonl"):

@@ -27,7 +27,7 @@ Examples:
 Adding a subcommand (the model-backed summarize, generate --backend vllm|openai, commits): write
 `add_NAME_arguments(parser)` and `run_NAME(args) -> exit code`, and call `register(...)` with them at the
 bottom of this file. Reuse `add_source_arguments` / `collect_from_args` for inputs and
-`megapmp.synth.pipeline.ResumableJsonlWriter` for resumable output.
+`megapmp.synth.stages.ResumableJsonlWriter` for resumable output.
 """
 
 from __future__ import annotations
@@ -42,11 +42,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from megapmp.synth.backends import BackendError
+from megapmp.io import write_jsonl_atomic, write_text_atomic
 from megapmp.synth.collect import EXCLUDED_DIRS, LANGUAGES, CollectConfig, collect
+from megapmp.synth.commits import CommitConfig, commit_instruct
 from megapmp.synth.filters import PairFilter
-from megapmp.synth.pipeline import read_snippets, run_rules, write_jsonl_atomic
+from megapmp.synth.generate import GenerationConfig, generate_pairs, read_records, summarize
+from megapmp.synth.llm import BACKENDS, MODES, Backend, BackendError, SamplingParams, make_backend
 from megapmp.synth.rules import MUTATION_KINDS, DescribeConfig, RulesConfig, snippet_to_pair
+from megapmp.synth.stages import read_snippets, run_rules
 
 
 @dataclass(frozen=True)
@@ -128,11 +131,7 @@ def report(stats: dict, path: str | None) -> None:
     text = json.dumps(stats, indent=1)
     print(text, file=sys.stderr)
     if path:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text(text + "\n")
-        os.replace(tmp, path)
+        write_text_atomic(path, text + "\n")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -208,15 +207,181 @@ def run_rules_command(args: argparse.Namespace) -> int:
 
 
 # ---------------------------------------------------------------------------------------------------
+# Model-backed stages (megapmp.synth.generate / commits; LLM clients in megapmp.synth.llm)
+
+
+def add_sampling_arguments(p, defaults: SamplingParams = SamplingParams()) -> None:
+    g = p.add_argument_group("sampling (paper: temperature 0.7, top_p 1, 1024 new tokens)")
+    g.add_argument("--temperature", type=float, default=defaults.temperature,
+                   help=f"0 = greedy (default {defaults.temperature})")
+    g.add_argument("--top-p", type=float, default=defaults.top_p, help=f"default {defaults.top_p}")
+    g.add_argument("--max-tokens", type=int, default=defaults.max_tokens,
+                   help=f"new tokens per response (default {defaults.max_tokens})")
+    g.add_argument("--seed", type=int, default=None,
+                   help="sent with every request: with it (or --temperature 0) a resumed run equals an "
+                        "uninterrupted one on servers that honour it (vLLM does)")
+    g.add_argument("--stop", action="append", default=None, metavar="TEXT", help="stop sequence, repeatable")
+
+
+def sampling_from_args(args) -> SamplingParams:
+    return SamplingParams(temperature=args.temperature, top_p=args.top_p, max_tokens=args.max_tokens,
+                          seed=args.seed, stop=tuple(args.stop) if args.stop else None)
+
+
+def add_backend_arguments(p, required: bool = True) -> None:
+    g = p.add_argument_group("backend")
+    g.add_argument("--backend", choices=BACKENDS, required=required, default=None,
+                   help="openai: any OpenAI-compatible server (vLLM `vllm serve`, TGI, SGLang, "
+                        "`python tools/serve_models.py`) at --base-url; vllm: vLLM's offline engine in "
+                        "this process (GPU; pip install 'megapmp[synth]')")
+    g.add_argument("--base-url", default=None, metavar="URL", help="e.g. http://127.0.0.1:8000 (/v1 optional)")
+    g.add_argument("--mode", choices=MODES, default="completions",
+                   help="completions: send the prompt as raw text, as CodePMP's prompts are written (default); "
+                        "chat: one user message through the model's chat template")
+    g.add_argument("--api-key-env", default="OPENAI_API_KEY", metavar="VAR",
+                   help="environment variable holding the API key (default OPENAI_API_KEY; 'EMPTY' if unset)")
+    g.add_argument("--concurrency", type=int, default=8, help="HTTP requests in flight per model (default 8)")
+    g.add_argument("--timeout", type=float, default=300.0, metavar="S", help="per request (default 300)")
+    g.add_argument("--max-retries", type=int, default=5,
+                   help="retries on connection errors, timeouts, 408/409/429 and 5xx, after the openai SDK's "
+                        "exponential backoff or the server's Retry-After (default 5)")
+    g.add_argument("--batch-size", type=int, default=64,
+                   help="records per batch: the unit of progress and of the output's flushes (default 64)")
+    g.add_argument("--tensor-parallel-size", type=int, default=1, help="vllm: GPUs per model")
+    g.add_argument("--dtype", default="auto", help="vllm: model dtype (default auto)")
+    g.add_argument("--gpu-memory-utilization", type=float, default=0.9,
+                   help="vllm: fraction of GPU memory per engine (default 0.9; ~0.45 for two models on one GPU)")
+    g.add_argument("--max-model-len", type=int, default=None, help="vllm: context length")
+
+
+def backend_from_args(args, model: str, base_url: str | None = None) -> Backend:
+    return make_backend(args.backend, model, base_url=base_url or args.base_url, mode=args.mode,
+                        api_key=os.environ.get(args.api_key_env, "EMPTY"), concurrency=args.concurrency,
+                        timeout_s=args.timeout, max_retries=args.max_retries,
+                        tensor_parallel_size=args.tensor_parallel_size, dtype=args.dtype,
+                        gpu_memory_utilization=args.gpu_memory_utilization, max_model_len=args.max_model_len,
+                        seed=args.seed if args.seed is not None else 0)
+
+
+def _add_common(p, output_help: str) -> None:
+    p.add_argument("--output", required=True, metavar="FILE.jsonl",
+                   help=output_help + "; an interrupted run resumes from FILE.jsonl.partial when rerun")
+    p.add_argument("--stats", default=None, metavar="FILE.json",
+                   help="also write the run's statistics (kept/dropped by reason per stage, throughput) here")
+    p.add_argument("--limit", type=int, default=None, metavar="N", help="only the first N input records")
+    p.add_argument("--drop-truncated", action="store_true",
+                   help="drop responses cut off by --max-tokens (finish_reason 'length')")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def add_summarize_arguments(p) -> None:
+    p.add_argument("--input", required=True, metavar="SNIPPETS.jsonl", help="snippets from `collect` (id, code, ...)")
+    _add_common(p, "descriptions JSONL: id, description, code, description_model, provenance")
+    p.add_argument("--model", "--strong-model", dest="model", required=True, metavar="M",
+                   help="the strong model that writes descriptions (a served model name, or a path for vllm)")
+    add_backend_arguments(p)
+    add_sampling_arguments(p)
+
+
+def generation_config(args) -> GenerationConfig:
+    return GenerationConfig(sampling=sampling_from_args(args), batch_size=args.batch_size,
+                            drop_truncated=args.drop_truncated)
+
+
+def run_summarize(args) -> int:
+    snippets = read_records(args.input)
+    backend = backend_from_args(args, args.model)
+    try:
+        stats = summarize(snippets, args.output, backend, generation_config(args), limit=args.limit,
+                          progress=not args.no_progress)
+    finally:
+        backend.close()
+    report({"output": args.output, "model": args.model, **stats.as_dict()}, args.stats)
+    return 0
+
+
+def add_generate_arguments(p) -> None:
+    p.add_argument("--input", required=True, metavar="DESCRIPTIONS.jsonl",
+                   help="descriptions from `summarize` (id + description, or prompt/query)")
+    _add_common(p, "pairs JSONL: id, prompt, chosen, rejected, chosen_model, rejected_model, provenance "
+                   "(tools/preprocess_pairs.py --template codepmp reads it)")
+    p.add_argument("--strong-model", required=True, metavar="S", help="writes the chosen responses")
+    p.add_argument("--weak-model", required=True, metavar="W", help="writes the rejected responses")
+    p.add_argument("--weak-base-url", default=None, metavar="URL",
+                   help="server of the weak model when it is not --base-url")
+    add_backend_arguments(p)
+    add_sampling_arguments(p)
+    f = PairFilter()
+    p.add_argument("--min-length-ratio", type=float, default=f.min_length_ratio, metavar="R",
+                   help=f"drop pairs whose chosen/rejected character-length ratio is below R (default {f.min_length_ratio})")
+    p.add_argument("--max-length-ratio", type=float, default=f.max_length_ratio, metavar="R",
+                   help=f"drop pairs whose chosen/rejected character-length ratio is above R (default {f.max_length_ratio})")
+
+
+def run_generate(args) -> int:
+    descriptions = read_records(args.input)
+    pair_filter = PairFilter(args.min_length_ratio, args.max_length_ratio)
+    strong = backend_from_args(args, args.strong_model)
+    weak = backend_from_args(args, args.weak_model, base_url=args.weak_base_url)
+    try:
+        stats = generate_pairs(descriptions, args.output, strong, weak, generation_config(args), pair_filter,
+                               limit=args.limit, progress=not args.no_progress)
+    finally:
+        strong.close()
+        weak.close()
+    report({"output": args.output, "strong_model": args.strong_model, "weak_model": args.weak_model,
+            **stats.as_dict()}, args.stats)
+    return 0
+
+
+def add_commits_arguments(p) -> None:
+    d = CommitConfig()
+    p.add_argument("--repo", required=True, metavar="DIR", help="a git checkout")
+    p.add_argument("--rev", default=d.rev, help=f"walk the commits reachable from REV (default {d.rev})")
+    p.add_argument("--output", required=True, metavar="FILE.jsonl",
+                   help="pairs JSONL: id, prompt, chosen, rejected, commit, parent, path, functions, message, "
+                        "method; an interrupted run resumes from FILE.jsonl.partial when rerun")
+    p.add_argument("--stats", default=None, metavar="FILE.json", help="also write the run's statistics here")
+    p.add_argument("--limit", type=int, default=None, metavar="N", help="only the first N candidate commits")
+    p.add_argument("--max-changed-lines", type=int, default=d.max_changed_lines, metavar="N",
+                   help=f"drop commits whose diff adds + deletes more lines (default {d.max_changed_lines})")
+    p.add_argument("--max-functions", type=int, default=d.max_functions, metavar="N",
+                   help=f"drop commits changing more functions (default {d.max_functions})")
+    p.add_argument("--max-function-lines", type=int, default=d.max_function_lines, metavar="N",
+                   help=f"drop commits whose changed function is longer (default {d.max_function_lines})")
+    f = PairFilter()
+    p.add_argument("--min-length-ratio", type=float, default=f.min_length_ratio, metavar="R")
+    p.add_argument("--max-length-ratio", type=float, default=f.max_length_ratio, metavar="R")
+    p.add_argument("--model", default=None, metavar="M", help="with --backend: the model of CodeFavor's stages")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_backend_arguments(p, required=False)
+    add_sampling_arguments(p)
+
+
+def run_commits(args) -> int:
+    if not Path(args.repo).is_dir():
+        raise FileNotFoundError(f"--repo {args.repo}: not a directory")
+    if bool(args.backend) != bool(args.model):
+        raise ValueError("commits: give both --backend and --model (CodeFavor's stages) or neither (model-free)")
+    config = CommitConfig(args.max_changed_lines, args.max_functions, args.max_function_lines, args.rev)
+    backend = backend_from_args(args, args.model) if args.backend else None
+    try:
+        stats = commit_instruct(args.repo, args.output, backend, config, sampling_from_args(args),
+                                PairFilter(args.min_length_ratio, args.max_length_ratio),
+                                batch_size=args.batch_size, limit=args.limit, progress=not args.no_progress)
+    finally:
+        if backend:
+            backend.close()
+    report({"output": args.output, "repo": args.repo, "method": "codefavor" if backend else "commit_message",
+            **stats.as_dict()}, args.stats)
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------------
 
 
 register("collect", "walk sources into a snippets JSONL", add_collect_arguments, run_collect)
 register("rules", "model-free pairs: collect -> describe -> mutate -> filter", add_rules_arguments, run_rules_command)
-
-# Model-backed stages (megapmp.synth.generate / commits; backends in megapmp.synth.backends).
-from megapmp.synth.commits import add_commits_arguments, run_commits  # noqa: E402
-from megapmp.synth.generate import (add_generate_arguments, add_summarize_arguments, run_generate,  # noqa: E402
-                                    run_summarize)
 
 register("summarize", "snippets -> descriptions with a strong model (CodePMP's description prompt)",
          add_summarize_arguments, run_summarize)

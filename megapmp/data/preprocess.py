@@ -23,7 +23,7 @@ from typing import Iterable, Iterator, NamedTuple
 
 import numpy as np
 
-from megapmp.data.jsonl import InputError, open_lines, parse_json_line
+from megapmp.io import InputError, open_lines, parse_json_line
 
 CODEPMP_TEMPLATE = (
     "### Instruction: Please read the following code description carefully and generate the actual code "

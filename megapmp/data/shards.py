@@ -13,7 +13,6 @@ reads every byte; `python tools/preprocess_pairs.py verify PREFIX` or the traine
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -24,6 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from megapmp.data.indexed import IndexedDataset, ShardError, bin_path, idx_path, merge_shards
+from megapmp.io import sha256_file, write_text_atomic
 
 SIDECAR_FORMAT = "megapmp-shard"
 SIDECAR_VERSION = 1
@@ -77,25 +77,6 @@ class ShardMeta:
         if unknown:
             raise ShardError(f"{path}: unknown sidecar fields {', '.join(unknown)}")
         return cls(**data)
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.chmod(tmp, 0o644)  # mkstemp creates 0600; a shard is meant to be shared
-    os.replace(tmp, path)
-
-
-def sha256_file(path: str | os.PathLike, progress=None) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(8 << 20):
-            digest.update(block)
-            if progress is not None:
-                progress(len(block))
-    return digest.hexdigest()
 
 
 def shard_checksums(prefix: str | os.PathLike) -> dict:

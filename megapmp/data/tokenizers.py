@@ -43,6 +43,8 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
+from megapmp.io import write_bytes_atomic
+
 EOS_TOKEN = "<|endoftext|>"
 PAD_TOKEN = "<|pad|>"
 
@@ -191,7 +193,7 @@ class _FileTokenizer(Tokenizer):
         directory = os.path.abspath(os.fspath(directory))
         os.makedirs(directory, exist_ok=True)
         for name, data in self._files.items():
-            _write_atomic(os.path.join(directory, name), data)
+            write_bytes_atomic(os.path.join(directory, name), data)
         return f"{self.prefix}:{os.path.join(directory, os.path.basename(self.path))}"
 
 
@@ -440,14 +442,6 @@ def _read_file(path: str) -> bytes:
         return f.read()
 
 
-def _write_atomic(path: str, data: bytes) -> None:
-    # Readers (other workers, a later run) never see a half-written tokenizer file.
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)
-
-
 def train_bpe(texts: Iterable[str], vocab_size: int, directory: str | os.PathLike) -> Tokenizer:
     """Train a byte-level BPE with HF ``tokenizers`` and save it as ``directory/tokenizer.json``.
 
@@ -483,8 +477,8 @@ def train_bpe(texts: Iterable[str], vocab_size: int, directory: str | os.PathLik
         "unk_token": None,
         "clean_up_tokenization_spaces": False,
     }
-    _write_atomic(os.path.join(directory, "tokenizer.json"), tok.to_str().encode("utf-8"))
-    _write_atomic(os.path.join(directory, "tokenizer_config.json"), json.dumps(config, indent=2).encode("utf-8"))
+    write_bytes_atomic(os.path.join(directory, "tokenizer.json"), tok.to_str().encode("utf-8"))
+    write_bytes_atomic(os.path.join(directory, "tokenizer_config.json"), json.dumps(config, indent=2).encode("utf-8"))
     return load_tokenizer(f"hf:{os.path.join(directory, 'tokenizer.json')}")
 
 

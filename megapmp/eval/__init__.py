@@ -6,6 +6,6 @@
 - ``metrics``: pairwise accuracy, exact / Monte-Carlo / single-draw Best-of-N, multiple choice,
   CodePrefBench (pure numpy).
 - ``answers``: GSM8K / MATH final-answer extraction and equivalence.
-- ``datasets``: file formats -> candidate sets or text pairs.
+- ``formats``: evaluation file formats -> candidate sets or text pairs.
 - ``tasks`` / ``report``: the task registry and report writing behind ``tools/evaluate.py``.
 """

@@ -11,7 +11,7 @@ own ``test`` (with ``entry_point``); otherwise ``id`` must be a HumanEval task_i
 
 Correctness: a candidate's ``correct`` label is used as given; when it is absent, or for every candidate with
 ``--reexecute``, ``prompt + response`` is run against the problem's tests in the sandbox
-(:func:`megapmp.synth.sandbox.run_tests`: separate resource-limited process), ``--exec-workers`` at a time.
+(:func:`megapmp.sandbox.run_tests`: separate resource-limited process), ``--exec-workers`` at a time.
 Each execution is cached in a JSONL sidecar (default ``REPORT.exec.jsonl`` beside ``--output``, or
 ``--exec-cache FILE``), keyed by the SHA-256 of (prompt, response, test, entry point), so a rerun (another
 model, other N values) executes nothing again; ``--reexecute`` ignores the cache when reading and appends the
@@ -27,7 +27,6 @@ file, the status counts, and each question's per-candidate statuses.
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import sys
@@ -40,10 +39,11 @@ from pathlib import Path
 import numpy as np
 
 from megapmp.eval import metrics
-from megapmp.eval.datasets import DataError, _field, iter_jsonl
+from megapmp.eval.formats import DataError, candidates_record, iter_jsonl, require_field
 from megapmp.eval.report import fmt
-from megapmp.eval.tasks import (Task, TaskContext, _parse_n_values, _within_question_pairs, log, markdown_best_of_n,
-                                plot_best_of_n, register_task)
+from megapmp.eval.tasks import (Task, TaskContext, log, markdown_best_of_n, parse_n_values, plot_best_of_n,
+                                register_task, within_question_pairs)
+from megapmp.sandbox import require_sandbox, run_tests
 
 __all__ = ["CodeProblem", "load_code_candidates", "execute_candidates", "ExecCache", "exec_key", "run_code_bon",
            "SANDBOX_CALLS"]
@@ -71,25 +71,12 @@ def load_code_candidates(path, limit: int | None = None) -> list[CodeProblem]:
     """Candidate sets whose ``correct`` labels are optional (see the module docstring)."""
     problems = []
     for line_no, obj in iter_jsonl(path):
-        qid = _field(path, line_no, obj, "id", str, what="a HumanEval task_id, e.g. HumanEval/0")
-        prompt = _field(path, line_no, obj, "prompt", str)
-        candidates = _field(path, line_no, obj, "candidates", list)
-        if not candidates:
-            raise DataError(f"{path}:{line_no}: field 'candidates' is empty")
-        responses, given = [], []
-        for k, c in enumerate(candidates):
-            if not isinstance(c, dict) or not isinstance(c.get("response"), str):
-                raise DataError(f"{path}:{line_no}: candidates[{k}] must be an object with a string 'response'")
-            label = c.get("correct")
-            if label is not None and not isinstance(label, bool):
-                raise DataError(f"{path}:{line_no}: candidates[{k}].correct must be true, false or absent, "
-                                f"got {label!r}")
-            responses.append(c["response"])
-            given.append(label)
+        qid = require_field(path, line_no, obj, "id", str, what="a HumanEval task_id, e.g. HumanEval/0")
+        prompt, responses, given = candidates_record(path, line_no, obj, labels_required=False)
         test = entry = None
         if obj.get("test") is not None:  # the record's own tests; else those of the HumanEval id
-            test = _field(path, line_no, obj, "test", str)
-            entry = _field(path, line_no, obj, "entry_point", str, what="needed with 'test'")
+            test = require_field(path, line_no, obj, "test", str)
+            entry = require_field(path, line_no, obj, "entry_point", str, what="needed with 'test'")
         problems.append(CodeProblem(qid, prompt, responses, given, test, entry))
         if limit is not None and len(problems) >= limit:
             break
@@ -153,8 +140,6 @@ class ExecCache:
 
 def _run_one(program_prompt: str, response: str, test: str, entry_point: str, timeout_s: float,
              memory_mb: int, unsafe_no_sandbox: bool) -> tuple[str, float]:
-    from megapmp.synth.sandbox import run_tests
-
     with _CALLS_LOCK:
         SANDBOX_CALLS["runs"] += 1
     result = run_tests(program_prompt + response, test, entry_point, timeout_s=timeout_s, memory_mb=memory_mb,
@@ -169,7 +154,7 @@ def execute_candidates(problems: list[CodeProblem], *, cache: ExecCache | None =
     ``reexecute``; the others come from the cache or a sandbox run. Returns the execution summary.
 
     unsafe_no_sandbox: where no OS isolation works, execute anyway with the in-process guards only
-    (otherwise `megapmp.synth.sandbox.SandboxUnavailable` is raised before anything runs)."""
+    (otherwise `megapmp.sandbox.SandboxUnavailable` is raised before anything runs)."""
     tests = None
     jobs = []  # (problem index, candidate index, key, test, entry point)
     counts = Counter()
@@ -198,8 +183,6 @@ def execute_candidates(problems: list[CodeProblem], *, cache: ExecCache | None =
     isolation = None
     if jobs:
         from tqdm import tqdm
-
-        from megapmp.synth.sandbox import require_sandbox
 
         isolation = require_sandbox(unsafe_no_sandbox)["backend"] or "none (--unsafe-no-sandbox)"
         log(f"executing {len(jobs)} candidates in the sandbox ({isolation} isolation, {workers} at a time, "
@@ -246,7 +229,7 @@ def run_code_bon(ctx: TaskContext) -> dict:
     problems = load_code_candidates(path, ctx.limit)
     if not problems:
         raise DataError(f"{path}: no questions")
-    n_values = _parse_n_values(args.n_values)
+    n_values = parse_n_values(args.n_values)
     largest = max(len(p.responses) for p in problems)
     if n_values is None:
         n_values = metrics.default_n_values(min(len(p.responses) for p in problems), limit=args.max_n)
@@ -275,30 +258,7 @@ def run_code_bon(ctx: TaskContext) -> dict:
     ctx.write_scores([{"id": p.id, "scores": sc, "correct": p.correct, "status": p.status}
                       for p, sc in zip(problems, scores)])
     return {"format": "candidates", **curve, "candidates": int(sum(len(p.responses) for p in problems)),
-            "within_question": _within_question_pairs(scores, correct), "execution": execution}
-
-
-def add_code_bon_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--n-values", default=None, metavar="N1,N2,...",
-                        help="N values to evaluate (default: 1, 2, 4, ... up to the smallest candidate count, capped "
-                             "by --max-n, plus that count itself)")
-    parser.add_argument("--max-n", type=int, default=256, help="largest default N (default 256)")
-    parser.add_argument("--mc-draws", type=int, default=1000,
-                        help="random N-subsets per question for the Monte-Carlo column (default 1000; 0 skips it)")
-    parser.add_argument("--mc-seed", type=int, default=0, help="seed of the Monte-Carlo draws (default 0)")
-    parser.add_argument("--paper-seed", type=int, default=metrics.PAPER_SEED,
-                        help="seed of the paper's single-draw protocol (default 123)")
-    parser.add_argument("--reexecute", action="store_true",
-                        help="execute every candidate, ignoring its 'correct' label and the execution cache")
-    parser.add_argument("--exec-cache", default=None, metavar="FILE.jsonl",
-                        help="execution cache (default: REPORT.exec.jsonl beside --output)")
-    parser.add_argument("--exec-workers", type=int, default=2, help="sandbox processes at a time (default 2)")
-    parser.add_argument("--exec-timeout", type=float, default=10.0, metavar="S",
-                        help="wall-clock limit per candidate's test run (default 10 s); a hang counts as wrong")
-    parser.add_argument("--exec-memory-mb", type=int, default=1024, help="memory limit per test run (default 1024)")
-    parser.add_argument("--unsafe-no-sandbox", action="store_true",
-                        help="where no OS isolation (bubblewrap or unshare namespaces) works, execute candidates anyway "
-                             "with in-process guards only; without it such a machine refuses to execute")
+            "within_question": within_question_pairs(scores, correct), "execution": execution}
 
 
 def markdown_code_bon(report: dict) -> str:
@@ -318,6 +278,6 @@ TASK = register_task(Task(
                 "expectation, Monte-Carlo, single-draw (seed 123), oracle (pass@N) and random-pick (pass@1) "
                 "columns as best-of-n. --data: {id: HumanEval task_id, prompt, candidates: [{response}]} JSONL "
                 "(tools/generate_candidates.py).",
-    formats=("candidates",), run=run_code_bon, add_arguments=add_code_bon_arguments, markdown=markdown_code_bon,
+    formats=("candidates",), run=run_code_bon, markdown=markdown_code_bon,
     plot=plot_best_of_n, plot_help="accuracy vs N on a log2 axis with the single-draw, oracle (pass@N) and "
                                    "random-pick (pass@1) lines"))

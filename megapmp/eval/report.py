@@ -2,17 +2,17 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
-import os
 from pathlib import Path
+
+import numpy as np
+
+from megapmp.io import atomic_open, sha256_file, write_text_atomic
 
 
 def jsonable(value):
     """Numpy scalars/arrays to Python, NaN/inf to None (strict JSON has neither)."""
-    import numpy as np
-
     if isinstance(value, dict):
         return {str(k): jsonable(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
@@ -28,18 +28,6 @@ def jsonable(value):
     return value
 
 
-def write_text_atomic(path, text: str) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
 def write_json(path, report: dict) -> None:
     write_text_atomic(path, json.dumps(jsonable(report), indent=2, ensure_ascii=False, allow_nan=False) + "\n")
 
@@ -49,11 +37,7 @@ def file_fingerprint(path) -> dict:
     path = Path(path)
     if path.is_dir():
         return {"path": str(path), "files": [file_fingerprint(p) for p in sorted(path.iterdir()) if p.is_file()]}
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(8 << 20):
-            digest.update(block)
-    return {"path": str(path), "bytes": path.stat().st_size, "sha256": digest.hexdigest()}
+    return {"path": str(path), "bytes": path.stat().st_size, "sha256": sha256_file(path)}
 
 
 def fmt(value, digits: int = 4) -> str:
@@ -100,10 +84,9 @@ def new_figure(width: float = 6.4, height: float = 4.4):
 
 
 def save_figure(plt, fig, path) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}.png")
     fig.tight_layout()
-    fig.savefig(tmp, format="png")
-    plt.close(fig)
-    os.replace(tmp, path)
+    try:
+        with atomic_open(path, "wb") as f:
+            fig.savefig(f, format="png")
+    finally:
+        plt.close(fig)

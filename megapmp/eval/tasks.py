@@ -16,10 +16,8 @@ Report envelope (JSON): ``{"task", "created", "elapsed_s", "limit", "data": {"pa
 
 from __future__ import annotations
 
-import argparse
 import importlib
 import json
-import sys
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -29,19 +27,21 @@ from typing import Callable
 import numpy as np
 
 from megapmp.eval import metrics
-from megapmp.eval.datasets import (CANDIDATE_LOADERS, DataError, detect_format, load_candidate_sets,
+from megapmp.eval.formats import (CANDIDATE_LOADERS, DataError, detect_format, load_candidate_sets,
                                    load_codeprefbench, load_pairs)
-from megapmp.eval.report import (file_fingerprint, fmt, markdown_header, markdown_table, new_figure, save_figure,
-                                 write_json, write_text_atomic)
+from megapmp.eval.report import (file_fingerprint, fmt, jsonable, markdown_header, markdown_table, new_figure,
+                                 save_figure, write_json)
+from megapmp.io import get_logger, write_jsonl_atomic, write_text_atomic
 
 EXTRA_TASK_MODULES = ("megapmp.eval.code_bon",)
 
 
 @dataclass
 class TaskContext:
-    """What a task's ``run`` gets: the parsed arguments, the data paths, and the model on demand."""
+    """What a task's ``run`` gets: its options, the data paths, and the model on demand. ``args`` holds the
+    options as attributes named like tools/evaluate.py's flags (``n_values``, ``mc_draws``, ...)."""
 
-    args: argparse.Namespace
+    args: object
     data: list[str]
     format: str | None
     limit: int | None
@@ -63,10 +63,7 @@ class TaskContext:
     def write_scores(self, records: list[dict]) -> None:
         """Per-item scores as JSONL, when --save-scores was given."""
         if self.save_scores:
-            from megapmp.eval.report import jsonable
-
-            write_text_atomic(self.save_scores, "".join(json.dumps(jsonable(r), ensure_ascii=False) + "\n"
-                                                        for r in records))
+            write_jsonl_atomic(self.save_scores, (jsonable(r) for r in records))
 
 
 @dataclass(frozen=True)
@@ -76,7 +73,6 @@ class Task:
     formats: tuple
     run: Callable[[TaskContext], dict]
     description: str = ""
-    add_arguments: Callable[[argparse.ArgumentParser], None] | None = None
     markdown: Callable[[dict], str] | None = None
     plot: Callable[[dict, str], None] | None = None
     multiple_data: bool = False
@@ -105,11 +101,10 @@ def load_tasks() -> dict[str, Task]:
     return TASKS
 
 
-def log(message: str) -> None:
-    print(f"[evaluate] {message}", file=sys.stderr, flush=True)
+log = get_logger("evaluate")
 
 
-def run_evaluation(task: Task, args: argparse.Namespace, get_scorer: Callable[[], object]) -> dict:
+def run_evaluation(task: Task, args, get_scorer: Callable[[], object]) -> dict:
     """Run one task and write its outputs (--output JSON, --markdown, --plot); returns the report."""
     data = list(args.data)
     ctx = TaskContext(args=args, data=data, format=getattr(args, "format", None), limit=args.limit,
@@ -255,7 +250,7 @@ def _score_sets(ctx: TaskContext, sets) -> list[np.ndarray]:
     return out
 
 
-def _within_question_pairs(scores, correct) -> dict:
+def within_question_pairs(scores, correct) -> dict:
     """Over every (correct, incorrect) candidate pair of the same question: how often the correct one
     scores higher (ties wrong), and the mean score of correct and incorrect candidates."""
     right = total = ties = 0
@@ -274,7 +269,8 @@ def _within_question_pairs(scores, correct) -> dict:
             "mean_score_incorrect": float(all_scores[~all_correct].mean()) if (~all_correct).any() else float("nan")}
 
 
-def _parse_n_values(text: str | None) -> list[int] | None:
+def parse_n_values(text: str | None) -> list[int] | None:
+    """``--n-values`` "1,2,4" -> [1, 2, 4] (sorted, distinct, positive); None when not given."""
     if not text:
         return None
     try:
@@ -290,7 +286,7 @@ def run_best_of_n(ctx: TaskContext) -> dict:
     path = ctx.single_data("best-of-n")
     options = {"answer_type": ctx.args.answer_type} if (ctx.format or detect_format(path)) == "codepmp-bon" else {}
     fmt_used, sets = load_candidate_sets(path, ctx.format, ctx.limit, **options)
-    n_values = _parse_n_values(ctx.args.n_values)
+    n_values = parse_n_values(ctx.args.n_values)
     smallest = min(len(s.responses) for s in sets)
     if n_values is None:
         n_values = metrics.default_n_values(smallest, limit=ctx.args.max_n)
@@ -303,7 +299,7 @@ def run_best_of_n(ctx: TaskContext) -> dict:
                                     paper_seed=ctx.args.paper_seed)
     ctx.write_scores([{"id": s.id, "scores": sc, "correct": s.correct} for s, sc in zip(sets, scores)])
     return {"format": fmt_used, **curve, "candidates": int(sum(len(s.responses) for s in sets)),
-            "within_question": _within_question_pairs(scores, correct)}
+            "within_question": within_question_pairs(scores, correct)}
 
 
 def markdown_best_of_n(report: dict) -> str:
@@ -352,25 +348,6 @@ def plot_best_of_n(report: dict, path: str) -> None:
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8)
     save_figure(plt, fig, path)
-
-
-def add_best_of_n_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--n-values", default=None, metavar="N1,N2,...",
-                        help="N values to evaluate (default: 1, 2, 4, ... up to the smallest candidate count, capped "
-                             "by --max-n, plus that count itself). A question with fewer than N candidates is left "
-                             "out of that N's row (the row's 'questions' says how many entered)")
-    parser.add_argument("--max-n", type=int, default=256,
-                        help="largest default N (default 256, the paper's largest)")
-    parser.add_argument("--mc-draws", type=int, default=1000,
-                        help="random N-subsets per question for the Monte-Carlo column, a check on the exact "
-                             "expectation (default 1000; 0 skips it)")
-    parser.add_argument("--mc-seed", type=int, default=0, help="seed of the Monte-Carlo draws (default 0)")
-    parser.add_argument("--paper-seed", type=int, default=metrics.PAPER_SEED,
-                        help="seed of the paper's single-draw protocol (default 123, as in CodePMP's BoN_eval)")
-    parser.add_argument("--answer-type", default="auto", choices=("auto", "gsm8k", "math"),
-                        help="codepmp-bon only: how final answers are extracted and compared: gsm8k ('#### n', else "
-                             "the last number), math (last \\boxed{...}, normalised), or auto (math when the gold "
-                             "answer has \\boxed or LaTeX; default)")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -472,7 +449,7 @@ register_task(Task(
                 "uniformly random N-subset of each question's candidates, computed exactly (ties at the top broken "
                 "uniformly at random), with its standard error across questions; a Monte-Carlo check; the "
                 "paper's single-draw protocol (seed 123); the oracle (pass@N) and random-pick baselines.",
-    formats=tuple(CANDIDATE_LOADERS), run=run_best_of_n, add_arguments=add_best_of_n_arguments,
+    formats=tuple(CANDIDATE_LOADERS), run=run_best_of_n,
     markdown=markdown_best_of_n, plot=plot_best_of_n,
     plot_help="accuracy vs N on a log2 axis with the single-draw, oracle and random-pick lines"))
 

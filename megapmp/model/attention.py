@@ -534,7 +534,7 @@ def _torch_varlen_kernel(q, k, v, cu_q, cu_k, max_q, max_k):
     # window_size=(-1, 0) is varlen_attn's documented spelling of causal. It goes to
     # aten._flash_attention_forward, whose causal mask is bottom-right (FA2 semantics; torch's own
     # CausalBias LOWER_RIGHT path relies on it), and the cuDNN varlen path refuses any window
-    # instead of silently using another alignment. `_torch_varlen_usable` demands both keywords.
+    # instead of silently using another alignment. `torch_varlen_usable` demands both keywords.
     return varlen_attn(q, k, v, cu_q, cu_k, max_q, max_k, window_size=(-1, 0), enable_gqa=q.shape[1] != k.shape[1])
 
 
@@ -556,7 +556,7 @@ def torch_varlen_attention(q, k, v, attn):
 
 
 @lru_cache(maxsize=None)
-def _flash_attn_usable() -> tuple[bool, str]:
+def flash_attn_usable() -> tuple[bool, str]:
     try:
         import flash_attn
         from flash_attn import flash_attn_varlen_func  # noqa: F401
@@ -570,7 +570,7 @@ def _flash_attn_usable() -> tuple[bool, str]:
 
 
 @lru_cache(maxsize=None)
-def _torch_varlen_usable() -> tuple[bool, str]:
+def torch_varlen_usable() -> tuple[bool, str]:
     try:
         from torch.nn.attention.varlen import varlen_attn
     except Exception as error:
@@ -593,7 +593,7 @@ def backend_available(name: str, device, dtype: torch.dtype | None = None) -> tu
         return False, f"{name} needs a CUDA device, not {device.type}"
     if dtype is not None and dtype not in (torch.float16, torch.bfloat16):
         return False, f"{name} needs fp16/bf16, not {dtype}"
-    return _flash_attn_usable() if name == "flash_attn" else _torch_varlen_usable()
+    return flash_attn_usable() if name == "flash_attn" else torch_varlen_usable()
 
 
 def _require(name: str, q: torch.Tensor) -> None:

@@ -25,7 +25,9 @@ def group_rank(group) -> int:
 
 # -- raw (non-autograd) collectives -------------------------------------------------------------------
 
-def _all_reduce(x: torch.Tensor, group, op=dist.ReduceOp.SUM) -> torch.Tensor:
+def all_reduce_copy(x: torch.Tensor, group, op=dist.ReduceOp.SUM) -> torch.Tensor:
+    """`x` reduced over `group` with `op`, into a new tensor; no autograd (the vocab-parallel loss uses it
+    for its max and sums)."""
     out = x.clone(memory_format=torch.contiguous_format)  # the input may be saved by other autograd nodes
     dist.all_reduce(out, op=op, group=group)
     return out
@@ -95,13 +97,13 @@ class _CopyToTP(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        return _all_reduce(grad, ctx.group), None
+        return all_reduce_copy(grad, ctx.group), None
 
 
 class _ReduceFromTP(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, group):
-        return _all_reduce(x, group)
+        return all_reduce_copy(x, group)
 
     @staticmethod
     def backward(ctx, grad):

@@ -1,6 +1,6 @@
 """Per-rank memory estimate of a training layout (printed by the launch scripts before they start).
 
-    python -m megapmp.parallel.memory --config examples/configs/pmp_7b.toml --world-size 32 [--section.key value ...]
+    python tools/estimate_memory.py --config examples/configs/pmp_7b.toml --world-size 32 [--section.key value ...]
 
 What this trainer keeps per rank (the busiest pipeline stage; TP divides every sharded tensor):
 
@@ -25,7 +25,6 @@ checkpoint.init_from is set, else on the device), reported as `staging`.
 from __future__ import annotations
 
 import math
-import sys
 
 GiB = 2**30
 
@@ -120,30 +119,3 @@ def format_estimate(est: dict) -> str:
                  f"{est['staging']['bytes'] / GiB:.1f} GiB per rank (transient)")
     return "\n".join(lines)
 
-
-def main(argv=None) -> int:
-    import argparse
-
-    from megapmp.config import load_train_config, parse_overrides
-
-    parser = argparse.ArgumentParser(prog="python -m megapmp.parallel.memory",
-                                     description="Print a training layout and its per-rank memory estimate.")
-    parser.add_argument("--config", required=True)
-    parser.add_argument("--world-size", type=int, default=None, help="default: tp x pp")
-    args, rest = parser.parse_known_args(argv)
-    # The launch scripts pass their whole trainer command line; --run-dir is not a config key.
-    overrides = [(k, v) for k, v in parse_overrides(rest, parser) if k != "run_dir"]
-    cfg = load_train_config(args.config, overrides)
-    if cfg.model.vocab_size == 0:
-        print("note: model.vocab_size = 0 (the shards' vocabulary); estimating with 151936", file=sys.stderr)
-        cfg.model.vocab_size = 151936
-    precision = "bf16" if cfg.precision == "auto" else cfg.precision
-    est = estimate_memory(cfg.model, cfg.parallel, cfg.data, precision, world_size=args.world_size,
-                          activation_checkpointing=cfg.activation_checkpointing, lm_chunk=cfg.loss.lm_chunk,
-                          init_from=bool(cfg.checkpoint.init_from))
-    print(format_estimate(est))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -86,7 +86,7 @@ def all_forward_all_backward(num_stages: int, num_microbatches: int, num_chunks:
     _check(num_stages, num_microbatches, num_chunks)
     table = _chunk_table(num_stages, num_microbatches, num_chunks)
     order = [Action(F, m, c) for m, c in table] + [Action(B, m, num_chunks - 1 - c) for m, c in table]
-    return [_with_communication(order, s, num_stages, num_chunks) for s in range(num_stages)]
+    return [with_communication(order, s, num_stages, num_chunks) for s in range(num_stages)]
 
 
 def one_f_one_b(num_stages: int, num_microbatches: int) -> Schedule:
@@ -102,7 +102,7 @@ def one_f_one_b(num_stages: int, num_microbatches: int) -> Schedule:
         for i in range(M - warmup):
             order += [Action(F, warmup + i), Action(B, i)]
         order += [Action(B, m) for m in range(M - warmup, M)]
-        schedule.append(_with_communication(order, s, P, 1))
+        schedule.append(with_communication(order, s, P, 1))
     return schedule
 
 
@@ -170,7 +170,7 @@ def _check(num_stages: int, num_microbatches: int, num_chunks: int) -> None:
         raise ScheduleError("; ".join(problems))
 
 
-def _with_communication(order: list[Action], stage: int, num_stages: int, num_chunks: int) -> list[Action]:
+def with_communication(order: list[Action], stage: int, num_stages: int, num_chunks: int) -> list[Action]:
     """Insert the p2p actions around a compute order: receive right before, send right after."""
     last = num_stages * num_chunks - 1
     actions = []
@@ -189,7 +189,7 @@ def _rounds_with_communication(rounds: list[list[Action]], stage: int, num_stage
                                num_chunks: int) -> list[Action]:
     """Megatron's interleaved placement: after each round of compute, one batch sends that round's
     outputs and receives the next round's inputs (``send_forward_backward_recv_forward_backward``).
-    Receiving right before each compute, as `_with_communication` does, deadlocks here: the chunk
+    Receiving right before each compute, as `with_communication` does, deadlocks here: the chunk
     that feeds a stage's next forward may be computed only after that stage's current backward."""
     last = num_stages * num_chunks - 1
 

@@ -48,12 +48,12 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from megapmp.synth.backends import Backend, SamplingParams
 from megapmp.synth.filters import PairFilter, StageStats
-from megapmp.synth.generate import RunStats, StageOutput, _run_batches, text_digest
-from megapmp.synth.pipeline import ids_digest
+from megapmp.synth.generate import RunStats, StageOutput, run_batches, text_digest
+from megapmp.synth.llm import Backend, SamplingParams
 from megapmp.synth.prompts import (EXPLAIN_PROMPT, JUDGE_PROMPT, REWRITE_PROMPT, explain_prompt, judge_prompt,
                                    parse_judgement, parse_rewrite, rewrite_prompt)
+from megapmp.synth.stages import ids_digest
 
 IMPROVEMENT_KEYWORDS = ("fix", "bug", "correct", "improv", "faster", "speed", "perf", "optimi", "handl",
                         "avoid", "prevent", "edge", "crash", "leak", "race", "wrong", "incorrect", "broken",
@@ -388,60 +388,8 @@ def commit_instruct(repo: str | os.PathLike, output: str | os.PathLike, backend:
         todo = [i for i in items if i["id"] not in out.done]
         stats.skipped_done, stats.resumed_kept = len(items) - len(todo), out.resumed_kept
         stats.resumed_dropped = out.resumed_dropped
-        _run_batches(todo, out, stats, process, batch_size, progress, "commits", len(items))
+        run_batches(todo, out, stats, process, batch_size, progress, "commits", len(items))
         stats.written = out.writer.written
         out.finish()
     stats.seconds = time.perf_counter() - start
     return stats
-
-
-# ---------------------------------------------------------------------------------------------------
-# Subcommand of tools/synthesize_pairs.py
-
-
-def add_commits_arguments(p) -> None:
-    from megapmp.synth.backends import add_backend_arguments, add_sampling_arguments
-
-    d = CommitConfig()
-    p.add_argument("--repo", required=True, metavar="DIR", help="a git checkout")
-    p.add_argument("--rev", default=d.rev, help=f"walk the commits reachable from REV (default {d.rev})")
-    p.add_argument("--output", required=True, metavar="FILE.jsonl",
-                   help="pairs JSONL: id, prompt, chosen, rejected, commit, parent, path, functions, message, "
-                        "method; an interrupted run resumes from FILE.jsonl.partial when rerun")
-    p.add_argument("--stats", default=None, metavar="FILE.json", help="also write the run's statistics here")
-    p.add_argument("--limit", type=int, default=None, metavar="N", help="only the first N candidate commits")
-    p.add_argument("--max-changed-lines", type=int, default=d.max_changed_lines, metavar="N",
-                   help=f"drop commits whose diff adds + deletes more lines (default {d.max_changed_lines})")
-    p.add_argument("--max-functions", type=int, default=d.max_functions, metavar="N",
-                   help=f"drop commits changing more functions (default {d.max_functions})")
-    p.add_argument("--max-function-lines", type=int, default=d.max_function_lines, metavar="N",
-                   help=f"drop commits whose changed function is longer (default {d.max_function_lines})")
-    f = PairFilter()
-    p.add_argument("--min-length-ratio", type=float, default=f.min_length_ratio, metavar="R")
-    p.add_argument("--max-length-ratio", type=float, default=f.max_length_ratio, metavar="R")
-    p.add_argument("--model", default=None, metavar="M", help="with --backend: the model of CodeFavor's stages")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    add_backend_arguments(p, required=False)
-    add_sampling_arguments(p)
-
-
-def run_commits(args) -> int:
-    from megapmp.synth.backends import backend_from_args, sampling_from_args
-    from megapmp.synth.generate import report
-
-    if not Path(args.repo).is_dir():
-        raise FileNotFoundError(f"--repo {args.repo}: not a directory")
-    if bool(args.backend) != bool(args.model):
-        raise ValueError("commits: give both --backend and --model (CodeFavor's stages) or neither (model-free)")
-    config = CommitConfig(args.max_changed_lines, args.max_functions, args.max_function_lines, args.rev)
-    backend = backend_from_args(args, args.model) if args.backend else None
-    try:
-        stats = commit_instruct(args.repo, args.output, backend, config, sampling_from_args(args),
-                                PairFilter(args.min_length_ratio, args.max_length_ratio),
-                                batch_size=args.batch_size, limit=args.limit, progress=not args.no_progress)
-    finally:
-        if backend:
-            backend.close()
-    report({"output": args.output, "repo": args.repo, "method": "codefavor" if backend else "commit_message",
-            **stats.as_dict()}, args.stats)
-    return 0

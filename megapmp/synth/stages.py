@@ -14,24 +14,14 @@ import hashlib
 import json
 import multiprocessing as mp
 import os
-import tempfile
 import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
+from megapmp.io import InputError, iter_jsonl, jsonl_line
 from megapmp.synth.filters import PairFilter, StageStats
-
-
-def read_jsonl(path: str | os.PathLike) -> Iterator[dict]:
-    with open(path, encoding="utf-8") as f:
-        for line_no, line in enumerate(f, 1):
-            if line.strip():
-                try:
-                    yield json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"{path}:{line_no}: malformed JSON: {e.msg}") from None
 
 
 SNIPPET_FIELDS = ("id", "language", "code")
@@ -40,38 +30,12 @@ SNIPPET_FIELDS = ("id", "language", "code")
 def read_snippets(path: str | os.PathLike) -> list[dict]:
     """Snippets written by `collect`, each checked for the fields the backends need."""
     snippets = []
-    for line_no, record in enumerate(read_jsonl(path), 1):
+    for line_no, record in iter_jsonl(path):
         for key in SNIPPET_FIELDS:
             if not isinstance(record.get(key), str) or not record[key]:
-                raise ValueError(f"{path}: record {line_no} field '{key}': missing or not a non-empty string")
+                raise InputError(str(path), line_no, key, "missing or not a non-empty string")
         snippets.append(record)
     return snippets
-
-
-def dumps(record: dict) -> str:
-    # ensure_ascii=False keeps code readable; json still escapes every control character and newline,
-    # so one record is always one line.
-    return json.dumps(record, ensure_ascii=False) + "\n"
-
-
-def write_jsonl_atomic(path: str | os.PathLike, records: Iterable[dict]) -> int:
-    """Write records to a temporary file beside `path`, then rename it over `path`."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    count = 0
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            for record in records:
-                f.write(dumps(record))
-                count += 1
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return count
 
 
 def ids_digest(ids: Iterable[str]) -> str:
@@ -152,7 +116,7 @@ class ResumableJsonlWriter:
         return len(self.done)
 
     def write(self, record: dict) -> None:
-        self._file.write(dumps(record))
+        self._file.write(jsonl_line(record))
         self.written += 1
         if self.written % self.flush_every == 0:
             self._sync()

@@ -43,7 +43,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Sequence
 
-from megapmp.data.jsonl import InputError, iter_jsonl as read_jsonl
+from megapmp.io import InputError, iter_jsonl as read_jsonl
 
 GSM8K_SOLUTION_KEYS = ("6b_finetuning", "6b_verification", "175b_finetuning", "175b_verification")
 # CodePMP BoN_eval/RM_rank_inference_multi_option.py, "prompt_no_input_with_text" / "..._with_context":
@@ -72,11 +72,6 @@ class CandidateSet:
         """The index of the single correct candidate (multiple choice), else None."""
         hits = [i for i, c in enumerate(self.correct) if c]
         return hits[0] if len(hits) == 1 else None
-
-    def to_json(self) -> dict:
-        return {"id": self.id, "prompt": self.prompt,
-                "candidates": [{"response": r, "correct": bool(c)} for r, c in zip(self.responses, self.correct)],
-                **({"meta": self.meta} if self.meta else {})}
 
 
 @dataclass
@@ -112,7 +107,7 @@ def _check_file(path) -> Path:
 def iter_jsonl(path) -> Iterator[tuple[int, dict]]:
     """(1-based line number, object) for each non-blank line of a JSONL file (``.gz`` allowed).
 
-    Read through megapmp.data.jsonl, the reader preprocessing uses: invalid UTF-8, lone surrogates,
+    Read through megapmp.io, the reader preprocessing uses: invalid UTF-8, lone surrogates,
     duplicate keys and truncated ``.gz`` files are DataErrors naming FILE:LINE."""
     path = _check_file(path)
     try:
@@ -146,7 +141,9 @@ def iter_records(path) -> Iterator[tuple[int, dict]]:
         yield from iter_jsonl(path)
 
 
-def _field(path, line_no, obj: dict, key: str, kind, *, what: str | None = None):
+def require_field(path, line_no, obj: dict, key: str, kind, *, what: str | None = None):
+    """``obj[key]`` checked to be of ``kind`` (str, list, or int: an integer or its decimal string), else a
+    DataError naming FILE:LINE, the field, and ``what`` it should hold."""
     if key not in obj:
         raise DataError(f"{path}:{line_no}: missing field {key!r}" + (f" ({what})" if what else ""))
     value = obj[key]
@@ -173,13 +170,13 @@ def _limited(items: list, limit: int | None) -> list:
 def load_gsm8k_solutions(path, limit: int | None = None) -> list[CandidateSet]:
     sets = []
     for line_no, obj in iter_jsonl(path):
-        question = _field(path, line_no, obj, "question", str)
+        question = require_field(path, line_no, obj, "question", str)
         responses, correct = [], []
         for key in GSM8K_SOLUTION_KEYS:
-            entry = _field(path, line_no, obj, key, object)
+            entry = require_field(path, line_no, obj, key, object)
             if not isinstance(entry, dict):
                 raise DataError(f"{path}:{line_no}: field {key!r} must be an object {{solution, is_correct}}")
-            solution = _field(path, line_no, entry, "solution", str, what=key)
+            solution = require_field(path, line_no, entry, "solution", str, what=key)
             is_correct = entry.get("is_correct")
             if not isinstance(is_correct, bool):
                 raise DataError(f"{path}:{line_no}: field {key}.is_correct must be true or false, got {is_correct!r}")
@@ -192,22 +189,33 @@ def load_gsm8k_solutions(path, limit: int | None = None) -> list[CandidateSet]:
     return sets
 
 
+def candidates_record(path, line_no: int, obj: dict, *, labels_required: bool = True
+                      ) -> tuple[str, list[str], list[bool | None]]:
+    """(prompt, responses, labels) of one record of the candidates JSONL: ``{"id"?, "prompt", "candidates":
+    [{"response": str, "correct": bool}, ...], "meta"?}``. With ``labels_required=False`` a candidate's
+    ``correct`` may be absent (None: code-bon decides it by execution)."""
+    prompt = require_field(path, line_no, obj, "prompt", str)
+    candidates = require_field(path, line_no, obj, "candidates", list)
+    if not candidates:
+        raise DataError(f"{path}:{line_no}: field 'candidates' is empty")
+    responses, labels = [], []
+    for k, c in enumerate(candidates):
+        if not isinstance(c, dict) or not isinstance(c.get("response"), str):
+            raise DataError(f"{path}:{line_no}: candidates[{k}] must be an object with a string 'response'")
+        label = c.get("correct")
+        if labels_required and not isinstance(label, bool):
+            raise DataError(f"{path}:{line_no}: candidates[{k}].correct must be true or false, got {label!r}")
+        if label is not None and not isinstance(label, bool):
+            raise DataError(f"{path}:{line_no}: candidates[{k}].correct must be true, false or absent, got {label!r}")
+        responses.append(c["response"])
+        labels.append(label)
+    return prompt, responses, labels
+
+
 def load_candidates(path, limit: int | None = None) -> list[CandidateSet]:
     sets = []
     for line_no, obj in iter_jsonl(path):
-        prompt = _field(path, line_no, obj, "prompt", str)
-        candidates = _field(path, line_no, obj, "candidates", list)
-        if not candidates:
-            raise DataError(f"{path}:{line_no}: field 'candidates' is empty")
-        responses, correct = [], []
-        for k, c in enumerate(candidates):
-            if not isinstance(c, dict) or not isinstance(c.get("response"), str):
-                raise DataError(f"{path}:{line_no}: candidates[{k}] must be an object with a string 'response'")
-            if not isinstance(c.get("correct"), bool):
-                raise DataError(f"{path}:{line_no}: candidates[{k}].correct must be true or false, got "
-                                f"{c.get('correct')!r}")
-            responses.append(c["response"])
-            correct.append(c["correct"])
+        prompt, responses, correct = candidates_record(path, line_no, obj)
         sets.append(CandidateSet(str(obj.get("id", f"line{line_no}")), prompt, responses, correct,
                                  obj.get("meta") or {}))
         if limit is not None and len(sets) >= limit:
@@ -246,12 +254,12 @@ def load_codepmp_bon(path, limit: int | None = None, answer_type: str = "auto") 
             if "id" not in obj:
                 raise DataError(f"{file}:{line_no}: missing field 'id'")
             qid = str(obj["id"])
-            prompt = _field(file, line_no, obj, "input", str)
+            prompt = require_field(file, line_no, obj, "input", str)
             gold = obj.get("gold_answer", obj.get("answer"))
             if not isinstance(gold, (str, int, float)) or isinstance(gold, bool):
                 raise DataError(f"{file}:{line_no}: missing or non-string field 'gold_answer'")
             gold = str(gold)
-            output = _field(file, line_no, obj, "output", object)
+            output = require_field(file, line_no, obj, "output", object)
             outputs = output if isinstance(output, list) else [output]
             if not all(isinstance(o, str) for o in outputs):
                 raise DataError(f"{file}:{line_no}: field 'output' must be a string or a list of strings")
@@ -287,8 +295,8 @@ def load_logiqa2(path, limit: int | None = None) -> list[CandidateSet]:
     sets = []
     for line_no, obj in iter_jsonl(path):
         sets.append(_choice_set(path, line_no, str(obj.get("id", f"line{line_no}")),
-                                _field(path, line_no, obj, "text", str), _field(path, line_no, obj, "question", str),
-                                _field(path, line_no, obj, "options", list), _field(path, line_no, obj, "answer", int)))
+                                require_field(path, line_no, obj, "text", str), require_field(path, line_no, obj, "question", str),
+                                require_field(path, line_no, obj, "options", list), require_field(path, line_no, obj, "answer", int)))
         if limit is not None and len(sets) >= limit:
             break
     return sets
@@ -300,8 +308,8 @@ def load_reclor(path, limit: int | None = None) -> list[CandidateSet]:
         if "label" not in obj:
             raise DataError(f"{path}:{line_no}: missing field 'label' (the ReClor test split is unlabelled: use val)")
         sets.append(_choice_set(path, line_no, str(obj.get("id_string", obj.get("id", f"record{line_no}"))),
-                                _field(path, line_no, obj, "context", str), _field(path, line_no, obj, "question", str),
-                                _field(path, line_no, obj, "answers", list), _field(path, line_no, obj, "label", int)))
+                                require_field(path, line_no, obj, "context", str), require_field(path, line_no, obj, "question", str),
+                                require_field(path, line_no, obj, "answers", list), require_field(path, line_no, obj, "label", int)))
         if limit is not None and len(sets) >= limit:
             break
     return sets
@@ -338,9 +346,9 @@ def load_codeprefbench(paths, limit: int | None = None) -> list[TextPair]:
     for path in codeprefbench_files(paths):
         aspect, count = aspect_of(path), 0
         for line_no, obj in iter_jsonl(path):
-            instruction = _field(path, line_no, obj, "instruction", str)
-            choices = _field(path, line_no, obj, "choices", list)
-            gt = _field(path, line_no, obj, "gt_choice", int)
+            instruction = require_field(path, line_no, obj, "instruction", str)
+            choices = require_field(path, line_no, obj, "choices", list)
+            gt = require_field(path, line_no, obj, "gt_choice", int)
             if len(choices) != 2 or not all(isinstance(c, str) for c in choices):
                 raise DataError(f"{path}:{line_no}: field 'choices' must be a list of 2 strings")
             if gt not in (0, 1):
@@ -360,7 +368,7 @@ def load_pairs(path, limit: int | None = None) -> list[TextPair]:
     pairs = []
     for line_no, obj in iter_jsonl(path):
         keys = next((k for k in PAIR_KEYS if k[0] in obj), PAIR_KEYS[0])
-        prompt, chosen, rejected = (_field(path, line_no, obj, k, str) for k in keys)
+        prompt, chosen, rejected = (require_field(path, line_no, obj, k, str) for k in keys)
         pairs.append(TextPair(str(obj.get("id", f"line{line_no}")), prompt, chosen, rejected, str(obj.get("group", ""))))
         if limit is not None and len(pairs) >= limit:
             break
@@ -420,13 +428,3 @@ def load_candidate_sets(path, fmt: str | None = None, limit: int | None = None, 
     if not sets:
         raise DataError(f"{path}: no questions")
     return fmt, sets
-
-
-def write_candidates(sets: Sequence[CandidateSet], path) -> None:
-    """Write candidate sets as the generic candidates JSONL (atomically)."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        for s in sets:
-            f.write(json.dumps(s.to_json(), ensure_ascii=False) + "\n")
-    os.replace(tmp, path)

@@ -1,18 +1,31 @@
-"""The one JSONL reader: every bad line becomes an `InputError` naming FILE:LINE (and the field).
+"""The ground floor: atomic writes, sha256 of a file, the FILE:LINE JSONL reader, a stderr logger.
 
-Preprocessing and evaluation both read JSONL through here, so a truncated `.gz`, invalid UTF-8, a lone
-surrogate such as `"\\ud800"` (valid JSON, but not text any tokenizer can encode) or a duplicated key get
-the same one-line message everywhere. No torch here: this runs in preprocessing's worker processes.
+Imports nothing of megapmp, so every layer (data, train, checkpoint, eval, synth, tools) can use it.
+
+Atomic writes go to a temporary file in the target's folder (same filesystem, so the rename is atomic),
+are fsynced, then renamed over the target: a reader, or a run killed half-way, never sees a half-written
+file, and a failed write leaves the old file in place and no temporary behind.
+
+The JSONL reader turns every bad line into an `InputError` naming FILE:LINE (and the field).
+Preprocessing, evaluation and synthesis all read JSONL through here, so a truncated `.gz`, invalid UTF-8,
+a lone surrogate such as `"\\ud800"` (valid JSON, but not text any tokenizer can encode) or a duplicated key
+get the same one-line message everywhere. No torch here: this runs in preprocessing's worker processes.
 """
 
 from __future__ import annotations
 
+import functools
 import gzip
+import hashlib
 import json
 import os
 import re
+import sys
+import tempfile
 import zlib
-from typing import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import IO, Callable, Iterable, Iterator
 
 # One JSONL line larger than this is rejected before parsing, so a corrupt file cannot exhaust memory.
 MAX_LINE_BYTES = 64 << 20
@@ -138,3 +151,89 @@ def iter_jsonl(path: str | os.PathLike) -> Iterator[tuple[int, dict]]:
         if not isinstance(record, dict):
             raise InputError(str(path), line_no, None, f"expected a JSON object, got {type(record).__name__}")
         yield line_no, record
+
+
+# --------------------------------------------------------------------------------------------------
+# Atomic writes
+
+
+@contextmanager
+def atomic_open(path: str | os.PathLike, mode: str = "w") -> Iterator[IO]:
+    """Open a temporary file beside `path` for writing ("w" text UTF-8, or "wb"); on a clean exit it is
+    fsynced and renamed over `path`, on an exception removed. Creates the parent folder.
+
+    The one implementation of an atomic write: the helpers below and streaming writers use it.
+    """
+    if mode not in ("w", "wb"):
+        raise ValueError(f"atomic_open mode must be 'w' or 'wb', got {mode!r}")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, mode, encoding=None if "b" in mode else "utf-8") as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600; outputs (shards, reports, tokenizers) are meant to be shared
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:
+    """Write `data` to `path` atomically (see `atomic_open`)."""
+    with atomic_open(path, "wb") as f:
+        f.write(data)
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> None:
+    """Write `text` (UTF-8) to `path` atomically (see `atomic_open`)."""
+    with atomic_open(path) as f:
+        f.write(text)
+
+
+def jsonl_line(record: dict) -> str:
+    """One record as one JSONL line. ensure_ascii=False keeps code and prose readable; json still escapes
+    every control character and newline, so one record is always one line."""
+    return json.dumps(record, ensure_ascii=False) + "\n"
+
+
+def write_jsonl_atomic(path: str | os.PathLike, records: Iterable[dict]) -> int:
+    """Write `records` as JSONL to `path` atomically (see `atomic_open`); returns how many."""
+    count = 0
+    with atomic_open(path) as f:
+        for record in records:
+            f.write(jsonl_line(record))
+            count += 1
+    return count
+
+
+# --------------------------------------------------------------------------------------------------
+# Checksums
+
+
+def sha256_file(path: str | os.PathLike, progress: Callable[[int], None] | None = None) -> str:
+    """Hex sha256 of a file's bytes, read in 8 MiB blocks; `progress(n)` is called after each block."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(8 << 20):
+            digest.update(block)
+            if progress is not None:
+                progress(len(block))
+    return digest.hexdigest()
+
+
+# --------------------------------------------------------------------------------------------------
+# Logging
+
+
+def log(message: str, *, prefix: str | None = "megapmp") -> None:
+    """One line on stderr as `[prefix] message` (just `message` when prefix is None), flushed at once so
+    progress shows up in a pipe or a job log while the run goes on."""
+    print(message if prefix is None else f"[{prefix}] {message}", file=sys.stderr, flush=True)
+
+
+def get_logger(prefix: str | None) -> Callable[[str], None]:
+    """`log` with a fixed prefix, for a module or tool that tags all its lines the same way."""
+    return functools.partial(log, prefix=prefix)
