@@ -21,6 +21,11 @@ def _raise_if_any(component: str, problems: list[str]) -> None:
         raise ConfigError(f"invalid {component}: " + "; ".join(problems))
 
 
+# The attention implementations megapmp/model/attention.py registers (its ATTENTION_BACKENDS has exactly
+# these keys; a test keeps the two equal). Named here so that validating a config needs no model code.
+ATTENTION_BACKEND_NAMES = ("auto", "sdpa", "segmented", "flash_attn", "torch_varlen", "varlen_reference")
+
+
 @dataclass
 class ModelConfig:
     """Qwen2 decoder architecture; field names and meanings are those of HF ``Qwen2Config``."""
@@ -51,6 +56,23 @@ class ModelConfig:
     @property
     def head_dim(self) -> int:
         return self.hidden_size // self.num_attention_heads
+
+    def tp_problems(self, tp: int) -> list[str]:
+        """Why this architecture cannot be split over ``tp`` tensor-parallel ranks; empty if it can. KV heads
+        are either split (kv % tp == 0) or replicated (tp % kv == 0): see parallel/tensor_parallel.py."""
+        heads, kv = self.num_attention_heads, self.num_key_value_heads
+        problems = []
+        if heads % tp:
+            problems.append(f"num_attention_heads={heads} is not divisible by tp={tp}")
+        if kv % tp and tp % kv:
+            problems.append(f"num_key_value_heads={kv} (num_attention_heads={heads}) can neither be split over "
+                            f"tp={tp} (needs kv % tp == 0) nor replicated (needs tp % kv == 0)")
+        if self.intermediate_size % tp:
+            problems.append(f"intermediate_size={self.intermediate_size} is not divisible by tp={tp}")
+        if self.vocab_size % tp:
+            problems.append(f"vocab_size={self.vocab_size} is not divisible by tp={tp}: pad it "
+                            f"(megapmp.data.tokenizers.padded_vocab_size(vocab, tensor_parallel={tp}))")
+        return problems
 
     def validate(self) -> None:
         problems = []
@@ -415,10 +437,9 @@ class TrainConfig:
                 problems.append(str(e))
         if self.steps <= 0:
             problems.append(f"steps={self.steps} must be positive")
-        from megapmp.model.attention import ATTENTION_BACKENDS  # the model imports this module
-
-        if self.attention_backend not in ATTENTION_BACKENDS:
-            problems.append(f"attention_backend={self.attention_backend!r} is not one of {', '.join(sorted(ATTENTION_BACKENDS))}")
+        if self.attention_backend not in ATTENTION_BACKEND_NAMES:
+            problems.append(f"attention_backend={self.attention_backend!r} is not one of "
+                            f"{', '.join(sorted(ATTENTION_BACKEND_NAMES))}")
         if self.precision not in ("auto", "fp32", "bf16", "fp16"):
             problems.append(f"precision={self.precision!r} is not auto, fp32, bf16 or fp16")
         p, d = self.parallel, self.data
@@ -429,9 +450,7 @@ class TrainConfig:
             problems.append(f"parallel.pp={p.pp} x vpp={p.vpp} stages exceed model.num_hidden_layers="
                             f"{self.model.num_hidden_layers}")
         if p.tp > 1:
-            from megapmp.parallel.tensor_parallel import tp_problems
-
-            problems += tp_problems(self.model, p.tp)
+            problems += self.model.tp_problems(p.tp)
         if p.sequence_parallel and p.tp > 1 and d.seq_len % p.tp:
             problems.append(f"sequence parallel needs data.seq_len={d.seq_len} divisible by parallel.tp={p.tp}")
         if self.attention_backend == "sdpa" and d.packing == "flat":

@@ -237,3 +237,10 @@ def test_attention_benchmark_runs_and_checks_parity_on_cpu():
                                                             for be in ("sdpa", "segmented")}
     assert all(r["rel_err_out"] < 1e-5 and r["rel_err_dq"] < 1e-5 for r in timed)
     assert sum("skipped" in r for r in records) == 2  # flash_attn, both layouts
+
+
+def test_config_names_exactly_the_registered_attention_backends():
+    # config.py validates attention_backend without importing model code: its list must be the registry's.
+    from megapmp.config import ATTENTION_BACKEND_NAMES
+
+    assert sorted(ATTENTION_BACKEND_NAMES) == sorted(ATTENTION_BACKENDS)

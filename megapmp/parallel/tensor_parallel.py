@@ -127,26 +127,9 @@ class VocabParallelEmbedding(nn.Embedding):
 
 # -- GQA sharding ------------------------------------------------------------------------------------
 
-def tp_problems(config, tp: int) -> list[str]:
-    """Why ``config`` (a ModelConfig) cannot be split over ``tp`` ranks; empty if it can."""
-    heads, kv = config.num_attention_heads, config.num_key_value_heads
-    problems = []
-    if heads % tp:
-        problems.append(f"num_attention_heads={heads} is not divisible by tp={tp}")
-    if kv % tp and tp % kv:
-        problems.append(f"num_key_value_heads={kv} (num_attention_heads={heads}) can neither be split over "
-                        f"tp={tp} (needs kv % tp == 0) nor replicated (needs tp % kv == 0)")
-    if config.intermediate_size % tp:
-        problems.append(f"intermediate_size={config.intermediate_size} is not divisible by tp={tp}")
-    if config.vocab_size % tp:
-        problems.append(f"vocab_size={config.vocab_size} is not divisible by tp={tp}: pad it "
-                        f"(megapmp.data.tokenizers.padded_vocab_size(vocab, tensor_parallel={tp}))")
-    return problems
-
-
 def check_tp_compatible(config, tp: int) -> None:
     """Raise one ValueError naming every factor that prevents splitting ``config`` over ``tp`` ranks."""
-    problems = tp_problems(config, tp)
+    problems = config.tp_problems(tp)
     if problems:
         raise ValueError(f"cannot split the model over tp={tp}: " + "; ".join(problems))
 
