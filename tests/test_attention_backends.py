@@ -242,5 +242,6 @@ def test_attention_benchmark_runs_and_checks_parity_on_cpu():
 def test_config_names_exactly_the_registered_attention_backends():
     # config.py validates attention_backend without importing model code: its list must be the registry's.
     from megapmp.config import ATTENTION_BACKEND_NAMES
+    from megapmp.model import ATTENTION_BACKENDS
 
     assert sorted(ATTENTION_BACKEND_NAMES) == sorted(ATTENTION_BACKENDS)
