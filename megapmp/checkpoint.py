@@ -37,6 +37,7 @@ import tempfile
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
 from megapmp.io import sha256_file
 from safetensors import SafetensorError
@@ -541,3 +542,177 @@ def load_full_checkpoint(path: str | os.PathLike) -> tuple[dict, dict, dict]:
     model_state, tensors, trainer_state = load_checkpoint(path)
     scalars = trainer_state.get("optimizer", {}).get("scalars", {})
     return model_state, per_parameter(tensors, scalars), trainer_state
+
+
+# ------------------------------------------------------------------------------------------------
+# A training run's checkpoints: save and resume
+#
+# The trainer hands over its engine (megapmp.parallel.engine.Engine) and its own state; which format is
+# written, how every rank takes part, and how the ranks agree on what to resume from is decided here, with
+# the formats, so the trainer never branches on the layout. Every rank calls `save` and `resume`.
+
+def save(root: str | os.PathLike, step: int, engine, *, trainer_state: dict, keep_last: int | None,
+         sequence_parallel: bool, tie_word_embeddings: bool) -> Path:
+    """Checkpoint `step` of a run under `root` and return its directory (on every rank).
+
+    A single-process run (``engine.whole_model``) writes the single-file format with the optimizer's own
+    state; a parallel run writes the sharded format, each rank its part, which resumes under any layout.
+    `trainer_state` is the trainer's part of trainer.json (step, counters, loader, rng, config, ...): the
+    optimizer's scalar state is added here. `sequence_parallel` and `tie_word_embeddings` are the run's
+    settings, recorded in a sharded checkpoint's layout.json.
+    """
+    model = engine.whole_model
+    if model is None:
+        return _save_sharded(Path(root), step, engine, trainer_state=trainer_state, keep_last=keep_last,
+                             layout_options={"sequence_parallel": sequence_parallel,
+                                             "distributed_optimizer": engine.zero is not None,
+                                             "tie_word_embeddings": tie_word_embeddings})
+    optimizer_tensors, optimizer_rest = optimizer_to_tensors(engine.optimizer, engine.param_names)
+    model_state = {k: v for k, v in model.state_dict().items()
+                   if not (k == "lm_head.weight" and tie_word_embeddings)}  # the tied head is the embedding
+    return save_checkpoint(root, step, model_state=model_state, optimizer_tensors=optimizer_tensors,
+                           trainer_state={**trainer_state, "optimizer": optimizer_rest}, keep_last=keep_last)
+
+
+def _save_sharded(root: Path, step: int, engine, *, trainer_state: dict, keep_last: int | None,
+                  layout_options: dict) -> Path:
+    ctx = engine.ctx
+    tmp = partial_dir(root, step)
+    if ctx.rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    dist.barrier()
+    local = engine.local_state()
+    written = {}  # this rank's manifest entries
+    if ctx.dp_rank == 0:  # one copy of each (tp, pp) part of the model and its plain optimizer state
+        written |= write_rank_files(tmp, tp_rank=ctx.tp_rank, pp_rank=ctx.pp_rank, dp_rank=0,
+                                    model_state=local["model"], param_records=local["records"],
+                                    optimizer_tensors=local["optimizer"], zero_state=None)
+    if local["zero"] is not None:  # ZeRO-1: every DP rank holds a different slice
+        written |= write_rank_files(tmp, tp_rank=ctx.tp_rank, pp_rank=ctx.pp_rank, dp_rank=ctx.dp_rank,
+                                    model_state=None, param_records=None, optimizer_tensors=None,
+                                    zero_state=local["zero"])
+    state_names = local["state_names"] if ctx.dp_rank == 0 or local["zero"] is not None else []
+    # Rank 0 writes the manifest of every rank's files: gather what each wrote (after all have written).
+    reports = [None] * ctx.world_size
+    dist.all_gather_object(reports, (written, state_names))
+    final = step_dir(root, step)
+    if ctx.rank == 0:
+        layout = {"tp": ctx.tp_size, "pp": ctx.pp_size, "dp": ctx.dp_size, "vpp": ctx.vpp_size, **layout_options}
+        rank_files = {rel: meta for files, _ in reports for rel, meta in files.items()}
+        state_names = sorted({name for _, names in reports for name in names})
+        final = publish_sharded(root, step, layout=layout, rank_files=rank_files, keep_last=keep_last,
+                                trainer_state={**trainer_state,
+                                               "optimizer": {"kind": engine.kind, "state_names": state_names}})
+    dist.barrier()  # no rank goes on (or exits) before the checkpoint is in place
+    return final
+
+
+def resume(root: str | os.PathLike, resume: str, engine, *, expected_shapes: dict[str, tuple],
+           parameter_shapes: dict[str, tuple], tie_word_embeddings: bool, log) -> dict | None:
+    """Load the checkpoint that `resume` names into `engine` and return its trainer state (step, counters,
+    "loader", "rng": the trainer applies them), or None when there is nothing to resume.
+
+    resume = "auto": the newest intact checkpoint under `root`, falling back past damaged ones (each
+    skipped with a message saying what is wrong; CheckpointError if every one is damaged); "none": None;
+    a path: that checkpoint, or a CheckpointError saying what is wrong with it. Temp dirs of saves that did
+    not finish are removed first. `expected_shapes` / `parameter_shapes`: what `check_state` holds the
+    checkpoint to (full shapes, any layout). `log(message)` reports (the trainer's rank-0 log).
+    """
+    root, ctx = Path(root), engine.ctx
+    if ctx.rank == 0:
+        for stale in remove_incomplete(root):
+            log(f"removed {stale.name}, left by a save that did not finish")
+    _barrier(ctx)
+    if resume == "none":
+        return None
+    explicit = resume != "auto"
+    candidates = [Path(resume)] if explicit else list_checkpoints(root)[::-1]
+    skipped = []
+    for path in candidates:
+        state, problem = _try_resume(path, engine, expected_shapes=expected_shapes,
+                                     parameter_shapes=parameter_shapes, tie_word_embeddings=tie_word_embeddings,
+                                     log=log)
+        if problem is None:
+            if skipped:
+                log(f"fell back to {path.name}: newer checkpoints are damaged ({', '.join(skipped)})")
+            return state
+        if explicit:
+            raise CheckpointError(f"checkpoint.resume={resume}: {problem}")
+        log(f"not resuming from {path.name}, it is damaged: {problem}")
+        skipped.append(path.name)
+    if candidates:
+        raise CheckpointError(f"no intact checkpoint to resume from in {root} ({', '.join(skipped)} are "
+                              f"damaged: see the messages above); name one with --checkpoint.resume PATH "
+                              f"or start over with --checkpoint.resume none")
+    return None
+
+
+def _try_resume(path: Path, engine, *, expected_shapes: dict, parameter_shapes: dict, tie_word_embeddings: bool,
+                log) -> tuple[dict | None, str | None]:
+    """Verify, read and strictly check `path`, then load it into `engine`: (trainer state, None), or
+    (None, what is wrong) with nothing loaded. Rank 0 hashes the files; every rank reads and checks the
+    same full state, and a problem on any rank is every rank's, so that all ranks load the same checkpoint."""
+    ctx = engine.ctx
+    verified, problem = None, None
+    if ctx.rank == 0:
+        try:
+            verified = verify_checkpoint(path)
+        except CheckpointError as e:
+            problem = str(e)
+    verified, problem = _from_rank0(ctx, (verified, problem))
+    if problem is None:
+        try:
+            if not (path / "trainer.json").exists():
+                raise CheckpointError(f"{path} is not a complete megapmp checkpoint (no trainer.json)")
+            model_state, optimizer_states, state = load_full_checkpoint(path)
+            check_state(path, model_state, optimizer_states, state, expected_shapes, parameter_shapes)
+        except CheckpointError as e:
+            problem = str(e)
+    problem = _any_rank_problem(ctx, problem)
+    if problem is not None:
+        return None, problem
+    if not verified:
+        log(f"{path} has no {MANIFEST} (written before checkpoints had one): loading it unverified")
+    _load_into(engine, path, model_state, optimizer_states, state, tie_word_embeddings)
+    log(f"resumed from {path} at step {state['step']}")
+    return state, None
+
+
+def _load_into(engine, path: Path, model_state: dict, optimizer_states: dict, state: dict,
+               tie_word_embeddings: bool) -> None:
+    model = engine.whole_model
+    if model is not None and not is_sharded(path):
+        # The single-file format restores the optimizer's own state_dict (param groups included).
+        if tie_word_embeddings:
+            model_state["lm_head.weight"] = model_state["embed_tokens.weight"]
+        model.load_state_dict(model_state, strict=True)
+        model.tie_weights()
+        tensors = {f"{name}.{k}": v for name, entry in optimizer_states.items() for k, v in entry.items()
+                   if f"{name}.{k}" not in state["optimizer"]["scalars"]}
+        optimizer_from_tensors(engine.optimizer, engine.param_names, tensors, state["optimizer"])
+    else:
+        engine.load_full_state(model_state, optimizer_states, tie_word_embeddings)
+
+
+def _barrier(ctx) -> None:
+    if ctx.world_size > 1:
+        dist.barrier()
+
+
+def _from_rank0(ctx, value):
+    """Rank 0's `value`, on every rank."""
+    if ctx.world_size == 1:
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def _any_rank_problem(ctx, problem: str | None) -> str | None:
+    """The first rank's problem, on every rank, so that all ranks load the same checkpoint."""
+    if ctx.world_size == 1:
+        return problem
+    problems = [None] * ctx.world_size
+    dist.all_gather_object(problems, problem)
+    return next((p for p in problems if p is not None), None)

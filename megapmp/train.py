@@ -27,7 +27,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
 import sys
 import time
 from dataclasses import asdict, replace
@@ -96,7 +95,6 @@ class Trainer:
         self.run_dir = Path(run_dir)
         cfg.data.validate()  # before any shard is opened: no data.train is a message, not an IndexError
         self.ctx = build_context(cfg.parallel)
-        self.world = self.ctx.world_size
         self.is_main = self.ctx.rank == 0
         # Absolute shard paths keep the checkpoint's record usable from any working directory
         # (the exporter finds the tokenizer beside the training shards).
@@ -132,7 +130,7 @@ class Trainer:
         cfg, ctx = self.cfg, self.ctx
         # The full model is seeded (or loaded) the same way on every rank, then each keeps its part.
         # With init_from the random init is overwritten, so a big model is staged on the CPU instead.
-        staging = torch.device("cpu") if (self.world > 1 and cfg.checkpoint.init_from) else self.device
+        staging = torch.device("cpu") if (ctx.world_size > 1 and cfg.checkpoint.init_from) else self.device
         full = build_model(cfg, staging)
         # What a checkpoint of this model must hold (full shapes, any layout): resume loads strictly against it.
         self.parameter_shapes = {k: tuple(v.shape) for k, v in full.state_dict().items()}
@@ -155,12 +153,6 @@ class Trainer:
         self.log(f"loss {loss_backend(self.device, ctx.tp_size, cfg.loss.backend)}, "
                  f"{n_params / 1e6:.2f}M parameters on rank 0, peak "
                  f"{self.peak_flops / 1e12 if self.peak_flops else 'unknown'} TFLOP/s per device for MFU")
-        if self.world > 1:
-            p = cfg.parallel
-            self.log(f"layout: world {self.world} = tp {ctx.tp_size} x pp {ctx.pp_size} x dp {ctx.dp_size} "
-                     f"(vpp {ctx.vpp_size}, schedule {p.schedule if ctx.pp_size > 1 else '-'}, sequence parallel "
-                     f"{p.sequence_parallel}, distributed optimizer {self.engine.zero is not None}, DP overlap "
-                     f"{p.overlap_grad_reduce}); backend {dist.get_backend()}")
 
     def log(self, message: str) -> None:
         if self.is_main:
@@ -179,156 +171,28 @@ class Trainer:
 
     # -- checkpoints ------------------------------------------------------------------------------
 
-    def _checkpoint_root(self) -> Path:
-        return self.run_dir / "checkpoints"
-
-    def _barrier(self) -> None:
-        if self.world > 1:
-            dist.barrier()
-
     def _maybe_resume(self) -> None:
-        """checkpoint.resume = "auto": the newest intact checkpoint, falling back past damaged ones (each
-        skipped with a message saying what is wrong); a path: that checkpoint or a CheckpointError."""
-        resume, root = self.cfg.checkpoint.resume, self._checkpoint_root()
-        if self.is_main:
-            for stale in ckpt.remove_incomplete(root):
-                log(f"removed {stale.name}, left by a save that did not finish")
-        self._barrier()
-        if resume == "none":
+        """Continue from the checkpoint that checkpoint.resume names ("auto": the newest intact one); the
+        checkpoint layer loads the model and optimizer, the trainer takes back its loader, RNG and counters."""
+        state = ckpt.resume(self.run_dir / "checkpoints", self.cfg.checkpoint.resume, self.engine,
+                            expected_shapes=self.checkpoint_shapes, parameter_shapes=self.parameter_shapes,
+                            tie_word_embeddings=self.cfg.model.tie_word_embeddings, log=self.log)
+        if state is None:
             return
-        explicit = resume != "auto"
-        candidates = [Path(resume)] if explicit else ckpt.list_checkpoints(root)[::-1]
-        skipped = []
-        for path in candidates:
-            problem = self._try_resume(path)
-            if problem is None:
-                if skipped:
-                    self.log(f"fell back to {path.name}: newer checkpoints are damaged ({', '.join(skipped)})")
-                return
-            if explicit:
-                raise ckpt.CheckpointError(f"checkpoint.resume={resume}: {problem}")
-            self.log(f"not resuming from {path.name}, it is damaged: {problem}")
-            skipped.append(path.name)
-        if candidates:
-            raise ckpt.CheckpointError(f"no intact checkpoint to resume from in {root} ({', '.join(skipped)} are "
-                                       f"damaged: see the messages above); name one with --checkpoint.resume PATH "
-                                       f"or start over with --checkpoint.resume none")
-
-    def _try_resume(self, path: Path) -> str | None:
-        """Verify, read and strictly check `path`, then load it; returns what is wrong instead (nothing is
-        loaded then). Rank 0 hashes the files; every rank reads and checks the same full state."""
-        verified, problem = None, None
-        if self.is_main:
-            try:
-                verified = ckpt.verify_checkpoint(path)
-            except ckpt.CheckpointError as e:
-                problem = str(e)
-        verified, problem = self._from_rank0((verified, problem))
-        if problem is None:
-            try:
-                model_state, optimizer_states, state = self._read_checkpoint(path)
-            except ckpt.CheckpointError as e:
-                problem = str(e)
-        problem = self._any_rank_problem(problem)
-        if problem is not None:
-            return problem
-        if not verified:
-            self.log(f"{path} has no {ckpt.MANIFEST} (written before checkpoints had one): loading it unverified")
-        self._load_state(path, model_state, optimizer_states, state)
-        return None
-
-    def _read_checkpoint(self, path: Path) -> tuple[dict, dict, dict]:
-        """(full model state, per-parameter optimizer state, trainer state), checked against this model."""
-        if not (path / "trainer.json").exists():
-            raise ckpt.CheckpointError(f"{path} is not a complete megapmp checkpoint (no trainer.json)")
-        model_state, optimizer_states, state = ckpt.load_full_checkpoint(path)
-        ckpt.check_state(path, model_state, optimizer_states, state, self.checkpoint_shapes, self.parameter_shapes)
-        return model_state, optimizer_states, state
-
-    def _load_state(self, path: Path, model_state: dict, optimizer_states: dict, state: dict) -> None:
-        if self.world == 1 and not ckpt.is_sharded(path):
-            # The single-file format restores the optimizer's own state_dict (param groups included).
-            if self.cfg.model.tie_word_embeddings:
-                model_state["lm_head.weight"] = model_state["embed_tokens.weight"]
-            self.model.load_state_dict(model_state, strict=True)
-            self.model.tie_weights()
-            tensors = {f"{name}.{k}": v for name, entry in optimizer_states.items() for k, v in entry.items()
-                       if f"{name}.{k}" not in state["optimizer"]["scalars"]}
-            ckpt.optimizer_from_tensors(self.engine.optimizer, self.engine.param_names, tensors, state["optimizer"])
-        else:
-            self.engine.load_full_state(model_state, optimizer_states, self.cfg.model.tie_word_embeddings)
         self.loader.load_state_dict(state["loader"])
         ckpt.set_rng_state(state["rng"])
         self.step, self.skipped_steps = state["step"], state["skipped_steps"]
         self.consecutive_nonfinite = state["consecutive_nonfinite"]
-        self.log(f"resumed from {path} at step {self.step}")
-
-    def _from_rank0(self, value):
-        if self.world == 1:
-            return value
-        box = [value]
-        dist.broadcast_object_list(box, src=0)
-        return box[0]
-
-    def _any_rank_problem(self, problem: str | None) -> str | None:
-        """The first rank's problem, on every rank, so that all ranks load the same checkpoint."""
-        if self.world == 1:
-            return problem
-        problems = [None] * self.world
-        dist.all_gather_object(problems, problem)
-        return next((p for p in problems if p is not None), None)
-
-    def _trainer_state(self, optimizer_rest) -> dict:
-        return {"step": self.step, "skipped_steps": self.skipped_steps,
-                "consecutive_nonfinite": self.consecutive_nonfinite, "optimizer": optimizer_rest,
-                "loader": self.loader.state_dict(), "rng": ckpt.rng_state(), "config": asdict(self.cfg),
-                "shard_meta": asdict(self.loader.meta)}
 
     def save_checkpoint(self) -> Path:
-        if self.world > 1:
-            return self._save_sharded()
-        optimizer_tensors, optimizer_rest = ckpt.optimizer_to_tensors(self.engine.optimizer, self.engine.param_names)
-        model_state = {k: v for k, v in self.model.state_dict().items()
-                       if not (k == "lm_head.weight" and self.cfg.model.tie_word_embeddings)}
-        return ckpt.save_checkpoint(self._checkpoint_root(), self.step, model_state=model_state,
-                                    optimizer_tensors=optimizer_tensors, trainer_state=self._trainer_state(optimizer_rest),
-                                    keep_last=self.cfg.checkpoint.keep_last)
-
-    def _save_sharded(self) -> Path:
-        ctx, root = self.ctx, self._checkpoint_root()
-        tmp = ckpt.partial_dir(root, self.step)
-        if self.is_main:
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
-        self._barrier()
-        local = self.engine.local_state()
-        written = {}  # this rank's manifest entries
-        if ctx.dp_rank == 0:
-            written |= ckpt.write_rank_files(tmp, tp_rank=ctx.tp_rank, pp_rank=ctx.pp_rank, dp_rank=0,
-                                             model_state=local["model"], param_records=local["records"],
-                                             optimizer_tensors=local["optimizer"], zero_state=None)
-        if local["zero"] is not None:
-            written |= ckpt.write_rank_files(tmp, tp_rank=ctx.tp_rank, pp_rank=ctx.pp_rank, dp_rank=ctx.dp_rank,
-                                             model_state=None, param_records=None, optimizer_tensors=None,
-                                             zero_state=local["zero"])
-        state_names = local["state_names"] if ctx.dp_rank == 0 or local["zero"] is not None else []
-        # Rank 0 writes the manifest of every rank's files: gather what each wrote (after all have written).
-        reports = [None] * self.world
-        dist.all_gather_object(reports, (written, state_names))
-        final = ckpt.step_dir(root, self.step)
-        if self.is_main:
-            p = self.cfg.parallel
-            layout = {"tp": ctx.tp_size, "pp": ctx.pp_size, "dp": ctx.dp_size, "vpp": ctx.vpp_size,
-                      "sequence_parallel": p.sequence_parallel, "distributed_optimizer": self.engine.zero is not None,
-                      "tie_word_embeddings": self.cfg.model.tie_word_embeddings}
-            kind = self.engine.kind
-            rank_files = {rel: meta for files, _ in reports for rel, meta in files.items()}
-            state_names = sorted({name for _, names in reports for name in names})
-            final = ckpt.publish_sharded(root, self.step, layout=layout, rank_files=rank_files,
-                                         trainer_state=self._trainer_state({"kind": kind, "state_names": state_names}),
-                                         keep_last=self.cfg.checkpoint.keep_last)
-        self._barrier()
-        return final
+        """Checkpoint this step (every rank calls this); the checkpoint layer picks the format."""
+        state = {"step": self.step, "skipped_steps": self.skipped_steps,
+                 "consecutive_nonfinite": self.consecutive_nonfinite, "loader": self.loader.state_dict(),
+                 "rng": ckpt.rng_state(), "config": asdict(self.cfg), "shard_meta": asdict(self.loader.meta)}
+        return ckpt.save(self.run_dir / "checkpoints", self.step, self.engine, trainer_state=state,
+                         keep_last=self.cfg.checkpoint.keep_last,
+                         sequence_parallel=self.cfg.parallel.sequence_parallel,
+                         tie_word_embeddings=self.cfg.model.tie_word_embeddings)
 
     # -- the step ---------------------------------------------------------------------------------
 
@@ -366,13 +230,14 @@ class Trainer:
     def evaluate(self) -> dict:
         if not self.valid_pairs:
             return {}
-        if self.world > 1:  # score_pairs runs the whole single-device model
+        model = self.engine.whole_model  # score_pairs runs the whole single-device model
+        if model is None:
             if not getattr(self, "_eval_warned", False):
                 self.log("held-out scoring is single-process only: skipped in this parallel run "
                          "(score the exported checkpoint with tools/evaluate.py)")
                 self._eval_warned = True
             return {}
-        r_c, r_r = score_pairs(self.model, self.valid_pairs, seq_len=self.cfg.data.seq_len,
+        r_c, r_r = score_pairs(model, self.valid_pairs, seq_len=self.cfg.data.seq_len,
                                layout=self.cfg.data.layout, pad_id=self.loader.pad_id, device=self.device,
                                autocast_dtype=self.amp_dtype)
         return {"valid_rm_acc": pairwise_accuracy(r_c, r_r), "valid_margin": float((r_c - r_r).mean()),
@@ -396,8 +261,8 @@ class Trainer:
                 self.step += 1
                 flops = record.pop("flops")
                 record = {"step": self.step, **record, "tokens_per_s": record["tokens"] / elapsed,
-                          "tflops_per_device": flops / elapsed / self.world / 1e12,
-                          "mfu": mfu(flops, elapsed, self.peak_flops, num_devices=self.world),
+                          "tflops_per_device": flops / elapsed / self.ctx.world_size / 1e12,
+                          "mfu": mfu(flops, elapsed, self.peak_flops, num_devices=self.ctx.world_size),
                           "skipped_steps": self.skipped_steps}
                 if cfg.logging.eval_interval and (self.step % cfg.logging.eval_interval == 0 or self.step == cfg.steps):
                     record.update(self.evaluate())

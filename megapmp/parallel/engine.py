@@ -22,7 +22,8 @@ rank. Its ``loss`` must already be normalised by the whole step's counts (see me
 
 Checkpoint state: ``local_state()`` gives this rank's model and optimizer tensors for the sharded format,
 ``load_full_state()`` takes layout-independent full tensors and keeps this rank's slices; the plain
-optimizer and its param groups are there for the single-file format (``optimizer``, ``param_names``).
+optimizer and its param groups are there for the single-file format (``optimizer``, ``param_names``,
+``whole_model``). megapmp.checkpoint.save / resume use these; the trainer does not.
 """
 from __future__ import annotations
 
@@ -185,11 +186,27 @@ class Engine:
         # and clip_grad_norm to optimizer_step.
         self._zero_grads = None
         self._zero_clip_scale = None
+        if ctx.world_size > 1:  # the run's log says what layout it runs
+            p, zero = parallel_cfg, self.zero is not None
+            self.notes.append(
+                f"layout: world {ctx.world_size} = tp {ctx.tp_size} x pp {ctx.pp_size} x dp {ctx.dp_size} "
+                f"(vpp {ctx.vpp_size}, schedule {p.schedule if ctx.pp_size > 1 else '-'}, sequence parallel "
+                f"{p.sequence_parallel}, distributed optimizer {zero}, DP overlap {p.overlap_grad_reduce}); "
+                f"backend {dist.get_backend()}")
 
     @property
     def kind(self) -> str:
         """The optimizer-state format of a checkpoint: "zero1" (DP-sharded) or "adamw"."""
         return "zero1" if self.zero is not None else "adamw"
+
+    @property
+    def whole_model(self) -> nn.Module | None:
+        """The whole model as one module, in a single-process run; None when the run has more than one rank.
+
+        Single-device consumers (the single-file checkpoint format, held-out scoring) ask this instead of
+        testing the world size, so the trainer never branches on the layout itself.
+        """
+        return self.chunks[0] if self.ctx.world_size == 1 else None
 
     # -- the step ---------------------------------------------------------------------------------
 
