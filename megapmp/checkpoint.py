@@ -38,10 +38,10 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-
-from megapmp.io import sha256_file
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
+
+from megapmp.io import sha256_file
 
 STEP_DIR = re.compile(r"^step_(\d{8})$")
 MANIFEST = "manifest.json"

@@ -50,11 +50,11 @@ from megapmp.eval.scoring import pairwise_accuracy, score_pairs
 from megapmp.flops import mfu, peak_flops, step_flops
 from megapmp.io import log
 from megapmp.loss import LOSS_BACKEND_ENV, loss_backend, pmp_loss
-from megapmp.metrics import MetricsLog, Trackers
 from megapmp.model import Qwen2RewardModel
 from megapmp.optim import lr_at
 from megapmp.parallel.engine import Engine, build_rank_chunks
 from megapmp.parallel.topology import build_context, init_distributed
+from megapmp.tracking import MetricsLog, Trackers
 
 
 def resolve_config(cfg: TrainConfig, meta: ShardMeta) -> TrainConfig:
