@@ -24,10 +24,9 @@ from safetensors.torch import load_file, save_file
 
 from megapmp import checkpoint as ckpt
 from megapmp.config import load_train_config
-from megapmp.data.preprocess import build_shard
 from megapmp.train import Trainer
 from tests.distributed_utils import RankError, run_ranks
-from tests.test_train import TINY, synthetic_pairs
+from tests.test_train import TINY, pair_shard
 
 REPO = Path(__file__).resolve().parents[1]
 SMALL = [("steps", "6"), ("data.seq_len", "128"), ("data.items_per_step", "4"), ("data.micro_batches", "2"),
@@ -48,8 +47,7 @@ def one_thread():
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory):
     root = tmp_path_factory.mktemp("integrity_data")
-    synthetic_pairs(root / "train.jsonl", 64, seed=0)
-    build_shard([str(root / "train.jsonl")], str(root / "train"), progress=False)
+    pair_shard(root, "train", 64)
     return root
 
 

@@ -12,9 +12,8 @@ import pytest
 
 from megapmp import checkpoint as ckpt
 from megapmp.config import load_train_config
-from megapmp.data.preprocess import build_shard
 from megapmp.train import Trainer
-from tests.test_train import TINY, losses, synthetic_pairs
+from tests.test_train import TINY, losses, pair_shard
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((REPO / "examples" / "configs").glob("*.toml"))
@@ -32,8 +31,7 @@ SMALL_RUN = [("steps", "4"), ("data.seq_len", "128"), ("data.items_per_step", "4
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory):
     root = tmp_path_factory.mktemp("config_data")
-    synthetic_pairs(root / "train.jsonl", 64, seed=0)
-    build_shard([str(root / "train.jsonl")], str(root / "train"), progress=False)
+    pair_shard(root, "train", 64)
     return root
 
 

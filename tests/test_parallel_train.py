@@ -20,10 +20,9 @@ import torch
 
 from megapmp import checkpoint as ckpt
 from megapmp.config import load_train_config
-from megapmp.data.preprocess import build_shard
 from megapmp.train import Trainer
 from tests.distributed_utils import run_ranks
-from tests.test_train import FAST, GOLDEN, TINY, synthetic_pairs
+from tests.test_train import FAST, GOLDEN, TINY, pair_shard
 
 REPO = Path(__file__).resolve().parents[1]
 RTOL = 1e-5
@@ -34,8 +33,7 @@ MEASURED: dict = {}  # layout -> max relative loss difference (printed by the su
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory):
     root = tmp_path_factory.mktemp("parallel_data")
-    synthetic_pairs(root / "train.jsonl", 400, seed=0)
-    build_shard([str(root / "train.jsonl")], str(root / "train"), progress=False)
+    pair_shard(root, "train", 400)
     return root
 
 

@@ -44,13 +44,18 @@ def synthetic_pairs(path: Path, n: int, seed: int = 0) -> None:
                                 "rejected": body(bad)}) + "\n")
 
 
+def pair_shard(root: Path, name: str, n: int, seed: int = 0) -> Path:
+    """ROOT/NAME.{bin,idx,json} from `n` synthetic pairs; returns the shard prefix."""
+    synthetic_pairs(root / f"{name}.jsonl", n, seed=seed)
+    build_shard([str(root / f"{name}.jsonl")], str(root / name), progress=False)
+    return root / name
+
+
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory):
     root = tmp_path_factory.mktemp("train_data")
-    synthetic_pairs(root / "train.jsonl", 400, seed=0)
-    synthetic_pairs(root / "valid.jsonl", 64, seed=1)
-    build_shard([str(root / "train.jsonl")], str(root / "train"), progress=False)
-    build_shard([str(root / "valid.jsonl")], str(root / "valid"), progress=False)
+    pair_shard(root, "train", 400, seed=0)
+    pair_shard(root, "valid", 64, seed=1)
     docs = root / "docs"
     docs.mkdir()
     for i in range(12):
