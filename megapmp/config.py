@@ -546,23 +546,9 @@ def load_train_config(path: str | None, overrides: list[tuple[str, str]] = ()) -
     return build_train_config(table, overrides)
 
 
-def parse_cli(argv=None):
-    """--config FILE --run-dir DIR, then any number of `--section.key value` overrides."""
-    import argparse
-
-    parser = argparse.ArgumentParser(
-        prog="python -m megapmp.train",
-        description="Train a megapmp model: LM pretraining, PMP or RM finetuning (one loop, chosen by config). "
-                    "Any config field can be overridden as --section.key value (e.g. --model.num_hidden_layers 4, "
-                    "--optimizer.lr 1e-4, --steps 200); see megapmp/config.py for every field and its meaning.")
-    parser.add_argument("--config", default=None, help="TOML file (examples/configs/*.toml)")
-    parser.add_argument("--run-dir", required=True, help="output directory: config.json, metrics.jsonl, checkpoints/")
-    args, rest = parser.parse_known_args(argv)
-    return args, parse_overrides(rest, parser)
-
-
-def parse_overrides(rest: list[str], parser) -> list[tuple[str, str]]:
-    """`--section.key value` or `--section.key=value` tokens as (dotted key, raw value) pairs."""
+def parse_overrides(rest: list[str]) -> list[tuple[str, str]]:
+    """`--section.key value` or `--section.key=value` tokens as (dotted key, raw value) pairs; a stray token
+    is a ConfigError (the command lines in tools/ and train.py report it as a usage error)."""
     overrides = []
     i = 0
     while i < len(rest):
@@ -574,6 +560,6 @@ def parse_overrides(rest: list[str], parser) -> list[tuple[str, str]]:
             key, value = token[2:], rest[i + 1]
             i += 2
         else:
-            parser.error(f"overrides come as '--section.key value' pairs; could not read {token!r}")
+            raise ConfigError(f"overrides come as '--section.key value' pairs; could not read {token!r}")
         overrides.append((key.replace("-", "_"), value))
     return overrides

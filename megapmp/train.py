@@ -24,6 +24,7 @@ skipped with a message naming the file) and reproduces the uninterrupted loss cu
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import os
@@ -39,7 +40,7 @@ from tqdm import tqdm
 
 from megapmp import checkpoint as ckpt
 from megapmp.accelerators import backend_report, format_report
-from megapmp.config import ConfigError, TrainConfig, load_train_config, parse_cli
+from megapmp.config import ConfigError, TrainConfig, load_train_config, parse_overrides
 from megapmp.convert.source import init_model_from
 from megapmp.data.datasets import PairDataset, check_token_ids
 from megapmp.data.indexed import ShardError
@@ -286,6 +287,22 @@ class Trainer:
                 metrics.close()
                 trackers.close()
         return history
+
+
+def parse_cli(argv=None):
+    """--config FILE --run-dir DIR, then any number of `--section.key value` overrides."""
+    parser = argparse.ArgumentParser(
+        prog="python -m megapmp.train",
+        description="Train a megapmp model: LM pretraining, PMP or RM finetuning (one loop, chosen by config). "
+                    "Any config field can be overridden as --section.key value (e.g. --model.num_hidden_layers 4, "
+                    "--optimizer.lr 1e-4, --steps 200); see megapmp/config.py for every field and its meaning.")
+    parser.add_argument("--config", default=None, help="TOML file (examples/configs/*.toml)")
+    parser.add_argument("--run-dir", required=True, help="output directory: config.json, metrics.jsonl, checkpoints/")
+    args, rest = parser.parse_known_args(argv)
+    try:
+        return args, parse_overrides(rest)
+    except ConfigError as e:
+        parser.error(str(e))
 
 
 # Errors in what the user gave (config, shards, checkpoints, paths): one line and exit 2. Anything else is

@@ -14,10 +14,10 @@ import pytest
 import torch
 
 from megapmp import checkpoint as ckpt
-from megapmp.config import build_train_config, load_train_config, parse_cli
+from megapmp.config import build_train_config, load_train_config
 from megapmp.data.preprocess import build_shard
 from megapmp.optim import lr_at
-from megapmp.train import Trainer
+from megapmp.train import Trainer, parse_cli
 
 REPO = Path(__file__).resolve().parents[1]
 GOLDEN = REPO / "tests" / "golden" / "tiny_pmp.json"

@@ -14,7 +14,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from megapmp.config import load_train_config, parse_overrides  # noqa: E402
+from megapmp.config import ConfigError, load_train_config, parse_overrides  # noqa: E402
 from megapmp.parallel.memory import estimate_memory, format_estimate  # noqa: E402
 
 # Qwen2's vocabulary: the estimate for a config that takes its vocabulary from the shards (vocab_size = 0).
@@ -28,7 +28,10 @@ def main(argv=None) -> int:
     parser.add_argument("--world-size", type=int, default=None, help="default: tp x pp")
     args, rest = parser.parse_known_args(argv)
     # The launch scripts pass their whole trainer command line; --run-dir is not a config key.
-    overrides = [(k, v) for k, v in parse_overrides(rest, parser) if k != "run_dir"]
+    try:
+        overrides = [(k, v) for k, v in parse_overrides(rest) if k != "run_dir"]
+    except ConfigError as e:
+        parser.error(str(e))
     cfg = load_train_config(args.config, overrides)
     if cfg.model.vocab_size == 0:
         print(f"note: model.vocab_size = 0 (the shards' vocabulary); estimating with {DEFAULT_VOCAB}", file=sys.stderr)
