@@ -27,10 +27,12 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
-from megapmp.data.packing import IGNORE_INDEX
+from megapmp.data.packing import IGNORE_INDEX, pack_pairs
+from megapmp.model.attention import attention_inputs
 from megapmp.parallel.collectives import copy_to_tp, gather_from_sequence, group_rank
 from megapmp_kernels.pair_loss import fused_pair_loss, triton_error
 
@@ -200,3 +202,24 @@ def reward_rows(hidden: torch.Tensor, chosen_index, rejected_index, tp_group=Non
     rows = hidden[local]  # [2N, H]
     rows = torch.where(owned[:, None], rows, torch.zeros_like(rows))
     return rows[: len(chosen_index)], rows[len(chosen_index):]
+
+
+@torch.no_grad()
+def score_pairs(model, pairs, *, seq_len: int, layout: str, pad_id: int, device, pairs_per_batch: int = 64,
+                autocast_dtype=None) -> tuple[np.ndarray, np.ndarray]:
+    """(r_chosen, r_rejected) float64 arrays for a list of Pair objects, in order."""
+    was_training = model.training
+    model.eval()
+    chosen, rejected = [], []
+    for start in range(0, len(pairs), pairs_per_batch):
+        batch = pack_pairs(pairs[start : start + pairs_per_batch], seq_len, layout, pad_id).to_torch(device)
+        with torch.autocast(device_type=torch.device(device).type, dtype=autocast_dtype,
+                            enabled=autocast_dtype is not None):
+            hidden = model(batch.input_ids, batch.position_ids, attention_inputs(batch))
+        r_c, r_r = pair_rewards(hidden, model.score.weight, batch.chosen_index, batch.rejected_index)
+        chosen.append(r_c.double().cpu().numpy())
+        rejected.append(r_r.double().cpu().numpy())
+    model.train(was_training)
+    if not chosen:
+        return np.empty(0), np.empty(0)
+    return np.concatenate(chosen), np.concatenate(rejected)

@@ -47,10 +47,9 @@ from megapmp.data.indexed import ShardError
 from megapmp.data.loader import StepBatch, StepLoader
 from megapmp.data.shards import ShardMeta, verify_shards
 from megapmp.device import autocast_dtype, local_device
-from megapmp.eval.scoring import pairwise_accuracy, score_pairs
 from megapmp.flops import mfu, peak_flops, step_flops
 from megapmp.io import log
-from megapmp.loss import LOSS_BACKEND_ENV, loss_backend, pmp_loss
+from megapmp.loss import LOSS_BACKEND_ENV, loss_backend, pmp_loss, score_pairs
 from megapmp.model import Qwen2RewardModel
 from megapmp.optim import lr_at
 from megapmp.parallel.engine import Engine, build_rank_chunks
@@ -241,7 +240,8 @@ class Trainer:
         r_c, r_r = score_pairs(model, self.valid_pairs, seq_len=self.cfg.data.seq_len,
                                layout=self.cfg.data.layout, pad_id=self.loader.pad_id, device=self.device,
                                autocast_dtype=self.amp_dtype)
-        return {"valid_rm_acc": pairwise_accuracy(r_c, r_r), "valid_margin": float((r_c - r_r).mean()),
+        # Ties count as wrong, as in the paper (and eval.metrics.rm_accuracy).
+        return {"valid_rm_acc": float((r_c > r_r).mean()), "valid_margin": float((r_c - r_r).mean()),
                 "valid_pairs": len(r_c)}
 
     def fit(self) -> list[dict]:

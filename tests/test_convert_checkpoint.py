@@ -26,7 +26,7 @@ from megapmp.convert.hf_tokenizer import export_tokenizer
 from megapmp.data.datasets import PairDataset
 from megapmp.data.preprocess import build_shard
 from megapmp.data.tokenizers import load_tokenizer
-from megapmp.eval.scoring import score_pairs
+from megapmp.loss import score_pairs
 from megapmp.model import Qwen2RewardModel
 
 REPO = Path(__file__).resolve().parents[1]

@@ -1,7 +1,7 @@
 """Evaluation of reward models.
 
-- ``scoring``: scoring tokenized pairs in packed rows (used by the trainer's held-out evaluation).
-- ``reward_model``: :class:`RewardScorer`, texts -> rewards for a megapmp checkpoint or an HF directory,
+- ``reward_model``: :class:`RewardScorer`, texts -> rewards (tokenized pairs are scored in packed rows by
+  ``megapmp.loss.score_pairs``, which the trainer's held-out evaluation uses too) for a megapmp checkpoint or an HF directory,
   with the model's own tokenizer, template and EOS policy.
 - ``metrics``: pairwise accuracy, exact / Monte-Carlo / single-draw Best-of-N, multiple choice,
   CodePrefBench (pure numpy).

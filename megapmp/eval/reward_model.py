@@ -31,7 +31,7 @@ from megapmp.data.datasets import Pair
 from megapmp.data.packing import pair_packed_length
 from megapmp.data.preprocess import fit_pair, resolve_template
 from megapmp.device import autocast_dtype, pick_device
-from megapmp.eval.scoring import score_pairs
+from megapmp.loss import score_pairs
 from megapmp.model import Qwen2RewardModel
 
 
