@@ -299,6 +299,10 @@ class DataConfig:
     """Gradient-accumulation micro-batches per step on each data-parallel rank."""
     seed: int = 1234
     """Shuffling seed; the order is a pure function of (seed, epoch)."""
+    bucket_tokens: int = 0
+    """With packing=flat, pad each micro-batch's row to a multiple of this many tokens, so a compiled model
+    sees few distinct shapes (one compile per bucket, instead of one per micro-batch length). 0: 256 when
+    the run compiles its layers (see TrainConfig.compile), else 1 (no padding beyond the TP multiple)."""
     verify: str = "open"
     """Shard checks before training. open: the cheap checks at open (index and file sizes, the sidecar's
     counts), plus every token id checked against the vocabulary as it is read; full: also each train and
@@ -318,6 +322,8 @@ class DataConfig:
             problems.append(f"layout={self.layout!r} is not duplicated or shared-prefix")
         if self.packing not in ("flat", "rows"):
             problems.append(f"packing={self.packing!r} is not flat or rows")
+        if self.bucket_tokens < 0:
+            problems.append(f"bucket_tokens={self.bucket_tokens} must be >= 0 (0: automatic)")
         for name in ("seq_len", "items_per_step", "micro_batches", "valid_items"):
             if getattr(self, name) <= 0:
                 problems.append(f"{name}={getattr(self, name)} must be positive")
@@ -422,6 +428,9 @@ class TrainConfig:
     """Attention implementation over packed rows."""
     activation_checkpointing: bool = False
     """Recompute each decoder layer in backward to save activation memory."""
+    compile: str = "auto"
+    """Regional torch.compile of each decoder layer (as torchtitan does): on, off, or auto = on when the
+    device is CUDA, off on CPU. Compile time is logged per step (compile_s) and left out of tokens/s."""
     max_nonfinite_steps: int = 5
     """Stop when more than this many consecutive steps have non-finite loss or gradients."""
     num_threads: int = 0
@@ -440,6 +449,8 @@ class TrainConfig:
         if self.attention_backend not in ATTENTION_BACKEND_NAMES:
             problems.append(f"attention_backend={self.attention_backend!r} is not one of "
                             f"{', '.join(sorted(ATTENTION_BACKEND_NAMES))}")
+        if self.compile not in ("auto", "on", "off"):
+            problems.append(f"compile={self.compile!r} is not auto, on or off")
         if self.precision not in ("auto", "fp32", "bf16", "fp16"):
             problems.append(f"precision={self.precision!r} is not auto, fp32, bf16 or fp16")
         p, d = self.parallel, self.data

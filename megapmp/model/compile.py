@@ -1,0 +1,59 @@
+"""Regional torch.compile: each decoder layer compiled on its own, as torchtitan does.
+
+Compiling layer by layer rather than the whole model keeps compile time to one layer's graph (every layer
+has the same code, so dynamo compiles it once per input shape and reuses it for the others), leaves the
+embedding, the loss and the pipeline/TP plumbing eager, and composes with activation checkpointing (the
+checkpoint wraps the compiled layer).
+
+Shapes: a packed micro-batch is one [1, T] row whose T changes every step. Compiled with ``dynamic=False``
+each T would be a new graph, so the loader pads T up to a multiple of ``data.bucket_tokens``; the number of
+graphs is then the number of buckets a run visits. Dynamo's per-code recompile limit (8 by default) would
+silently fall back to eager past that many buckets, so it is raised to ``max_shapes``.
+
+Measured on an H200 (torch 2.11, Qwen2-1.5B layer, 9.7k-token packed row, FlexAttention, bf16): one layer
+forward + backward 4.72 ms compiled vs 6.87 ms eager; first compile 6.5 s, a new bucket ~5 s.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+COMPILE_SETTINGS = ("auto", "on", "off")
+DEFAULT_BUCKET_TOKENS = 256  # padding per micro-batch <= 255 tokens (< 3% of a 9k-token micro-batch)
+
+
+def compile_enabled(setting: str, device: torch.device) -> bool:
+    """``TrainConfig.compile`` -> whether to compile: auto compiles on CUDA only (on a CPU the inductor C++
+    build costs minutes of a short run and the segmented backend is already the fast path)."""
+    if setting not in COMPILE_SETTINGS:
+        raise ValueError(f"compile must be one of {COMPILE_SETTINGS}, got {setting!r}")
+    if setting == "auto":
+        return torch.device(device).type == "cuda"
+    return setting == "on"
+
+
+def bucket_tokens(configured: int, compiled: bool) -> int:
+    """The flat row's padding multiple: ``data.bucket_tokens`` if set, else 256 when compiled, else 1."""
+    if configured:
+        return configured
+    return DEFAULT_BUCKET_TOKENS if compiled else 1
+
+
+def compile_layers(model: nn.Module, *, max_shapes: int = 64) -> int:
+    """Compile every decoder layer of ``model`` (a Qwen2RewardModel or pipeline chunk) in place; returns how
+    many. ``nn.Module.compile`` keeps parameter names unchanged (no ``_orig_mod.`` prefix), so checkpoints,
+    TP slicing and the converters see the same module tree."""
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, max_shapes)
+    torch._dynamo.config.accumulated_recompile_limit = max(
+        torch._dynamo.config.accumulated_recompile_limit, 4 * max_shapes)
+    for layer in model.layers.values():
+        layer.compile(dynamic=False)
+    return len(model.layers)
+
+
+def compile_seconds() -> float:
+    """Seconds this process has spent compiling so far: dynamo frames plus AOT-autograd backward graphs
+    (compiled lazily at the first backward of each shape). The trainer reports the difference per step."""
+    from torch._dynamo.utils import calculate_time_spent
+
+    return float(calculate_time_spent().get("total_wall_time", 0.0))
