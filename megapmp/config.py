@@ -303,6 +303,8 @@ class DataConfig:
     """With packing=flat, pad each micro-batch's row to a multiple of this many tokens, so a compiled model
     sees few distinct shapes (one compile per bucket, instead of one per micro-batch length). 0: 256 when
     the run compiles its layers (see TrainConfig.compile), else 1 (no padding beyond the TP multiple)."""
+    prefetch_steps: int = 1
+    """Steps packed ahead on a background thread while the device computes (0: pack on the main thread)."""
     verify: str = "open"
     """Shard checks before training. open: the cheap checks at open (index and file sizes, the sidecar's
     counts), plus every token id checked against the vocabulary as it is read; full: also each train and
@@ -322,6 +324,8 @@ class DataConfig:
             problems.append(f"layout={self.layout!r} is not duplicated or shared-prefix")
         if self.packing not in ("flat", "rows"):
             problems.append(f"packing={self.packing!r} is not flat or rows")
+        if self.prefetch_steps < 0:
+            problems.append(f"prefetch_steps={self.prefetch_steps} must be >= 0")
         if self.bucket_tokens < 0:
             problems.append(f"bucket_tokens={self.bucket_tokens} must be >= 0 (0: automatic)")
         for name in ("seq_len", "items_per_step", "micro_batches", "valid_items"):

@@ -44,15 +44,16 @@ from megapmp.config import ConfigError, TrainConfig, load_train_config, parse_ov
 from megapmp.convert.source import init_model_from
 from megapmp.data.datasets import PairDataset, check_token_ids
 from megapmp.data.indexed import ShardError
-from megapmp.data.loader import StepBatch, StepLoader
+from megapmp.data.loader import BackgroundLoader, StepBatch, StepLoader
 from megapmp.data.shards import ShardMeta, verify_shards
 from megapmp.device import autocast_dtype, local_device
 from megapmp.flops import mfu, peak_flops, step_flops
 from megapmp.io import log
 from megapmp.loss import LOSS_BACKEND_ENV, loss_backend, pmp_loss, score_pairs
 from megapmp.model import Qwen2RewardModel
+from megapmp.model.compile import bucket_tokens, compile_enabled, compile_layers, compile_seconds
 from megapmp.optim import lr_at
-from megapmp.parallel.engine import Engine, build_rank_chunks
+from megapmp.parallel.engine import Engine, StepSums, build_rank_chunks
 from megapmp.parallel.topology import build_context, init_distributed
 from megapmp.tracking import MetricsLog, Trackers
 
@@ -107,12 +108,20 @@ class Trainer:
             verify_shards(cfg.data.train + cfg.data.valid, progress=self.is_main and cfg.logging.progress)
         self.device = local_device()
         self.amp_dtype = autocast_dtype(cfg.precision, self.device)
+        self.compiled = compile_enabled(cfg.compile, self.device)
+        # A flat row is padded to a multiple of the TP size under sequence parallelism (each rank takes an
+        # equal token shard) and of the compile bucket (few distinct shapes for the compiled layers).
+        pad_multiple = math.lcm(cfg.parallel.tp if cfg.parallel.sequence_parallel else 1,
+                                bucket_tokens(cfg.data.bucket_tokens, self.compiled))
         self.loader = StepLoader(cfg.data.train, kind=cfg.data.kind, weights=cfg.data.weights,
                                  items_per_step=cfg.data.items_per_step, micro_batches=cfg.data.micro_batches,
                                  seq_len=cfg.data.seq_len, layout=cfg.data.layout, packing=cfg.data.packing,
-                                 pad_multiple=cfg.parallel.tp if cfg.parallel.sequence_parallel else 1,
-                                 seed=cfg.data.seed,
+                                 pad_multiple=pad_multiple, seed=cfg.data.seed,
                                  dp_rank=self.ctx.dp_rank, dp_size=self.ctx.dp_size)
+        # Steps are packed ahead on a thread (page-locked on a GPU, so the copies do not stall the host).
+        self.batches = (BackgroundLoader(self.loader, depth=cfg.data.prefetch_steps,
+                                         pin_memory=self.device.type == "cuda")
+                        if cfg.data.prefetch_steps else self.loader)
         self.cfg = cfg = resolve_config(cfg, self.loader.meta)
         cfg.validate()
         if self.is_main:  # only now: a config that does not validate leaves no run directory behind
@@ -142,6 +151,11 @@ class Trainer:
         build_chunk = partial(Qwen2RewardModel, cfg.model, activation_checkpointing=cfg.activation_checkpointing,
                               attention_backend=cfg.attention_backend)
         chunks = build_rank_chunks(full, build_chunk, ctx, self.device, sequence_parallel=cfg.parallel.sequence_parallel)
+        if self.compiled:
+            # Every chunk's decoder layers; the engine, loss and collectives stay eager.
+            layers = sum(compile_layers(chunk) for chunk in chunks)
+            self.log(f"compiling {layers} decoder layers on first use (torch.compile, regional, "
+                     f"shapes padded to multiples of {self.loader.pad_multiple} tokens)")
         self.engine = Engine(chunks, ctx, cfg.parallel, cfg.optimizer, device=self.device, amp_dtype=self.amp_dtype)
         self.model = chunks[0]  # the whole model in a single-stage run
         for note in self.engine.notes:
@@ -179,7 +193,7 @@ class Trainer:
                             tie_word_embeddings=self.cfg.model.tie_word_embeddings, log=self.log)
         if state is None:
             return
-        self.loader.load_state_dict(state["loader"])
+        self.batches.load_state_dict(state["loader"])
         ckpt.set_rng_state(state["rng"])
         self.step, self.skipped_steps = state["step"], state["skipped_steps"]
         self.consecutive_nonfinite = state["consecutive_nonfinite"]
@@ -187,7 +201,7 @@ class Trainer:
     def save_checkpoint(self) -> Path:
         """Checkpoint this step (every rank calls this); the checkpoint layer picks the format."""
         state = {"step": self.step, "skipped_steps": self.skipped_steps,
-                 "consecutive_nonfinite": self.consecutive_nonfinite, "loader": self.loader.state_dict(),
+                 "consecutive_nonfinite": self.consecutive_nonfinite, "loader": self.batches.state_dict(),
                  "rng": ckpt.rng_state(), "config": asdict(self.cfg), "shard_meta": asdict(self.loader.meta)}
         return ckpt.save(self.run_dir / "checkpoints", self.step, self.engine, trainer_state=state,
                          keep_last=self.cfg.checkpoint.keep_last,
@@ -205,15 +219,17 @@ class Trainer:
         loss_fn = partial(pmp_loss, rm_coef=cfg.loss.rm_coef, lm_coef=cfg.loss.lm_coef, lm_chunk=cfg.loss.lm_chunk,
                           global_pairs=batch.global_pairs, global_lm_tokens=batch.global_lm_tokens,
                           backend=cfg.loss.backend)
+        host = [m.on_host for m in batch.micro_batches]
         # Model FLOPs on the real per-segment lengths (padding counts zero), summed over DP by the engine.
-        flops = step_flops(cfg.model, batch.micro_batches, lm_head=bool(cfg.loss.lm_coef),
-                           reward_head=bool(cfg.loss.rm_coef))
+        flops = step_flops(cfg.model, host, lm_head=bool(cfg.loss.lm_coef), reward_head=bool(cfg.loss.rm_coef))
         engine.zero_grad()
-        sums = engine.forward_backward([m.to_torch(self.device) for m in batch.micro_batches], loss_fn,
-                                       tokens=sum(m.num_real_tokens for m in batch.micro_batches), flops=flops)
+        micro_batches = [m.to_torch(self.device, non_blocking=True) for m in batch.micro_batches]
+        totals = engine.forward_backward(micro_batches, loss_fn, tokens=sum(m.num_real_tokens for m in host),
+                                         flops=flops)
         engine.finish_grads()
         grad_norm = engine.clip_grad_norm(cfg.optimizer.grad_clip)
-        finite = math.isfinite(sums.loss) and bool(torch.isfinite(grad_norm))
+        sums, grad_norm = StepSums.read(totals, grad_norm)  # the step's one wait for the device
+        finite = math.isfinite(sums.loss) and math.isfinite(grad_norm)
         if finite:
             engine.optimizer_step(lr)
             self.consecutive_nonfinite = 0
@@ -224,7 +240,7 @@ class Trainer:
         pairs = batch.global_pairs
         return {"loss": sums.loss, "rm_loss": sums.rm_loss, "lm_loss": sums.lm_loss,
                 "rm_acc": sums.correct / pairs if pairs else None, "margin": sums.margin_sum / pairs if pairs else None,
-                "lr": lr, "grad_norm": float(grad_norm), "pairs": pairs,
+                "lr": lr, "grad_norm": grad_norm, "pairs": pairs,
                 "tokens": int(sums.tokens), "flops": sums.flops, "skipped": not finite}
 
     def evaluate(self) -> dict:
@@ -254,14 +270,18 @@ class Trainer:
                    disable=not (cfg.logging.progress and self.is_main))
         try:
             while self.step < cfg.steps:
-                started = time.perf_counter()
-                record = self.train_step(self.loader.next_step())
+                started, compiling = time.perf_counter(), compile_seconds()
+                record = self.train_step(self.batches.next_step())
                 if self.device.type == "cuda":
                     torch.cuda.synchronize()
-                elapsed = time.perf_counter() - started
+                # Compilation (the first visit of each padded shape) is reported apart and left out of the
+                # rates, which then describe the steady state a long run spends its time in.
+                compile_s = compile_seconds() - compiling
+                elapsed = max(time.perf_counter() - started - compile_s, 1e-9)
                 self.step += 1
                 flops = record.pop("flops")
-                record = {"step": self.step, **record, "tokens_per_s": record["tokens"] / elapsed,
+                record = {"step": self.step, **record, "step_s": elapsed, "compile_s": compile_s,
+                          "tokens_per_s": record["tokens"] / elapsed,
                           "tflops_per_device": flops / elapsed / self.ctx.world_size / 1e12,
                           "mfu": mfu(flops, elapsed, self.peak_flops, num_devices=self.ctx.world_size),
                           "skipped_steps": self.skipped_steps}
@@ -283,6 +303,8 @@ class Trainer:
                     self.save_checkpoint()
         finally:
             bar.close()
+            if isinstance(self.batches, BackgroundLoader):
+                self.batches.close()
             if self.is_main:
                 metrics.close()
                 trackers.close()

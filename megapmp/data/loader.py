@@ -7,7 +7,9 @@ come from the shards' index lengths, so they are global without a collective and
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import queue
+import threading
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -197,3 +199,80 @@ class StepLoader:
     def load_state_dict(self, state: dict) -> None:
         self.sampler.load_state_dict(state["sampler"])
         self.steps_taken = int(state["steps_taken"])
+
+
+class BackgroundLoader:
+    """A StepLoader run ``depth`` steps ahead on a worker thread, so packing step N + 1 (reading shards,
+    first-fit, building index arrays, pinning) overlaps the device running step N.
+
+    The batches, and their order, are exactly those of the wrapped loader. ``state_dict()`` is the loader's
+    state after the last step *handed out* (not after the ones packed ahead), so a checkpoint resumes at
+    the next step the trainer has not seen. An error on the worker (a bad shard) is raised by the
+    ``next_step()`` call that would have returned that step. With ``pin_memory`` the micro-batches come
+    back as page-locked CPU tensors (``PackedBatch.to_torch``), ready for ``non_blocking`` copies.
+    """
+
+    def __init__(self, loader: StepLoader, *, depth: int = 1, pin_memory: bool = False):
+        if depth < 1:
+            raise ValueError(f"depth must be >= 1, got {depth}")
+        self.loader, self.pin_memory = loader, pin_memory
+        self._queue: queue.Queue = queue.Queue(maxsize=depth)
+        self._state = loader.state_dict()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    @property
+    def meta(self):
+        return self.loader.meta
+
+    def next_step(self) -> StepBatch:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._work, name="megapmp-loader", daemon=True)
+            self._thread.start()
+        step, state, error = self._queue.get()
+        if error is not None:
+            raise error
+        self._state = state
+        return step
+
+    def _work(self) -> None:
+        try:
+            while not self._stop.is_set():
+                step = self.loader.next_step()
+                state = self.loader.state_dict()
+                if self.pin_memory:
+                    step = replace(step, micro_batches=[m.to_torch(pin_memory=True) for m in step.micro_batches])
+                if not self._put((step, state, None)):
+                    return
+        except BaseException as error:  # handed to the consumer, which raises it in the main thread
+            self._put((None, None, error))
+
+    def _put(self, item) -> bool:
+        while not self._stop.is_set():
+            try:
+                self._queue.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def state_dict(self) -> dict:
+        return self._state
+
+    def load_state_dict(self, state: dict) -> None:
+        if self._thread is not None:
+            raise RuntimeError("load the loader state before the first next_step()")
+        self.loader.load_state_dict(state)
+        self._state = self.loader.state_dict()
+
+    def close(self) -> None:
+        """Stop the worker (it may be blocked on a full queue), drop the steps it packed ahead and rewind the
+        loader to the last step handed out: a later ``next_step()`` starts a fresh worker from there."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+            self._thread = None
+        while not self._queue.empty():
+            self._queue.get_nowait()
+        self.loader.load_state_dict(self._state)
+        self._stop.clear()

@@ -18,7 +18,7 @@ Conventions (the model and the loss rely on them):
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 
 import numpy as np
 
@@ -41,6 +41,19 @@ class PackedBatch:
     cu_seqlens: np.ndarray  # [K + 1] int32 segment boundaries over the flattened R * S tokens
     max_seqlen: int
     layout: str
+    lm_index: np.ndarray | None = None  # [T] int64 flat index of each LM-target position (labels != IGNORE_INDEX)
+    # The numpy batch a torch batch was made from (None on a numpy batch): counts, FLOPs and attention plans
+    # read it on the host, so nothing on the training hot path waits for the GPU to answer a question.
+    host: "PackedBatch | None" = field(default=None, repr=False, compare=False)
+
+    def __post_init__(self):
+        if self.lm_index is None and isinstance(self.labels, np.ndarray):
+            self.lm_index = np.flatnonzero(self.labels.reshape(-1) != IGNORE_INDEX).astype(np.int64)
+
+    @property
+    def on_host(self) -> "PackedBatch":
+        """The numpy form of this batch (itself when it is numpy)."""
+        return self.host if self.host is not None else self
 
     @property
     def num_pairs(self) -> int:
@@ -48,24 +61,38 @@ class PackedBatch:
 
     @property
     def num_lm_tokens(self) -> int:
-        return int((self.labels != IGNORE_INDEX).sum())
+        return len(self.on_host.lm_index)
 
     @property
     def num_real_tokens(self) -> int:
-        return int((self.segment_ids >= 0).sum())
+        return int((self.on_host.segment_ids >= 0).sum())
 
     @property
     def shape(self) -> tuple[int, int]:
-        return self.input_ids.shape
+        return tuple(self.input_ids.shape)
 
-    def to_torch(self, device=None) -> "PackedBatch":
+    def to_torch(self, device=None, *, pin_memory: bool = False, non_blocking: bool = False) -> "PackedBatch":
+        """The same batch as torch tensors on ``device``, keeping the numpy batch as ``host``.
+
+        Works on a numpy batch and on a torch one (then it only moves the tensors). ``pin_memory`` puts the
+        CPU tensors in page-locked memory, from which ``non_blocking`` copies to a GPU do not stall the host
+        (the background loader pins, the trainer copies).
+        """
         import torch
 
         converted = {}
         for f in fields(self):
             value = getattr(self, f.name)
-            converted[f.name] = torch.from_numpy(value).to(device) if isinstance(value, np.ndarray) else value
-        return PackedBatch(**converted)
+            if f.name == "host":
+                continue
+            if isinstance(value, np.ndarray):
+                value = torch.from_numpy(value)
+                if pin_memory:
+                    value = value.pin_memory()
+            if isinstance(value, torch.Tensor) and device is not None:
+                value = value.to(device, non_blocking=non_blocking)
+            converted[f.name] = value
+        return PackedBatch(**converted, host=self.on_host)
 
 
 def pair_packed_length(prompt_len, chosen_len, rejected_len, layout: str):

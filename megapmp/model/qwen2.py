@@ -70,6 +70,18 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return x * cos + rotate_half(x) * sin
 
 
+# Backends whose Python builds and caches per-batch plans (bucket lists, varlen index tensors, dense masks)
+# would make dynamo guard on every batch's structure and recompile; inside a compiled layer they run eager,
+# between two compiled graphs. FlexAttention is traced into the layer's graph (its block mask is built once
+# per micro-batch before the layers run).
+_TRACEABLE_BACKENDS = frozenset({"flex"})
+
+
+@torch.compiler.disable
+def _eager_attention(q, k, v, attn: AttentionInputs, backend: str) -> torch.Tensor:
+    return attention(q, k, v, attn, backend=backend)
+
+
 class Attention(nn.Module):
     def __init__(self, config: ModelConfig, backend: str):
         super().__init__()
@@ -88,7 +100,8 @@ class Attention(nn.Module):
         k = self.k_proj(x).view(rows, seq_len, -1, self.head_dim)  # [R, S, n_kv_heads, D]
         v = self.v_proj(x).view(rows, seq_len, -1, self.head_dim)  # [R, S, n_kv_heads, D]
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        out = attention(q, k, v, attn, backend=self.backend)  # [R, S, n_heads, D]
+        run = attention if self.backend in _TRACEABLE_BACKENDS else _eager_attention
+        out = run(q, k, v, attn, backend=self.backend)  # [R, S, n_heads, D]
         return self.o_proj(out.reshape(rows, seq_len, -1))
 
 

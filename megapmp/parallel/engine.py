@@ -2,9 +2,10 @@
 
     engine = Engine(chunks, ctx, cfg.parallel, cfg.optimizer, device=device, amp_dtype=amp_dtype)
     engine.zero_grad()
-    sums = engine.forward_backward(micro_batches, loss_fn, tokens=..., flops=...)   # -> StepSums
+    totals = engine.forward_backward(micro_batches, loss_fn, tokens=..., flops=...)   # device tensor
     engine.finish_grads()                     # DP / TP-partial / tied-embedding gradient completion
     norm = engine.clip_grad_norm(max_norm)    # global norm, each element of the full model counted once
+    sums, norm = StepSums.read(totals, norm)  # the step's one device -> host read-back
     engine.optimizer_step(lr)
 
 A single process is the layout tp = pp = dp = 1 and takes the same path: ``run_schedule`` with one stage
@@ -62,6 +63,13 @@ class StepSums:
     margin_sum: float
     tokens: float
     flops: float
+
+    @classmethod
+    def read(cls, totals: torch.Tensor, grad_norm: torch.Tensor) -> tuple["StepSums", float]:
+        """The sums (``forward_backward``'s float64 [7] device tensor) and the gradient norm, copied to the
+        host together: one synchronisation per optimizer step, after all of the step's work is queued."""
+        *values, norm = torch.cat([totals.double(), grad_norm.detach().double().reshape(1)]).tolist()
+        return cls(*values), norm
 
 
 def build_rank_chunks(full: nn.Module, build_chunk: Callable[..., nn.Module], ctx: ParallelContext,
@@ -215,10 +223,14 @@ class Engine:
             p.grad = None
         self._zero_grads = self._zero_clip_scale = None
 
-    def forward_backward(self, micro_batches: Sequence, loss_fn: Callable, *, tokens: float, flops: float) -> StepSums:
+    def forward_backward(self, micro_batches: Sequence, loss_fn: Callable, *, tokens: float,
+                         flops: float) -> torch.Tensor:
         """Forward and backward of every micro-batch (torch PackedBatch, the same on every stage of a
         pipeline); gradients accumulate into the parameters' .grad. ``tokens`` / ``flops``: this DP rank's
-        counts, summed over DP in the same all-reduce as the loss sums."""
+        counts, summed over DP in the same all-reduce as the loss sums.
+
+        Returns the step's sums as a float64 [7] tensor on the device, in StepSums' field order, without
+        waiting for the device: read it with ``StepSums.read`` once the step's work is queued."""
         ctx = self.ctx
         self.grad_sync.start_step(len(micro_batches))
         actions = build_schedule(self.schedule, ctx.pp_size, len(micro_batches), ctx.vpp_size)[ctx.pp_rank]
@@ -232,8 +244,7 @@ class Engine:
                               forward_context=self._forward_context, activation_shape=self._activation_shape)
         counts = torch.tensor([float(tokens), flops], device=totals.device, dtype=torch.float64)
         sums = torch.cat([totals.double(), counts])
-        _sum_over(sums, ctx.dp_group)  # each DP rank's loss is its share of the global one
-        return StepSums(*sums.tolist())
+        return _sum_over(sums, ctx.dp_group)  # each DP rank's loss is its share of the global one
 
     def _forward_context(self):
         # The loss too runs under autocast, so its logit GEMMs take the bf16 tensor-core path (softmax,
