@@ -202,8 +202,8 @@ class StepLoader:
 
 
 class BackgroundLoader:
-    """A StepLoader run ``depth`` steps ahead on a worker thread, so packing step N + 1 (reading shards,
-    first-fit, building index arrays, pinning) overlaps the device running step N.
+    """A StepLoader run up to ``depth`` steps ahead on a worker thread, so packing step N + 1 (reading
+    shards, first-fit, building index arrays, pinning) overlaps the device running step N.
 
     The batches, and their order, are exactly those of the wrapped loader. ``state_dict()`` is the loader's
     state after the last step *handed out* (not after the ones packed ahead), so a checkpoint resumes at
@@ -215,11 +215,17 @@ class BackgroundLoader:
     def __init__(self, loader: StepLoader, *, depth: int = 1, pin_memory: bool = False):
         if depth < 1:
             raise ValueError(f"depth must be >= 1, got {depth}")
-        self.loader, self.pin_memory = loader, pin_memory
-        self._queue: queue.Queue = queue.Queue(maxsize=depth)
+        self.loader, self.depth, self.pin_memory = loader, depth, pin_memory
         self._state = loader.state_dict()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._reset_queue()
+
+    def _reset_queue(self) -> None:
+        # A slot is taken before packing a step and given back when the step is handed out: at most
+        # `depth` steps exist ahead of the consumer, packed or being packed.
+        self._queue: queue.Queue = queue.Queue()
+        self._slots = threading.Semaphore(self.depth)
 
     @property
     def meta(self):
@@ -230,6 +236,7 @@ class BackgroundLoader:
             self._thread = threading.Thread(target=self._work, name="megapmp-loader", daemon=True)
             self._thread.start()
         step, state, error = self._queue.get()
+        self._slots.release()
         if error is not None:
             raise error
         self._state = state
@@ -238,23 +245,15 @@ class BackgroundLoader:
     def _work(self) -> None:
         try:
             while not self._stop.is_set():
+                if not self._slots.acquire(timeout=0.1):
+                    continue
                 step = self.loader.next_step()
                 state = self.loader.state_dict()
                 if self.pin_memory:
                     step = replace(step, micro_batches=[m.to_torch(pin_memory=True) for m in step.micro_batches])
-                if not self._put((step, state, None)):
-                    return
+                self._queue.put((step, state, None))
         except BaseException as error:  # handed to the consumer, which raises it in the main thread
-            self._put((None, None, error))
-
-    def _put(self, item) -> bool:
-        while not self._stop.is_set():
-            try:
-                self._queue.put(item, timeout=0.1)
-                return True
-            except queue.Full:
-                continue
-        return False
+            self._queue.put((None, None, error))
 
     def state_dict(self) -> dict:
         return self._state
@@ -266,13 +265,12 @@ class BackgroundLoader:
         self._state = self.loader.state_dict()
 
     def close(self) -> None:
-        """Stop the worker (it may be blocked on a full queue), drop the steps it packed ahead and rewind the
-        loader to the last step handed out: a later ``next_step()`` starts a fresh worker from there."""
+        """Stop the worker, drop the steps it packed ahead and rewind the loader to the last step handed out:
+        a later ``next_step()`` starts a fresh worker from there."""
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=10)
             self._thread = None
-        while not self._queue.empty():
-            self._queue.get_nowait()
+        self._reset_queue()
         self.loader.load_state_dict(self._state)
         self._stop.clear()

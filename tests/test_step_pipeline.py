@@ -1,0 +1,207 @@
+"""The training step's plumbing around the model: index tensors made by the loader, the background loader,
+one device read-back per step, and regional compilation with bucketed row lengths."""
+
+import time
+import warnings
+from dataclasses import replace
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+from megapmp.config import load_train_config
+from megapmp.data.loader import BackgroundLoader, StepLoader
+from megapmp.data.packing import IGNORE_INDEX, flatten_rows, pack_documents, pack_pairs
+from megapmp.loss import Heads, pmp_loss
+from megapmp.model.compile import bucket_tokens, compile_enabled
+from megapmp.train import Trainer
+from test_train import FAST, TINY, pair_shard
+
+
+def random_pairs(n, seed=0, vocab=50):
+    rng = np.random.default_rng(seed)
+    make = lambda lo, hi: rng.integers(1, vocab, rng.integers(lo, hi))
+    return [SimpleNamespace(prompt=make(2, 9), chosen=make(1, 12), rejected=make(1, 12)) for _ in range(n)]
+
+
+@pytest.fixture(scope="module")
+def shard(tmp_path_factory):
+    return pair_shard(tmp_path_factory.mktemp("step_data"), "train", 96)
+
+
+def config(shard, *extra):
+    return load_train_config(str(TINY), [*FAST, ("data.train", str(shard)), *extra])
+
+
+# -- index tensors from the loader ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("layout", ["duplicated", "shared-prefix"])
+@pytest.mark.parametrize("flat", [False, True])
+def test_lm_index_lists_exactly_the_labelled_positions(layout, flat):
+    packed = pack_pairs(random_pairs(9), 48, layout, pad_id=0)
+    if flat:
+        packed = flatten_rows(packed, pad_id=0, multiple=16)
+    expected = np.flatnonzero(packed.labels.reshape(-1) != IGNORE_INDEX)
+    np.testing.assert_array_equal(packed.lm_index, expected)
+    assert packed.num_lm_tokens == expected.size > 0
+
+
+def test_lm_index_of_documents():
+    packed = pack_documents([np.arange(1, 9), np.arange(1, 5), np.arange(1, 12)], 16, pad_id=0)
+    np.testing.assert_array_equal(packed.lm_index, np.flatnonzero(packed.labels.reshape(-1) != IGNORE_INDEX))
+
+
+def test_torch_batch_counts_on_the_host_copy():
+    packed = flatten_rows(pack_pairs(random_pairs(6), 40, "duplicated", pad_id=0), pad_id=0, multiple=32)
+    batch = packed.to_torch()
+    assert batch.host is packed and batch.on_host is packed
+    assert (batch.num_real_tokens, batch.num_lm_tokens) == (packed.num_real_tokens, packed.num_lm_tokens)
+    assert torch.equal(batch.lm_index, torch.from_numpy(packed.lm_index))
+    again = batch.to_torch("cpu")  # a torch batch moves; it keeps the same host batch
+    assert again.host is packed and torch.equal(again.input_ids, batch.input_ids)
+
+
+@pytest.mark.parametrize("layout", ["duplicated", "shared-prefix"])
+def test_loss_with_loader_positions_equals_searching_the_labels(layout):
+    """pmp_loss takes the LM rows at batch.lm_index; without it, it finds them with nonzero: same value and
+    same gradients, bit for bit."""
+    torch.manual_seed(0)
+    batch = flatten_rows(pack_pairs(random_pairs(7, seed=3), 64, layout, pad_id=0), pad_id=0).to_torch()
+    hidden = torch.randn(*batch.input_ids.shape, 16, requires_grad=True)
+    heads = Heads(torch.randn(50, 16, requires_grad=True), torch.randn(1, 16, requires_grad=True))
+    kwargs = dict(rm_coef=1.0, lm_coef=1.0, global_pairs=7, global_lm_tokens=batch.num_lm_tokens, lm_chunk=8)
+    results = []
+    for b in (batch, replace(batch, lm_index=None)):
+        out = pmp_loss(hidden, heads, b, **kwargs)
+        grads = torch.autograd.grad(out.loss, (hidden, heads.lm, heads.score))
+        results.append((out.loss.detach(), *grads))
+    assert replace(batch, lm_index=None).lm_index is None  # the second run really searched
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
+
+
+# -- the background loader --------------------------------------------------------------------------
+
+
+def make_loader(shard, **kw):
+    return StepLoader([str(shard)], items_per_step=8, micro_batches=2, seq_len=256, packing="flat", seed=3, **kw)
+
+
+def same_step(a, b):
+    assert (a.global_pairs, a.global_lm_tokens) == (b.global_pairs, b.global_lm_tokens)
+    for x, y in zip(a.micro_batches, b.micro_batches):
+        np.testing.assert_array_equal(x.input_ids, y.input_ids)
+        np.testing.assert_array_equal(x.lm_index, y.lm_index)
+
+
+def test_background_loader_yields_the_loader_steps_and_checkpoints_what_it_handed_out(shard):
+    plain, background = make_loader(shard), BackgroundLoader(make_loader(shard), depth=2)
+    try:
+        for _ in range(3):
+            same_step(plain.next_step(), background.next_step())
+        time.sleep(0.3)  # the worker is now 2 steps ahead of what was handed out
+        assert background.loader.steps_taken == 5
+        assert background.state_dict() == plain.state_dict()
+        # Resuming a fresh loader from that state continues where the consumer stopped.
+        resumed = BackgroundLoader(make_loader(shard))
+        resumed.load_state_dict(background.state_dict())
+        same_step(plain.next_step(), resumed.next_step())
+        resumed.close()
+        # Closing rewinds the packed-ahead steps; the next call starts a new worker from the handed-out state.
+        background.close()
+        assert background.loader.steps_taken == 3
+        same_step(make_loader_after(shard, 3).next_step(), background.next_step())
+    finally:
+        background.close()
+
+
+def make_loader_after(shard, steps):
+    loader = make_loader(shard)
+    for _ in range(steps):
+        loader.next_step()
+    return loader
+
+
+def test_background_loader_raises_the_workers_error_at_the_step_it_belongs_to(shard):
+    loader = make_loader(shard)
+    real_next, calls = loader.next_step, []
+
+    def next_step():
+        calls.append(1)
+        if len(calls) == 3:
+            raise ValueError("shard went bad at step 3")
+        return real_next()
+
+    loader.next_step = next_step
+    background = BackgroundLoader(loader, depth=4)
+    try:
+        background.next_step(), background.next_step()
+        with pytest.raises(ValueError, match="step 3"):
+            background.next_step()
+    finally:
+        background.close()
+
+
+def test_prefetching_does_not_change_the_curve(shard, tmp_path):
+    curves = []
+    for prefetch in ("0", "2"):
+        history = Trainer(config(shard, ("steps", "5"), ("data.prefetch_steps", prefetch)), tmp_path / prefetch).fit()
+        curves.append([r["loss"] for r in history])
+    assert curves[0] == curves[1]
+
+
+# -- compilation --------------------------------------------------------------------------------------
+
+
+def test_compile_setting_and_bucket_rule():
+    assert compile_enabled("auto", torch.device("cpu")) is False
+    assert compile_enabled("auto", torch.device("cuda")) is True
+    assert compile_enabled("on", torch.device("cpu")) is True
+    assert compile_enabled("off", torch.device("cuda")) is False
+    with pytest.raises(ValueError):
+        compile_enabled("yes", torch.device("cpu"))
+    assert bucket_tokens(0, compiled=True) == 256 and bucket_tokens(0, compiled=False) == 1
+    assert bucket_tokens(64, compiled=False) == 64
+
+
+def test_compiled_layers_follow_the_eager_curve_on_bucketed_rows(shard, tmp_path):
+    """Regional compile on the CPU (inductor's C++ backend): the same losses as eager to fp32 rounding, rows
+    padded to the 256-token bucket, the compile time reported on the steps that compiled and kept out of
+    step_s."""
+    steps = [("steps", "3"), ("data.items_per_step", "4"), ("data.micro_batches", "1")]
+    eager = Trainer(config(shard, *steps, ("data.bucket_tokens", "256")), tmp_path / "eager").fit()
+    trainer = Trainer(config(shard, *steps, ("compile", "on")), tmp_path / "compiled")
+    widths, train_step = [], trainer.train_step
+
+    def recording_step(batch):
+        widths.extend(m.shape[1] for m in batch.micro_batches)
+        return train_step(batch)
+
+    trainer.train_step = recording_step
+    compiled = trainer.fit()
+    assert widths and all(w % 256 == 0 for w in widths)
+    for a, b in zip(eager, compiled):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-5, abs=1e-6)
+    assert compiled[0]["compile_s"] > 1.0
+    assert all(r["step_s"] > 0 for r in compiled)
+    assert compiled[0]["step_s"] < compiled[0]["compile_s"]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_a_step_waits_for_the_gpu_once(shard, tmp_path):
+    """torch's sync debug mode warns on every host-device synchronisation: one step, after warm-up, may
+    have one (StepSums.read)."""
+    trainer = Trainer(config(shard, ("precision", "bf16"), ("compile", "off")), tmp_path / "gpu")
+    trainer.train_step(trainer.batches.next_step())  # warm-up: lazy inits, cuBLAS handles
+    batch = trainer.batches.next_step()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            trainer.train_step(batch)
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+    syncs = [w for w in caught if "synchroniz" in str(w.message).lower()]
+    assert len(syncs) <= 1, [str(w.message) for w in syncs]
