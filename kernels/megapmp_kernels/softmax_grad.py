@@ -59,7 +59,7 @@ if tl is not None:
             cols = v0 + tl.arange(0, BLOCK_V)
             ok = cols < V
             x = tl.load(base + cols, mask=ok, other=float("-inf")).to(tl.float32)
-            z += tl.sum(tl.where(cols == local, x, 0.0), axis=0)
+            z += tl.sum(tl.where((cols == local) & ok, x, 0.0), axis=0)  # a target past V hits padding
             x2 = x * 1.4426950408889634
             m_new = tl.maximum(m, tl.max(x2, axis=0))
             s = s * tl.exp2(m - m_new) + tl.sum(tl.exp2(x2 - m_new), axis=0)  # masked columns: 2^-inf = 0
