@@ -462,6 +462,11 @@ def test_grad_in_forward_makes_only_the_gradients_a_backward_needs(monkeypatch):
     PL.fused_pair_loss(h, w.detach(), targets, **opts).lm_sum.backward()
     assert calls == {"B": 4, "dW": 0}
     close(h.grad, ref_dh, "dH with a frozen LM head")
+    empty = leaves([hidden[:0]])[0]  # no target rows this micro-batch: zero loss, zero gradients
+    out = PL.fused_pair_loss(empty, w, targets[:0], **opts).lm_sum
+    out.backward()
+    assert out.item() == 0.0
+    assert empty.grad is None or not empty.grad.any()
 
 
 def _exact_out_dtype_standins(monkeypatch, round_accumulator=False):

@@ -7,14 +7,26 @@
 r_chosen - r_rejected). Its caller selects the rows: the hidden states of the LM-target tokens
 [T, H] and of the two read-out tokens of each pair [N, H] x 2; their gradients flow back through
 that selection. It is megapmp's only implementation of the loss (megapmp.loss.pmp_loss calls it),
-with two backends:
+with three backends (BACKENDS):
 
 * ``"torch"`` (any device; the CPU path) -- ``ChunkedLinearCrossEntropy``: chunks of T target rows
   against the whole (local) vocabulary, softmax - onehot turned into dH and dW in forward, backward a
   scale; no logit recompute, which on a CPU measures faster than recomputing (tools/bench_loss.py,
   chunked_* vs the recomputing torch twin below). The reward term in plain fp32 autograd.
-* ``"triton"`` -- one autograd Function over two Triton kernels (CUDA; on CPU under
-  ``TRITON_INTERPRET=1``, fp32 only):
+* ``"triton"`` (the CUDA default) -- gradients made in forward on the GPU (``_lm_grad_in_forward``):
+  per chunk of ``chunk_tokens`` target rows (GRAD_IN_FORWARD_CHUNK_TOKENS), logits [c, V_local] =
+  h_c @ W^T by one cuBLAS GEMM in the compute dtype into one reused buffer; ``row_lse`` (Triton,
+  softmax_grad.py) gives each row's log-sum-exp and target logit in fp32 (combined over a
+  vocab-parallel group by ``combine_partials``); ``softmax_minus_onehot_`` (Triton) overwrites the
+  chunk in place with softmax - onehot (0 for ignore_index rows); cuBLAS then gives dH_c = g @ W and
+  dW += g^T @ h_c, accumulated in fp32 (``accumulate_fp32``: the out_dtype GEMM where the device has
+  one). Loss sum and gradients at scale 1; backward multiplies them by the upstream gradient. Against
+  recomputing, one [T x V x H] GEMM fewer and all three GEMMs in cuBLAS; the cost is the [c x V]
+  logits chunk and an fp32 [V, H] accumulator (measured on an H200: see GRAD_IN_FORWARD_CHUNK_TOKENS).
+  No host synchronisation in the chunk loop. The reward term as in triton_recompute.
+* ``"triton_recompute"`` -- one autograd Function over two Triton kernels (CUDA; on CPU under
+  ``TRITON_INTERPRET=1``, fp32 only), the least memory; measured slower than the naive path at
+  Qwen2-7B on an H200 (135.4 vs 106.4 ms, 16k tokens), kept selectable to measure side by side:
   - ``lse_partials``: for blocks of BT tokens, the vocabulary is tiled in BV columns and each logit
     tile h[BT, H] @ W[BV, H]^T is accumulated in fp32 over H in BD slices (``tl.dot``); an online
     max / sum-exp per token gives one log-sum-exp per (token, vocab split), and the tile holding the
@@ -28,7 +40,7 @@ with two backends:
 ``lse_partials`` / ``grad_logits`` keep a chunked torch twin each (``backend="torch"``): the kernels'
 references in the tests, with the same memory behaviour (nothing larger than one [T x chunk] block).
 
-Triton backward is deterministic: no atomics anywhere (the forward reduces splits in torch, the gradient
+The triton_recompute backward is deterministic: no atomics anywhere (the forward reduces splits in torch, the gradient
 kernel writes disjoint tiles, and the dH / dW contractions are plain GEMMs). Its workspace is one
 [T x chunk] block of grad-logits (``chunk_bytes``, default 256 MiB; the chunk runs over the
 *vocabulary* so that dW needs no accumulation) plus the fp32 dH accumulator [T, H].
@@ -36,7 +48,7 @@ kernel writes disjoint tiles, and the dH / dW contractions are plain GEMMs). Its
 Vocab-parallel: ``lm_weight`` may be this rank's rows [V/tp, H] of the LM head, ``vocab_start`` its
 first global id, ``group`` the tensor-parallel group. Each rank computes local log-sum-exps and the
 target logit where it owns the target; ``combine_partials`` all-reduces them (max, then one sum of
-[2, T]). Backward needs no collective: the returned dH is this rank's partial, which the caller's
+[2, T]; the "triton" backend once per row chunk). Backward needs no collective: the returned dH is this rank's partial, which the caller's
 ``copy_to_tp`` (or the sequence-parallel all-gather's reduce-scatter) sums, as in Megatron.
 
 ``pair_loss_reference`` is the naive full-logits torch formulation (fp32 logits, autograd) the tests
@@ -53,17 +65,14 @@ Importing this module never requires triton; the kernels are jitted at first use
 ``compile_report()`` (``tools/bench_loss.py --compile-report``) compiles every autotune candidate for
 sm_90 on a machine without a GPU and reports registers, spills and HGMMA / cp.async use.
 
-Performance notes (H100, NOT measured: written without a GPU). With P = T * V * H:
-  fused  forward 2P (Triton), backward 2P recompute (Triton) + 4P (cuBLAS dW, dH) = 8P FLOPs; bytes
-         ~ 4 passes over W + 3 over the [T x V] grad-logits in bf16 -> compute-bound.
-  naive  6P FLOPs (cuBLAS) + ~44 bytes per logit of elementwise traffic (bf16 logits, fp32 copy,
-         log-softmax and its backward, cast back).
-  Qwen2-7B, T = 4096 (P = 2.2e12): naive ~ 13.4 TFLOP (~19 ms at ~700 TFLOP/s) + ~27 GB (~9 ms) ~ 28 ms;
-  fused ~ 8.9 TFLOP Triton (~15 ms at ~600) + 8.9 TFLOP cuBLAS (~13 ms) + ~1 ms ~ 29 ms: a toss-up.
-  Qwen2-1.5B: naive ~ 8 + 9 ms, fused ~ 6 + 5.5 + 1 ms: fused ahead. If 7B misses "no slower than
-  eager", the levers are (1) skip the backward recompute by materialising [token-chunk x V] logits with
-  cuBLAS (Liger-style; costs dW read-modify-writes per token chunk), (2) CCE's gradient filtering
-  (skip vocab tiles whose softmax is below bf16 resolution), (3) a TMA / warp-specialised tile loop.
+Performance (P = T * V * H). triton_recompute: 2P forward (Triton) + 2P recompute (Triton) + 4P
+(cuBLAS dW, dH) = 8P FLOPs. naive: 6P (cuBLAS) + ~44 bytes of elementwise traffic per logit. triton
+(grad in forward): 6P, all cuBLAS, + ~6 bytes per bf16 logit in the row kernels + one fp32 [V, H]
+read-modify-write per chunk. Measured on an H200 (bf16, Qwen2-7B shape, 16k tokens, fwd+bwd, outside
+this repo): naive 106.4 ms / 32.5 GB peak, triton_recompute 135.4 ms / 1.6 GB, a prototype of the
+grad-in-forward path 89.9 ms / 6.8 GB at 8192-row chunks (1.5B shape: naive 60.5, recompute 59.4,
+prototype 42.6 ms). This module's "triton" backend itself is not yet timed on a GPU:
+``tools/bench_loss.py --device cuda --shape qwen2-7b --tokens 16384`` measures all three side by side.
 """
 from __future__ import annotations
 
@@ -484,7 +493,7 @@ class _FusedPairLoss(torch.autograd.Function):
         rm_sum = torch.zeros((), dtype=torch.float32, device=device)
         margins = torch.zeros((0,), dtype=torch.float32, device=device)
         lse = None
-        ctx.lm_grads = None
+        ctx.lm_grads, ctx.lm_grads_made = None, False  # grad-in-forward: (dH, dW, dtypes) until backward
         if hidden is not None and hidden.shape[0] and opts.recompute:
             lse_parts, z_parts = lse_partials(hidden.to(opts.compute_dtype), lm_weight.to(opts.compute_dtype),
                                               targets, vocab_start=opts.vocab_start,
@@ -500,7 +509,7 @@ class _FusedPairLoss(torch.autograd.Function):
             need_weight = opts.grad_enabled and ctx.needs_input_grad[1]
             lm_sum, d_hidden, d_weight = _lm_grad_in_forward(hidden, lm_weight, targets, opts, need_hidden,
                                                              need_weight)
-            ctx.lm_grads = (d_hidden, d_weight, hidden.dtype, lm_weight.dtype)
+            ctx.lm_grads, ctx.lm_grads_made = (d_hidden, d_weight, hidden.dtype, lm_weight.dtype), True
             hidden = lm_weight = None  # nothing of the LM term is needed in backward but its gradients
         if chosen is not None and chosen.shape[0]:
             weight = score_weight.float().reshape(-1)
@@ -526,7 +535,7 @@ class _FusedPairLoss(torch.autograd.Function):
         d_hidden = d_weight = d_chosen = d_rejected = d_score = None
         if lse is not None and grad_lm is not None and (need[0] or need[1]):
             d_hidden, d_weight = _lm_backward(hidden, lm_weight, targets, lse, grad_lm, opts, need[0], need[1])
-        elif not opts.recompute and grad_lm is not None and (need[0] or need[1]):
+        elif ctx.lm_grads_made and grad_lm is not None and (need[0] or need[1]):
             d_hidden, d_weight = _scale_lm_grads(ctx, grad_lm)
         if margins.numel() and grad_rm is not None and (need[3] or need[4] or need[5]):
             weight = score_weight.float().reshape(-1)
