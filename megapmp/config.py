@@ -24,6 +24,8 @@ def _raise_if_any(component: str, problems: list[str]) -> None:
 # The attention implementations megapmp/model/attention.py registers (its ATTENTION_BACKENDS has exactly
 # these keys; a test keeps the two equal). Named here so that validating a config needs no model code.
 ATTENTION_BACKEND_NAMES = ("auto", "sdpa", "segmented", "flash_attn", "torch_varlen", "varlen_reference")
+# megapmp/loss.py's LOSS_BACKENDS (a test keeps the two equal), named here for the same reason.
+LOSS_BACKEND_NAMES = ("auto", "torch", "triton", "triton_recompute")
 
 
 @dataclass
@@ -194,14 +196,16 @@ class LossConfig:
     lm_chunk: int = 4096
     """Target tokens whose logits are materialised at once (bounds the loss's extra memory)."""
     backend: str = "auto"
-    """Implementation of megapmp_kernels.fused_pair_loss: "torch" (chunked, any device), "triton" (fused
-    kernels; CUDA, or CPU under TRITON_INTERPRET=1) or "auto" (triton on CUDA when importable, else torch).
+    """Implementation of megapmp_kernels.fused_pair_loss: "torch" (chunked, any device), "triton"
+    (gradients made in forward: cuBLAS GEMMs around Triton row kernels; CUDA, or CPU under
+    TRITON_INTERPRET=1), "triton_recompute" (tiled Triton kernels, logits recomputed in backward: least
+    memory, slower) or "auto" (triton on CUDA when importable, else torch).
     $MEGAPMP_LOSS_BACKEND, when set, overrides this at start (and config.json records the override)."""
 
     def validate(self) -> None:
         problems = []
-        if self.backend not in ("auto", "torch", "triton"):
-            problems.append(f"backend={self.backend!r} must be one of auto, torch, triton")
+        if self.backend not in LOSS_BACKEND_NAMES:
+            problems.append(f"backend={self.backend!r} must be one of {', '.join(LOSS_BACKEND_NAMES)}")
         if self.rm_coef < 0 or self.lm_coef < 0:
             problems.append(f"rm_coef={self.rm_coef} and lm_coef={self.lm_coef} must be >= 0")
         if self.rm_coef == 0 and self.lm_coef == 0:

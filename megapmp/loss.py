@@ -14,10 +14,15 @@ materialised), and normalises. The primitive has two implementations of the same
 
 * ``"torch"``: chunks of ``lm_chunk`` target tokens, gradients made in forward (no logit recompute:
   the fastest torch formulation on a CPU). The default on CPU and wherever triton is missing.
-* ``"triton"``: tiled log-sum-exp over the vocabulary, logits recomputed in backward, the reward
-  read-out and pairwise log-sigmoid in the same autograd Function. The default on CUDA.
+* ``"triton"``: gradients made in forward too, on the GPU: per chunk of target rows, logits by one
+  cuBLAS GEMM, a Triton kernel for the softmax / target / softmax - onehot in place, cuBLAS for dH and
+  the fp32-accumulated dW. The default on CUDA (faster than the naive full-logits path on an H200).
+* ``"triton_recompute"``: tiled log-sum-exp over the vocabulary, logits recomputed in backward: the
+  least memory, slower (kept selectable so the two can be measured side by side, tools/bench_loss.py).
+The reward read-out and pairwise log-sigmoid are in the same autograd Function in every backend.
 
-A run chooses with ``loss.backend`` (auto | torch | triton; $MEGAPMP_LOSS_BACKEND overrides it at start).
+A run chooses with ``loss.backend`` (auto | torch | triton | triton_recompute; $MEGAPMP_LOSS_BACKEND
+overrides it at start).
 With a tensor-parallel group the LM head is split over the vocabulary (Megatron's vocab-parallel CE),
 inside the same primitive.
 """
@@ -38,14 +43,16 @@ from megapmp_kernels.pair_loss import fused_pair_loss, triton_error
 
 
 LOSS_BACKEND_ENV = "MEGAPMP_LOSS_BACKEND"
-LOSS_BACKENDS = ("auto", "torch", "triton")
+LOSS_BACKENDS = ("auto", "torch", "triton", "triton_recompute")
+_BACKEND_NAMES = {"torch": "torch-chunked", "triton": "triton-grad-in-forward", "triton_recompute": "triton-recompute"}
 
 
 def resolve_loss_backend(device, backend: str | None = None) -> str:
-    """"torch" or "triton": ``backend`` if given (other than None), else $MEGAPMP_LOSS_BACKEND, else auto.
+    """"torch", "triton" or "triton_recompute": ``backend`` if given (other than None), else
+    $MEGAPMP_LOSS_BACKEND, else auto.
 
-    auto = triton on CUDA when triton is importable, torch otherwise. An explicit "triton" that cannot
-    run (no triton; a CPU device without TRITON_INTERPRET=1) raises rather than silently falling back.
+    auto = triton on CUDA when triton is importable, torch otherwise. An explicit triton backend that
+    cannot run (no triton; a CPU device without TRITON_INTERPRET=1) raises rather than silently falling back.
     """
     choice = (backend or os.environ.get(LOSS_BACKEND_ENV) or "auto").strip().lower()
     if choice not in LOSS_BACKENDS:
@@ -56,16 +63,17 @@ def resolve_loss_backend(device, backend: str | None = None) -> str:
         return "torch"
     problem = triton_error(device)
     if problem is None:
-        return "triton"
-    if choice == "triton":
-        raise ValueError(f"loss backend 'triton' was requested but cannot run: {problem}")
+        return "triton" if choice == "auto" else choice
+    if choice != "auto":
+        raise ValueError(f"loss backend {choice!r} was requested but cannot run: {problem}")
     return "torch"
 
 
 def loss_backend(device, tp_size: int = 1, backend: str | None = None) -> str:
-    """The loss implementation a run on ``device`` will use, for logs: "triton-fused" or "torch-chunked",
-    prefixed with "vocab-parallel " when the LM head is split over ``tp_size`` > 1 ranks."""
-    name = {"triton": "triton-fused", "torch": "torch-chunked"}[resolve_loss_backend(device, backend)]
+    """The loss implementation a run on ``device`` will use, for logs: "torch-chunked",
+    "triton-grad-in-forward" or "triton-recompute", prefixed with "vocab-parallel " when the LM head is
+    split over ``tp_size`` > 1 ranks."""
+    name = _BACKEND_NAMES[resolve_loss_backend(device, backend)]
     return f"vocab-parallel {name}" if tp_size > 1 else name
 
 
@@ -115,7 +123,7 @@ def pmp_loss(hidden: torch.Tensor, heads: Heads, batch, *, rm_coef: float, lm_co
     hidden: the model's output [R, S, H]; with a tensor-parallel ``tp_group`` (``heads.lm`` = this rank's
     vocab rows) either replicated over TP or, under ``sequence_parallel``, this rank's token shard
     [R*S/T, H]. The value is the same on every TP rank and equals the single-device one.
-    ``backend``: "torch", "triton" or "auto"; None reads $MEGAPMP_LOSS_BACKEND (see resolve_loss_backend).
+    ``backend``: one of LOSS_BACKENDS; None reads $MEGAPMP_LOSS_BACKEND (see resolve_loss_backend).
     """
     tp = _group_size(tp_group)
     if sequence_parallel and hidden.shape[0] * tp != batch.input_ids.numel():

@@ -162,3 +162,17 @@ def test_pmp_loss_under_bf16_autocast_keeps_rewards_fp32():
     assert bf16_rewards.dtype == torch.bfloat16  # so the equality above is not autocast being off
     torch.testing.assert_close(mixed.lm_loss, fp32.lm_loss, rtol=2e-2, atol=0)
     assert not torch.equal(mixed.lm_loss, fp32.lm_loss)  # the LM GEMMs really ran in bf16
+
+
+def test_loss_backend_names_agree_with_config_validation():
+    """config.py names the loss backends without importing torch; they must be megapmp.loss's, and a bad
+    one is refused with the list in the message."""
+    from megapmp.config import LOSS_BACKEND_NAMES, ConfigError, LossConfig
+    from megapmp.loss import LOSS_BACKENDS
+    from megapmp_kernels.pair_loss import BACKENDS
+
+    assert LOSS_BACKEND_NAMES == LOSS_BACKENDS == ("auto", *BACKENDS)
+    for name in LOSS_BACKENDS:
+        LossConfig(backend=name).validate()
+    with pytest.raises(ConfigError, match="auto, torch, triton, triton_recompute"):
+        LossConfig(backend="triton-fused").validate()

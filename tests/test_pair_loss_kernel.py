@@ -24,13 +24,25 @@ import torch.nn.functional as F  # noqa: E402
 from distributed_utils import run_ranks  # noqa: E402
 from megapmp.loss import LOSS_BACKEND_ENV, Heads, lm_loss_sum, loss_backend, pmp_loss, resolve_loss_backend  # noqa: E402
 from megapmp_kernels import pair_loss as PL  # noqa: E402
+from megapmp_kernels import softmax_grad  # noqa: E402
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="triton is not importable: the kernels cannot run "
                                                          "(the torch backend is still tested)")
-BACKENDS = ["torch", pytest.param("triton", marks=needs_triton)]
+BACKENDS = ["torch", pytest.param("triton", marks=needs_triton), pytest.param("triton_recompute", marks=needs_triton)]
+KERNEL_BACKENDS = ["torch", pytest.param("triton", marks=needs_triton)]  # of the recompute path's primitives
 RTOL, ATOL_SCALE = 1e-5, 1e-6
 TILES = {"BT": 16, "BV": 32, "BD": 16}
+BLOCK_V = 32  # the row kernels' column block under the interpreter (softmax_grad.INTERPRET_BLOCK_V)
+
+
+def backend_options(backend, T=None, chunk_cols=None, splits=None, chunk_tokens=None):
+    """fused_pair_loss keyword arguments pinning each backend's chunking and tiles for the interpreter."""
+    if backend == "triton_recompute":
+        return dict(config=TILES, num_splits=splits, chunk_bytes=T * chunk_cols * 4 if chunk_cols else None)
+    if backend == "triton":
+        return dict(block_v=BLOCK_V, chunk_tokens=chunk_tokens)
+    return dict(chunk_bytes=T * chunk_cols * 4 if chunk_cols else None)
 
 
 def close(actual, expected, what=""):
@@ -64,22 +76,24 @@ def reference(hidden, weight, targets, chosen, rejected, score, lm_coef=0.7, rm_
     return out, grads
 
 
-SHAPES = [  # (seed, T, H, V, N, ignored target rows, backward chunk columns, forward splits)
-    pytest.param(1, 37, 48, 389, 5, (3, 36), 128, 3, id="T37-H48-V389"),
-    pytest.param(2, 1, 32, 100, 1, (), 128, 3, id="T1-V100-empty-split"),  # 4 vocab tiles over 3 splits: one empty
-    pytest.param(3, 70, 50, 257, 3, (0,), 10**9, 2, id="T70-H50-V257-one-chunk"),
-    pytest.param(4, 20, 24, 150, 2, tuple(range(20)), 128, 1, id="all-ignored"),
+SHAPES = [  # (seed, T, H, V, N, ignored target rows, recompute: backward chunk columns and forward splits,
+    #          grad-in-forward / torch: target rows per chunk)
+    # 37 rows in chunks of 16 (16 + 16 + 5: the fp32 dW accumulation runs, the last chunk is short)
+    pytest.param(1, 37, 48, 389, 5, (3, 36), 128, 3, 16, id="T37-H48-V389"),
+    pytest.param(2, 1, 32, 100, 1, (), 128, 3, 16, id="T1-V100-empty-split"),  # 4 vocab tiles over 3 splits: one empty
+    pytest.param(3, 70, 50, 257, 3, (0,), 10**9, 2, None, id="T70-H50-V257-one-chunk"),  # default chunk > T
+    pytest.param(4, 20, 24, 150, 2, tuple(range(20)), 128, 1, 16, id="all-ignored"),
 ]
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("seed,T,H,V,N,ignored,chunk_cols,splits", SHAPES)
-def test_loss_and_gradients_match_reference(backend, seed, T, H, V, N, ignored, chunk_cols, splits):
+@pytest.mark.parametrize("seed,T,H,V,N,ignored,chunk_cols,splits,chunk_tokens", SHAPES)
+def test_loss_and_gradients_match_reference(backend, seed, T, H, V, N, ignored, chunk_cols, splits, chunk_tokens):
     inputs = make_inputs(seed, T, H, V, N, ignored)
     ref, ref_grads = reference(*inputs)
     h, w, c, r, s = leaves([inputs[0], inputs[1], inputs[3], inputs[4], inputs[5]])
-    out = PL.fused_pair_loss(h, w, inputs[2], c, r, s, backend=backend, chunk_bytes=T * chunk_cols * 4,
-                             num_splits=splits, config=TILES if backend == "triton" else None)
+    out = PL.fused_pair_loss(h, w, inputs[2], c, r, s, backend=backend,
+                             **backend_options(backend, T, chunk_cols, splits, chunk_tokens))
     close(out.lm_sum, ref.lm_sum, "lm_sum")
     close(out.rm_sum, ref.rm_sum, "rm_sum")
     close(out.margins, ref.margins, "margins")
@@ -95,9 +109,8 @@ def test_loss_and_gradients_match_reference(backend, seed, T, H, V, N, ignored, 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_lm_only_and_rm_only(backend):
     hidden, weight, targets, chosen, rejected, score = make_inputs(5, 23, 40, 131, 4)
-    cfg = TILES if backend == "triton" else None
     h, w = leaves([hidden, weight])
-    out = PL.fused_pair_loss(h, w, targets, backend=backend, config=cfg, num_splits=2)
+    out = PL.fused_pair_loss(h, w, targets, backend=backend, **backend_options(backend, splits=2, chunk_tokens=9))
     hd, wd = leaves([hidden, weight], torch.float64)
     ref = F.cross_entropy(hd @ wd.t(), targets, reduction="sum")
     close(out.lm_sum, ref, "lm_sum")
@@ -135,7 +148,7 @@ def test_kernels_write_every_element_and_are_deterministic():
     assert not outs[0][5].any()  # the ignore_index row
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 def test_vocab_split_in_one_process(backend):
     """V = 389 split unevenly into two shards [0, 195) and [195, 389), as two TP ranks would hold them:
     each shard's partials (local lse, target logit where owned), combined; then each shard's
@@ -177,10 +190,11 @@ def _tp_rank(rank, world, seed, sequence_parallel):
     if sequence_parallel:  # this rank's token shard [T / tp, H]; the all-gather's backward reduce-scatters
         hidden, ref_dh = hidden.chunk(world)[rank], ref_dh.chunk(world)[rank]
     results = {}
-    for backend in ["torch", "triton"] if HAS_TRITON else ["torch"]:
+    for backend in ["torch", "triton", "triton_recompute"] if HAS_TRITON else ["torch"]:
         h = (hidden if sequence_parallel else hidden.reshape(1, T, H)).clone().requires_grad_()
         w = weight.chunk(world)[rank].clone().requires_grad_()
-        loss = lm_loss_sum(h, w, labels, group, sequence_parallel=sequence_parallel, backend=backend)
+        # chunks of 7 of the 29 target rows: the grad-in-forward path combines every chunk over the group
+        loss = lm_loss_sum(h, w, labels, group, sequence_parallel=sequence_parallel, backend=backend, chunk=7)
         close(loss, ref, f"{backend} loss")
         loss.backward()
         close(h.grad.reshape(ref_dh.shape), ref_dh, f"{backend} dH (partials summed over the TP group)")
@@ -191,9 +205,10 @@ def _tp_rank(rank, world, seed, sequence_parallel):
 
 @pytest.mark.parametrize("sequence_parallel", [False, True], ids=["tp", "tp+sp"])
 def test_vocab_parallel_two_gloo_ranks(sequence_parallel):
-    """The fused path behind the vocab-parallel lm_loss_sum on 2 gloo ranks: the all-reduce combine of
-    combine_partials, vocab_start offsets, and the partial dH summed by copy_to_tp (TP) or by the
-    sequence all-gather's reduce-scatter (TP+SP)."""
+    """Every backend behind the vocab-parallel lm_loss_sum on 2 gloo ranks against the single-process
+    full-logits reference: the all-reduce combine (per row chunk for grad-in-forward), vocab_start
+    offsets, and the partial dH summed by copy_to_tp (TP) or by the sequence all-gather's reduce-scatter
+    (TP+SP)."""
     results = run_ranks(2, _tp_rank, 8, sequence_parallel, timeout=120)
     assert results[0] == results[1]
 
@@ -234,17 +249,19 @@ def test_pmp_loss_triton_backend_matches_torch_backend(coefs):
         torch.randn(1, 36, generator=g)
     kwargs = dict(rm_coef=rm_coef, lm_coef=lm_coef, global_pairs=5, global_lm_tokens=40)
     outs, grads = {}, {}
-    for backend in ["torch", "triton"]:
+    for backend in ["torch", "triton", "triton_recompute"]:
         h, w, s = leaves([hidden, weight, score])
         out = pmp_loss(h, Heads(w, s), batch, backend=backend, **kwargs)
         out.loss.backward()
         outs[backend], grads[backend] = out, [x.grad if x.grad is not None else torch.zeros_like(x) for x in (h, w, s)]
-    a, b = outs["triton"], outs["torch"]
-    for field in ("loss", "rm_loss", "lm_loss", "correct", "margin_sum"):
-        close(getattr(a, field), getattr(b, field), field)
-    assert a.num_pairs == b.num_pairs == 3
-    for name, x, y in zip(["hidden", "lm_weight", "score"], grads["triton"], grads["torch"]):
-        close(x, y, f"d {name}")
+    b = outs["torch"]
+    for backend in ["triton", "triton_recompute"]:
+        a = outs[backend]
+        for field in ("loss", "rm_loss", "lm_loss", "correct", "margin_sum"):
+            close(getattr(a, field), getattr(b, field), f"{backend} {field}")
+        assert a.num_pairs == b.num_pairs == 3
+        for name, x, y in zip(["hidden", "lm_weight", "score"], grads[backend], grads["torch"]):
+            close(x, y, f"{backend} d {name}")
 
 
 def test_backend_selection(monkeypatch):
@@ -259,20 +276,28 @@ def test_backend_selection(monkeypatch):
     assert resolve_loss_backend("cuda") == "torch"
     if HAS_TRITON:
         monkeypatch.setenv(LOSS_BACKEND_ENV, "triton")
-        assert loss_backend("cpu") == "triton-fused"  # TRITON_INTERPRET=1 in this process
+        assert loss_backend("cpu") == "triton-grad-in-forward"  # TRITON_INTERPRET=1 in this process
+        assert resolve_loss_backend("cpu", backend="triton_recompute") == "triton_recompute"
+        assert loss_backend("cpu", tp_size=2, backend="triton_recompute") == "vocab-parallel triton-recompute"
         monkeypatch.setenv("TRITON_INTERPRET", "0")
-        with pytest.raises(ValueError, match="need a CUDA device"):
-            resolve_loss_backend("cpu")
+        for explicit in ("triton", "triton_recompute"):
+            with pytest.raises(ValueError, match=f"'{explicit}' was requested but cannot run.*need a CUDA device"):
+                resolve_loss_backend("cpu", backend=explicit)
         assert resolve_loss_backend("cpu", backend="torch") == "torch"  # the argument beats the environment
+        assert resolve_loss_backend("cpu", backend="auto") == "torch"
 
 
-def test_bf16_weights_torch_backend():
-    """The model-dtype path of the backward (bf16 grad-logits chunks, fp32 dH accumulator, dW rows in
-    bf16), through the torch twin of the kernels; bf16 rounding: rtol 2e-2."""
+BF16_BACKENDS = ["torch", pytest.param("triton", marks=needs_triton)]
+
+
+@pytest.mark.parametrize("backend", BF16_BACKENDS)
+def test_bf16_weights(backend):
+    """The model-dtype path: bf16 logits chunks (33 rows in chunks of 8: the fp32 dW accumulation of bf16
+    GEMMs runs), softmax - onehot stored in bf16, gradients in bf16; bf16 rounding: rtol 2e-2."""
     hidden, weight, targets, chosen, rejected, score = make_inputs(12, 33, 64, 300, 3, ignored=(1,))
     ref, ref_grads = reference(hidden, weight, targets, chosen, rejected, score)
     h, w, c, r, s = leaves([hidden, weight, chosen, rejected, score], torch.bfloat16)
-    out = PL.fused_pair_loss(h, w, targets, c, r, s, backend="torch", chunk_bytes=33 * 128 * 4)
+    out = PL.fused_pair_loss(h, w, targets, c, r, s, backend=backend, **backend_options(backend, chunk_tokens=8))
     grads = torch.autograd.grad(0.7 * out.lm_sum + 1.3 * out.rm_sum, [h, w, c, r, s])
     torch.testing.assert_close(out.lm_sum.double(), ref.lm_sum, rtol=2e-2, atol=0)
     for name, got, want in zip(["hidden", "lm_weight", "chosen", "rejected", "score"], grads, ref_grads):
@@ -281,14 +306,15 @@ def test_bf16_weights_torch_backend():
         assert err < 2e-2, f"d {name}: relative error {err:.2e}"
 
 
-def test_autocast_sets_the_compute_dtype():
+@pytest.mark.parametrize("backend", BF16_BACKENDS)
+def test_autocast_sets_the_compute_dtype(backend):
     """Under autocast the logit GEMMs run in the autocast dtype (as torch.mm would); gradients come back
     in the inputs' dtypes (fp32 master weights), the reward term stays fp32."""
     hidden, weight, targets, chosen, rejected, score = make_inputs(13, 21, 32, 200, 2)
     ref, ref_grads = reference(hidden, weight, targets, chosen, rejected, score)
     h, w, c, r, s = leaves([hidden, weight, chosen, rejected, score])
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        out = PL.fused_pair_loss(h, w, targets, c, r, s, backend="torch")
+        out = PL.fused_pair_loss(h, w, targets, c, r, s, backend=backend, **backend_options(backend, chunk_tokens=8))
     close(out.rm_sum, ref.rm_sum, "fp32 reward term")
     assert out.lm_sum.item() != pytest.approx(ref.lm_sum.item(), rel=1e-6)  # bf16 products: not fp32 exact
     torch.testing.assert_close(out.lm_sum.double(), ref.lm_sum, rtol=2e-2, atol=0)
@@ -309,9 +335,185 @@ def test_autotuned_launch_path(monkeypatch):
     inputs = make_inputs(14, 19, 32, 97, 2, ignored=(3,))
     ref, ref_grads = reference(*inputs)
     h, w, c, r, s = leaves([inputs[0], inputs[1], inputs[3], inputs[4], inputs[5]])
-    out = PL.fused_pair_loss(h, w, inputs[2], c, r, s, backend="triton", num_splits=2, chunk_bytes=19 * 64 * 4)
+    out = PL.fused_pair_loss(h, w, inputs[2], c, r, s, backend="triton_recompute", num_splits=2,
+                             chunk_bytes=19 * 64 * 4)
     close(out.lm_sum, ref.lm_sum, "lm_sum")
     grads = torch.autograd.grad(0.7 * out.lm_sum + 1.3 * out.rm_sum, [h, w, c, r, s])
     for got, want in zip(grads, ref_grads):
         close(got, want, "grads")
     assert set(PL._KERNELS["tuned"]) == {("lse", 2), ("lse", 4), ("grad", 2), ("grad", 4)}
+
+
+# -- the grad-in-forward backend's row kernels (softmax_grad.py) and its chunk loop ----------------------------
+
+def _row_case(dtype, vocab_start, seed=15, rows=11, V=97):
+    """Logits [11, 97] (97 columns: 3 full blocks of 32 and a partial one) with targets inside this slice,
+    outside it (another rank's) and ignore_index."""
+    g = torch.Generator().manual_seed(seed)
+    logits = (torch.randn(rows, V, generator=g) * 3.0).to(dtype)
+    targets = vocab_start + torch.randint(0, V, (rows,), generator=g)
+    targets[2] = vocab_start + V + 5  # owned by the next rank
+    targets[7] = PL.IGNORE_INDEX
+    targets[9] = vocab_start + V - 1  # last column: in the partial block
+    if vocab_start:
+        targets[4] = vocab_start - 1  # owned by the previous rank
+    return logits, targets
+
+
+def _softmax_grad_reference(logits, targets, lse, vocab_start):
+    """float64 (exp(x - lse) - onehot) with ignore_index rows 0, written from the definition."""
+    want = (logits.double() - lse.double()[:, None]).exp()
+    for i, t in enumerate(targets.tolist()):
+        if t == PL.IGNORE_INDEX:
+            want[i] = 0.0
+        elif 0 <= t - vocab_start < logits.shape[1]:
+            want[i, t - vocab_start] -= 1.0
+    return want
+
+
+def _check_softmax_grad(got, logits, targets, lse, vocab_start, dtype):
+    want = _softmax_grad_reference(logits, targets, lse, vocab_start)
+    tol = 1e-6 if dtype == torch.float32 else 8e-3  # stored in the logits' dtype: one bf16 rounding
+    torch.testing.assert_close(got.double(), want, rtol=tol, atol=tol)
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("vocab_start", [0, 300], ids=["whole-vocab", "slice-at-300"])
+def test_row_kernels_match_definition_and_torch_twin(dtype, vocab_start):
+    logits, targets = _row_case(dtype, vocab_start)
+    lse, z = softmax_grad.row_lse(logits, targets, vocab_start=vocab_start, block_v=BLOCK_V)
+    x = logits.double()
+    close(lse, torch.logsumexp(x, dim=-1), "kernel A lse")
+    want_z = torch.tensor([x[i, t - vocab_start] if 0 <= t - vocab_start < x.shape[1] else 0.0
+                           for i, t in enumerate(targets.tolist())], dtype=torch.float64)
+    close(z, want_z, "kernel A target logit (0 where another rank owns the target)")
+    twin = softmax_grad.row_lse(logits, targets, vocab_start=vocab_start, backend="torch")
+    close(lse, twin[0].double(), "kernel A vs torch twin")
+    got = softmax_grad.softmax_minus_onehot_(logits.clone(), targets, lse, vocab_start=vocab_start, block_v=BLOCK_V)
+    assert got.dtype == dtype
+    _check_softmax_grad(got, logits, targets, lse, vocab_start, dtype)
+    assert not got[7].any(), "the ignore_index row must be 0"
+    twin_grad = softmax_grad.softmax_minus_onehot_(logits.clone(), targets, lse, vocab_start=vocab_start,
+                                                   backend="torch")
+    torch.testing.assert_close(got, twin_grad, rtol=1e-6 if dtype == torch.float32 else 8e-3, atol=1e-6)
+    poisoned = torch.full_like(logits, float("nan"))
+    poisoned.copy_(logits)
+    softmax_grad.softmax_minus_onehot_(poisoned, targets, lse, vocab_start=vocab_start, block_v=BLOCK_V)
+    assert torch.equal(poisoned, got), "in place: the same values as on a fresh copy, every element written"
+
+
+@needs_triton
+@pytest.mark.parametrize("broken", ["onehot not subtracted", "ignored row not zeroed", "lse off by 1e-3"])
+def test_softmax_grad_check_catches_a_broken_kernel(broken):
+    """The check of the kernel test above, fed a kernel output broken the ways a kernel could be wrong:
+    each must fail it (the unbroken output passes it in the test above)."""
+    logits, targets = _row_case(torch.float32, 0)
+    lse, _ = softmax_grad.row_lse(logits, targets, block_v=BLOCK_V)
+    got = softmax_grad.softmax_minus_onehot_(logits.clone(), targets, lse, block_v=BLOCK_V)
+    _check_softmax_grad(got, logits, targets, lse, 0, torch.float32)
+    if broken == "onehot not subtracted":
+        rows = torch.nonzero((targets >= 0) & (targets < logits.shape[1])).squeeze(-1)
+        got[rows, targets[rows]] += 1.0
+    elif broken == "ignored row not zeroed":
+        got[7] = (logits[7] - lse[7]).exp()
+    else:
+        got = softmax_grad.softmax_minus_onehot_(logits.clone(), targets, lse + 1e-3, block_v=BLOCK_V)
+    with pytest.raises(AssertionError):
+        _check_softmax_grad(got, logits, targets, lse, 0, torch.float32)
+
+
+@needs_triton
+def test_grad_in_forward_makes_only_the_gradients_a_backward_needs(monkeypatch):
+    """Kernel B runs once per chunk when a backward can follow (37 rows, chunks of 10: 4), never under
+    no_grad; a frozen LM head gets no dW accumulation; a second backward is refused."""
+    hidden, weight, targets, *_ = make_inputs(16, 37, 24, 131, 1, ignored=(4,))
+    calls = {"B": 0, "dW": 0}
+    real_b, real_acc = PL.softmax_minus_onehot_, PL.accumulate_fp32
+
+    def spy_b(*args, **kwargs):
+        calls["B"] += 1
+        return real_b(*args, **kwargs)
+
+    def spy_acc(*args, **kwargs):
+        calls["dW"] += 1
+        return real_acc(*args, **kwargs)
+
+    monkeypatch.setattr(PL, "softmax_minus_onehot_", spy_b)
+    monkeypatch.setattr(PL, "accumulate_fp32", spy_acc)
+    opts = dict(backend="triton", chunk_tokens=10, block_v=BLOCK_V)
+    h, w = leaves([hidden, weight])
+    hd, wd = leaves([hidden, weight], torch.float64)
+    ref = F.cross_entropy(hd @ wd.t(), targets, reduction="sum")
+    ref_dh, ref_dw = torch.autograd.grad(ref, [hd, wd])
+    with torch.no_grad():
+        value = PL.fused_pair_loss(h, w, targets, **opts).lm_sum
+    close(value, ref, "no_grad loss")
+    assert calls == {"B": 0, "dW": 0} and not value.requires_grad
+    loss = PL.fused_pair_loss(h, w, targets, **opts).lm_sum
+    assert calls == {"B": 4, "dW": 4}
+    (2.5 * loss).backward(retain_graph=True)  # the upstream gradient scales both stored gradients
+    close(h.grad, 2.5 * ref_dh, "dH x 2.5")
+    close(w.grad, 2.5 * ref_dw, "dW x 2.5")
+    with pytest.raises(RuntimeError, match="one backward per forward"):
+        loss.backward()
+    calls.update(B=0, dW=0)
+    h.grad = None
+    PL.fused_pair_loss(h, w.detach(), targets, **opts).lm_sum.backward()
+    assert calls == {"B": 4, "dW": 0}
+    close(h.grad, ref_dh, "dH with a frozen LM head")
+    empty = leaves([hidden[:0]])[0]  # no target rows this micro-batch: zero loss, zero gradients
+    out = PL.fused_pair_loss(empty, w, targets[:0], **opts).lm_sum
+    out.backward()
+    assert out.item() == 0.0
+    assert empty.grad is None or not empty.grad.any()
+
+
+def _exact_out_dtype_standins(monkeypatch, round_accumulator=False):
+    """CPU stand-ins for CUDA's torch.mm / torch.addmm with ``out_dtype`` (absent on CPU): bf16 operands,
+    an fp32 product; ``round_accumulator`` imitates a path that passes the accumulator through bf16."""
+    real_mm, real_addmm = torch.mm, torch.addmm
+
+    def mm(a, b, *, out_dtype=None, out=None):
+        if out_dtype is None:
+            return real_mm(a, b) if out is None else real_mm(a, b, out=out)
+        return real_mm(a.float(), b.float())
+
+    def addmm(acc, a, b, *, out_dtype=None, out=None):
+        if out_dtype is None:
+            return real_addmm(acc, a, b) if out is None else real_addmm(acc, a, b, out=out)
+        start = acc.bfloat16().float() if round_accumulator else acc
+        result = start + real_mm(a.float(), b.float())
+        return out.copy_(result) if out is not None else result
+
+    monkeypatch.setattr(torch, "mm", mm)
+    monkeypatch.setattr(torch, "addmm", addmm)
+
+
+def test_fp32_accumulation_probe_checks_values(monkeypatch):
+    monkeypatch.setattr(PL, "_FP32_ACCUMULATION", {})
+    assert PL.fp32_accumulation_mode("cpu", torch.bfloat16) == "cast"  # torch has no out_dtype GEMM on CPU
+    monkeypatch.setattr(PL, "_FP32_ACCUMULATION", {})
+    _exact_out_dtype_standins(monkeypatch)
+    assert PL.fp32_accumulation_mode("cpu", torch.bfloat16) == "addmm"
+    monkeypatch.setattr(PL, "_FP32_ACCUMULATION", {})
+    _exact_out_dtype_standins(monkeypatch, round_accumulator=True)  # runs, but loses the accumulator's bits
+    assert PL.fp32_accumulation_mode("cpu", torch.bfloat16) == "mm"
+
+
+@pytest.mark.parametrize("mode", ["addmm", "mm", "cast"])
+def test_accumulate_fp32_modes(monkeypatch, mode):
+    """acc + a @ b for bf16 a, b into an fp32 acc, in each mode (addmm / mm through exact CPU stand-ins of
+    the CUDA out_dtype GEMMs): addmm / mm keep fp32 precision; cast rounds each product to bf16 once."""
+    _exact_out_dtype_standins(monkeypatch)
+    g = torch.Generator().manual_seed(17)
+    a, b = torch.randn(40, 24, generator=g).bfloat16(), torch.randn(24, 8, generator=g).bfloat16()
+    acc = torch.randn(40, 8, generator=g) * 100
+    want = acc.double() + a.double() @ b.double()
+    first = PL.accumulate_fp32(None, a, b, mode=mode)
+    assert first.dtype == torch.float32
+    got = PL.accumulate_fp32(acc, a, b, mode=mode)
+    assert got is acc, "the accumulator is updated in place"
+    tol = 1e-6 if mode != "cast" else 1e-2
+    torch.testing.assert_close(got.double(), want, rtol=tol, atol=tol * 10)
+    torch.testing.assert_close(first.double(), a.double() @ b.double(), rtol=tol, atol=tol)

@@ -1,22 +1,29 @@
 #!/usr/bin/env python
 """Memory and time of the fused packed-pair loss against the seed's naive logits path. Prints ONE JSON line.
 
-Both sides compute the PMP loss of one micro-batch, forward and backward,
+Every side computes the PMP loss of one micro-batch, forward and backward,
 
     loss = lm_sum / T + rm_sum / N,   lm_sum = CE over T chosen-response tokens,  rm_sum = -log sigmoid(margins)
 
 from the same inputs: hidden rows of the T target tokens [T, H], the LM head [V, H], targets [T], the
 reward rows of N pairs [N, H] x 2 and the score head [1, H]; gradients w.r.t. all five.
 
-  naive  the seed implementation: logits [T, V] in the model dtype (kept alive until backward is done, as
-         the seed's model output is), an fp32 copy, F.cross_entropy (megapmp_kernels.pair_loss.naive_pair_loss).
-  fused  megapmp_kernels.pair_loss.fused_pair_loss, the one loss primitive megapmp.loss calls: on CUDA the
-         Triton kernels (--backend auto|triton); on CPU its torch backend, reported as fused_impl
-         "torch-chunked".
-
-  chunked  the torch backend's LM algorithm called directly: ChunkedLinearCrossEntropy (vocab-wide logits
-         of --chunk-bytes worth of rows at a time, gradients made in forward, no recompute) + fp32
-         rewards; reported as chunked_* keys.
+Sides (--sides; default naive,triton_recompute,triton on CUDA, naive,torch,chunked on CPU), all measured
+in one run from the same inputs:
+  naive             the seed implementation: logits [T, V] in the model dtype (kept alive until backward is
+                    done, as the seed's model output is), an fp32 copy, F.cross_entropy
+                    (megapmp_kernels.pair_loss.naive_pair_loss).
+  triton            fused_pair_loss(backend="triton"): gradients made in forward, --chunk-tokens target rows
+                    at a time (bf16 logits by cuBLAS, Triton softmax - onehot in place, cuBLAS dH / dW).
+  triton_recompute  fused_pair_loss(backend="triton_recompute"): tiled Triton log-sum-exp, logits
+                    recomputed in backward (--chunk-bytes of grad-logits at a time).
+  torch             fused_pair_loss(backend="torch"): chunks of --chunk-tokens rows, gradients in forward
+                    (the CPU path; on CUDA its dW GEMM runs in fp32).
+  chunked           the torch backend's LM algorithm called directly (ChunkedLinearCrossEntropy + fp32
+                    rewards), --chunk-tokens rows at a time.
+Each side S reports S_ms, S_peak_bytes, S_workspace_bytes, S_speedup (naive_ms / S_ms), S_memory_ratio,
+S_max_rel_err and S_rel_err. The fused_* keys (and speedup, memory_ratio, max_rel_err, fused_impl) repeat
+the side that --backend selects (auto: triton on CUDA when triton works, torch otherwise), as before.
 
 Memory (peak bytes above the baseline once the inputs exist; both sides include their gradient outputs,
 whose total is grad_bytes, so *_workspace_bytes = peak - grad_bytes is what each side needs on top of
@@ -41,9 +48,11 @@ Shapes (--tokens / --pairs override T / N):
   qwen2-7b    V=152064 H=3584 T=4096 N=16  (GPU)
   small       V=16384  H=256  T=1024 N=8   (CPU)
   medium      V=32768  H=512  T=2048 N=16  (CPU)
---chunk-bytes: the fused backward's grad-logits workspace. Default: the library's 256 MiB on the Qwen2
-shapes; on the reduced CPU shapes the same budget scaled by T*V / (4096*152064), i.e. the fraction of
-the logits it covers at Qwen2 scale with 4k tokens, so that the reduced shapes keep the real proportions.
+--chunk-bytes: triton_recompute's backward grad-logits workspace. Default: the library's 256 MiB on the
+Qwen2 shapes; on the reduced CPU shapes the same budget scaled by T*V / (4096*152064), i.e. the fraction
+of the logits it covers at Qwen2 scale with 4k tokens, so that the reduced shapes keep the real proportions.
+--chunk-tokens: rows per logits chunk of triton, torch and chunked. Default on CUDA: the library's
+GRAD_IN_FORWARD_CHUNK_TOKENS; on CPU: the rows whose fp32 logits fit --chunk-bytes (as before).
 """
 from __future__ import annotations
 
@@ -67,7 +76,8 @@ SHAPES = {
     "medium": dict(vocab=32768, hidden=512, tokens=2048, pairs=16),
 }
 QWEN_SCALE = 4096 * 152064
-SIDES = ("naive", "fused", "chunked")
+ALL_SIDES = ("naive", "triton", "triton_recompute", "torch", "chunked")
+DEFAULT_SIDES = {"cuda": ("naive", "triton_recompute", "triton"), "cpu": ("naive", "torch", "chunked")}
 NAMES = ["lm_sum", "rm_sum", "d_hidden", "d_lm_weight", "d_chosen", "d_rejected", "d_score"]
 
 
@@ -82,15 +92,22 @@ def parse(argv=None):
     p.add_argument("--pairs", type=int, default=None, help="N, pairs (overrides the shape's)")
     p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default=None, help="model dtype; default bf16 on "
                    "cuda, fp32 on cpu")
-    p.add_argument("--backend", choices=["auto", "triton", "torch"], default="auto", help="fused side's backend")
-    p.add_argument("--chunk-bytes", type=int, default=None, help="fused backward workspace (see above)")
+    p.add_argument("--backend", choices=["auto", "triton", "triton_recompute", "torch"], default="auto",
+                   help="the side the fused_* keys report (auto: triton on CUDA when triton works, else torch); "
+                        "added to --sides if missing")
+    p.add_argument("--sides", default=None, help="comma-separated sides to measure, from "
+                   f"{','.join(ALL_SIDES)} (default: {','.join(DEFAULT_SIDES['cuda'])} on cuda, "
+                   f"{','.join(DEFAULT_SIDES['cpu'])} on cpu); naive is always measured")
+    p.add_argument("--chunk-bytes", type=int, default=None, help="triton_recompute's backward workspace (see above)")
+    p.add_argument("--chunk-tokens", type=int, default=None, help="rows per logits chunk of triton, torch and "
+                   "chunked (see above)")
     p.add_argument("--reps", type=int, default=None, help="timed steps per side (default 20 cuda, 3 cpu)")
     p.add_argument("--threads", type=int, default=1, help="CPU intra-op threads (default 1)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--compile-report", action="store_true", help="no benchmark: compile the kernels' autotune "
                    "candidates for sm_90 on this machine (no GPU needed) and print one JSON line with registers, "
                    "spills, shared memory and HGMMA / LDGSTS counts per config")
-    p.add_argument("--child", choices=[*SIDES, "timing"], help=argparse.SUPPRESS)
+    p.add_argument("--child", choices=[*ALL_SIDES, "timing"], help=argparse.SUPPRESS)
     p.add_argument("--out", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     import torch
@@ -108,7 +125,31 @@ def parse(argv=None):
 
         scale = 1.0 if args.shape.startswith("qwen2") else min(1.0, args.tokens * args.vocab / QWEN_SCALE)
         args.chunk_bytes = int(DEFAULT_CHUNK_BYTES * scale)
+    if args.chunk_tokens is None:
+        from megapmp_kernels.pair_loss import GRAD_IN_FORWARD_CHUNK_TOKENS
+
+        args.chunk_tokens = GRAD_IN_FORWARD_CHUNK_TOKENS if args.device == "cuda" else chunked_rows(args)
+    if args.chunk_tokens <= 0 or args.chunk_bytes <= 0:
+        p.error("--chunk-tokens and --chunk-bytes must be positive")
+    args.fused_side = fused_side(args)
+    sides = args.sides.split(",") if args.sides else list(DEFAULT_SIDES[args.device])
+    unknown = sorted(set(sides) - set(ALL_SIDES))
+    if unknown:
+        p.error(f"--sides: unknown side(s) {unknown}; choose from {','.join(ALL_SIDES)}")
+    # naive first (the reference of every error), each side once, in the order given
+    args.sides = list(dict.fromkeys(["naive", *sides, args.fused_side]))
     return args
+
+
+def fused_side(args) -> str:
+    """The backend --backend selects for the fused_* keys (auto: fused_pair_loss's own rule)."""
+    if args.backend != "auto":
+        return args.backend
+    if args.device != "cuda":
+        return "torch"
+    from megapmp_kernels.pair_loss import triton_available
+
+    return "triton" if triton_available("cuda") else "torch"
 
 
 def make_inputs(args):
@@ -137,8 +178,8 @@ def make_step(side, args, leaves, targets):
         if side == "naive":
             sums, logits = naive_pair_loss(h, w, targets, c, r, s)
         else:
-            sums, logits = fused_pair_loss(h, w, targets, c, r, s, backend=args.backend,
-                                           chunk_bytes=args.chunk_bytes, chunk_tokens=chunked_rows(args)), None
+            sums, logits = fused_pair_loss(h, w, targets, c, r, s, backend=side, chunk_bytes=args.chunk_bytes,
+                                           chunk_tokens=args.chunk_tokens), None
         loss = sums.lm_sum / args.tokens + sums.rm_sum / args.pairs
         grads = torch.autograd.grad(loss, leaves)
         del logits  # the seed's logits live until backward is done
@@ -158,7 +199,7 @@ def chunked_step(args, leaves, targets):
     from megapmp_kernels.pair_loss import ChunkedLinearCrossEntropy
 
     h, w, c, r, s = leaves
-    rows = chunked_rows(args)
+    rows = args.chunk_tokens
 
     def step():
         lm_sum = ChunkedLinearCrossEntropy.apply(h, w, targets, rows)
@@ -171,9 +212,8 @@ def chunked_step(args, leaves, targets):
 
 
 def fused_impl(args) -> str:
-    if args.backend == "torch" or (args.backend == "auto" and args.device != "cuda"):
-        return "torch-chunked"
-    return "triton"
+    return {"torch": "torch-chunked", "triton": "triton-grad-in-forward",
+            "triton_recompute": "triton-recompute"}[args.fused_side]
 
 
 # -- CPU: one subprocess per side ---------------------------------------------------------------------
@@ -195,7 +235,7 @@ def cpu_child(args) -> None:
     torch.set_num_threads(args.threads)
     leaves, targets = make_inputs(args)
     if args.child == "timing":
-        steps = {side: make_step(side, args, leaves, targets) for side in SIDES}
+        steps = {side: make_step(side, args, leaves, targets) for side in args.sides}
         times = {side: [] for side in steps}
         for side, step in steps.items():
             step()  # warm-up
@@ -229,12 +269,13 @@ def run_cpu(args) -> dict:
 
     results, outputs = {}, {}
     with tempfile.TemporaryDirectory(prefix="bench-loss-") as tmp:
-        for side in (*SIDES, "timing"):
+        for side in (*args.sides, "timing"):
             path = os.path.join(tmp, f"{side}.pt")
             cmd = [sys.executable, os.path.abspath(__file__), "--child", side, "--out", path, "--device", "cpu",
                    "--shape", args.shape, "--tokens", str(args.tokens), "--pairs", str(args.pairs), "--dtype",
                    args.dtype, "--backend", args.backend, "--chunk-bytes", str(args.chunk_bytes), "--reps",
-                   str(args.reps), "--threads", str(args.threads), "--seed", str(args.seed)]
+                   str(args.reps), "--threads", str(args.threads), "--seed", str(args.seed),
+                   "--chunk-tokens", str(args.chunk_tokens), "--sides", ",".join(args.sides)]
             env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
             if side != "timing":  # every freed tensor leaves RSS at once (exact live peak; slower allocation)
                 env["MALLOC_MMAP_THRESHOLD_"] = "65536"
@@ -245,15 +286,35 @@ def run_cpu(args) -> dict:
             results[side] = json.loads(done.stdout.strip().splitlines()[-1])
             if side != "timing":
                 outputs[side] = torch.load(path)
-    errs = relative_errors(outputs["fused"], outputs["naive"])
-    return dict(naive_peak_bytes=results["naive"]["peak_bytes"], fused_peak_bytes=results["fused"]["peak_bytes"],
-                naive_ms=results["timing"]["naive"], fused_ms=results["timing"]["fused"], rel_err=errs,
-                chunked_peak_bytes=results["chunked"]["peak_bytes"], chunked_ms=results["timing"]["chunked"],
-                chunked_rel_err=relative_errors(outputs["chunked"], outputs["naive"]),
-                device=f"cpu ({args.threads} thread{'s' if args.threads > 1 else ''})",
+    sides = {side: {"peak_bytes": results[side]["peak_bytes"], "ms": results["timing"][side],
+                    "rel_err": relative_errors(outputs[side], outputs["naive"])} for side in args.sides}
+    return dict(sides=sides, device=f"cpu ({args.threads} thread{'s' if args.threads > 1 else ''})",
                 memory_method="subprocess per side (MALLOC_MMAP_THRESHOLD_=65536): VmHWM - VmRSS around one step "
                               "after a warm-up step, malloc_trim and clear_refs; times from a third process "
                               "alternating the sides")
+
+
+def side_keys(side: str, measured: dict, naive: dict, grad_bytes: int) -> dict:
+    """The JSON keys of one side: time, peak, workspace (peak less the gradients every side returns),
+    ratios to naive, errors against naive."""
+    peak, ms = measured.get("peak_bytes"), measured.get("ms")
+    naive_peak, naive_ms = naive.get("peak_bytes"), naive.get("ms")
+    keys = {f"{side}_ms": ms, f"{side}_peak_bytes": peak,
+            f"{side}_workspace_bytes": peak - grad_bytes if peak is not None else None}
+    if measured.get("ms_spread"):
+        keys[f"{side}_ms_range"] = measured["ms_spread"]
+    if measured.get("error"):
+        keys[f"{side}_error"] = measured["error"]
+    if side != "naive":
+        errs = measured.get("rel_err") or {}
+        keys.update({
+            f"{side}_speedup": naive_ms / ms if naive_ms and ms else None,
+            f"{side}_memory_ratio": naive_peak / peak if naive_peak and peak else None,
+            f"{side}_workspace_ratio": (naive_peak - grad_bytes) / max(1, peak - grad_bytes)
+            if naive_peak and peak else None,
+            f"{side}_max_rel_err": max(errs.values()) if errs else None, f"{side}_rel_err": errs,
+        })
+    return keys
 
 
 def relative_errors(got, want) -> dict:
@@ -271,7 +332,7 @@ def run_cuda(args) -> dict:
 
     leaves, targets = make_inputs(args)
     results, kept = {}, {}
-    for side in SIDES:
+    for side in args.sides:
         step = make_step(side, args, leaves, targets)
         try:
             out = step()  # warm-up; autotunes the fused kernels
@@ -302,14 +363,10 @@ def run_cuda(args) -> dict:
             kept.pop(side, None)
             gc.collect()
             torch.cuda.empty_cache()
-    errs = relative_errors(kept["fused"], kept["naive"]) if {"fused", "naive"} <= kept.keys() else {}
-    chunked_errs = relative_errors(kept["chunked"], kept["naive"]) if {"chunked", "naive"} <= kept.keys() else {}
-    return dict(naive_peak_bytes=results["naive"]["peak_bytes"], fused_peak_bytes=results["fused"]["peak_bytes"],
-                naive_ms=results["naive"]["ms"], fused_ms=results["fused"]["ms"], rel_err=errs,
-                chunked_peak_bytes=results["chunked"]["peak_bytes"], chunked_ms=results["chunked"]["ms"],
-                chunked_rel_err=chunked_errs,
-                naive_ms_range=results["naive"].get("ms_spread"), fused_ms_range=results["fused"].get("ms_spread"),
-                device=torch.cuda.get_device_name(), memory_method="torch.cuda.max_memory_allocated - baseline")
+    for side, res in results.items():
+        res["rel_err"] = relative_errors(kept[side], kept["naive"]) if {side, "naive"} <= kept.keys() else {}
+    return dict(sides=results, device=torch.cuda.get_device_name(),
+                memory_method="torch.cuda.max_memory_allocated - baseline")
 
 
 def main(argv=None) -> dict:
@@ -332,33 +389,20 @@ def main(argv=None) -> dict:
     elt = {"bf16": 2, "fp16": 2, "fp32": 4}[args.dtype]
     T, H, V, N = args.tokens, args.hidden, args.vocab, args.pairs
     grad_bytes = elt * (T * H + V * H + 2 * N * H + H)
-    naive, fused = res["naive_peak_bytes"], res["fused_peak_bytes"]
     result = {
         "shape": args.shape, "tokens": T, "hidden": H, "vocab": V, "pairs": N, "dtype": args.dtype,
-        "device": res["device"], "fused_impl": fused_impl(args), "chunk_bytes": args.chunk_bytes,
-        "fused_peak_bytes": fused, "naive_peak_bytes": naive,
-        "memory_ratio": naive / fused if naive and fused else None,
-        "grad_bytes": grad_bytes,
-        "fused_workspace_bytes": fused - grad_bytes if fused is not None else None,
-        "naive_workspace_bytes": naive - grad_bytes if naive is not None else None,
-        "workspace_ratio": (naive - grad_bytes) / max(1, fused - grad_bytes) if naive and fused else None,
-        "fused_ms": res["fused_ms"], "naive_ms": res["naive_ms"],
-        "speedup": res["naive_ms"] / res["fused_ms"] if res["naive_ms"] and res["fused_ms"] else None,
-        "max_rel_err": max(res["rel_err"].values()) if res["rel_err"] else None, "rel_err": res["rel_err"],
-        "memory_method": res["memory_method"], "torch": torch.__version__,
+        "device": res["device"], "sides": args.sides, "fused_impl": fused_impl(args),
+        "chunk_bytes": args.chunk_bytes, "chunk_tokens": args.chunk_tokens, "chunked_rows": args.chunk_tokens,
+        "grad_bytes": grad_bytes, "memory_method": res["memory_method"], "torch": torch.__version__,
     }
-    chunked = res["chunked_peak_bytes"]
-    result.update({
-        "chunked_rows": chunked_rows(args), "chunked_peak_bytes": chunked,
-        "chunked_workspace_bytes": chunked - grad_bytes if chunked is not None else None,
-        "chunked_workspace_ratio": (naive - grad_bytes) / max(1, chunked - grad_bytes) if naive and chunked else None,
-        "chunked_ms": res["chunked_ms"],
-        "chunked_speedup": res["naive_ms"] / res["chunked_ms"] if res["naive_ms"] and res["chunked_ms"] else None,
-        "chunked_max_rel_err": max(res["chunked_rel_err"].values()) if res["chunked_rel_err"] else None,
-    })
-    for key in ("naive_ms_range", "fused_ms_range"):
-        if res.get(key):
-            result[key] = res[key]
+    naive = res["sides"]["naive"]
+    for side, measured in res["sides"].items():
+        result.update(side_keys(side, measured, naive, grad_bytes))
+    fused = side_keys("fused", res["sides"][args.fused_side], naive, grad_bytes)  # the --backend side, as before
+    result.update(fused)
+    result.update(speedup=fused["fused_speedup"], memory_ratio=fused["fused_memory_ratio"],
+                  workspace_ratio=fused["fused_workspace_ratio"], max_rel_err=fused["fused_max_rel_err"],
+                  rel_err=fused["fused_rel_err"])
     try:
         import triton
 

@@ -7,14 +7,26 @@
 r_chosen - r_rejected). Its caller selects the rows: the hidden states of the LM-target tokens
 [T, H] and of the two read-out tokens of each pair [N, H] x 2; their gradients flow back through
 that selection. It is megapmp's only implementation of the loss (megapmp.loss.pmp_loss calls it),
-with two backends:
+with three backends (BACKENDS):
 
 * ``"torch"`` (any device; the CPU path) -- ``ChunkedLinearCrossEntropy``: chunks of T target rows
   against the whole (local) vocabulary, softmax - onehot turned into dH and dW in forward, backward a
   scale; no logit recompute, which on a CPU measures faster than recomputing (tools/bench_loss.py,
   chunked_* vs the recomputing torch twin below). The reward term in plain fp32 autograd.
-* ``"triton"`` -- one autograd Function over two Triton kernels (CUDA; on CPU under
-  ``TRITON_INTERPRET=1``, fp32 only):
+* ``"triton"`` (the CUDA default) -- gradients made in forward on the GPU (``_lm_grad_in_forward``):
+  per chunk of ``chunk_tokens`` target rows (GRAD_IN_FORWARD_CHUNK_TOKENS), logits [c, V_local] =
+  h_c @ W^T by one cuBLAS GEMM in the compute dtype into one reused buffer; ``row_lse`` (Triton,
+  softmax_grad.py) gives each row's log-sum-exp and target logit in fp32 (combined over a
+  vocab-parallel group by ``combine_partials``); ``softmax_minus_onehot_`` (Triton) overwrites the
+  chunk in place with softmax - onehot (0 for ignore_index rows); cuBLAS then gives dH_c = g @ W and
+  dW += g^T @ h_c, accumulated in fp32 (``accumulate_fp32``: the out_dtype GEMM where the device has
+  one). Loss sum and gradients at scale 1; backward multiplies them by the upstream gradient. Against
+  recomputing, one [T x V x H] GEMM fewer and all three GEMMs in cuBLAS; the cost is the [c x V]
+  logits chunk and an fp32 [V, H] accumulator (measured on an H200: see GRAD_IN_FORWARD_CHUNK_TOKENS).
+  No host synchronisation in the chunk loop. The reward term as in triton_recompute.
+* ``"triton_recompute"`` -- one autograd Function over two Triton kernels (CUDA; on CPU under
+  ``TRITON_INTERPRET=1``, fp32 only), the least memory; measured slower than the naive path at
+  Qwen2-7B on an H200 (135.4 vs 106.4 ms, 16k tokens), kept selectable to measure side by side:
   - ``lse_partials``: for blocks of BT tokens, the vocabulary is tiled in BV columns and each logit
     tile h[BT, H] @ W[BV, H]^T is accumulated in fp32 over H in BD slices (``tl.dot``); an online
     max / sum-exp per token gives one log-sum-exp per (token, vocab split), and the tile holding the
@@ -28,7 +40,7 @@ with two backends:
 ``lse_partials`` / ``grad_logits`` keep a chunked torch twin each (``backend="torch"``): the kernels'
 references in the tests, with the same memory behaviour (nothing larger than one [T x chunk] block).
 
-Triton backward is deterministic: no atomics anywhere (the forward reduces splits in torch, the gradient
+The triton_recompute backward is deterministic: no atomics anywhere (the forward reduces splits in torch, the gradient
 kernel writes disjoint tiles, and the dH / dW contractions are plain GEMMs). Its workspace is one
 [T x chunk] block of grad-logits (``chunk_bytes``, default 256 MiB; the chunk runs over the
 *vocabulary* so that dW needs no accumulation) plus the fp32 dH accumulator [T, H].
@@ -36,7 +48,7 @@ kernel writes disjoint tiles, and the dH / dW contractions are plain GEMMs). Its
 Vocab-parallel: ``lm_weight`` may be this rank's rows [V/tp, H] of the LM head, ``vocab_start`` its
 first global id, ``group`` the tensor-parallel group. Each rank computes local log-sum-exps and the
 target logit where it owns the target; ``combine_partials`` all-reduces them (max, then one sum of
-[2, T]). Backward needs no collective: the returned dH is this rank's partial, which the caller's
+[2, T]; the "triton" backend once per row chunk). Backward needs no collective: the returned dH is this rank's partial, which the caller's
 ``copy_to_tp`` (or the sequence-parallel all-gather's reduce-scatter) sums, as in Megatron.
 
 ``pair_loss_reference`` is the naive full-logits torch formulation (fp32 logits, autograd) the tests
@@ -53,17 +65,14 @@ Importing this module never requires triton; the kernels are jitted at first use
 ``compile_report()`` (``tools/bench_loss.py --compile-report``) compiles every autotune candidate for
 sm_90 on a machine without a GPU and reports registers, spills and HGMMA / cp.async use.
 
-Performance notes (H100, NOT measured: written without a GPU). With P = T * V * H:
-  fused  forward 2P (Triton), backward 2P recompute (Triton) + 4P (cuBLAS dW, dH) = 8P FLOPs; bytes
-         ~ 4 passes over W + 3 over the [T x V] grad-logits in bf16 -> compute-bound.
-  naive  6P FLOPs (cuBLAS) + ~44 bytes per logit of elementwise traffic (bf16 logits, fp32 copy,
-         log-softmax and its backward, cast back).
-  Qwen2-7B, T = 4096 (P = 2.2e12): naive ~ 13.4 TFLOP (~19 ms at ~700 TFLOP/s) + ~27 GB (~9 ms) ~ 28 ms;
-  fused ~ 8.9 TFLOP Triton (~15 ms at ~600) + 8.9 TFLOP cuBLAS (~13 ms) + ~1 ms ~ 29 ms: a toss-up.
-  Qwen2-1.5B: naive ~ 8 + 9 ms, fused ~ 6 + 5.5 + 1 ms: fused ahead. If 7B misses "no slower than
-  eager", the levers are (1) skip the backward recompute by materialising [token-chunk x V] logits with
-  cuBLAS (Liger-style; costs dW read-modify-writes per token chunk), (2) CCE's gradient filtering
-  (skip vocab tiles whose softmax is below bf16 resolution), (3) a TMA / warp-specialised tile loop.
+Performance (P = T * V * H). triton_recompute: 2P forward (Triton) + 2P recompute (Triton) + 4P
+(cuBLAS dW, dH) = 8P FLOPs. naive: 6P (cuBLAS) + ~44 bytes of elementwise traffic per logit. triton
+(grad in forward): 6P, all cuBLAS, + ~6 bytes per bf16 logit in the row kernels + one fp32 [V, H]
+read-modify-write per chunk. Measured on an H200 (bf16, Qwen2-7B shape, 16k tokens, fwd+bwd, outside
+this repo): naive 106.4 ms / 32.5 GB peak, triton_recompute 135.4 ms / 1.6 GB, a prototype of the
+grad-in-forward path 89.9 ms / 6.8 GB at 8192-row chunks (1.5B shape: naive 60.5, recompute 59.4,
+prototype 42.6 ms). This module's "triton" backend itself is not yet timed on a GPU:
+``tools/bench_loss.py --device cuda --shape qwen2-7b --tokens 16384`` measures all three side by side.
 """
 from __future__ import annotations
 
@@ -81,13 +90,23 @@ try:  # the kernels are optional: the torch backend needs nothing beyond torch
 except ImportError:  # pragma: no cover - exercised only where triton is absent
     triton = tl = None
 
+from megapmp_kernels.softmax_grad import row_lse, softmax_minus_onehot_
+
 IGNORE_INDEX = -100
 DEFAULT_CHUNK_BYTES = 256 << 20  # grad-logits workspace of the backward (and the torch forward's logits)
+# "triton" (gradients in forward): target rows per [rows x V] logits chunk. Measured on an H200 (bf16,
+# 16k tokens, a prototype of this path): Qwen2-7B shape 89.9 ms fwd+bwd at 8192 rows (6.8 GB peak), 96.0 at
+# 4096 (4.5 GB), 104.7 at 2048 (3.7 GB), naive 106.4 ms / 32.5 GB -- larger chunks amortise the fp32 dW
+# read-modify-write (one [V, H] pass per chunk) and give cuBLAS taller GEMMs.
+GRAD_IN_FORWARD_CHUNK_TOKENS = 8192
+DEFAULT_TORCH_CHUNK_TOKENS = 4096  # "torch": rows per fp32 [rows x V] logits block (the CPU path)
+BACKENDS = ("torch", "triton", "triton_recompute")
 _LOG2E = 1.4426950408889634
 _LN2 = 0.6931471805599453
 
-__all__ = ["PairLossSums", "fused_pair_loss", "ChunkedLinearCrossEntropy", "pair_loss_reference", "naive_pair_loss", "combine_partials",
-           "lse_partials", "grad_logits", "triton_available", "triton_error"]
+__all__ = ["BACKENDS", "PairLossSums", "fused_pair_loss", "ChunkedLinearCrossEntropy", "pair_loss_reference", "naive_pair_loss", "combine_partials",
+           "lse_partials", "grad_logits", "row_lse", "softmax_minus_onehot_", "accumulate_fp32",
+           "fp32_accumulation_mode", "triton_available", "triton_error"]
 
 
 class PairLossSums(NamedTuple):
@@ -450,10 +469,14 @@ class _Options(NamedTuple):
     group: object
     reward_group: object
     ignore_index: int
-    backend: str
+    backend: str  # of the kernel primitives (lse_partials / grad_logits / row_lse / ...): "triton" or "torch"
     chunk_bytes: int
     num_splits: int | None
     config: dict | None
+    recompute: bool = False  # "triton_recompute": lse in forward, logits recomputed in backward
+    chunk_tokens: int = GRAD_IN_FORWARD_CHUNK_TOKENS  # "triton": target rows per logits chunk
+    grad_enabled: bool = True  # a backward can follow (torch.is_grad_enabled() at the call)
+    block_v: int | None = None  # "triton": BLOCK_V of the row kernels (tests pin it; None: per device)
 
 
 class _FusedPairLoss(torch.autograd.Function):
@@ -470,7 +493,8 @@ class _FusedPairLoss(torch.autograd.Function):
         rm_sum = torch.zeros((), dtype=torch.float32, device=device)
         margins = torch.zeros((0,), dtype=torch.float32, device=device)
         lse = None
-        if hidden is not None and hidden.shape[0]:
+        ctx.lm_grads, ctx.lm_grads_made = None, False  # grad-in-forward: (dH, dW, dtypes) until backward
+        if hidden is not None and hidden.shape[0] and opts.recompute:
             lse_parts, z_parts = lse_partials(hidden.to(opts.compute_dtype), lm_weight.to(opts.compute_dtype),
                                               targets, vocab_start=opts.vocab_start,
                                               backend=opts.backend, chunk_bytes=opts.chunk_bytes,
@@ -478,6 +502,15 @@ class _FusedPairLoss(torch.autograd.Function):
             lse, z = combine_partials(lse_parts, z_parts, opts.group)
             valid = targets != opts.ignore_index
             lm_sum = torch.where(valid, lse - z, torch.zeros_like(lse)).sum()
+        elif hidden is not None and hidden.shape[0]:
+            # Grad mode is off inside forward and needs_input_grad ignores no_grad(): the caller said
+            # whether a backward can follow (opts.grad_enabled); without one, no gradient work at all.
+            need_hidden = opts.grad_enabled and ctx.needs_input_grad[0]
+            need_weight = opts.grad_enabled and ctx.needs_input_grad[1]
+            lm_sum, d_hidden, d_weight = _lm_grad_in_forward(hidden, lm_weight, targets, opts, need_hidden,
+                                                             need_weight)
+            ctx.lm_grads, ctx.lm_grads_made = (d_hidden, d_weight, hidden.dtype, lm_weight.dtype), True
+            hidden = lm_weight = None  # nothing of the LM term is needed in backward but its gradients
         if chosen is not None and chosen.shape[0]:
             weight = score_weight.float().reshape(-1)
             margins = chosen.float() @ weight - rejected.float() @ weight  # [N]
@@ -502,6 +535,8 @@ class _FusedPairLoss(torch.autograd.Function):
         d_hidden = d_weight = d_chosen = d_rejected = d_score = None
         if lse is not None and grad_lm is not None and (need[0] or need[1]):
             d_hidden, d_weight = _lm_backward(hidden, lm_weight, targets, lse, grad_lm, opts, need[0], need[1])
+        elif ctx.lm_grads_made and grad_lm is not None and (need[0] or need[1]):
+            d_hidden, d_weight = _scale_lm_grads(ctx, grad_lm)
         if margins.numel() and grad_rm is not None and (need[3] or need[4] or need[5]):
             weight = score_weight.float().reshape(-1)
             coef = (torch.sigmoid(margins) - 1.0) * grad_rm.float()  # d(-log sigmoid(m))/dm * upstream, [N]
@@ -545,6 +580,124 @@ def _lm_backward(hidden, lm_weight, targets, lse, grad_lm, opts: _Options, need_
         del g
     d_hidden = acc.to(hidden.dtype) if need_hidden else None
     return d_hidden, d_weight
+
+
+def _scale_lm_grads(ctx, grad_lm):
+    """Backward of the grad-in-forward LM term: the forward's scale-1 gradients times dL/dlm_sum, each in
+    its input's dtype. The scale is applied in fp32 (rounding it to bf16 would bias every gradient)."""
+    if ctx.lm_grads is None:
+        raise RuntimeError("fused_pair_loss (backend 'triton') supports one backward per forward (its LM "
+                           "gradients are made in forward and handed on in place); recompute the loss to "
+                           "differentiate again")
+    d_hidden, d_weight, hidden_dtype, weight_dtype = ctx.lm_grads
+    ctx.lm_grads = None  # free the buffers as soon as they are handed on
+    scale = grad_lm.float()
+    if d_hidden is not None:
+        d_hidden = (d_hidden.float() * scale).to(hidden_dtype)
+    if d_weight is not None:  # in place: the fp32 accumulator is handed on (fp32 master weights) or cast once
+        d_weight = d_weight.mul_(scale).to(weight_dtype)
+    return d_hidden, d_weight
+
+
+def _lm_grad_in_forward(hidden, lm_weight, targets, opts: _Options, need_hidden: bool, need_weight: bool):
+    """The "triton" backend's LM term: (lm_sum, dH, dW) at scale 1, in row chunks of opts.chunk_tokens.
+
+    Per chunk: logits [c, V_local] = h_c @ W^T (cuBLAS, compute dtype, written into one reused buffer);
+    kernel A (row_lse) -> lse, target logit; under vocab parallelism combine_partials all-reduces them;
+    kernel B turns the logits into softmax - onehot in place; dH_c = g @ W and dW += g^T @ h_c (cuBLAS,
+    dW accumulated in fp32). dH: [T, H] in the compute dtype (this rank's partial under vocab
+    parallelism), dW: [V_local, H] fp32. No host synchronisation inside the loop.
+    """
+    # W (and h) cast to the compute dtype once per call: under autocast with fp32 master weights this is
+    # the one bf16 copy of the LM head, shared by every chunk's three GEMMs.
+    h, w, targets = _check_rows(hidden.to(opts.compute_dtype), lm_weight.to(opts.compute_dtype), targets)
+    T, V = h.shape[0], w.shape[0]
+    chunk = max(1, min(opts.chunk_tokens, T))
+    group = _multi(opts.group)
+    need_grads = need_hidden or need_weight
+    logits_buf = torch.empty((chunk, V), dtype=w.dtype, device=h.device)  # the only vocabulary-sized buffer
+    d_hidden = torch.empty_like(h) if need_hidden else None
+    d_weight = None  # fp32 [V_local, H], created by the first chunk's GEMM
+    lm_sum = torch.zeros((), dtype=torch.float32, device=h.device)
+    for start in range(0, T, chunk):
+        stop = min(T, start + chunk)
+        h_c, t_c = h[start:stop], targets[start:stop]
+        logits = torch.mm(h_c, w.t(), out=logits_buf[: stop - start])
+        lse, z = row_lse(logits, t_c, vocab_start=opts.vocab_start, backend=opts.backend, block_v=opts.block_v)
+        if group is not None:
+            lse, z = combine_partials(lse[None], z[None], group)
+        lm_sum += torch.where(t_c != opts.ignore_index, lse - z, torch.zeros_like(lse)).sum()
+        if not need_grads:
+            continue
+        g = softmax_minus_onehot_(logits, t_c, lse, vocab_start=opts.vocab_start, ignore_index=opts.ignore_index,
+                                  backend=opts.backend, block_v=opts.block_v)
+        if need_hidden:
+            torch.mm(g, w, out=d_hidden[start:stop])
+        if need_weight:
+            d_weight = accumulate_fp32(d_weight, g.t(), h_c)
+    if need_weight and d_weight is None:  # pragma: no cover - T == 0 never reaches here
+        d_weight = torch.zeros(w.shape, dtype=torch.float32, device=w.device)
+    return lm_sum, d_hidden, d_weight
+
+
+# -- fp32 accumulation of bf16 / fp16 GEMMs ------------------------------------------------------------------
+
+_FP32_ACCUMULATION: dict = {}  # (device type, index, dtype) -> "addmm" | "mm" | "cast"
+
+
+def fp32_accumulation_mode(device: torch.device, dtype: torch.dtype) -> str:
+    """How ``accumulate_fp32`` adds a ``dtype`` GEMM into an fp32 tensor on ``device`` (probed once, cached).
+
+    "addmm": torch.addmm(acc, a, b, out_dtype=fp32, out=acc) -- cuBLAS reads and writes the fp32
+             accumulator itself, no temporary;
+    "mm":    acc += torch.mm(a, b, out_dtype=fp32) -- one fp32 [V, H] temporary per chunk;
+    "cast":  acc += a @ b -- the product rounded to ``dtype`` first (CPU: torch has no out_dtype GEMM
+             there).
+    The probe checks the value, not only that the call runs: the accumulator holds 1 + 2^-20, which a
+    path that rounds it through bf16 / fp16 would lose.
+    """
+    device = torch.device(device)
+    key = (device.type, device.index, dtype)
+    if key not in _FP32_ACCUMULATION:
+        _FP32_ACCUMULATION[key] = _probe_fp32_accumulation(device, dtype)
+    return _FP32_ACCUMULATION[key]
+
+
+def _probe_fp32_accumulation(device: torch.device, dtype: torch.dtype) -> str:
+    a = torch.ones((2, 3), dtype=dtype, device=device)
+    b = torch.full((3, 2), 2.0 ** -10, dtype=dtype, device=device)
+    start = 1.0 + 2.0 ** -20  # not representable in bf16 / fp16
+    want = torch.full((2, 2), start + 3 * 2.0 ** -10, dtype=torch.float32, device=device)
+    try:
+        acc = torch.full((2, 2), start, dtype=torch.float32, device=device)
+        torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
+        if torch.equal(acc, want):
+            return "addmm"
+    except (RuntimeError, NotImplementedError, TypeError):
+        pass
+    try:
+        acc = torch.full((2, 2), start, dtype=torch.float32, device=device)
+        prod = torch.mm(a, b, out_dtype=torch.float32)
+        if prod.dtype == torch.float32 and torch.equal(acc.add_(prod), want):
+            return "mm"
+    except (RuntimeError, NotImplementedError, TypeError):
+        pass
+    return "cast"
+
+
+def accumulate_fp32(acc: torch.Tensor | None, a: torch.Tensor, b: torch.Tensor, mode: str | None = None) -> torch.Tensor:
+    """acc + a @ b with acc fp32 (None: a new fp32 tensor a @ b); a, b in any one float dtype, the GEMM's
+    own accumulation fp32 in every mode (see fp32_accumulation_mode; ``mode`` overrides the probe)."""
+    if a.dtype == torch.float32:
+        return torch.mm(a, b) if acc is None else acc.addmm_(a, b)
+    mode = mode or fp32_accumulation_mode(a.device, a.dtype)
+    if mode == "cast":
+        return (a @ b).float() if acc is None else acc.add_(a @ b)  # add_ promotes in place: no fp32 temporary
+    if acc is None:
+        return torch.mm(a, b, out_dtype=torch.float32)
+    if mode == "addmm":
+        return torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
+    return acc.add_(torch.mm(a, b, out_dtype=torch.float32))
 
 
 class ChunkedLinearCrossEntropy(torch.autograd.Function):
@@ -688,24 +841,27 @@ def fused_pair_loss(hidden: torch.Tensor | None, lm_weight: torch.Tensor | None,
                     score_weight: torch.Tensor | None = None, *, vocab_start: int = 0, group=None,
                     ignore_index: int = IGNORE_INDEX, backend: str = "auto", chunk_bytes: int | None = None,
                     num_splits: int | None = None, config: dict | None = None,
-                    compute_dtype: torch.dtype | None = None, chunk_tokens: int = 4096,
-                    reward_group=None) -> PairLossSums:
+                    compute_dtype: torch.dtype | None = None, chunk_tokens: int | None = None,
+                    reward_group=None, block_v: int | None = None) -> PairLossSums:
     """Summed CE of the LM targets and summed pairwise -log sigmoid, in one autograd Function.
 
     hidden: [T, H] hidden states of the LM-target positions (None: no LM term); lm_weight: [V_local, H];
     targets: [T] global token ids (``ignore_index`` rows count 0). chosen / rejected: [N, H] hidden
     states at the pairs' read-out tokens, score_weight: [H] or [1, H] (None: no RM term). Gradients
     flow to hidden, lm_weight, chosen, rejected and score_weight. ``vocab_start`` / ``group``: see the
-    module docstring (the dH of a vocab-parallel rank is partial). ``backend``: "triton", "torch" or
-    "auto" (triton on CUDA when importable).
+    module docstring (the dH of a vocab-parallel rank is partial). ``backend``: one of BACKENDS or
+    "auto" (triton on CUDA when importable, else torch).
 
-    torch backend: ``ChunkedLinearCrossEntropy`` over ``chunk_tokens`` target rows at a time (gradients
-    made in forward), the logit GEMMs in autocast's dtype where autocast is on. triton backend:
-    ``num_splits`` / ``config`` pin the forward's vocab splits and the kernels' tile sizes (tests; by
-    default chosen per device, autotuned on CUDA), ``chunk_bytes`` bounds the backward's grad-logits
-    block, ``compute_dtype`` is the dtype of the logit GEMMs (fp32 accumulation always; default: the
-    autocast dtype where autocast is on for this device, as torch.mm would, else lm_weight's dtype).
-    Gradients come back in each input's own dtype. The reward term is always fp32.
+    torch backend: ``ChunkedLinearCrossEntropy`` over ``chunk_tokens`` target rows at a time (default
+    DEFAULT_TORCH_CHUNK_TOKENS; gradients made in forward), the logit GEMMs in autocast's dtype where
+    autocast is on. triton backend: gradients made in forward over ``chunk_tokens`` rows at a time
+    (default GRAD_IN_FORWARD_CHUNK_TOKENS), cuBLAS GEMMs around two row kernels (softmax_grad.py);
+    ``block_v`` pins their column block (tests). triton_recompute backend: ``num_splits`` / ``config``
+    pin the forward's vocab splits and the kernels' tile sizes (tests; by default chosen per device,
+    autotuned on CUDA), ``chunk_bytes`` bounds the backward's grad-logits block. ``compute_dtype`` is
+    the dtype of the logit GEMMs (fp32 accumulation always; default: the autocast dtype where autocast
+    is on for this device, as torch.mm would, else lm_weight's dtype). Gradients come back in each
+    input's own dtype. The reward term is always fp32.
 
     ``reward_group`` (sequence parallelism): chosen / rejected are this rank's partial rows -- zero where
     another rank of the group holds the read-out token -- and the margins are summed over the group
@@ -723,14 +879,22 @@ def fused_pair_loss(hidden: torch.Tensor | None, lm_weight: torch.Tensor | None,
         raise ValueError("the RM term needs rejected (shaped like chosen) and score_weight")
     if hidden is None and chosen is None:
         raise ValueError("fused_pair_loss needs the LM rows, the reward rows, or both")
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be 'auto' or one of {BACKENDS}, got {backend!r}")
+    if chunk_tokens is not None and chunk_tokens <= 0:
+        raise ValueError(f"chunk_tokens must be positive, got {chunk_tokens}")
     if backend == "torch":
         return _torch_pair_loss(hidden, lm_weight, targets, chosen, rejected, score_weight, vocab_start=vocab_start,
-                                group=group, ignore_index=ignore_index, chunk_tokens=chunk_tokens,
+                                group=group, ignore_index=ignore_index,
+                                chunk_tokens=chunk_tokens or DEFAULT_TORCH_CHUNK_TOKENS,
                                 reward_group=_multi(reward_group))
-    if backend != "triton":
-        raise ValueError(f"backend must be 'auto', 'torch' or 'triton', got {backend!r}")
-    opts = _Options(compute_dtype, vocab_start, group, _multi(reward_group), ignore_index, backend, chunk_bytes or DEFAULT_CHUNK_BYTES, num_splits,
-                    config)
+    problem = triton_error(device)
+    if problem:
+        raise RuntimeError(f"fused_pair_loss backend {backend!r}: {problem}")
+    opts = _Options(compute_dtype, vocab_start, group, _multi(reward_group), ignore_index, "triton",
+                    chunk_bytes or DEFAULT_CHUNK_BYTES, num_splits, config, recompute=backend == "triton_recompute",
+                    chunk_tokens=chunk_tokens or GRAD_IN_FORWARD_CHUNK_TOKENS, grad_enabled=torch.is_grad_enabled(),
+                    block_v=block_v)
     return PairLossSums(*_FusedPairLoss.apply(hidden, lm_weight, targets, chosen, rejected, score_weight, opts))
 
 
