@@ -193,8 +193,9 @@ class LossConfig:
     """Weight of -log sigmoid(r_chosen - r_rejected); 0 for LM pretraining."""
     lm_coef: float = 1.0
     """Weight of the next-token CE on chosen-response tokens; 0 for RM finetuning."""
-    lm_chunk: int = 4096
-    """Target tokens whose logits are materialised at once (bounds the loss's extra memory)."""
+    lm_chunk: int = 0
+    """Target tokens whose logits are materialised at once (bounds the loss's extra memory); 0: the
+    backend's default (4096 for torch; 8192 for triton, whose larger GEMMs measured 6% faster on an H200)."""
     backend: str = "auto"
     """Implementation of megapmp_kernels.fused_pair_loss: "torch" (chunked, any device), "triton"
     (gradients made in forward: cuBLAS GEMMs around Triton row kernels; CUDA, or CPU under
@@ -210,8 +211,8 @@ class LossConfig:
             problems.append(f"rm_coef={self.rm_coef} and lm_coef={self.lm_coef} must be >= 0")
         if self.rm_coef == 0 and self.lm_coef == 0:
             problems.append("rm_coef and lm_coef are both 0: nothing to train")
-        if self.lm_chunk <= 0:
-            problems.append(f"lm_chunk={self.lm_chunk} must be positive")
+        if self.lm_chunk < 0:
+            problems.append(f"lm_chunk={self.lm_chunk} must be >= 0 (0: the backend's default)")
         _raise_if_any("LossConfig", problems)
 
 

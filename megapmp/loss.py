@@ -116,7 +116,7 @@ class Heads:
 
 
 def pmp_loss(hidden: torch.Tensor, heads: Heads, batch, *, rm_coef: float, lm_coef: float, global_pairs: int,
-             global_lm_tokens: int, tp_group=None, sequence_parallel: bool = False, lm_chunk: int = 4096,
+             global_lm_tokens: int, tp_group=None, sequence_parallel: bool = False, lm_chunk: int = 0,
              backend: str | None = None) -> LossOutput:
     """The PMP loss of one packed micro-batch (see module docstring). ``batch`` is a torch PackedBatch.
 
@@ -146,7 +146,7 @@ def pmp_loss(hidden: torch.Tensor, heads: Heads, batch, *, rm_coef: float, lm_co
                            heads.score if use_rm else None, group=tp_group if tp > 1 else None,
                            vocab_start=group_rank(tp_group) * heads.lm.shape[0] if use_lm and tp > 1 else 0,
                            ignore_index=IGNORE_INDEX, backend=resolve_loss_backend(hidden.device, backend),
-                           chunk_tokens=lm_chunk, reward_group=tp_group if sequence_parallel else None)
+                           chunk_tokens=lm_chunk or None, reward_group=tp_group if sequence_parallel else None)
     if use_rm:
         rm = sums.rm_sum / global_pairs
         loss = loss + rm_coef * rm
