@@ -670,6 +670,9 @@ def flex_attention_backend(q, k, v, attn):
     elif q.device.type == "cuda":
         out = _compiled_flex()(q, k, v, **options)
     else:
+        if not torch.is_grad_enabled():
+            # torch's CPU flex refuses inputs that merely require grad, even under no_grad
+            q, k, v = q.detach(), k.detach(), v.detach()
         with warnings.catch_warnings():
             # Expected on CPU: eager flex is the unfused reference path, used here for forward parity only.
             warnings.filterwarnings("ignore", message="flex_attention called without torch.compile",
