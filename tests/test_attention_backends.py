@@ -17,8 +17,9 @@ from megapmp.config import model_preset
 from megapmp.data.datasets import Pair
 from megapmp.data.packing import pack_pairs
 from megapmp.model import AttentionInputs, Qwen2RewardModel, attention
-from megapmp.model.attention import (BucketPlan, _torch_varlen_kernel, backend_available, resolve_attention_backend,
-                                     segment_structure, torch_varlen_usable, varlen_attention, varlen_reference)
+from megapmp.model.attention import (BucketPlan, _torch_varlen_kernel, backend_available, prepare_attention,
+                                     resolve_attention_backend, segment_structure, torch_varlen_usable,
+                                     varlen_attention, varlen_reference)
 
 ATOL = 1e-5
 REPO = Path(__file__).resolve().parents[1]
@@ -116,6 +117,16 @@ def test_plain_unpadded_rows_skip_the_gathers():
 def test_plan_is_cached_per_device():
     attn = packed_attn("duplicated")
     assert attn.varlen_plan() is attn.varlen_plan("cpu") and attn.bucket_plan() is attn.bucket_plan()
+
+
+def test_prepare_attention_builds_what_the_backend_reads_before_any_call():
+    plain, odd = packed_attn("shared-prefix"), AttentionInputs.from_segments([[0, 0, 0, 0, -1]], [[0, 1, 0, 2, 0]])
+    assert prepare_attention(plain, "auto", "cpu", torch.float32) == "segmented"
+    assert ("buckets", "cpu") in plain._plan_cache and not plain._mask_cache
+    assert prepare_attention(odd, "auto", "cpu", torch.float32) == "segmented"
+    assert torch.device("cpu") in odd._mask_cache  # no buckets for that pattern: the dense mask
+    assert prepare_attention(plain, "varlen_reference", "cpu") == "varlen_reference"
+    assert ("varlen", "cpu") in plain._plan_cache
 
 
 def test_buckets_stay_within_their_padding_slack():

@@ -23,7 +23,7 @@ from megapmp.data.datasets import Pair
 from megapmp.data.packing import flatten_rows, pack_pairs
 from megapmp.model import AttentionInputs, Qwen2RewardModel, attention, build_mask
 from megapmp.model.attention import (FLEX_MASK_IN_COMPILED_REGION, FLEX_NO_CPU_BACKWARD, PAD_SEGMENT,
-                                     SHARED_BRANCH, backend_available, packed_rows_mask_mod,
+                                     SHARED_BRANCH, backend_available, packed_rows_mask_mod, prepare_attention,
                                      resolve_attention_backend)
 from test_convert_hf import VOCAB, hf_model, hf_padded_batch, random_sequences
 
@@ -241,7 +241,7 @@ def test_compiled_region_traces_flex_with_a_prebuilt_mask_and_refuses_a_cold_one
     block = torch.compile(lambda q, k, v, attn: attention(q * 2.0, k, v, attn, "flex"), backend="eager",
                           fullgraph=True)
     with torch.no_grad():
-        attn.flex_block_mask(q.device)
+        assert prepare_attention(attn, "flex", q.device) == "flex" and q.device in attn._block_mask_cache
         torch.testing.assert_close(block(q, k, v, attn), attention(q * 2.0, k, v, attn, "sdpa"), rtol=0, atol=ATOL)
         cold = inputs_of(packed_batch("shared-prefix", "rows", seed=2))
         with pytest.raises(Exception, match="call attn.flex_block_mask"):

@@ -141,7 +141,7 @@ class AttentionInputs:
     def flex_block_mask(self, device=None) -> "BlockMask":
         """The FlexAttention ``BlockMask`` of this batch, built on ``device`` once and cached per device:
         every layer, and every activation-checkpoint recomputation, reuses it. Built eagerly with no host
-        sync; under regional ``torch.compile`` call this before the compiled blocks (see ``flex_attention_backend``)."""
+        sync; under regional ``torch.compile`` call this (or ``prepare_attention``) before the compiled blocks."""
         device = torch.device(device) if device is not None else self.segment_ids.device
         if device not in self._block_mask_cache:
             if torch.compiler.is_compiling():
@@ -649,10 +649,10 @@ def flex_attention_backend(q, k, v, attn):
 
     Inside a compiled region (regional torch.compile of a decoder block) the plain flex_attention is
     called, so dynamo traces it into the enclosing graph; the block mask must then be built before that
-    region (``attn.flex_block_mask(device)``), else ``flex_block_mask`` raises rather than let dynamo
-    trace create_block_mask. On CUDA outside a compiled region: the module's compiled flex_attention
-    (each new padded row length is one more compile, up to dynamo's recompile limit). On CPU: eager,
-    forward only (``FLEX_NO_CPU_BACKWARD``).
+    region (``prepare_attention`` or ``attn.flex_block_mask(device)``), else ``flex_block_mask`` raises
+    rather than let dynamo trace create_block_mask. On CUDA outside a compiled region: the module's
+    compiled flex_attention (each new padded row length is one more compile, up to dynamo's recompile
+    limit). On CPU: eager, forward only (``FLEX_NO_CPU_BACKWARD``).
     """
     from torch.nn.attention.flex_attention import flex_attention
 
@@ -773,12 +773,32 @@ def resolve_attention_backend(name: str, device, dtype: torch.dtype | None = Non
     return "segmented"
 
 
+def backend_for_batch(name: str, attn: AttentionInputs, device, dtype: torch.dtype | None = None) -> str:
+    """The backend that will compute ``attn`` on ``device``: ``auto`` resolved, then, if that is a varlen
+    backend and some segment's branch pattern has no varlen decomposition, flex (which evaluates the rule
+    itself) where usable, else segmented (which falls back to the dense mask)."""
+    name = resolve_attention_backend(name, device, dtype)
+    if name in VARLEN_BACKENDS and attn.varlen_plan(device) is None:
+        name = "flex" if backend_available("flex", device)[0] else "segmented"
+    return name
+
+
+def prepare_attention(attn: AttentionInputs, backend: str, device, dtype: torch.dtype | None = None) -> str:
+    """Build, eagerly and once, what ``backend`` will read from ``attn`` on ``device`` (block mask, varlen or
+    bucket plan, dense mask), and return the concrete backend. Call it before a torch.compile'd region:
+    inside one, these host-side builds would be traced (flex refuses: ``FLEX_MASK_IN_COMPILED_REGION``)."""
+    name = backend_for_batch(backend, attn, device, dtype) if backend == "auto" else backend
+    if name == "flex":
+        attn.flex_block_mask(device)
+    elif name in (*VARLEN_BACKENDS, "varlen_reference"):
+        attn.varlen_plan(device)
+    elif name == "sdpa" or (name == "segmented" and attn.bucket_plan(device) is None):
+        attn.mask(device)  # segmented's fallback for branch patterns it has no buckets for
+    return name
+
+
 def auto_attention(q, k, v, attn):
-    name = resolve_attention_backend("auto", q.device, _compute_dtype(q))
-    if name in VARLEN_BACKENDS and attn.varlen_plan(q.device) is None:
-        # A branch pattern the varlen kernels cannot express: flex evaluates the rule itself;
-        # segmented falls back to the dense mask.
-        name = "flex" if backend_available("flex", q.device)[0] else "segmented"
+    name = backend_for_batch("auto", attn, q.device, _compute_dtype(q))
     return ATTENTION_BACKENDS[name](q, k, v, attn)
 
 
