@@ -3,7 +3,7 @@
 Nothing here is needed to import megapmp or to train: every optional package is imported inside a
 try block, so ``backend_report`` (logged once at start) says both what was chosen and why anything was not.
 
-    detect_accelerators()                -> {name: Probe}: torch/CUDA, flash_attn, torch varlen,
+    detect_accelerators()                -> {name: Probe}: torch/CUDA, flash_attn, flex, torch varlen,
                                             transformer_engine, apex (fused RMSNorm, FusedAdam), triton
     select_attention_backend(name, ...)  -> (concrete backend, reason); "auto" picks the best usable one
     backend_report(...) / format_report  -> the dict / one line the trainer logs at start
@@ -18,8 +18,8 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from megapmp.model.attention import (ATTENTION_BACKENDS, backend_available, flash_attn_usable, resolve_attention_backend,
-                                     torch_varlen_usable)
+from megapmp.model.attention import (ATTENTION_BACKENDS, AUTO_CUDA_ORDER, backend_available, flash_attn_usable,
+                                     flex_usable, resolve_attention_backend, torch_varlen_usable)
 
 
 @dataclass
@@ -88,9 +88,11 @@ def detect_accelerators() -> dict[str, Probe]:
     device_detail = torch.cuda.get_device_name(0) if cuda else "no CUDA device"
     flash_ok, flash_detail = flash_attn_usable()
     varlen_ok, varlen_detail = torch_varlen_usable()
+    flex_ok, flex_detail = flex_usable()
     return {
         "torch": Probe(True, torch.__version__, f"CUDA {torch.version.cuda}, {device_detail}" if cuda else device_detail),
         "flash_attn": Probe(flash_ok, flash_detail.split()[-1] if flash_ok else None, flash_detail),
+        "flex": Probe(flex_ok, torch.__version__ if flex_ok else None, flex_detail),
         "torch_varlen": Probe(varlen_ok, torch.__version__ if varlen_ok else None, varlen_detail),
         "transformer_engine": probe_transformer_engine(),
         "apex_rmsnorm": probe_apex_rmsnorm(),
@@ -107,13 +109,18 @@ def select_attention_backend(name: str, device, dtype: torch.dtype | None = None
     device = torch.device(device)
     if name == "auto":
         chosen = resolve_attention_backend("auto", device, dtype)
-        skipped = [backend_available(other, device, dtype)[1] for other in ("flash_attn", "torch_varlen")
-                   if other != chosen]
+        skipped = [_why_skipped(other, device, dtype) for other in AUTO_CUDA_ORDER if other != chosen]
         return chosen, "auto" + (f" (skipped {'; '.join(skipped)})" if chosen == "segmented" else "")
     ok, reason = backend_available(name, device, dtype)
     if not ok:
         raise ValueError(f"attention backend {name!r} cannot run here: {reason}")
     return name, "requested"
+
+
+def _why_skipped(name: str, device, dtype) -> str:
+    ok, reason = backend_available(name, device, dtype)
+    # Usable yet not chosen by auto: only flex on CPU, whose eager path has no backward there.
+    return f"{reason}; auto picks {name} on CUDA only" if ok else reason
 
 
 # ---------------------------------------------------------------- the start-of-run report

@@ -23,7 +23,7 @@ def _raise_if_any(component: str, problems: list[str]) -> None:
 
 # The attention implementations megapmp/model/attention.py registers (its ATTENTION_BACKENDS has exactly
 # these keys; a test keeps the two equal). Named here so that validating a config needs no model code.
-ATTENTION_BACKEND_NAMES = ("auto", "sdpa", "segmented", "flash_attn", "torch_varlen", "varlen_reference")
+ATTENTION_BACKEND_NAMES = ("auto", "sdpa", "segmented", "flash_attn", "flex", "torch_varlen", "varlen_reference")
 # megapmp/loss.py's LOSS_BACKENDS (a test keeps the two equal), named here for the same reason.
 LOSS_BACKEND_NAMES = ("auto", "torch", "triton", "triton_recompute")
 

@@ -17,8 +17,9 @@ from megapmp.config import model_preset
 from megapmp.data.datasets import Pair
 from megapmp.data.packing import pack_pairs
 from megapmp.model import AttentionInputs, Qwen2RewardModel, attention
-from megapmp.model.attention import (BucketPlan, backend_available, resolve_attention_backend,
-                                     segment_structure, varlen_reference)
+from megapmp.model.attention import (BucketPlan, _torch_varlen_kernel, backend_available, prepare_attention,
+                                     resolve_attention_backend, segment_structure, torch_varlen_usable,
+                                     varlen_attention, varlen_reference)
 
 ATOL = 1e-5
 REPO = Path(__file__).resolve().parents[1]
@@ -118,6 +119,16 @@ def test_plan_is_cached_per_device():
     assert attn.varlen_plan() is attn.varlen_plan("cpu") and attn.bucket_plan() is attn.bucket_plan()
 
 
+def test_prepare_attention_builds_what_the_backend_reads_before_any_call():
+    plain, odd = packed_attn("shared-prefix"), AttentionInputs.from_segments([[0, 0, 0, 0, -1]], [[0, 1, 0, 2, 0]])
+    assert prepare_attention(plain, "auto", "cpu", torch.float32) == "segmented"
+    assert ("buckets", "cpu") in plain._plan_cache and not plain._mask_cache
+    assert prepare_attention(odd, "auto", "cpu", torch.float32) == "segmented"
+    assert torch.device("cpu") in odd._mask_cache  # no buckets for that pattern: the dense mask
+    assert prepare_attention(plain, "varlen_reference", "cpu") == "varlen_reference"
+    assert ("varlen", "cpu") in plain._plan_cache
+
+
 def test_buckets_stay_within_their_padding_slack():
     attn = packed_attn("shared-prefix", seed=5, n_pairs=40, seq_len=256, lengths=(1, 40))
     plan = attn.bucket_plan()
@@ -173,8 +184,90 @@ def test_gpu_backends_refuse_cleanly_on_cpu():
     assert not backend_available("flash_attn", "cuda", torch.float32)[0]  # fp32: flash kernels are half-only
 
 
+def fake_varlen_attn_without_gqa(calls):
+    """torch 2.11's varlen_attn signature (no enable_gqa), computed by varlen_reference, which would
+    broadcast fewer kv heads by itself: so it refuses them, as the real kernel does without enable_gqa."""
+
+    def varlen_attn(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, return_aux=None, scale=None,
+                    window_size=(-1, -1)):
+        assert window_size == (-1, 0), "causal is spelled window_size=(-1, 0)"
+        assert key.shape[1] == value.shape[1] == query.shape[1], "no GQA without enable_gqa"
+        calls.append(key.shape[1])
+        return varlen_reference(query, key, value, cu_seq_q, cu_seq_k, causal_bottom_right=True)
+
+    return varlen_attn
+
+
+@pytest.fixture
+def varlen_without_gqa(monkeypatch):
+    import torch.nn.attention.varlen as varlen_module
+
+    calls = []
+    monkeypatch.setattr(varlen_module, "varlen_attn", fake_varlen_attn_without_gqa(calls))
+    torch_varlen_usable.cache_clear()
+    yield calls
+    torch_varlen_usable.cache_clear()
+
+
+@pytest.mark.parametrize("heads,kv_heads", [(4, 2), (6, 2), (4, 1), (4, 4)])
+@pytest.mark.parametrize("layout", ["duplicated", "shared-prefix"])
+def test_torch_varlen_repeats_kv_heads_where_varlen_attn_lacks_enable_gqa(varlen_without_gqa, layout, heads,
+                                                                           kv_heads):
+    attn = packed_attn(layout, seed=heads * kv_heads)
+    q, k, v = qkv(attn, heads, kv_heads)
+    grad_out = torch.randn_like(q)
+    out = varlen_attention(q, k, v, attn, _torch_varlen_kernel)
+    got = (out, *torch.autograd.grad(out, (q, k, v), grad_out))
+    expected = run("varlen_reference", q, k, v, attn, grad_out)  # GQA inside the reference: head h -> h // groups
+    for name, a, b in zip(("out", "dq", "dk", "dv"), got, expected):
+        torch.testing.assert_close(a, b, rtol=0, atol=ATOL, msg=name)
+    assert varlen_without_gqa and set(varlen_without_gqa) == {heads}  # the kernel saw repeated kv heads
+    ok, reason = torch_varlen_usable()
+    assert ok and "kv heads repeated" in reason
+
+
+def test_torch_varlen_kv_repeat_order_is_gqa_order(varlen_without_gqa):
+    # Query head h must read kv head h // groups: with kv heads of distinct constant values, query head h's
+    # output is kv head (h // groups)'s value. A tiled repeat (h % n_kv) would give another order.
+    attn = AttentionInputs.for_padded_causal([3], 3)
+    q = torch.zeros(1, 3, 6, 4)
+    k = torch.zeros(1, 3, 3, 4)
+    v = torch.arange(3.0)[None, None, :, None].expand(1, 3, 3, 4).contiguous()
+    out = varlen_attention(q, k, v, attn, _torch_varlen_kernel)
+    torch.testing.assert_close(out[0, :, :, 0], torch.tensor([[0.0, 0, 1, 1, 2, 2]] * 3))
+
+
+def test_torch_varlen_needs_window_size(monkeypatch):
+    import torch.nn.attention.varlen as varlen_module
+
+    monkeypatch.setattr(varlen_module, "varlen_attn", lambda query, key, value, cu_seq_q, cu_seq_k, max_q, max_k: None)
+    torch_varlen_usable.cache_clear()
+    try:
+        ok, reason = torch_varlen_usable()
+    finally:
+        torch_varlen_usable.cache_clear()
+    assert not ok and "lacks window_size" in reason
+
+
+@pytest.mark.parametrize("usable,expected", [
+    ({"flash_attn", "flex", "torch_varlen"}, "flash_attn"),
+    ({"flex", "torch_varlen"}, "flex"),
+    ({"torch_varlen"}, "torch_varlen"),
+    (set(), "segmented"),
+])
+def test_auto_order_on_cuda(monkeypatch, usable, expected):
+    module = importlib.import_module("megapmp.model.attention")  # megapmp.model.attention is also a function
+    for name, probe in (("flash_attn", "flash_attn_usable"), ("flex", "flex_usable"),
+                        ("torch_varlen", "torch_varlen_usable")):
+        monkeypatch.setattr(module, probe, lambda ok=name in usable, name=name: (ok, f"{name} probe"))
+    assert resolve_attention_backend("auto", "cuda", torch.bfloat16) == expected
+    assert resolve_attention_backend("auto", "cpu", torch.bfloat16) == "segmented"
+    chosen, why = select_attention_backend("auto", "cuda", torch.bfloat16)
+    assert chosen == expected and (("skipped" in why) == (expected == "segmented"))
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("backend", ["flash_attn", "torch_varlen", "segmented"])
+@pytest.mark.parametrize("backend", ["flash_attn", "flex", "torch_varlen", "segmented"])
 @pytest.mark.parametrize("layout", ["duplicated", "shared-prefix"])
 def test_gpu_backend_matches_dense_reference_bf16(backend, layout):
     ok, reason = backend_available(backend, "cuda", torch.bfloat16)
@@ -195,7 +288,7 @@ def test_gpu_backend_matches_dense_reference_bf16(backend, layout):
 
 def test_detection_never_raises_and_reports_reasons():
     probes = detect_accelerators()
-    assert {"torch", "flash_attn", "torch_varlen", "transformer_engine", "apex_rmsnorm", "apex_adam",
+    assert {"torch", "flash_attn", "flex", "torch_varlen", "transformer_engine", "apex_rmsnorm", "apex_adam",
             "triton"} <= set(probes)
     for name, probe in probes.items():
         assert isinstance(probe, Probe) and probe.detail, name
@@ -203,7 +296,9 @@ def test_detection_never_raises_and_reports_reasons():
 
 
 def test_select_attention_backend():
-    assert select_attention_backend("auto", "cpu", torch.float32)[0] == "segmented"
+    chosen, why = select_attention_backend("auto", "cpu", torch.float32)
+    assert chosen == "segmented" and "auto picks flex on CUDA only" in why  # flex runs on CPU, forward only
+    assert select_attention_backend("flex", "cpu") == ("flex", "requested")
     assert select_attention_backend("sdpa", "cpu") == ("sdpa", "requested")
     with pytest.raises(ValueError, match="cannot run here"):
         select_attention_backend("flash_attn", "cpu", torch.float32)

@@ -16,10 +16,15 @@ Backends (``ATTENTION_BACKENDS``; all compute that rule, with 1/sqrt(D) scaling)
     segmented        SDPA per *problem* (below), problems of similar length batched into padded buckets;
                      O(sum of real problem sizes). The fastest CPU path; any device.
     flash_attn       ``flash_attn.flash_attn_varlen_func`` over the problems (CUDA, fp16/bf16).
-    torch_varlen     ``torch.nn.attention.varlen.varlen_attn`` over the problems (CUDA, fp16/bf16).
+    flex             ``torch.nn.attention.flex_attention`` with a ``BlockMask`` of the rule itself
+                     (``packed_rows_mask_mod``), built once per batch and device; compiled on CUDA (needs
+                     triton), any dtype; GQA native; any branch pattern. On CPU eager and forward only.
+    torch_varlen     ``torch.nn.attention.varlen.varlen_attn`` over the problems (CUDA, fp16/bf16); kv heads
+                     are repeated where varlen_attn has no ``enable_gqa`` (torch 2.11).
     varlen_reference the varlen call site with a torch kernel (``varlen_reference``): tests the index
                      building of the two GPU backends on any device.
-    auto             per call: flash_attn, else torch_varlen on CUDA with a half dtype; segmented otherwise.
+    auto             per call, on CUDA: flash_attn, else flex, else torch_varlen, else segmented
+                     (``AUTO_CUDA_ORDER`` says why); on CPU: segmented.
 
 A *problem* is one call of a varlen kernel with bottom-right causal alignment: queries Q (length lq)
 over keys K (length lk >= lq), query i seeing key j iff j <= i + lk - lq. Each segment of branch pattern
@@ -33,21 +38,27 @@ and a plain segment is one square problem. The varlen backends make ONE kernel c
 (``VarlenPlan``): every real token is gathered once as a query, the keys of a B problem repeat P, so
 ``cu_seqlens_q != cu_seqlens_k`` and the kernel's bottom-right alignment does the rest. Padding tokens are no problem: their output is their own
 value vector, which is exactly what attending only to itself gives. Segments of any other branch
-pattern (never produced by the packers) make the varlen backends raise; ``segmented`` and ``auto``
-then use the dense reference.
+pattern (never produced by the packers) make the varlen backends raise; ``segmented`` then uses the
+dense reference and ``auto`` uses flex (or segmented where flex is not usable).
 """
 from __future__ import annotations
 
 import inspect
+import warnings
 from dataclasses import dataclass, field
 from functools import lru_cache
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+if TYPE_CHECKING:
+    from torch.nn.attention.flex_attention import BlockMask
+
 PAD_SEGMENT = -1
+FLEX_MASK_IN_COMPILED_REGION = ("the flex block mask of this batch was first asked for inside a torch.compile'd "
+                                "region: call attn.flex_block_mask(device) before it, so it is built eagerly")
 SHARED_BRANCH, CHOSEN_BRANCH, REJECTED_BRANCH = 0, 1, 2
 
 
@@ -69,6 +80,7 @@ class AttentionInputs:
     # Built once per micro-batch and reused by every layer (and by checkpoint recomputation).
     _mask_cache: dict = field(default_factory=dict, init=False, repr=False, compare=False)
     _plan_cache: dict = field(default_factory=dict, init=False, repr=False, compare=False)
+    _block_mask_cache: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def __post_init__(self):
         _check_shapes(self.segment_ids, self.branch_ids)
@@ -125,6 +137,18 @@ class AttentionInputs:
         if device not in self._mask_cache:
             self._mask_cache[device] = build_mask(self.segment_ids.to(device), self.branch_ids.to(device))
         return self._mask_cache[device]
+
+    def flex_block_mask(self, device=None) -> "BlockMask":
+        """The FlexAttention ``BlockMask`` of this batch, built on ``device`` once and cached per device:
+        every layer, and every activation-checkpoint recomputation, reuses it. Built eagerly with no host
+        sync; under regional ``torch.compile`` call this (or ``prepare_attention``) before the compiled blocks."""
+        device = torch.device(device) if device is not None else self.segment_ids.device
+        if device not in self._block_mask_cache:
+            if torch.compiler.is_compiling():
+                # dynamo would trace create_block_mask into the graph: compiled, it took over 90 s.
+                raise RuntimeError(FLEX_MASK_IN_COMPILED_REGION)
+            self._block_mask_cache[device] = build_block_mask(self.segment_ids.to(device), self.branch_ids.to(device))
+        return self._block_mask_cache[device]
 
     def varlen_plan(self, device=None) -> "VarlenPlan | None":
         """The problems of this batch as varlen-kernel inputs (see the module docstring), cached per
@@ -213,6 +237,39 @@ def build_mask(segment_ids: torch.Tensor, branch_ids: torch.Tensor) -> torch.Ten
     mask = same_segment & causal & visible_branch  # [R, S, S]
     mask |= torch.diag_embed(segment_ids == PAD_SEGMENT)
     return mask[:, None]
+
+
+def packed_rows_mask_mod(segment_ids: torch.Tensor, branch_ids: torch.Tensor):
+    """The rule of this module as a FlexAttention ``mask_mod(b, h, q_idx, kv_idx)`` over the [R, S]
+    ``segment_ids`` / ``branch_ids`` of a batch (on the device the mask is evaluated on).
+
+    Every micro-batch gets a fresh closure, but always from this one module-level function: the
+    closures share a code object and differ only in the tensors they read, which a compiled
+    flex_attention takes as graph inputs, so a new batch of the same padded shape does not recompile.
+    """
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        seg_q, seg_k = segment_ids[b, q_idx], segment_ids[b, kv_idx]
+        branch_q, branch_k = branch_ids[b, q_idx], branch_ids[b, kv_idx]
+        same_segment = (seg_q == seg_k) & (seg_q != PAD_SEGMENT)
+        visible_branch = (branch_k == SHARED_BRANCH) | (branch_k == branch_q)
+        padding_self = (seg_q == PAD_SEGMENT) & (q_idx == kv_idx)
+        return (same_segment & (kv_idx <= q_idx) & visible_branch) | padding_self
+
+    return mask_mod
+
+
+def build_block_mask(segment_ids: torch.Tensor, branch_ids: torch.Tensor) -> "BlockMask":
+    """A FlexAttention ``BlockMask`` [R, 1 head, S, S] of ``packed_rows_mask_mod``, on the ids' device.
+
+    Eager ``create_block_mask``: it took 5-9 ms for a 9.7k-token row on an H200 (torch 2.11), while the
+    compiled one had not finished after 90 s; it runs once per batch, so a compile cannot pay off.
+    """
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    rows, seq_len = segment_ids.shape
+    return create_block_mask(packed_rows_mask_mod(segment_ids, branch_ids), rows, None, seq_len, seq_len,
+                             device=segment_ids.device)
 
 
 # ---------------------------------------------------------------- problems: the varlen decomposition
@@ -534,8 +591,21 @@ def _torch_varlen_kernel(q, k, v, cu_q, cu_k, max_q, max_k):
     # window_size=(-1, 0) is varlen_attn's documented spelling of causal. It goes to
     # aten._flash_attention_forward, whose causal mask is bottom-right (FA2 semantics; torch's own
     # CausalBias LOWER_RIGHT path relies on it), and the cuDNN varlen path refuses any window
-    # instead of silently using another alignment. `torch_varlen_usable` demands both keywords.
-    return varlen_attn(q, k, v, cu_q, cu_k, max_q, max_k, window_size=(-1, 0), enable_gqa=q.shape[1] != k.shape[1])
+    # instead of silently using another alignment. `torch_varlen_usable` demands that keyword.
+    groups = q.shape[1] // k.shape[1]
+    if groups == 1:
+        return varlen_attn(q, k, v, cu_q, cu_k, max_q, max_k, window_size=(-1, 0))
+    if _takes_keyword(varlen_attn, "enable_gqa"):
+        return varlen_attn(q, k, v, cu_q, cu_k, max_q, max_k, window_size=(-1, 0), enable_gqa=True)
+    # torch 2.11's varlen_attn has no GQA: repeat each kv head for its `groups` query heads, in the order
+    # GQA uses (query head h reads kv head h // groups), i.e. repeat_interleave on the head dim.
+    k, v = (t.repeat_interleave(groups, dim=1) for t in (k, v))
+    return varlen_attn(q, k, v, cu_q, cu_k, max_q, max_k, window_size=(-1, 0))
+
+
+@lru_cache(maxsize=None)
+def _takes_keyword(function, name: str) -> bool:
+    return name in inspect.signature(function).parameters
 
 
 def varlen_reference_attention(q, k, v, attn):
@@ -550,6 +620,65 @@ def flash_attn_attention(q, k, v, attn):
 def torch_varlen_attention(q, k, v, attn):
     _require("torch_varlen", q)
     return varlen_attention(q, k, v, attn, _torch_varlen_kernel)
+
+
+# ---------------------------------------------------------------- flex
+
+
+FLEX_NO_CPU_BACKWARD = ("FlexAttention has no backward on CPU in this torch; use attention_backend segmented "
+                        "(flex on CPU is forward only, e.g. under torch.no_grad())")
+
+_compiled_flex_attention = None
+
+
+def _compiled_flex():
+    """``torch.compile(flex_attention, dynamic=False)``, created on first use (compiling is what makes
+    flex fast: eager flex_attention materialises the [R, H, S, S] scores). Static shapes: one compile per
+    padded row length, with the block mask's tensors as graph inputs, so new batches of that length reuse it."""
+    global _compiled_flex_attention
+    if _compiled_flex_attention is None:
+        from torch.nn.attention.flex_attention import flex_attention
+
+        _compiled_flex_attention = torch.compile(flex_attention, dynamic=False)
+    return _compiled_flex_attention
+
+
+def flex_attention_backend(q, k, v, attn):
+    """``flex_attention`` with the batch's cached ``BlockMask``: the rule evaluated directly, so any
+    branch pattern works; GQA through ``enable_gqa`` (kv heads are not repeated); scale 1/sqrt(D).
+
+    Inside a compiled region (regional torch.compile of a decoder block) the plain flex_attention is
+    called, so dynamo traces it into the enclosing graph; the block mask must then be built before that
+    region (``prepare_attention`` or ``attn.flex_block_mask(device)``), else ``flex_block_mask`` raises
+    rather than let dynamo trace create_block_mask. On CUDA outside a compiled region: the module's
+    compiled flex_attention (each new padded row length is one more compile, up to dynamo's recompile
+    limit). On CPU: eager, forward only (``FLEX_NO_CPU_BACKWARD``).
+    """
+    from torch.nn.attention.flex_attention import flex_attention
+
+    compiling = torch.compiler.is_compiling()
+    if not compiling:
+        _require("flex", q)
+        if q.device.type != "cuda" and torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
+            raise RuntimeError(FLEX_NO_CPU_BACKWARD)
+    block_mask = attn.flex_block_mask(q.device)
+    dtype = _compute_dtype(q)
+    q, k, v = (t.to(dtype).transpose(1, 2) for t in (q, k, v))  # [R, H, S, D]
+    options = dict(block_mask=block_mask, scale=q.shape[-1] ** -0.5, enable_gqa=q.shape[1] != k.shape[1])
+    if compiling:
+        out = flex_attention(q, k, v, **options)
+    elif q.device.type == "cuda":
+        out = _compiled_flex()(q, k, v, **options)
+    else:
+        if not torch.is_grad_enabled():
+            # torch's CPU flex refuses inputs that merely require grad, even under no_grad
+            q, k, v = q.detach(), k.detach(), v.detach()
+        with warnings.catch_warnings():
+            # Expected on CPU: eager flex is the unfused reference path, used here for forward parity only.
+            warnings.filterwarnings("ignore", message="flex_attention called without torch.compile",
+                                    category=UserWarning)
+            out = flex_attention(q, k, v, **options)
+    return out.transpose(1, 2)  # [R, S, Hq, D]
 
 
 # ---------------------------------------------------------------- availability and auto
@@ -575,11 +704,25 @@ def torch_varlen_usable() -> tuple[bool, str]:
         from torch.nn.attention.varlen import varlen_attn
     except Exception as error:
         return False, f"torch.nn.attention.varlen not importable ({type(error).__name__})"
-    params = inspect.signature(varlen_attn).parameters
-    missing = [name for name in ("window_size", "enable_gqa") if name not in params]
-    if missing:
-        return False, f"torch {torch.__version__} varlen_attn lacks {', '.join(missing)}"
+    if not _takes_keyword(varlen_attn, "window_size"):
+        return False, f"torch {torch.__version__} varlen_attn lacks window_size"
+    if not _takes_keyword(varlen_attn, "enable_gqa"):
+        return True, f"torch {torch.__version__} varlen_attn (no enable_gqa: kv heads repeated)"
     return True, f"torch {torch.__version__} varlen_attn"
+
+
+@lru_cache(maxsize=None)
+def flex_usable() -> tuple[bool, str]:
+    """Whether the compiled FlexAttention can run on CUDA: it needs torch's flex module and triton."""
+    try:
+        from torch.nn.attention.flex_attention import create_block_mask, flex_attention  # noqa: F401
+    except Exception as error:
+        return False, f"torch.nn.attention.flex_attention not importable ({type(error).__name__})"
+    try:
+        import triton
+    except Exception as error:  # a broken triton raises more than ImportError
+        return False, f"flex needs triton, not importable ({type(error).__name__})"
+    return True, f"torch {torch.__version__} flex_attention, triton {getattr(triton, '__version__', '?')}"
 
 
 def backend_available(name: str, device, dtype: torch.dtype | None = None) -> tuple[bool, str]:
@@ -587,6 +730,12 @@ def backend_available(name: str, device, dtype: torch.dtype | None = None) -> tu
     device = torch.device(device)
     if name in ("sdpa", "segmented", "varlen_reference", "auto"):
         return True, "pure torch"
+    if name == "flex":
+        if device.type == "cpu":
+            return True, "flex on CPU: eager, forward only (no backward on CPU in this torch)"
+        if device.type != "cuda":
+            return False, f"flex needs a CUDA device (or CPU, forward only), not {device.type}"
+        return flex_usable()
     if name not in ("flash_attn", "torch_varlen"):
         return False, f"unknown attention backend {name!r}"
     if device.type != "cuda":
@@ -602,21 +751,54 @@ def _require(name: str, q: torch.Tensor) -> None:
         raise RuntimeError(f"attention backend {name!r} is not usable here: {reason}")
 
 
+# What ``auto`` tries on CUDA, best first. One layer's attention for a 9.7k-token packed row (12 query /
+# 2 kv heads, head dim 128, bf16, fwd + bwd, H200, torch 2.11): compiled flex 1.05 ms; torch varlen_attn
+# (kv heads repeated) 0.92 ms for the kernel alone but 1.40 ms through ``varlen_attention``'s gathers and
+# scatters; segmented 3.17 ms. flash_attn's varlen kernel does no more work than varlen_attn's and has
+# native GQA, so it stays first where installed; segmented, which runs anywhere, is last.
+AUTO_CUDA_ORDER = ("flash_attn", "flex", "torch_varlen")
+VARLEN_BACKENDS = ("flash_attn", "torch_varlen")
+
+
 def resolve_attention_backend(name: str, device, dtype: torch.dtype | None = None) -> str:
-    """The concrete backend ``name`` stands for: ``auto`` becomes flash_attn, else torch_varlen (CUDA,
-    half dtype), else segmented; any other name is returned as is."""
+    """The concrete backend ``name`` stands for: ``auto`` becomes the first usable of ``AUTO_CUDA_ORDER``
+    on CUDA, else segmented (on CPU too: flex has no CPU backward and its eager CPU path is dense);
+    any other name is returned as is."""
     if name != "auto":
         return name
-    for candidate in ("flash_attn", "torch_varlen"):
-        if backend_available(candidate, device, dtype)[0]:
-            return candidate
+    if torch.device(device).type == "cuda":
+        for candidate in AUTO_CUDA_ORDER:
+            if backend_available(candidate, device, dtype)[0]:
+                return candidate
     return "segmented"
 
 
+def backend_for_batch(name: str, attn: AttentionInputs, device, dtype: torch.dtype | None = None) -> str:
+    """The backend that will compute ``attn`` on ``device``: ``auto`` resolved, then, if that is a varlen
+    backend and some segment's branch pattern has no varlen decomposition, flex (which evaluates the rule
+    itself) where usable, else segmented (which falls back to the dense mask)."""
+    name = resolve_attention_backend(name, device, dtype)
+    if name in VARLEN_BACKENDS and attn.varlen_plan(device) is None:
+        name = "flex" if backend_available("flex", device)[0] else "segmented"
+    return name
+
+
+def prepare_attention(attn: AttentionInputs, backend: str, device, dtype: torch.dtype | None = None) -> str:
+    """Build, eagerly and once, what ``backend`` will read from ``attn`` on ``device`` (block mask, varlen or
+    bucket plan, dense mask), and return the concrete backend. Call it before a torch.compile'd region:
+    inside one, these host-side builds would be traced (flex refuses: ``FLEX_MASK_IN_COMPILED_REGION``)."""
+    name = backend_for_batch(backend, attn, device, dtype) if backend == "auto" else backend
+    if name == "flex":
+        attn.flex_block_mask(device)
+    elif name in (*VARLEN_BACKENDS, "varlen_reference"):
+        attn.varlen_plan(device)
+    elif name == "sdpa" or (name == "segmented" and attn.bucket_plan(device) is None):
+        attn.mask(device)  # segmented's fallback for branch patterns it has no buckets for
+    return name
+
+
 def auto_attention(q, k, v, attn):
-    name = resolve_attention_backend("auto", q.device, _compute_dtype(q))
-    if name != "segmented" and attn.varlen_plan(q.device) is None:
-        name = "segmented"  # a branch pattern the varlen kernels cannot express: segmented falls back to dense
+    name = backend_for_batch("auto", attn, q.device, _compute_dtype(q))
     return ATTENTION_BACKENDS[name](q, k, v, attn)
 
 
@@ -627,6 +809,7 @@ ATTENTION_BACKENDS: dict[str, AttentionBackend] = {
     "segmented": segmented_attention,
     "flash_attn": flash_attn_attention,
     "torch_varlen": torch_varlen_attention,
+    "flex": flex_attention_backend,
     "varlen_reference": varlen_reference_attention,
     "auto": auto_attention,
 }
