@@ -51,6 +51,7 @@ from megapmp.flops import mfu, peak_flops, step_flops
 from megapmp.io import log
 from megapmp.loss import LOSS_BACKEND_ENV, loss_backend, pmp_loss, score_pairs
 from megapmp.model import Qwen2RewardModel
+from megapmp.model.attention import resolve_attention_backend
 from megapmp.model.compile import bucket_tokens, compile_enabled, compile_layers, compile_seconds
 from megapmp.optim import lr_at
 from megapmp.parallel.engine import Engine, StepSums, build_rank_chunks
@@ -71,11 +72,11 @@ def resolve_config(cfg: TrainConfig, meta: ShardMeta) -> TrainConfig:
     return replace(cfg, model=replace(cfg.model, vocab_size=vocab_size), loss=replace(cfg.loss, backend=backend))
 
 
-def build_model(cfg: TrainConfig, device: torch.device) -> Qwen2RewardModel:
+def build_model(cfg: TrainConfig, device: torch.device, attention_backend: str | None = None) -> Qwen2RewardModel:
     """Construct on the meta device (no memory touched), then materialise and init on `device`."""
     with torch.device("meta"):
         model = Qwen2RewardModel(cfg.model, activation_checkpointing=cfg.activation_checkpointing,
-                                 attention_backend=cfg.attention_backend)
+                                 attention_backend=attention_backend or cfg.attention_backend)
     model.to_empty(device=device)
     torch.manual_seed(cfg.seed)
     model.init_weights()
@@ -109,6 +110,10 @@ class Trainer:
         self.device = local_device()
         self.amp_dtype = autocast_dtype(cfg.precision, self.device)
         self.compiled = compile_enabled(cfg.compile, self.device)
+        # "auto" is resolved once, for this device and compute dtype, so every layer (and a compiled one's
+        # graph) sees one concrete backend.
+        self.attention_backend = resolve_attention_backend(cfg.attention_backend, self.device,
+                                                           self.amp_dtype or torch.float32)
         # A flat row is padded to a multiple of the TP size under sequence parallelism (each rank takes an
         # equal token shard) and of the compile bucket (few distinct shapes for the compiled layers).
         pad_multiple = math.lcm(cfg.parallel.tp if cfg.parallel.sequence_parallel else 1,
@@ -140,7 +145,7 @@ class Trainer:
         # The full model is seeded (or loaded) the same way on every rank, then each keeps its part.
         # With init_from the random init is overwritten, so a big model is staged on the CPU instead.
         staging = torch.device("cpu") if (ctx.world_size > 1 and cfg.checkpoint.init_from) else self.device
-        full = build_model(cfg, staging)
+        full = build_model(cfg, staging, self.attention_backend)
         # What a checkpoint of this model must hold (full shapes, any layout): resume loads strictly against it.
         self.parameter_shapes = {k: tuple(v.shape) for k, v in full.state_dict().items()}
         self.checkpoint_shapes = {k: shape for k, shape in self.parameter_shapes.items()
@@ -149,7 +154,7 @@ class Trainer:
             origin = load_initial_weights(full, cfg.checkpoint.init_from, cfg.checkpoint.init_reward_head)
             self.log(f"initialised from {origin}")
         build_chunk = partial(Qwen2RewardModel, cfg.model, activation_checkpointing=cfg.activation_checkpointing,
-                              attention_backend=cfg.attention_backend)
+                              attention_backend=self.attention_backend)
         chunks = build_rank_chunks(full, build_chunk, ctx, self.device, sequence_parallel=cfg.parallel.sequence_parallel)
         if self.compiled:
             # Every chunk's decoder layers; the engine, loss and collectives stay eager.

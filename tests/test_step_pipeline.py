@@ -205,3 +205,39 @@ def test_a_step_waits_for_the_gpu_once(shard, tmp_path):
             torch.cuda.set_sync_debug_mode(0)
     syncs = [w for w in caught if "synchroniz" in str(w.message).lower()]
     assert len(syncs) <= 1, [str(w.message) for w in syncs]
+
+
+def test_one_graph_per_shape_serves_every_layer_with_flex():
+    """The compiled unit is run_layer(layer, ...): with FlexAttention traced into it (block mask built before
+    the layers), every layer of a model shares one full graph per padded shape; a new micro-batch of the same
+    shape compiles nothing; a new bucket compiles once. dynamo's eager backend: this checks the tracing, the
+    training test above checks inductor."""
+    import torch._dynamo
+    from megapmp.config import ModelConfig
+    from megapmp.model import Qwen2RewardModel
+    from megapmp.model.attention import attention_inputs
+    from megapmp.model.qwen2 import run_layer
+
+    torch._dynamo.reset()
+    cfg = ModelConfig(vocab_size=50, hidden_size=32, intermediate_size=48, num_hidden_layers=3,
+                      num_attention_heads=4, num_key_value_heads=2)
+    torch.manual_seed(0)
+    model = Qwen2RewardModel(cfg, attention_backend="flex")
+    model.init_weights()
+    compiled = Qwen2RewardModel(cfg, attention_backend="flex")
+    compiled.load_state_dict(model.state_dict())
+    compiled.run_layer = torch.compile(run_layer, backend="eager", fullgraph=True, dynamic=False)
+    counters = torch._dynamo.utils.counters["stats"]
+    graphs = []
+    for seed, layout, multiple in [(1, "duplicated", 128), (2, "duplicated", 128), (3, "shared-prefix", 128),
+                                   (4, "duplicated", 256)]:
+        batch = flatten_rows(pack_pairs(random_pairs(4, seed=seed), 64, layout, pad_id=0), pad_id=0,
+                             multiple=multiple).to_torch()
+        with torch.no_grad():
+            # (eager flex on a CPU compiles a wrapper of its own: count only around the compiled model)
+            expected = model(batch.input_ids, batch.position_ids, attention_inputs(batch))
+            before = counters["unique_graphs"]
+            got = compiled(batch.input_ids, batch.position_ids, attention_inputs(batch))
+            graphs.append(counters["unique_graphs"] - before)
+        torch.testing.assert_close(got, expected, rtol=0, atol=1e-6)
+    assert graphs == [1, 0, 0, 1]  # three layers, one graph; same padded length (either layout): none; new bucket: one

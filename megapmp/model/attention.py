@@ -71,12 +71,15 @@ class AttentionInputs:
     ``cu_seqlens``: int32 [n_runs + 1], boundaries of the contiguous runs of equal segment id
     over the flattened R*S tokens (each padding run is a run of its own), for varlen kernels.
     ``max_seqlen``: the longest such run.
+    ``host_ids``: optional numpy copies of (segment_ids, branch_ids), which the loader already has: the
+    varlen and bucket plans are built from them, so a batch on a GPU is never copied back to the host.
     """
 
     segment_ids: torch.Tensor
     branch_ids: torch.Tensor
     cu_seqlens: torch.Tensor
     max_seqlen: int
+    host_ids: tuple[np.ndarray, np.ndarray] | None = field(default=None, repr=False, compare=False)
     # Built once per micro-batch and reused by every layer (and by checkpoint recomputation).
     _mask_cache: dict = field(default_factory=dict, init=False, repr=False, compare=False)
     _plan_cache: dict = field(default_factory=dict, init=False, repr=False, compare=False)
@@ -129,6 +132,7 @@ class AttentionInputs:
             self.branch_ids.to(device),
             self.cu_seqlens.to(device),
             self.max_seqlen,
+            host_ids=self.host_ids,
         )
 
     def mask(self, device=None) -> torch.Tensor:
@@ -153,11 +157,14 @@ class AttentionInputs:
     def varlen_plan(self, device=None) -> "VarlenPlan | None":
         """The problems of this batch as varlen-kernel inputs (see the module docstring), cached per
         device; None if some segment has a branch pattern the varlen decomposition does not cover."""
-        return self._cached_plan("varlen", device, lambda: VarlenPlan.build(self.segment_ids, self.branch_ids))
+        return self._cached_plan("varlen", device, lambda: VarlenPlan.build(*self._ids_on_host()))
 
     def bucket_plan(self, device=None) -> "BucketPlan | None":
         """The problems batched into padded buckets for the ``segmented`` backend, cached per device."""
-        return self._cached_plan("buckets", device, lambda: BucketPlan.build(self.segment_ids, self.branch_ids))
+        return self._cached_plan("buckets", device, lambda: BucketPlan.build(*self._ids_on_host()))
+
+    def _ids_on_host(self):
+        return self.host_ids if self.host_ids is not None else (self.segment_ids, self.branch_ids)
 
     def _cached_plan(self, kind: str, device, build):
         device = torch.device(device) if device is not None else self.segment_ids.device
@@ -179,8 +186,11 @@ class AttentionInputs:
 
 
 def attention_inputs(batch) -> AttentionInputs:
-    """The attention view of a torch PackedBatch (megapmp.data.packing): its packing structure only."""
-    return AttentionInputs(batch.segment_ids, batch.branch_ids, batch.cu_seqlens, batch.max_seqlen)
+    """The attention view of a torch PackedBatch (megapmp.data.packing): its packing structure only, with
+    the loader's numpy ids for the host-side plans when the batch has them."""
+    host = getattr(batch, "host", None)
+    host_ids = (host.segment_ids, host.branch_ids) if host is not None else None
+    return AttentionInputs(batch.segment_ids, batch.branch_ids, batch.cu_seqlens, batch.max_seqlen, host_ids=host_ids)
 
 
 def _check_shapes(segment_ids: torch.Tensor, branch_ids: torch.Tensor) -> None:

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from megapmp.config import ModelConfig
-from megapmp.model.attention import ATTENTION_BACKENDS, AttentionInputs, attention
+from megapmp.model.attention import ATTENTION_BACKENDS, AttentionInputs, attention, prepare_attention
 
 
 class RMSNorm(nn.Module):
@@ -129,6 +129,12 @@ class DecoderLayer(nn.Module):
         return h + self.mlp(self.post_attention_layernorm(h))
 
 
+def run_layer(layer: DecoderLayer, h: torch.Tensor, rope, attn: AttentionInputs) -> torch.Tensor:
+    """One decoder layer's forward, as a function of the layer: megapmp.model.compile compiles THIS, so one
+    graph (per input shape) serves every layer, the parameters being its inputs."""
+    return layer(h, rope, attn)
+
+
 class Qwen2RewardModel(nn.Module):
     """Qwen2 decoder returning final-normed hidden states; ``lm_logits`` and ``rewards`` map them
     to token logits and fp32 scalar rewards.
@@ -160,6 +166,8 @@ class Qwen2RewardModel(nn.Module):
             raise ValueError(f"layer_ids {list(layer_ids)} outside 0..{config.num_hidden_layers - 1}")
 
         self.config = config
+        self.attention_backend = attention_backend
+        self.run_layer = run_layer  # megapmp.model.compile.compile_layers swaps in the compiled one
         self.activation_checkpointing = activation_checkpointing
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size) if with_embedding else None
         self.rotary = RotaryEmbedding(config.head_dim, config.rope_theta)
@@ -198,11 +206,16 @@ class Qwen2RewardModel(nn.Module):
         the final norm. Logits are not computed here: the loss does that in chunks."""
         h = self.embed_tokens(input_ids) if self.embed_tokens is not None else input_ids  # [R, S, H]
         rope = self.rotary(position_ids, h.dtype)  # once per forward, shared by every layer
+        # The block mask / varlen plan of this micro-batch, built once and eagerly: the layers (compiled or
+        # not, recomputed under activation checkpointing) only read it.
+        device_type = h.device.type
+        compute_dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else h.dtype
+        prepare_attention(attn, self.attention_backend, h.device, compute_dtype)
         for layer in self.layers.values():
             if self.activation_checkpointing and self.training:
-                h = checkpoint(layer, h, rope, attn, use_reentrant=False)
+                h = checkpoint(self.run_layer, layer, h, rope, attn, use_reentrant=False)
             else:
-                h = layer(h, rope, attn)
+                h = self.run_layer(layer, h, rope, attn)
         return self.norm(h) if self.norm is not None else h
 
     def lm_logits(self, hidden: torch.Tensor) -> torch.Tensor:
