@@ -16,7 +16,9 @@ What this trainer keeps per rank (the busiest pipeline stage; TP divides every s
                layer's full set. Tokens per micro-batch: an upper bound, every pair filling its row
                (pairs per micro-batch x seq_len). 1F1B keeps min(pp, micro_batches) micro-batches in
                flight on the first stage; AFAB keeps all of them.
-  loss         the chunked LM head: lm_chunk x vocab/TP fp32 logits and their gradient.
+  loss         the chunked LM head on a GPU (the triton backend, gradients made in forward): one bf16 logits
+               chunk of lm_chunk x vocab/TP (0: 8192 rows), overwritten in place by its gradient, plus the
+               fp32 accumulator of the LM head's gradient, vocab/TP x h.
 
 Not counted: the CUDA context and NCCL buffers (~1-3 GiB), allocator fragmentation, DP gradient buckets
 (parallel.bucket_mb, transient). Start-up stages the full model once per rank (on the host when
@@ -25,6 +27,8 @@ checkpoint.init_from is set, else on the device), reported as `staging`.
 from __future__ import annotations
 
 import math
+
+from megapmp_kernels.pair_loss import GRAD_IN_FORWARD_CHUNK_TOKENS
 
 GiB = 2**30
 
@@ -44,7 +48,7 @@ def parameter_counts(model) -> dict:
 
 
 def estimate_memory(model, parallel, data, precision: str = "bf16", *, world_size: int | None = None,
-                    activation_checkpointing: bool = False, lm_chunk: int = 4096, init_from: bool = False) -> dict:
+                    activation_checkpointing: bool = False, lm_chunk: int = 0, init_from: bool = False) -> dict:
     """Bytes per rank on the busiest pipeline stage, by category (see the module docstring).
 
     model: ModelConfig; parallel: ParallelConfig; data: DataConfig; precision: fp32 | bf16 | fp16 | auto
@@ -86,7 +90,8 @@ def estimate_memory(model, parallel, data, precision: str = "bf16", *, world_siz
         activations = tokens_per_micro * (in_flight * per_stage_layers * saved + per_token_layer)
     else:
         activations = tokens_per_micro * in_flight * per_stage_layers * per_token_layer
-    loss = 2 * lm_chunk * (model.vocab_size / tp) * 4
+    chunk = lm_chunk or GRAD_IN_FORWARD_CHUNK_TOKENS
+    loss = chunk * (model.vocab_size / tp) * 2 + (model.vocab_size / tp) * h * 4
     optimizer = 12 * rank_params / dp if parallel.distributed_optimizer else 8 * rank_params
     out = {
         "layout": {"world_size": world, "tp": tp, "pp": pp, "dp": dp, "vpp": vpp, "sequence_parallel": sp,
