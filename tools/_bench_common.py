@@ -170,19 +170,20 @@ class BaselineSide(Side):
         for implementation in ("sdpa", "eager"):
             try:
                 hf_config._attn_implementation = implementation
-                model = Qwen2ForSequenceClassification(hf_config)
+                with torch.device(device):  # built in place: its random init (overwritten below) not on the host
+                    model = Qwen2ForSequenceClassification(hf_config)
                 self.attn_implementation = implementation
                 break
             except (ValueError, ImportError) as error:  # sdpa unsupported here: fall back to eager
                 log(f"baseline: attn_implementation={implementation} failed ({error})")
         model.load_state_dict(to_hf_state_dict(state_dict, config, include_lm_head=False))
         # CodePMP: model.lm_head = AutoModelForCausalLM.from_pretrained(...).lm_head, a separate Linear.
-        model.lm_head = torch.nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        model.lm_head = torch.nn.Linear(config.hidden_size, config.vocab_size, bias=False, device=device)
         if config.tie_word_embeddings:
             model.lm_head.weight = model.model.embed_tokens.weight
         else:
             with torch.no_grad():
-                model.lm_head.weight.copy_(state_dict["lm_head.weight"])
+                model.lm_head.weight.copy_(state_dict["lm_head.weight"].to(device))
         if gradient_checkpointing:
             # What HF Trainer's --gradient_checkpointing does (transformers 5 renamed the method).
             enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
