@@ -74,24 +74,21 @@ import statistics
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
+from _bench_common import (PAD_ID, BaselineSide, Side, amp_dtype, pick_device, proc_status_bytes,  # tools/
+                           random_pairs, real_tokens, reset_peak_rss)
 from megapmp.config import MODEL_PRESETS, DataConfig, ModelConfig, TrainConfig, model_preset
-from megapmp.convert.hf import to_hf_config, to_hf_state_dict
 from megapmp.data.datasets import Pair
-from megapmp.data.packing import IGNORE_INDEX, PACKINGS, flatten_rows, pack_pairs
+from megapmp.data.packing import PACKINGS, flatten_rows, pack_pairs
 from megapmp.model.attention import attention_inputs
 from megapmp.flops import batch_flops
 from megapmp.io import get_logger
 from megapmp.loss import Heads, pmp_loss
 from megapmp.model import Qwen2RewardModel
-from megapmp.optim import build_optimizer
 
-PAD_ID, EOS_ID = 0, 1  # random token ids are drawn from [2, vocab): pad never equals a real token
 CPU_MODEL = "bench-cpu"
 MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "131072", "MALLOC_TRIM_THRESHOLD_": "0"}
 
@@ -128,30 +125,7 @@ def step_pairs(args, step: int, vocab: int) -> list[Pair]:
     """The pairs of step `step`: a pure function of (--seed, step). CodePMP-shaped: the prompt about as
     long as each response; responses end with EOS; ids in [2, vocab) so none equals PAD or EOS."""
     rng = np.random.default_rng([args.seed, step])
-    pairs = []
-    for _ in range(args.pairs_per_step):
-        p = int(rng.integers(args.prompt_len[0], args.prompt_len[1] + 1))
-        c, r = (int(rng.integers(args.response_len[0], args.response_len[1] + 1)) for _ in range(2))
-        prompt = rng.integers(2, vocab, p, dtype=np.int64)
-        chosen, rejected = (np.append(rng.integers(2, vocab, n - 1, dtype=np.int64), EOS_ID) for n in (c, r))
-        pairs.append(Pair(prompt, chosen, rejected))
-    return pairs
-
-
-def real_tokens(pairs) -> int:
-    return sum(2 * len(p.prompt) + len(p.chosen) + len(p.rejected) for p in pairs)
-
-
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    return torch.device(name)
-
-
-def amp_dtype(precision: str, device: torch.device):
-    if precision == "auto":
-        precision = "bf16" if device.type == "cuda" else "fp32"
-    return {"fp32": None, "bf16": torch.bfloat16}[precision]
+    return random_pairs(rng, args.pairs_per_step, args.prompt_len, args.response_len, vocab)
 
 
 def reference_weights(config: ModelConfig, seed: int) -> dict[str, torch.Tensor]:
@@ -164,28 +138,6 @@ def reference_weights(config: ModelConfig, seed: int) -> dict[str, torch.Tensor]
 
 # --------------------------------------------------------------------------------------------------
 # The two sides
-
-
-class Side:
-    name = "?"
-
-    def __init__(self, args, config, device):
-        self.args, self.config, self.device = args, config, device
-        self.amp = amp_dtype(args.precision, device)
-
-    def _optimizer(self, model):
-        optimizer, _ = build_optimizer(model, lr=self.args.lr, weight_decay=self.args.weight_decay,
-                                       betas=(0.9, 0.95), eps=1e-8, backend="torch")
-        return optimizer
-
-    def _finish(self, loss) -> None:
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.args.grad_clip)
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-
-    def autocast(self):
-        return torch.autocast(self.device.type, dtype=self.amp, enabled=self.amp is not None)
 
 
 class MegapmpSide(Side):
@@ -219,72 +171,6 @@ class MegapmpSide(Side):
                 "flops": batch_flops(self.config, packed)}
 
 
-class BaselineSide(Side):
-    name = "baseline"
-
-    def __init__(self, args, config, device, state_dict):
-        super().__init__(args, config, device)
-        from transformers import Qwen2Config, Qwen2ForSequenceClassification
-
-        hf_config = Qwen2Config(**to_hf_config(config, pad_token_id=PAD_ID, eos_token_id=EOS_ID))
-        model, self.attn_implementation = None, None
-        for implementation in ("sdpa", "eager"):
-            try:
-                hf_config._attn_implementation = implementation
-                model = Qwen2ForSequenceClassification(hf_config)
-                self.attn_implementation = implementation
-                break
-            except (ValueError, ImportError) as error:  # sdpa unsupported here: fall back to eager
-                log(f"baseline: attn_implementation={implementation} failed ({error})")
-        model.load_state_dict(to_hf_state_dict(state_dict, config, include_lm_head=False))
-        # CodePMP: model.lm_head = AutoModelForCausalLM.from_pretrained(...).lm_head, a separate Linear.
-        model.lm_head = torch.nn.Linear(config.hidden_size, config.vocab_size, bias=False)
-        if config.tie_word_embeddings:
-            model.lm_head.weight = model.model.embed_tokens.weight
-        else:
-            with torch.no_grad():
-                model.lm_head.weight.copy_(state_dict["lm_head.weight"])
-        self.model = model.to(device).train()
-        self.optimizer = self._optimizer(self.model)
-
-    def collate(self, pairs):
-        """CodePMP's RewardDataCollatorWithPadding: rows chosen0, rejected0, chosen1, ... right-padded to the
-        longest; labels = the chosen-response tokens of the chosen rows, IGNORE_INDEX elsewhere."""
-        rows = []
-        for p in pairs:
-            rows += [np.concatenate([p.prompt, p.chosen]), np.concatenate([p.prompt, p.rejected])]
-        width = max(len(r) for r in rows)
-        input_ids = np.full((len(rows), width), PAD_ID, np.int64)
-        attention_mask = np.zeros((len(rows), width), np.int64)
-        labels = np.full((len(rows), width), IGNORE_INDEX, np.int64)
-        for i, row in enumerate(rows):
-            input_ids[i, : len(row)], attention_mask[i, : len(row)] = row, 1
-        for i, p in enumerate(pairs):
-            start = len(p.prompt)
-            labels[2 * i, start : start + len(p.chosen)] = p.chosen
-        return (torch.from_numpy(t).to(self.device) for t in (input_ids, attention_mask, labels))
-
-    def step(self, pairs) -> dict:
-        input_ids, attention_mask, labels = self.collate(pairs)
-        with self.autocast():
-            output = self.model(input_ids=input_ids, attention_mask=attention_mask, return_dict=True,
-                                output_hidden_states=True)
-            rewards = output.logits.float()  # [2N, 1], pooled at the last non-pad token
-            rm_loss = -F.logsigmoid(rewards[::2] - rewards[1::2]).mean()
-            hidden = output.hidden_states[-1][::2]  # [N, W, H], final-normed
-            if self.amp is not None:
-                hidden = hidden.to(self.amp)
-            logits = self.model.lm_head(hidden).float()  # [N, W, V]: every position of every chosen row
-            shift_logits = logits[..., :-1, :].contiguous()
-            shift_labels = labels[::2][..., 1:].contiguous()
-            lm_loss = F.cross_entropy(shift_logits.view(-1, self.config.vocab_size), shift_labels.view(-1))
-            loss = self.args.rm_coef * rm_loss + self.args.lm_coef * lm_loss
-        self._finish(loss)
-        return {"loss": float(loss.detach()), "rm_loss": float(rm_loss.detach()), "lm_loss": float(lm_loss.detach()),
-                "real_tokens": int(attention_mask.sum()), "lm_tokens": int((labels != IGNORE_INDEX).sum()),
-                "row_tokens": int(input_ids.numel())}
-
-
 def build_side(kind: str, args, config, device, state_dict):
     if kind == "baseline":
         return BaselineSide(args, config, device, state_dict)
@@ -293,21 +179,6 @@ def build_side(kind: str, args, config, device, state_dict):
 
 # --------------------------------------------------------------------------------------------------
 # Memory: one side per fresh subprocess
-
-
-def _proc_status_bytes(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) * 1024
-    raise RuntimeError(f"/proc/self/status has no {field}")
-
-
-def _reset_peak_rss() -> bool:
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-        return True
-    except OSError:
-        return False
 
 
 def run_child(args) -> None:
@@ -325,20 +196,20 @@ def run_child(args) -> None:
         current = torch.cuda.memory_allocated
         torch.cuda.reset_peak_memory_stats()
     else:
-        current = lambda: _proc_status_bytes("VmRSS")  # noqa: E731
+        current = lambda: proc_status_bytes("VmRSS")  # noqa: E731
     base = current()
-    resettable = cuda or _reset_peak_rss()
+    resettable = cuda or reset_peak_rss()
     peaks, steady = [], []  # absolute peak during each step; per-step peak over the RSS just before it
     for i in range(args.mem_steps):
         pairs = step_pairs(args, i, config.vocab_size)
         if i > 0 and resettable:
             gc.collect()
             before = current()
-            torch.cuda.reset_peak_memory_stats() if cuda else _reset_peak_rss()
+            torch.cuda.reset_peak_memory_stats() if cuda else reset_peak_rss()
         side.step(pairs)
         if cuda:
             torch.cuda.synchronize()
-        peaks.append(torch.cuda.max_memory_allocated() if cuda else _proc_status_bytes("VmHWM"))
+        peaks.append(torch.cuda.max_memory_allocated() if cuda else proc_status_bytes("VmHWM"))
         if i > 0 and resettable:
             steady.append(peaks[-1] - before)
     # Without a peak reset VmHWM only grows, so the max is still the peak over all steps.
