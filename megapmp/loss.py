@@ -141,7 +141,7 @@ def pmp_loss(hidden: torch.Tensor, heads: Heads, batch, *, rm_coef: float, lm_co
                                        sequence_parallel=sequence_parallel)
     if use_lm:
         selected, targets = lm_rows(hidden, batch.labels, tp_group, sequence_parallel=sequence_parallel,
-                                    positions=batch.lm_index)
+                                    positions=getattr(batch, "lm_index", None))
     sums = fused_pair_loss(selected, heads.lm if use_lm else None, targets, chosen, rejected,
                            heads.score if use_rm else None, group=tp_group if tp > 1 else None,
                            vocab_start=group_rank(tp_group) * heads.lm.shape[0] if use_lm and tp > 1 else 0,
