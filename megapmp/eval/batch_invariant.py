@@ -44,6 +44,7 @@ from torch.overrides import TorchFunctionMode
 
 from megapmp.data.packing import first_fit
 from megapmp.model.attention import AttentionInputs, resolve_attention_backend
+from megapmp.model.qwen2 import Attention
 
 PACKINGS = ("rows", "flat")
 DEFAULT_TILE_TOKENS = 128
@@ -87,8 +88,9 @@ def invariant_attention_backend(device: torch.device, dtype: torch.dtype | None)
 
 @contextmanager
 def attention_backend(model: torch.nn.Module, name: str):
-    """Temporarily run every attention module of ``model`` with backend ``name``."""
-    modules = [m for m in model.modules() if hasattr(m, "backend") and hasattr(m, "q_proj")]
+    """Run every attention module of ``model`` with backend ``name`` inside the block (a no-op where they
+    already use it; not for a model that other threads run with another backend meanwhile)."""
+    modules = [m for m in model.modules() if isinstance(m, Attention) and m.backend != name]
     saved = [m.backend for m in modules]
     for m in modules:
         m.backend = name

@@ -35,9 +35,11 @@ from megapmp.data.datasets import Pair
 from megapmp.data.packing import pair_packed_length
 from megapmp.data.preprocess import fit_pair, resolve_template
 from megapmp.device import autocast_dtype, pick_device
-from megapmp.eval.batch_invariant import DEFAULT_TILE_TOKENS, PACKINGS, score_sequences as score_invariant
+from megapmp.eval.batch_invariant import DEFAULT_TILE_TOKENS, PACKINGS, invariant_attention_backend
+from megapmp.eval.batch_invariant import score_sequences as score_invariant
 from megapmp.loss import score_pairs
 from megapmp.model import Qwen2RewardModel
+from megapmp.model.qwen2 import Attention
 
 
 class RewardScorer:
@@ -79,6 +81,13 @@ class RewardScorer:
         self.batch_invariant = bool(batch_invariant)
         self.tile_tokens = int(tile_tokens)
         self.packing = packing
+        if self.batch_invariant:
+            # The model is this scorer's own: set its per-sequence attention backend once, so that forwards
+            # from several threads never see another's temporary setting.
+            backend = invariant_attention_backend(self.device, self.autocast_dtype or next(model.parameters()).dtype)
+            for module in self.model.modules():
+                if isinstance(module, Attention):
+                    module.backend = backend
 
     # -- loading --------------------------------------------------------------------------------
 
