@@ -97,10 +97,10 @@ def test_fp32_reward_is_bitwise_independent_of_batch_size_order_and_packing(scor
 
 def test_a_batch_dependent_variant_is_caught(scorer, sequences):
     """The packed scorer's way: one GEMM over all the batch's tokens, problems bucketed with their
-    neighbours (attention 'segmented'). Its rewards agree to rounding, not to the bit."""
+    neighbours (segmented attention's length buckets). Its rewards agree to rounding, not to the bit."""
     score = functools.partial(score_sequences, scorer.model, pad_id=scorer.recipe.pad_id, device="cpu")
     alone = np.array([score([s])[0] for s in sequences])
-    broken = functools.partial(score, tile_tokens=None, attention="segmented")
+    broken = functools.partial(score, tile_tokens=None, per_sequence=False)
     found = inconsistencies(broken, sequences, alone)
     assert len(found) >= 3, found
     np.testing.assert_allclose(broken(sequences), alone, atol=1e-5)  # only the last bits differ

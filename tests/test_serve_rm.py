@@ -103,7 +103,7 @@ def test_health_and_info(url):
     assert info["model"]["kind"] == "megapmp-checkpoint" and info["model"]["step"] == 3
     assert info["recipe"]["eos_policy"] == "response" and info["recipe"]["max_length"] == MAX_LENGTH
     assert info["device"] == "cpu" and info["dtype"] == {"weights": "float32", "compute": "float32"}
-    assert info["backends"]["attention"] == "varlen_reference" and info["backends"]["batch_invariant"] is True
+    assert info["backends"]["attention"] == "segmented" and info["backends"]["batch_invariant"] is True
     assert info["batching"] == {"batch_tokens": 4096, "max_wait_ms": 20}
     assert info["routes"]["openrlhf"] == "POST /get_reward"
 
@@ -229,7 +229,7 @@ def test_sigterm_drains_in_flight_requests_then_exits(run_dir, offline, tmp_path
             f"{url}/score", {"prompts": prompts, "responses": responses})))
         request.start()
         deadline = time.monotonic() + 30
-        while get(f"{url}/info")["stats"]["pending_jobs"] == 0:  # queued, waiting out --max-wait-ms
+        while get(f"{url}/info")["stats"]["in_flight_jobs"] == 0:  # queued, waiting out --max-wait-ms
             assert time.monotonic() < deadline
             time.sleep(0.02)
         proc.send_signal(signal.SIGTERM)

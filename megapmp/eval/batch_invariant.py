@@ -16,9 +16,10 @@ text's bits depend on its neighbours:
 The batch-invariant forward removes both causes:
 
 * every sequence (prompt + response, EOS included) is ONE plain causal attention problem of exactly its
-  own length, never shared with another sequence: the per-problem ``varlen_reference`` backend on the
-  CPU (its shapes are the sequence's own), the varlen kernels on CUDA (one problem per sequence; a
-  thread block sees one sequence; not verified here: no GPU on the CPU machines);
+  own length, never shared with another sequence: on the CPU the ``segmented`` backend with every
+  sequence in an SDPA bucket of its own (:class:`PerSequenceAttentionInputs`: one SDPA call of shape
+  [1, heads, L, D] per sequence); on CUDA the varlen kernels (one problem per sequence; a thread block
+  sees one sequence; not verified here: no GPU on the CPU machines);
 * every ``F.linear`` runs on fixed tiles of ``tile_tokens`` rows (the last tile zero-padded), so every
   GEMM call has one shape, [tile_tokens, in] x [in, out], whatever the batch; the measured GEMMs round a
   row the same wherever it sits in such a tile. The tile is part of the recipe: another tile size is
@@ -43,7 +44,7 @@ import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
 from megapmp.data.packing import first_fit
-from megapmp.model.attention import AttentionInputs, resolve_attention_backend
+from megapmp.model.attention import AttentionInputs, Bucket, BucketPlan, resolve_attention_backend
 from megapmp.model.qwen2 import Attention
 
 PACKINGS = ("rows", "flat")
@@ -81,9 +82,58 @@ class TiledLinear(TorchFunctionMode):
 
 def invariant_attention_backend(device: torch.device, dtype: torch.dtype | None) -> str:
     """One attention problem per sequence: a varlen kernel on CUDA (flash_attn / torch_varlen, half
-    dtypes), else the per-problem torch reference, whose shapes are each sequence's own."""
+    dtypes), else ``segmented`` over :class:`PerSequenceAttentionInputs` (one SDPA call per sequence)."""
     name = resolve_attention_backend("auto", device, dtype)
-    return name if name in ("flash_attn", "torch_varlen") else "varlen_reference"
+    return name if name in ("flash_attn", "torch_varlen") else "segmented"
+
+
+class PerSequenceAttentionInputs(AttentionInputs):
+    """Plain causal sequences whose ``segmented`` attention puts every sequence in a bucket of its own.
+
+    The default bucket plan batches problems of similar length into one padded SDPA call, whose shape
+    (and so the bits of every row) depends on the neighbours; here each sequence's SDPA call has the
+    shape [1, heads, its length, D] whatever else is in the batch.
+    """
+
+    def __init__(self, segment_ids, branch_ids, cu_seqlens, max_seqlen, starts: torch.Tensor,
+                 lengths: torch.Tensor):
+        super().__init__(segment_ids, branch_ids, cu_seqlens, max_seqlen)
+        self.starts, self.lengths = starts, lengths  # flat start and length of each sequence
+
+    @classmethod
+    def build(cls, row_lengths: list[list[int]], seq_len: int) -> "PerSequenceAttentionInputs":
+        base = AttentionInputs.from_segment_lengths(row_lengths, seq_len)
+        starts, lengths = [], []
+        for r, row in enumerate(row_lengths):
+            col = 0
+            for n in row:
+                starts.append(r * seq_len + col)
+                lengths.append(n)
+                col += n
+        return cls(base.segment_ids, base.branch_ids, base.cu_seqlens, base.max_seqlen,
+                   torch.tensor(starts, dtype=torch.int64), torch.tensor(lengths, dtype=torch.int64))
+
+    def to(self, device) -> "PerSequenceAttentionInputs":
+        return PerSequenceAttentionInputs(self.segment_ids.to(device), self.branch_ids.to(device),
+                                          self.cu_seqlens.to(device), self.max_seqlen, self.starts, self.lengths)
+
+    def bucket_plan(self, device=None) -> BucketPlan:
+        return self._cached_plan("per-sequence buckets", device, self._singleton_buckets)
+
+    def _singleton_buckets(self) -> BucketPlan:
+        n_tokens = self.segment_ids.numel()
+        buckets, out_index = [], torch.empty(n_tokens, dtype=torch.int64)
+        is_query = torch.zeros(n_tokens, dtype=torch.bool)
+        offset = 0
+        for start, length in zip(self.starts.tolist(), self.lengths.tolist()):
+            index = torch.arange(start, start + length)
+            buckets.append(Bucket(index[None], index[None], None))  # mask None: square causal
+            out_index[index] = offset + torch.arange(length)
+            is_query[index] = True
+            offset += length
+        pad_index = torch.nonzero(~is_query).squeeze(1)
+        out_index[pad_index] = offset + torch.arange(pad_index.numel())
+        return BucketPlan(buckets, pad_index, out_index)
 
 
 @contextmanager
@@ -129,25 +179,28 @@ def pack_sequences(sequences: Sequence[Sequence[int]], packing: str, pad_id: int
             position_ids[r, col : col + n] = np.arange(n)
             readout[i] = r * seq_len + col + n - 1
             col += n
-    attn = AttentionInputs.from_segment_lengths([[int(lengths[i]) for i in m] for m in rows], seq_len)
+    attn = PerSequenceAttentionInputs.build([[int(lengths[i]) for i in m] for m in rows], seq_len)
     return torch.from_numpy(input_ids), torch.from_numpy(position_ids), attn, torch.from_numpy(readout)
 
 
 @torch.no_grad()
 def score_sequences(model, sequences: Sequence[Sequence[int]], *, pad_id: int, device, autocast_dtype=None,
                     tile_tokens: int | None = DEFAULT_TILE_TOKENS, packing: str = "flat",
-                    attention: str | None = None) -> np.ndarray:
+                    attention: str | None = None, per_sequence: bool = True) -> np.ndarray:
     """float64 reward at the last token of each id sequence, batch-invariant (module docstring): the same
     bits for a sequence whatever else is in ``sequences``, in which order, and in either packing.
 
-    ``tile_tokens=None`` (one GEMM over the whole batch) or an ``attention`` backend that batches problems
-    together ("segmented", "sdpa") give up the invariance: for comparisons only."""
+    ``tile_tokens=None`` (one GEMM over the whole batch) or an ``attention`` backend that batches
+    sequences together ("sdpa": one dense mask per row; ``per_sequence=False``: "segmented" with its
+    default length buckets) give up the invariance: for comparisons only."""
     if len(sequences) == 0:
         return np.empty(0)
     device = torch.device(device)
     if attention is None:
         attention = invariant_attention_backend(device, autocast_dtype or next(model.parameters()).dtype)
     input_ids, position_ids, attn, readout = pack_sequences(sequences, packing, pad_id)
+    if not per_sequence:
+        attn = AttentionInputs(attn.segment_ids, attn.branch_ids, attn.cu_seqlens, attn.max_seqlen)
     input_ids, position_ids, readout = input_ids.to(device), position_ids.to(device), readout.to(device)
     tiles = TiledLinear(tile_tokens) if tile_tokens else nullcontext()
     with attention_backend(model, attention), tiles, \

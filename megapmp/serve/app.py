@@ -154,7 +154,7 @@ def build_app(scorer, settings: ServeSettings) -> web.Application:
         batcher = request.app[BATCHER_KEY]
         return web.json_response(server_info(scorer, settings) | {
             "uptime_s": round(time.time() - started, 3),
-            "stats": asdict(batcher.stats) | {"pending_jobs": batcher.pending}})
+            "stats": asdict(batcher.stats) | {"in_flight_jobs": batcher.in_flight}})
 
     app.router.add_post("/score", native)
     app.router.add_post("/get_reward", openrlhf)

@@ -66,11 +66,12 @@ class Batcher:
         self._held: Job | None = None  # a job that did not fit the previous batch: it opens the next one
         self._task: asyncio.Task | None = None
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rm-worker")
+        self._in_flight = 0
 
     @property
-    def pending(self) -> int:
-        """Jobs waiting for a batch (not counting one being scored)."""
-        return (self._queue.qsize() if self._queue is not None else 0) + (self._held is not None)
+    def in_flight(self) -> int:
+        """Jobs accepted and not answered yet (queued, gathering, or being scored)."""
+        return self._in_flight
 
     def start(self) -> None:
         self._queue = asyncio.Queue()
@@ -88,8 +89,12 @@ class Batcher:
         if self._task is None or self._task.done():
             raise RuntimeError("the batcher is not running")
         job = Job(sequences, asyncio.get_running_loop().create_future(), sum(len(s) for s in sequences))
-        await self._queue.put(job)
-        return await job.future  # cancelling the awaiting handler cancels this future: the job is dropped
+        self._in_flight += 1
+        try:
+            await self._queue.put(job)
+            return await job.future  # cancelling the awaiting handler cancels this future: the job is dropped
+        finally:
+            self._in_flight -= 1
 
     # -- the gather loop -----------------------------------------------------------------------------
 
