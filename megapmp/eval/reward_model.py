@@ -14,6 +14,10 @@ Scoring packs responses two at a time behind one copy of their prompt (the share
 ``[P R1 R2]``, where R2 cannot see R1), so a Best-of-N candidate set encodes each prompt M/2 times
 instead of M; an odd one out is paired with a one-token dummy whose score is discarded. Results do not
 depend on the packing beyond floating-point rounding.
+
+``batch_invariant=True`` scores through ``megapmp.eval.batch_invariant`` instead: each (prompt, response)
+is one causal sequence (no shared prefix) and a text's reward is the same bits whatever it is batched
+with (the reward server, tools/serve_rm.py, always scores this way).
 """
 
 from __future__ import annotations
@@ -31,8 +35,11 @@ from megapmp.data.datasets import Pair
 from megapmp.data.packing import pair_packed_length
 from megapmp.data.preprocess import fit_pair, resolve_template
 from megapmp.device import autocast_dtype, pick_device
+from megapmp.eval.batch_invariant import DEFAULT_TILE_TOKENS, PACKINGS, invariant_attention_backend
+from megapmp.eval.batch_invariant import score_sequences as score_invariant
 from megapmp.loss import score_pairs
 from megapmp.model import Qwen2RewardModel
+from megapmp.model.qwen2 import Attention
 
 
 class RewardScorer:
@@ -45,7 +52,9 @@ class RewardScorer:
 
     def __init__(self, model, recipe: ScoringRecipe, *, device=None, precision: str = "auto",
                  seq_len: int = 0, batch_tokens: int = 16384, layout: str = "shared-prefix",
-                 max_length: int | None = None, progress: bool = True, info: dict | None = None):
+                 max_length: int | None = None, progress: bool = True, info: dict | None = None,
+                 batch_invariant: bool = False, tile_tokens: int = DEFAULT_TILE_TOKENS,
+                 packing: str = "flat"):
         if layout not in ("shared-prefix", "duplicated"):
             raise ValueError(f"layout {layout!r} is not shared-prefix or duplicated")
         if recipe.eos_policy not in EOS_POLICIES:
@@ -66,6 +75,19 @@ class RewardScorer:
         self.progress = progress
         self.info = dict(info or {})
         self.truncated = 0  # responses truncated to max_length so far
+        # The batch-invariant path (module docstring): its GEMM tile and how its sequences are laid out.
+        if packing not in PACKINGS:
+            raise ValueError(f"packing {packing!r} is not one of {', '.join(PACKINGS)}")
+        self.batch_invariant = bool(batch_invariant)
+        self.tile_tokens = int(tile_tokens)
+        self.packing = packing
+        if self.batch_invariant:
+            # The model is this scorer's own: set its per-sequence attention backend once, so that forwards
+            # from several threads never see another's temporary setting.
+            backend = invariant_attention_backend(self.device, self.autocast_dtype or next(model.parameters()).dtype)
+            for module in self.model.modules():
+                if isinstance(module, Attention):
+                    module.backend = backend
 
     # -- loading --------------------------------------------------------------------------------
 
@@ -105,7 +127,9 @@ class RewardScorer:
                 "tokenizer": {"family": getattr(tok, "family", None), "spec": tok.spec(),
                               "vocab_size": getattr(tok, "vocab_size", None)},
                 "device": str(self.device), "precision": self.precision, "layout": self.layout,
-                "max_length": self.max_length, "truncated_responses": self.truncated}
+                "max_length": self.max_length, "truncated_responses": self.truncated,
+                "batch_invariant": self.batch_invariant,
+                **({"tile_tokens": self.tile_tokens, "packing": self.packing} if self.batch_invariant else {})}
 
     def encode_prompts(self, prompts: Sequence[str]) -> list[list[int]]:
         text = self.recipe.template["text"]
@@ -115,7 +139,58 @@ class RewardScorer:
         eos = [self.recipe.eos_id] if self.recipe.eos_policy == "response" else []
         return [ids + eos for ids in _encode_batch(self.recipe.tokenizer, responses)]
 
+    def sequences(self, prompts: Sequence[str], responses: Sequence[str]) -> tuple[list[list[int]], list[bool]]:
+        """The input ids of each (prompt, response) as one sequence (prompt ids + response ids), cut to
+        max_length with the preprocessing policy; and whether each was cut."""
+        if len(prompts) != len(responses):
+            raise ValueError(f"{len(prompts)} prompts for {len(responses)} responses")
+        unique = list(dict.fromkeys(prompts))
+        prompt_ids = dict(zip(unique, self.encode_prompts(unique)))
+        out, cut = [], []
+        for i, (p, response) in enumerate(zip(prompts, self.encode_responses(responses))):
+            if not response:
+                raise ValueError(f"response {i} is empty: with eos_policy 'none' it has no token to read a reward at")
+            prompt = prompt_ids[p]
+            overlong = len(prompt) + len(response) > self.max_length
+            if overlong:
+                prompt, response = self._truncate(prompt, response)
+            out.append(list(prompt) + list(response))
+            cut.append(overlong)
+        return out, cut
+
+    def joined_sequences(self, texts: Sequence[str]) -> tuple[list[list[int]], list[bool]]:
+        """Input ids of texts in which the prompt (template applied) and the response are already joined
+        (OpenRLHF's ``query``): the whole text is tokenized as a response (+ EOS by the recipe), cut from
+        the right like a response when too long. A tokenizer may split the joint differently from a
+        separately tokenized prompt and response, so these ids can differ from :meth:`sequences`'."""
+        out, cut = [], []
+        for i, ids in enumerate(self.encode_responses(texts)):
+            if not ids:
+                raise ValueError(f"text {i} is empty: it has no token to read a reward at")
+            overlong = len(ids) > self.max_length
+            out.append(self._truncate([], ids)[1] if overlong else ids)
+            cut.append(overlong)
+        return out, cut
+
     # -- scoring --------------------------------------------------------------------------------
+
+    def score_sequences(self, sequences: Sequence[Sequence[int]]) -> np.ndarray:
+        """float64 reward at the last token of each id sequence, batch-invariant (the same bits whatever the
+        other sequences); cut into forwards of about ``batch_tokens`` tokens."""
+        out, batch, used = [], [], 0
+        for ids in sequences:
+            if batch and used + len(ids) > self.batch_tokens:
+                out.append(self._score_invariant(batch))
+                batch, used = [], 0
+            batch.append(ids)
+            used += len(ids)
+        if batch:
+            out.append(self._score_invariant(batch))
+        return np.concatenate(out) if out else np.empty(0)
+
+    def _score_invariant(self, sequences) -> np.ndarray:
+        return score_invariant(self.model, sequences, pad_id=self.recipe.pad_id, device=self.device,
+                               autocast_dtype=self.autocast_dtype, tile_tokens=self.tile_tokens, packing=self.packing)
 
     def score(self, prompts: Sequence[str], responses: Sequence[str]) -> np.ndarray:
         """float64 reward of each (prompts[i], responses[i])."""
@@ -124,6 +199,10 @@ class RewardScorer:
         n = len(responses)
         if n == 0:
             return np.empty(0)
+        if self.batch_invariant:
+            sequences, cut = self.sequences(prompts, responses)
+            self.truncated += sum(cut)
+            return self.score_sequences(sequences)
         unique = list(dict.fromkeys(prompts))
         prompt_ids = dict(zip(unique, self.encode_prompts(unique)))
         response_ids = self.encode_responses(responses)

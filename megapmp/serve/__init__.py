@@ -1,0 +1,10 @@
+"""Serving a trained reward model over HTTP (tools/serve_rm.py).
+
+- ``batcher``: many clients' requests gathered into packed batches by a token budget and a maximum
+  wait, scored on one worker thread, each request's rewards routed back to it.
+- ``app``: the aiohttp application (native and OpenRLHF request shapes, /health, /info), request
+  checking with 4xx answers, and the serve loop that drains in-flight requests on SIGTERM.
+
+Scores come from ``RewardScorer(batch_invariant=True)`` (megapmp.eval.batch_invariant): a text's reward
+is the same bits whatever it was batched with.
+"""
