@@ -18,8 +18,10 @@ The batch-invariant forward removes both causes:
 * every sequence (prompt + response, EOS included) is ONE plain causal attention problem of exactly its
   own length, never shared with another sequence: on the CPU the ``segmented`` backend with every
   sequence in an SDPA bucket of its own (:class:`PerSequenceAttentionInputs`: one SDPA call of shape
-  [1, heads, L, D] per sequence); on CUDA the varlen kernels (one problem per sequence; a thread block
-  sees one sequence; not verified here: no GPU on the CPU machines);
+  [1, heads, L, D] per sequence); on CUDA the training backend: FlexAttention, with every sequence starting
+  on a 128-token block boundary (:data:`FLEX_ALIGN`), so the block-sparse kernel visits the same tiles of
+  a sequence in the same order whatever sits beside it, or a varlen kernel where flash-attn is installed
+  (one problem per sequence); neither verified here (no GPU on the CPU machines);
 * every ``F.linear`` runs on fixed tiles of ``tile_tokens`` rows (the last tile zero-padded), so every
   GEMM call has one shape, [tile_tokens, in] x [in, out], whatever the batch; the measured GEMMs round a
   row the same wherever it sits in such a tile. The tile is part of the recipe: another tile size is
@@ -35,6 +37,7 @@ large matrix.
 
 from __future__ import annotations
 
+import math
 from contextlib import contextmanager, nullcontext
 from typing import Sequence
 
@@ -49,6 +52,7 @@ from megapmp.model.qwen2 import Attention
 
 PACKINGS = ("rows", "flat")
 DEFAULT_TILE_TOKENS = 128
+FLEX_ALIGN = 128  # FlexAttention's block size: a sequence starting on a block boundary owns its tiles
 
 
 def tiled_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
@@ -81,10 +85,11 @@ class TiledLinear(TorchFunctionMode):
 
 
 def invariant_attention_backend(device: torch.device, dtype: torch.dtype | None) -> str:
-    """One attention problem per sequence: a varlen kernel on CUDA (flash_attn / torch_varlen, half
-    dtypes), else ``segmented`` over :class:`PerSequenceAttentionInputs` (one SDPA call per sequence)."""
+    """The training backend where it can keep sequences apart: on CUDA what ``auto`` picks (flash_attn,
+    flex with block-aligned sequences, or torch_varlen), else ``segmented`` over
+    :class:`PerSequenceAttentionInputs` (one SDPA call per sequence)."""
     name = resolve_attention_backend("auto", device, dtype)
-    return name if name in ("flash_attn", "torch_varlen") else "segmented"
+    return name if name in ("flash_attn", "flex", "torch_varlen") else "segmented"
 
 
 class PerSequenceAttentionInputs(AttentionInputs):
@@ -101,15 +106,19 @@ class PerSequenceAttentionInputs(AttentionInputs):
         self.starts, self.lengths = starts, lengths  # flat start and length of each sequence
 
     @classmethod
-    def build(cls, row_lengths: list[list[int]], seq_len: int) -> "PerSequenceAttentionInputs":
-        base = AttentionInputs.from_segment_lengths(row_lengths, seq_len)
+    def build(cls, row_slots: list[list[tuple[int, int]]], seq_len: int) -> "PerSequenceAttentionInputs":
+        """``row_slots[r]``: (length, room) of each sequence of row r, back to back; a sequence fills the
+        first ``length`` tokens of its ``room``, the rest of the room and of the row is padding."""
+        segment_ids = torch.full((len(row_slots), seq_len), -1, dtype=torch.int32)
         starts, lengths = [], []
-        for r, row in enumerate(row_lengths):
+        for r, row in enumerate(row_slots):
             col = 0
-            for n in row:
+            for segment, (n, room) in enumerate(row):
+                segment_ids[r, col : col + n] = segment
                 starts.append(r * seq_len + col)
                 lengths.append(n)
-                col += n
+                col += room
+        base = AttentionInputs.from_segments(segment_ids)
         return cls(base.segment_ids, base.branch_ids, base.cu_seqlens, base.max_seqlen,
                    torch.tensor(starts, dtype=torch.int64), torch.tensor(lengths, dtype=torch.int64))
 
@@ -151,23 +160,26 @@ def attention_backend(model: torch.nn.Module, name: str):
             m.backend = old
 
 
-def pack_sequences(sequences: Sequence[Sequence[int]], packing: str, pad_id: int, *, row_multiple: int = 64):
+def pack_sequences(sequences: Sequence[Sequence[int]], packing: str, pad_id: int, *, row_multiple: int = 64,
+                   align: int = 1):
     """(input_ids [R, S], position_ids [R, S], AttentionInputs, readout flat indices [N]) of plain causal
     sequences. ``flat``: all in one row, back to back; ``rows``: first-fit, longest first, into rows as long
-    as the longest sequence (rounded up to ``row_multiple``). The reward is read at each sequence's last
-    token."""
+    as the longest sequence (rounded up to ``row_multiple``). With ``align`` > 1 every sequence starts on a
+    multiple of ``align`` tokens (the gap is padding). The reward is read at each sequence's last token."""
     if packing not in PACKINGS:
         raise ValueError(f"packing {packing!r} is not one of {', '.join(PACKINGS)}")
     lengths = np.array([len(s) for s in sequences], dtype=np.int64)
     if (lengths == 0).any():
         raise ValueError(f"sequence {int(np.flatnonzero(lengths == 0)[0])} is empty")
+    slots = -(-lengths // align) * align  # room each sequence takes in a row
+    row_multiple = math.lcm(row_multiple, align)
     if packing == "flat":
-        seq_len = -(-int(lengths.sum()) // row_multiple) * row_multiple
+        seq_len = -(-int(slots.sum()) // row_multiple) * row_multiple
         rows = [list(range(len(sequences)))]
     else:
-        seq_len = -(-int(lengths.max()) // row_multiple) * row_multiple
+        seq_len = -(-int(slots.max()) // row_multiple) * row_multiple
         order = np.argsort(-lengths, kind="stable")
-        rows = [[int(order[i]) for i in members] for members in first_fit(lengths[order], seq_len)]
+        rows = [[int(order[i]) for i in members] for members in first_fit(slots[order], seq_len)]
     input_ids = np.full((len(rows), seq_len), pad_id, np.int64)
     position_ids = np.zeros((len(rows), seq_len), np.int64)
     readout = np.empty(len(sequences), np.int64)
@@ -178,8 +190,8 @@ def pack_sequences(sequences: Sequence[Sequence[int]], packing: str, pad_id: int
             input_ids[r, col : col + n] = sequences[i]
             position_ids[r, col : col + n] = np.arange(n)
             readout[i] = r * seq_len + col + n - 1
-            col += n
-    attn = PerSequenceAttentionInputs.build([[int(lengths[i]) for i in m] for m in rows], seq_len)
+            col += int(slots[i])
+    attn = PerSequenceAttentionInputs.build([[(int(lengths[i]), int(slots[i])) for i in m] for m in rows], seq_len)
     return torch.from_numpy(input_ids), torch.from_numpy(position_ids), attn, torch.from_numpy(readout)
 
 
@@ -198,7 +210,8 @@ def score_sequences(model, sequences: Sequence[Sequence[int]], *, pad_id: int, d
     device = torch.device(device)
     if attention is None:
         attention = invariant_attention_backend(device, autocast_dtype or next(model.parameters()).dtype)
-    input_ids, position_ids, attn, readout = pack_sequences(sequences, packing, pad_id)
+    input_ids, position_ids, attn, readout = pack_sequences(sequences, packing, pad_id,
+                                                            align=FLEX_ALIGN if attention == "flex" else 1)
     if not per_sequence:
         attn = AttentionInputs(attn.segment_ids, attn.branch_ids, attn.cu_seqlens, attn.max_seqlen)
     input_ids, position_ids, readout = input_ids.to(device), position_ids.to(device), readout.to(device)
