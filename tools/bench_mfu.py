@@ -14,8 +14,8 @@ memory, --side-timeout) is reported as {"error": ...} and the others still run:
   megapmp_shared_prefix  with --config and overrides: model.preset, data.train = a shard written here,
                          data.layout, data.items_per_step, data.micro_batches, data.seq_len,
                          data.bucket_tokens, steps, precision, compile, attention_backend). The steps are
-                         driven here, as fit() drives them: trainer.loader.next_step() (reads and packs
-                         the batch) and trainer.train_step(batch), with torch.cuda.synchronize() around
+                         driven here, as fit() drives them: trainer.batches.next_step() (the batch the
+                         loader thread read and packed during the previous step) and trainer.train_step(batch), with torch.cuda.synchronize() around
                          the timer, so compile time and step times are measured, not taken from logs.
   seed_ckpt              CodePMP's step (tools/_bench_common.BaselineSide): HF
   seed_no_ckpt           Qwen2ForSequenceClassification on right-padded [P C], [P R] rows, a separate lm_head
@@ -118,7 +118,7 @@ LAYOUT_OF = {"megapmp_duplicated": "duplicated", "megapmp_shared_prefix": "share
 # the same shape scaled down ~10x on the tiny preset, finishing in seconds.
 DEFAULTS = {
     "gpu": dict(presets="qwen2-0.5b,qwen2-1.5b", pairs_per_step=64, micro_batches=4, prompt_len=(100, 300),
-                response_len=(200, 700), seq_len=2048, warmup=3, steps=10, precision="auto", threads=0),
+                response_len=(200, 700), seq_len=2048, warmup=2, steps=10, precision="auto", threads=0),
     "cpu": dict(presets="tiny", pairs_per_step=8, micro_batches=2, prompt_len=(10, 30), response_len=(20, 70),
                 seq_len=256, warmup=1, steps=3, precision="fp32", threads=1),
 }
@@ -176,10 +176,10 @@ class TrainerSide:
                      "optimizer_backend": self.trainer.engine.optimizer_backend}
 
     def prepare(self):
-        return None  # the loader's read + pack is part of the trainer's step (fit() times it too)
+        return None  # the loader thread packs ahead, as in fit(); waiting for it is part of the step
 
     def run(self, _):
-        batch = self.trainer.loader.next_step()
+        batch = self.trainer.batches.next_step()  # packed ahead on the loader thread, as in fit()
         record = self.trainer.train_step(batch)
         self.trainer.step += 1  # as fit() counts (the LR schedule reads it)
         return batch, record
@@ -190,7 +190,7 @@ class TrainerSide:
         lengths = sum(int(2 * self.datasets[d].prompt_lengths[i] + self.datasets[d].chosen_lengths[i]
                           + self.datasets[d].rejected_lengths[i]) for d, i in draws.tolist())
         return StepOutcome(seconds, record["loss"], record["rm_loss"], record["lm_loss"], record["pairs"], lengths,
-                           sum(m.input_ids.size for m in batch.micro_batches), record["flops"],
+                           sum(m.on_host.input_ids.size for m in batch.micro_batches), record["flops"],
                            [tuple(m.input_ids.shape) for m in batch.micro_batches], draws)
 
 
