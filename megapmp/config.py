@@ -23,6 +23,7 @@ def _raise_if_any(component: str, problems: list[str]) -> None:
 
 # The attention implementations megapmp/model/attention.py registers (its ATTENTION_BACKENDS has exactly
 # these keys; a test keeps the two equal). Named here so that validating a config needs no model code.
+COMPILE_SETTINGS = ("auto", "on", "off")
 ATTENTION_BACKEND_NAMES = ("auto", "sdpa", "segmented", "flash_attn", "flex", "torch_varlen", "varlen_reference")
 # megapmp/loss.py's LOSS_BACKENDS (a test keeps the two equal), named here for the same reason.
 LOSS_BACKEND_NAMES = ("auto", "torch", "triton", "triton_recompute")
@@ -458,8 +459,8 @@ class TrainConfig:
         if self.attention_backend not in ATTENTION_BACKEND_NAMES:
             problems.append(f"attention_backend={self.attention_backend!r} is not one of "
                             f"{', '.join(sorted(ATTENTION_BACKEND_NAMES))}")
-        if self.compile not in ("auto", "on", "off"):
-            problems.append(f"compile={self.compile!r} is not auto, on or off")
+        if self.compile not in COMPILE_SETTINGS:
+            problems.append(f"compile={self.compile!r} is not one of {', '.join(COMPILE_SETTINGS)}")
         if self.precision not in ("auto", "fp32", "bf16", "fp16"):
             problems.append(f"precision={self.precision!r} is not auto, fp32, bf16 or fp16")
         p, d = self.parallel, self.data

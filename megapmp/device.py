@@ -30,3 +30,13 @@ def local_device() -> torch.device:
     if torch.cuda.is_available():
         return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
     return torch.device("cpu")
+
+
+def host_values_to(values, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """A small tensor of host values on ``device`` without waiting for the device: ``torch.tensor(values,
+    device=cuda)`` copies from pageable memory and synchronises the stream (the host would wait for all
+    queued work); a page-locked staging tensor copied ``non_blocking`` does not."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return torch.tensor(values, dtype=dtype, device=device)
+    return torch.tensor(values, dtype=dtype, pin_memory=True).to(device, non_blocking=True)

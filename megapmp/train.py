@@ -52,7 +52,7 @@ from megapmp.io import log
 from megapmp.loss import LOSS_BACKEND_ENV, loss_backend, pmp_loss, score_pairs
 from megapmp.model import Qwen2RewardModel
 from megapmp.model.attention import resolve_attention_backend
-from megapmp.model.compile import bucket_tokens, compile_enabled, compile_layers, compile_seconds
+from megapmp.model.compile import bucket_tokens, compile_enabled, compile_layers, compile_seconds, eager_layers
 from megapmp.optim import lr_at
 from megapmp.parallel.engine import Engine, StepSums, build_rank_chunks
 from megapmp.parallel.topology import build_context, init_distributed
@@ -109,15 +109,17 @@ class Trainer:
             verify_shards(cfg.data.train + cfg.data.valid, progress=self.is_main and cfg.logging.progress)
         self.device = local_device()
         self.amp_dtype = autocast_dtype(cfg.precision, self.device)
-        self.compiled = compile_enabled(cfg.compile, self.device)
+        self.compiled = compile_enabled(cfg.compile, self.device, cfg.parallel.tp)
         # "auto" is resolved once, for this device and compute dtype, so every layer (and a compiled one's
         # graph) sees one concrete backend.
         self.attention_backend = resolve_attention_backend(cfg.attention_backend, self.device,
                                                            self.amp_dtype or torch.float32)
         # A flat row is padded to a multiple of the TP size under sequence parallelism (each rank takes an
-        # equal token shard) and of the compile bucket (few distinct shapes for the compiled layers).
+        # equal token shard) and of the compile bucket: few distinct shapes for whatever is compiled per
+        # shape (the layers, or FlexAttention's kernel on a GPU even with compile = off).
+        shape_specialised = self.compiled or (self.attention_backend == "flex" and self.device.type == "cuda")
         pad_multiple = math.lcm(cfg.parallel.tp if cfg.parallel.sequence_parallel else 1,
-                                bucket_tokens(cfg.data.bucket_tokens, self.compiled))
+                                bucket_tokens(cfg.data.bucket_tokens, shape_specialised))
         self.loader = StepLoader(cfg.data.train, kind=cfg.data.kind, weights=cfg.data.weights,
                                  items_per_step=cfg.data.items_per_step, micro_batches=cfg.data.micro_batches,
                                  seq_len=cfg.data.seq_len, layout=cfg.data.layout, packing=cfg.data.packing,
@@ -258,9 +260,10 @@ class Trainer:
                          "(score the exported checkpoint with tools/evaluate.py)")
                 self._eval_warned = True
             return {}
-        r_c, r_r = score_pairs(model, self.valid_pairs, seq_len=self.cfg.data.seq_len,
-                               layout=self.cfg.data.layout, pad_id=self.loader.pad_id, device=self.device,
-                               autocast_dtype=self.amp_dtype)
+        with eager_layers(model):
+            r_c, r_r = score_pairs(model, self.valid_pairs, seq_len=self.cfg.data.seq_len,
+                                   layout=self.cfg.data.layout, pad_id=self.loader.pad_id, device=self.device,
+                                   autocast_dtype=self.amp_dtype)
         # Ties count as wrong, as in the paper (and eval.metrics.rm_accuracy).
         return {"valid_rm_acc": float((r_c > r_r).mean()), "valid_margin": float((r_c - r_r).mean()),
                 "valid_pairs": len(r_c)}

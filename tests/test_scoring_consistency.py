@@ -170,5 +170,7 @@ def test_flex_scoring_aligns_every_sequence_to_a_block(scorer, sequences):
     _, _, attn, readout = pack_sequences(batch, "flat", scorer.recipe.pad_id, align=FLEX_ALIGN)
     assert all(start % FLEX_ALIGN == 0 for start in attn.starts.tolist())
     assert (readout + 1 - attn.starts).tolist() == [len(s) for s in batch]
+    widths = {pack_sequences(sequences[:n], "flat", 0, align=FLEX_ALIGN, pow2_rows=True)[0].shape[1] for n in range(1, 40)}
+    assert all(w >= 1024 and w & (w - 1) == 0 for w in widths) and len(widths) <= 6  # few compiled shapes
     score = functools.partial(score_sequences, scorer.model, pad_id=scorer.recipe.pad_id, device="cpu")
     np.testing.assert_allclose(score(batch, attention="flex"), score(batch), rtol=0, atol=1e-5)

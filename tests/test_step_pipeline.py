@@ -1,6 +1,7 @@
 """The training step's plumbing around the model: index tensors made by the loader, the background loader,
 one device read-back per step, and regional compilation with bucketed row lengths."""
 
+import threading
 import time
 import warnings
 from dataclasses import replace
@@ -160,10 +161,12 @@ def test_compile_setting_and_bucket_rule():
     assert compile_enabled("auto", torch.device("cuda")) is True
     assert compile_enabled("on", torch.device("cpu")) is True
     assert compile_enabled("off", torch.device("cuda")) is False
+    assert compile_enabled("auto", torch.device("cuda"), tp_size=2) is False  # TP + compile: not yet tested
+    assert compile_enabled("on", torch.device("cuda"), tp_size=2) is True
     with pytest.raises(ValueError):
         compile_enabled("yes", torch.device("cpu"))
-    assert bucket_tokens(0, compiled=True) == 256 and bucket_tokens(0, compiled=False) == 1
-    assert bucket_tokens(64, compiled=False) == 64
+    assert bucket_tokens(0, shape_specialised=True) == 256 and bucket_tokens(0, shape_specialised=False) == 1
+    assert bucket_tokens(64, shape_specialised=False) == 64
 
 
 def test_compiled_layers_follow_the_eager_curve_on_bucketed_rows(shard, tmp_path):
@@ -241,3 +244,31 @@ def test_one_graph_per_shape_serves_every_layer_with_flex():
             graphs.append(counters["unique_graphs"] - before)
         torch.testing.assert_close(got, expected, rtol=0, atol=1e-6)
     assert graphs == [1, 0, 0, 1]  # three layers, one graph; same padded length (either layout): none; new bucket: one
+
+
+def test_background_loader_error_is_raised_again_and_close_stops_a_slow_worker(shard):
+    loader = make_loader(shard)
+    real_next, calls = loader.next_step, []
+
+    def next_step():
+        calls.append(1)
+        if len(calls) == 2:
+            raise ValueError("bad shard")
+        if len(calls) == 3:
+            time.sleep(0.5)  # a slow step the worker is still packing when close() is called
+        return real_next()
+
+    loader.next_step = next_step
+    background = BackgroundLoader(loader)
+    background.next_step()
+    for _ in range(2):  # the worker is gone: the error again, not a hang
+        with pytest.raises(ValueError, match="bad shard"):
+            background.next_step()
+    background.close()  # rewinds and forgets the error: a caller that handled it may go on
+    # After the rewind a fresh worker continues from the last step handed out (step 1), one worker only.
+    fresh = BackgroundLoader(make_loader(shard))
+    fresh.next_step()
+    assert loader.steps_taken == 1
+    same_step(fresh.next_step(), background.next_step())
+    background.close(), fresh.close()
+    assert sum(t.name == "megapmp-loader" for t in threading.enumerate()) == 0

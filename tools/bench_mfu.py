@@ -172,7 +172,7 @@ class TrainerSide:
         self.info = {"attention_backend": resolve_attention_backend(cfg.attention_backend, device,
                                                                     self.trainer.amp_dtype or torch.float32),
                      "loss_backend": loss_backend(device, 1, cfg.loss.backend),
-                     "compile": compile_enabled(cfg.compile, device),
+                     "compile": self.trainer.compiled,
                      "optimizer_backend": self.trainer.engine.optimizer_backend}
 
     def prepare(self):

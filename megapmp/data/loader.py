@@ -208,8 +208,9 @@ class BackgroundLoader:
     The batches, and their order, are exactly those of the wrapped loader. ``state_dict()`` is the loader's
     state after the last step *handed out* (not after the ones packed ahead), so a checkpoint resumes at
     the next step the trainer has not seen. An error on the worker (a bad shard) is raised by the
-    ``next_step()`` call that would have returned that step. With ``pin_memory`` the micro-batches come
-    back as page-locked CPU tensors (``PackedBatch.to_torch``), ready for ``non_blocking`` copies.
+    ``next_step()`` call that would have returned that step, and by every call after it. With
+    ``pin_memory`` the micro-batches come back as page-locked CPU tensors (``PackedBatch.to_torch``), ready
+    for ``non_blocking`` copies.
     """
 
     def __init__(self, loader: StepLoader, *, depth: int = 1, pin_memory: bool = False):
@@ -217,60 +218,79 @@ class BackgroundLoader:
             raise ValueError(f"depth must be >= 1, got {depth}")
         self.loader, self.depth, self.pin_memory = loader, depth, pin_memory
         self._state = loader.state_dict()
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-        self._reset_queue()
-
-    def _reset_queue(self) -> None:
-        # A slot is taken before packing a step and given back when the step is handed out: at most
-        # `depth` steps exist ahead of the consumer, packed or being packed.
-        self._queue: queue.Queue = queue.Queue()
-        self._slots = threading.Semaphore(self.depth)
+        self._worker: _Worker | None = None
+        self._error: BaseException | None = None
 
     @property
     def meta(self):
         return self.loader.meta
 
     def next_step(self) -> StepBatch:
-        if self._thread is None:
-            self._thread = threading.Thread(target=self._work, name="megapmp-loader", daemon=True)
-            self._thread.start()
-        step, state, error = self._queue.get()
-        self._slots.release()
+        if self._error is not None:
+            raise self._error
+        if self._worker is None:
+            self._worker = _Worker(self.loader, self.depth, self.pin_memory)
+        step, state, error = self._worker.take()
         if error is not None:
+            self._error = error
             raise error
         self._state = state
         return step
-
-    def _work(self) -> None:
-        try:
-            while not self._stop.is_set():
-                if not self._slots.acquire(timeout=0.1):
-                    continue
-                step = self.loader.next_step()
-                state = self.loader.state_dict()
-                if self.pin_memory:
-                    step = replace(step, micro_batches=[m.to_torch(pin_memory=True) for m in step.micro_batches])
-                self._queue.put((step, state, None))
-        except BaseException as error:  # handed to the consumer, which raises it in the main thread
-            self._queue.put((None, None, error))
 
     def state_dict(self) -> dict:
         return self._state
 
     def load_state_dict(self, state: dict) -> None:
-        if self._thread is not None:
+        if self._worker is not None:
             raise RuntimeError("load the loader state before the first next_step()")
         self.loader.load_state_dict(state)
         self._state = self.loader.state_dict()
 
     def close(self) -> None:
-        """Stop the worker, drop the steps it packed ahead and rewind the loader to the last step handed out:
-        a later ``next_step()`` starts a fresh worker from there."""
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=10)
-            self._thread = None
-        self._reset_queue()
+        """Stop the worker, drop the steps it packed ahead and rewind the loader to the last step handed out
+        (forgetting a worker error): a later ``next_step()`` starts a fresh worker from there."""
+        self._error = None
+        if self._worker is not None:
+            self._worker.stop()  # raises if the thread does not stop: it would keep advancing the loader
+            self._worker = None
         self.loader.load_state_dict(self._state)
-        self._stop.clear()
+
+
+class _Worker:
+    """One packing thread with its own stop flag, queue and slots (so a stopped worker can never feed its
+    successor). A slot is taken before packing a step and given back when the step is handed out: at most
+    ``depth`` steps exist ahead of the consumer, packed or being packed."""
+
+    def __init__(self, loader: StepLoader, depth: int, pin_memory: bool):
+        self.loader, self.pin_memory = loader, pin_memory
+        self.queue: queue.Queue = queue.Queue()
+        self.slots = threading.Semaphore(depth)
+        self.stopping = threading.Event()
+        self.thread = threading.Thread(target=self._run, name="megapmp-loader", daemon=True)
+        self.thread.start()
+
+    def take(self):
+        item = self.queue.get()
+        self.slots.release()
+        return item
+
+    def _run(self) -> None:
+        try:
+            while not self.stopping.is_set():
+                if not self.slots.acquire(timeout=0.1):
+                    continue
+                if self.stopping.is_set():
+                    return
+                step = self.loader.next_step()
+                state = self.loader.state_dict()
+                if self.pin_memory:
+                    step = replace(step, micro_batches=[m.to_torch(pin_memory=True) for m in step.micro_batches])
+                self.queue.put((step, state, None))
+        except BaseException as error:  # handed to the consumer, which raises it in the main thread
+            self.queue.put((None, None, error))
+
+    def stop(self, timeout: float = 60.0) -> None:
+        self.stopping.set()
+        self.thread.join(timeout)
+        if self.thread.is_alive():
+            raise RuntimeError(f"the loader thread did not stop within {timeout:.0f} s")

@@ -161,11 +161,13 @@ def attention_backend(model: torch.nn.Module, name: str):
 
 
 def pack_sequences(sequences: Sequence[Sequence[int]], packing: str, pad_id: int, *, row_multiple: int = 64,
-                   align: int = 1):
+                   align: int = 1, pow2_rows: bool = False):
     """(input_ids [R, S], position_ids [R, S], AttentionInputs, readout flat indices [N]) of plain causal
     sequences. ``flat``: all in one row, back to back; ``rows``: first-fit, longest first, into rows as long
     as the longest sequence (rounded up to ``row_multiple``). With ``align`` > 1 every sequence starts on a
-    multiple of ``align`` tokens (the gap is padding). The reward is read at each sequence's last token."""
+    multiple of ``align`` tokens (the gap is padding); ``pow2_rows`` pads the row length up to a power of
+    two (at least 1024), so a kernel compiled per row length (FlexAttention) meets a handful of lengths in
+    a server's lifetime, not one per batch. The reward is read at each sequence's last token."""
     if packing not in PACKINGS:
         raise ValueError(f"packing {packing!r} is not one of {', '.join(PACKINGS)}")
     lengths = np.array([len(s) for s in sequences], dtype=np.int64)
@@ -175,9 +177,13 @@ def pack_sequences(sequences: Sequence[Sequence[int]], packing: str, pad_id: int
     row_multiple = math.lcm(row_multiple, align)
     if packing == "flat":
         seq_len = -(-int(slots.sum()) // row_multiple) * row_multiple
+        if pow2_rows:
+            seq_len = max(1024, 1 << (seq_len - 1).bit_length())
         rows = [list(range(len(sequences)))]
     else:
         seq_len = -(-int(slots.max()) // row_multiple) * row_multiple
+        if pow2_rows:
+            seq_len = max(1024, 1 << (seq_len - 1).bit_length())
         order = np.argsort(-lengths, kind="stable")
         rows = [[int(order[i]) for i in members] for members in first_fit(slots[order], seq_len)]
     input_ids = np.full((len(rows), seq_len), pad_id, np.int64)
@@ -211,7 +217,8 @@ def score_sequences(model, sequences: Sequence[Sequence[int]], *, pad_id: int, d
     if attention is None:
         attention = invariant_attention_backend(device, autocast_dtype or next(model.parameters()).dtype)
     input_ids, position_ids, attn, readout = pack_sequences(sequences, packing, pad_id,
-                                                            align=FLEX_ALIGN if attention == "flex" else 1)
+                                                            align=FLEX_ALIGN if attention == "flex" else 1,
+                                                            pow2_rows=attention == "flex")
     if not per_sequence:
         attn = AttentionInputs(attn.segment_ids, attn.branch_ids, attn.cu_seqlens, attn.max_seqlen)
     input_ids, position_ids, readout = input_ids.to(device), position_ids.to(device), readout.to(device)

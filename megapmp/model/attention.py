@@ -649,6 +649,9 @@ def _compiled_flex():
     if _compiled_flex_attention is None:
         from torch.nn.attention.flex_attention import flex_attention
 
+        from megapmp.model.compile import allow_shapes
+
+        allow_shapes(64)
         _compiled_flex_attention = torch.compile(flex_attention, dynamic=False)
     return _compiled_flex_attention
 

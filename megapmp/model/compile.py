@@ -17,28 +17,42 @@ forward + backward 4.72 ms compiled vs 6.87 ms eager; first compile 6.5 s, a new
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import torch
 import torch.nn as nn
 
-COMPILE_SETTINGS = ("auto", "on", "off")
+from megapmp.config import COMPILE_SETTINGS
+
 DEFAULT_BUCKET_TOKENS = 256  # padding per micro-batch <= 255 tokens (< 3% of a 9k-token micro-batch)
 
 
-def compile_enabled(setting: str, device: torch.device) -> bool:
+def compile_enabled(setting: str, device: torch.device, tp_size: int = 1) -> bool:
     """``TrainConfig.compile`` -> whether to compile: auto compiles on CUDA only (on a CPU the inductor C++
-    build costs minutes of a short run and the segmented backend is already the fast path)."""
+    build costs minutes of a short run and the segmented backend is already the fast path), and not under
+    tensor parallelism, whose collectives inside custom autograd Functions split the layer's graph in ways
+    no test has covered yet ("on" still compiles there)."""
     if setting not in COMPILE_SETTINGS:
         raise ValueError(f"compile must be one of {COMPILE_SETTINGS}, got {setting!r}")
     if setting == "auto":
-        return torch.device(device).type == "cuda"
+        return torch.device(device).type == "cuda" and tp_size == 1
     return setting == "on"
 
 
-def bucket_tokens(configured: int, compiled: bool) -> int:
-    """The flat row's padding multiple: ``data.bucket_tokens`` if set, else 256 when compiled, else 1."""
+def bucket_tokens(configured: int, shape_specialised: bool) -> int:
+    """The flat row's padding multiple: ``data.bucket_tokens`` if set, else 256 when something compiled
+    per input shape runs (the compiled layers, or FlexAttention's own compiled kernel), else 1."""
     if configured:
         return configured
-    return DEFAULT_BUCKET_TOKENS if compiled else 1
+    return DEFAULT_BUCKET_TOKENS if shape_specialised else 1
+
+
+def allow_shapes(max_shapes: int) -> None:
+    """Let dynamo keep ``max_shapes`` graphs per function (its default, 8, would silently drop back to eager
+    past the eighth bucket: for flex that is the kernel materialising [R, H, S, S] scores)."""
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, max_shapes)
+    torch._dynamo.config.accumulated_recompile_limit = max(
+        torch._dynamo.config.accumulated_recompile_limit, 4 * max_shapes)
 
 
 _compiled_run_layer = None
@@ -51,9 +65,7 @@ def compile_layers(model: nn.Module, *, max_shapes: int = 64) -> int:
     global _compiled_run_layer
     from megapmp.model.qwen2 import run_layer
 
-    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, max_shapes)
-    torch._dynamo.config.accumulated_recompile_limit = max(
-        torch._dynamo.config.accumulated_recompile_limit, 4 * max_shapes)
+    allow_shapes(max_shapes)
     if _compiled_run_layer is None:
         _compiled_run_layer = torch.compile(run_layer, dynamic=False)
     model.run_layer = _compiled_run_layer
@@ -67,9 +79,24 @@ def compile_layers(model: nn.Module, *, max_shapes: int = 64) -> int:
 _COMPILE_EVENTS = ("_compile.compile_inner", "backward._backward_impl")
 
 
+@contextmanager
+def eager_layers(model: nn.Module):
+    """Run ``model``'s layers eagerly inside the block: evaluation's [rows, seq_len] shapes and no-grad
+    graphs would otherwise be compiled too, each new shape once more, and counted in no step's compile_s."""
+    compiled = model.run_layer
+    from megapmp.model.qwen2 import run_layer
+
+    model.run_layer = run_layer
+    try:
+        yield model
+    finally:
+        model.run_layer = compiled
+
+
 def compile_seconds() -> float:
-    """Seconds this process has spent compiling so far (forward frames and backward graphs). The trainer
-    reports the difference around each step and leaves it out of the step's rates."""
+    """Seconds this process has spent in torch.compile so far (forward frames and backward graphs). The
+    trainer reports the difference around each step and leaves it out of the step's rates. Not included:
+    the JIT compile and autotuning of hand-written Triton kernels (the fused loss) on their first call."""
     from torch._dynamo.utils import compilation_time_metrics
 
     return float(sum(sum(compilation_time_metrics.get(event, ())) for event in _COMPILE_EVENTS))

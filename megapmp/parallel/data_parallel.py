@@ -30,6 +30,8 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+from megapmp.device import host_values_to
+
 
 def _dp_size(group) -> int:
     return 1 if group is None else dist.get_world_size(group)
@@ -96,7 +98,7 @@ class GradSync:
         bucket = self.buckets[b]
         ref = bucket[0]
         pieces = [(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1).to(ref.dtype) for p in bucket]
-        present = torch.tensor([float(p.grad is not None) for p in bucket], dtype=ref.dtype, device=ref.device)
+        present = host_values_to([float(p.grad is not None) for p in bucket], ref.device, ref.dtype)
         flat = torch.cat(pieces + [present])
         work = dist.all_reduce(flat, group=self.group, async_op=True)
         self.inflight.append((b, flat, work))
@@ -192,7 +194,7 @@ class DistributedOptimizer:
         """(this rank's slice [S] of the DP-summed flat gradient, per-parameter bool "has a gradient on
         some rank"). Frees the local ``.grad`` tensors."""
         pieces = [(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1).float() for _, p in self.named]
-        present = torch.tensor([float(p.grad is not None) for _, p in self.named], device=self.device)
+        present = host_values_to([float(p.grad is not None) for _, p in self.named], self.device, torch.float32)
         flat = self._padded(torch.cat(pieces))
         if self.dp_size > 1:
             out = flat.new_empty(self.shard)

@@ -36,6 +36,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+from megapmp.device import host_values_to
 from megapmp.loss import Heads
 from megapmp.optim import build_optimizer
 from megapmp.parallel.data_parallel import DistributedOptimizer, GradSync
@@ -242,7 +243,7 @@ class Engine:
 
         totals = run_schedule(actions, self.chunks, micro_batches, ctx, stage_loss,
                               forward_context=self._forward_context, activation_shape=self._activation_shape)
-        counts = torch.tensor([float(tokens), flops], device=totals.device, dtype=torch.float64)
+        counts = host_values_to([float(tokens), flops], totals.device, torch.float64)
         sums = torch.cat([totals.double(), counts])
         return _sum_over(sums, ctx.dp_group)  # each DP rank's loss is its share of the global one
 

@@ -105,7 +105,10 @@ class Batcher:
             if first is _CLOSE:
                 return
             batch, used, closing = [first], first.tokens, False
-            deadline = asyncio.get_running_loop().time() + self.max_wait
+            # The wait counts from when the first job was queued: one that already waited through a model
+            # call does not wait a second max_wait.
+            waited = time.perf_counter() - first.enqueued
+            deadline = asyncio.get_running_loop().time() + max(0.0, self.max_wait - waited)
             while used < self.batch_tokens:
                 job = await self._next_job(deadline)
                 if job is None or job is _CLOSE:
