@@ -180,7 +180,8 @@ class DistributedOptimizer:
         self.master = self._flat_params()[self.start: self.start + self.shard].float().clone()
         self.exp_avg = torch.zeros(self.shard, dtype=torch.float32, device=self.device)
         self.exp_avg_sq = torch.zeros(self.shard, dtype=torch.float32, device=self.device)
-        self.steps = torch.zeros(len(self.named), dtype=torch.float64)  # per parameter, like torch's state["step"]
+        # Per parameter, like torch's state["step"]; on the device, so a step never waits to read `present`.
+        self.steps = torch.zeros(len(self.named), dtype=torch.float64, device=self.device)
 
     def _padded(self, flat: torch.Tensor) -> torch.Tensor:
         pad = self.shard * self.dp_size - flat.numel()
@@ -214,14 +215,13 @@ class DistributedOptimizer:
     @torch.no_grad()
     def step(self, grad: torch.Tensor, present: torch.Tensor, *, lr: float, scale: torch.Tensor | float = 1.0) -> None:
         beta1, beta2 = self.betas
-        self.steps += present.cpu().double()
+        self.steps += present.double()
         active = present[self.segment] & self.valid  # [S]
         g = grad * scale
         t = self.steps.clamp(min=1)
-        bc1 = (1 - beta1 ** t).to(self.device)[self.segment]
-        bc2_sqrt = (1 - beta2 ** t).sqrt().to(self.device)[self.segment]
-        decay = torch.where(self.decay_mask, torch.tensor(1 - lr * self.weight_decay, dtype=torch.float32),
-                            torch.tensor(1.0)).to(self.device)
+        bc1 = (1 - beta1 ** t)[self.segment]
+        bc2_sqrt = (1 - beta2 ** t).sqrt()[self.segment]
+        decay = torch.where(self.decay_mask, 1 - lr * self.weight_decay, 1.0).float()
         master = torch.where(active, self.master * decay, self.master)
         exp_avg = torch.where(active, self.exp_avg.lerp(g, 1 - beta1), self.exp_avg)
         exp_avg_sq = torch.where(active, self.exp_avg_sq * beta2 + (1 - beta2) * g * g, self.exp_avg_sq)
@@ -245,7 +245,7 @@ class DistributedOptimizer:
 
     def shard_state(self) -> dict[str, torch.Tensor]:
         return {"master": self.master.cpu(), "exp_avg": self.exp_avg.cpu(), "exp_avg_sq": self.exp_avg_sq.cpu(),
-                "steps": self.steps.clone()}
+                "steps": self.steps.cpu()}
 
     def flat_layout(self) -> dict:
         return {"names": [n for n, _ in self.named], "shapes": [list(p.shape) for _, p in self.named],
@@ -262,4 +262,4 @@ class DistributedOptimizer:
                 for n, p in self.named]).to(self.device))
             setattr(self, key, flat[self.start: self.start + self.shard].clone())
         self.steps = torch.tensor([float(local_states[n]["step"]) if n in local_states else 0.0
-                                   for n, _ in self.named], dtype=torch.float64)
+                                   for n, _ in self.named], dtype=torch.float64, device=self.device)
