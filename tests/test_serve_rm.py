@@ -155,6 +155,27 @@ def test_overlong_error_policy_answers_413(run_dir, one_thread):
         server.stop()
 
 
+def test_a_failing_model_answers_500_with_a_message_and_the_server_goes_on(run_dir, one_thread):
+    scorer = load_scorer(run_dir)
+    real, calls = scorer.score_sequences, []
+
+    def fail_once(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("out of memory (simulated)")
+        return real(*args, **kwargs)
+
+    scorer.score_sequences = fail_once
+    server = BackgroundServer(build_app(scorer, ServeSettings()))
+    url = f"http://127.0.0.1:{server.start()}"
+    try:
+        status, answer = post(f"{url}/score", {"prompts": ["p"], "responses": ["fine"]})
+        assert status == 500 and "RuntimeError: out of memory (simulated)" in answer["error"]
+        assert post(f"{url}/score", {"prompts": ["p"], "responses": ["fine"]})[0] == 200
+    finally:
+        server.stop()
+
+
 # ---------------------------------------------------------------- load, disconnects, shutdown
 
 

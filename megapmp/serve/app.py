@@ -23,6 +23,7 @@ import json
 import signal
 import threading
 import time
+import traceback
 from dataclasses import asdict, dataclass
 from typing import Callable
 
@@ -30,8 +31,10 @@ import torch
 from aiohttp import web
 
 from megapmp.eval.batch_invariant import invariant_attention_backend
+from megapmp.io import get_logger
 from megapmp.serve.batcher import Batcher
 
+log = get_logger("serve_rm")
 OVERLONG_POLICIES = ("truncate", "error")
 BATCHER_KEY = web.AppKey("batcher", Batcher)
 
@@ -195,6 +198,11 @@ async def _errors_as_json(request: web.Request, handler):
         if e.status < 400:
             raise
         return web.json_response({"error": e.reason if e.text is None else e.text}, status=e.status)
+    except asyncio.CancelledError:  # the client went away: nothing to answer
+        raise
+    except Exception as e:  # a failure of the server itself (the model, the tokenizer): JSON too, and logged
+        log(f"scoring failed: {traceback.format_exc()}")
+        return web.json_response({"error": f"internal error: {type(e).__name__}: {e}"}, status=500)
 
 
 # ---------------------------------------------------------------------------------------------------
