@@ -37,15 +37,6 @@ def codepmp_texts(n: int, seed: int = 0) -> tuple[list[str], list[str]]:
 
 
 @pytest.fixture(scope="module")
-def one_thread():
-    # Small GEMMs on a 2-core machine shared with other work are much slower with 2 OpenMP threads.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
     return make_checkpoint(tmp_path_factory.mktemp("consistency_run"))
 

@@ -21,7 +21,6 @@ from pathlib import Path
 import aiohttp
 import numpy as np
 import pytest
-import torch
 
 from megapmp.eval.reward_model import RewardScorer
 from megapmp.serve.app import BackgroundServer, ServeSettings, build_app
@@ -30,14 +29,6 @@ from tests.test_scoring_consistency import codepmp_texts
 
 REPO = Path(__file__).resolve().parents[1]
 MAX_LENGTH = 300  # small enough that the tests' long texts are over it
-
-
-@pytest.fixture(scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
