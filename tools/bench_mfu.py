@@ -107,7 +107,7 @@ from megapmp.device import autocast_dtype, local_device  # noqa: E402
 from megapmp.flops import mfu, peak_flops, step_flops  # noqa: E402
 from megapmp.loss import loss_backend  # noqa: E402
 from megapmp.model.attention import resolve_attention_backend  # noqa: E402
-from megapmp.model.compile import compile_enabled, compile_seconds  # noqa: E402
+from megapmp.model.compile import compile_seconds  # noqa: E402
 from megapmp.train import Trainer, build_model, resolve_config  # noqa: E402
 
 SIDES = ("megapmp_duplicated", "megapmp_shared_prefix", "seed_ckpt", "seed_no_ckpt")
