@@ -517,3 +517,19 @@ def test_accumulate_fp32_modes(monkeypatch, mode):
     tol = 1e-6 if mode != "cast" else 1e-2
     torch.testing.assert_close(got.double(), want, rtol=tol, atol=tol * 10)
     torch.testing.assert_close(first.double(), a.double() @ b.double(), rtol=tol, atol=tol)
+
+
+def test_grad_in_forward_kernels_compile_for_hopper():
+    """The interpreter runs the kernels' Python; this compiles them for sm_90 as a GPU run would (no GPU
+    needed), so a type or layout error of real compilation fails here and not on a lent device."""
+    pytest.importorskip("triton")
+    import json
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # the interpreter patches triton
+    code = "import json; from megapmp_kernels import softmax_grad; print(json.dumps(softmax_grad.compile_for_gpu(90)))"
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    sizes = json.loads(done.stdout.strip().splitlines()[-1])
+    assert set(sizes) == {"lse_bf16", "grad_bf16", "lse_fp32", "grad_fp32"} and min(sizes.values()) > 1000

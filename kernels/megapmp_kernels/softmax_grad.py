@@ -97,6 +97,28 @@ def _kernels() -> dict:
     return _KERNELS
 
 
+def compile_for_gpu(arch: int = 90, dtypes=("bf16", "fp32")) -> dict[str, int]:
+    """Compile both kernels for sm_<arch> without a GPU (``triton.compile`` on a GPUTarget, the launch
+    configuration of a real run) and return the size of each cubin: the type and layout errors of real
+    compilation, which the CPU interpreter never meets, surface here."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    if _interpreting():
+        raise RuntimeError("compile_for_gpu needs a process without TRITON_INTERPRET (it patches triton.language)")
+    pointers = {"LOGITS": "*{dt}", "TGT": "*i64", "LSE": "*fp32", "Z": "*fp32"}
+    sizes = {}
+    for dt in dtypes:
+        for name, fn in (("lse", _row_lse_kernel), ("grad", _softmax_minus_onehot_kernel)):
+            names = list(fn.__code__.co_varnames[: fn.__code__.co_argcount])
+            signature = {a: "constexpr" if a == "BLOCK_V" else pointers.get(a, "i64").format(dt=dt) for a in names}
+            source = ASTSource(fn=triton.jit(fn), signature=signature,
+                               constexprs={(names.index("BLOCK_V"),): GPU_BLOCK_V})
+            compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32), options={"num_warps": GPU_NUM_WARPS})
+            sizes[f"{name}_{dt}"] = len(compiled.asm["cubin"])
+    return sizes
+
+
 def _launch_options(block_v: int | None) -> dict:
     if block_v is not None:
         return {"BLOCK_V": block_v}
