@@ -165,3 +165,19 @@ def test_flex_scoring_aligns_every_sequence_to_a_block(scorer, sequences):
     assert all(w >= 1024 and w & (w - 1) == 0 for w in widths) and len(widths) <= 6  # few compiled shapes
     score = functools.partial(score_sequences, scorer.model, pad_id=scorer.recipe.pad_id, device="cpu")
     np.testing.assert_allclose(score(batch, attention="flex"), score(batch), rtol=0, atol=1e-5)
+
+
+def test_invariant_scoring_never_builds_a_dense_mask(scorer, sequences, monkeypatch):
+    """Every sequence is its own SDPA problem: no [S, S] mask over the whole packed row (at 64 CodePMP-shaped
+    texts that mask alone was 97% of the scoring time, 770M booleans). The model and its layers agree on the
+    backend (a model built with the default sdpa, switched by set_attention_backend)."""
+    import importlib
+
+    attention_module = importlib.import_module("megapmp.model.attention")  # (the package exports a function of that name)
+
+    def no_dense_mask(*args, **kwargs):
+        raise AssertionError("a dense [S, S] attention mask was built")
+
+    monkeypatch.setattr(attention_module, "build_mask", no_dense_mask)
+    got = score_sequences(scorer.model, sequences[:16], pad_id=scorer.recipe.pad_id, device="cpu")
+    assert got.shape == (16,) and scorer.model.attention_backend == "segmented"

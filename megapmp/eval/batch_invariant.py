@@ -48,7 +48,6 @@ from torch.overrides import TorchFunctionMode
 
 from megapmp.data.packing import first_fit
 from megapmp.model.attention import AttentionInputs, Bucket, BucketPlan, resolve_attention_backend
-from megapmp.model.qwen2 import Attention
 
 PACKINGS = ("rows", "flat")
 DEFAULT_TILE_TOKENS = 128
@@ -147,17 +146,17 @@ class PerSequenceAttentionInputs(AttentionInputs):
 
 @contextmanager
 def attention_backend(model: torch.nn.Module, name: str):
-    """Run every attention module of ``model`` with backend ``name`` inside the block (a no-op where they
-    already use it; not for a model that other threads run with another backend meanwhile)."""
-    modules = [m for m in model.modules() if isinstance(m, Attention) and m.backend != name]
-    saved = [m.backend for m in modules]
-    for m in modules:
-        m.backend = name
+    """Run ``model`` (a Qwen2RewardModel) with attention backend ``name`` inside the block (a no-op where it
+    already uses it; not for a model that other threads run with another backend meanwhile)."""
+    previous = model.attention_backend
+    if previous == name:
+        yield
+        return
+    model.set_attention_backend(name)
     try:
         yield
     finally:
-        for m, old in zip(modules, saved):
-            m.backend = old
+        model.set_attention_backend(previous)
 
 
 def pack_sequences(sequences: Sequence[Sequence[int]], packing: str, pad_id: int, *, row_multiple: int = 64,

@@ -39,7 +39,6 @@ from megapmp.eval.batch_invariant import DEFAULT_TILE_TOKENS, PACKINGS, invarian
 from megapmp.eval.batch_invariant import score_sequences as score_invariant
 from megapmp.loss import score_pairs
 from megapmp.model import Qwen2RewardModel
-from megapmp.model.qwen2 import Attention
 
 
 class RewardScorer:
@@ -84,10 +83,8 @@ class RewardScorer:
         if self.batch_invariant:
             # The model is this scorer's own: set its per-sequence attention backend once, so that forwards
             # from several threads never see another's temporary setting.
-            backend = invariant_attention_backend(self.device, self.autocast_dtype or next(model.parameters()).dtype)
-            for module in self.model.modules():
-                if isinstance(module, Attention):
-                    module.backend = backend
+            self.model.set_attention_backend(
+                invariant_attention_backend(self.device, self.autocast_dtype or next(model.parameters()).dtype))
 
     # -- loading --------------------------------------------------------------------------------
 

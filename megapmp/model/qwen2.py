@@ -177,6 +177,16 @@ class Qwen2RewardModel(nn.Module):
         self.score = nn.Linear(config.hidden_size, 1, bias=False) if with_score else None
         self.tie_weights()
 
+    def set_attention_backend(self, name: str) -> None:
+        """Switch every layer's attention, and what forward prepares for, to backend ``name`` (the model holds
+        the one answer: layers and the per-batch preparation never disagree)."""
+        if name not in ATTENTION_BACKENDS:
+            raise ValueError(f"unknown attention backend {name!r}; known: {sorted(ATTENTION_BACKENDS)}")
+        self.attention_backend = name
+        for module in self.modules():
+            if isinstance(module, Attention):
+                module.backend = name
+
     def tie_weights(self) -> None:
         """Point ``lm_head.weight`` at ``embed_tokens.weight`` when the config ties them.
 
