@@ -33,6 +33,9 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+sys.path.insert(1, str(Path(__file__).resolve().parent))  # tools/_scorer_args.py, also when loaded by path
+
+from _scorer_args import add_scorer_arguments, scorer_kwargs  # noqa: E402
 
 from megapmp.eval.metrics import PAPER_SEED  # noqa: E402
 
@@ -67,25 +70,7 @@ def add_common_arguments(parser: argparse.ArgumentParser, task) -> None:
                     help="also write every item's rewards as JSONL (id, scores and labels), for later analysis")
 
     model = parser.add_argument_group("model and scoring")
-    model.add_argument("--device", default=None,
-                       help="torch device (default: cuda if available, else cpu)")
-    model.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"),
-                       help="autocast precision of the forward pass (auto: bf16 on GPUs, fp32 on CPUs); the reward "
-                            "head is always computed in fp32")
-    model.add_argument("--dtype", default=None, choices=("float32", "bfloat16", "float16"),
-                       help="cast the weights to this dtype when loading (default: as stored)")
-    model.add_argument("--tokenizer", default=None, metavar="SPEC",
-                       help="tokenizer spec or directory to use instead of the recorded one (e.g. a moved "
-                            "PREFIX.tokenizer/); for a megapmp checkpoint it must have the recorded identity")
-    model.add_argument("--template", default=None, metavar="none|codepmp|FILE",
-                       help="prompt template replacing the model's recorded one (a file must contain {prompt})")
-    model.add_argument("--eos-policy", default=None, choices=("response", "none"),
-                       help="append EOS to each response and read the reward there (response), or read it at the "
-                            "response's last token (none); default: the model's recorded policy (an HF directory "
-                            "without megapmp_scoring.json: none)")
-    model.add_argument("--max-length", type=int, default=None, metavar="TOKENS",
-                       help="cut prompt + response to this many tokens (prompt from the left, response from the "
-                            "right keeping EOS; counted in the report); default: the model's max_position_embeddings")
+    add_scorer_arguments(model)
     model.add_argument("--seq-len", type=int, default=0, metavar="TOKENS",
                        help="minimum packed row length (default 0: each batch's rows are as long as its longest "
                             "item, shorter items sharing rows; attention cost grows with the square of the row)")
@@ -192,10 +177,8 @@ def main(argv=None) -> int:
             from megapmp.convert.hf_scorer import TransformersRewardScorer
 
             return TransformersRewardScorer(args.model, device=args.device, progress=not args.no_progress)
-        scorer = RewardScorer.load(args.model, tokenizer=args.tokenizer, template=args.template,
-                                   eos_policy=args.eos_policy, dtype=args.dtype, device=args.device,
-                                   precision=args.precision, seq_len=args.seq_len, batch_tokens=args.batch_tokens,
-                                   layout=args.layout, max_length=args.max_length, progress=not args.no_progress)
+        scorer = RewardScorer.load(args.model, **scorer_kwargs(args), seq_len=args.seq_len,
+                                   batch_tokens=args.batch_tokens, layout=args.layout, progress=not args.no_progress)
         d = scorer.describe()
         log(f"{d['kind']} {d['path']} (step {d.get('step')}), {d['parameters'] / 1e6:.1f}M parameters, "
             f"{d['dtype']}, {d['device']}, template {d['template']['name']!r}, eos_policy {d['eos_policy']!r}, "

@@ -22,6 +22,9 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(1, str(Path(__file__).resolve().parent))  # tools/_scorer_args.py, also when loaded by path
+
+from _scorer_args import add_scorer_arguments, scorer_kwargs  # noqa: E402
 
 from megapmp.convert.source import ConvertError  # noqa: E402
 from megapmp.eval.batch_invariant import DEFAULT_TILE_TOKENS, PACKINGS  # noqa: E402
@@ -35,18 +38,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="model source: a run directory, a checkpoints/ or step_XXXXXXXX/ directory, or an HF export")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 for every interface)")
     p.add_argument("--port", type=int, default=8000, help="port to listen on; 0 lets the OS pick a free one")
-    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: the GPU if there is one)")
-    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
-                   help="autocast precision; auto = bf16 on a GPU, fp32 on the CPU")
-    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
-                   help="cast the weights to this dtype (default: as stored)")
-    p.add_argument("--tokenizer", default=None, help="a tokenizer spec or directory replacing the recorded one")
-    p.add_argument("--template", default=None, help="none | codepmp | a template file, replacing the recorded one")
-    p.add_argument("--eos-policy", default=None, choices=["response", "none"],
-                   help="replace the recorded EOS policy (response: EOS appended, the reward read there)")
-    p.add_argument("--max-length", type=int, default=None,
-                   help="the context in tokens; longer inputs are cut or refused (--overlong) "
-                        "(default: the model's max_position_embeddings)")
+    add_scorer_arguments(p)
     p.add_argument("--overlong", default="truncate", choices=OVERLONG_POLICIES,
                    help="an input over --max-length: truncate it with the recipe's policy (the prompt from the "
                         "left, then the response from the right, EOS kept) and list it in the answer's "
@@ -86,10 +78,7 @@ def main(argv=None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     try:
-        scorer = RewardScorer.load(args.model, tokenizer=args.tokenizer, template=args.template,
-                                   eos_policy=args.eos_policy, dtype=args.dtype, device=args.device,
-                                   precision=args.precision, max_length=args.max_length,
-                                   batch_tokens=args.batch_tokens, progress=False, batch_invariant=True,
+        scorer = RewardScorer.load(args.model, **scorer_kwargs(args), batch_tokens=args.batch_tokens, progress=False, batch_invariant=True,
                                    tile_tokens=args.tile_tokens, packing=args.packing)
     except (ConvertError, ValueError) as e:
         print(f"serve_rm: {e}", file=sys.stderr)
