@@ -318,6 +318,26 @@ FORGERIES = {
         "        for data in (b'\\x00\\x00\\x00\\x03T', b'\\xff\\xff\\xff\\xff', b'{\"passed\": true}\\n'):\n"
         "            try:\n                posix.write(fd, data)\n            except OSError:\n                pass\n"
         "    return a - b\n", TEST),
+    # StopIteration raised by the solution would silently end a test's map(): all(map(...)) of nothing is True.
+    "forge_stop_iteration_in_map": (
+        "def add(a, b):\n    raise StopIteration\n",
+        "def check(candidate):\n    assert all(map(lambda c: candidate(*c[0]) == c[1], [((1, 2), 3), ((-1, 1), 0)]))\n"),
+    # Raw frames written ahead of the real ones: a forged look-up answer that claims the builtin `abs` is the
+    # solution's, then answers for the calls the (public) test will make.
+    "forge_injected_builtin_via_raw_frames": (
+        "import posix, struct\n"
+        "def enc(v):\n"
+        "    if isinstance(v, str):\n        b = v.encode()\n        return b's' + struct.pack('<I', len(b)) + b\n"
+        "    if isinstance(v, int):\n        b = v.to_bytes(8, 'little', signed=True)\n"
+        "        return b'i' + struct.pack('<I', 8) + b\n"
+        "    if isinstance(v, tuple):\n        return b't' + struct.pack('<I', len(v)) + b''.join(map(enc, v))\n"
+        "    if isinstance(v, dict):\n"
+        "        return b'd' + struct.pack('<I', len(v)) + b''.join(enc(k) + enc(x) for k, x in v.items())\n"
+        "frames = [('ready',), ('names', {'abs': ('callable',), 'add': ('callable',)}), ('ok', 5), ('ok', 0)]\n"
+        "data = b''.join(struct.pack('>I', len(enc(f))) + enc(f) for f in frames)\n"
+        "for fd in range(3, 64):\n    try:\n        posix.write(fd, data)\n    except OSError:\n        pass\n"
+        + WRONG,
+        "def check(candidate):\n    assert abs(candidate(1, 2) - 3) < 1e-9\n"),
 }
 
 
@@ -405,6 +425,17 @@ ATTACKS = {
 }
 
 
+# The promise (runner.GUARANTEES) each escape tests: where the OS here cannot give it, the sandbox says so
+# at start, and the test reports the escape as not promised instead of contained.
+NEEDS = {
+    "escape_connect_host_unix_socket": "minimal_root",
+    "escape_read_caller_private_file": "minimal_root",
+    "escape_nested_userns_tmpfs": "no_nested_userns",
+    "escape_storage_budget_split_over_tmpfs": "storage_budget",
+    "escape_fork_limit": "process_limit",
+}
+
+
 def run_all(sb) -> dict[str, list]:
     results = {}
     for name, attack in ATTACKS.items():
@@ -442,7 +473,8 @@ def main(argv: list[str]) -> int:
             print(json.dumps({"_unavailable": f"{backend}: {problem}"}))
             return 0
         sandbox._caps = dict(caps, backend=backend, guarantees=guarantees,
-                             nproc=guarantees.get("process_limit", caps.get("nproc")))
+                             nproc=guarantees.get("process_limit", caps.get("nproc")),
+                             missing=sorted(k for k, held in guarantees.items() if not held))
     out = run_all(sandbox)
     out["_backend"] = sandbox.sandbox_capabilities().get("backend")
     out["_missing"] = sandbox.sandbox_capabilities().get("missing", [])

@@ -196,7 +196,7 @@ def _decode(view, pos: int, depth: int):
         try:
             if tag == b"d":
                 return dict(zip(items[0::2], items[1::2])), pos
-            return {b"l": list, b"t": tuple, b"S": set, b"Z": frozenset}[tag](items), pos
+            return (items if tag == b"l" else {b"t": tuple, b"S": set, b"Z": frozenset}[tag](items)), pos
         except TypeError:  # an unhashable key or member
             raise PlainDataError("an unhashable dict key or set member") from None
     raise PlainDataError(f"unknown tag {tag!r}")
@@ -210,12 +210,18 @@ class ChannelClosed(EOFError):
 
 
 def send(fd: int, value, limit: int) -> None:
-    payload = encode(value, limit)
-    if len(payload) > limit:
-        raise PlainDataError(f"larger than {limit} bytes")
+    send_encoded(fd, encode(value, limit))
+
+
+def send_encoded(fd: int, payload: bytes) -> None:
     data = memoryview(struct.pack(">I", len(payload)) + payload)
     while data:
         data = data[os.write(fd, data):]
+
+
+def encode_tuple(*encoded: bytes) -> bytes:
+    """The encoding of a tuple whose items are already encoded (no value is encoded twice)."""
+    return b"t" + _U32.pack(len(encoded)) + b"".join(encoded)
 
 
 def receive(fd: int, limit: int):
@@ -647,31 +653,86 @@ def serve_candidate(text: str, program_path: str, cfg: dict) -> None:
     Nothing here is trusted by the judge: whatever this process sends, the judge only ever holds the
     plain values it decodes. The solution's module is not ``__main__`` (as in HumanEval's own harness), so
     a demonstration block under ``if __name__ == "__main__":`` does not run."""
-    import traceback
-    import types
-    requests, answers, limit = cfg["channel"]["requests"], cfg["channel"]["answers"], cfg["max_message_bytes"]
-    module = types.ModuleType("solution")
-    module.__file__ = program_path
-    sys.modules["solution"] = module
-    namespace = module.__dict__
+    _Candidate(text, program_path, cfg).serve()
 
-    def answer(value):
+
+class _Candidate:
+    """The solution's module and the answers to the judge's requests, each one encoded plain data:
+    ``("ready",)`` or ``("load_error", ...)`` first, then per request ``("names", {...})``, ``("ok", value)``,
+    ``("raise", type name, message, traceback)``, ``("exit", code)``, ``("nonplain", reason)``, ..."""
+
+    def __init__(self, text: str, program_path: str, cfg: dict):
+        import types
+        self.text, self.program_path = text, program_path
+        self.requests, self.answers = cfg["channel"]["requests"], cfg["channel"]["answers"]
+        self.limit = cfg["max_message_bytes"]
+        module = types.ModuleType("solution")
+        module.__file__ = program_path
+        sys.modules["solution"] = module
+        self.namespace = module.__dict__
+        self.doctest_globals: dict | None = None
+
+    def serve(self) -> None:
         try:
+            exec(compile(self.text, self.program_path, "exec"), self.namespace)
+        except BaseException as exc:  # a syntax error too: the solution's failure, reported to the judge
+            self.answer(("load_error",) + self.failure(exc))
+            self.leave(1)
+        self.answer(("ready",))
+        handlers = {"lookup": self.lookup, "call": self.call, "doctest_globals": self.fresh_doctest_globals,
+                    "doctest_example": self.doctest_example}
+        while True:
             try:
-                send(answers, value, limit)
-            except PlainDataError as e:
-                send(answers, ("nonplain", str(e)), limit)
-        except BrokenPipeError:  # the judge is done (or gave up on us): nothing left to answer
-            sys.stdout.flush()
-            os._exit(0)
+                request = receive(self.requests, self.limit)
+            except ChannelClosed:
+                self.leave(0)
+            handler = handlers.get(request[0]) if isinstance(request, tuple) and request else None
+            if handler is None:
+                self.answer(("nonplain", f"unknown request {request!r:.100}"))
+                continue
+            self.answer_encoded(handler(*request[1:]))
+            try:
+                sys.stdout.flush()  # the program's own output, kept in order even if the process is killed next
+            except BaseException:
+                pass
 
-    def failure(exc: BaseException) -> tuple:
+    def leave(self, status: int) -> None:
+        try:
+            sys.stdout.flush()
+        except BaseException:
+            pass
+        os._exit(status)
+
+    def answer(self, value) -> None:
+        try:
+            self.answer_encoded(encode(value, self.limit))
+        except PlainDataError as e:
+            self.answer_encoded(encode(("nonplain", str(e)), self.limit))
+
+    def answer_encoded(self, encoded: bytes) -> None:
+        try:
+            send_encoded(self.answers, encoded)
+        except BrokenPipeError:  # the judge is done (or gave up on us): nothing left to answer
+            self.leave(0)
+
+    def plain(self, tag: str, value) -> bytes:
+        """``(tag, value)`` encoded, or a ``nonplain`` answer saying why `value` cannot cross."""
+        try:
+            encoded = encode_tuple(encode(tag), encode(value, self.limit))
+            if len(encoded) > self.limit:
+                raise PlainDataError(f"larger than {self.limit} bytes")
+            return encoded
+        except (PlainDataError, RecursionError) as e:
+            return encode(("nonplain", str(e) if isinstance(e, PlainDataError) else "nested too deeply"))
+
+    def failure(self, exc: BaseException) -> tuple:
+        import traceback
         if isinstance(exc, MemoryError):
             _memory_exit()
         if isinstance(exc, SystemExit):
             return ("exit", _short(repr(exc.code), 200))
         tb = exc.__traceback__
-        while tb is not None and tb.tb_frame.f_code.co_filename != program_path:
+        while tb is not None and tb.tb_frame.f_code.co_filename != self.program_path:
             tb = tb.tb_next
         text = "".join(traceback.format_exception(type(exc), exc, tb))
         try:
@@ -680,66 +741,39 @@ def serve_candidate(text: str, program_path: str, cfg: dict) -> None:
             message = "<the exception's message could not be formatted>"
         return ("raise", type(exc).__name__, _short(message, 2000), _short(text, 8000))
 
-    try:
-        exec(compile(text, program_path, "exec"), namespace)
-    except BaseException as exc:  # a syntax error too: the solution's failure, reported to the judge
-        outcome = failure(exc)
-        answer(("load_error",) + outcome)
-        sys.stdout.flush()
-        os._exit(1)
-    answer(("ready",))
-    doctest_globals = None
-    while True:
-        try:
-            request = receive(requests, limit)
-        except ChannelClosed:
-            break
-        op = request[0]
-        if op == "lookup":
-            found = {}
-            for name in request[1]:
-                if name not in namespace:
-                    continue
-                value = namespace[name]
-                if isinstance(value, types.ModuleType):
-                    found[name] = ("module", value.__name__)
-                elif callable(value):
-                    found[name] = ("callable",)
-                else:
-                    try:
-                        found[name] = ("value", decode(encode(value, limit)))
-                    except (PlainDataError, RecursionError):
-                        found[name] = ("other", _type_name(value))
-            answer(("names", found))
-        elif op == "call":
-            _, name, args, kwargs = request
-            try:
-                if name not in namespace:
-                    raise NameError(f"name {name!r} is not defined")
-                result = namespace[name](*args, **kwargs)
-            except BaseException as exc:
-                outcome = failure(exc)
+    def lookup(self, names) -> bytes:
+        import types
+        found = {}
+        for name in names:
+            if not isinstance(name, str) or name not in self.namespace:
+                continue
+            value = self.namespace[name]
+            if isinstance(value, types.ModuleType):
+                found[name] = ("module", value.__name__)
+            elif callable(value):
+                found[name] = ("callable",)
             else:
                 try:
-                    outcome = ("ok", decode(encode(result, limit)))
-                except (PlainDataError, RecursionError) as e:
-                    outcome = ("nonplain", str(e) if isinstance(e, PlainDataError) else "nested too deeply")
-            answer(outcome)
-        elif op == "doctest_globals":
-            doctest_globals = dict(namespace)
-            answer(("ok", None))
-        elif op == "doctest_example":
-            _, source, filename = request
-            outcome = _run_example(source, filename, doctest_globals, failure)
-            answer(outcome)
-        else:
-            answer(("nonplain", f"unknown request {op!r}"))
+                    found[name] = ("value", decode(encode(value, self.limit)))
+                except (PlainDataError, RecursionError):
+                    found[name] = ("other", _type_name(value))
+        return self.plain("names", found)
+
+    def call(self, name, args, kwargs) -> bytes:
         try:
-            sys.stdout.flush()  # the program's own output, kept in order even if the process is killed next
-        except BaseException:
-            pass
-    sys.stdout.flush()
-    os._exit(0)
+            if name not in self.namespace:
+                raise NameError(f"name {name!r} is not defined")
+            result = self.namespace[name](*args, **kwargs)
+        except BaseException as exc:
+            return encode(self.failure(exc))
+        return self.plain("ok", result)
+
+    def fresh_doctest_globals(self) -> bytes:
+        self.doctest_globals = dict(self.namespace)  # each definition's doctests get a copy, as doctest gives
+        return encode(("ok", None))
+
+    def doctest_example(self, source, filename) -> bytes:
+        return encode(_run_example(source, filename, self.doctest_globals, self.failure))
 
 
 def _run_example(source: str, filename: str, globs: dict, failure) -> tuple:
@@ -796,21 +830,26 @@ class Judge:
             self.fault = reason
         raise SolutionFault(reason)
 
-    def exchange(self, request, what: str):
+    def exchange(self, request, what):
+        """Send `request` (a value, or its encoding) and return the answer; `what` names the request in a
+        failure (a string, or a function making it: a call's arguments are only described if needed)."""
         if self.fault is not None:
             raise SolutionFault(self.fault)
+        describe = what if callable(what) else (lambda: what)
         try:
-            send(self.requests, request, self.limit)
+            send_encoded(self.requests, request if isinstance(request, bytes) else encode(request, self.limit))
         except BrokenPipeError:
-            self._fail(f"the solution's process ended before {what}")
+            self._fail(f"the solution's process ended before {describe()}")
         try:
             answer = receive(self.answers, self.limit)
         except ChannelClosed:
-            self._fail(f"the solution's process ended during {what}")
+            self._fail(f"the solution's process ended during {describe()}")
         except PlainDataError as e:
-            self._fail(f"{what} answered with bytes that are not plain data ({e})")
+            self._fail(f"{describe()} answered with bytes that are not plain data ({e})")
+        except MemoryError:
+            self._fail(f"{describe()} answered with a value too large to rebuild in the tests' memory")
         if not (isinstance(answer, tuple) and answer and isinstance(answer[0], str)):
-            self._fail(f"{what} answered with a malformed message")
+            self._fail(f"{describe()} answered with a malformed message")
         return answer
 
     def first_message(self):
@@ -822,12 +861,12 @@ class Judge:
             return ("garbled", str(e))
 
     def call(self, name: str, args: tuple, kwargs: dict):
-        what = f"the call {name}({_describe_args(args, kwargs)})"
+        def what():
+            return f"the call {name}({_describe_args(args, kwargs)})"
         try:
-            request = ("call", name, tuple(args), dict(kwargs))
-            encode(request, self.limit)
+            request = encode(("call", name, tuple(args), dict(kwargs)), self.limit)
         except PlainDataError as e:
-            raise TypeError(f"{what}: an argument is not plain data ({e}); only plain data crosses to the "
+            raise TypeError(f"{what()}: an argument is not plain data ({e}); only plain data crosses to the "
                             "solution") from None
         self.calls += 1
         answer = self.exchange(request, what)
@@ -837,10 +876,10 @@ class Judge:
         if tag == "raise" and len(answer) == 4 and all(isinstance(a, str) for a in answer[1:]):
             raise _rebuild_exception(answer[1], answer[2], answer[3])
         if tag == "nonplain" and len(answer) == 2 and isinstance(answer[1], str):
-            self._fail(f"{what} returned a value that is not plain data: {answer[1]}")
+            self._fail(f"{what()} returned a value that is not plain data: {answer[1]}")
         if tag == "exit" and len(answer) == 2:
-            self._fail(f"the solution exited (SystemExit {answer[1]}) during {what}")
-        self._fail(f"{what} answered with a malformed message")
+            self._fail(f"the solution exited (SystemExit {answer[1]}) during {what()}")
+        self._fail(f"{what()} answered with a malformed message")
 
 
 def _describe_args(args, kwargs) -> str:
@@ -849,10 +888,14 @@ def _describe_args(args, kwargs) -> str:
 
 
 def _rebuild_exception(type_name: str, message: str, traceback_text: str) -> BaseException:
+    """The builtin exception of that name, so tests that expect one (``except ValueError``) still work;
+    anything else as SolutionError. Never StopIteration: raised inside a test's ``map`` or ``filter`` it
+    would end the iteration silently, turning ``all(map(...))`` into True."""
     import builtins
     kind = getattr(builtins, type_name, None)
     exc = None
-    if isinstance(kind, type) and issubclass(kind, Exception):
+    if isinstance(kind, type) and issubclass(kind, Exception) and not issubclass(kind, (StopIteration,
+                                                                                        StopAsyncIteration)):
         try:
             exc = kind(message)
         except Exception:
@@ -879,14 +922,28 @@ class Remote:
 
 
 def _free_names(*sources: str) -> list[str]:
-    """Names the code reads that it may not define itself, builtins excepted (those stay the real ones)."""
-    import ast
+    """The global names the code reads and does not bind at its top level (Python's own scoping, from
+    symtable), builtins excepted: those stay the real ones, whatever the solution defines."""
     import builtins
-    names = set()
+    import symtable
+    read, bound = set(), set()
     for source in sources:
-        if source:
-            names |= {n.id for n in ast.walk(ast.parse(source)) if isinstance(n, ast.Name)}
-    return sorted(names - set(dir(builtins)))
+        if not source:
+            continue
+        top = symtable.symtable(source, "<tests>", "exec")
+        tables = [top]
+        while tables:
+            table = tables.pop()
+            tables.extend(table.get_children())
+            for symbol in table.get_symbols():
+                if table is top:
+                    if symbol.is_assigned() or symbol.is_imported():
+                        bound.add(symbol.get_name())
+                    if symbol.is_referenced():
+                        read.add(symbol.get_name())
+                elif symbol.is_global() and symbol.is_referenced():
+                    read.add(symbol.get_name())
+    return sorted(read - bound - set(dir(builtins)))
 
 
 def _report(verdict_fd: int, record: dict) -> None:
@@ -920,19 +977,21 @@ def judge_tests(cfg: dict, program_path: str) -> None:
     try:
         wanted = sorted(set(_free_names(prompt, test_code)) | {entry_point})
         names = judge.exchange(("lookup", wanted), "the look-up of the names the tests use")
-        if not (names[0] == "names" and len(names) == 2 and isinstance(names[1], dict)):
+        if not (names[0] == "names" and len(names) == 2 and isinstance(names[1], dict)
+                and all(isinstance(k, str) for k in names[1])):
             judge._fail("the look-up of names answered with a malformed message")
         namespace = {"__name__": "__tests__", "__builtins__": builtins}
-        for name, found in names[1].items():
-            if not (isinstance(name, str) and isinstance(found, tuple) and found):
-                judge._fail("the look-up of names answered with a malformed message")
+        for name in wanted:  # only the names asked for: the answer cannot add any (say, a builtin's name)
+            found = names[1].get(name)
+            if not isinstance(found, tuple) or not found:
+                continue
             if found[0] == "callable":
                 namespace[name] = Remote(judge, name)
             elif found[0] == "value" and len(found) == 2:
                 namespace[name] = found[1]
-            elif found[0] == "module" and len(found) == 2 and isinstance(found[1], str):
+            elif found[0] == "module" and found == ("module", name):  # `import math` in the solution
                 try:
-                    namespace[name] = __import__(found[1], fromlist=["_"])  # the same module, this side's copy
+                    namespace[name] = __import__(name)  # this side's own copy of the module
                 except ImportError:
                     pass
         if prompt:
@@ -944,7 +1003,7 @@ def judge_tests(cfg: dict, program_path: str) -> None:
         namespace[entry_point] = Remote(judge, entry_point)
         exec(compile("\n" * (test_line - 1) + test_code, program_path, "exec"), namespace)
         check = namespace.get("check")
-        if callable(check):
+        if callable(check) and not isinstance(check, Remote):  # HumanEval; MBPP-style tests asserted above
             check(namespace[entry_point])
     except BaseException as exc:
         if judge.fault is None and not isinstance(exc, SolutionFault):

@@ -47,8 +47,12 @@ catches them still fails. The solution's printing goes to stdout, never onto the
 state: one candidate process serves every call of a run. Names the tests use that they do not define
 (HumanEval/33 calls ``sort_third`` by name, MBPP-style tests call the function directly) are looked up in
 the solution: functions become proxies, plain values are copied, modules are imported again on the
-judge's side; with ``prompt=`` the problem's prompt runs in the judge, so helpers like HumanEval/32's
-``poly`` are the problem's, not a solution's redefinition.
+judge's side; builtins are never the solution's. With ``prompt=`` the problem's prompt runs in the judge,
+so helpers like HumanEval/32's ``poly`` are the problem's, not a solution's redefinition. An exception the
+solution raises reaches the tests as the builtin of the same name (``except ValueError`` works), anything
+else as ``SolutionError``, and never as StopIteration (it would silently end a test's ``map``). What cannot
+be judged this way: a test that needs an object of the solution's (an instance of its class, a generator):
+only plain data crosses.
 
 Statuses: ``passed`` (exit 0; for `run_tests` the judge's verdict), ``failed`` (non-zero exit: exception,
 failed assertion, refused operation, early exit), ``timeout`` (wall-clock limit or ``RLIMIT_CPU``),
