@@ -284,7 +284,7 @@ def test_help_explains_every_flag(capsys):
                  "--eos-policy", "--max-length", "--overlong", "--batch-tokens", "--max-wait-ms", "--tile-tokens",
                  "--packing", "--max-body-mb", "--shutdown-timeout", "--threads", "--max-texts",
                  "--max-request-tokens", "--header-timeout", "--body-timeout", "--max-connections", "--api-key",
-                 "MEGAPMP_RM_API_KEY", "--insecure"):
+                 "MEGAPMP_RM_API_KEY", "--insecure", "--max-pending-mb"):
         assert flag in text
 
 
@@ -571,3 +571,55 @@ def test_sigterm_under_load_exits_within_the_shutdown_timeout(run_dir):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_pending_bodies_are_bounded(run_dir, one_thread):
+    server, url = start_server(run_dir, max_pending_bytes=100_000, body_timeout_s=1.0)
+    try:
+        # Two uploads in progress hold 2 x 45 kB: a 20 kB one past the 100 kB bound is refused before it is read.
+        holders = []
+        for _ in range(2):
+            sock = socket.create_connection(("127.0.0.1", _port(url)))
+            sock.sendall(b"POST /score HTTP/1.1\r\nHost: x\r\nContent-Length: 45000\r\n\r\n{")
+            holders.append(sock)
+        time.sleep(0.2)
+        status, answer = post(f"{url}/score", {"prompts": ["p" * 20_000], "responses": ["r"]})
+        assert status == 503 and "(--max-pending-mb)" in answer["error"], answer
+        assert post(f"{url}/score", {"prompts": ["p"], "responses": ["r"]})[0] == 200  # a small one still fits
+        for sock in holders:
+            sock.close()
+        time.sleep(1.5)  # their body timeouts pass: the budget is free again
+        assert post(f"{url}/score", {"prompts": ["p" * 20_000], "responses": ["r"]})[0] == 200
+    finally:
+        server.stop()
+
+
+def test_a_client_that_does_not_read_its_answer_is_disconnected(monkeypatch):
+    """An answer larger than the socket buffers that the client never reads would hold the handler (and its
+    place under the connection cap): the answer is sent within body_timeout_s or the connection is closed.
+    (On loopback the kernel buffers several MB, more than the default limits let an answer be, so this is
+    checked on the middleware with a send that never completes.)"""
+    from aiohttp import web
+
+    from megapmp.serve import app as app_module
+
+    closed = []
+
+    class Protocol:
+        def force_close(self):
+            closed.append(True)
+
+    class Request:
+        app = {app_module.SETTINGS_KEY: ServeSettings(body_timeout_s=0.2)}
+        protocol = Protocol()
+
+    async def never_taken(response, request):
+        await asyncio.sleep(60)
+    monkeypatch.setattr(app_module, "_send", never_taken)
+
+    async def handler(request):
+        return web.json_response({"rewards": [0.0]})
+
+    start = time.monotonic()
+    asyncio.run(app_module._answer_in_time(Request(), handler))
+    assert closed == [True] and time.monotonic() - start < 2.0

@@ -74,7 +74,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="close a connection that has not sent a complete request head this many seconds after "
                         "connecting or after its previous answer (slow or half-open clients)")
     p.add_argument("--body-timeout", type=float, default=_DEFAULTS.body_timeout_s,
-                   help="answer HTTP 408 and close when a request body has not arrived within this many seconds")
+                   help="answer HTTP 408 and close when a request body has not arrived within this many seconds; "
+                        "also how long a client may take to read its answer before it is disconnected")
+    p.add_argument("--max-pending-mb", type=float, default=_DEFAULTS.max_pending_bytes / 2 ** 20,
+                   help="request bodies held at once (being read, waiting or being scored), in MiB; a request "
+                        "past it gets HTTP 503 before its body is read")
     p.add_argument("--max-connections", type=int, default=_DEFAULTS.max_connections,
                    help="open connections at most: a new one closes the oldest idle one, or gets HTTP 503 when "
                         "every one is busy")
@@ -95,8 +99,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     for name in ("max_texts", "max_request_tokens", "max_connections"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1")
-    if args.max_wait_ms < 0 or args.max_body_mb <= 0 or args.shutdown_timeout < 0:
-        p.error("--max-wait-ms and --shutdown-timeout must be >= 0 and --max-body-mb > 0")
+    if args.max_wait_ms < 0 or args.max_body_mb <= 0 or args.max_pending_mb <= 0 or args.shutdown_timeout < 0:
+        p.error("--max-wait-ms and --shutdown-timeout must be >= 0, --max-body-mb and --max-pending-mb > 0")
     if args.header_timeout <= 0 or args.body_timeout <= 0:
         p.error("--header-timeout and --body-timeout must be > 0")
     args.api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
@@ -132,6 +136,7 @@ def main(argv=None) -> int:
                              max_body_bytes=int(args.max_body_mb * 1024 * 1024), max_texts=args.max_texts,
                              max_request_tokens=args.max_request_tokens, header_timeout_s=args.header_timeout,
                              body_timeout_s=args.body_timeout, max_connections=args.max_connections,
+                             max_pending_bytes=int(args.max_pending_mb * 1024 * 1024),
                              shutdown_timeout=args.shutdown_timeout, api_key=args.api_key)
     try:
         scorer = RewardScorer.load(args.model, **scorer_kwargs(args), batch_tokens=args.batch_tokens, progress=False, batch_invariant=True,
@@ -150,4 +155,10 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    status = main()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # Past --shutdown-timeout a model call or a tokenization may still run on a daemon thread, inside torch's
+    # C++: interpreter finalization would end that thread mid-call and abort the process. Nothing is left to
+    # write, so leave without finalizing.
+    os._exit(status)

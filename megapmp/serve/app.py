@@ -23,6 +23,8 @@ Every client is treated as hostile (what `ServeSettings` bounds, and how):
   previous answer), else it is closed; at most ``max_connections`` are open: a new one closes the oldest idle
   one (waiting for a request head), or, when all are busy, is answered 503 and closed; none of it is logged
   per connection;
+- at most ``max_pending_bytes`` of request bodies are held at once (503 past it), and an answer must be taken
+  within ``body_timeout_s`` (a client that does not read it is disconnected);
 - a large request is scored a chunk at a time beside the others (`megapmp.serve.batcher`);
 - a reward that is not finite is never sent: checked at start on a probe input (`check_rewards_are_finite`)
   and on every batch (500 naming the cause); JSON answers are written with ``allow_nan=False``;
@@ -32,6 +34,7 @@ Every client is treated as hostile (what `ServeSettings` bounds, and how):
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import hmac
 import json
@@ -79,8 +82,9 @@ class ServeSettings:
     max_texts: int = 16384  # per request
     max_request_tokens: int = 4 * 1024 * 1024  # per request, after tokenization
     header_timeout_s: float = 10.0
-    body_timeout_s: float = 30.0
+    body_timeout_s: float = 30.0  # for a request body to arrive, and for an answer to be taken
     max_connections: int = 512
+    max_pending_bytes: int = 512 * 1024 * 1024  # request bodies held at once, from reading to answering
     shutdown_timeout: float = 30.0
     api_key: str | None = None
 
@@ -88,7 +92,8 @@ class ServeSettings:
         if self.overlong not in OVERLONG_POLICIES:
             raise ValueError(f"overlong {self.overlong!r} is not one of {', '.join(OVERLONG_POLICIES)}")
         bad = [f"{name}={getattr(self, name)}" for name in ("max_body_bytes", "max_texts", "max_request_tokens",
-                                                              "max_connections") if getattr(self, name) < 1]
+                                                              "max_connections", "max_pending_bytes")
+               if getattr(self, name) < 1]
         bad += [f"{name}={getattr(self, name)}" for name in ("header_timeout_s", "body_timeout_s")
                 if not getattr(self, name) > 0]
         if self.shutdown_timeout < 0:
@@ -146,6 +151,28 @@ async def _json_body(request: web.Request, settings: ServeSettings) -> dict:
     return parse_body(raw)
 
 
+class PendingBytes:
+    """The bytes of request bodies the server holds at once (read, tokenized, waiting, scored), bounded: a
+    request that would pass the bound is answered 503 before its body is read, so many clients uploading
+    large bodies at once cannot exhaust the server's memory."""
+
+    def __init__(self, limit: int):
+        self.limit, self.held = limit, 0
+
+    @contextlib.asynccontextmanager
+    async def reserve(self, request: web.Request, max_body: int):
+        size = request.content_length if request.content_length is not None else max_body
+        size = min(size, max_body)  # a larger body is refused with 413 when read
+        if self.held + size > self.limit:
+            raise BadRequest(f"the server holds {self.held >> 20} MiB of pending requests, its limit is "
+                             f"{self.limit >> 20} MiB (--max-pending-mb): try again shortly", status=503)
+        self.held += size
+        try:
+            yield
+        finally:
+            self.held -= size
+
+
 def native_inputs(body: dict, max_texts: int = ServeSettings.max_texts) -> tuple[list[str], list[str]]:
     prompts, responses = _string_list(body, "prompts", max_texts), _string_list(body, "responses", max_texts)
     if len(prompts) != len(responses):
@@ -179,7 +206,8 @@ def build_app(scorer, settings: ServeSettings) -> web.Application:
     if not scorer.batch_invariant:
         raise ValueError("the server needs a batch-invariant scorer (RewardScorer(batch_invariant=True))")
     check_rewards_are_finite(scorer)
-    app = web.Application(client_max_size=settings.max_body_bytes, middlewares=[_errors_as_json, _bearer_token])
+    app = web.Application(client_max_size=settings.max_body_bytes,
+                          middlewares=[_answer_in_time, _errors_as_json, _bearer_token])
     app[SETTINGS_KEY] = settings
     app[RUNTIME_KEY] = {"guard": None, "deadline": None}
     started = time.time()
@@ -215,13 +243,17 @@ def build_app(scorer, settings: ServeSettings) -> web.Application:
         rewards = await request.app[BATCHER_KEY].score(sequences)
         return web.json_response({"rewards": [float(r) for r in rewards], "truncated": truncated}, dumps=_dumps)
 
+    pending = PendingBytes(settings.max_pending_bytes)
+
     async def native(request: web.Request) -> web.Response:
-        prompts, responses = native_inputs(await _json_body(request, settings), settings.max_texts)
-        return await score(request, lambda: scorer.sequences(prompts, responses))
+        async with pending.reserve(request, settings.max_body_bytes):
+            prompts, responses = native_inputs(await _json_body(request, settings), settings.max_texts)
+            return await score(request, lambda: scorer.sequences(prompts, responses))
 
     async def openrlhf(request: web.Request) -> web.Response:
-        queries = openrlhf_inputs(await _json_body(request, settings), settings.max_texts)
-        return await score(request, lambda: scorer.joined_sequences(queries))
+        async with pending.reserve(request, settings.max_body_bytes):
+            queries = openrlhf_inputs(await _json_body(request, settings), settings.max_texts)
+            return await score(request, lambda: scorer.joined_sequences(queries))
 
     async def health(request: web.Request) -> web.Response:
         return web.json_response({"status": "ok"})
@@ -259,6 +291,7 @@ def server_info(scorer, settings: ServeSettings) -> dict:
         "limits": {"max_body_bytes": settings.max_body_bytes, "max_texts": settings.max_texts,
                    "max_request_tokens": settings.max_request_tokens, "header_timeout_s": settings.header_timeout_s,
                    "body_timeout_s": settings.body_timeout_s, "max_connections": settings.max_connections,
+                   "max_pending_bytes": settings.max_pending_bytes,
                    "shutdown_timeout_s": settings.shutdown_timeout},
         "auth": "bearer token" if settings.api_key else "none",
         "overlong": settings.overlong,
@@ -297,6 +330,26 @@ async def _errors_as_json(request: web.Request, handler):
     finally:
         if guard is not None:
             guard.busy.discard(request.protocol)
+
+
+@web.middleware
+async def _answer_in_time(request: web.Request, handler):
+    """Send the answer here, within ``body_timeout_s``: a client that does not read it (a slow reader) would
+    otherwise hold its handler, and its place under the connection cap, for as long as it likes."""
+    response = await handler(request)
+    if isinstance(response, web.Response) and not response.prepared:
+        try:
+            await asyncio.wait_for(_send(response, request), request.app[SETTINGS_KEY].body_timeout_s)
+        except asyncio.TimeoutError:
+            request.protocol.force_close()
+        except ConnectionError:  # the client is gone: nobody to answer
+            pass
+    return response
+
+
+async def _send(response: web.Response, request: web.Request) -> None:
+    await response.prepare(request)
+    await response.write_eof()
 
 
 @web.middleware
