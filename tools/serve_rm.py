@@ -73,12 +73,12 @@ def main(argv=None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     import torch
 
-    from megapmp.eval.reward_model import RewardScorer
+    from megapmp.eval.judge_scorer import load_scorer  # a pairwise judge, served for POST /compare, or an RM
 
     if args.threads:
         torch.set_num_threads(args.threads)
     try:
-        scorer = RewardScorer.load(args.model, **scorer_kwargs(args), batch_tokens=args.batch_tokens, progress=False, batch_invariant=True,
+        scorer = load_scorer(args.model, **scorer_kwargs(args), batch_tokens=args.batch_tokens, progress=False, batch_invariant=True,
                                    tile_tokens=args.tile_tokens, packing=args.packing)
     except (ConvertError, ValueError) as e:
         print(f"serve_rm: {e}", file=sys.stderr)
