@@ -188,12 +188,29 @@ def test_make_judge_data_writes_a_judge_shard(tmp_path):
     write_jsonl(tmp_path / "bad.jsonl", [{"prompt": "p", "chosen": "c"}])
     assert tool.main(["--input", str(tmp_path / "bad.jsonl"), "--output-prefix", str(tmp_path / "y"),
                       "--no-progress"]) == 2
+    assert not Path(f"{tmp_path / 'x'}.samples.jsonl").exists()  # no samples left without their shard
+    # a judge shard holds only label pairs; it blends with no other shard
+    from megapmp.data.datasets import check_compatible
+    from megapmp.data.indexed import ShardError
+    from megapmp.data.preprocess import build_shard
+    from megapmp.data.shards import ShardMeta
+    from megapmp.io import InputError
+
+    write_jsonl(tmp_path / "hand.jsonl", [{"prompt": "p", "chosen": "A", "rejected": "C"}])
+    with pytest.raises(InputError, match=r"hand.jsonl:1 field 'rejected': a judge sample's chosen and rejected"):
+        build_shard([str(tmp_path / "hand.jsonl")], str(tmp_path / "hand"), eos_policy="none",
+                    judge=JudgeFormat().to_meta([]), progress=False)
+    build_shard([str(tmp_path / "pairs.jsonl")], str(tmp_path / "plain"), progress=False)
+    with pytest.raises(ShardError, match="judge"):
+        check_compatible([ShardMeta.load(prefix), ShardMeta.load(tmp_path / "plain")], [str(prefix), "plain"])
 
 
 def test_judge_training_is_cross_entropy_on_the_label_token(tmp_path):
     """One step of the unchanged trainer on a judge shard: its LM loss is the mean cross-entropy, over the whole
     vocabulary, of the label token at the prompt's last position, computed here by a plain forward."""
-    from megapmp.config import load_train_config
+    from dataclasses import replace
+
+    from megapmp.config import ConfigError, load_train_config
     from megapmp.data.datasets import PairDataset
     from megapmp.model.attention import AttentionInputs
     from megapmp.train import Trainer
@@ -206,6 +223,9 @@ def test_judge_training_is_cross_entropy_on_the_label_token(tmp_path):
         ("steps", "1"), ("data.items_per_step", "10"), ("data.micro_batches", "2"), ("data.seq_len", "1024"),
         ("logging.progress", "false"), ("logging.eval_interval", "0"), ("checkpoint.interval", "0"),
         ("num_threads", "1")])
+    with pytest.raises(ConfigError, match="LM term only"):  # a judge shard under the PMP objective is refused
+        Trainer(replace(cfg, loss=replace(cfg.loss, rm_coef=1.0)), tmp_path / "pmp")
+    assert not (tmp_path / "pmp").exists()
     trainer = Trainer(cfg, tmp_path / "run")
     initial = {k: v.clone() for k, v in trainer.model.state_dict().items()}
     history = trainer.fit()

@@ -73,7 +73,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0, help="seed of the one-order draw (with the pair's id; default 0)")
     p.add_argument("--keep-comments", action="store_true",
                    help="keep comments and docstrings in the codes (default: stripped, as CodeFavor's judges see "
-                        "code; the evaluation of a judge follows what its training did)")
+                        "code; its evaluation strips them too, except for the human-preference aspect)")
     tok = p.add_argument_group("tokenization (as tools/preprocess_pairs.py)")
     tok.add_argument("--tokenizer", default="byte", metavar="SPEC",
                      help="byte, bpe:N, or a tokenizer file/directory, e.g. the PREFIX.tokenizer/ of the shards the "
@@ -144,10 +144,14 @@ def main(argv=None) -> int:
             raise ValueError(f"{', '.join(args.input)}: no judge samples ({stats['pairs']} pairs read)")
         samples_path = f"{args.output_prefix}.samples.jsonl"
         write_jsonl_atomic(samples_path, samples)
-        counts = build_shard([samples_path], args.output_prefix, kind="pairs", tokenizer=args.tokenizer,
-                             template="none", eos_policy="none", max_length=args.max_length, overlong=args.overlong,
-                             workers=args.workers, overwrite=args.overwrite, judge=fmt.to_meta([]),
-                             progress=not args.no_progress)
+        try:
+            counts = build_shard([samples_path], args.output_prefix, kind="pairs", tokenizer=args.tokenizer,
+                                 template="none", eos_policy="none", max_length=args.max_length,
+                                 overlong=args.overlong, workers=args.workers, overwrite=args.overwrite,
+                                 judge=fmt.to_meta([]), progress=not args.no_progress)
+        except BaseException:
+            Path(samples_path).unlink(missing_ok=True)  # no output without its shard
+            raise
     except (InputError, OutputError, ShardError, ValueError, OSError) as e:
         print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2

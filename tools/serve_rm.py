@@ -6,7 +6,8 @@
     curl -s localhost:8000/get_reward -d '{"query": ["Sort xs.sorted(xs)"]}'     # OpenRLHF's shape
 
 --model is any model source (a run directory, a checkpoint, an HF export; megapmp.convert.source) and
-texts are turned into ids with its own recipe (template, EOS policy, tokenizer). Requests from all
+texts are turned into ids with its own recipe (template, EOS policy, tokenizer). A pairwise judge (trained
+on tools/make_judge_data.py samples) is served for POST /compare instead (megapmp/serve/compare.py). Requests from all
 clients are gathered into batches of up to --batch-tokens tokens, waiting at most --max-wait-ms for
 company. Routes and error answers: megapmp/serve/app.py. With --port 0 the OS picks a free port; the
 line "serving on http://HOST:PORT" on stdout says which. SIGTERM (or Ctrl-C) stops accepting
