@@ -68,6 +68,10 @@ def resolve_config(cfg: TrainConfig, meta: ShardMeta) -> TrainConfig:
     if vocab_size < meta.vocab_size:
         raise ConfigError(f"model.vocab_size={vocab_size} is smaller than the shards' tokenizer "
                           f"vocabulary ({meta.vocab_size}); set model.vocab_size = 0 to use the shards' size")
+    if meta.judge and (cfg.loss.rm_coef or not cfg.loss.lm_coef):  # megapmp/data/judge.py
+        raise ConfigError("the shards hold a pairwise judge's samples, whose target is the label token: train them "
+                          f"with the LM term only (loss.rm_coef = 0, loss.lm_coef > 0), got rm_coef="
+                          f"{cfg.loss.rm_coef}, lm_coef={cfg.loss.lm_coef}")
     backend = os.environ.get(LOSS_BACKEND_ENV, "").strip().lower() or cfg.loss.backend
     return replace(cfg, model=replace(cfg.model, vocab_size=vocab_size), loss=replace(cfg.loss, backend=backend))
 

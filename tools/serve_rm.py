@@ -6,7 +6,8 @@
     curl -s localhost:8000/get_reward -d '{"query": ["Sort xs.sorted(xs)"]}'     # OpenRLHF's shape
 
 --model is any model source (a run directory, a checkpoint, an HF export; megapmp.convert.source) and
-texts are turned into ids with its own recipe (template, EOS policy, tokenizer). Requests from all
+texts are turned into ids with its own recipe (template, EOS policy, tokenizer). A pairwise judge (trained
+on tools/make_judge_data.py samples) is served for POST /compare instead (megapmp/serve/compare.py). Requests from all
 clients are gathered into batches of up to --batch-tokens tokens, waiting at most --max-wait-ms for
 company; a large request is scored a chunk at a time beside the others. Routes, limits and error answers:
 megapmp/serve/app.py. With --port 0 the OS picks a free port; the line "serving on http://HOST:PORT" on
@@ -128,7 +129,7 @@ def main(argv=None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     import torch
 
-    from megapmp.eval.reward_model import RewardScorer
+    from megapmp.eval.judge_scorer import load_scorer  # a pairwise judge, served for POST /compare, or an RM
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -139,7 +140,7 @@ def main(argv=None) -> int:
                              max_pending_bytes=int(args.max_pending_mb * 1024 * 1024),
                              shutdown_timeout=args.shutdown_timeout, api_key=args.api_key)
     try:
-        scorer = RewardScorer.load(args.model, **scorer_kwargs(args), batch_tokens=args.batch_tokens, progress=False, batch_invariant=True,
+        scorer = load_scorer(args.model, **scorer_kwargs(args), batch_tokens=args.batch_tokens, progress=False, batch_invariant=True,
                                    tile_tokens=args.tile_tokens, packing=args.packing)
         app = build_app(scorer, settings)  # refuses a model whose rewards are not finite on a probe input
     except (ConvertError, ValueError) as e:

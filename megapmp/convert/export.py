@@ -131,6 +131,8 @@ def scoring_record(recipe: ScoringRecipe, tokenizer_info: dict, source: ModelSou
         "model_vocab_size": source.config.vocab_size,
         "lm_head": lm_head,
         "source": {"checkpoint": str(source.path.resolve()), "step": source.step, "data": recipe.origin},
+        # A pairwise judge is called through its LM head's label logits (megapmp.data.judge), not the score.
+        **({"judge": recipe.judge} if recipe.judge else {}),
     }
 
 

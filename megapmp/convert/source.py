@@ -220,6 +220,7 @@ class ScoringRecipe:
     max_length: int | None = None
     overlong: str = "error"
     notes: list = field(default_factory=list)
+    judge: dict | None = None  # a pairwise judge's format (megapmp.data.judge); None for a reward model
 
     def encode(self, prompt: str, responses: Sequence[str]) -> tuple[list[int], list[list[int]]]:
         """(prompt ids, [response ids]) of one prompt and its responses, without truncation."""
@@ -318,7 +319,7 @@ def _recipe_from_shard(source: ModelSource, shard: str, tokenizer_spec: str | No
         raise ConvertError(f"--shard {shard}: {e}") from None
     recorded = source.trainer_state.get("shard_meta")
     if recorded:
-        differ = [k for k in ("vocab_size", "eos_id", "pad_id", "template", "eos_policy")
+        differ = [k for k in ("vocab_size", "eos_id", "pad_id", "template", "eos_policy", "judge")
                   if recorded.get(k) != getattr(meta, k)]
         differ += [f"tokenizer {k}" for k in _identity_difference(meta.tokenizer, recorded["tokenizer"])]
         if differ:
@@ -366,7 +367,7 @@ def _checked_recipe(tokenizer, meta: ShardMeta, origin: str) -> ScoringRecipe:
         raise ConvertError(f"tokenizer eos/pad ids {tokenizer.eos_id}/{tokenizer.pad_id} differ from the data's "
                            f"{meta.eos_id}/{meta.pad_id}")
     return ScoringRecipe(tokenizer, dict(meta.template), meta.eos_policy, meta.eos_id, meta.pad_id, origin,
-                         meta.max_length, meta.overlong)
+                         meta.max_length, meta.overlong, judge=meta.judge)
 
 
 def _recipe_from_scoring_file(scoring_path: Path, tokenizer_dir: Path | None, tokenizer_spec: str | None,
@@ -396,7 +397,7 @@ def _recipe_from_scoring_file(scoring_path: Path, tokenizer_dir: Path | None, to
         raise ConvertError(f"tokenizer eos/pad ids {tokenizer.eos_id}/{tokenizer.pad_id} differ from "
                            f"{scoring_path.name}'s {eos_id}/{pad_id}")
     return ScoringRecipe(tokenizer, template, eos_policy, eos_id, pad_id, str(scoring_path),
-                         scoring.get("max_length"), scoring.get("overlong", "error"), notes)
+                         scoring.get("max_length"), scoring.get("overlong", "error"), notes, scoring.get("judge"))
 
 
 def _hf_tokenizer_dir(directory: Path) -> Path | None:

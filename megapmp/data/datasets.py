@@ -95,6 +95,7 @@ def check_compatible(metas: list[ShardMeta], prefixes: list[str]) -> None:
     """Datasets blended into one stream must share tokenizer ids and template."""
     first = metas[0]
     for prefix, meta in zip(prefixes[1:], metas[1:]):
-        differ = [k for k in ("vocab_size", "eos_id", "pad_id", "template", "eos_policy") if getattr(meta, k) != getattr(first, k)]
+        differ = [k for k in ("vocab_size", "eos_id", "pad_id", "template", "eos_policy", "judge")
+                  if getattr(meta, k) != getattr(first, k)]
         if differ:
             raise ShardError(f"{prefix} cannot be blended with {prefixes[0]}: different {', '.join(differ)}")

@@ -67,6 +67,7 @@ class PairFormat:
     overlong: str = "error"  # error: reject the record; truncate: see fit_pair
     dtype: str = "uint16"
     identical: str = "reject"  # reject: chosen == rejected is a bad record (nothing to prefer); keep: train on it
+    judge_labels: tuple[str, str] | None = None  # judge samples: chosen and rejected must be these two labels
 
 
 def fit_pair(prompt: list[int], chosen: list[int], rejected: list[int], max_length: int, eos_id: int | None):
@@ -161,6 +162,11 @@ def process_pair_chunk(file: str, lines: list[tuple[int, bytes]]) -> ChunkResult
         if chosen == rejected and fmt.identical == "reject":
             rejects.append(_reject(InputError(file, line_no, fmt.keys[2], IDENTICAL_REASON), raw))
             identical += 1
+            continue
+        if fmt.judge_labels and sorted((chosen, rejected)) != sorted(fmt.judge_labels):
+            field = fmt.keys[1] if chosen not in fmt.judge_labels else fmt.keys[2]
+            why = f"a judge sample's chosen and rejected are its two labels {' and '.join(map(repr, fmt.judge_labels))}"
+            rejects.append(_reject(InputError(file, line_no, field, why), raw))
             continue
         accepted.append((line_no, raw, (prompt, chosen, rejected)))
     prompts = [fmt.template.replace("{prompt}", p) for _, _, (p, _, _) in accepted]
@@ -359,13 +365,17 @@ def build_shard(inputs: list[str], output_prefix: str, *, kind: str = "pairs", t
                 eos_policy: str = "response", max_length: int | None = None, overlong: str = "error",
                 workers: int = 1, on_error: str = "fail", rejects_path: str | None = None,
                 vocab_multiple: int = 128, identical: str = "reject", overwrite: bool = False,
-                progress: bool = True) -> dict:
+                judge: dict | None = None, progress: bool = True) -> dict:
     """Tokenize `inputs` into the shard `output_prefix` (.bin/.idx/.json, + .tokenizer/).
 
     Raises InputError on the first bad record when on_error == "fail", and when nothing is left to
     write; OutputError when the output cannot be written there, or exists and `overwrite` is False.
     Nothing is left behind on any error. A pair whose chosen equals its rejected is a bad record unless
     identical == "keep". Returns the statistics also stored in the sidecar's `counts`.
+
+    `judge` (megapmp.data.judge.JudgeFormat.to_meta without label ids) makes a pairwise judge's shard: every
+    record's chosen and rejected are the format's two labels, each of which must be one token of the
+    tokenizer (their ids are recorded in the sidecar's `judge`), and eos_policy must be "none".
     """
     import time
 
@@ -377,6 +387,9 @@ def build_shard(inputs: list[str], output_prefix: str, *, kind: str = "pairs", t
 
     output_prefix = str(output_prefix)
     _check_options(inputs, kind, keys, eos_policy, max_length, overlong, workers, on_error, rejects_path, identical)
+    if judge is not None and (kind != "pairs" or eos_policy != "none"):
+        raise ValueError("a judge shard holds pairs whose responses are one label token each: kind 'pairs' and "
+                         f"eos_policy 'none', got {kind!r} and {eos_policy!r}")
     _check_paths(inputs, output_prefix, rejects_path, overwrite)
     template_name, template_text = resolve_template(template) if kind == "pairs" else ("none", "{prompt}")
     staging = make_staging_dir(output_prefix)
@@ -385,8 +398,10 @@ def build_shard(inputs: list[str], output_prefix: str, *, kind: str = "pairs", t
         tok = _prepare_tokenizer(tokenizer, staging / "tokenizer", inputs, kind, keys, template_text,
                                  load_tokenizer, train_bpe)
         dtype = optimal_dtype(tok.vocab_size)
+        if judge is not None:
+            judge = {**judge, "label_ids": judge_label_ids(tok, judge["labels"])}
         fmt = PairFormat(tok.spec(), tuple(keys), template_text, eos_policy, max_length, overlong, dtype.name,
-                         identical)
+                         identical, tuple(judge["labels"]) if judge else None)
         stats = BuildStats()
         rejects_file = open(staging / "rejects.jsonl", "w") if rejects_path else None
         unit = "pairs" if kind == "pairs" else "docs"
@@ -428,11 +443,26 @@ def build_shard(inputs: list[str], output_prefix: str, *, kind: str = "pairs", t
                          template={"name": template_name, "text": template_text}, eos_policy=eos_policy,
                          max_length=max_length, overlong=overlong, counts=counts,
                          checksums=shard_checksums(output_prefix), sizes=shard_sizes(output_prefix),
-                         inputs=[str(p) for p in inputs])
+                         inputs=[str(p) for p in inputs], judge=judge)
         meta.save(output_prefix)
         return counts
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def judge_label_ids(tok, labels) -> list[int]:
+    """The token id of each judge label; a label must be one token on its own (it is the whole response
+    the judge is trained to give), and the two must differ."""
+    ids = []
+    for label in labels:
+        encoded = tok.encode(label)
+        if len(encoded) != 1:
+            raise ValueError(f"judge label {label!r} is {len(encoded)} tokens of the tokenizer {tok.spec()}: a label "
+                             "must be one token (choose other --labels)")
+        ids.append(int(encoded[0]))
+    if len(set(ids)) != len(ids):
+        raise ValueError(f"judge labels {list(labels)} map to the same token id {ids[0]}")
+    return ids
 
 
 def _check_options(inputs, kind, keys, eos_policy, max_length, overlong, workers, on_error, rejects_path,

@@ -56,6 +56,9 @@ class ShardMeta:
     checksums: dict = field(default_factory=dict)
     sizes: dict = field(default_factory=dict)  # {"bin": bytes, "idx": bytes}; absent in older sidecars
     inputs: list = field(default_factory=list)
+    # A pairwise judge's samples (megapmp.data.judge.JudgeFormat.to_meta): template, labels and their token
+    # ids. None for ordinary pairs and documents.
+    judge: dict | None = None
     format: str = SIDECAR_FORMAT
     version: int = SIDECAR_VERSION
 
@@ -190,7 +193,7 @@ def merge_shard_set(prefixes: list[str], output_prefix: str, overwrite: bool = F
     first = metas[0]
     for prefix, meta in zip(prefixes[1:], metas[1:]):
         mismatched = [name for name in ("kind", "vocab_size", "eos_id", "pad_id", "dtype", "template", "eos_policy",
-                                        "max_length", "overlong")
+                                        "max_length", "overlong", "judge")
                       if getattr(meta, name) != getattr(first, name)]
         if not _tokenizers_match(meta.tokenizer, first.tokenizer):
             mismatched.append("tokenizer")

@@ -98,6 +98,9 @@ class RewardScorer:
         Other keyword arguments go to the constructor (device, precision, seq_len, batch_tokens, ...)."""
         source = load_model_source(path)
         recipe = scoring_recipe(source, tokenizer=tokenizer)
+        if recipe.judge:  # its reward head was never trained: the judge answers with label tokens
+            raise ConvertError(f"{path} is a pairwise judge, not a reward model: evaluate it with --judge pairwise "
+                               "(megapmp.eval.judge_scorer.JudgeScorer)")
         if template is not None:
             name, text = resolve_template(template)
             recipe.template = {"name": name, "text": text}

@@ -266,8 +266,13 @@ def build_app(scorer, settings: ServeSettings) -> web.Application:
             "stats": asdict(batcher.stats) | {"in_flight_jobs": batcher.in_flight},
             "connections": guard.stats() if guard is not None else {}}, dumps=_dumps)
 
-    app.router.add_post("/score", native)
-    app.router.add_post("/get_reward", openrlhf)
+    from megapmp.serve.compare import add_compare_route, is_judge  # compare.py imports this module's helpers
+
+    if is_judge(scorer):  # a pairwise judge answers POST /compare instead (megapmp/serve/compare.py)
+        add_compare_route(app, scorer, settings)
+    else:
+        app.router.add_post("/score", native)
+        app.router.add_post("/get_reward", openrlhf)
     app.router.add_get("/health", health)
     app.router.add_get("/info", info)
     return app
@@ -298,7 +303,8 @@ def server_info(scorer, settings: ServeSettings) -> dict:
         "max_body_bytes": settings.max_body_bytes,
         "routes": {"native": "POST /score", "openrlhf": "POST /get_reward", "health": "GET /health",
                    "info": "GET /info"},
-    }
+    } | ({"routes": {"compare": "POST /compare", "health": "GET /health", "info": "GET /info"},
+          "judge": model["judge"]} if "judge" in model else {})
 
 
 @web.middleware
