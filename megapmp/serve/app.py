@@ -269,7 +269,7 @@ def build_app(scorer, settings: ServeSettings) -> web.Application:
     from megapmp.serve.compare import add_compare_route, is_judge  # compare.py imports this module's helpers
 
     if is_judge(scorer):  # a pairwise judge answers POST /compare instead (megapmp/serve/compare.py)
-        add_compare_route(app, scorer, settings)
+        add_compare_route(app, scorer, settings, pending)
     else:
         app.router.add_post("/score", native)
         app.router.add_post("/get_reward", openrlhf)
