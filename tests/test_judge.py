@@ -349,7 +349,7 @@ def test_compare_route_serves_the_judge_batch_invariantly(judge_dir, judge):
             "codes_b": [p["rejected"] for p in pairs]}
     offline = judge.compare(body["instructions"], body["codes_a"], body["codes_b"])
     server = BackgroundServer(build_app(JudgeScorer.load(judge_dir, progress=False, batch_invariant=True),
-                                       ServeSettings(max_wait_ms=20)))
+                                       ServeSettings(max_wait_ms=20, max_texts=16)))
     url = f"http://127.0.0.1:{server.start()}"
     try:
         status, answer = post(url + "/compare", body)
@@ -363,6 +363,9 @@ def test_compare_route_serves_the_judge_batch_invariantly(judge_dir, judge):
         assert post(url + "/compare", {**body, "criteria": ["x"] * 3})[0] == 400  # lengths differ
         assert post(url + "/compare", {**body, "codes_b": [1] * 8})[0] == 400
         assert post(url + "/compare", {"instructions": []})[0] == 400
+        nine = {k: v + v[:1] for k, v in body.items()}  # 18 inputs in both orders, over --max-texts 16
+        status, refused = post(url + "/compare", nine)
+        assert status == 413 and "--max-texts" in refused["error"]
         assert post(url + "/score", {"prompts": ["p"], "responses": ["r"]})[0] in (404, 405)  # a judge gives no reward
         with urllib.request.urlopen(url + "/info", timeout=30) as response:
             info = json.loads(response.read())
