@@ -266,7 +266,7 @@ def test_auto_order_on_cuda(monkeypatch, usable, expected):
     assert chosen == expected and (("skipped" in why) == (expected == "segmented"))
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.cuda
 @pytest.mark.parametrize("backend", ["flash_attn", "flex", "torch_varlen", "segmented"])
 @pytest.mark.parametrize("layout", ["duplicated", "shared-prefix"])
 def test_gpu_backend_matches_dense_reference_bf16(backend, layout):
