@@ -227,7 +227,7 @@ def test_sides_over_the_memory_limit_are_skipped_and_named():
 def test_memory_estimates_rank_the_sides_as_their_memory_use():
     """The estimate that decides which sides run on a device: Qwen2-1.5B at the GPU defaults (bf16, 64 pairs in
     8 micro-batches). The seed approach without checkpointing must exceed an H100's 80 GB (its full logits and
-    every layer's activations: issue 18 measured > 120 GB at 16 pairs per micro-batch), the megapmp sides and the
+    every layer's activations: issue 18 estimated > 120 GB at 16 pairs per micro-batch), the megapmp sides and the
     checkpointed seed must fit it, and checkpointing must save memory."""
     sys.path.insert(0, str(ROOT / "tools"))
     import tempfile
