@@ -270,10 +270,10 @@ def test_compiled_trainer_compiles_in_the_first_step_only_and_follows_the_eager_
     assert all(r["step_s"] > 0 for r in compiled) and compiled[0]["step_s"] < compiled[0]["compile_s"]
     eager = Trainer(config(varied_shard, *steps, ("compile", "off"), ("data.micro_batch_tokens", str(budget))),
                     tmp_path / "eager").fit()
-    # The first steps agree to fp32 rounding (measured: equal or 7e-8 relative); Adam then amplifies the
-    # rounding differences of the fused kernels step by step (measured up to 1.7e-5 by step 10 at lr 3e-3).
+    # The first steps agree to fp32 rounding (measured on this CPU: equal or 7e-8 relative); Adam then amplifies
+    # the rounding differences of the fused kernels step by step (measured up to 1.7e-5 by step 10 at lr 3e-3).
     for i, (a, b) in enumerate(zip(eager, compiled)):
-        assert b["loss"] == pytest.approx(a["loss"], rel=1e-6 if i < 3 else 1e-4), i
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-5 if i < 3 else 1e-4), i
 
 
 @pytest.mark.cuda
