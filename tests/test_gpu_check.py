@@ -81,6 +81,14 @@ def test_parts_past_the_deadline_are_skipped(tmp_path):
     assert [p["part"] for p in parts] == ["tests", "loss_small", "mfu"] and all(p["rc"] == "skipped" for p in parts)
 
 
+def test_a_second_try_runs_only_the_parts_named(tmp_path):
+    done = gpu_check(tmp_path, GPU_CHECK_PARTS="mfu_extra")
+    assert done.returncode == 0, done.stderr[-3000:]
+    parts = json.loads((tmp_path / "summary.json").read_text())["parts"]
+    assert [(p["part"], p["rc"]) for p in parts] == [("mfu_extra", 0)]
+    assert not (tmp_path / "loss.jsonl").exists() and not (tmp_path / "tests.log").exists()
+
+
 def test_usage():
     done = subprocess.run(["bash", str(ROOT / "tools" / "gpu_check.sh")], capture_output=True, text=True, timeout=60)
     assert done.returncode != 0 and "usage" in done.stderr

@@ -9,7 +9,8 @@
 # (no .pytest_cache, no __pycache__). Each part runs under `timeout -k 10 LIMIT`, LIMIT its own but never past a
 # total deadline (GPU_CHECK_DEADLINE_S, default 390 s: the whole command ends within 7 minutes, so a second try
 # fits the 15-minute device budget; GPU_CHECK_LIMIT_<part> overrides one part's limit, '.' in its name written
-# '_'); a part that fails or is killed is recorded and the next one runs. The bench
+# '_'; GPU_CHECK_PARTS="mfu loss_7b" runs only the parts named, e.g. on a second try); a part that fails or is
+# killed is recorded and the next one runs. The bench
 # tools print one JSON line per side as it finishes, so a killed part keeps every side it measured.
 #
 #   env        torch / triton / numpy / transformers versions, nvidia-smi (into summary.txt)
@@ -47,6 +48,7 @@ note() { echo "$*" | tee -a "$out/summary.txt" >&2; }
 part() {  # part NAME LIMIT_S STDOUT_FILE STDERR_FILE COMMAND...: run it, append its output, record rc and time
     local name=$1 limit=$2 stdout=$3 stderr=$4
     shift 4
+    if [ -n "${GPU_CHECK_PARTS:-}" ] && [[ " $GPU_CHECK_PARTS " != *" $name "* ]]; then return; fi
     local env_limit="GPU_CHECK_LIMIT_${name//./_}"
     limit=${!env_limit:-$limit}
     local left=$((deadline - SECONDS - grace))
