@@ -306,9 +306,15 @@ class DataConfig:
     seed: int = 1234
     """Shuffling seed; the order is a pure function of (seed, epoch)."""
     bucket_tokens: int = 0
-    """With packing=flat, pad each micro-batch's row to a multiple of this many tokens, so a compiled model
-    sees few distinct shapes (one compile per bucket, instead of one per micro-batch length). 0: 256 when
-    the run compiles its layers (see TrainConfig.compile), else 1 (no padding beyond the TP multiple)."""
+    """With packing=flat and no token budget (micro_batch_tokens), pad each micro-batch's row to a multiple
+    of this many tokens (one compile per bucket a run visits). 0: 256 when the run compiles per shape, else 1
+    (no padding beyond the TP multiple). Setting it turns the automatic token budget off."""
+    micro_batch_tokens: int = 0
+    """With packing=flat: every micro-batch is exactly this many tokens, its pairs chosen by their lengths
+    (even totals; a step gets more than micro_batches micro-batches only when its pairs do not fit), so a
+    compiled model sees ONE shape for the whole run (compile once, not once per length). 0: automatic -- when
+    the run compiles per shape (TrainConfig.compile, or FlexAttention on CUDA) and bucket_tokens is 0, the
+    budget that minimises the expected padded tokens per step on these shards, else none; -1: none."""
     prefetch_steps: int = 1
     """Steps packed ahead on a background thread while the device computes (0: pack on the main thread)."""
     verify: str = "open"
@@ -334,6 +340,10 @@ class DataConfig:
             problems.append(f"prefetch_steps={self.prefetch_steps} must be >= 0")
         if self.bucket_tokens < 0:
             problems.append(f"bucket_tokens={self.bucket_tokens} must be >= 0 (0: automatic)")
+        if self.micro_batch_tokens < -1:
+            problems.append(f"micro_batch_tokens={self.micro_batch_tokens} must be >= -1 (0: automatic, -1: none)")
+        if self.micro_batch_tokens > 0 and self.packing != "flat":
+            problems.append(f"micro_batch_tokens={self.micro_batch_tokens} needs packing=flat, not {self.packing!r}")
         for name in ("seq_len", "items_per_step", "micro_batches", "valid_items"):
             if getattr(self, name) <= 0:
                 problems.append(f"{name}={getattr(self, name)} must be positive")

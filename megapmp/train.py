@@ -52,7 +52,8 @@ from megapmp.io import log
 from megapmp.loss import LOSS_BACKEND_ENV, loss_backend, pmp_loss, score_pairs
 from megapmp.model import Qwen2RewardModel
 from megapmp.model.attention import resolve_attention_backend
-from megapmp.model.compile import bucket_tokens, compile_enabled, compile_layers, compile_seconds, eager_layers
+from megapmp.model.compile import (bucket_tokens, compile_enabled, compile_layers, compile_seconds, eager_layers,
+                                   token_budget)
 from megapmp.optim import lr_at
 from megapmp.parallel.engine import Engine, StepSums, build_rank_chunks
 from megapmp.parallel.topology import build_context, init_distributed
@@ -118,17 +119,24 @@ class Trainer:
         # graph) sees one concrete backend.
         self.attention_backend = resolve_attention_backend(cfg.attention_backend, self.device,
                                                            self.amp_dtype or torch.float32)
-        # A flat row is padded to a multiple of the TP size under sequence parallelism (each rank takes an
-        # equal token shard) and of the compile bucket: few distinct shapes for whatever is compiled per
-        # shape (the layers, or FlexAttention's kernel on a GPU even with compile = off).
+        # Whatever is compiled per input shape (the layers, or FlexAttention's kernel on a GPU even with
+        # compile = off) gets ONE shape: micro-batches of exactly a token budget's tokens (model/compile.py).
+        # Without a budget, a flat row is padded to a multiple of the TP size under sequence parallelism
+        # (each rank takes an equal token shard) and of the compile bucket.
         shape_specialised = self.compiled or (self.attention_backend == "flex" and self.device.type == "cuda")
-        pad_multiple = math.lcm(cfg.parallel.tp if cfg.parallel.sequence_parallel else 1,
-                                bucket_tokens(cfg.data.bucket_tokens, shape_specialised))
+        budget = token_budget(cfg.data.micro_batch_tokens, cfg.data.bucket_tokens, cfg.data.packing,
+                              shape_specialised)
+        sp_multiple = cfg.parallel.tp if cfg.parallel.sequence_parallel else 1
+        pad_multiple = math.lcm(sp_multiple, 1 if budget else bucket_tokens(cfg.data.bucket_tokens, shape_specialised))
+        interleaved = cfg.parallel.schedule == "interleaved" and cfg.parallel.pp > 1
         self.loader = StepLoader(cfg.data.train, kind=cfg.data.kind, weights=cfg.data.weights,
                                  items_per_step=cfg.data.items_per_step, micro_batches=cfg.data.micro_batches,
                                  seq_len=cfg.data.seq_len, layout=cfg.data.layout, packing=cfg.data.packing,
                                  pad_multiple=pad_multiple, seed=cfg.data.seed,
-                                 dp_rank=self.ctx.dp_rank, dp_size=self.ctx.dp_size)
+                                 dp_rank=self.ctx.dp_rank, dp_size=self.ctx.dp_size, micro_batch_tokens=budget,
+                                 micro_batch_multiple=cfg.parallel.pp if interleaved else 1)
+        if self.loader.token_budget is not None:
+            self.log(f"micro-batches: {self.loader.token_budget.describe()}")
         # Steps are packed ahead on a thread (page-locked on a GPU, so the copies do not stall the host).
         self.batches = (BackgroundLoader(self.loader, depth=cfg.data.prefetch_steps,
                                          pin_memory=self.device.type == "cuda")
@@ -165,8 +173,9 @@ class Trainer:
         if self.compiled:
             # Every chunk's decoder layers; the engine, loss and collectives stay eager.
             layers = sum(compile_layers(chunk) for chunk in chunks)
-            self.log(f"compiling {layers} decoder layers on first use (torch.compile, regional, "
-                     f"shapes padded to multiples of {self.loader.pad_multiple} tokens)")
+            shapes = (f"one shape: [1, {self.loader.micro_batch_tokens}]" if self.loader.token_budget is not None
+                      else f"shapes padded to multiples of {self.loader.pad_multiple} tokens")
+            self.log(f"compiling {layers} decoder layers on first use (torch.compile, regional, {shapes})")
         self.engine = Engine(chunks, ctx, cfg.parallel, cfg.optimizer, device=self.device, amp_dtype=self.amp_dtype)
         self.model = chunks[0]  # the whole model in a single-stage run
         for note in self.engine.notes:
