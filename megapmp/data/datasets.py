@@ -1,4 +1,5 @@
-"""Datasets over memory-mapped shards: pairs for PMP / RM finetuning, document windows for LM pretraining.
+"""Datasets over memory-mapped shards: pairs and response groups for PMP / RM finetuning, document windows
+for LM pretraining.
 
 Only index arrays are touched at construction; token data is read from the memory map when an item is
 fetched, so a data-parallel rank reads just the items it is given.
@@ -10,7 +11,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from megapmp.data.groups import Group, GroupTable, labels_path, read_labels
 from megapmp.data.indexed import ShardError, bin_path
+from megapmp.data.packing import MAX_BRANCH, group_packed_length
 from megapmp.data.shards import ShardMeta, open_shard
 
 
@@ -44,6 +47,82 @@ class PairDataset:
 
     def document_of(self, i: int) -> int:
         return int(i)
+
+
+def expand_group(group: Group) -> list[Pair]:
+    """The group's labelled pairs as independent pairs (better, worse), in ``Group.pairs`` order."""
+    return [Pair(group.prompt, group.responses[i], group.responses[j]) for i, j in group.pairs.tolist()]
+
+
+class GroupDataset:
+    """Response groups of one shard (megapmp.data.groups): item i is document i, its prompt, K responses and
+    their labels. Counts per group (pairs, LM targets, packed lengths) come from the index and the labels
+    file alone, checked at open."""
+
+    def __init__(self, prefix: str):
+        self.prefix = str(prefix)
+        self.index, self.meta = open_shard(prefix, kind="groups")
+        try:
+            self.labels = read_labels(prefix, self.index.num_sequences)
+            self.table = GroupTable.build(self.index.document_index, self.index.sequence_lengths, self.labels,
+                                          where=str(labels_path(prefix)))
+        except ValueError as e:
+            raise ShardError(str(e)) from None
+        lengths = self.index.sequence_lengths.astype(np.int64)
+        self.prompt_lengths = lengths[self.table.first]
+        self.response_tokens = np.add.reduceat(lengths, self.table.first) - self.prompt_lengths if len(self) else \
+            np.zeros(0, np.int64)
+
+    def __len__(self) -> int:
+        return self.index.num_documents
+
+    def __getitem__(self, i: int) -> Group:
+        first, last = int(self.index.document_index[i]), int(self.index.document_index[i + 1])
+        seq = self.index.sequence
+        return Group(seq(first), tuple(seq(s) for s in range(first + 1, last)),
+                     np.array(self.labels[first + 1 : last], dtype=np.float64))
+
+    def document_of(self, i: int) -> int:
+        return int(i)
+
+    def response_lengths(self, i: int) -> np.ndarray:
+        first, last = int(self.index.document_index[i]), int(self.index.document_index[i + 1])
+        return self.index.sequence_lengths[first + 1 : last].astype(np.int64)
+
+    def packed_lengths(self, items: np.ndarray, layout: str, seq_len: int) -> np.ndarray:
+        """Tokens each group occupies in rows of ``seq_len``: in the group layout its responses and one prompt
+        per segment (``group_pieces``); in a pair layout, all its pairs expanded."""
+        items = np.asarray(items, dtype=np.int64)
+        p, responses = self.prompt_lengths[items], self.response_tokens[items]
+        if layout == "group":
+            out = p + responses
+            for j in np.flatnonzero((out > seq_len) | (self.table.sizes[items] > MAX_BRANCH)).tolist():
+                out[j] = group_packed_length(int(p[j]), self.response_lengths(int(items[j])), seq_len)
+            return out
+        # each pair brings its prompt twice (duplicated) or once (shared-prefix) and its two responses
+        prompts_per_pair = 2 if layout == "duplicated" else 1
+        return prompts_per_pair * self.table.pairs[items] * p + self.table.paired_tokens[items]
+
+    def lm_tokens(self, items: np.ndarray, weighting: str) -> int:
+        return int(self.table.lm_tokens[weighting][np.asarray(items, dtype=np.int64)].sum())
+
+
+def open_preference_dataset(prefix: str):
+    """A PairDataset or a GroupDataset, by the kind the shard's sidecar records."""
+    kind = ShardMeta.load(prefix).kind
+    return GroupDataset(prefix) if kind == "groups" else PairDataset(prefix)
+
+
+def preference_pairs(dataset, limit: int) -> list[Pair]:
+    """The first ``limit`` pairs of a pair or group dataset (a group's pairs expanded, in order)."""
+    if isinstance(dataset, PairDataset):
+        return [dataset[i] for i in range(min(len(dataset), limit))]
+    out: list[Pair] = []
+    for i in range(len(dataset)):
+        if len(out) >= limit:
+            break
+        out += expand_group(dataset[i])[: limit - len(out)]
+    return out
 
 
 class DocumentDataset:
