@@ -227,7 +227,8 @@ def reward_rows(hidden: torch.Tensor, chosen_index, rejected_index, tp_group=Non
 @torch.no_grad()
 def score_pairs(model, pairs, *, seq_len: int, layout: str, pad_id: int, device, pairs_per_batch: int = 64,
                 autocast_dtype=None) -> tuple[np.ndarray, np.ndarray]:
-    """(r_chosen, r_rejected) float64 arrays for a list of Pair objects, in order."""
+    """(r_chosen, r_rejected) float64 arrays for a list of Pair objects, in order. The group layout packs a
+    pair as shared-prefix does, [P C R]."""
     was_training = model.training
     model.eval()
     chosen, rejected = [], []

@@ -42,7 +42,7 @@ from megapmp import checkpoint as ckpt
 from megapmp.accelerators import backend_report, format_report
 from megapmp.config import ConfigError, TrainConfig, load_train_config, parse_overrides
 from megapmp.convert.source import init_model_from
-from megapmp.data.datasets import PairDataset, check_token_ids
+from megapmp.data.datasets import check_token_ids, open_preference_dataset, preference_pairs
 from megapmp.data.indexed import ShardError
 from megapmp.data.loader import BackgroundLoader, StepBatch, StepLoader
 from megapmp.data.shards import ShardMeta, verify_shards
@@ -134,7 +134,8 @@ class Trainer:
                                  seq_len=cfg.data.seq_len, layout=cfg.data.layout, packing=cfg.data.packing,
                                  pad_multiple=pad_multiple, seed=cfg.data.seed,
                                  dp_rank=self.ctx.dp_rank, dp_size=self.ctx.dp_size, micro_batch_tokens=budget,
-                                 micro_batch_multiple=cfg.parallel.pp if interleaved else 1)
+                                 micro_batch_multiple=cfg.parallel.pp if interleaved else 1,
+                                 lm_weighting=cfg.data.lm_weighting)
         if self.loader.token_budget is not None:
             self.log(f"micro-batches: {self.loader.token_budget.describe()}")
         # Steps are packed ahead on a thread (page-locked on a GPU, so the copies do not stall the host).
@@ -197,10 +198,10 @@ class Trainer:
             return []
         pairs = []
         for prefix in self.cfg.data.valid:
-            ds = PairDataset(prefix)
-            take = range(min(len(ds), self.cfg.data.valid_items - len(pairs)))
-            check_token_ids(ds, take, ds.meta.vocab_size)  # once, here: these pairs are scored again and again
-            pairs += [ds[i] for i in take]
+            ds = open_preference_dataset(prefix)  # a group shard's pairs expanded
+            take, items = preference_pairs(ds, self.cfg.data.valid_items - len(pairs))
+            check_token_ids(ds, range(items), ds.meta.vocab_size)  # once, here: these pairs are scored again and again
+            pairs += take
         return pairs
 
     # -- checkpoints ------------------------------------------------------------------------------

@@ -113,16 +113,18 @@ def open_preference_dataset(prefix: str):
     return GroupDataset(prefix) if kind == "groups" else PairDataset(prefix)
 
 
-def preference_pairs(dataset, limit: int) -> list[Pair]:
-    """The first ``limit`` pairs of a pair or group dataset (a group's pairs expanded, in order)."""
+def preference_pairs(dataset, limit: int) -> tuple[list[Pair], int]:
+    """The first ``limit`` pairs of a pair or group dataset (a group's pairs expanded, in order), and how
+    many of its items they came from."""
     if isinstance(dataset, PairDataset):
-        return [dataset[i] for i in range(min(len(dataset), limit))]
+        n = min(len(dataset), limit)
+        return [dataset[i] for i in range(n)], n
     out: list[Pair] = []
-    for i in range(len(dataset)):
-        if len(out) >= limit:
-            break
-        out += expand_group(dataset[i])[: limit - len(out)]
-    return out
+    items = 0
+    while items < len(dataset) and len(out) < limit:
+        out += expand_group(dataset[items])[: limit - len(out)]
+        items += 1
+    return out, items
 
 
 class DocumentDataset:

@@ -35,7 +35,7 @@ from dataclasses import dataclass, field, fields
 
 import numpy as np
 
-from megapmp.data.groups import Group, labelled_pairs, lm_weights
+from megapmp.data.groups import Group, lm_weights
 
 IGNORE_INDEX = -100
 PAIR_LAYOUTS = ("duplicated", "shared-prefix")
