@@ -1,0 +1,94 @@
+"""Scoring candidates in group rows (RewardScorer layout "group", the default of tools/evaluate.py) against
+the per-candidate rows ([P R] each, layout "duplicated") and the two-per-prompt rows (shared-prefix).
+
+Tolerance 1e-5 absolute on rewards (fp32, CPU): the same tokens see the same context in every layout, only
+the tensor shapes (and so the summation order) differ; measured ~1.5e-6 on this tiny model's rewards of
+O(1) (tests/test_scoring_consistency.py measures the same between its layouts).
+"""
+import json
+import random
+
+import numpy as np
+import pytest
+
+from megapmp.data.packing import MAX_BRANCH
+from megapmp.eval.reward_model import RewardScorer
+from tests.test_eval_metrics import _evaluate_main, make_checkpoint, write_jsonl
+from tests.test_scoring_consistency import codepmp_texts
+
+ATOL = 1e-5
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    return make_checkpoint(tmp_path_factory.mktemp("group_scoring_run"))
+
+
+def scores(run_dir, layout, prompts, responses, **kwargs):
+    scorer = RewardScorer.load(run_dir, progress=False, layout=layout, **kwargs)
+    return scorer.score(prompts, responses), scorer
+
+
+def test_group_rows_score_like_per_candidate_rows(run_dir, one_thread):
+    prompts, responses = codepmp_texts(48, seed=5)
+    prompts = [prompts[i // 12] for i in range(48)]  # 4 questions x 12 candidates
+    per_candidate, _ = scores(run_dir, "duplicated", prompts, responses)
+    for layout, kwargs in (("group", {}), ("group", {"batch_tokens": 700}), ("shared-prefix", {})):
+        got, scorer = scores(run_dir, layout, prompts, responses, **kwargs)
+        np.testing.assert_allclose(got, per_candidate, rtol=0, atol=ATOL, err_msg=f"{layout} {kwargs}")
+    assert scorer.describe()["attention_backend"] == "segmented"
+    assert len(set(per_candidate.tolist())) == 48  # distinct rewards: equality is not a coincidence
+
+
+def test_a_set_larger_than_a_forward_or_the_branch_ids_is_cut_with_the_prompt_repeated(run_dir, one_thread):
+    n = MAX_BRANCH + 9  # more responses than one segment's branch ids
+    prompts = ["Pick the right one."] * n
+    responses = [f"option {i}: {'x' * (i % 7)}" for i in range(n)]
+    want, _ = scores(run_dir, "duplicated", prompts, responses)
+    for batch_tokens in (16384, 300):  # one segment per 127 responses; many forwards
+        got, _ = scores(run_dir, "group", prompts, responses, batch_tokens=batch_tokens)
+        np.testing.assert_allclose(got, want, rtol=0, atol=ATOL)
+
+
+def test_overlong_responses_are_cut_like_in_every_layout(run_dir, one_thread):
+    prompts = ["p " * 20] * 4  # 40 tokens: only the second response overflows 80
+    responses = ["short", "y " * 60, "z", "w " * 10]
+    want, per_candidate = scores(run_dir, "duplicated", prompts, responses, max_length=80)
+    got, scorer = scores(run_dir, "group", prompts, responses, max_length=80)
+    np.testing.assert_allclose(got, want, rtol=0, atol=ATOL)
+    assert scorer.truncated == per_candidate.truncated == 1
+
+
+def test_evaluate_best_of_n_and_multiple_choice_default_to_group_rows(run_dir, tmp_path, one_thread):
+    # distinct texts: identical ones would tie in one layout and differ by an ulp in another, and BoN breaks
+    # ties at random
+    rng = random.Random(0)
+    sets = [{"id": f"q{i}", "prompt": f"Question {i}: what is {i} squared?",
+             "candidates": [{"response": f"Step {j}: it is {i * i + rng.choice([0, 1, 2])}.", "correct": j % 3 == 0}
+                            for j in range(9)]} for i in range(6)]
+    data = write_jsonl(tmp_path / "cands.jsonl", sets)
+    reports = {}
+    for layout in ("group", "duplicated"):
+        extra = [] if layout == "group" else ["--layout", layout]
+        out = tmp_path / f"bon_{layout}.json"
+        assert _evaluate_main(["best-of-n", "--model", str(run_dir), "--data", str(data), "--output", str(out),
+                               "--mc-draws", "0", "--save-scores", str(tmp_path / f"{layout}.jsonl"), "--no-progress",
+                               *extra]) == 0
+        reports[layout] = json.loads(out.read_text())
+    assert reports["group"]["model"]["layout"] == "group"  # the default
+    saved = {k: [json.loads(x)["scores"] for x in (tmp_path / f"{k}.jsonl").read_text().splitlines()] for k in reports}
+    np.testing.assert_allclose(np.array(saved["group"]), np.array(saved["duplicated"]), rtol=0, atol=ATOL)
+    assert [r["accuracy"] for r in reports["group"]["results"]["rows"]] == \
+        pytest.approx([r["accuracy"] for r in reports["duplicated"]["results"]["rows"]])
+
+    logiqa = write_jsonl(tmp_path / "dev.txt", [
+        {"id": i, "answer": i % 4, "text": f"Passage {i}.", "question": "Which?", "options": ["a", "bb", "ccc", "d"],
+         "type": {}} for i in range(6)])
+    mc = {}
+    for layout in ("group", "duplicated"):
+        out = tmp_path / f"mc_{layout}.json"
+        assert _evaluate_main(["multiple-choice", "--model", str(run_dir), "--data", str(logiqa), "--output", str(out),
+                               "--layout", layout, "--save-scores", str(tmp_path / f"mc_{layout}.jsonl"),
+                               "--no-progress"]) == 0
+        mc[layout] = [json.loads(x)["scores"] for x in (tmp_path / f"mc_{layout}.jsonl").read_text().splitlines()]
+    np.testing.assert_allclose(np.array(mc["group"]), np.array(mc["duplicated"]), rtol=0, atol=ATOL)
