@@ -92,3 +92,23 @@ def test_evaluate_best_of_n_and_multiple_choice_default_to_group_rows(run_dir, t
                                "--no-progress"]) == 0
         mc[layout] = [json.loads(x)["scores"] for x in (tmp_path / f"mc_{layout}.jsonl").read_text().splitlines()]
     np.testing.assert_allclose(np.array(mc["group"]), np.array(mc["duplicated"]), rtol=0, atol=ATOL)
+
+
+def test_bench_scoring_runs_every_layout_and_agrees_on_rewards():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    done = subprocess.run([sys.executable, str(root / "tools" / "bench_scoring.py"), "--n-values", "4,16",
+                           "--questions", "2", "--repeats", "1", "--hidden", "64", "--layers", "1"],
+                          cwd=root, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    *rows, summary = [json.loads(line) for line in done.stdout.splitlines()]
+    assert [r["n"] for r in rows] == [4, 16] and rows[1]["candidates"] == 32
+    for row in rows:
+        for layout in ("group", "shared-prefix", "duplicated"):
+            assert row[layout]["seconds_median"] > 0
+            assert row[layout]["max_abs_reward_diff_vs_per_candidate"] < ATOL
+        assert row["tokens_per_candidate"]["group_one_prompt_per_question"] < row["tokens_per_candidate"]["duplicated"]
+    assert set(summary["speedup_vs_per_candidate"]) == {"group", "shared-prefix"}
