@@ -13,7 +13,7 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from megapmp.data.datasets import DocumentDataset, PairDataset, check_compatible, check_token_ids
+from megapmp.data.datasets import DocumentDataset, PairDataset, check_compatible, check_token_ids, pairs_that_fit
 from megapmp.data.packing import LAYOUTS, PACKINGS, PackedBatch, flatten_rows, pack_documents, pack_pairs
 
 
@@ -120,12 +120,15 @@ class StepLoader:
 
     Every token read is checked against the shards' vocabulary (one vectorised max per micro-batch on
     the host, before any tensor exists); a token outside it raises ShardError naming shard and document.
+    Every pair's length is checked against `seq_len` at construction, from the index
+    (datasets.pairs_that_fit): `overlong` "error" refuses a shard holding one that cannot fit a row, "drop"
+    leaves such pairs out (counted in `dropped`, {prefix: pairs}).
     """
 
     def __init__(self, prefixes: list[str], *, kind: str = "pairs", weights: list[float] | None = None,
                  items_per_step: int, micro_batches: int = 1, seq_len: int, layout: str = "duplicated",
                  packing: str = "rows", pad_multiple: int = 1,
-                 dp_rank: int = 0, dp_size: int = 1, seed: int = 0, shuffle: bool = True):
+                 dp_rank: int = 0, dp_size: int = 1, seed: int = 0, shuffle: bool = True, overlong: str = "error"):
         problems = []
         if items_per_step % (dp_size * micro_batches):
             problems.append(f"items_per_step {items_per_step} is not divisible by dp_size {dp_size} x "
@@ -151,7 +154,11 @@ class StepLoader:
         check_compatible([d.meta for d in self.datasets], list(prefixes))
         self.pad_id = self.datasets[0].meta.pad_id
         self.vocab_size = self.datasets[0].meta.vocab_size
-        self.sampler = BlendedSampler([len(d) for d in self.datasets], weights, seed=seed, shuffle=shuffle)
+        # The items each dataset's sampler stream draws from (None: all of them).
+        self.kept = [pairs_that_fit(d, seq_len, layout, overlong) if kind == "pairs" else None for d in self.datasets]
+        self.dropped = {d.prefix: len(d) - len(k) for d, k in zip(self.datasets, self.kept) if k is not None}
+        self.sampler = BlendedSampler([len(d) if k is None else len(k) for d, k in zip(self.datasets, self.kept)],
+                                      weights, seed=seed, shuffle=shuffle)
         self.steps_taken = 0
 
     @property
@@ -160,6 +167,9 @@ class StepLoader:
 
     def next_step(self) -> StepBatch:
         draws = self.sampler.take(self.items_per_step)
+        for d, kept in enumerate(self.kept):
+            if kept is not None:  # stream positions -> the dataset's item indices
+                draws[draws[:, 0] == d, 1] = kept[draws[draws[:, 0] == d, 1]]
         self.steps_taken += 1
         per_rank = self.items_per_step // self.dp_size
         mine = draws[self.dp_rank * per_rank : (self.dp_rank + 1) * per_rank]
