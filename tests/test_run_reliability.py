@@ -148,6 +148,31 @@ def test_a_lock_left_by_a_dead_process_is_taken_over(shards, tmp_path, capfd):
     assert (run / "run.lock").read_text() == ""  # released at the end of the run
 
 
+def refused_start(rank, world_size, run_dir, extra):
+    """On every rank: the RunDirError a start in `run_dir` raises (None if it starts)."""
+    try:
+        Trainer(load_train_config(str(TINY), extra), run_dir).close()
+    except RunDirError as e:
+        return str(e)
+    return None
+
+
+def test_a_refused_parallel_start_ends_every_rank(shards, tmp_path):
+    """Rank 0 alone holds the lock; when it cannot, every rank raises the same error (by broadcast) rather
+    than waiting at a collective for a rank 0 that has left."""
+    from megapmp.run_dir import RunLock
+    from tests.distributed_utils import run_ranks
+
+    run = tmp_path / "run"
+    run.mkdir()
+    holder = RunLock.acquire(run, print)  # another trainer, as far as the ranks can tell
+    try:
+        messages = run_ranks(2, refused_start, str(run), overrides(shards, ("parallel.tp", "2")), timeout=120)
+    finally:
+        holder.release()
+    assert messages[0] == messages[1] and f"{run} is in use by pid" in messages[0]
+
+
 # -- resume continues one run --------------------------------------------------------------------------------
 
 def test_resume_none_over_a_run_is_refused_and_overwrite_moves_it_aside(shards, reference, tmp_path):

@@ -148,18 +148,18 @@ def bad_field(path, line_no, field: str, reason: str) -> DataError:
     return DataError(str(InputError(str(path), line_no, field, reason)))
 
 
-def require_field(path, line_no, obj: dict, key: str, kind, *, name: str | None = None):
-    """``obj[key]`` checked to be of ``kind`` (str: a text to score, by preprocessing's rule; list; int: an
-    integer or its decimal string; object: anything present), else a DataError naming FILE:LINE and the
-    field (``name``, default ``key``: e.g. "175b_verification.solution" for a nested one)."""
+def require_field(path, line_no, obj: dict, key: str, kind, *, what: str | None = None, name: str | None = None):
+    """``obj[key]`` checked to be of ``kind`` (str: a text, by preprocessing's rule; list; int: an integer or
+    its decimal string; object: anything present), else a DataError naming FILE:LINE, the field (``name``,
+    default ``key``: e.g. "175b_verification.solution" for a nested one) and, when missing, ``what`` it holds."""
     name = name or key
+    if key not in obj:
+        raise bad_field(path, line_no, name, "missing field" + (f" ({what})" if what else ""))
     if kind is str:
         try:
-            return text_field(str(path), line_no, {name: obj[key]} if key in obj else {}, name)
+            return text_field(str(path), line_no, {name: obj[key]}, name)
         except InputError as e:
             raise DataError(str(e)) from None
-    if key not in obj:
-        raise bad_field(path, line_no, name, "missing field")
     value = obj[key]
     if kind is list and not isinstance(value, list):
         raise bad_field(path, line_no, name, f"expected a list, got {type(value).__name__}")
