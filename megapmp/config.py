@@ -492,7 +492,8 @@ class TrainConfig:
                             "that is the whole micro-batch; use data.packing=rows, or a varlen backend")
         if self.data.kind == "documents" and self.loss.rm_coef:
             problems.append("data.kind=documents has no pairs: set loss.rm_coef = 0 for LM pretraining")
-        unknown = sorted(set(self.checkpoint.allow_change) - set(config_keys(TrainConfig)))
+        allowed = self.checkpoint.allow_change
+        unknown = sorted(set(allowed) - set(config_keys(TrainConfig))) if isinstance(allowed, list) else [repr(allowed)]
         if unknown:
             problems.append(f"checkpoint.allow_change names unknown settings {', '.join(unknown)} (dotted keys such "
                             f"as optimizer.lr or data.seq_len)")

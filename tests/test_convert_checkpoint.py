@@ -518,6 +518,15 @@ def test_moved_training_shards_are_found_with_shard_and_checked(bpe_run, tmp_pat
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
 
 
+def test_verify_reads_pairs_by_preprocessings_rules(bpe_run, tmp_path, capsys):
+    (tmp_path / "hf").mkdir()
+    (tmp_path / "hf" / "config.json").write_text("{}")
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text(json.dumps({"prompt": " ", "chosen": "a", "rejected": "b"}) + "\n")
+    assert run("verify", "--checkpoint", bpe_run.run_dir, "--hf", tmp_path / "hf", "--pairs", pairs) == 1
+    assert f"error: {pairs}:1 field 'prompt': empty field" in capsys.readouterr().err
+
+
 def test_cli_help_and_exit_codes():
     def cli(*args):
         return subprocess.run([sys.executable, str(TOOL), *map(str, args)], capture_output=True, text=True,

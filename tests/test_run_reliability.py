@@ -230,6 +230,19 @@ def test_a_changed_setting_is_refused_unless_allowed(name, shards, reference, tm
     assert "config_changes" not in history[1]
 
 
+def test_allow_change_takes_several_keys_on_the_command_line():
+    from megapmp.config import build_train_config
+    from megapmp.train import parse_cli
+
+    _, overrides_ = parse_cli(["--run-dir", "r", "--checkpoint.allow-change", "data.seq_len", "steps", "--steps", "6"])
+    cfg = build_train_config({}, overrides_)
+    assert cfg.checkpoint.allow_change == ["data.seq_len", "steps"] and cfg.steps == 6
+    cfg.data.train = ["x"]
+    cfg.checkpoint.allow_change = ["data.seqlen"]
+    with pytest.raises(ValueError, match="allow_change names unknown settings data.seqlen"):
+        cfg.validate()
+
+
 def test_a_changed_model_is_incompatible_not_damaged(shards, reference, tmp_path, capfd):
     run = copy_run(reference, tmp_path)
     with pytest.raises(ckpt.CheckpointError) as err:

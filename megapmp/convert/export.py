@@ -45,6 +45,7 @@ from megapmp.convert.hf_tokenizer import export_tokenizer
 from megapmp.convert.source import (CHECKPOINT, HF, IMPORT_FORMAT, SCORING_FILE, TOKENIZER_SUBDIR, ConvertError,
                                     ModelSource, NoTokenizerError, ScoringRecipe, find_model_source,
                                     load_model_source, scoring_recipe)
+from megapmp.io import InputError, iter_jsonl, text_field
 from megapmp.model import Qwen2RewardModel
 from megapmp.model.attention import AttentionInputs
 
@@ -289,21 +290,20 @@ def import_from_hf(input_path, output, *, overwrite: bool = False) -> dict:
 
 
 def load_pairs(path: str | None, limit: int) -> list[dict]:
-    """At most `limit` {prompt, chosen, rejected} text pairs from a JSONL file (default: a few built in)."""
+    """At most `limit` {prompt, chosen, rejected} text pairs from a JSONL file (default: a few built in), read
+    by preprocessing's reader and rules (a bad record: ConvertError `FILE:LINE field 'X': reason`)."""
     if path is None:
         return list(DEFAULT_VERIFY_PAIRS)[:limit]
     pairs = []
-    with open(path, encoding="utf-8") as f:
-        for line_no, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-                pairs.append({k: record[k] for k in ("prompt", "chosen", "rejected")})
-            except (ValueError, KeyError, TypeError) as e:
-                raise ConvertError(f"{path}:{line_no}: not a pair with prompt/chosen/rejected ({e})") from None
+    try:
+        for line_no, record in iter_jsonl(path):
+            pairs.append({k: text_field(str(path), line_no, record, k) for k in ("prompt", "chosen", "rejected")})
             if len(pairs) == limit:
                 break
+    except InputError as e:
+        raise ConvertError(str(e)) from None
+    except OSError as e:
+        raise ConvertError(f"{path}: unreadable ({e.strerror or e})") from None
     if not pairs:
         raise ConvertError(f"{path}: no pairs")
     return pairs
