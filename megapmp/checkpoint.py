@@ -667,6 +667,7 @@ def _try_resume(path: Path, engine, *, expected_shapes: dict, parameter_shapes: 
     if ctx.rank == 0:
         try:
             if check is not None and (path / "trainer.json").is_file():
+                verify_checkpoint(path, only=("trainer.json",))  # judged on the config it was written with
                 incompatible = check(path, _read_json(path / "trainer.json"))
             if incompatible is None:
                 verified = verify_checkpoint(path)
