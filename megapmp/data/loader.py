@@ -14,7 +14,7 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from megapmp.data.datasets import DocumentDataset, PairDataset, check_compatible, check_token_ids
+from megapmp.data.datasets import DocumentDataset, PairDataset, check_compatible, check_token_ids, pairs_that_fit
 from megapmp.data.packing import (LAYOUTS, PACKINGS, PackedBatch, balance_into_budget, flatten_rows, pack_documents,
                                    pack_pairs, pair_packed_length)
 
@@ -133,12 +133,15 @@ class StepLoader:
 
     Every token read is checked against the shards' vocabulary (one vectorised max per micro-batch on
     the host, before any tensor exists); a token outside it raises ShardError naming shard and document.
+    Every pair's length is checked against `seq_len` at construction, from the index
+    (datasets.pairs_that_fit): `overlong` "error" refuses a shard holding one that cannot fit a row, "drop"
+    leaves such pairs out (counted in `dropped`, {prefix: pairs}).
     """
 
     def __init__(self, prefixes: list[str], *, kind: str = "pairs", weights: list[float] | None = None,
                  items_per_step: int, micro_batches: int = 1, seq_len: int, layout: str = "duplicated",
                  packing: str = "rows", pad_multiple: int = 1,
-                 dp_rank: int = 0, dp_size: int = 1, seed: int = 0, shuffle: bool = True,
+                 dp_rank: int = 0, dp_size: int = 1, seed: int = 0, shuffle: bool = True, overlong: str = "error",
                  micro_batch_tokens: int | str | None = None, micro_batch_multiple: int = 1):
         problems = []
         if items_per_step % (dp_size * micro_batches):
@@ -167,7 +170,11 @@ class StepLoader:
         check_compatible([d.meta for d in self.datasets], list(prefixes))
         self.pad_id = self.datasets[0].meta.pad_id
         self.vocab_size = self.datasets[0].meta.vocab_size
-        self.sampler = BlendedSampler([len(d) for d in self.datasets], weights, seed=seed, shuffle=shuffle)
+        # The items each dataset's sampler stream draws from (None: all of them).
+        self.kept = [pairs_that_fit(d, seq_len, layout, overlong) if kind == "pairs" else None for d in self.datasets]
+        self.dropped = {d.prefix: len(d) - len(k) for d, k in zip(self.datasets, self.kept) if k is not None}
+        self.sampler = BlendedSampler([len(d) if k is None else len(k) for d, k in zip(self.datasets, self.kept)],
+                                      weights, seed=seed, shuffle=shuffle)
         self.steps_taken = 0
         self.micro_batch_multiple = micro_batch_multiple
         self.token_budget = self._token_budget(micro_batch_tokens, seed) if micro_batch_tokens is not None else None
@@ -188,7 +195,9 @@ class StepLoader:
                           - ds.offset_of_item[items])
 
     def _token_budget(self, requested, seed: int) -> "TokenBudget":
-        lengths = [self.item_lengths(d, np.arange(len(ds))) for d, ds in enumerate(self.datasets)]
+        # Over the items the sampler can draw (data.overlong = drop leaves some out).
+        lengths = [self.item_lengths(d, np.arange(len(ds)) if kept is None else kept)
+                   for d, (ds, kept) in enumerate(zip(self.datasets, self.kept))]
         if requested == "auto":
             sizes = [len(x) for x in lengths]
             share = self.sampler.weights / np.array(sizes)  # each item's draw probability, per dataset
@@ -210,6 +219,9 @@ class StepLoader:
 
     def next_step(self) -> StepBatch:
         draws = self.sampler.take(self.items_per_step)
+        for d, kept in enumerate(self.kept):
+            if kept is not None:  # stream positions -> the dataset's item indices
+                draws[draws[:, 0] == d, 1] = kept[draws[draws[:, 0] == d, 1]]
         self.steps_taken += 1
         per_rank = self.items_per_step // self.dp_size
         mine = draws[self.dp_rank * per_rank : (self.dp_rank + 1) * per_rank]
