@@ -19,7 +19,8 @@ runs are sharded by rank and resume under any other layout (megapmp.checkpoint).
 Writes RUN_DIR/config.json, RUN_DIR/metrics.jsonl (one JSON object per optimizer step) and
 RUN_DIR/checkpoints/step_XXXXXXXX/. With checkpoint.resume = "auto" (the default) a restarted run
 continues from its newest intact checkpoint (manifest verified, tensors loaded strictly; a damaged one is
-skipped with a message naming the file) and reproduces the uninterrupted loss curve.
+skipped with a message naming the file) and reproduces the uninterrupted loss curve. A run directory has one
+owner (a lock) and holds one run: megapmp/run_dir.py says what a start may do with what it finds there.
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ from megapmp import checkpoint as ckpt
 from megapmp.accelerators import backend_report, format_report
 from megapmp.config import ConfigError, TrainConfig, load_train_config, parse_overrides
 from megapmp.convert.source import init_model_from
-from megapmp.data.datasets import check_token_ids, open_preference_dataset, preference_pairs
+from megapmp.data.datasets import check_token_ids, open_preference_dataset, pairs_that_fit, preference_pairs
 from megapmp.data.indexed import ShardError
 from megapmp.data.loader import BackgroundLoader, StepBatch, StepLoader
 from megapmp.data.shards import ShardMeta, verify_shards
@@ -57,6 +58,7 @@ from megapmp.model.compile import (bucket_tokens, compile_enabled, compile_layer
 from megapmp.optim import lr_at
 from megapmp.parallel.engine import Engine, StepSums, build_rank_chunks
 from megapmp.parallel.topology import build_context, init_distributed
+from megapmp.run_dir import ConfigCheck, RunDirError, open_run_dir
 from megapmp.tracking import MetricsLog, Trackers
 
 
@@ -95,9 +97,12 @@ def load_initial_weights(model: Qwen2RewardModel, source: str, with_reward_head:
 
 class Trainer:
     """One rank of a run. With torch.distributed initialised (torchrun, or tests' gloo ranks) the model
-    is split by ``cfg.parallel`` (tp x pp, data parallel filling the world); otherwise one process."""
+    is split by ``cfg.parallel`` (tp x pp, data parallel filling the world); otherwise one process.
 
-    def __init__(self, cfg: TrainConfig, run_dir: str | Path):
+    The run directory is locked from construction until ``fit()`` returns (or ``close()``); ``overwrite``
+    moves a previous run found there aside instead of refusing to start (megapmp/run_dir.py)."""
+
+    def __init__(self, cfg: TrainConfig, run_dir: str | Path, *, overwrite: bool = False):
         self.cfg = cfg
         self.run_dir = Path(run_dir)
         cfg.data.validate()  # before any shard is opened: no data.train is a message, not an IndexError
@@ -132,7 +137,7 @@ class Trainer:
         self.loader = StepLoader(cfg.data.train, kind=cfg.data.kind, weights=cfg.data.weights,
                                  items_per_step=cfg.data.items_per_step, micro_batches=cfg.data.micro_batches,
                                  seq_len=cfg.data.seq_len, layout=cfg.data.layout, packing=cfg.data.packing,
-                                 pad_multiple=pad_multiple, seed=cfg.data.seed,
+                                 pad_multiple=pad_multiple, seed=cfg.data.seed, overlong=cfg.data.overlong,
                                  dp_rank=self.ctx.dp_rank, dp_size=self.ctx.dp_size, micro_batch_tokens=budget,
                                  micro_batch_multiple=cfg.parallel.pp if interleaved else 1,
                                  lm_weighting=cfg.data.lm_weighting)
@@ -142,18 +147,32 @@ class Trainer:
         self.batches = (BackgroundLoader(self.loader, depth=cfg.data.prefetch_steps,
                                          pin_memory=self.device.type == "cuda")
                         if cfg.data.prefetch_steps else self.loader)
+        for prefix, dropped in self.loader.dropped.items():
+            self.log(f"left out {dropped} pairs of {prefix} longer than data.seq_len={cfg.data.seq_len} "
+                     f"(data.overlong = drop)")
         self.cfg = cfg = resolve_config(cfg, self.loader.meta)
         cfg.validate()
-        if self.is_main:  # only now: a config that does not validate leaves no run directory behind
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-        self._build_model()
         self.valid_pairs = self._load_valid_pairs()
-        self.step = 0  # optimizer steps taken
-        self.skipped_steps = 0
-        self.consecutive_nonfinite = 0
-        self._maybe_resume()
-        if self.is_main:
-            (self.run_dir / "config.json").write_text(json.dumps(asdict(cfg), indent=2) + "\n")
+        # Only now, with config and data checked (nothing bad leaves a directory behind): one owner per run
+        # directory, and a start that continues exactly one run (or refuses).
+        self.run_lock = open_run_dir(self.run_dir, cfg, self.ctx, overwrite=overwrite, log=self.log)
+        try:
+            self._build_model()
+            self.step = 0  # optimizer steps taken
+            self.skipped_steps = 0
+            self.consecutive_nonfinite = 0
+            self.config_changes = {}  # settings changed on resume (checkpoint.allow_change), for metrics.jsonl
+            self._maybe_resume()
+            if self.is_main:
+                (self.run_dir / "config.json").write_text(json.dumps(asdict(cfg), indent=2) + "\n")
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        """Release the run directory (fit() does this when it returns)."""
+        if self.run_lock is not None:
+            self.run_lock.release()
 
     def _build_model(self) -> None:
         cfg, ctx = self.cfg, self.ctx
@@ -196,11 +215,14 @@ class Trainer:
     def _load_valid_pairs(self):
         if not self.cfg.data.valid:
             return []
-        pairs = []
-        for prefix in self.cfg.data.valid:
+        pairs, data = [], self.cfg.data
+        # score_pairs packs a pair as [P C R] in the group layout: held-out pairs must fit a row that way
+        layout = "shared-prefix" if data.layout == "group" else data.layout
+        for prefix in data.valid:
             ds = open_preference_dataset(prefix)  # a group shard's pairs expanded
-            take, items = preference_pairs(ds, self.cfg.data.valid_items - len(pairs))
-            check_token_ids(ds, range(items), ds.meta.vocab_size)  # once, here: these pairs are scored again and again
+            fitting = pairs_that_fit(ds, data.seq_len, layout, data.overlong)  # before any step, not at eval
+            take, items = preference_pairs(ds, max(0, data.valid_items - len(pairs)), fitting)
+            check_token_ids(ds, items, ds.meta.vocab_size)  # once, here: these pairs are scored again and again
             pairs += take
         return pairs
 
@@ -208,12 +230,18 @@ class Trainer:
 
     def _maybe_resume(self) -> None:
         """Continue from the checkpoint that checkpoint.resume names ("auto": the newest intact one); the
-        checkpoint layer loads the model and optimizer, the trainer takes back its loader, RNG and counters."""
+        checkpoint layer loads the model and optimizer, the trainer takes back its loader, RNG and counters.
+        The checkpoint's recorded config must allow it (run_dir.ConfigCheck: same model, no unallowed change)."""
+        check = ConfigCheck(self.cfg)
         state = ckpt.resume(self.run_dir / "checkpoints", self.cfg.checkpoint.resume, self.engine,
                             expected_shapes=self.checkpoint_shapes, parameter_shapes=self.parameter_shapes,
-                            tie_word_embeddings=self.cfg.model.tie_word_embeddings, log=self.log)
+                            tie_word_embeddings=self.cfg.model.tie_word_embeddings, log=self.log, check=check)
         if state is None:
             return
+        if check.changes:
+            self.config_changes = check.changes
+            self.log("resuming with changed settings (checkpoint.allow_change): " +
+                     "; ".join(f"{k} {old!r} -> {new!r}" for k, (old, new) in check.changes.items()))
         self.batches.load_state_dict(state["loader"])
         ckpt.set_rng_state(state["rng"])
         self.step, self.skipped_steps = state["step"], state["skipped_steps"]
@@ -309,6 +337,8 @@ class Trainer:
                           "skipped_steps": self.skipped_steps}
                 if cfg.logging.eval_interval and (self.step % cfg.logging.eval_interval == 0 or self.step == cfg.steps):
                     record.update(self.evaluate())
+                if self.config_changes:  # the first step that ran with them says so
+                    record["config_changes"], self.config_changes = self.config_changes, {}
                 if self.is_main:
                     metrics.write(record)
                     trackers.log(record)
@@ -330,6 +360,7 @@ class Trainer:
             if self.is_main:
                 metrics.close()
                 trackers.close()
+            self.close()
         return history
 
 
@@ -342,16 +373,35 @@ def parse_cli(argv=None):
                     "--optimizer.lr 1e-4, --steps 200); see megapmp/config.py for every field and its meaning.")
     parser.add_argument("--config", default=None, help="TOML file (examples/configs/*.toml)")
     parser.add_argument("--run-dir", required=True, help="output directory: config.json, metrics.jsonl, checkpoints/")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="start a new run in a --run-dir that holds one: the old run is moved aside to "
+                             "RUN.old-YYYYmmdd-HHMMSS, never deleted (without it such a start is refused unless it "
+                             "resumes; do not leave it in a command that is requeued after a crash)")
     args, rest = parser.parse_known_args(argv)
     try:
-        return args, parse_overrides(rest)
+        return args, parse_overrides(_joined_list_flags(rest))
     except ConfigError as e:
         parser.error(str(e))
 
 
-# Errors in what the user gave (config, shards, checkpoints, paths): one line and exit 2. Anything else is
-# a bug in megapmp and keeps its traceback.
-USER_ERRORS = (ConfigError, ShardError, ckpt.CheckpointError, FileNotFoundError)
+def _joined_list_flags(rest: list[str]) -> list[str]:
+    """`--checkpoint.allow-change A B` -> `--checkpoint.allow-change A,B` (overrides take one value each)."""
+    out, i = [], 0
+    while i < len(rest):
+        out.append(rest[i])
+        if rest[i] in ("--checkpoint.allow-change", "--checkpoint.allow_change"):
+            values = []
+            while i + 1 < len(rest) and not rest[i + 1].startswith("--"):
+                values.append(rest[i + 1])
+                i += 1
+            out.append(",".join(values))
+        i += 1
+    return out
+
+
+# Errors in what the user gave (config, shards, checkpoints, paths, a run directory in use): one line and
+# exit 2. Anything else is a bug in megapmp and keeps its traceback.
+USER_ERRORS = (ConfigError, ShardError, ckpt.CheckpointError, FileNotFoundError, RunDirError)
 
 
 def main(argv=None) -> int:
@@ -361,7 +411,7 @@ def main(argv=None) -> int:
         cfg = load_train_config(args.config, overrides)
         torch.set_num_threads(cfg.num_threads) if cfg.num_threads else None
         distributed = init_distributed()
-        Trainer(cfg, args.run_dir).fit()
+        Trainer(cfg, args.run_dir, overwrite=args.overwrite).fit()
     except USER_ERRORS as e:
         message = " ".join(str(e).split())
         print(f"megapmp.train: error: {message}", file=sys.stderr)

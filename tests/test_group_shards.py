@@ -119,7 +119,7 @@ def test_overlong_truncate_and_workers_are_byte_identical(tmp_path):
                 "labels": [j % 2 == 0 for j in range(4)]} for i in range(600)]
     source = write_jsonl(tmp_path / "in.jsonl", records)
     one = preprocess(source, tmp_path / "one", "--groups", "--max-length", 40, "--overlong", "truncate")
-    two = preprocess(source, tmp_path / "two", "--groups", "--max-length", 40, "--overlong", "truncate",
+    preprocess(source, tmp_path / "two", "--groups", "--max-length", 40, "--overlong", "truncate",
                      "--workers", "2")
     assert json.loads(one.stdout)["truncated"] > 0
     for suffix in (".bin", ".idx", ".labels"):

@@ -117,9 +117,25 @@ def test_token_budget_keeps_groups_whole_and_says_when_one_cannot_fit(shards):
                    packing="flat", micro_batch_tokens=longest - 1)
 
 
-def test_a_response_longer_than_a_row_is_refused_at_open(shards):
-    with pytest.raises(ValueError, match="a response needs .* tokens with its prompt, more than a row of data.seq_len=16"):
-        StepLoader([str(shards / "groups")], items_per_step=8, seq_len=16, layout="group")
+def test_groups_that_cannot_fit_a_row_are_found_at_open(shards):
+    """In the group layout a group is split between responses: it fits when each response fits with its
+    prompt; in a pair layout each labelled pair must fit whole. Refused at open, or left out (drop)."""
+    dataset = GroupDataset(str(shards / "groups"))
+    seq_len = int(np.median(dataset.segment_needs("group", 256)))
+    with pytest.raises(ValueError, match=f"of 300 groups do not fit a row of data.seq_len={seq_len} tokens in the "
+                                         "group layout"):
+        StepLoader([str(shards / "groups")], items_per_step=8, seq_len=seq_len, layout="group")
+    loader = StepLoader([str(shards / "groups")], items_per_step=8, seq_len=seq_len, layout="group", overlong="drop")
+    assert 0 < loader.dropped[str(shards / "groups")] < 300
+    kept = loader.kept[0]
+    assert (dataset.segment_needs("group", seq_len)[kept] <= seq_len).all()
+    loader.next_step()  # every drawn group packs
+    # a pair layout needs each pair whole: the exact longest pair, not the bound of the two longest responses
+    needs = dataset.segment_needs("duplicated", 0)
+    for g in (0, 1, 2):
+        group = dataset[g]
+        want = max(2 * len(group.prompt) + len(group.responses[i]) + len(group.responses[j]) for i, j in group.pairs)
+        assert needs[g] == want
 
 
 def test_resume_reproduces_the_uninterrupted_group_curve(shards, tmp_path):

@@ -225,7 +225,8 @@ def test_step_loader_rejects_bad_split(shard):
 @pytest.mark.parametrize("kind_layout", [("pairs", "duplicated"), ("pairs", "shared-prefix"), ("documents", None)])
 def test_step_loader_flat_packing_is_the_rows_without_padding(shard, kind_layout):
     kind, layout = kind_layout
-    kwargs = dict(kind=kind, items_per_step=8, micro_batches=2, seq_len=128, seed=3,
+    # seq_len 136: the shard's longest pair needs 135 tokens duplicated (the loader refuses it at open otherwise)
+    kwargs = dict(kind=kind, items_per_step=8, micro_batches=2, seq_len=136, seed=3,
                   **({"layout": layout} if layout else {}))
     prefix = shard if kind == "pairs" else shard[: -len("shard")] + "docs"
     rows = StepLoader([prefix], **kwargs)

@@ -11,10 +11,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from megapmp.data.groups import Group, GroupTable, labels_path, read_labels
+from megapmp.data.groups import Group, GroupTable, labelled_pairs, labels_path, read_labels
 from megapmp.data.indexed import ShardError, bin_path
-from megapmp.data.packing import MAX_BRANCH, group_packed_length
+from megapmp.data.packing import MAX_BRANCH, group_packed_length, pair_packed_length
 from megapmp.data.shards import ShardMeta, open_shard
+
+OVERLONG_POLICIES = ("error", "drop")
 
 
 @dataclass(frozen=True)
@@ -103,6 +105,23 @@ class GroupDataset:
         prompts_per_pair = 2 if layout == "duplicated" else 1
         return prompts_per_pair * self.table.pairs[items] * p + self.table.paired_tokens[items]
 
+    def segment_needs(self, layout: str, seq_len: int) -> np.ndarray:
+        """int64 [G]: the longest segment each group needs in ``layout``: its prompt with its longest response
+        (group: a group is split between responses), or its longest labelled pair packed whole (pair layouts;
+        exact where it exceeds ``seq_len``, elsewhere a bound that does not)."""
+        responses = self.index.sequence_lengths.astype(np.int64).copy()
+        responses[self.table.first] = 0
+        longest = np.maximum.reduceat(responses, self.table.first) if len(self) else np.zeros(0, np.int64)
+        if layout == "group":
+            return self.prompt_lengths + longest
+        need = pair_packed_length(self.prompt_lengths, longest, longest, layout)  # the two longest may be no pair
+        for g in np.flatnonzero(need > seq_len).tolist():
+            first, last = int(self.index.document_index[g]), int(self.index.document_index[g + 1])
+            lengths, pairs = self.response_lengths(g), labelled_pairs(self.labels[first + 1 : last])
+            need[g] = int(pair_packed_length(int(self.prompt_lengths[g]), lengths[pairs[:, 0]], lengths[pairs[:, 1]],
+                                             layout).max())
+        return need
+
     def lm_tokens(self, items: np.ndarray, weighting: str) -> int:
         return int(self.table.lm_tokens[weighting][np.asarray(items, dtype=np.int64)].sum())
 
@@ -113,18 +132,18 @@ def open_preference_dataset(prefix: str):
     return GroupDataset(prefix) if kind == "groups" else PairDataset(prefix)
 
 
-def preference_pairs(dataset, limit: int) -> tuple[list[Pair], int]:
-    """The first ``limit`` pairs of a pair or group dataset (a group's pairs expanded, in order), and how
-    many of its items they came from."""
-    if isinstance(dataset, PairDataset):
-        n = min(len(dataset), limit)
-        return [dataset[i] for i in range(n)], n
+def preference_pairs(dataset, limit: int, items: np.ndarray | None = None) -> tuple[list[Pair], list[int]]:
+    """The first ``limit`` pairs of a pair or group dataset (a group's pairs expanded, in order), drawn from
+    ``items`` (default: all of them in order), and the items they came from."""
     out: list[Pair] = []
-    items = 0
-    while items < len(dataset) and len(out) < limit:
-        out += expand_group(dataset[items])[: limit - len(out)]
-        items += 1
-    return out, items
+    used: list[int] = []
+    for i in (range(len(dataset)) if items is None else items):
+        if len(out) >= limit:
+            break
+        item = dataset[int(i)]
+        out += expand_group(item)[: limit - len(out)] if isinstance(dataset, GroupDataset) else [item]
+        used.append(int(i))
+    return out, used
 
 
 class DocumentDataset:
@@ -153,6 +172,35 @@ class DocumentDataset:
     def document_of(self, i: int) -> int:
         sequence = int(self.sequence_of_item[i])
         return int(np.searchsorted(self.index.document_index, sequence, side="right")) - 1
+
+
+def pairs_that_fit(dataset, seq_len: int, layout: str, overlong: str = "error") -> np.ndarray | None:
+    """The items of `dataset` (pairs, or groups of a GroupDataset) that fit rows of `seq_len` tokens in
+    `layout`, from the index alone (no token is read): None when all do. A pair layout needs each pair packed
+    whole (a group: each of its labelled pairs); the group layout splits a group between responses, so it
+    needs each response with its prompt (a pair: the longer response). An item that does not fit would stop
+    the run at the step that draws it, so it is found here, at open: overlong="error" raises a ShardError
+    naming the shard, how many, the longest and the flags that deal with them; "drop" returns the indices of
+    the others."""
+    if isinstance(dataset, GroupDataset):
+        need, unit = dataset.segment_needs(layout, seq_len), "groups"
+    elif layout == "group":
+        need, unit = dataset.prompt_lengths.astype(np.int64) + np.maximum(dataset.chosen_lengths,
+                                                                            dataset.rejected_lengths), "pairs"
+    else:
+        need, unit = pair_packed_length(dataset.prompt_lengths.astype(np.int64), dataset.chosen_lengths.astype(np.int64),
+                                        dataset.rejected_lengths.astype(np.int64), layout), "pairs"
+    too_long = np.flatnonzero(need > seq_len)
+    if not len(too_long):
+        return None
+    longest = int(too_long[np.argmax(need[too_long])])
+    if overlong == "drop" and len(too_long) < len(dataset):
+        return np.flatnonzero(need <= seq_len)
+    what = "all" if len(too_long) == len(dataset) else f"{len(too_long)} of {len(dataset)}"
+    raise ShardError(f"{dataset.prefix}: {what} {unit} do not fit a row of data.seq_len={seq_len} tokens in the "
+                     f"{layout} layout (the longest, {unit[:-1]} {longest}, needs {int(need[longest])}): raise "
+                     f"--data.seq_len, leave them out with --data.overlong drop, or preprocess again with --max-length "
+                     f"{seq_len // 2} --overlong truncate")
 
 
 def check_token_ids(dataset, items, vocab_size: int) -> None:

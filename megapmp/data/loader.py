@@ -15,9 +15,8 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from megapmp.data.datasets import (DocumentDataset, GroupDataset, check_compatible, check_token_ids, expand_group,
-                                    open_preference_dataset)
+                                    open_preference_dataset, pairs_that_fit)
 from megapmp.data.groups import LM_WEIGHTINGS
-from megapmp.data.indexed import ShardError
 from megapmp.data.packing import (LAYOUTS, PACKINGS, PackedBatch, balance_into_budget, flatten_rows, groups_of_pairs,
                                    pack_documents, pack_groups, pack_pairs, pair_packed_length)
 
@@ -141,12 +140,15 @@ class StepLoader:
 
     Every token read is checked against the shards' vocabulary (one vectorised max per micro-batch on
     the host, before any tensor exists); a token outside it raises ShardError naming shard and document.
+    Every pair's length is checked against `seq_len` at construction, from the index
+    (datasets.pairs_that_fit): `overlong` "error" refuses a shard holding one that cannot fit a row, "drop"
+    leaves such pairs out (counted in `dropped`, {prefix: pairs}).
     """
 
     def __init__(self, prefixes: list[str], *, kind: str = "pairs", weights: list[float] | None = None,
                  items_per_step: int, micro_batches: int = 1, seq_len: int, layout: str = "duplicated",
                  packing: str = "rows", pad_multiple: int = 1,
-                 dp_rank: int = 0, dp_size: int = 1, seed: int = 0, shuffle: bool = True,
+                 dp_rank: int = 0, dp_size: int = 1, seed: int = 0, shuffle: bool = True, overlong: str = "error",
                  micro_batch_tokens: int | str | None = None, micro_batch_multiple: int = 1,
                  lm_weighting: str = "distinct"):
         problems = []
@@ -173,15 +175,16 @@ class StepLoader:
         self.dp_rank, self.dp_size = dp_rank, dp_size
         if kind == "pairs":
             self.datasets = [open_preference_dataset(p) for p in prefixes]
-            if layout == "group":
-                for ds in self.datasets:
-                    _check_groups_fit(ds, seq_len)
         else:
             self.datasets = [DocumentDataset(p, window=seq_len) for p in prefixes]
         check_compatible([d.meta for d in self.datasets], list(prefixes))
         self.pad_id = self.datasets[0].meta.pad_id
         self.vocab_size = self.datasets[0].meta.vocab_size
-        self.sampler = BlendedSampler([len(d) for d in self.datasets], weights, seed=seed, shuffle=shuffle)
+        # The items each dataset's sampler stream draws from (None: all of them).
+        self.kept = [pairs_that_fit(d, seq_len, layout, overlong) if kind == "pairs" else None for d in self.datasets]
+        self.dropped = {d.prefix: len(d) - len(k) for d, k in zip(self.datasets, self.kept) if k is not None}
+        self.sampler = BlendedSampler([len(d) if k is None else len(k) for d, k in zip(self.datasets, self.kept)],
+                                      weights, seed=seed, shuffle=shuffle)
         self.steps_taken = 0
         self.micro_batch_multiple = micro_batch_multiple
         self.token_budget = self._token_budget(micro_batch_tokens, seed) if micro_batch_tokens is not None else None
@@ -204,7 +207,9 @@ class StepLoader:
                           - ds.offset_of_item[items])
 
     def _token_budget(self, requested, seed: int) -> "TokenBudget":
-        lengths = [self.item_lengths(d, np.arange(len(ds))) for d, ds in enumerate(self.datasets)]
+        # Over the items the sampler can draw (data.overlong = drop leaves some out).
+        lengths = [self.item_lengths(d, np.arange(len(ds)) if kept is None else kept)
+                   for d, (ds, kept) in enumerate(zip(self.datasets, self.kept))]
         if requested == "auto":
             sizes = [len(x) for x in lengths]
             share = self.sampler.weights / np.array(sizes)  # each item's draw probability, per dataset
@@ -226,6 +231,9 @@ class StepLoader:
 
     def next_step(self) -> StepBatch:
         draws = self.sampler.take(self.items_per_step)
+        for d, kept in enumerate(self.kept):
+            if kept is not None:  # stream positions -> the dataset's item indices
+                draws[draws[:, 0] == d, 1] = kept[draws[draws[:, 0] == d, 1]]
         self.steps_taken += 1
         per_rank = self.items_per_step // self.dp_size
         mine = draws[self.dp_rank * per_rank : (self.dp_rank + 1) * per_rank]
@@ -283,20 +291,6 @@ class StepLoader:
     def load_state_dict(self, state: dict) -> None:
         self.sampler.load_state_dict(state["sampler"])
         self.steps_taken = int(state["steps_taken"])
-
-
-def _check_groups_fit(dataset, seq_len: int) -> None:
-    """In the group layout every response must fit a row with its prompt (a group is split between
-    responses, never inside one): checked from the index at open, not at the step that draws it."""
-    if isinstance(dataset, GroupDataset):
-        first, lengths = dataset.table.first, dataset.index.sequence_lengths.astype(np.int64)
-        need = lengths + np.repeat(dataset.prompt_lengths, dataset.table.sizes + 1)
-        need[first] = 0
-    else:
-        need = dataset.prompt_lengths.astype(np.int64) + np.maximum(dataset.chosen_lengths, dataset.rejected_lengths)
-    if len(need) and int(need.max()) > seq_len:
-        raise ShardError(f"{dataset.prefix}: a response needs {int(need.max())} tokens with its prompt, more than a "
-                         f"row of data.seq_len={seq_len}: raise data.seq_len or preprocess with --max-length {seq_len}")
 
 
 @dataclass(frozen=True)

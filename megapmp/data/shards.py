@@ -36,6 +36,26 @@ def group_labels_meta() -> dict:
     """What a group shard's sidecar records about PREFIX.labels (the layout megapmp/data/groups.py specifies)."""
     return {"file": "PREFIX.labels", "dtype": "float64 little-endian", "per": "sequence of the index",
             "prompt": "NaN", "pairs": "labels[i] > labels[j] within a group; ties make no pair"}
+EOS_POLICIES = ("response", "none")  # the EOS policies of tools/preprocess_pairs.py --eos-policy
+
+
+def recipe_problems(template_text, eos_policy, eos_id, pad_id, vocab_size: int) -> list[str]:
+    """Why texts cannot be made into a model's inputs by this recipe (template, EOS policy, eos/pad ids, over
+    a vocabulary of `vocab_size` ids); empty when they can. The one statement of these rules: a shard's
+    sidecar is held to them at every open (so the trainer refuses data at start, not its checkpoint at
+    evaluation), and a scoring recipe when a scorer or an export is built (megapmp.convert.source)."""
+    problems = []
+    if eos_policy not in EOS_POLICIES:
+        problems.append(f"eos_policy {eos_policy!r} is not one of {', '.join(EOS_POLICIES)}")
+    if not isinstance(template_text, str) or "{prompt}" not in template_text:
+        problems.append("the template has no {prompt} placeholder")
+    for name, value in (("eos_id", eos_id), ("pad_id", pad_id)):
+        if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < vocab_size:
+            problems.append(f"{name} {value!r} is outside the vocabulary [0, {vocab_size})")
+    if eos_policy == "response" and eos_id == pad_id:
+        problems.append(f"pad_id equals eos_id ({eos_id}): the reward is read at the EOS, and a padded batch "
+                        f"(HF's sequence classifier pools the last token that is not padding) cannot tell it from padding")
+    return problems
 
 
 def sidecar_path(prefix: str | os.PathLike) -> Path:
@@ -90,7 +110,26 @@ class ShardMeta:
         unknown = sorted(set(data) - {f.name for f in fields(cls)})
         if unknown:
             raise ShardError(f"{path}: unknown sidecar fields {', '.join(unknown)}")
-        return cls(**data)
+        try:
+            meta = cls(**data)
+        except TypeError as e:  # a required field missing
+            raise ShardError(f"{path}: not a complete sidecar ({e})") from None
+        problems = meta.recipe_problems()
+        if problems:
+            raise ShardError(f"{path}: {'; '.join(problems)}: a scorer would refuse a model trained on this data "
+                             f"(remake the shard with tools/preprocess_pairs.py)")
+        return meta
+
+    def recipe_problems(self) -> list[str]:
+        """`recipe_problems` of this data, plus: the eos/pad ids are those of the tokenizer it records (a
+        scorer loads that tokenizer and refuses ids that differ)."""
+        template = self.template.get("text") if isinstance(self.template, dict) else None
+        problems = recipe_problems(template, self.eos_policy, self.eos_id, self.pad_id, self.vocab_size)
+        recorded = self.tokenizer if isinstance(self.tokenizer, dict) else {}
+        for name in ("eos_id", "pad_id"):
+            if name in recorded and recorded[name] != getattr(self, name):
+                problems.append(f"{name} {getattr(self, name)!r} is not the tokenizer's ({recorded[name]!r})")
+        return problems
 
 
 def _data_files(prefix: str | os.PathLike, kind: str = "pairs") -> dict:
