@@ -112,3 +112,20 @@ def test_bench_scoring_runs_every_layout_and_agrees_on_rewards():
             assert row[layout]["max_abs_reward_diff_vs_per_candidate"] < ATOL
         assert row["tokens_per_candidate"]["group_one_prompt_per_question"] < row["tokens_per_candidate"]["duplicated"]
     assert set(summary["speedup_vs_per_candidate"]) == {"group", "shared-prefix"}
+
+
+def test_rm_accuracy_on_a_group_shard_scores_every_labelled_pair(tmp_path, one_thread):
+    from megapmp.data.datasets import GroupDataset
+    from megapmp.data.preprocess import build_shard
+
+    records = [{"prompt": f"What is {i} + {i}?", "responses": [f"{2 * i}", f"{2 * i + 1}", f"It is {2 * i}."],
+                "labels": [True, False, True]} for i in range(5)]
+    write_jsonl(tmp_path / "g.jsonl", records)
+    build_shard([str(tmp_path / "g.jsonl")], str(tmp_path / "g"), kind="groups", keys=("prompt", "responses", "labels"),
+                progress=False)
+    run_dir = make_checkpoint(tmp_path / "run", shard=str(tmp_path / "g"))
+    out = tmp_path / "acc.json"
+    assert _evaluate_main(["rm-accuracy", "--model", str(run_dir), "--data", str(tmp_path / "g"), "--output", str(out),
+                           "--no-progress"]) == 0
+    results = json.loads(out.read_text())["results"]
+    assert results["pairs"] == int(GroupDataset(str(tmp_path / "g")).table.pairs.sum()) == 10

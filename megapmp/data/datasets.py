@@ -132,7 +132,7 @@ def open_preference_dataset(prefix: str):
     return GroupDataset(prefix) if kind == "groups" else PairDataset(prefix)
 
 
-def preference_pairs(dataset, limit: int, items: np.ndarray | None = None) -> tuple[list[Pair], list[int]]:
+def preference_pairs(dataset, limit: float, items: np.ndarray | None = None) -> tuple[list[Pair], list[int]]:
     """The first ``limit`` pairs of a pair or group dataset (a group's pairs expanded, in order), drawn from
     ``items`` (default: all of them in order), and the items they came from."""
     out: list[Pair] = []
@@ -141,7 +141,8 @@ def preference_pairs(dataset, limit: int, items: np.ndarray | None = None) -> tu
         if len(out) >= limit:
             break
         item = dataset[int(i)]
-        out += expand_group(item)[: limit - len(out)] if isinstance(dataset, GroupDataset) else [item]
+        pairs = expand_group(item) if isinstance(dataset, GroupDataset) else [item]
+        out += pairs[: max(0, min(len(pairs), limit - len(out)))]
         used.append(int(i))
     return out, used
 
