@@ -109,6 +109,19 @@ def test_group_row_structure_positions_and_readouts():
     assert mask[13, :4].all() and not mask[13, 4:12].any() and mask[13, 12:14].all()  # R3 sees P and R3 only
 
 
+def test_group_rows_flops_count_exactly_the_mask():
+    """megapmp.flops credits a group row the (query, key) pairs its mask allows, no more (exact convention),
+    and its LM head the targets it really has (a prompt end predicting several first tokens)."""
+    from megapmp.flops import attention_pairs, batch_flops
+
+    b = pack_groups(random_groups(23, n=5), 128, pad_id=0)
+    mask = build_mask(torch.as_tensor(b.segment_ids), torch.as_tensor(b.branch_ids))
+    padding = int((b.segment_ids < 0).sum())  # a padding token attends to itself
+    assert attention_pairs(b.segment_ids, b.branch_ids, "exact") == int(mask.sum()) - padding
+    flops = batch_flops(CONFIG, b)
+    assert flops.lm_head == 3 * 2 * CONFIG.hidden_size * CONFIG.vocab_size * len(b.lm_index)
+
+
 def test_a_group_longer_than_a_row_is_split_with_the_prompt_repeated():
     rng = np.random.default_rng(1)
     group = Group(rng.integers(2, V, 6), tuple(rng.integers(2, V, n) for n in (9, 4, 8, 3, 7)),
