@@ -40,6 +40,17 @@ def test_group_rows_score_like_per_candidate_rows(run_dir, one_thread):
     assert len(set(per_candidate.tolist())) == 48  # distinct rewards: equality is not a coincidence
 
 
+def test_flex_scores_group_rows_like_per_candidate_rows(run_dir, one_thread):
+    """FlexAttention (forward only on a CPU) on group rows padded to a power of two, as the scorer pads them
+    for a compiled flex on a GPU."""
+    prompts, responses = codepmp_texts(12, seed=6)
+    prompts = [prompts[i // 6] for i in range(12)]
+    want, _ = scores(run_dir, "duplicated", prompts, responses)
+    got, scorer = scores(run_dir, "group", prompts, responses, attention_backend="flex")
+    assert scorer.model.attention_backend == "flex"
+    np.testing.assert_allclose(got, want, rtol=0, atol=ATOL)
+
+
 def test_a_set_larger_than_a_forward_or_the_branch_ids_is_cut_with_the_prompt_repeated(run_dir, one_thread):
     n = MAX_BRANCH + 9  # more responses than one segment's branch ids
     prompts = ["Pick the right one."] * n

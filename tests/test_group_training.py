@@ -16,8 +16,9 @@ import pytest
 import torch
 
 from megapmp.config import load_train_config
-from megapmp.data.datasets import GroupDataset
+from megapmp.data.datasets import GroupDataset, expand_group
 from megapmp.data.loader import StepLoader
+from megapmp.data.packing import pack_groups, pack_pairs
 from megapmp.data.preprocess import build_shard
 from megapmp.train import Trainer
 from tests.distributed_utils import run_ranks
@@ -101,6 +102,19 @@ def test_loader_counts_come_from_the_index(shards):
             assert step.global_lm_tokens == sum(m.num_lm_tokens for m in step.micro_batches)
             drawn = step.step_items[:, 1]
             assert step.global_pairs == int(dataset.table.pairs[drawn].sum())
+
+
+def test_packed_lengths_from_the_index_are_what_packing_makes(shards):
+    dataset = GroupDataset(str(shards / "groups"))
+    items = np.arange(0, 300, 37)
+    for layout, seq_len in (("group", 256), ("group", 40), ("duplicated", 256), ("shared-prefix", 256)):
+        want = []
+        for i in items.tolist():
+            group = dataset[i]
+            packed = (pack_groups([group], seq_len, 0) if layout == "group" else
+                      pack_pairs(expand_group(group), seq_len, layout, 0))
+            want.append(packed.num_real_tokens)
+        assert dataset.packed_lengths(items, layout, seq_len).tolist() == want, (layout, seq_len)
 
 
 def test_token_budget_keeps_groups_whole_and_says_when_one_cannot_fit(shards):

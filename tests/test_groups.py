@@ -142,6 +142,12 @@ def test_a_group_longer_than_a_row_is_split_with_the_prompt_repeated():
         group_pieces(6, [9], 14)
 
 
+def test_one_bound_on_responses_per_segment():
+    import importlib  # megapmp.model.attention is also a function: the module by its name
+
+    assert MAX_BRANCH == importlib.import_module("megapmp.model.attention").MAX_BRANCH == 127
+
+
 def test_more_responses_than_branch_ids_make_more_segments():
     k = MAX_BRANCH + 3
     group = Group(np.array([5, 6]), tuple(np.array([7 + i % 50]) for i in range(k)), np.arange(k, dtype=float))

@@ -337,8 +337,11 @@ class RewardScorer:
             tokens = [Group(np.asarray(p, np.int64), tuple(np.asarray(r, np.int64) for _, r in owned),
                             np.zeros(len(owned))) for p, owned in chunk]
             row = max(self.seq_len, int(lengths[order[start]]))  # the longest group is one segment
-            packed = flatten_rows(pack_groups(tokens, row, self.recipe.pad_id, lm_weighting="none"),
-                                  self.recipe.pad_id, multiple=64)
+            packed = pack_groups(tokens, row, self.recipe.pad_id, lm_weighting="none")
+            real = packed.num_real_tokens
+            # compiled flex meets one kernel per row length: powers of two keep those few (batch_invariant's rule)
+            width = max(1024, 1 << (real - 1).bit_length()) if self.model.attention_backend == "flex" else None
+            packed = flatten_rows(packed, self.recipe.pad_id, multiple=64 if width is None else 1, width=width)
             batch = packed.to_torch(self.device)
             with torch.autocast(device_type=self.device.type, dtype=self.autocast_dtype,
                                 enabled=self.autocast_dtype is not None):
