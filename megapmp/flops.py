@@ -101,8 +101,10 @@ def batch_flops(config, batch, *, lm_head: bool = True, reward_head: bool = True
     real_tokens = float((segment_ids >= 0).sum())
     lm_index = getattr(batch, "lm_index", None)  # a group row predicts several targets at a prompt's end
     lm_tokens = 0.0
-    if lm_head:
-        lm_tokens = float(len(_array(lm_index)) if lm_index is not None else (_array(batch.labels) != IGNORE_INDEX).sum())
+    if lm_head and lm_index is not None:
+        lm_tokens = float(len(_array(lm_index)))
+    elif lm_head:
+        lm_tokens = float((_array(batch.labels) != IGNORE_INDEX).sum())
     readouts = 2.0 * len(_array(batch.chosen_index)) if reward_head else 0.0
     q = config.num_attention_heads * config.head_dim
     pairs = attention_pairs(segment_ids, batch.branch_ids, causal)

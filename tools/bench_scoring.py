@@ -56,8 +56,8 @@ def length_range(text: str) -> tuple[int, int]:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog="\n\n".join(__doc__.split("\n\n")[1:]))
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog="\n\n".join(__doc__.split("\n\n")[1:]),
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--n-values", default="16,64,256", help="candidates per question (default 16,64,256)")
     p.add_argument("--questions", type=int, default=2, help="questions per N (default 2)")
     p.add_argument("--prompt-len", type=length_range, default=(75, 150), metavar="LO,HI",
@@ -152,9 +152,9 @@ def time_n(args, scorers, n: int) -> dict:
     # tokens encoded per candidate: its response, plus a prompt per candidate (duplicated), per two
     # (shared-prefix) or per group row (group: one per question when its candidates fit one forward, the FLOP
     # ceiling's count)
+    one_prompt_each = response_tokens + sum(len(p) for p in prompts[::n])
     out["tokens_per_candidate"] = {BASELINE: (response_tokens + sum(len(p) for p in prompts)) / candidates,
-                                   "group_one_prompt_per_question": (response_tokens + sum(len(p) for p in prompts[::n]))
-                                   / candidates}
+                                   "group_one_prompt_per_question": one_prompt_each / candidates}
     return out
 
 

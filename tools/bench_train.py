@@ -208,7 +208,8 @@ class MegapmpSide(Side):
         return {"loss": float(out.loss.detach()), "rm_loss": float(out.rm_loss), "lm_loss": float(out.lm_loss),
                 "real_tokens": packed.num_real_tokens + credit, "encoded_tokens": packed.num_real_tokens,
                 "pairs": packed.num_pairs, "lm_tokens": packed.num_lm_tokens, "row_tokens": int(np.prod(packed.shape)),
-                "flops": batch_flops(self.config, packed)}
+                "flops": batch_flops(self.config, packed, lm_head=bool(self.args.lm_coef),
+                                     reward_head=bool(self.args.rm_coef))}
 
 
 def build_side(kind: str, args, config, device, state_dict):

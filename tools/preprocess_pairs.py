@@ -98,7 +98,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="group mode: each JSONL record is a prompt with K labelled responses ('responses' + "
                         "'labels', booleans or scores, or 'chosen' + 'rejected' lists), one document of 1 + K "
                         "sequences with PREFIX.labels beside it; a group needs >= 2 responses and one labelled pair, "
-                        f"at most {MAX_GROUP_RESPONSES} responses; --max-length applies to the prompt with each response")
+                        f"at most {MAX_GROUP_RESPONSES} responses; --max-length applies to the prompt with each "
+                        "response")
     p.add_argument("--vocab-multiple", type=int, default=128, metavar="M",
                    help="record the vocab size padded to a multiple of M (the trainer multiplies by its TP size)")
     p.add_argument("--merge", nargs="+", default=None, metavar="PREFIX",
@@ -129,7 +130,8 @@ def main(argv=None) -> int:
             stats = meta.counts
         else:
             kind = "documents" if args.documents else "groups" if args.groups else "pairs"
-            default_keys = {"documents": "text", "groups": ",".join(GROUP_KEYS), "pairs": "prompt,chosen,rejected"}[kind]
+            default_keys = {"documents": "text", "groups": ",".join(GROUP_KEYS),
+                            "pairs": "prompt,chosen,rejected"}[kind]
             stats = build_shard(
                 args.input, args.output_prefix, kind=kind, tokenizer=args.tokenizer,
                 keys=tuple((args.keys or default_keys).split(",")), template=args.template,

@@ -189,8 +189,9 @@ def pairs_that_fit(dataset, seq_len: int, layout: str, overlong: str = "error") 
         need, unit = dataset.prompt_lengths.astype(np.int64) + np.maximum(dataset.chosen_lengths,
                                                                             dataset.rejected_lengths), "pairs"
     else:
-        need, unit = pair_packed_length(dataset.prompt_lengths.astype(np.int64), dataset.chosen_lengths.astype(np.int64),
-                                        dataset.rejected_lengths.astype(np.int64), layout), "pairs"
+        need = pair_packed_length(dataset.prompt_lengths.astype(np.int64), dataset.chosen_lengths.astype(np.int64),
+                                  dataset.rejected_lengths.astype(np.int64), layout)
+        unit = "pairs"
     too_long = np.flatnonzero(need > seq_len)
     if not len(too_long):
         return None
