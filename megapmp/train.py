@@ -72,6 +72,42 @@ def resolve_config(cfg: TrainConfig, meta: ShardMeta) -> TrainConfig:
     return replace(cfg, model=replace(cfg.model, vocab_size=vocab_size), loss=replace(cfg.loss, backend=backend))
 
 
+def resolve_steps(cfg: TrainConfig, item_counts: list[int], log=lambda message: None) -> TrainConfig:
+    """``cfg`` with the run's length in optimizer steps: ``steps`` when given, else derived from ``epochs``
+    (CodePMP's Table 3 gives every run as 1 epoch) as floor(epochs x items / items_per_step), the items being
+    all pairs (or document windows) of all train shards together; a remainder smaller than one step is not
+    drawn, so no item is seen twice within the epochs. A pure function of the config and the shard sizes:
+    every data-parallel rank (all read the same shards and draw the same global steps) and every resume of
+    the run gets the same count. Blend weights change how often each shard is drawn, not the total."""
+    items, per_step = sum(item_counts), cfg.data.items_per_step
+    if not cfg.epochs > 0:
+        return cfg
+    derived = math.floor(cfg.epochs * items / per_step)
+    what = "pairs" if cfg.data.kind == "pairs" else "document windows"
+    if cfg.steps:
+        log(f"steps = {cfg.steps} given: it overrides epochs = {cfg.epochs:g} ({derived} steps over this data)")
+        return cfg
+    if derived < 1:
+        raise ConfigError(f"epochs = {cfg.epochs:g} over {items} training {what} is less than one step of "
+                          f"data.items_per_step = {per_step}")
+    unused = round(cfg.epochs * items) - derived * per_step
+    log(f"steps = {derived}: epochs {cfg.epochs:g} x {items:,} {what} in {len(item_counts)} shard(s) / {per_step} "
+        f"per step" + (f" ({unused} {what} of the last epoch are not drawn)" if unused > 0 else ""))
+    return replace(cfg, steps=derived)
+
+
+def check_shard_max_length(limit: int, prefixes: list[str]) -> None:
+    """data.max_length: each shard must have been preprocessed with --max-length at most ``limit`` (the
+    recipe's max length; a shard without one may hold anything)."""
+    if not limit:
+        return
+    for prefix in prefixes:
+        recorded = ShardMeta.load(prefix).max_length
+        if recorded is None or recorded > limit:
+            raise ConfigError(f"{prefix}: preprocessed with --max-length {recorded}, but data.max_length = {limit}: "
+                              f"preprocess it with --max-length {limit} (or set data.max_length = 0)")
+
+
 def build_model(cfg: TrainConfig, device: torch.device, attention_backend: str | None = None) -> Qwen2RewardModel:
     """Construct on the meta device (no memory touched), then materialise and init on `device`."""
     with torch.device("meta"):
@@ -130,6 +166,9 @@ class Trainer:
                                          pin_memory=self.device.type == "cuda")
                         if cfg.data.prefetch_steps else self.loader)
         self.cfg = cfg = resolve_config(cfg, self.loader.meta)
+        self.steps_derived = not cfg.steps
+        self.cfg = cfg = resolve_steps(cfg, [len(d) for d in self.loader.datasets], self.log)
+        check_shard_max_length(cfg.data.max_length, cfg.data.train + cfg.data.valid)
         cfg.validate()
         if self.is_main:  # only now: a config that does not validate leaves no run directory behind
             self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -200,6 +239,12 @@ class Trainer:
                             tie_word_embeddings=self.cfg.model.tie_word_embeddings, log=self.log)
         if state is None:
             return
+        recorded = state.get("config", {}).get("steps")
+        if self.steps_derived and recorded != self.cfg.steps:
+            # The schedule spans the step count: continuing it over another count is not the run that was saved.
+            raise ConfigError(f"epochs = {self.cfg.epochs:g} gives {self.cfg.steps} steps over the training data "
+                              f"now, but the checkpoint's run had {recorded}: the data or data.items_per_step "
+                              f"changed since it started. Pass --steps {recorded} to continue it as it was")
         self.batches.load_state_dict(state["loader"])
         ckpt.set_rng_state(state["rng"])
         self.step, self.skipped_steps = state["step"], state["skipped_steps"]
