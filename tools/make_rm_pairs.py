@@ -72,6 +72,8 @@ def add_choice_input_arguments(p: argparse.ArgumentParser) -> None:
                         "is also in --input (same id or prompt) is removed and counted")
     g.add_argument("--format", default="auto", choices=("auto", "logiqa2", "reclor"),
                    help="input format (default: detected from each file's first record)")
+    g.add_argument("--limit", type=int, default=None, metavar="N",
+                   help="only the first N questions of each input file (for quick runs)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -200,7 +202,7 @@ def read_mathshepherd(paths: list[str], on_error: str, rejects_path: str | None)
     return records, handle, rejects
 
 
-def read_choice_sets(paths: list[str], fmt: str) -> list[tuple[str, int, object]]:
+def read_choice_sets(paths: list[str], fmt: str, limit: int | None = None) -> list[tuple[str, int, object]]:
     """(file, line, CandidateSet) of every multiple-choice record, by megapmp.eval.formats' readers (which
     check each record and name FILE:LINE for a bad one)."""
     from megapmp.eval import formats
@@ -210,8 +212,8 @@ def read_choice_sets(paths: list[str], fmt: str) -> list[tuple[str, int, object]
         kind = formats.detect_format(path) if fmt == "auto" else fmt
         if kind not in ("logiqa2", "reclor"):
             raise ValueError(f"{path}: format {kind!r} is not multiple choice (logiqa2 or reclor); pass --format")
-        sets = formats.load_logiqa2(path) if kind == "logiqa2" else formats.load_reclor(path)
-        lines = [line for line, _ in formats.iter_records(path)]  # one record per set, in order
+        sets = (formats.load_logiqa2 if kind == "logiqa2" else formats.load_reclor)(path, limit)
+        lines = [line for line, _ in formats.iter_records(path)][: len(sets)]  # one record per set, in order
         out += [(str(path), line, s) for line, s in zip(lines, sets)]
     return out
 
@@ -223,6 +225,8 @@ def check_outputs(args) -> Path:
         raise FileExistsError(f"{out}: {', '.join(existing)} exist; pass --overwrite to replace them")
     if args.max_pairs_per_question is not None and args.max_pairs_per_question < 1:
         raise ValueError("--max-pairs-per-question must be at least 1")
+    if getattr(args, "limit", None) is not None and args.limit < 1:
+        raise ValueError("--limit must be at least 1")
     out.mkdir(parents=True, exist_ok=True)
     return out
 
@@ -282,8 +286,8 @@ def run_mathshepherd(args) -> int:
 def run_options(args) -> int:
     out = check_outputs(args)
     drops = rm_pairs.Drops()
-    groups = rm_pairs.option_groups(read_choice_sets(args.input, args.format), drops)
-    test_groups = (rm_pairs.option_groups(read_choice_sets(args.test_input, args.format), drops)
+    groups = rm_pairs.option_groups(read_choice_sets(args.input, args.format, args.limit), drops)
+    test_groups = (rm_pairs.option_groups(read_choice_sets(args.test_input, args.format, args.limit), drops)
                    if args.test_input else None)
     train, test, removed = split(args, groups, test_groups)
     result = rm_pairs.build_split_pairs(train, test, train_style="all", test_style="all", seed=args.seed,
@@ -324,8 +328,8 @@ def run_sampled(args) -> int:
                                 samples_per_setting=args.samples_per_setting, top_p=args.top_p,
                                 max_tokens=args.max_tokens, stop=tuple(args.stop) if args.stop else None,
                                 seed=args.seed, batch_size=args.batch_size)
-    train_q = choice_questions(read_choice_sets(args.input, args.format))
-    test_q = choice_questions(read_choice_sets(args.test_input, args.format)) if args.test_input else []
+    train_q = choice_questions(read_choice_sets(args.input, args.format, args.limit))
+    test_q = choice_questions(read_choice_sets(args.test_input, args.format, args.limit)) if args.test_input else []
     questions = train_q + test_q
     if len({q.id for q in questions}) != len(questions):
         raise ValueError("--input and --test-input share question ids: the samples of one would overwrite the other's")
