@@ -76,7 +76,7 @@ def resolve_steps(cfg: TrainConfig, item_counts: list[int], log=lambda message: 
     """``cfg`` with the run's length in optimizer steps: ``steps`` when given, else derived from ``epochs``
     (CodePMP's Table 3 gives every run as 1 epoch) as floor(epochs x items / items_per_step), the items being
     all pairs (or document windows) of all train shards together; a remainder smaller than one step is not
-    drawn, so no item is seen twice within the epochs. A pure function of the config and the shard sizes:
+    drawn, so no item is drawn more often than the epochs say. A pure function of the config and the shard sizes:
     every data-parallel rank (all read the same shards and draw the same global steps) and every resume of
     the run gets the same count. Blend weights change how often each shard is drawn, not the total."""
     items, per_step = sum(item_counts), cfg.data.items_per_step
@@ -90,7 +90,7 @@ def resolve_steps(cfg: TrainConfig, item_counts: list[int], log=lambda message: 
     if derived < 1:
         raise ConfigError(f"epochs = {cfg.epochs:g} over {items} training {what} is less than one step of "
                           f"data.items_per_step = {per_step}")
-    unused = round(cfg.epochs * items) - derived * per_step
+    unused = math.floor(cfg.epochs * items) - derived * per_step
     log(f"steps = {derived}: epochs {cfg.epochs:g} x {items:,} {what} in {len(item_counts)} shard(s) / {per_step} "
         f"per step" + (f" ({unused} {what} of the last epoch are not drawn)" if unused > 0 else ""))
     return replace(cfg, steps=derived)

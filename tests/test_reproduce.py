@@ -58,3 +58,13 @@ def test_reproduce_tiny_end_to_end(tmp_path):
     assert (out / "best_of_n.png").stat().st_size > 0 and "RM accuracy" in (out / "report.md").read_text()
     timings = json.loads((out / "timings.json").read_text())
     print(f"reproduce_codepmp.sh --scale tiny: {timings['total']:.0f} s ({data['source']} data)")
+
+
+def test_served_export_takes_its_tokenizer_from_its_recipe(tmp_path):
+    """tools/serve_models.py serves megapmp's HF exports as causal LMs (the tiny scale's generators): their
+    tokenizer is where megapmp_scoring.json says, not necessarily beside the weights."""
+    from megapmp.synth.serve import tokenizer_directory
+
+    assert tokenizer_directory(str(tmp_path)) == str(tmp_path)
+    (tmp_path / "megapmp_scoring.json").write_text(json.dumps({"tokenizer": {"path": "tokenizer"}}))
+    assert tokenizer_directory(str(tmp_path)) == str(tmp_path / "tokenizer")
