@@ -104,7 +104,6 @@ def build_parser() -> argparse.ArgumentParser:
                          "records aside in --rejects and count them")
     ms.add_argument("--rejects", default=None, metavar="FILE.jsonl", help="bad records with their reason (skip mode)")
     add_output_arguments(ms, test_fraction=0.1)  # 44k of Math-Shepherd's 444k samples are the paper's test part
-    ms.add_argument("--no-progress", action="store_true", help="accepted for symmetry; this subcommand is fast")
 
     op = sub.add_parser("options", help="ReClor-pair (appendix D.2.1): right option vs each wrong option",
                         description="Multiple-choice questions -> pairs: the prompt is the passage and the question "
