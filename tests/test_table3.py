@@ -59,6 +59,14 @@ SCRIPTS = {
 }
 
 
+SCRIPTS_WITHOUT_A_COLUMN = {
+    "_launch.sh": "the torchrun launcher the scripts above source",
+    "quickstart.sh": "the tiny CPU pipeline (tiny.toml)",
+    "paper_experiment.sh": "the sample-efficiency sweep on the quickstart's tiny model",
+    "reproduce_codepmp.sh": "the whole paper: at 1.5b/7b it trains through the scripts above (tests/test_reproduce.py)",
+}
+
+
 def table3_mismatches(cfg, column: str, size: str) -> list[str]:
     """Every way `cfg` differs from Table 3's (column, size) row; empty when it is the paper's recipe."""
     row, bad = TABLE_3[(column, size)], []
@@ -103,6 +111,11 @@ def test_a_wrong_value_fails_the_check():
     cfg = load_train_config(str(CONFIGS / "rm_logic_7b.toml"), [("schedule.name", "wsd"), ("optimizer.weight_decay", "0.1"),
                                                               ("steps", "1000")])
     assert len(table3_mismatches(cfg, "Logical RM", "7B")) == 3
+
+
+def test_every_launch_script_is_classified():
+    scripts = {p.name for p in (REPO / "examples").glob("*.sh")}
+    assert scripts == {s for s, _ in SCRIPTS} | set(SCRIPTS_WITHOUT_A_COLUMN)
 
 
 def dry_run_command(script: str, scale: str) -> list[str]:
