@@ -228,6 +228,60 @@ def _escape_fork_limit(sb) -> tuple[bool, str]:
     return _ran(r) and bool(forked) and forked[0] < 16, f"max_procs 16; {_out(r)}"
 
 
+def _escape_sysv_shared_memory(sb) -> tuple[bool, str]:
+    # System V shared memory outlives its mapping: attach, fill, detach, repeat. Neither RLIMIT_AS nor the
+    # tmpfs counts it (the run's IPC namespace holds it until the run ends).
+    code = RAN + (
+        "import ctypes\nlibc = ctypes.CDLL(None, use_errno=True)\nlibc.shmat.restype = ctypes.c_void_p\n"
+        "libc.shmat.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_int]\nlibc.shmdt.argtypes = [ctypes.c_void_p]\n"
+        "stored = 0\nfor _ in range(8):\n    sid = libc.shmget(0, ctypes.c_size_t(16 << 20), 0o600)\n"
+        "    if sid < 0:\n        print('shmget refused', ctypes.get_errno())\n        break\n"
+        "    addr = libc.shmat(sid, None, 0)\n    ctypes.memset(addr, 1, 16 << 20)\n    libc.shmdt(addr)\n"
+        "    stored += 16\nprint('stored', stored, 'MB')\n"
+        "for _ in range(64):\n    if libc.msgget(0, 0o600) < 0:\n        print('msgget refused', ctypes.get_errno())\n"
+        "        break\nelse:\n    print('64 message queues (16 KiB each)')\n")
+    r = sb.run_untrusted(code, timeout_s=20.0, memory_mb=64)
+    stored = [int(w) for line in r.stdout.splitlines() if line.startswith("stored") for w in line.split()[1:2]]
+    return (_ran(r) and bool(stored) and stored[0] == 0 and "msgget refused" in r.stdout,
+            f"budget 64 MB; {_out(r)}")
+
+
+# keyctl and add_key by machine: the kernel's keyrings are not namespaced
+_KEY_SYSCALLS = {"x86_64": (248, 250), "aarch64": (217, 219)}
+
+
+def _escape_read_caller_keyring(sb) -> tuple[bool, str]:
+    # A secret in the caller's session keyring (a Kerberos ticket, a token): the sandboxed processes
+    # inherit the session keyring and possess its keys, whatever their uid.
+    import ctypes
+    numbers = _KEY_SYSCALLS.get(os.uname().machine)
+    if numbers is None:
+        return False, f"no keyring system call numbers for {os.uname().machine}"
+    add_key, keyctl = numbers
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.syscall.restype = ctypes.c_long
+    secret = ("megapmp-keyring-" + secrets.token_hex(8)).encode()
+    name = ("mpx-" + secrets.token_hex(4)).encode()
+    # A fresh session keyring of this process's own (the real one is left alone), holding the secret.
+    if libc.syscall(keyctl, 1, None) < 0:  # KEYCTL_JOIN_SESSION_KEYRING
+        return True, f"no kernel keyrings for the caller here (errno {ctypes.get_errno()}): nothing to read"
+    key = libc.syscall(add_key, b"user", name, secret, ctypes.c_size_t(len(secret)), ctypes.c_int(-3))
+    if key < 0:
+        return True, f"the caller cannot add a key here (errno {ctypes.get_errno()}): nothing to read"
+    code = RAN + (
+        "import ctypes\nlibc = ctypes.CDLL(None, use_errno=True)\nlibc.syscall.restype = ctypes.c_long\n"
+        "key = libc.syscall(%d, 10, ctypes.c_int(-3), b'user', %r, 0)  # KEYCTL_SEARCH the session keyring\n"
+        "print('search', key, ctypes.get_errno())\nbuf = ctypes.create_string_buffer(256)\n"
+        "n = libc.syscall(%d, 11, ctypes.c_long(key), buf, 256)  # KEYCTL_READ\n"
+        "print('read', n, ctypes.get_errno(), buf.raw[:max(n, 0)])\n" % (keyctl, name, keyctl))
+    try:
+        r = sb.run_untrusted(code, timeout_s=10.0)
+    finally:
+        libc.syscall(keyctl, 3, ctypes.c_long(key))  # KEYCTL_REVOKE
+    leaked = secret.decode() in r.stdout or secret.decode() in r.stderr
+    return _ran(r) and not leaked, f"secret read: {leaked}; {_out(r)}"
+
+
 def _status_cpu_limit(ignore_sigxcpu: bool):
     def attack(sb) -> tuple[bool, str]:
         code = RAN + ("import signal\nsignal.signal(signal.SIGXCPU, signal.SIG_IGN)\n" if ignore_sigxcpu else "")
@@ -414,6 +468,8 @@ ATTACKS = {
     "escape_nested_userns_tmpfs": _escape_nested_userns_tmpfs,
     "escape_storage_budget_split_over_tmpfs": _escape_storage_budget_split,
     "escape_fork_limit": _escape_fork_limit,
+    "escape_sysv_shared_memory": _escape_sysv_shared_memory,
+    "escape_read_caller_keyring": _escape_read_caller_keyring,
     "status_cpu_limit_is_timeout": _status_cpu_limit(ignore_sigxcpu=False),
     "status_cpu_limit_ignoring_sigxcpu_is_timeout": _status_cpu_limit(ignore_sigxcpu=True),
     **{name: _forgery(*args) for name, args in FORGERIES.items()},
@@ -433,6 +489,8 @@ NEEDS = {
     "escape_nested_userns_tmpfs": "no_nested_userns",
     "escape_storage_budget_split_over_tmpfs": "storage_budget",
     "escape_fork_limit": "process_limit",
+    "escape_sysv_shared_memory": "storage_budget",
+    "escape_read_caller_keyring": "no_caller_keyrings",
 }
 
 

@@ -14,9 +14,13 @@ Every sandboxed process goes through the same steps, in this order:
    ``/var/tmp`` are links to it, so every byte a program can store counts against one budget).
 2. Privileges: a root caller's process becomes a per-run uid; an unprivileged caller's (unshare backend)
    enters a nested user namespace and drops every capability; ``no_new_privs``.
-3. ``forbid_user_namespaces``: a seccomp filter refusing ``unshare``/``clone`` with ``CLONE_NEWUSER``,
+3. ``install_syscall_filter``: a seccomp filter refusing ``unshare``/``clone`` with ``CLONE_NEWUSER``,
    ``setns`` and ``clone3`` (whose flags a filter cannot read; the C library falls back to ``clone``), so no
-   process of the run gets capabilities over new mounts again (an unsized tmpfs, a writable root).
+   process of the run gets capabilities over new mounts again (an unsized tmpfs, a writable root); and
+   refusing the kernel's stores that no namespace or limit of ours bounds or hides: System V shared
+   memory and message queues (storage outside RLIMIT_AS and the tmpfs) and the keyrings (``add_key``,
+   ``request_key``, ``keyctl``: the caller's session keyring is inherited, and its keys are readable
+   whatever the uid).
 4. rlimits (``RLIMIT_NPROC`` holds per run: a per-run uid, or the run's own user namespace, in which the
    kernel counts a uid's processes separately since Linux 5.14).
 5. ``supervise``: the process forks; the parent stays as a tiny supervisor that reaps every child and
@@ -268,6 +272,10 @@ _SYSCALLS = {  # machine: (seccomp audit arch, unshare, clone, clone3, setns, pi
     "x86_64": (0xC000003E, 272, 56, 435, 308, 155, 442),
     "aarch64": (0xC00000B7, 97, 220, 435, 268, 41, 442),
 }
+_REFUSED_SYSCALLS = {  # machine: (shmget, msgget, add_key, request_key, keyctl): see step 3
+    "x86_64": (29, 68, 248, 249, 250),
+    "aarch64": (194, 186, 217, 218, 219),
+}
 MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_REMOUNT, MS_BIND, MS_REC, MS_PRIVATE = (
     0x1, 0x2, 0x4, 0x8, 0x20, 0x1000, 0x4000, 0x40000)
 MNT_DETACH = 2
@@ -390,13 +398,14 @@ def no_new_privs() -> None:
     call("prctl(PR_SET_NO_NEW_PRIVS)", libc.prctl, 38, 1, 0, 0, 0)
 
 
-def forbid_user_namespaces() -> None:
+def install_syscall_filter() -> None:
     """Install the seccomp filter of step 3 (needs no_new_privs first). Other system calls are untouched."""
     ctypes, libc, call = _libc()
     nrs = _SYSCALLS.get(os.uname().machine)
     if nrs is None:
         raise OSError(f"no seccomp filter for {os.uname().machine}")
     arch, unshare, clone, clone3, setns = nrs[:5]
+    refused = (setns,) + _REFUSED_SYSCALLS[os.uname().machine]
     ld, jeq, jge, jset, ret = 0x20, 0x15, 0x35, 0x45, 0x06  # BPF_LD|W|ABS, JMP|JEQ|K, JMP|JGE|K, JMP|JSET|K, RET|K
     allow, kill, errno = 0x7FFF0000, 0x80000000, 0x00050000  # SECCOMP_RET_ALLOW, _KILL_PROCESS, _ERRNO
     eperm, enosys, clone_newuser = 1, 38, 0x10000000
@@ -409,14 +418,16 @@ def forbid_user_namespaces() -> None:
         (ret, 0, 0, kill),  # 5
         (jeq, 0, 1, clone3),  # 6
         (ret, 0, 0, errno | enosys),  # 7: its flags are in memory; the C library falls back to clone
-        (jeq, 0, 1, setns),  # 8
-        (ret, 0, 0, errno | eperm),  # 9
-        (jeq, 1, 0, unshare),  # 10
-        (jeq, 0, 3, clone),  # 11
-        (ld, 0, 0, 16),  # 12: A = low word of args[0], the flags of unshare and clone
-        (jset, 0, 1, clone_newuser),  # 13
-        (ret, 0, 0, errno | eperm),  # 14
-        (ret, 0, 0, allow),  # 15
+    ]
+    for nr in refused:
+        program += [(jeq, 0, 1, nr), (ret, 0, 0, errno | eperm)]
+    program += [
+        (jeq, 1, 0, unshare),
+        (jeq, 0, 3, clone),
+        (ld, 0, 0, 16),  # A = low word of args[0], the flags of unshare and clone
+        (jset, 0, 1, clone_newuser),
+        (ret, 0, 0, errno | eperm),
+        (ret, 0, 0, allow),
     ]
 
     class SockFilter(ctypes.Structure):
@@ -1108,7 +1119,7 @@ def main(setup: dict) -> None:
             no_new_privs()
             os.chdir(cfg["sandbox_dir"])
             if cfg["seccomp"]:
-                forbid_user_namespaces()
+                install_syscall_filter()
         workdir = os.path.realpath(os.getcwd())
         program_path = os.path.join(workdir, cfg["program"])
         with open(program_path, "w", encoding="utf-8") as f:

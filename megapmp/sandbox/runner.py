@@ -17,20 +17,22 @@ unprivileged callers alike, with either backend:
 3. **One memory budget for storage**: one tmpfs of ``memory_mb`` at ``/tmp`` (the working directory,
    ``HOME`` and ``TMPDIR``; ``/dev/shm`` and ``/var/tmp`` link to it), the only writable place. No nested user
    namespace (a seccomp filter, and bubblewrap's ``--disable-userns`` where it applies), so no process of
-   the run can mount an unsized tmpfs of its own.
+   the run can mount an unsized tmpfs of its own; no System V shared memory or message queues (the same
+   filter: they hold memory that neither RLIMIT_AS nor the tmpfs counts).
 4. **Limits**: ``RLIMIT_AS`` (memory per process), ``RLIMIT_CPU``, ``RLIMIT_FSIZE``, ``RLIMIT_NOFILE``,
    ``RLIMIT_CORE`` = 0 and ``RLIMIT_NPROC`` = ``max_procs`` for the whole run: a root caller's processes run
    as a per-run uid, an unprivileged caller's in the run's own user namespace, where the kernel counts a
    uid's processes apart from the caller's (Linux >= 5.14). A CPU-limit kill is a ``timeout`` on both
    backends, also for a program that ignores SIGXCPU.
 5. **No network** (a down loopback only), **no privileges** (``no_new_privs``; no capabilities), a scrubbed
-   environment (``PATH``, ``HOME``, ``TMPDIR``, ``LANG``), and every process of the run killed at its end
-   (the PID namespace goes with its first process).
+   environment (``PATH``, ``HOME``, ``TMPDIR``, ``LANG``), **no kernel keyrings** (the seccomp filter: a
+   process inherits its caller's session keyring, and possesses its keys whatever its uid), and every
+   process of the run killed at its end (the PID namespace goes with its first process).
 6. **In-process guards** (a second layer, against accidents, not a boundary): sockets, writes outside the
    working directory, ``exec``/``subprocess`` and signals outside the sandbox raise ``SandboxViolation``;
    ``os.fork`` draws from a budget of ``max_procs``.
 
-Where the OS cannot give one of 2-4 (an old kernel, no seccomp), `sandbox_capabilities` lists it under
+Where the OS cannot give one of 2-5 (an old kernel, no seccomp), `sandbox_capabilities` lists it under
 ``missing`` and the first use logs it. Where neither backend works at all, every run raises
 `SandboxUnavailable` unless the caller passes ``unsafe_no_sandbox=True`` (the CLIs' ``--unsafe-no-sandbox``):
 then only 4-6 hold, in a process group and temporary directory of its own (and, for root, a per-run uid).
@@ -198,13 +200,18 @@ _uid_next = 0
 _uids_in_use: set[int] = set()
 _RLIMITS = ["RLIMIT_AS", "RLIMIT_CPU", "RLIMIT_FSIZE", "RLIMIT_NOFILE", "RLIMIT_CORE", "RLIMIT_NPROC"]
 _PROBE_PROCS = 4
+_KEYCTL = inside._REFUSED_SYSCALLS.get(os.uname().machine, (None,) * 5)[4]
 # The probe measures what the kernel gives (no guards): a private working directory, a small PID, no
-# user namespace, a process limit, and what the root directory holds.
+# user namespace, no System V storage, no keyring, a process limit, and what the root directory holds.
 _PROBE = f"""
 import ctypes, json, os, time
 open('probe', 'w').write('x')
 facts = {{"cwd": os.getcwd(), "listing": sorted(os.listdir('.')), "pid": os.getpid(), "root": sorted(os.listdir('/'))}}
-facts["userns"] = ctypes.CDLL(None, use_errno=True).unshare(0x10000000) == 0
+libc = ctypes.CDLL(None, use_errno=True)
+facts["userns"] = libc.unshare(0x10000000) == 0
+facts["sysv_ipc"] = libc.shmget(0, 4096, 0o600) >= 0 or libc.msgget(0, 0o600) >= 0
+# KEYCTL_GET_KEYRING_ID of the session keyring (the caller's, inherited), without creating one
+facts["keyring"] = {_KEYCTL} is None or libc.syscall({_KEYCTL}, 0, -3, 0) >= 0
 forked = 0
 for _ in range({2 * _PROBE_PROCS}):
     try:
@@ -218,12 +225,13 @@ for _ in range({2 * _PROBE_PROCS}):
 facts["forked"] = forked
 print(json.dumps(facts))
 """
-# Promises 2-4 of the module docstring, by name: checked by the probe, reported when missing.
+# Promises 2-5 of the module docstring, by name: checked by the probe, reported when missing.
 GUARANTEES = {
     "minimal_root": "only the paths a Python program needs are visible",
     "no_nested_userns": "no nested user namespaces (no mounts of the program's own)",
     "process_limit": "a process limit (RLIMIT_NPROC) for the run's processes",
-    "storage_budget": "one sized tmpfs for everything a program can write",
+    "storage_budget": "one sized tmpfs for everything a program can write (no System V shared memory or queues)",
+    "no_caller_keyrings": "no access to the caller's kernel keyrings",
 }
 
 
@@ -358,7 +366,9 @@ def _probe(caps: dict) -> tuple[str | None, dict]:
         # An unprivileged caller's limit is the run's only from Linux 5.14 on (before, RLIMIT_NPROC counted
         # all the caller's processes: the forks the probe makes would fail for the wrong reason).
         "process_limit": 0 < facts["forked"] < _PROBE_PROCS and (caps["drop_uid"] or _kernel_at_least(5, 14)),
-        "storage_budget": caps["backend"] == "unshare" or "--size" in _bwrap_help(caps["bwrap"]),
+        "storage_budget": ((caps["backend"] == "unshare" or "--size" in _bwrap_help(caps["bwrap"]))
+                           and not facts["sysv_ipc"]),
+        "no_caller_keyrings": not facts["keyring"],
     }
     return None, guarantees
 
