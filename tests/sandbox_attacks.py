@@ -246,6 +246,18 @@ def _escape_sysv_shared_memory(sb) -> tuple[bool, str]:
             f"budget 64 MB; {_out(r)}")
 
 
+def _escape_tmpfs_inodes(sb) -> tuple[bool, str]:
+    # Empty files cost the tmpfs no blocks, but each holds about 1 KiB of kernel memory (inode and dentry,
+    # measured): the file count must be bounded with the size, or a run stores gigabytes in metadata.
+    code = RAN + (
+        "import posix\ncreated = 0\ntry:\n    for i in range(100000):\n"
+        "        posix.close(posix.open('f%d' % i, posix.O_CREAT | posix.O_WRONLY, 0o600))\n        created += 1\n"
+        "except OSError as e:\n    print(e)\nprint('created', created, flush=True)\n")
+    r = sb.run_untrusted(code, timeout_s=20.0, memory_mb=32)
+    created = [int(line.split()[1]) for line in r.stdout.splitlines() if line.startswith("created")]
+    return _ran(r) and bool(created) and created[0] <= 32 << 10, f"budget 32 MB (at most 32768 KiB-sized inodes); {_out(r)}"
+
+
 # keyctl and add_key by machine: the kernel's keyrings are not namespaced
 _KEY_SYSCALLS = {"x86_64": (248, 250), "aarch64": (217, 219)}
 
@@ -469,6 +481,7 @@ ATTACKS = {
     "escape_storage_budget_split_over_tmpfs": _escape_storage_budget_split,
     "escape_fork_limit": _escape_fork_limit,
     "escape_sysv_shared_memory": _escape_sysv_shared_memory,
+    "escape_tmpfs_inodes": _escape_tmpfs_inodes,
     "escape_read_caller_keyring": _escape_read_caller_keyring,
     "status_cpu_limit_is_timeout": _status_cpu_limit(ignore_sigxcpu=False),
     "status_cpu_limit_ignoring_sigxcpu_is_timeout": _status_cpu_limit(ignore_sigxcpu=True),
@@ -490,6 +503,7 @@ NEEDS = {
     "escape_storage_budget_split_over_tmpfs": "storage_budget",
     "escape_fork_limit": "process_limit",
     "escape_sysv_shared_memory": "storage_budget",
+    "escape_tmpfs_inodes": "storage_budget",
     "escape_read_caller_keyring": "no_caller_keyrings",
 }
 

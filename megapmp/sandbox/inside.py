@@ -11,7 +11,9 @@ Every sandboxed process goes through the same steps, in this order:
    holding only what a Python program needs, read-only (the interpreter's installation, ``/usr``, the
    ``/lib`` directories, the dynamic loader's cache, ``/etc/localtime``), a ``/dev`` of six device
    nodes, a ``/proc`` of the sandbox's own PID namespace and ONE sized tmpfs at ``/tmp`` (``/dev/shm`` and
-   ``/var/tmp`` are links to it, so every byte a program can store counts against one budget).
+   ``/var/tmp`` are links to it, so every byte a program can store counts against one budget), bounded
+   in files too (each holds kernel memory its size does not count). Under bubblewrap, which sizes bytes
+   only, ``mount_sized_tmpfs`` puts such a tmpfs over its ``/tmp``.
 2. Privileges: a root caller's process becomes a per-run uid; an unprivileged caller's (unshare backend)
    enters a nested user namespace and drops every capability; ``no_new_privs``.
 3. ``install_syscall_filter``: a seccomp filter refusing ``unshare``/``clone`` with ``CLONE_NEWUSER``,
@@ -340,7 +342,8 @@ def build_root(layout: dict) -> None:
     os.makedirs("/newroot/proc", mode=0o555, exist_ok=True)
     mount("proc", "/newroot/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
     os.makedirs("/newroot/tmp", mode=0o755, exist_ok=True)
-    mount("tmpfs", "/newroot/tmp", "tmpfs", MS_NOSUID | MS_NODEV, "size=%dk,mode=700" % layout["tmpfs_kb"])
+    mount("tmpfs", "/newroot/tmp", "tmpfs", MS_NOSUID | MS_NODEV,
+          "size=%dk,nr_inodes=%d,mode=700" % (layout["tmpfs_kb"], layout["tmpfs_inodes"]))
     # Forget the host's root, then make the new root the root (bubblewrap's sequence).
     mount(None, "/oldroot", None, MS_REC | MS_PRIVATE)
     call("umount /oldroot", libc.umount2, b"/oldroot", MNT_DETACH)
@@ -349,6 +352,16 @@ def build_root(layout: dict) -> None:
     call("umount the scratch root", libc.umount2, b".", MNT_DETACH)
     os.chdir("/")
     read_only("/", recursive=False)
+
+
+def mount_sized_tmpfs(path: str, size_kb: int, inodes: int) -> None:
+    """bubblewrap backend: put over its tmpfs at `path` one bounded in files as well as in bytes
+    (bubblewrap sizes bytes only, and every file holds kernel memory the size does not count), in a mount
+    namespace of our own; the CAP_SYS_ADMIN bubblewrap left us for this is dropped in the next step."""
+    ctypes, libc, call = _libc()
+    call("unshare(CLONE_NEWNS)", libc.unshare, 0x00020000)
+    call(f"mount {path}", libc.mount, b"tmpfs", path.encode(), b"tmpfs", ctypes.c_ulong(MS_NOSUID | MS_NODEV),
+         b"size=%dk,nr_inodes=%d,mode=700" % (size_kb, inodes))
 
 
 def drop_to_uid(uid: int) -> None:
@@ -384,6 +397,13 @@ def drop_capabilities(inner_uid: int) -> None:
     for name, text in (("setgroups", "deny"), ("uid_map", "%d 0 1" % inner_uid), ("gid_map", "%d 0 1" % inner_uid)):
         with open("/proc/self/" + name, "w") as f:
             f.write(text)
+    clear_capabilities()
+
+
+def clear_capabilities() -> None:
+    """Drop every capability of this process (effective, permitted, inheritable; the ambient ones go
+    with the permitted)."""
+    ctypes, libc, call = _libc()
 
     class Header(ctypes.Structure):
         _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
@@ -1109,12 +1129,16 @@ def main(setup: dict) -> None:
     try:
         if cfg["root_layout"] is not None:
             build_root(cfg["root_layout"])
+        if cfg["tmpfs"] is not None:
+            mount_sized_tmpfs(cfg["sandbox_dir"], cfg["tmpfs"]["size_kb"], cfg["tmpfs"]["inodes"])
         if cfg["uid"] is not None:
             if cfg["sandbox_dir"] is not None:
                 os.chown(cfg["sandbox_dir"], cfg["uid"], cfg["uid"])  # the fresh tmpfs becomes the uid's own
             drop_to_uid(cfg["uid"])
         elif cfg["drop_capabilities"]:
             drop_capabilities(cfg["nested_uid"])
+        elif cfg["clear_capabilities"]:
+            clear_capabilities()
         if cfg["sandbox_dir"] is not None:
             no_new_privs()
             os.chdir(cfg["sandbox_dir"])

@@ -15,7 +15,9 @@ unprivileged callers alike, with either backend:
    ``/dev`` of null, zero, full, random and urandom; a ``/proc`` of the sandbox's own processes. Not ``/``:
    no socket of the host, no file of the caller's home or working directory, no ``/etc/passwd``.
 3. **One memory budget for storage**: one tmpfs of ``memory_mb`` at ``/tmp`` (the working directory,
-   ``HOME`` and ``TMPDIR``; ``/dev/shm`` and ``/var/tmp`` link to it), the only writable place. No nested user
+   ``HOME`` and ``TMPDIR``; ``/dev/shm`` and ``/var/tmp`` link to it), the only writable place, with at
+   most one file per 16 KiB of it (`_tmpfs_inodes`: an empty file costs no block but about 1 KiB of
+   kernel memory; unbounded, 3 million files were allowed). No nested user
    namespace (a seccomp filter, and bubblewrap's ``--disable-userns`` where it applies), so no process of
    the run can mount an unsized tmpfs of its own; no System V shared memory or message queues (the same
    filter: they hold memory that neither RLIMIT_AS nor the tmpfs counts).
@@ -73,6 +75,7 @@ import secrets
 import selectors
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import tempfile
@@ -200,6 +203,7 @@ _uid_next = 0
 _uids_in_use: set[int] = set()
 _RLIMITS = ["RLIMIT_AS", "RLIMIT_CPU", "RLIMIT_FSIZE", "RLIMIT_NOFILE", "RLIMIT_CORE", "RLIMIT_NPROC"]
 _PROBE_PROCS = 4
+_PROBE_MB = 256
 _KEYCTL = inside._REFUSED_SYSCALLS.get(os.uname().machine, (None,) * 5)[4]
 # The probe measures what the kernel gives (no guards): a private working directory, a small PID, no
 # user namespace, no System V storage, no keyring, a process limit, and what the root directory holds.
@@ -209,6 +213,7 @@ open('probe', 'w').write('x')
 facts = {{"cwd": os.getcwd(), "listing": sorted(os.listdir('.')), "pid": os.getpid(), "root": sorted(os.listdir('/'))}}
 libc = ctypes.CDLL(None, use_errno=True)
 facts["userns"] = libc.unshare(0x10000000) == 0
+facts["inodes"] = os.statvfs('.').f_files
 facts["sysv_ipc"] = libc.shmget(0, 4096, 0o600) >= 0 or libc.msgget(0, 0o600) >= 0
 # KEYCTL_GET_KEYRING_ID of the session keyring (the caller's, inherited), without creating one
 facts["keyring"] = {_KEYCTL} is None or libc.syscall({_KEYCTL}, 0, -3, 0) >= 0
@@ -235,10 +240,24 @@ GUARANTEES = {
 }
 
 
+def _tmpfs_inodes(tmpfs_bytes: int) -> int:
+    """The file count of a sandbox's tmpfs: each file (an empty one too, which costs no block) holds about
+    1 KiB of kernel memory that the size does not count, so at most 1/16 of the budget goes to files."""
+    return max(4096, tmpfs_bytes >> 14)
+
+
+def _bwrap_mounts_tmpfs(bwrap: str, root: bool) -> bool:
+    """Whether the bootstrap may be given CAP_SYS_ADMIN to mount the run's tmpfs itself (bubblewrap sizes
+    a tmpfs in bytes only): always as root; otherwise only with a bubblewrap that is not setuid (a setuid
+    one refuses --cap-add to other users), and the probe then names the missing storage_budget."""
+    return root or not os.stat(bwrap).st_mode & stat.S_ISUID
+
+
 def _bwrap_prefix(bwrap: str, root: bool, tmpfs_bytes: int) -> list[str]:
     """bubblewrap: as root it creates the namespaces itself and keeps only what the bootstrap needs to
     become the per-run uid; otherwise in a user namespace of the caller's, with no capabilities left and
-    no further user namespaces allowed."""
+    no further user namespaces allowed. Either way the bootstrap also gets CAP_SYS_ADMIN over the
+    sandbox's own mounts (`_bwrap_mounts_tmpfs`), to mount the tmpfs bounded in files, and drops it."""
     help_text = _bwrap_help(bwrap)
     layout = _root_layout()
     prefix = [bwrap, "--unshare-ipc", "--unshare-pid", "--unshare-net", "--unshare-uts", "--unshare-cgroup-try",
@@ -262,6 +281,8 @@ def _bwrap_prefix(bwrap: str, root: bool, tmpfs_bytes: int) -> list[str]:
     prefix += ["--remount-ro", "/"]
     if root:
         prefix += ["--cap-add", "CAP_SETUID", "--cap-add", "CAP_SETGID", "--cap-add", "CAP_CHOWN"]
+    if _bwrap_mounts_tmpfs(bwrap, root):
+        prefix += ["--cap-add", "CAP_SYS_ADMIN"]
     return prefix + ["--chdir", SANDBOX_DIR, "--"]
 
 
@@ -290,15 +311,19 @@ def _launch_plan(caps: dict, tmpfs_bytes: int) -> dict:
     """How one process starts under `caps`: argv prefix and the bootstrap's set-up steps."""
     root = os.geteuid() == 0
     backend = caps["backend"]
-    layout = None
+    layout = tmpfs = None
     if backend == "bwrap":
         prefix = _bwrap_prefix(caps["bwrap"], root, tmpfs_bytes)
+        if _bwrap_mounts_tmpfs(caps["bwrap"], root):
+            tmpfs = {"size_kb": max(1, tmpfs_bytes >> 10), "inodes": _tmpfs_inodes(tmpfs_bytes)}
     elif backend == "unshare":
         prefix = _unshare_prefix(caps["unshare"], root)
-        layout = dict(_root_layout(), tmpfs_kb=max(1, tmpfs_bytes >> 10))
+        layout = dict(_root_layout(), tmpfs_kb=max(1, tmpfs_bytes >> 10), tmpfs_inodes=_tmpfs_inodes(tmpfs_bytes))
     else:
         prefix = []
-    return {"prefix": prefix, "root_layout": layout, "drop_capabilities": backend == "unshare" and not root,
+    return {"prefix": prefix, "root_layout": layout, "tmpfs": tmpfs,
+            "drop_capabilities": backend == "unshare" and not root,
+            "clear_capabilities": tmpfs is not None and not root,  # root's drop to the per-run uid clears them
             "sandbox_dir": SANDBOX_DIR if backend else None, "seccomp": bool(backend) and caps.get("seccomp", True)}
 
 
@@ -348,7 +373,7 @@ def sandbox_capabilities(refresh: bool = False) -> dict:
 def _probe(caps: dict) -> tuple[str | None, dict]:
     """(None, guarantees) if the backend runs a program as promised; else (why not, {})."""
     try:
-        r = _run_one(_PROBE, caps=caps, timeout_s=10.0, memory_mb=256, cpu_s=None, max_file_bytes=1 << 16,
+        r = _run_one(_PROBE, caps=caps, timeout_s=10.0, memory_mb=_PROBE_MB, cpu_s=None, max_file_bytes=1 << 16,
                      max_procs=_PROBE_PROCS, max_open_files=64, max_output_bytes=4096, guards=False)
     except OSError as exc:
         return str(exc), {}
@@ -367,7 +392,7 @@ def _probe(caps: dict) -> tuple[str | None, dict]:
         # all the caller's processes: the forks the probe makes would fail for the wrong reason).
         "process_limit": 0 < facts["forked"] < _PROBE_PROCS and (caps["drop_uid"] or _kernel_at_least(5, 14)),
         "storage_budget": ((caps["backend"] == "unshare" or "--size" in _bwrap_help(caps["bwrap"]))
-                           and not facts["sysv_ipc"]),
+                           and facts["inodes"] <= _tmpfs_inodes(_PROBE_MB << 20) and not facts["sysv_ipc"]),
         "no_caller_keyrings": not facts["keyring"],
     }
     return None, guarantees
@@ -528,7 +553,8 @@ class _Process:
             os.chown(self.workdir, self.uid, self.uid)
         cfg = {"role": role, "program": PROGRAM_NAME, "uid": self.uid, "guards": limits.guards,
                "max_procs": int(limits.max_procs), "rlimits": limits.rlimits(caps),
-               "root_layout": plan["root_layout"], "drop_capabilities": plan["drop_capabilities"],
+               "root_layout": plan["root_layout"], "tmpfs": plan["tmpfs"],
+               "drop_capabilities": plan["drop_capabilities"], "clear_capabilities": plan["clear_capabilities"],
                "nested_uid": _NESTED_UID, "sandbox_dir": plan["sandbox_dir"], "seccomp": plan["seccomp"],
                "max_message_bytes": int(limits.max_message_bytes), **extra_cfg}
         settings = json.dumps({"cfg": cfg, "program": text}).encode()
