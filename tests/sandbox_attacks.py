@@ -100,6 +100,42 @@ def _escape_setsid_grandchild(sb) -> tuple[bool, str]:
     return _ran(r) and "forked" in r.stdout and not alive, f"alive after the run: {alive}; {_out(r)}"
 
 
+def _escape_outlive_killed_caller(sb) -> tuple[bool, str]:
+    # The caller dies (SIGKILL, the OOM killer) while its program sleeps: nothing may be left running.
+    import subprocess
+    token = "mpx" + secrets.token_hex(6)
+    # It also tries to hold a writer of every pipe its processes can see (a lifeline to the caller would
+    # then never reach end of file).
+    program = RAN + UNGUARDED_OPEN + (
+        "import ctypes, os, time\nheld = []\nfor pid in os.listdir('/proc'):\n    if pid.isdigit():\n"
+        "        try:\n            fds = os.listdir('/proc/%%s/fd' %% pid)\n        except OSError:\n            continue\n"
+        "        for fd in fds:\n            try:\n                held.append(_io.open('/proc/%%s/fd/%%s' %% (pid, fd), 'wb'))\n"
+        "            except OSError:\n                pass\n"
+        "ctypes.CDLL(None).prctl(15, %r.encode(), 0, 0, 0)\ntime.sleep(60)\n" % token)
+    caller = ("import json, sys\nsys.path.insert(0, %r)\nimport runner\nrunner._caps = json.loads(%r)\n"
+              "runner.run_untrusted(%r, timeout_s=60.0)\n"
+              % (os.path.dirname(os.path.abspath(sb.__file__)), json.dumps(sb.sandbox_capabilities()), program))
+    proc = subprocess.Popen([sys.executable, "-I", "-c", caller], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    started = []
+    for _ in range(200):
+        started = _processes_named(token)
+        if started or proc.poll() is not None:
+            break
+        time.sleep(0.05)
+    proc.kill()
+    proc.wait()
+    time.sleep(1.0)
+    alive = _processes_named(token)
+    for pid in alive:  # clean up what survived, by pid
+        try:
+            os.kill(pid, 9)
+        except OSError:
+            pass
+    error = proc.stderr.read().decode(errors="replace")[-300:]
+    proc.stderr.close()
+    return bool(started) and not alive, f"running before the kill: {started}, after: {alive}; {error!r}"
+
+
 def _processes_named(comm: str) -> list[int]:
     found = []
     for pid in os.listdir("/proc"):
@@ -474,6 +510,7 @@ ATTACKS = {
     "escape_write_tmp_and_dev_shm": _escape_shared_tmp,
     "escape_read_parent_environ": _escape_parent_environ,
     "escape_setsid_grandchild_survives": _escape_setsid_grandchild,
+    "escape_outlive_killed_caller": _escape_outlive_killed_caller,
     "escape_connect_loopback_via__socket": _escape_loopback,
     "escape_connect_host_unix_socket": _escape_host_unix_socket,
     "escape_read_caller_private_file": _escape_read_caller_private_file,

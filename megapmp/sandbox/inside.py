@@ -471,33 +471,65 @@ def set_rlimits(rlimits: dict) -> None:
         resource.setrlimit(res, (value, value + 1 if name == "RLIMIT_CPU" else value))
 
 
-def supervise(cpu_limit: float | None, keep_fds: tuple = ()) -> None:
+def supervise(cpu_limit: float | None, lifeline: int | None) -> None:
     """Fork. The child returns and becomes the program; this process reaps every child until the program
     is gone and exits with its status: its exit code, ``EXIT_CPU`` for a death at the CPU limit (SIGXCPU,
     or SIGKILL at the hard limit after ignoring SIGXCPU, told apart from other kills by the CPU time the
     kernel accounted), else 128 + the signal. It holds no descriptor of the program's but stdout and
-    stderr, so a peer sees end of file on a pipe as soon as the program's last process is gone."""
+    stderr, so a peer sees end of file on a pipe as soon as the program's last process is gone.
+
+    `lifeline`: the read end of a pipe whose write end only the caller holds. End of file on it means the
+    caller is gone (killed too: the kernel closes its descriptors), and this process leaves at once, and
+    the run with it (it is the PID namespace's first process, or bubblewrap's only child). A parent-death
+    signal cannot do this: the kernel clears it when a process changes uid, as the bootstrap does. Not
+    dumpable, so the program (same uid) cannot reopen the lifeline through /proc and hold it open."""
+    import select
     import signal
     pid = os.fork()
     if pid == 0:
+        if lifeline is not None:
+            os.close(lifeline)
         return
     signal.pthread_sigmask(signal.SIG_BLOCK, set(signal.Signals) - {signal.SIGKILL, signal.SIGSTOP})
-    os.closerange(3, 1 << 16)
+    import ctypes
+    ctypes.CDLL(None).prctl(4, 0, 0, 0, 0)  # PR_SET_DUMPABLE 0
+    for low, high in ((3, lifeline), (lifeline + 1, 1 << 16)) if lifeline is not None else ((3, 1 << 16),):
+        os.closerange(low, high)
+    # Woken by the program's end (its pidfd), by the caller's, and every 0.2 s to reap orphans (as PID 1 of
+    # the namespace they are ours, and until reaped they count against the process limit).
+    poller = select.poll()
+    try:
+        program = os.pidfd_open(pid)
+        poller.register(program, select.POLLIN)
+    except (AttributeError, OSError):  # Linux < 5.3: the 0.2 s tick notices the program's end too
+        pass
+    if lifeline is not None:
+        poller.register(lifeline, select.POLLIN)
     while True:
-        try:
-            child, status, usage = os.wait4(-1, 0)
-        except ChildProcessError:
-            os._exit(EXIT_SETUP)
-        if child != pid:
-            continue  # an orphan of the program (we may be PID 1): reaped, so it stops counting as a process
-        if os.WIFEXITED(status):
-            os._exit(os.WEXITSTATUS(status))
-        sig = os.WTERMSIG(status)
-        cpu = usage.ru_utime + usage.ru_stime
-        if sig == signal.SIGXCPU or (sig == signal.SIGKILL and cpu_limit is not None and cpu >= cpu_limit - 0.05):
-            os.write(2, ("\n%s (%.1f s)\n" % (CPU_MARKER, cpu)).encode())
-            os._exit(EXIT_CPU)
-        os._exit(128 + sig)
+        if any(fd == lifeline for fd, _ in poller.poll(200)):
+            os._exit(EXIT_SETUP)  # the caller is gone; nobody reads this status
+        while True:
+            try:
+                child, status, usage = os.wait4(-1, os.WNOHANG)
+            except ChildProcessError:
+                os._exit(EXIT_SETUP)
+            if child == 0:
+                break
+            if child == pid:
+                _exit_as(status, usage, cpu_limit)
+
+
+def _exit_as(status: int, usage, cpu_limit: float | None) -> None:
+    """supervise: leave with the program's way of ending (see there)."""
+    import signal
+    if os.WIFEXITED(status):
+        os._exit(os.WEXITSTATUS(status))
+    sig = os.WTERMSIG(status)
+    cpu = usage.ru_utime + usage.ru_stime
+    if sig == signal.SIGXCPU or (sig == signal.SIGKILL and cpu_limit is not None and cpu >= cpu_limit - 0.05):
+        os.write(2, ("\n%s (%.1f s)\n" % (CPU_MARKER, cpu)).encode())
+        os._exit(EXIT_CPU)
+    os._exit(128 + sig)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -1152,7 +1184,7 @@ def main(setup: dict) -> None:
             import ctypes
             ctypes.CDLL(None).prctl(4, 0, 0, 0, 0)  # PR_SET_DUMPABLE 0: no ptrace, no /proc/PID/mem by the same uid
         set_rlimits(cfg["rlimits"])
-        supervise(cfg["rlimits"].get("RLIMIT_CPU"))
+        supervise(cfg["rlimits"].get("RLIMIT_CPU"), cfg["lifeline_fd"])
         if cfg["guards"]:
             install_guards(workdir, cfg["max_procs"])
     except BaseException:

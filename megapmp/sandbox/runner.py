@@ -29,7 +29,8 @@ unprivileged callers alike, with either backend:
 5. **No network** (a down loopback only), **no privileges** (``no_new_privs``; no capabilities), a scrubbed
    environment (``PATH``, ``HOME``, ``TMPDIR``, ``LANG``), **no kernel keyrings** (the seccomp filter: a
    process inherits its caller's session keyring, and possesses its keys whatever its uid), and every
-   process of the run killed at its end (the PID namespace goes with its first process).
+   process of the run killed at its end (the PID namespace goes with its first process), or when the
+   caller dies, even by SIGKILL (a lifeline pipe, `inside.supervise`).
 6. **In-process guards** (a second layer, against accidents, not a boundary): sockets, writes outside the
    working directory, ``exec``/``subprocess`` and signals outside the sandbox raise ``SandboxViolation``;
    ``os.fork`` draws from a budget of ``max_procs``.
@@ -549,6 +550,9 @@ class _Process:
         self.workdir = None if plan["sandbox_dir"] else tempfile.mkdtemp(prefix="megapmp-sandbox-")
         self.out, self.err = _Capture(limits.max_output_bytes), _Capture(limits.max_output_bytes)
         self.proc, self.error, self.exited_first = None, None, False
+        # Only this process holds the write end: if it dies, even by SIGKILL, the sandbox sees end of file
+        # and ends the run (inside.supervise). bubblewrap's --die-with-parent alone would not cover unshare.
+        lifeline, self.lifeline = os.pipe()
         if self.workdir is not None and self.uid is not None:
             os.chown(self.workdir, self.uid, self.uid)
         cfg = {"role": role, "program": PROGRAM_NAME, "uid": self.uid, "guards": limits.guards,
@@ -556,7 +560,7 @@ class _Process:
                "root_layout": plan["root_layout"], "tmpfs": plan["tmpfs"],
                "drop_capabilities": plan["drop_capabilities"], "clear_capabilities": plan["clear_capabilities"],
                "nested_uid": _NESTED_UID, "sandbox_dir": plan["sandbox_dir"], "seccomp": plan["seccomp"],
-               "max_message_bytes": int(limits.max_message_bytes), **extra_cfg}
+               "max_message_bytes": int(limits.max_message_bytes), "lifeline_fd": lifeline, **extra_cfg}
         settings = json.dumps({"cfg": cfg, "program": text}).encode()
         payload = len(settings).to_bytes(8, "little") + settings + _compiled_inside()
         setup = os.memfd_create("megapmp-sandbox-setup") if hasattr(os, "memfd_create") else os.dup(
@@ -570,11 +574,12 @@ class _Process:
             env = {"PATH": "/usr/bin:/bin", "HOME": home, "TMPDIR": home, "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8"}
             self.proc = subprocess.Popen(argv, cwd=self.workdir or "/", env=env, stdin=subprocess.DEVNULL,
                                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True,
-                                         close_fds=True, pass_fds=(setup, *pass_fds))
+                                         close_fds=True, pass_fds=(setup, lifeline, *pass_fds))
         except OSError as exc:
             self.error = f"sandbox: could not start: {exc}"
         finally:
             os.close(setup)
+            os.close(lifeline)
 
     def kill(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
@@ -609,6 +614,7 @@ class _Process:
                 _release_uid(self.uid)
             if self.workdir is not None:
                 _rmtree(self.workdir)
+            os.close(self.lifeline)
 
 
 def _watch(processes: list[_Process], primary: _Process, deadline: float, extra: dict[int, _Capture]) -> bool:
