@@ -17,6 +17,7 @@ import pathlib
 import re
 import shutil
 import socket
+import struct
 import subprocess
 import sys
 import tempfile
@@ -431,6 +432,31 @@ def test_a_result_that_is_not_plain_data_is_a_failure_with_a_reason(solution, re
     for test in (CHECK_ADD, catching):
         r = run_tests(solution, test, "add", timeout_s=20.0, memory_mb=1024)
         assert r.status == "failed" and reason in r.stderr, (test, r)
+
+
+@pytest.mark.parametrize("first", [b"i\x01\x00\x00\x00\x05", b"t\x00\x00\x00\x00",
+                                   b"t\x02\x00\x00\x00s\x0a\x00\x00\x00load_errors\x04\x00\x00\x00exit"])
+def test_a_forged_first_message_is_a_failure(first):
+    # Frames written on every descriptor while the solution loads reach the judge before "ready": a
+    # plain value that is not a message (an int, an empty tuple, a load failure without its parts)
+    # crashed the judge, and the run was an "error" instead of the solution's failure.
+    frame = struct.pack(">I", len(first)) + first
+    solution = ("import posix\nfor fd in range(3, 64):\n    try:\n        posix.write(fd, %r)\n"
+                "    except OSError:\n        pass\n\ndef add(a, b):\n    return a + b\n" % frame)
+    r = run_tests(solution, CHECK_ADD, "add", timeout_s=20.0)
+    assert r.status == "failed" and "sandbox: the solution's process sent a malformed first message" in r.stderr, r
+
+
+@pytest.mark.parametrize("solution", [
+    "def add(a, b):\n    return type('\\x01' * (12 << 20), (), {})()\n",  # its type's name is in the reason
+    "raise type('\\x01' * (12 << 20), (Exception,), {})()\n",  # loading fails with it
+])
+def test_the_judge_bounds_what_the_solution_makes_it_say(solution):
+    # The solution chooses the text of a failure's reason (a type's name): 12 MB of it, escaped six times
+    # over in the verdict's JSON, exhausted the judge's memory, which then reported "memory", not "failed".
+    r = run_tests(solution, CHECK_ADD, "add", timeout_s=20.0, memory_mb=128)
+    assert r.status == "failed", (r.status, r.stderr[-500:].replace("\x01", ""))
+    assert len(r.stderr) < 4 << 20
 
 
 def test_the_tests_see_plain_values_exceptions_and_state_of_one_process():

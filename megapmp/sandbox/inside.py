@@ -889,6 +889,7 @@ class Judge:
         self.calls = 0
 
     def _fail(self, reason: str):
+        reason = _short(reason, 2000)  # its text is partly the solution's (a type's name): bounded here
         if self.fault is None:
             self.fault = reason
         raise SolutionFault(reason)
@@ -915,13 +916,18 @@ class Judge:
             self._fail(f"{describe()} answered with a malformed message")
         return answer
 
-    def first_message(self):
+    def first_message(self) -> tuple:
+        """``("ready",)``, the solution's load failure, ``("gone",)``, or ``("garbled", why)`` for anything
+        else the candidate's side may have written first."""
         try:
-            return receive(self.answers, self.limit)
+            first = receive(self.answers, self.limit)
         except ChannelClosed:
             return ("gone",)
-        except PlainDataError as e:
+        except (PlainDataError, MemoryError) as e:
             return ("garbled", str(e))
+        if not (isinstance(first, tuple) and first and isinstance(first[0], str)):
+            return ("garbled", "not a message")
+        return first
 
     def call(self, name: str, args: tuple, kwargs: dict):
         def what():
@@ -940,7 +946,7 @@ class Judge:
             raise _rebuild_exception(answer[1], answer[2], answer[3])
         if tag == "nonplain" and len(answer) == 2 and isinstance(answer[1], str):
             self._fail(f"{what()} returned a value that is not plain data: {answer[1]}")
-        if tag == "exit" and len(answer) == 2:
+        if tag == "exit" and len(answer) == 2 and isinstance(answer[1], str):
             self._fail(f"the solution exited (SystemExit {answer[1]}) during {what()}")
         self._fail(f"{what()} answered with a malformed message")
 
@@ -1084,12 +1090,14 @@ def judge_tests(cfg: dict, program_path: str) -> None:
 
 
 def _load_failure(first) -> str:
-    if first[0] == "load_error" and len(first) >= 2:
-        if first[1] == "raise" and len(first) == 5 and isinstance(first[4], str):
+    """The reason for a first message that is not ``("ready",)``; its parts are checked, and bounded: the
+    text is the solution's."""
+    if first[0] == "load_error" and all(isinstance(part, str) for part in first):
+        if first[1] == "raise" and len(first) == 5:
             sys.stderr.write(first[4])
-            return f"the solution failed while loading: {first[2]}: {_short(str(first[3]), 300)}"
-        if first[1] == "exit":
-            return f"the solution exited (SystemExit {first[2]}) while loading"
+            return f"the solution failed while loading: {_short(first[2], 200)}: {_short(first[3], 300)}"
+        if first[1] == "exit" and len(first) == 3:
+            return f"the solution exited (SystemExit {_short(first[2], 200)}) while loading"
     if first[0] == "gone":
         return "the solution's process ended before the tests started"
     return "the solution's process sent a malformed first message"
@@ -1145,7 +1153,7 @@ def _example_outcome(judge, answer, want, exc_msg, flags, checker, what) -> tupl
             strip = doctest._strip_exception_details
             return checker.check_output(strip(exc_msg), strip(raised), flags), got + raised
         return False, got + raised
-    if tag == "exit" and len(answer) == 2:
+    if tag == "exit" and len(answer) == 2 and isinstance(answer[1], str):
         judge._fail(f"the solution exited (SystemExit {answer[1]}) during {what}")
     judge._fail(f"{what} answered with a malformed message")
 
