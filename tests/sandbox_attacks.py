@@ -108,8 +108,10 @@ def _escape_outlive_killed_caller(sb) -> tuple[bool, str]:
     # then never reach end of file).
     program = RAN + UNGUARDED_OPEN + (
         "import ctypes, os, time\nheld = []\nfor pid in os.listdir('/proc'):\n    if pid.isdigit():\n"
-        "        try:\n            fds = os.listdir('/proc/%%s/fd' %% pid)\n        except OSError:\n            continue\n"
-        "        for fd in fds:\n            try:\n                held.append(_io.open('/proc/%%s/fd/%%s' %% (pid, fd), 'wb'))\n"
+        "        try:\n            fds = os.listdir('/proc/%%s/fd' %% pid)\n"
+        "        except OSError:\n            continue\n"
+        "        for fd in fds:\n            try:\n"
+        "                held.append(_io.open('/proc/%%s/fd/%%s' %% (pid, fd), 'wb'))\n"
         "            except OSError:\n                pass\n"
         "ctypes.CDLL(None).prctl(15, %r.encode(), 0, 0, 0)\ntime.sleep(60)\n" % token)
     caller = ("import json, sys\nsys.path.insert(0, %r)\nimport runner\nrunner._caps = json.loads(%r)\n"
@@ -291,7 +293,8 @@ def _escape_tmpfs_inodes(sb) -> tuple[bool, str]:
         "except OSError as e:\n    print(e)\nprint('created', created, flush=True)\n")
     r = sb.run_untrusted(code, timeout_s=20.0, memory_mb=32)
     created = [int(line.split()[1]) for line in r.stdout.splitlines() if line.startswith("created")]
-    return _ran(r) and bool(created) and created[0] <= 32 << 10, f"budget 32 MB (at most 32768 KiB-sized inodes); {_out(r)}"
+    contained = _ran(r) and bool(created) and created[0] <= 32 << 10
+    return contained, f"budget 32 MB (at most 32768 inodes of about 1 KiB); {_out(r)}"
 
 
 # keyctl and add_key by machine: the kernel's keyrings are not namespaced
