@@ -351,12 +351,15 @@ def test_plain_data_codec_round_trips_exactly_and_refuses_the_rest():
         return struct.pack("<d", x) if isinstance(x, float) else x
 
     values = [None, True, False, 0, -1, 2 ** 200, -(2 ** 200) + 7, 1.5, -0.0, float("inf"), float("-inf"),
+              1j, complex(-0.0, 2.5), complex(float("inf"), -0.0),
               "", "héllo \ud800", b"\x00\xff", [], (), set(), frozenset(), {},
               [1, (2.0, "x"), {"k": [None, {3}], 4: frozenset({b"b"})}], ((),) * 3]
     for v in values:
         assert decode(encode(v)) == v and type(decode(encode(v))) is type(v), v
     for x in (float("nan"), -0.0, struct.unpack("<d", b"\x01\x00\x00\x00\x00\x00\xf8\x7f")[0]):  # nan payloads too
         assert bits(decode(encode(x))) == bits(x)
+        z = decode(encode(complex(x, -x)))
+        assert type(z) is complex and bits(z.real) == bits(x) and bits(z.imag) == bits(-x)
     # Subclass instances cross as their base type's value; none of their methods decide what crosses.
     Point = collections.namedtuple("Point", "x y")
     for v, plain in ((Point(1, 2), (1, 2)), (collections.Counter("aab"), {"a": 2, "b": 1}),
@@ -373,7 +376,7 @@ def test_plain_data_codec_round_trips_exactly_and_refuses_the_rest():
         def __eq__(self, other):
             return True
     for bad, where in ((Anything(), "Anything"), ([1, [2, Anything()]], "[1][1]"), ({"k": iter([])}, "['k']"),
-                       ((x for x in ()), "generator"), (bytearray(b"x"), "bytearray"), (1j, "complex")):
+                       ((x for x in ()), "generator"), (bytearray(b"x"), "bytearray")):
         with pytest.raises(PlainDataError, match=re.escape(where)):
             encode(bad)
     deep = []
@@ -404,7 +407,8 @@ def test_plain_data_codec_round_trips_generated_values():
     from megapmp.sandbox.inside import decode, encode
 
     keys = st.none() | st.booleans() | st.integers() | st.text() | st.binary() | st.tuples(st.integers(), st.text())
-    leaves = st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text() | st.binary()
+    leaves = (st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False)
+              | st.complex_numbers(allow_nan=False) | st.text() | st.binary())
     values = st.recursive(leaves, lambda inner: st.lists(inner) | st.tuples(inner, inner)
                           | st.dictionaries(keys, inner) | st.frozensets(keys), max_leaves=12)
 
@@ -505,6 +509,19 @@ def test_the_tests_see_plain_values_exceptions_and_state_of_one_process():
     r = run_tests(solution, test, "f", timeout_s=20.0)
     assert r.status == "passed", r
     assert r.stdout.count("noise") == 205 and time.monotonic() - start < 10
+
+
+def test_complex_numbers_cross():
+    # MBPP passes and expects complex numbers (its "angle of a complex number" and "polar to rectangular"
+    # problems): correct solutions must pass. A complex subclass crosses as its value, not its attributes.
+    angle = "import cmath\ndef angle_complex(a, b):\n    return cmath.phase(a + b)\n"
+    test = "import math\nassert math.isclose(angle_complex(0, 1j), 1.5707963267948966, rel_tol=0.001)\n"
+    assert run_tests(angle, test, "angle_complex").status == "passed"
+    polar = "import cmath\ndef polar_rect(x, y):\n    return (cmath.polar(complex(x, y)), cmath.rect(2, cmath.pi))\n"
+    test = "assert polar_rect(3, 4) == ((5.0, 0.9272952180016122), (-2+2.4492935982947064e-16j))\n"
+    assert run_tests(polar, test, "polar_rect").status == "passed"
+    lying = "class Z(complex):\n    real = 0.0\ndef angle_complex(a, b):\n    return Z(1, 2)\n"
+    assert run_tests(lying, "assert angle_complex(0, 0).real == 1.0\n", "angle_complex").status == "passed"
 
 
 def test_mbpp_style_tests_and_names_the_tests_use():

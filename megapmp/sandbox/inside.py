@@ -60,6 +60,7 @@ CPU_MARKER = "sandbox: CPU time limit reached"
 #   N None   T True   F False
 #   i int    length, then that many bytes, little-endian two's complement
 #   f float  8 bytes, IEEE 754 binary64 little-endian (nan, inf and -0.0 cross exactly)
+#   c complex  16 bytes: the real part, then the imaginary part, each as for a float
 #   s str    length, then UTF-8 (lone surrogates kept: "surrogatepass")
 #   b bytes  length, then the bytes
 #   l list / t tuple / S set / Z frozenset: count, then the items
@@ -102,6 +103,8 @@ def _encode(value, out: bytearray, depth: int, limit: int) -> None:
         out += b"i" + _U32.pack(len(raw)) + raw
     elif isinstance(value, float):
         out += b"f" + _F64.pack(value)
+    elif isinstance(value, complex):  # through complex's own descriptors: a subclass may redefine .real
+        out += b"c" + _F64.pack(complex.real.__get__(value)) + _F64.pack(complex.imag.__get__(value))
     elif isinstance(value, str):
         raw = str.encode(value, "utf-8", "surrogatepass")
         out += b"s" + _U32.pack(len(raw)) + raw
@@ -193,6 +196,9 @@ def _decode(view, pos: int, depth: int):
     if tag == b"f":
         raw, pos = _take(view, pos, 8)
         return _F64.unpack(raw)[0], pos
+    if tag == b"c":
+        raw, pos = _take(view, pos, 16)
+        return complex(_F64.unpack(raw[:8])[0], _F64.unpack(raw[8:])[0]), pos
     if tag in (b"l", b"t", b"S", b"Z", b"d"):
         n, pos = _count(view, pos)
         items = []

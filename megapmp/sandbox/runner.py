@@ -43,7 +43,7 @@ then only 4-6 hold, in a process group and temporary directory of its own (and, 
 **The verdict of a test run comes from a process the solution cannot reach.** `run_tests` starts two
 sandboxes: the *candidate* (the solution, loaded as a module) and the *judge* (the problem's test code,
 trusted). Every call the tests make crosses a private pipe to the candidate, and the answer comes back as
-plain data -- None, bool, int, float, str, bytes and lists, tuples, dicts, sets of them -- rebuilt in the
+plain data -- None, bool, int, float, complex, str, bytes and lists, tuples, dicts, sets of them -- rebuilt in the
 judge by a strict, bounded decoder (`inside.decode`; no pickle). So no object of the solution's ever
 answers ``==`` in a test, and there is no secret in the solution's process to steal: the judge alone holds
 the descriptor the verdict is written to. A result that is not plain data (an object with its own
