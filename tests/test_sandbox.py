@@ -590,6 +590,20 @@ def test_refuses_without_isolation_unless_unsafe(monkeypatch):
     assert _sandbox_processes(r.run_id) == []
 
 
+def test_per_run_uids_of_different_callers_never_collide(monkeypatch):
+    # Two callers alive at once (pids up to pid_max, at most 2**22) must never share a uid: a shared uid
+    # shares the process limit (one run's fork bomb fails another's program) and, without namespaces,
+    # the kill at the end. With pids taken modulo 4,000,000, pid 5 and pid 4,000,005 did.
+    def uids(pid):
+        monkeypatch.setattr(sandbox.os, "getpid", lambda: pid)
+        taken = [sandbox._acquire_uid() for _ in range(sandbox._UID_SLOTS)]
+        for uid in taken:
+            sandbox._release_uid(uid)
+        return set(taken)
+    low, high, last = uids(5), uids(4_000_005), uids((1 << 22) - 1)
+    assert not low & high and max(last) < 2 ** 31 - 1
+
+
 def test_concurrent_runs_are_independent():
     from concurrent.futures import ThreadPoolExecutor
 

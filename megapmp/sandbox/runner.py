@@ -102,6 +102,7 @@ DEVICES = ("null", "zero", "full", "random", "urandom")
 _TAIL_BYTES = 4096  # kept from the end of a truncated stream, so the last lines are never lost
 _UID_BASE = 1_000_000_000  # sandbox uids: _UID_BASE + pid * _UID_SLOTS + slot, unique per live run
 _UID_SLOTS = 256
+_PID_LIMIT = 1 << 22  # the kernel's largest pid_max: every live caller's pid has its own slots, below 2**31
 _NESTED_UID = 65534  # an unprivileged caller's program appears as this uid ("nobody") in its namespace
 _INSIDE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "inside.py")
 # Reads the set-up from a descriptor (8-byte length, the settings and program as JSON, then inside.py
@@ -427,7 +428,7 @@ def _acquire_uid() -> int:
     global _uid_next
     with _uid_lock:
         for _ in range(_UID_SLOTS):
-            uid = _UID_BASE + (os.getpid() % 4_000_000) * _UID_SLOTS + _uid_next % _UID_SLOTS
+            uid = _UID_BASE + (os.getpid() % _PID_LIMIT) * _UID_SLOTS + _uid_next % _UID_SLOTS
             _uid_next += 1
             if uid not in _uids_in_use:
                 _uids_in_use.add(uid)
