@@ -889,7 +889,12 @@ def run_doctests(source: str, *, timeout_s: float = 10.0, unsafe_no_sandbox: boo
     """Run every doctest example of `source` (`doctest_plan`): the source is the candidate, each example
     runs in its process (a fresh copy of the module's globals per definition, as doctest gives), and its
     output, a plain string, is compared in the judge's process with doctest's own checker. A definition's
-    doctests that the source cannot even load report nothing (every example not ok)."""
+    doctests that the source cannot even load report nothing (every example not ok).
+
+    Not a verdict a hostile source cannot forge: the output is the source's own text (an example's value
+    is printed by its ``__repr__``, in the source's process), so a source may print an example's expected
+    output whatever it computes. What the judge adds is that printed markers and forged records count for
+    nothing; use it on trusted snippets and their mutants, `run_tests` for generated code."""
     limits = _Limits(timeout_s, **limits)
     limits.check()
     caps = require_sandbox(unsafe_no_sandbox)
