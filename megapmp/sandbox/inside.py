@@ -1176,7 +1176,10 @@ def main(setup: dict) -> None:
         if cfg["root_layout"] is not None:
             build_root(cfg["root_layout"])
         if cfg["tmpfs"] is not None:
-            mount_sized_tmpfs(cfg["sandbox_dir"], cfg["tmpfs"]["size_kb"], cfg["tmpfs"]["inodes"])
+            try:
+                mount_sized_tmpfs(cfg["sandbox_dir"], cfg["tmpfs"]["size_kb"], cfg["tmpfs"]["inodes"])
+            except OSError:  # a kernel or a security policy that refuses it: bubblewrap's tmpfs stays, and the
+                pass  # probe, which counts its files, names the storage budget as not given here
         if cfg["uid"] is not None:
             if cfg["sandbox_dir"] is not None:
                 os.chown(cfg["sandbox_dir"], cfg["uid"], cfg["uid"])  # the fresh tmpfs becomes the uid's own
