@@ -489,16 +489,19 @@ def supervise(cpu_limit: float | None, lifeline: int | None) -> None:
     the run with it (it is the PID namespace's first process, or bubblewrap's only child). A parent-death
     signal cannot do this: the kernel clears it when a process changes uid, as the bootstrap does. Not
     dumpable, so the program (same uid) cannot reopen the lifeline through /proc and hold it open."""
+    import ctypes
     import select
     import signal
+    libc = ctypes.CDLL(None)
+    dumpable = libc.prctl(3, 0, 0, 0, 0)  # PR_GET_DUMPABLE
+    libc.prctl(4, 0, 0, 0, 0)  # PR_SET_DUMPABLE 0, before the fork: the program never sees us dumpable
     pid = os.fork()
     if pid == 0:
+        libc.prctl(4, dumpable, 0, 0, 0)  # the program as it was (the judge stays not dumpable)
         if lifeline is not None:
             os.close(lifeline)
         return
     signal.pthread_sigmask(signal.SIG_BLOCK, set(signal.Signals) - {signal.SIGKILL, signal.SIGSTOP})
-    import ctypes
-    ctypes.CDLL(None).prctl(4, 0, 0, 0, 0)  # PR_SET_DUMPABLE 0
     for low, high in ((3, lifeline), (lifeline + 1, 1 << 16)) if lifeline is not None else ((3, 1 << 16),):
         os.closerange(low, high)
     # Woken by the program's end (its pidfd), by the caller's, and every 0.2 s to reap orphans (as PID 1 of
