@@ -17,10 +17,10 @@ unprivileged callers alike, with either backend:
 3. **One memory budget for storage**: one tmpfs of ``memory_mb`` at ``/tmp`` (the working directory,
    ``HOME`` and ``TMPDIR``; ``/dev/shm`` and ``/var/tmp`` link to it), the only writable place, with at
    most one file per 16 KiB of it (`_tmpfs_inodes`: an empty file costs no block but about 1 KiB of
-   kernel memory; unbounded, 3 million files were allowed). No nested user
-   namespace (a seccomp filter, and bubblewrap's ``--disable-userns`` where it applies), so no process of
-   the run can mount an unsized tmpfs of its own; no System V shared memory or message queues (the same
-   filter: they hold memory that neither RLIMIT_AS nor the tmpfs counts).
+   kernel memory; unbounded, 3 million files were allowed). No nested user namespace (a seccomp filter,
+   and bubblewrap's ``--disable-userns`` where it applies), so no process of the run can mount an unsized
+   tmpfs of its own; no System V shared memory or message queues (the same filter: they hold memory that
+   neither RLIMIT_AS nor the tmpfs counts).
 4. **Limits**: ``RLIMIT_AS`` (memory per process), ``RLIMIT_CPU``, ``RLIMIT_FSIZE``, ``RLIMIT_NOFILE``,
    ``RLIMIT_CORE`` = 0 and ``RLIMIT_NPROC`` = ``max_procs`` for the whole run: a root caller's processes run
    as a per-run uid, an unprivileged caller's in the run's own user namespace, where the kernel counts a
@@ -43,8 +43,8 @@ then only 4-6 hold, in a process group and temporary directory of its own (and, 
 **The verdict of a test run comes from a process the solution cannot reach.** `run_tests` starts two
 sandboxes: the *candidate* (the solution, loaded as a module) and the *judge* (the problem's test code,
 trusted). Every call the tests make crosses a private pipe to the candidate, and the answer comes back as
-plain data -- None, bool, int, float, complex, str, bytes and lists, tuples, dicts, sets of them -- rebuilt in the
-judge by a strict, bounded decoder (`inside.decode`; no pickle). So no object of the solution's ever
+plain data -- None, bool, int, float, complex, str, bytes and lists, tuples, dicts, sets of them -- rebuilt
+in the judge by a strict, bounded decoder (`inside.decode`; no pickle). So no object of the solution's ever
 answers ``==`` in a test, and there is no secret in the solution's process to steal: the judge alone holds
 the descriptor the verdict is written to. A result that is not plain data (an object with its own
 ``__eq__``, a generator), an exit, a crash, a broken message are failures with a reason; a test that
