@@ -28,7 +28,8 @@ Every sandboxed process goes through the same steps, in this order:
 5. ``supervise``: the process forks; the parent stays as a tiny supervisor that reaps every child and
    reports the program's end as an exit status. The program is never PID 1 (the kernel ignores SIGXCPU
    for a namespace's init), and a program killed at the CPU hard limit (it ignored SIGXCPU) is reported as
-   having hit the CPU limit (``EXIT_CPU``), not as an anonymous SIGKILL.
+   having hit the CPU limit (``EXIT_CPU``), not as an anonymous SIGKILL. It also ends the run when the
+   caller dies (end of file on a lifeline pipe only the caller can write).
 6. The in-process guards (a second layer against accidents: sockets, writes outside ``/tmp``, exec,
    signals outside the sandbox, a fork budget).
 7. The role:
