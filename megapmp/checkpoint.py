@@ -53,6 +53,11 @@ class CheckpointError(ValueError):
     the checkpoint, the file and what is wrong; a ValueError, so the CLI reports it as bad input (exit 2)."""
 
 
+class IncompatibleCheckpointError(CheckpointError):
+    """An intact checkpoint that this run cannot continue (another model, or settings that change the
+    curve): raised at once, with no fallback to an older checkpoint of the same run."""
+
+
 def step_dir(root: str | os.PathLike, step: int) -> Path:
     return Path(root) / f"step_{step:08d}"
 
@@ -609,7 +614,7 @@ def _save_sharded(root: Path, step: int, engine, *, trainer_state: dict, keep_la
 
 
 def resume(root: str | os.PathLike, resume: str, engine, *, expected_shapes: dict[str, tuple],
-           parameter_shapes: dict[str, tuple], tie_word_embeddings: bool, log) -> dict | None:
+           parameter_shapes: dict[str, tuple], tie_word_embeddings: bool, log, check=None) -> dict | None:
     """Load the checkpoint that `resume` names into `engine` and return its trainer state (step, counters,
     "loader", "rng": the trainer applies them), or None when there is nothing to resume.
 
@@ -618,6 +623,9 @@ def resume(root: str | os.PathLike, resume: str, engine, *, expected_shapes: dic
     a path: that checkpoint, or a CheckpointError saying what is wrong with it. Temp dirs of saves that did
     not finish are removed first. `expected_shapes` / `parameter_shapes`: what `check_state` holds the
     checkpoint to (full shapes, any layout). `log(message)` reports (the trainer's rank-0 log).
+    `check(path, trainer_state)`, if given, is asked (on rank 0, before any tensor is read) whether this run
+    may continue the checkpoint: a reason it may not is an IncompatibleCheckpointError on every rank.
+    A checkpoint whose trainer.json, manifest and directory name disagree on its step is damaged.
     """
     root, ctx = Path(root), engine.ctx
     if ctx.rank == 0:
@@ -632,7 +640,7 @@ def resume(root: str | os.PathLike, resume: str, engine, *, expected_shapes: dic
     for path in candidates:
         state, problem = _try_resume(path, engine, expected_shapes=expected_shapes,
                                      parameter_shapes=parameter_shapes, tie_word_embeddings=tie_word_embeddings,
-                                     log=log)
+                                     log=log, check=check)
         if problem is None:
             if skipped:
                 log(f"fell back to {path.name}: newer checkpoints are damaged ({', '.join(skipped)})")
@@ -649,18 +657,26 @@ def resume(root: str | os.PathLike, resume: str, engine, *, expected_shapes: dic
 
 
 def _try_resume(path: Path, engine, *, expected_shapes: dict, parameter_shapes: dict, tie_word_embeddings: bool,
-                log) -> tuple[dict | None, str | None]:
+                log, check=None) -> tuple[dict | None, str | None]:
     """Verify, read and strictly check `path`, then load it into `engine`: (trainer state, None), or
-    (None, what is wrong) with nothing loaded. Rank 0 hashes the files; every rank reads and checks the
-    same full state, and a problem on any rank is every rank's, so that all ranks load the same checkpoint."""
+    (None, what is wrong) with nothing loaded. Rank 0 asks `check`, hashes the files and checks the step;
+    every rank reads and checks the same full state, and a problem on any rank is every rank's, so that all
+    ranks load the same checkpoint."""
     ctx = engine.ctx
-    verified, problem = None, None
+    verified, problem, incompatible = None, None, None
     if ctx.rank == 0:
         try:
-            verified = verify_checkpoint(path)
+            if check is not None and (path / "trainer.json").is_file():
+                verify_checkpoint(path, only=("trainer.json",))  # judged on the config it was written with
+                incompatible = check(path, _read_json(path / "trainer.json"))
+            if incompatible is None:
+                verified = verify_checkpoint(path)
+                check_step(path)
         except CheckpointError as e:
             problem = str(e)
-    verified, problem = _from_rank0(ctx, (verified, problem))
+    verified, problem, incompatible = _from_rank0(ctx, (verified, problem, incompatible))
+    if incompatible is not None:
+        raise IncompatibleCheckpointError(incompatible)
     if problem is None:
         try:
             if not (path / "trainer.json").exists():
@@ -677,6 +693,19 @@ def _try_resume(path: Path, engine, *, expected_shapes: dict, parameter_shapes: 
     _load_into(engine, path, model_state, optimizer_states, state, tie_word_embeddings)
     log(f"resumed from {path} at step {state['step']}")
     return state, None
+
+
+def check_step(path: Path) -> None:
+    """trainer.json's step must be the manifest's and the directory name's (step_XXXXXXXX): a checkpoint
+    copied or renamed to another step would otherwise resume a run at the wrong point of its schedule."""
+    steps = {"trainer.json": _read_json(path / "trainer.json").get("step")}
+    if (path / MANIFEST).is_file():
+        steps["manifest.json"] = _read_json(path / MANIFEST).get("step")
+    named = STEP_DIR.match(path.name)
+    if named:
+        steps["the directory name"] = int(named.group(1))
+    if len(set(steps.values())) > 1:
+        raise CheckpointError(f"{path}: the step is not one: " + ", ".join(f"{k} says {v}" for k, v in steps.items()))
 
 
 def _load_into(engine, path: Path, model_state: dict, optimizer_states: dict, state: dict,

@@ -316,15 +316,26 @@ class DataConfig:
     seed: int = 1234
     """Shuffling seed; the order is a pure function of (seed, epoch)."""
     bucket_tokens: int = 0
-    """With packing=flat, pad each micro-batch's row to a multiple of this many tokens, so a compiled model
-    sees few distinct shapes (one compile per bucket, instead of one per micro-batch length). 0: 256 when
-    the run compiles its layers (see TrainConfig.compile), else 1 (no padding beyond the TP multiple)."""
+    """With packing=flat and no token budget (micro_batch_tokens), pad each micro-batch's row to a multiple
+    of this many tokens (one compile per bucket a run visits). 0: 256 when the run compiles per shape, else 1
+    (no padding beyond the TP multiple). Setting it turns the automatic token budget off."""
+    micro_batch_tokens: int = 0
+    """With packing=flat: every micro-batch is exactly this many tokens, its pairs chosen by their lengths
+    (even totals; a step gets more than micro_batches micro-batches only when its pairs do not fit), so a
+    compiled model sees ONE shape for the whole run (compile once, not once per length). 0: automatic -- when
+    the run compiles per shape (TrainConfig.compile, or FlexAttention on CUDA) and bucket_tokens is 0, the
+    budget that minimises the expected padded tokens per step on these shards, else none; -1: none."""
     prefetch_steps: int = 1
     """Steps packed ahead on a background thread while the device computes (0: pack on the main thread)."""
     verify: str = "open"
     """Shard checks before training. open: the cheap checks at open (index and file sizes, the sidecar's
     counts), plus every token id checked against the vocabulary as it is read; full: also each train and
     valid shard's sha256 against its sidecar, reading every byte once before the first step."""
+    overlong: str = "error"
+    """A pair longer than a row (2P + C + R tokens duplicated, P + C + R shared-prefix, over seq_len), found
+    from the shards' index at open: error (refuse to start, naming the shard, the count and the longest) or
+    drop (leave such pairs out of training and held-out scoring, counted in the log). To cut them instead,
+    preprocess again with --max-length seq_len/2 --overlong truncate."""
 
     def validate(self) -> None:
         problems = []
@@ -340,6 +351,8 @@ class DataConfig:
             problems.append(f"layout={self.layout!r} is not duplicated or shared-prefix")
         if self.packing not in ("flat", "rows"):
             problems.append(f"packing={self.packing!r} is not flat or rows")
+        if self.overlong not in ("error", "drop"):
+            problems.append(f"overlong={self.overlong!r} is not error or drop")
         if self.prefetch_steps < 0:
             problems.append(f"prefetch_steps={self.prefetch_steps} must be >= 0")
         if self.bucket_tokens < 0:
@@ -349,6 +362,10 @@ class DataConfig:
         elif self.max_length and self.seq_len < 2 * self.max_length:
             problems.append(f"seq_len={self.seq_len} cannot hold a pair of two {self.max_length}-token sequences "
                             f"(max_length): it must be at least {2 * self.max_length}")
+        if self.micro_batch_tokens < -1:
+            problems.append(f"micro_batch_tokens={self.micro_batch_tokens} must be >= -1 (0: automatic, -1: none)")
+        if self.micro_batch_tokens > 0 and self.packing != "flat":
+            problems.append(f"micro_batch_tokens={self.micro_batch_tokens} needs packing=flat, not {self.packing!r}")
         for name in ("seq_len", "items_per_step", "micro_batches", "valid_items"):
             if getattr(self, name) <= 0:
                 problems.append(f"{name}={getattr(self, name)} must be positive")
@@ -371,6 +388,12 @@ class CheckpointConfig:
     """Initial weights: a megapmp run / checkpoint directory or an HF Qwen2 directory (weights only)."""
     init_reward_head: bool = True
     """Also take the reward head from init_from (false: a fresh head, e.g. LM -> PMP)."""
+    allow_change: list = field(default_factory=list)
+    """Settings (dotted keys, e.g. optimizer.lr data.seq_len) that may differ from the resumed checkpoint's.
+    Resuming refuses any other change to a setting that changes the training curve (data, model, loss,
+    optimizer, schedule, steps, seeds, precision); an allowed change is logged and recorded in the first
+    metrics.jsonl record after the resume (config_changes). Settings of layout, speed, logging and saving
+    may always change (megapmp/run_dir.py says which)."""
 
     def validate(self) -> None:
         problems = []
@@ -501,8 +524,25 @@ class TrainConfig:
                             "that is the whole micro-batch; use data.packing=rows, or a varlen backend")
         if self.data.kind == "documents" and self.loss.rm_coef:
             problems.append("data.kind=documents has no pairs: set loss.rm_coef = 0 for LM pretraining")
+        allowed = self.checkpoint.allow_change
+        unknown = sorted(set(allowed) - set(config_keys(TrainConfig))) if isinstance(allowed, list) else [repr(allowed)]
+        if unknown:
+            problems.append(f"checkpoint.allow_change names unknown settings {', '.join(unknown)} (dotted keys such "
+                            f"as optimizer.lr or data.seq_len)")
         if problems:
             raise ConfigError("invalid TrainConfig: " + " | ".join(problems))
+
+
+def config_keys(cls, prefix: str = "") -> list[str]:
+    """Every setting of a config dataclass as a dotted key ("data.seq_len", "steps")."""
+    keys = []
+    for f in fields(cls):
+        section = f.default_factory if f.default_factory is not dataclasses.MISSING else None
+        if dataclasses.is_dataclass(section):
+            keys += config_keys(section, f"{prefix}{f.name}.")
+        else:
+            keys.append(prefix + f.name)
+    return keys
 
 
 SECTIONS = {f.name for f in fields(TrainConfig) if f.name in

@@ -144,6 +144,20 @@ def open_lines(path: str | os.PathLike) -> Iterator[tuple[int, bytes]]:
         raise InputError(str(path), line_no + 1, None, f"{reason}; the file is cut off after line {line_no}") from None
 
 
+def text_field(file: str, line_no: int, record: dict, key: str) -> str:
+    """`record[key]` as a text a model can be given, or an InputError naming FILE:LINE and the field: missing,
+    not a string, or empty (whitespace only). The one rule for text fields: preprocessing (prompt, chosen,
+    rejected) and evaluation (every prompt and response it scores) both read them through here."""
+    if key not in record:
+        raise InputError(file, line_no, key, "missing field")
+    value = record[key]
+    if not isinstance(value, str):
+        raise InputError(file, line_no, key, f"expected a string, got {type(value).__name__}")
+    if not value.strip():
+        raise InputError(file, line_no, key, "empty field")
+    return value
+
+
 def iter_jsonl(path: str | os.PathLike) -> Iterator[tuple[int, dict]]:
     """(1-based line number, object) for each non-blank line of a JSONL(.gz) file of objects."""
     for line_no, raw in open_lines(path):

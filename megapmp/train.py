@@ -19,7 +19,8 @@ runs are sharded by rank and resume under any other layout (megapmp.checkpoint).
 Writes RUN_DIR/config.json, RUN_DIR/metrics.jsonl (one JSON object per optimizer step) and
 RUN_DIR/checkpoints/step_XXXXXXXX/. With checkpoint.resume = "auto" (the default) a restarted run
 continues from its newest intact checkpoint (manifest verified, tensors loaded strictly; a damaged one is
-skipped with a message naming the file) and reproduces the uninterrupted loss curve.
+skipped with a message naming the file) and reproduces the uninterrupted loss curve. A run directory has one
+owner (a lock) and holds one run: megapmp/run_dir.py says what a start may do with what it finds there.
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ from megapmp import checkpoint as ckpt
 from megapmp.accelerators import backend_report, format_report
 from megapmp.config import ConfigError, TrainConfig, load_train_config, parse_overrides
 from megapmp.convert.source import init_model_from
-from megapmp.data.datasets import PairDataset, check_token_ids
+from megapmp.data.datasets import PairDataset, check_token_ids, pairs_that_fit
 from megapmp.data.indexed import ShardError
 from megapmp.data.loader import BackgroundLoader, StepBatch, StepLoader
 from megapmp.data.shards import ShardMeta, verify_shards
@@ -52,10 +53,12 @@ from megapmp.io import log
 from megapmp.loss import LOSS_BACKEND_ENV, loss_backend, pmp_loss, score_pairs
 from megapmp.model import Qwen2RewardModel
 from megapmp.model.attention import resolve_attention_backend
-from megapmp.model.compile import bucket_tokens, compile_enabled, compile_layers, compile_seconds, eager_layers
+from megapmp.model.compile import (bucket_tokens, compile_enabled, compile_layers, compile_seconds, eager_layers,
+                                   token_budget)
 from megapmp.optim import lr_at
 from megapmp.parallel.engine import Engine, StepSums, build_rank_chunks
 from megapmp.parallel.topology import build_context, init_distributed
+from megapmp.run_dir import ConfigCheck, RunDirError, open_run_dir
 from megapmp.tracking import MetricsLog, Trackers
 
 
@@ -68,6 +71,10 @@ def resolve_config(cfg: TrainConfig, meta: ShardMeta) -> TrainConfig:
     if vocab_size < meta.vocab_size:
         raise ConfigError(f"model.vocab_size={vocab_size} is smaller than the shards' tokenizer "
                           f"vocabulary ({meta.vocab_size}); set model.vocab_size = 0 to use the shards' size")
+    if meta.judge and (cfg.loss.rm_coef or not cfg.loss.lm_coef):  # megapmp/data/judge.py
+        raise ConfigError("the shards hold a pairwise judge's samples, whose target is the label token: train them "
+                          f"with the LM term only (loss.rm_coef = 0, loss.lm_coef > 0), got rm_coef="
+                          f"{cfg.loss.rm_coef}, lm_coef={cfg.loss.lm_coef}")
     backend = os.environ.get(LOSS_BACKEND_ENV, "").strip().lower() or cfg.loss.backend
     return replace(cfg, model=replace(cfg.model, vocab_size=vocab_size), loss=replace(cfg.loss, backend=backend))
 
@@ -126,9 +133,12 @@ def load_initial_weights(model: Qwen2RewardModel, source: str, with_reward_head:
 
 class Trainer:
     """One rank of a run. With torch.distributed initialised (torchrun, or tests' gloo ranks) the model
-    is split by ``cfg.parallel`` (tp x pp, data parallel filling the world); otherwise one process."""
+    is split by ``cfg.parallel`` (tp x pp, data parallel filling the world); otherwise one process.
 
-    def __init__(self, cfg: TrainConfig, run_dir: str | Path):
+    The run directory is locked from construction until ``fit()`` returns (or ``close()``); ``overwrite``
+    moves a previous run found there aside instead of refusing to start (megapmp/run_dir.py)."""
+
+    def __init__(self, cfg: TrainConfig, run_dir: str | Path, *, overwrite: bool = False):
         self.cfg = cfg
         self.run_dir = Path(run_dir)
         cfg.data.validate()  # before any shard is opened: no data.train is a message, not an IndexError
@@ -150,36 +160,58 @@ class Trainer:
         # graph) sees one concrete backend.
         self.attention_backend = resolve_attention_backend(cfg.attention_backend, self.device,
                                                            self.amp_dtype or torch.float32)
-        # A flat row is padded to a multiple of the TP size under sequence parallelism (each rank takes an
-        # equal token shard) and of the compile bucket: few distinct shapes for whatever is compiled per
-        # shape (the layers, or FlexAttention's kernel on a GPU even with compile = off).
+        # Whatever is compiled per input shape (the layers, or FlexAttention's kernel on a GPU even with
+        # compile = off) gets ONE shape: micro-batches of exactly a token budget's tokens (model/compile.py).
+        # Without a budget, a flat row is padded to a multiple of the TP size under sequence parallelism
+        # (each rank takes an equal token shard) and of the compile bucket.
         shape_specialised = self.compiled or (self.attention_backend == "flex" and self.device.type == "cuda")
-        pad_multiple = math.lcm(cfg.parallel.tp if cfg.parallel.sequence_parallel else 1,
-                                bucket_tokens(cfg.data.bucket_tokens, shape_specialised))
+        budget = token_budget(cfg.data.micro_batch_tokens, cfg.data.bucket_tokens, cfg.data.packing,
+                              shape_specialised)
+        sp_multiple = cfg.parallel.tp if cfg.parallel.sequence_parallel else 1
+        pad_multiple = math.lcm(sp_multiple, 1 if budget else bucket_tokens(cfg.data.bucket_tokens, shape_specialised))
+        interleaved = cfg.parallel.schedule == "interleaved" and cfg.parallel.pp > 1
         self.loader = StepLoader(cfg.data.train, kind=cfg.data.kind, weights=cfg.data.weights,
                                  items_per_step=cfg.data.items_per_step, micro_batches=cfg.data.micro_batches,
                                  seq_len=cfg.data.seq_len, layout=cfg.data.layout, packing=cfg.data.packing,
-                                 pad_multiple=pad_multiple, seed=cfg.data.seed,
-                                 dp_rank=self.ctx.dp_rank, dp_size=self.ctx.dp_size)
+                                 pad_multiple=pad_multiple, seed=cfg.data.seed, overlong=cfg.data.overlong,
+                                 dp_rank=self.ctx.dp_rank, dp_size=self.ctx.dp_size, micro_batch_tokens=budget,
+                                 micro_batch_multiple=cfg.parallel.pp if interleaved else 1)
+        if self.loader.token_budget is not None:
+            self.log(f"micro-batches: {self.loader.token_budget.describe()}")
         # Steps are packed ahead on a thread (page-locked on a GPU, so the copies do not stall the host).
         self.batches = (BackgroundLoader(self.loader, depth=cfg.data.prefetch_steps,
                                          pin_memory=self.device.type == "cuda")
                         if cfg.data.prefetch_steps else self.loader)
+        for prefix, dropped in self.loader.dropped.items():
+            self.log(f"left out {dropped} pairs of {prefix} longer than data.seq_len={cfg.data.seq_len} "
+                     f"(data.overlong = drop)")
         self.cfg = cfg = resolve_config(cfg, self.loader.meta)
-        self.steps_derived = not cfg.steps
-        self.cfg = cfg = resolve_steps(cfg, [len(d) for d in self.loader.datasets], self.log)
+        # An epoch is what the sampler draws from: every item of every train shard, less the pairs that
+        # data.overlong = drop leaves out.
+        self.cfg = cfg = resolve_steps(cfg, [stream.size for stream in self.loader.sampler.streams], self.log)
         check_shard_max_length(cfg.data.max_length, cfg.data.train + cfg.data.valid)
         cfg.validate()
-        if self.is_main:  # only now: a config that does not validate leaves no run directory behind
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-        self._build_model()
         self.valid_pairs = self._load_valid_pairs()
-        self.step = 0  # optimizer steps taken
-        self.skipped_steps = 0
-        self.consecutive_nonfinite = 0
-        self._maybe_resume()
-        if self.is_main:
-            (self.run_dir / "config.json").write_text(json.dumps(asdict(cfg), indent=2) + "\n")
+        # Only now, with config and data checked (nothing bad leaves a directory behind): one owner per run
+        # directory, and a start that continues exactly one run (or refuses).
+        self.run_lock = open_run_dir(self.run_dir, cfg, self.ctx, overwrite=overwrite, log=self.log)
+        try:
+            self._build_model()
+            self.step = 0  # optimizer steps taken
+            self.skipped_steps = 0
+            self.consecutive_nonfinite = 0
+            self.config_changes = {}  # settings changed on resume (checkpoint.allow_change), for metrics.jsonl
+            self._maybe_resume()
+            if self.is_main:
+                (self.run_dir / "config.json").write_text(json.dumps(asdict(cfg), indent=2) + "\n")
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        """Release the run directory (fit() does this when it returns)."""
+        if self.run_lock is not None:
+            self.run_lock.release()
 
     def _build_model(self) -> None:
         cfg, ctx = self.cfg, self.ctx
@@ -200,8 +232,9 @@ class Trainer:
         if self.compiled:
             # Every chunk's decoder layers; the engine, loss and collectives stay eager.
             layers = sum(compile_layers(chunk) for chunk in chunks)
-            self.log(f"compiling {layers} decoder layers on first use (torch.compile, regional, "
-                     f"shapes padded to multiples of {self.loader.pad_multiple} tokens)")
+            shapes = (f"one shape: [1, {self.loader.micro_batch_tokens}]" if self.loader.token_budget is not None
+                      else f"shapes padded to multiples of {self.loader.pad_multiple} tokens")
+            self.log(f"compiling {layers} decoder layers on first use (torch.compile, regional, {shapes})")
         self.engine = Engine(chunks, ctx, cfg.parallel, cfg.optimizer, device=self.device, amp_dtype=self.amp_dtype)
         self.model = chunks[0]  # the whole model in a single-stage run
         for note in self.engine.notes:
@@ -221,10 +254,11 @@ class Trainer:
     def _load_valid_pairs(self):
         if not self.cfg.data.valid:
             return []
-        pairs = []
-        for prefix in self.cfg.data.valid:
+        pairs, data = [], self.cfg.data
+        for prefix in data.valid:
             ds = PairDataset(prefix)
-            take = range(min(len(ds), self.cfg.data.valid_items - len(pairs)))
+            fitting = pairs_that_fit(ds, data.seq_len, data.layout, data.overlong)  # before any step, not at eval
+            take = (range(len(ds)) if fitting is None else fitting)[: max(0, data.valid_items - len(pairs))]
             check_token_ids(ds, take, ds.meta.vocab_size)  # once, here: these pairs are scored again and again
             pairs += [ds[i] for i in take]
         return pairs
@@ -233,18 +267,18 @@ class Trainer:
 
     def _maybe_resume(self) -> None:
         """Continue from the checkpoint that checkpoint.resume names ("auto": the newest intact one); the
-        checkpoint layer loads the model and optimizer, the trainer takes back its loader, RNG and counters."""
+        checkpoint layer loads the model and optimizer, the trainer takes back its loader, RNG and counters.
+        The checkpoint's recorded config must allow it (run_dir.ConfigCheck: same model, no unallowed change)."""
+        check = ConfigCheck(self.cfg)
         state = ckpt.resume(self.run_dir / "checkpoints", self.cfg.checkpoint.resume, self.engine,
                             expected_shapes=self.checkpoint_shapes, parameter_shapes=self.parameter_shapes,
-                            tie_word_embeddings=self.cfg.model.tie_word_embeddings, log=self.log)
+                            tie_word_embeddings=self.cfg.model.tie_word_embeddings, log=self.log, check=check)
         if state is None:
             return
-        recorded = state.get("config", {}).get("steps")
-        if self.steps_derived and recorded != self.cfg.steps:
-            # The schedule spans the step count: continuing it over another count is not the run that was saved.
-            raise ConfigError(f"epochs = {self.cfg.epochs:g} gives {self.cfg.steps} steps over the training data "
-                              f"now, but the checkpoint's run had {recorded}: the data or data.items_per_step "
-                              f"changed since it started. Pass --steps {recorded} to continue it as it was")
+        if check.changes:
+            self.config_changes = check.changes
+            self.log("resuming with changed settings (checkpoint.allow_change): " +
+                     "; ".join(f"{k} {old!r} -> {new!r}" for k, (old, new) in check.changes.items()))
         self.batches.load_state_dict(state["loader"])
         ckpt.set_rng_state(state["rng"])
         self.step, self.skipped_steps = state["step"], state["skipped_steps"]
@@ -340,6 +374,8 @@ class Trainer:
                           "skipped_steps": self.skipped_steps}
                 if cfg.logging.eval_interval and (self.step % cfg.logging.eval_interval == 0 or self.step == cfg.steps):
                     record.update(self.evaluate())
+                if self.config_changes:  # the first step that ran with them says so
+                    record["config_changes"], self.config_changes = self.config_changes, {}
                 if self.is_main:
                     metrics.write(record)
                     trackers.log(record)
@@ -361,6 +397,7 @@ class Trainer:
             if self.is_main:
                 metrics.close()
                 trackers.close()
+            self.close()
         return history
 
 
@@ -373,16 +410,35 @@ def parse_cli(argv=None):
                     "--optimizer.lr 1e-4, --steps 200); see megapmp/config.py for every field and its meaning.")
     parser.add_argument("--config", default=None, help="TOML file (examples/configs/*.toml)")
     parser.add_argument("--run-dir", required=True, help="output directory: config.json, metrics.jsonl, checkpoints/")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="start a new run in a --run-dir that holds one: the old run is moved aside to "
+                             "RUN.old-YYYYmmdd-HHMMSS, never deleted (without it such a start is refused unless it "
+                             "resumes; do not leave it in a command that is requeued after a crash)")
     args, rest = parser.parse_known_args(argv)
     try:
-        return args, parse_overrides(rest)
+        return args, parse_overrides(_joined_list_flags(rest))
     except ConfigError as e:
         parser.error(str(e))
 
 
-# Errors in what the user gave (config, shards, checkpoints, paths): one line and exit 2. Anything else is
-# a bug in megapmp and keeps its traceback.
-USER_ERRORS = (ConfigError, ShardError, ckpt.CheckpointError, FileNotFoundError)
+def _joined_list_flags(rest: list[str]) -> list[str]:
+    """`--checkpoint.allow-change A B` -> `--checkpoint.allow-change A,B` (overrides take one value each)."""
+    out, i = [], 0
+    while i < len(rest):
+        out.append(rest[i])
+        if rest[i] in ("--checkpoint.allow-change", "--checkpoint.allow_change"):
+            values = []
+            while i + 1 < len(rest) and not rest[i + 1].startswith("--"):
+                values.append(rest[i + 1])
+                i += 1
+            out.append(",".join(values))
+        i += 1
+    return out
+
+
+# Errors in what the user gave (config, shards, checkpoints, paths, a run directory in use): one line and
+# exit 2. Anything else is a bug in megapmp and keeps its traceback.
+USER_ERRORS = (ConfigError, ShardError, ckpt.CheckpointError, FileNotFoundError, RunDirError)
 
 
 def main(argv=None) -> int:
@@ -392,7 +448,7 @@ def main(argv=None) -> int:
         cfg = load_train_config(args.config, overrides)
         torch.set_num_threads(cfg.num_threads) if cfg.num_threads else None
         distributed = init_distributed()
-        Trainer(cfg, args.run_dir).fit()
+        Trainer(cfg, args.run_dir, overwrite=args.overwrite).fit()
     except USER_ERRORS as e:
         message = " ".join(str(e).split())
         print(f"megapmp.train: error: {message}", file=sys.stderr)

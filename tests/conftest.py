@@ -1,17 +1,32 @@
-"""Test-wide settings that must precede every import.
+"""Test-wide settings that must precede every import, and the ``cuda`` marker.
 
-TRITON_INTERPRET is read by triton when it is first imported, and several modules import it (the
-kernel tests, the backend probe); setting it here makes the Triton kernels run on the CPU
-interpreter whichever test imports triton first. The tests are CPU-only by design.
+TRITON_INTERPRET is read by triton when a kernel is jitted, and torch's inductor obeys it too, so it is
+set here, before any test module runs, and ONLY when no CUDA device is visible (tests/triton_interpreter.py
+says why): on a CPU the Triton kernels run on the interpreter; on a GPU they, compiled FlexAttention and
+the compiled layers run as real kernels. Tests that need the interpreter skip without it; tests marked
+``cuda`` skip without a GPU.
 """
 
 import os
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
+from triton_interpreter import use_interpreter
+
+INTERPRETING = use_interpreter()
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
 import pytest  # noqa: E402  (after the environment settings above)
+
+
+def pytest_collection_modifyitems(config, items):
+    from triton_interpreter import cuda_visible
+
+    if cuda_visible():
+        return
+    skip = pytest.mark.skip(reason="needs CUDA")
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(skip)
 
 
 @pytest.fixture(scope="module")

@@ -2,16 +2,20 @@
 
 Standard library only, and independent of the megapmp package: `tests/test_sandbox.py` runs every
 attack in its own process (as the caller, i.e. root in CI) and, through ``setpriv``, as an unprivileged
-user from a world-readable copy of this file and ``runner.py`` (megapmp/sandbox/runner.py):
+user from a world-readable copy of this file and the sandbox's two files (runner.py, inside.py), once per
+backend:
 
-    python sandbox_attacks.py DIR_WITH_SANDBOX_PY  ->  JSON {attack: [contained, detail]}
+    python sandbox_attacks.py DIR_WITH_RUNNER_PY BACKEND SCRATCH_DIR  ->  JSON {attack: [contained, detail]}
 
+SCRATCH_DIR is a directory of the host this process may write to, outside /tmp, /var/tmp and /dev/shm
+(what a caller's home or working directory is): the host socket and the caller's private file live there.
 The escape programs undo the in-process guards the way a determined program would (``_io.open``,
-``posix.fork``, the socket class under the guard's subclass), so what is measured is the OS isolation.
-An escape counts as contained only if the program demonstrably ran (it prints ``ran``) and its effect
-is absent outside: no file in the caller's directory, /tmp or /dev/shm, no secret of the caller's
-environment in its output, no process left alive, no connection accepted. A forgery is contained when a
-failing solution is not reported ``passed``; a correct solution must still pass (the control).
+``posix.fork``, the socket class under the guard's subclass, ctypes), so what is measured is the OS
+isolation. An escape counts as contained only if the program demonstrably ran (it prints ``ran``) and its
+effect is absent outside: no file in the caller's directory, /tmp or /dev/shm, no secret of the caller's
+in its output, no process left alive, no connection accepted, no storage past the budget, no process past
+the limit. A forgery is contained when a failing solution is not reported ``passed``; a correct solution
+must still pass (the controls).
 """
 
 from __future__ import annotations
@@ -96,6 +100,44 @@ def _escape_setsid_grandchild(sb) -> tuple[bool, str]:
     return _ran(r) and "forked" in r.stdout and not alive, f"alive after the run: {alive}; {_out(r)}"
 
 
+def _escape_outlive_killed_caller(sb) -> tuple[bool, str]:
+    # The caller dies (SIGKILL, the OOM killer) while its program sleeps: nothing may be left running.
+    import subprocess
+    token = "mpx" + secrets.token_hex(6)
+    # It also tries to hold a writer of every pipe its processes can see (a lifeline to the caller would
+    # then never reach end of file).
+    program = RAN + UNGUARDED_OPEN + (
+        "import ctypes, os, time\nheld = []\nfor pid in os.listdir('/proc'):\n    if pid.isdigit():\n"
+        "        try:\n            fds = os.listdir('/proc/%%s/fd' %% pid)\n"
+        "        except OSError:\n            continue\n"
+        "        for fd in fds:\n            try:\n"
+        "                held.append(_io.open('/proc/%%s/fd/%%s' %% (pid, fd), 'wb'))\n"
+        "            except OSError:\n                pass\n"
+        "ctypes.CDLL(None).prctl(15, %r.encode(), 0, 0, 0)\ntime.sleep(60)\n" % token)
+    caller = ("import json, sys\nsys.path.insert(0, %r)\nimport runner\nrunner._caps = json.loads(%r)\n"
+              "runner.run_untrusted(%r, timeout_s=60.0)\n"
+              % (os.path.dirname(os.path.abspath(sb.__file__)), json.dumps(sb.sandbox_capabilities()), program))
+    proc = subprocess.Popen([sys.executable, "-I", "-c", caller], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    started = []
+    for _ in range(200):
+        started = _processes_named(token)
+        if started or proc.poll() is not None:
+            break
+        time.sleep(0.05)
+    proc.kill()
+    proc.wait()
+    time.sleep(1.0)
+    alive = _processes_named(token)
+    for pid in alive:  # clean up what survived, by pid
+        try:
+            os.kill(pid, 9)
+        except OSError:
+            pass
+    error = proc.stderr.read().decode(errors="replace")[-300:]
+    proc.stderr.close()
+    return bool(started) and not alive, f"running before the kill: {started}, after: {alive}; {error!r}"
+
+
 def _processes_named(comm: str) -> list[int]:
     found = []
     for pid in os.listdir("/proc"):
@@ -134,6 +176,169 @@ def _escape_loopback(sb) -> tuple[bool, str]:
     finally:
         srv.close()
     return _ran(r) and not accepted and "connected" not in r.stdout, f"connection accepted: {accepted}; {_out(r)}"
+
+
+SCRATCH = ""  # set by main(): a host directory of the caller's, outside /tmp, /var/tmp and /dev/shm
+
+
+def _escape_host_unix_socket(sb) -> tuple[bool, str]:
+    # A unix socket of the host's, listening in the caller's directory (like an X server's, a database's,
+    # an ssh agent's): the network namespace does not cover socket files, only what is visible does.
+    path = os.path.join(SCRATCH, f"listener-{secrets.token_hex(4)}.sock")
+    srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        srv.bind(path)
+        os.chmod(path, 0o777)
+        srv.listen(8)
+        code = RAN + (
+            "import _socket\nS = [c for c in _socket.socket.__mro__ if c.__name__ == 'socket'][0]\n"
+            "s = S(_socket.AF_UNIX, _socket.SOCK_STREAM)\ns.settimeout(3)\ns.connect(%r)\ns.sendall(b'pwned')\n"
+            "print('connected')\n" % path)
+        r = sb.run_untrusted(code, timeout_s=10.0)
+        srv.setblocking(False)
+        try:
+            conn, _ = srv.accept()
+            conn.close()
+            accepted = True
+        except BlockingIOError:
+            accepted = False
+    finally:
+        srv.close()
+        if os.path.exists(path):
+            os.remove(path)
+    return _ran(r) and not accepted and "connected" not in r.stdout, f"connection accepted: {accepted}; {_out(r)}"
+
+
+def _escape_read_caller_private_file(sb) -> tuple[bool, str]:
+    secret = "megapmp-private-" + secrets.token_hex(8)
+    path = os.path.join(SCRATCH, f"private-{secrets.token_hex(4)}.txt")
+    fd = os.open(path, os.O_CREAT | os.O_WRONLY | os.O_EXCL, 0o600)
+    try:
+        os.write(fd, secret.encode())
+        os.close(fd)
+        code = RAN + "try:\n    print(open(%r).read())\nexcept OSError as e:\n    print('refused', e)\n" % path
+        r = sb.run_untrusted(code, timeout_s=10.0)
+    finally:
+        os.remove(path)
+    leaked = secret in r.stdout or secret in r.stderr
+    return _ran(r) and not leaked, f"secret read: {leaked}; {_out(r)}"
+
+
+def _escape_nested_userns_tmpfs(sb) -> tuple[bool, str]:
+    # A user namespace of its own gives the program CAP_SYS_ADMIN over a new mount namespace: an unsized
+    # tmpfs there is storage outside every limit (RLIMIT_AS does not count it).
+    code = RAN + UNGUARDED_OPEN + (
+        "import ctypes, os\nlibc = ctypes.CDLL(None, use_errno=True)\nuid, gid = os.getuid(), os.getgid()\n"
+        "if libc.unshare(0x10000000 | 0x00020000) != 0:\n    print('unshare refused', ctypes.get_errno())\n"
+        "else:\n"
+        "    for name, text in (('setgroups', 'deny'), ('uid_map', '0 %d 1' % uid), ('gid_map', '0 %d 1' % gid)):\n"
+        "        try:  # not needed for the mount: a new user namespace has every capability\n"
+        "            with _io.open('/proc/self/' + name, 'w') as f:\n                f.write(text)\n"
+        "        except OSError:\n            pass\n"
+        "    if libc.mount(b'tmpfs', b'/tmp', b'tmpfs', 0, None) != 0:\n"
+        "        print('mount refused', ctypes.get_errno())\n"
+        "    else:\n        print('mounted an unsized tmpfs', flush=True)\n        stored = 0\n"
+        "        with _io.open('/tmp/fill', 'wb') as f:\n"
+        "            for _ in range(128):\n                f.write(b'x' * (1 << 20))\n                stored += 1\n"
+        "        print('stored', stored, 'MB')\n")
+    r = sb.run_untrusted(code, timeout_s=20.0, memory_mb=64, max_file_bytes=1 << 30)
+    return _ran(r) and "mounted" not in r.stdout, f"budget 64 MB; {_out(r)}"
+
+
+def _escape_storage_budget_split(sb) -> tuple[bool, str]:
+    # Every writable place of the sandbox counts against one budget (memory_mb), not one budget each.
+    code = RAN + UNGUARDED_OPEN + (
+        "stored = 0\nfor d in ('/tmp', '/dev/shm', '/var/tmp'):\n    for i in range(40):\n        try:\n"
+        "            with _io.open('%s/fill%s-%d' % (d, d.replace('/', '-'), i), 'wb') as f:\n                f.write(b'x' * (1 << 20))\n"
+        "            stored += 1\n        except OSError:\n            break\nprint('stored', stored, 'MB')\n")
+    r = sb.run_untrusted(code, timeout_s=20.0, memory_mb=64)
+    stored = [int(w) for line in r.stdout.splitlines() if line.startswith("stored") for w in line.split()[1:2]]
+    return _ran(r) and bool(stored) and stored[0] <= 64, f"budget 64 MB; {_out(r)}"
+
+
+def _escape_fork_limit(sb) -> tuple[bool, str]:
+    code = RAN + (
+        "import posix, time\nforked = 0\nfor _ in range(60):\n    try:\n        pid = posix.fork()\n"
+        "    except OSError:\n        break\n    if pid == 0:\n        time.sleep(20)\n        posix._exit(0)\n"
+        "    forked += 1\nprint('forked', forked, flush=True)\n")
+    r = sb.run_untrusted(code, timeout_s=10.0, max_procs=16)
+    forked = [int(line.split()[1]) for line in r.stdout.splitlines() if line.startswith("forked")]
+    return _ran(r) and bool(forked) and forked[0] < 16, f"max_procs 16; {_out(r)}"
+
+
+def _escape_sysv_shared_memory(sb) -> tuple[bool, str]:
+    # System V shared memory outlives its mapping: attach, fill, detach, repeat. Neither RLIMIT_AS nor the
+    # tmpfs counts it (the run's IPC namespace holds it until the run ends).
+    code = RAN + (
+        "import ctypes\nlibc = ctypes.CDLL(None, use_errno=True)\nlibc.shmat.restype = ctypes.c_void_p\n"
+        "libc.shmat.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_int]\nlibc.shmdt.argtypes = [ctypes.c_void_p]\n"
+        "stored = 0\nfor _ in range(8):\n    sid = libc.shmget(0, ctypes.c_size_t(16 << 20), 0o600)\n"
+        "    if sid < 0:\n        print('shmget refused', ctypes.get_errno())\n        break\n"
+        "    addr = libc.shmat(sid, None, 0)\n    ctypes.memset(addr, 1, 16 << 20)\n    libc.shmdt(addr)\n"
+        "    stored += 16\nprint('stored', stored, 'MB')\n"
+        "for _ in range(64):\n    if libc.msgget(0, 0o600) < 0:\n        print('msgget refused', ctypes.get_errno())\n"
+        "        break\nelse:\n    print('64 message queues (16 KiB each)')\n")
+    r = sb.run_untrusted(code, timeout_s=20.0, memory_mb=64)
+    stored = [int(w) for line in r.stdout.splitlines() if line.startswith("stored") for w in line.split()[1:2]]
+    return (_ran(r) and bool(stored) and stored[0] == 0 and "msgget refused" in r.stdout,
+            f"budget 64 MB; {_out(r)}")
+
+
+def _escape_tmpfs_inodes(sb) -> tuple[bool, str]:
+    # Empty files cost the tmpfs no blocks, but each holds about 1 KiB of kernel memory (inode and dentry,
+    # measured): the file count must be bounded with the size, or a run stores gigabytes in metadata.
+    code = RAN + (
+        "import posix\ncreated = 0\ntry:\n    for i in range(100000):\n"
+        "        posix.close(posix.open('f%d' % i, posix.O_CREAT | posix.O_WRONLY, 0o600))\n        created += 1\n"
+        "except OSError as e:\n    print(e)\nprint('created', created, flush=True)\n")
+    r = sb.run_untrusted(code, timeout_s=20.0, memory_mb=32)
+    created = [int(line.split()[1]) for line in r.stdout.splitlines() if line.startswith("created")]
+    contained = _ran(r) and bool(created) and created[0] <= 32 << 10
+    return contained, f"budget 32 MB (at most 32768 inodes of about 1 KiB); {_out(r)}"
+
+
+# keyctl and add_key by machine: the kernel's keyrings are not namespaced
+_KEY_SYSCALLS = {"x86_64": (248, 250), "aarch64": (217, 219)}
+
+
+def _escape_read_caller_keyring(sb) -> tuple[bool, str]:
+    # A secret in the caller's session keyring (a Kerberos ticket, a token): the sandboxed processes
+    # inherit the session keyring and possess its keys, whatever their uid.
+    import ctypes
+    numbers = _KEY_SYSCALLS.get(os.uname().machine)
+    if numbers is None:
+        return False, f"no keyring system call numbers for {os.uname().machine}"
+    add_key, keyctl = numbers
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.syscall.restype = ctypes.c_long
+    secret = ("megapmp-keyring-" + secrets.token_hex(8)).encode()
+    name = ("mpx-" + secrets.token_hex(4)).encode()
+    # A fresh session keyring of this process's own (the real one is left alone), holding the secret.
+    if libc.syscall(keyctl, 1, None) < 0:  # KEYCTL_JOIN_SESSION_KEYRING
+        return True, f"no kernel keyrings for the caller here (errno {ctypes.get_errno()}): nothing to read"
+    key = libc.syscall(add_key, b"user", name, secret, ctypes.c_size_t(len(secret)), ctypes.c_int(-3))
+    if key < 0:
+        return True, f"the caller cannot add a key here (errno {ctypes.get_errno()}): nothing to read"
+    code = RAN + (
+        "import ctypes\nlibc = ctypes.CDLL(None, use_errno=True)\nlibc.syscall.restype = ctypes.c_long\n"
+        "key = libc.syscall(%d, 10, ctypes.c_int(-3), b'user', %r, 0)  # KEYCTL_SEARCH the session keyring\n"
+        "print('search', key, ctypes.get_errno())\nbuf = ctypes.create_string_buffer(256)\n"
+        "n = libc.syscall(%d, 11, ctypes.c_long(key), buf, 256)  # KEYCTL_READ\n"
+        "print('read', n, ctypes.get_errno(), buf.raw[:max(n, 0)])\n" % (keyctl, name, keyctl))
+    try:
+        r = sb.run_untrusted(code, timeout_s=10.0)
+    finally:
+        libc.syscall(keyctl, 3, ctypes.c_long(key))  # KEYCTL_REVOKE
+    leaked = secret.decode() in r.stdout or secret.decode() in r.stderr
+    return _ran(r) and not leaked, f"secret read: {leaked}; {_out(r)}"
+
+
+def _status_cpu_limit(ignore_sigxcpu: bool):
+    def attack(sb) -> tuple[bool, str]:
+        code = RAN + ("import signal\nsignal.signal(signal.SIGXCPU, signal.SIG_IGN)\n" if ignore_sigxcpu else "")
+        r = sb.run_untrusted(code + "while True:\n    pass\n", timeout_s=20.0, cpu_s=1)
+        return _ran(r) and r.status == "timeout" and r.seconds < 10, _out(r)
+    return attack
 
 
 # -- forgeries of the verdict -------------------------------------------------------------------------
@@ -191,6 +396,53 @@ FORGERIES = {
         "        for fd in range(3, 64):\n"
         "            try:\n                posix.write(fd, n.encode())\n            except OSError:\n                pass\n"
         "    os._exit(0)\n", TEST),
+    # The solution's own object answers ==: equal to anything.
+    "forge_always_equal_object": (
+        "class A:\n    def __eq__(self, other):\n        return True\n    __hash__ = object.__hash__\n"
+        "def add(a, b):\n    return A()\n", TEST),
+    "forge_always_equal_int_subclass": (
+        "class A(int):\n    def __eq__(self, other):\n        return True\n    __hash__ = int.__hash__\n"
+        "def add(a, b):\n    return A(0)\n", TEST),
+    # Walk up the call stack to the harness, take every hex string its frames hold (the per-run secret
+    # of a harness that runs in the solution's process), write them everywhere, leave with status 0.
+    "forge_frame_walk_secret": (
+        "import os, posix, re, sys\n"
+        "def add(a, b):\n"
+        "    found, f = set(), sys._getframe()\n"
+        "    while f is not None:\n"
+        "        found.update(v for v in f.f_locals.values() if isinstance(v, str) and re.fullmatch('[0-9a-f]{16,64}', v))\n"
+        "        f = f.f_back\n"
+        "    for n in found:\n"
+        "        for fd in range(3, 64):\n"
+        "            try:\n                posix.write(fd, n.encode())\n            except OSError:\n                pass\n"
+        "    os._exit(0)\n", TEST),
+    # Garbage and forged frames on every descriptor, then a wrong answer.
+    "forge_garbage_on_descriptors": (
+        "import posix\ndef add(a, b):\n"
+        "    for fd in range(3, 64):\n"
+        "        for data in (b'\\x00\\x00\\x00\\x03T', b'\\xff\\xff\\xff\\xff', b'{\"passed\": true}\\n'):\n"
+        "            try:\n                posix.write(fd, data)\n            except OSError:\n                pass\n"
+        "    return a - b\n", TEST),
+    # StopIteration raised by the solution would silently end a test's map(): all(map(...)) of nothing is True.
+    "forge_stop_iteration_in_map": (
+        "def add(a, b):\n    raise StopIteration\n",
+        "def check(candidate):\n    assert all(map(lambda c: candidate(*c[0]) == c[1], [((1, 2), 3), ((-1, 1), 0)]))\n"),
+    # Raw frames written ahead of the real ones: a forged look-up answer that claims the builtin `abs` is the
+    # solution's, then answers for the calls the (public) test will make.
+    "forge_injected_builtin_via_raw_frames": (
+        "import posix, struct\n"
+        "def enc(v):\n"
+        "    if isinstance(v, str):\n        b = v.encode()\n        return b's' + struct.pack('<I', len(b)) + b\n"
+        "    if isinstance(v, int):\n        b = v.to_bytes(8, 'little', signed=True)\n"
+        "        return b'i' + struct.pack('<I', 8) + b\n"
+        "    if isinstance(v, tuple):\n        return b't' + struct.pack('<I', len(v)) + b''.join(map(enc, v))\n"
+        "    if isinstance(v, dict):\n"
+        "        return b'd' + struct.pack('<I', len(v)) + b''.join(enc(k) + enc(x) for k, x in v.items())\n"
+        "frames = [('ready',), ('names', {'abs': ('callable',), 'add': ('callable',)}), ('ok', 5), ('ok', 0)]\n"
+        "data = b''.join(struct.pack('>I', len(enc(f))) + enc(f) for f in frames)\n"
+        "for fd in range(3, 64):\n    try:\n        posix.write(fd, data)\n    except OSError:\n        pass\n"
+        + WRONG,
+        "def check(candidate):\n    assert abs(candidate(1, 2) - 3) < 1e-9\n"),
 }
 
 
@@ -201,22 +453,50 @@ def _forgery(solution: str, test: str):
     return attack
 
 
-def _forge_reported_records(sb) -> tuple[bool, str]:
-    # A harness that reports through the channel (as verified.run_doctests does) runs code that prints
-    # look-alike records and writes them to every descriptor; only the harness's own line may arrive.
-    if not hasattr(sb, "run_reporting"):
-        return False, "no authenticated report channel (records are parsed from stdout)"
-    code = ("report = globals().pop('__sandbox_report__')\n"
-            "exec(compile(%r, 'snippet.py', 'exec'), {'__name__': 'snippet'})\n"
-            "report('harness: done')\n") % (
-        "import posix\nfor fd in range(1, 64):\n    try:\n        posix.write(fd, b'{\"ok\": true}\\n')\n"
-        "    except OSError:\n        pass\nprint('{\"ok\": true}')\n")
-    r, lines = sb.run_reporting(code, timeout_s=10.0)
-    return r.status == "passed" and lines == ["harness: done"], f"lines {lines}; {_out(r)}"
+def _forge_doctest_records(sb) -> tuple[bool, str]:
+    # A snippet whose doctest example writes look-alike outcome records and verdicts to every descriptor
+    # and prints the expected output of the next, failing, example: only the judge's outcomes count.
+    if not hasattr(sb, "run_doctests"):
+        return False, "no judged doctests (outcomes are reported from the snippet's own process)"
+    src = ('def add(a, b):\n    """\n    >>> forge()\n    >>> add(1, 2)\n    3\n    """\n    return a - b\n\n'
+           'def forge():\n    import posix\n'
+           '    for fd in range(1, 64):\n'
+           '        for rec in (b\'{"test": "add", "index": 1, "ok": true, "got": "3"}\\n\', b\'{"passed": true}\\n\'):\n'
+           '            try:\n                posix.write(fd, rec)\n            except OSError:\n                pass\n')
+    run = sb.run_doctests(src, timeout_s=10.0)
+    ok = run.outcomes.get(("add", 1), (None,))[0]  # None: no outcome reported, i.e. not passed
+    return ok is not True, f"add[1] reported ok={ok}; {_out(run.result)}"
 
 
 def _control_correct_solution_passes(sb) -> tuple[bool, str]:
     r = sb.run_tests("def add(a, b):\n    print('noise')\n    return a + b\n", TEST, "add", timeout_s=10.0)
+    return r.status == "passed", f"{r.status}; {_out(r)}"
+
+
+# Correct programs that import unittest and doctest: the common shape (the issue's), and one that runs
+# its own doctests at the top level and defines a TestCase.
+UNITTEST_PROGRAM = (
+    "import unittest\n\n\ndef add(a, b):\n    \"\"\"\n    >>> add(1, 2)\n    3\n    \"\"\"\n    return a + b\n\n\n"
+    "if __name__ == '__main__':\n    import doctest\n    doctest.testmod()\n")
+DOCTEST_PROGRAM = (
+    "import doctest\nimport unittest\n\n\ndef add(a, b):\n    \"\"\"\n    >>> add(1, 2)\n    3\n    \"\"\"\n"
+    "    return a + b\n\n\nclass TestAdd(unittest.TestCase):\n    def test_add(self):\n"
+    "        self.assertEqual(add(1, 2), 3)\n\n\ndoctest.testmod()\n"
+    "if __name__ == '__main__':\n    doctest.testmod()\n    unittest.main()\n")
+
+
+def _control_program(program: str):
+    def attack(sb) -> tuple[bool, str]:
+        r = sb.run_tests(program, TEST, "add", timeout_s=10.0)
+        return r.status == "passed", f"{r.status}; {_out(r)}"
+    return attack
+
+
+def _control_stateful_solution(sb) -> tuple[bool, str]:
+    # Every call of a run reaches the same process: state kept between calls is the solution's own.
+    solution = "total = 0\ndef add(a, b):\n    global total\n    total += a + b\n    return total\n"
+    test = "def check(candidate):\n    assert candidate(1, 2) == 3\n    assert candidate(1, 2) == 6\n"
+    r = sb.run_tests(solution, test, "add", timeout_s=10.0)
     return r.status == "passed", f"{r.status}; {_out(r)}"
 
 
@@ -233,10 +513,38 @@ ATTACKS = {
     "escape_write_tmp_and_dev_shm": _escape_shared_tmp,
     "escape_read_parent_environ": _escape_parent_environ,
     "escape_setsid_grandchild_survives": _escape_setsid_grandchild,
+    "escape_outlive_killed_caller": _escape_outlive_killed_caller,
     "escape_connect_loopback_via__socket": _escape_loopback,
+    "escape_connect_host_unix_socket": _escape_host_unix_socket,
+    "escape_read_caller_private_file": _escape_read_caller_private_file,
+    "escape_nested_userns_tmpfs": _escape_nested_userns_tmpfs,
+    "escape_storage_budget_split_over_tmpfs": _escape_storage_budget_split,
+    "escape_fork_limit": _escape_fork_limit,
+    "escape_sysv_shared_memory": _escape_sysv_shared_memory,
+    "escape_tmpfs_inodes": _escape_tmpfs_inodes,
+    "escape_read_caller_keyring": _escape_read_caller_keyring,
+    "status_cpu_limit_is_timeout": _status_cpu_limit(ignore_sigxcpu=False),
+    "status_cpu_limit_ignoring_sigxcpu_is_timeout": _status_cpu_limit(ignore_sigxcpu=True),
     **{name: _forgery(*args) for name, args in FORGERIES.items()},
-    "forge_reported_records": _forge_reported_records,
+    "forge_doctest_records": _forge_doctest_records,
     "control_correct_solution_passes": _control_correct_solution_passes,
+    "control_imports_unittest_and_doctest": _control_program(UNITTEST_PROGRAM),
+    "control_runs_its_own_doctests_and_has_a_testcase": _control_program(DOCTEST_PROGRAM),
+    "control_stateful_solution": _control_stateful_solution,
+}
+
+
+# The promise (runner.GUARANTEES) each escape tests: where the OS here cannot give it, the sandbox says so
+# at start, and the test reports the escape as not promised instead of contained.
+NEEDS = {
+    "escape_connect_host_unix_socket": "minimal_root",
+    "escape_read_caller_private_file": "minimal_root",
+    "escape_nested_userns_tmpfs": "no_nested_userns",
+    "escape_storage_budget_split_over_tmpfs": "storage_budget",
+    "escape_fork_limit": "process_limit",
+    "escape_sysv_shared_memory": "storage_budget",
+    "escape_tmpfs_inodes": "storage_budget",
+    "escape_read_caller_keyring": "no_caller_keyrings",
 }
 
 
@@ -252,12 +560,15 @@ def run_all(sb) -> dict[str, list]:
 
 
 def main(argv: list[str]) -> int:
-    """argv: the directory holding runner.py (megapmp/sandbox/runner.py), then optionally the backend to force (bwrap, unshare)."""
+    """argv: the directory holding runner.py and inside.py (megapmp/sandbox/), the backend to force (bwrap,
+    unshare, or "auto"), and the scratch directory (module docstring)."""
+    global SCRATCH
     if not os.environ.get("OPENAI_API_KEY", "").startswith("sk-megapmp-"):
         # Plant the secret in the initial environment, where /proc/<pid>/environ reads it: start again.
         env = dict(os.environ, OPENAI_API_KEY="sk-megapmp-" + secrets.token_hex(12))
         os.execve(sys.executable, sys.orig_argv, env)
     sys.path.insert(0, argv[0])
+    SCRATCH = argv[2] if len(argv) > 2 else tempfile.mkdtemp(prefix="megapmp-attack-scratch-", dir=os.path.expanduser("~"))
     import ctypes
 
     import runner as sandbox  # the copy in argv[0]
@@ -266,15 +577,19 @@ def main(argv: list[str]) -> int:
     # uid from root, like this runner under setpriv, is not until it says so. Be the ordinary case.
     ctypes.CDLL(None).prctl(4, 1, 0, 0, 0)  # PR_SET_DUMPABLE
     caps = sandbox.sandbox_capabilities()
-    if len(argv) > 1:
+    if len(argv) > 1 and argv[1] != "auto":
         backend = argv[1]
-        problem = sandbox._probe(dict(caps, backend=backend)) if caps.get(backend) else "not installed"
+        probe = sandbox._probe(dict(caps, backend=backend)) if caps.get(backend) else "not installed"
+        problem, guarantees = probe if isinstance(probe, tuple) else (probe, {})
         if problem is not None:
             print(json.dumps({"_unavailable": f"{backend}: {problem}"}))
             return 0
-        sandbox._caps = dict(caps, backend=backend)
+        sandbox._caps = dict(caps, backend=backend, guarantees=guarantees,
+                             nproc=guarantees.get("process_limit", caps.get("nproc")),
+                             missing=sorted(k for k, held in guarantees.items() if not held))
     out = run_all(sandbox)
     out["_backend"] = sandbox.sandbox_capabilities().get("backend")
+    out["_missing"] = sandbox.sandbox_capabilities().get("missing", [])
     print(json.dumps(out))
     return 0
 

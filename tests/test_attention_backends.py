@@ -266,7 +266,7 @@ def test_auto_order_on_cuda(monkeypatch, usable, expected):
     assert chosen == expected and (("skipped" in why) == (expected == "segmented"))
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.cuda
 @pytest.mark.parametrize("backend", ["flash_attn", "flex", "torch_varlen", "segmented"])
 @pytest.mark.parametrize("layout", ["duplicated", "shared-prefix"])
 def test_gpu_backend_matches_dense_reference_bf16(backend, layout):
@@ -288,8 +288,9 @@ def test_gpu_backend_matches_dense_reference_bf16(backend, layout):
 
 def test_detection_never_raises_and_reports_reasons():
     probes = detect_accelerators()
-    assert {"torch", "flash_attn", "flex", "torch_varlen", "transformer_engine", "apex_rmsnorm", "apex_adam",
-            "triton"} <= set(probes)
+    assert set(probes) == {"torch", "flash_attn", "flex", "torch_varlen", "apex_adam", "triton"}
+    # what no code path uses is not reported as if it could be (issue 18: claim only what runs)
+    assert not {"transformer_engine", "apex_rmsnorm"} & set(probes)
     for name, probe in probes.items():
         assert isinstance(probe, Probe) and probe.detail, name
     assert probes["torch"].available and probes["torch"].version == torch.__version__

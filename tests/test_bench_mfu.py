@@ -30,10 +30,16 @@ def bench():
                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, timeout=600)
     elapsed = time.perf_counter() - started
     assert done.returncode == 0, done.stderr[-4000:]
-    lines = done.stdout.strip().splitlines()
-    assert len(lines) == 1, done.stdout  # the JSON line alone on stdout; progress went to stderr
+    lines = [json.loads(line) for line in done.stdout.strip().splitlines()]  # JSON lines only; progress on stderr
     assert "[bench]" in done.stderr
-    return json.loads(lines[0]), elapsed
+    *side_lines, summary = lines
+    assert summary["line"] == "summary" and summary["terminated"] is False
+    # one line per side as it finished, each what the summary then says of that side
+    assert [(x["line"], x["preset"], x["side"]) for x in side_lines] == [("side", "tiny", name) for name in SIDES]
+    for x in side_lines:
+        assert {k: v for k, v in x.items() if k not in ("tool", "line", "mix", "preset", "side")} == \
+            summary["presets"]["tiny"]["sides"][x["side"]]
+    return summary, elapsed
 
 
 def test_finishes_in_time(bench):
@@ -78,6 +84,7 @@ def test_rates_are_measured(bench):
         assert side["tflops"] is None and side["mfu"] is None  # no absolute FLOP rates on a CPU
         assert side["peak_bytes"] > 0 and side["step_peak_bytes"] > 0, name
         assert side["compile_s_warmup"] == 0 and side["compile_s_timed"] == 0  # nothing compiles on CPU
+        assert side["steps_compiled"] == 0 and side["step_compile_s"] == [0] * steps and not side["rates_include_compile"]
         shapes = side["shapes"]
         assert shapes["timed_steps_new"] + shapes["timed_steps_seen"] == steps and shapes["distinct"] >= 1
 
@@ -147,7 +154,13 @@ def test_ratios(bench):
                 sides[seed]["peak_bytes"] / sides[mega]["peak_bytes"])
     assert ratios["shared_prefix_over_duplicated_pairs_per_s"] == pytest.approx(
         sides["megapmp_shared_prefix"]["pairs_per_s"] / sides["megapmp_duplicated"]["pairs_per_s"])
+    # shared-prefix's FLOP ceiling: duplicated's model FLOPs over its own on the same pairs, > 1
+    ceiling = sides["megapmp_duplicated"]["model_flops_per_step"] / sides["megapmp_shared_prefix"]["model_flops_per_step"]
+    assert ratios["shared_prefix_flop_ceiling"] == pytest.approx(ceiling) and ceiling > 1
+    assert ratios["shared_prefix_share_of_ceiling"] == pytest.approx(
+        ratios["shared_prefix_over_duplicated_pairs_per_s"] / ceiling)
     targets = preset["targets"]
+    assert targets["shared_prefix_pairs_per_s>=0.95_of_flop_ceiling"] == (ratios["shared_prefix_share_of_ceiling"] >= 0.95)
     assert targets["mfu>=0.40"] is None  # not measurable on a CPU
     assert targets["tokens_per_s>=2.5x_seed_ckpt"] == (ratios["megapmp_duplicated_over_seed_ckpt_tokens_per_s"] >= 2.5)
 
@@ -195,3 +208,67 @@ def test_loss_check_catches_other_weights(bench, tmp_path, monkeypatch):
     monkeypatch.setattr(bench_mfu, "build_model", off_weights)
     off = bench_mfu.run_one_side(args, "seed_no_ckpt", "tiny", shard)["first_step"]
     assert max(abs(off["rm_loss"] - ref["rm_loss"]), abs(off["lm_loss"] - ref["lm_loss"])) > TOL
+
+
+def test_sides_over_the_memory_limit_are_skipped_and_named():
+    """--device-memory-gib below every side's estimate: no side runs, each is named with its estimate."""
+    done = subprocess.run([sys.executable, str(ROOT / "tools" / "bench_mfu.py"), "--device", "cpu",
+                           "--device-memory-gib", "0.0001"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-4000:]
+    *sides, summary = [json.loads(line) for line in done.stdout.strip().splitlines()]
+    assert [x["side"] for x in sides] == list(SIDES)
+    for x in sides:
+        assert x["skipped"].startswith("memory estimate") and "exceeds the device's" in x["skipped"]
+        assert x["memory_estimate_bytes"] > 0.0001 * 2**30
+    preset = summary["presets"]["tiny"]
+    assert all(v is None for v in preset["targets"].values()) and summary["device"] is None
+
+
+def test_memory_estimates_rank_the_sides_as_their_memory_use():
+    """The estimate that decides which sides run on a device: Qwen2-1.5B at the GPU defaults (bf16, 64 pairs in
+    8 micro-batches). The seed approach without checkpointing must exceed an H100's 80 GB (its full logits and
+    every layer's activations: issue 18 estimated > 120 GB at 16 pairs per micro-batch), the megapmp sides and the
+    checkpointed seed must fit it, and checkpointing must save memory."""
+    sys.path.insert(0, str(ROOT / "tools"))
+    import tempfile
+
+    import bench_mfu
+
+    args = bench_mfu.parse_args(["--device", "cpu", "--presets", "qwen2-1.5b", "--precision", "bf16",
+                                 "--pairs-per-step", "64", "--micro-batches", "8", "--prompt-len", "100,300",
+                                 "--response-len", "200,700", "--seq-len", "2048", "--steps", "1"])
+    with tempfile.TemporaryDirectory() as work:
+        shard = bench_mfu.write_bench_shard(args, "qwen2-1.5b", Path(work))
+        estimate = {name: bench_mfu.side_memory_estimate(args, name, "qwen2-1.5b", shard) for name in SIDES}
+    h100 = 80e9
+    assert estimate["seed_no_ckpt"] > h100 > max(estimate["megapmp_duplicated"], estimate["seed_ckpt"])
+    assert estimate["megapmp_shared_prefix"] < estimate["megapmp_duplicated"]
+    parameters_states = 18 * 1.54e9  # fp32 weights, gradients, AdamW moments and bf16 copies
+    assert all(e > parameters_states for e in estimate.values())
+
+
+def test_a_terminated_bench_keeps_what_it_measured():
+    """SIGTERM (what gpu_check.sh's timeout sends) while the second side runs: the first side's line stands,
+    the second side's line carries the timed steps it finished, and a summary line says the bench was
+    terminated (exit 143)."""
+    import os
+    import signal
+
+    process = subprocess.Popen([sys.executable, str(ROOT / "tools" / "bench_mfu.py"), "--device", "cpu",
+                                "--steps", "200", "--no-profile"], cwd=ROOT, stdout=subprocess.PIPE,
+                               stderr=subprocess.DEVNULL, text=True, start_new_session=True)
+    try:
+        first = json.loads(process.stdout.readline())
+        time.sleep(3)  # the second side builds and runs some of its timed steps
+        os.killpg(process.pid, signal.SIGTERM)  # the whole group, as timeout does
+        rest, _ = process.communicate(timeout=60)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+    second, summary = [json.loads(line) for line in rest.strip().splitlines()]
+    assert process.returncode == 143
+    assert first["side"] == "megapmp_duplicated" and first["steps_timed"] == 200 and "error" not in first
+    assert second["side"] == "megapmp_shared_prefix" and "terminated (SIGTERM)" in second["error"]
+    if second.get("partial"):  # it finished some timed steps: their figures are kept
+        assert 0 < second["steps_timed"] < 200 and second["tokens_per_s"] > 0
+    assert summary["terminated"] is True and set(summary["presets"]["tiny"]["sides"]) == {first["side"], second["side"]}

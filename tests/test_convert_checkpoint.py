@@ -278,6 +278,86 @@ def test_init_from_an_untied_hf_dir_without_lm_head_keeps_the_fresh_head(tmp_pat
     assert torch.equal(model.score.weight, hf.score.weight.detach())
 
 
+def _foreign_hf_reward_model(directory: Path, tokenizer_file: Path | None):
+    """A tiny random Qwen2ForSequenceClassification saved by transformers (tied, eos 0, pad 1), with the
+    given tokenizer.json saved beside it by transformers too, or none."""
+    from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForSequenceClassification
+
+    torch.manual_seed(0)
+    hf = Qwen2ForSequenceClassification(Qwen2Config(
+        vocab_size=384, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, tie_word_embeddings=True, pad_token_id=1, eos_token_id=0, num_labels=1))
+    with torch.no_grad():
+        hf.score.weight.normal_(0, 1.0)  # scores spread enough to tell texts apart
+    hf.save_pretrained(directory)
+    if tokenizer_file is not None:
+        PreTrainedTokenizerFast(tokenizer_file=str(tokenizer_file), eos_token="<|endoftext|>",
+                                pad_token="<|pad|>").save_pretrained(directory)
+    return directory
+
+
+def _hf_scores(directory: Path, rows: list[list[int]]) -> torch.Tensor:
+    """transformers' scores of right-padded id rows (pad 1), as any HF scorer computes them."""
+    from transformers import AutoModelForSequenceClassification
+
+    model = AutoModelForSequenceClassification.from_pretrained(directory, dtype=torch.float32).eval()
+    input_ids = torch.full((len(rows), max(map(len, rows))), 1, dtype=torch.long)
+    mask = torch.zeros_like(input_ids)
+    for i, row in enumerate(rows):
+        input_ids[i, : len(row)], mask[i, : len(row)] = torch.tensor(row), 1
+    with torch.no_grad():
+        return model(input_ids=input_ids, attention_mask=mask).logits[:, 0]
+
+
+@pytest.mark.parametrize("with_tokenizer", [True, False], ids=["with-tokenizer", "without-tokenizer"])
+def test_import_then_export_a_foreign_hf_model(with_tokenizer, tmp_path, capsys):
+    """from-hf, then to-hf: the weights come back bitwise and transformers scores the export exactly like the
+    original; with the tokenizer the HF directory brought, or (without one) the weights only, saying so, or
+    with --tokenizer."""
+    from safetensors.torch import load_file
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    from megapmp.eval.reward_model import RewardScorer
+
+    # Built the Qwen2 way (as a foreign Qwen2 model's is): transformers >= 5 rebuilds any tokenizer of a qwen2
+    # directory as Qwen2Tokenizer, which gives its own ids only for those.
+    tokenizer_file = _bpe_file(tmp_path / "tok", ["<|endoftext|>", "<|pad|>"], qwen_pipeline=True)
+    original = _foreign_hf_reward_model(tmp_path / "hf", tokenizer_file if with_tokenizer else None)
+    assert run("from-hf", "--input", original, "--output", tmp_path / "ckpt") == 0
+    capsys.readouterr()
+    assert run("to-hf", "--input", tmp_path / "ckpt", "--output", tmp_path / "out") == 0
+    err = capsys.readouterr().err
+    out = tmp_path / "out"
+
+    assert_same_tensors(load_file(out / "model.safetensors"), load_file(original / "model.safetensors"))
+    tok = PreTrainedTokenizerFast(tokenizer_file=str(tokenizer_file))
+    rows = [tok(text, add_special_tokens=False)["input_ids"] for text in SAMPLES[:-1]]
+    theirs = _hf_scores(original, rows)
+    assert torch.equal(_hf_scores(out, rows), theirs) and theirs.std() > 1e-3
+
+    if with_tokenizer:
+        assert "warning" not in err
+        scoring = json.loads((out / "megapmp_scoring.json").read_text())
+        assert (scoring["eos_policy"], scoring["template"]["text"]) == ("none", "{prompt}")
+        assert (scoring["eos_token_id"], scoring["pad_token_id"]) == (0, 1)
+        exported = AutoTokenizer.from_pretrained(out / scoring["tokenizer"]["path"])
+        assert [exported(t, add_special_tokens=False)["input_ids"] for t in SAMPLES[:-1]] == rows
+        # megapmp scores the original, the imported checkpoint and the export alike, bit for bit.
+        prompts, responses = ["Add one.", "Sort xs."], ["return x + 1", "sorted(xs)"]
+        scores = [RewardScorer.load(path, progress=False).score(prompts, responses)
+                  for path in (original, tmp_path / "ckpt", out)]
+        assert all((s == scores[0]).all() for s in scores)
+    else:
+        assert "imported from an HF directory without a tokenizer: exported the weights and config only" in err
+        assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors"]
+        # ... or with one named on the command line.
+        assert run("to-hf", "--input", tmp_path / "ckpt", "--output", tmp_path / "named", "--tokenizer",
+                   tokenizer_file) == 0
+        assert_same_tensors(load_file(tmp_path / "named" / "model.safetensors"),
+                            load_file(original / "model.safetensors"))
+        assert (tmp_path / "named" / "tokenizer" / "tokenizer.json").is_file()
+
+
 # ---------------------------------------------------------------- tokenizers as HF fast tokenizers
 
 SAMPLES = ["héllo wörld ✓ 中文 🙂", "def f(x):\n    return x + 1  # ok\n", "  two  spaces\tand\r\n", "1234567 + 89",
@@ -442,6 +522,15 @@ def test_moved_training_shards_are_found_with_shard_and_checked(bpe_run, tmp_pat
     assert run("to-hf", "--input", moved, "--output", tmp_path / "b", "--tokenizer", f"{trained.prefix}.tokenizer") == 0
     for name in ("model.safetensors", "tokenizer/tokenizer.json"):
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
+
+
+def test_verify_reads_pairs_by_preprocessings_rules(bpe_run, tmp_path, capsys):
+    (tmp_path / "hf").mkdir()
+    (tmp_path / "hf" / "config.json").write_text("{}")
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text(json.dumps({"prompt": " ", "chosen": "a", "rejected": "b"}) + "\n")
+    assert run("verify", "--checkpoint", bpe_run.run_dir, "--hf", tmp_path / "hf", "--pairs", pairs) == 1
+    assert f"error: {pairs}:1 field 'prompt': empty field" in capsys.readouterr().err
 
 
 def test_cli_help_and_exit_codes():

@@ -7,6 +7,7 @@ import shutil
 
 import pytest
 
+from megapmp import checkpoint as ckpt
 from megapmp.config import ConfigError, build_train_config, load_train_config
 from megapmp.optim import lr_at
 from megapmp.train import Trainer, resolve_steps
@@ -86,14 +87,19 @@ def test_resume_keeps_the_derived_steps_and_refuses_changed_data(shards, tmp_pat
     assert trainer.step == 4 and trainer.cfg.steps == 12
     assert losses(trainer.fit()) == losses(whole[4:])
 
-    # The same run over more data would derive 17 steps: a schedule for other data is not this run.
+    # The checkpoint records the derived count: the same run over more data derives 17 steps, a schedule for
+    # other data, and the resume's config check refuses it (naming the change).
     shutil.rmtree(run / "checkpoints" / "step_00000012")
-    with pytest.raises(ConfigError, match=r"gives 17 steps .* checkpoint's run had 12.* --steps 12"):
+    with pytest.raises(ckpt.IncompatibleCheckpointError, match=r"steps 12 -> 17"):
         Trainer(epoch_config(shards, train=("train", "more")), run)
-    # Another batch size changes the count as well (25 steps); given explicitly, the old count continues it.
-    with pytest.raises(ConfigError, match="gives 25 steps"):
+    # Another batch size changes the count as well (25 steps); given explicitly, the old count continues it
+    # (the batch size change allowed by name).
+    with pytest.raises(ckpt.IncompatibleCheckpointError, match=r"steps 12 -> 25"):
         Trainer(epoch_config(shards, ("data.items_per_step", "4")), run)
-    assert Trainer(epoch_config(shards, ("data.items_per_step", "4"), ("steps", "12")), run).step == 8
+    resumed = Trainer(epoch_config(shards, ("data.items_per_step", "4"), ("steps", "12"),
+                                   ("checkpoint.allow_change", "data.items_per_step")), run)
+    assert resumed.step == 8
+    resumed.close()
 
 
 def _steps_on_rank(rank, world_size, shards, run_dir):

@@ -277,7 +277,7 @@ def test_gsm8k_solutions_adapter(tmp_path):
     assert len(load_gsm8k_solutions(path, limit=1)) == 1
     del record["175b_verification"]
     bad = write_jsonl(tmp_path / "bad.jsonl", [record])
-    with pytest.raises(DataError, match=r"bad.jsonl:1: missing field '175b_verification'"):
+    with pytest.raises(DataError, match=r"bad.jsonl:1 field '175b_verification': missing field"):
         load_gsm8k_solutions(bad)
 
 
@@ -290,7 +290,7 @@ def test_candidates_adapter(tmp_path):
     assert fmt == "candidates" and [s.id for s in sets] == ["q1", "line2"]
     assert sets[0].responses == ["a", "b"] and sets[0].answer == 0 and sets[1].answer is None
     (tmp_path / "broken.jsonl").write_text('{"prompt": "P", "candidates": [{"response": "a", "correct": "yes"}]}\n')
-    with pytest.raises(DataError, match=r"broken.jsonl:1: candidates\[0\].correct"):
+    with pytest.raises(DataError, match=r"broken.jsonl:1 field 'candidates\[0\].correct'"):
         load_candidate_sets(tmp_path / "broken.jsonl", "candidates")
     (tmp_path / "notjson.jsonl").write_text("{oops\n")
     with pytest.raises(DataError, match=r"notjson.jsonl:1: malformed JSON"):
@@ -352,7 +352,7 @@ def test_logiqa2_and_reclor_adapters(tmp_path):
         load_reclor(array)
     bad = write_jsonl(tmp_path / "bad.txt", [{"id": 1, "answer": 4, "text": "t", "question": "q",
                                                "options": ["a", "b", "c", "d"]}])
-    with pytest.raises(DataError, match="bad.txt:1: answer index 4 outside"):
+    with pytest.raises(DataError, match="bad.txt:1 field 'answer': answer index 4 outside"):
         load_logiqa2(bad)
 
 
@@ -541,7 +541,28 @@ def test_evaluate_rm_accuracy_end_to_end(run_dir, tmp_path):
     proc = subprocess.run([sys.executable, str(REPO / "tools" / "evaluate.py"), "rm-accuracy", "--model", str(run_dir),
                            "--data", str(tmp_path / "bad.jsonl"), "--output", str(tmp_path / "x.json")],
                           capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 2 and "bad.jsonl:1: field 'chosen' must be a string" in proc.stderr
+    assert proc.returncode == 2 and "bad.jsonl:1 field 'chosen': expected a string, got int" in proc.stderr
+
+
+@pytest.mark.parametrize("line, field, bad", [(2, "prompt", ""), (3, "chosen", " \n\t ")],
+                         ids=["empty-prompt", "whitespace-response"])
+def test_evaluate_refuses_a_record_preprocessing_refuses_in_its_words(line, field, bad, run_dir, tmp_path, capsys):
+    """An empty prompt (a numpy broadcast error without file or line before) or a whitespace-only response
+    (scored before, though preprocessing refuses it): the one-line FILE:LINE message preprocessing gives."""
+    records = [{"prompt": f"Return {i} plus one.", "chosen": f"return {i} + 1", "rejected": f"return {i} - 1"}
+               for i in range(4)]
+    records[line - 1][field] = bad
+    pairs = write_jsonl(tmp_path / "pairs.jsonl", records)
+    expected = f"{pairs}:{line} field '{field}': empty field"
+    assert _evaluate_main(["rm-accuracy", "--model", str(run_dir), "--data", str(pairs), "--output",
+                           str(tmp_path / "r.json"), "--no-progress", "--threads", "1"]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == f"evaluate.py: error: {expected}"
+    assert not (tmp_path / "r.json").exists()
+    spec = importlib.util.spec_from_file_location("preprocess_tool", REPO / "tools" / "preprocess_pairs.py")
+    preprocess = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(preprocess)
+    assert preprocess.main(["--input", str(pairs), "--output-prefix", str(tmp_path / "shard"), "--no-progress"]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == f"error: {expected}"
 
 
 def _evaluate_main(argv):

@@ -25,7 +25,6 @@ from megapmp.model import AttentionInputs, Qwen2RewardModel, attention, build_ma
 from megapmp.model.attention import (FLEX_MASK_IN_COMPILED_REGION, FLEX_NO_CPU_BACKWARD, PAD_SEGMENT,
                                      SHARED_BRANCH, backend_available, packed_rows_mask_mod, prepare_attention,
                                      resolve_attention_backend)
-from test_convert_hf import VOCAB, hf_model, hf_padded_batch, random_sequences
 
 attention_module = importlib.import_module("megapmp.model.attention")  # megapmp.model.attention is also a function
 ATOL = 1e-5
@@ -208,7 +207,10 @@ def our_model(hf, backend) -> Qwen2RewardModel:
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_flex_model_rewards_match_hf_sequence_classification(layout, packing):
     """Rewards read at each response's last token equal HF's scores of [P C] and [P R] alone."""
+    pytest.importorskip("transformers")  # optional on a GPU machine: the rest of this file does not need it
     from transformers import Qwen2ForSequenceClassification
+
+    from test_convert_hf import VOCAB, hf_model, hf_padded_batch, random_sequences
 
     hf = hf_model(Qwen2ForSequenceClassification, tied=True, seed=40)
     ours = our_model(hf, "flex")
@@ -251,7 +253,7 @@ def test_compiled_region_traces_flex_with_a_prebuilt_mask_and_refuses_a_cold_one
 
 # ---------------------------------------------------------------- the compiled kernel (CUDA)
 
-needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+needs_cuda = pytest.mark.cuda  # skipped without a GPU (conftest); tools/gpu_check.sh runs these
 
 
 def cuda_batch(layout, packing, seed=0):

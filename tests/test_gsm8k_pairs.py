@@ -187,3 +187,23 @@ def test_cli_refuses_a_test_split(tmp_path, capsys):
     assert mg.main(["--input", str(source), "--output", str(tmp_path / "p.jsonl"), "--no-progress"]) == 1
     assert "test split" in capsys.readouterr().err
     assert not (tmp_path / "p.jsonl").exists()
+
+
+def test_hostile_annotations_are_skipped_not_a_traceback(tmp_path, capsys):
+    """Deeply nested parentheses (a RecursionError before), a run of unary signs, a 400-digit amount and an
+    exponent-notation answer are opaque steps: the question is skipped and counted, the run goes on."""
+    huge = "1" + "0" * 400 + ".5"
+    answers = ["She has <<" + "(" * 3000 + "2" + ")" * 3000 + "=2>>2 apples.\n#### 2",
+               "He has <<" + "-" * 3000 + "2=2>>2 pears.\n#### 2",
+               f"It costs {huge} coins, and <<{huge}+1=1{'0' * 400}1.5>>1{'0' * 400}1.5 with the fee.\n#### 1{'0' * 400}1.5",
+               "They have <<3*4=12>>12 cans.\n#### 1e999999999"]
+    source = tmp_path / "train.jsonl"
+    records = [{"question": f"Question {i}?", "answer": a} for i, a in enumerate(answers)]
+    records.append({"question": CHAIN_Q, "answer": CHAIN_A})
+    source.write_text("".join(json.dumps(r) + "\n" for r in records))
+    stats_path = tmp_path / "stats.json"
+    assert mg.main(["--input", str(source), "--output", str(tmp_path / "pairs.jsonl"), "--stats", str(stats_path),
+                    "--no-progress"]) == 0
+    stats = json.loads(stats_path.read_text())
+    assert stats["questions"] == 5 and stats["pairs"] == 1 and stats["skipped_total"] == 4
+    assert mg.evaluate(mg.tokenize_expr("(" * 40 + "2" + ")" * 40)) == 2  # ordinary nesting still evaluates

@@ -8,8 +8,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from megapmp.data.datasets import Pair
-from megapmp.data.loader import BlendedSampler, EpochShuffle, StepLoader
-from megapmp.data.packing import IGNORE_INDEX, flatten_rows, pack_documents, pack_pairs, pair_packed_length
+from megapmp.data.loader import BlendedSampler, EpochShuffle, StepLoader, fit_micro_batch_tokens
+from megapmp.data.packing import (IGNORE_INDEX, balance_into_budget, flatten_rows, pack_documents, pack_pairs,
+                                   pair_packed_length)
 from megapmp.data.preprocess import build_shard
 
 PAD = 999
@@ -224,7 +225,8 @@ def test_step_loader_rejects_bad_split(shard):
 @pytest.mark.parametrize("kind_layout", [("pairs", "duplicated"), ("pairs", "shared-prefix"), ("documents", None)])
 def test_step_loader_flat_packing_is_the_rows_without_padding(shard, kind_layout):
     kind, layout = kind_layout
-    kwargs = dict(kind=kind, items_per_step=8, micro_batches=2, seq_len=128, seed=3,
+    # seq_len 136: the shard's longest pair needs 135 tokens duplicated (the loader refuses it at open otherwise)
+    kwargs = dict(kind=kind, items_per_step=8, micro_batches=2, seq_len=136, seed=3,
                   **({"layout": layout} if layout else {}))
     prefix = shard if kind == "pairs" else shard[: -len("shard")] + "docs"
     rows = StepLoader([prefix], **kwargs)
@@ -247,3 +249,93 @@ def test_step_loader_flat_packing_is_the_rows_without_padding(shard, kind_layout
                     got, want = getattr(y, index), getattr(x, index)
                     assert y.input_ids.ravel()[got].tolist() == x.input_ids.ravel()[want].tolist()
                     assert y.position_ids.ravel()[got].tolist() == x.position_ids.ravel()[want].tolist()
+
+
+# -- token budgets: every micro-batch the same shape ---------------------------------------------------------
+
+
+@settings(max_examples=80, deadline=None)
+@given(lengths=st.lists(st.integers(1, 60), min_size=1, max_size=40), groups=st.integers(1, 6),
+       slack=st.integers(0, 100), multiple=st.sampled_from([1, 2]))
+def test_balance_into_budget_fits_every_item_once(lengths, groups, slack, multiple):
+    budget = max(lengths) + slack
+    split = balance_into_budget(np.array(lengths), groups, budget, multiple)
+    assert sorted(i for g in split for i in g) == list(range(len(lengths)))  # every item exactly once
+    assert all(g == sorted(g) for g in split)  # original order inside a group
+    assert all(sum(lengths[i] for i in g) <= budget for g in split)
+    assert len(split) >= groups and (len(split) - groups) % multiple == 0
+    if len(split) > groups:  # more groups only when the longest-first split into fewer overflowed
+        assert balance_into_budget(np.array(lengths), groups, 10**9, 1) != split
+
+
+def test_balance_into_budget_evens_the_totals_and_refuses_an_item_over_the_budget():
+    split = balance_into_budget(np.array([9, 1, 8, 2, 7, 3]), 3, 10)
+    assert sorted(sum([9, 1, 8, 2, 7, 3][i] for i in g) for g in split) == [10, 10, 10]
+    assert len(balance_into_budget(np.array([6, 6, 6]), 2, 10)) == 3  # two groups cannot hold three 6s
+    with pytest.raises(ValueError, match="item 1 needs 11 tokens, more than the micro-batch budget of 10"):
+        balance_into_budget(np.array([3, 11]), 1, 10)
+
+
+def test_fitted_budget_minimises_the_padded_tokens_of_simulated_steps():
+    """Against brute force on the same simulated steps (the fit's own draws, replayed from its seed): no
+    multiple of 128 the fit may choose (at least the longest item and the smallest 4-way split maximum of
+    any step) pads less than the fitted T, with the micro-batch counts balance_into_budget itself gives."""
+    rng = np.random.default_rng(3)
+    pool = rng.integers(300, 1300, 500)
+    fit = fit_micro_batch_tokens(pool, None, 32, 4, trials=24, seed=9)
+    sim = np.random.default_rng([9, 0x7B])
+    draws = [sim.choice(pool, size=32) for _ in range(24)]
+    real = sum(int(d.sum()) for d in draws)
+
+    def padded(budget):
+        return sum(len(balance_into_budget(d, 4, budget)) * budget for d in draws)
+
+    def heaviest(d):
+        return max(sum(int(d[i]) for i in g) for g in balance_into_budget(d, 4, 10**9))
+
+    lowest = max(int(pool.max()), min(heaviest(d) for d in draws))
+    candidates = [t for t in range(128, 3 * fit.tokens, 128) if t >= lowest]
+    assert fit.tokens in candidates and fit.fitted
+    assert padded(fit.tokens) == min(padded(t) for t in candidates)
+    assert fit.expected_padding == pytest.approx(padded(fit.tokens) / real - 1)
+    assert fit.extra_micro_batch_rate == pytest.approx(
+        sum(len(balance_into_budget(d, 4, fit.tokens)) > 4 for d in draws) / 24)
+
+
+@pytest.mark.parametrize("layout", ["duplicated", "shared-prefix"])
+def test_token_budget_loader_gives_one_shape_and_the_same_pairs(shard, layout):
+    """With a token budget every micro-batch is [1, T]; the step holds the same pairs with the same global
+    counts as without one (only their split into micro-batches differs); resume gives identical batches."""
+    kwargs = dict(items_per_step=8, micro_batches=2, seq_len=200, layout=layout, packing="flat", seed=5)
+    plain = StepLoader([shard], **kwargs)
+    budget = StepLoader([shard], micro_batch_tokens="auto", **kwargs)
+    T = budget.micro_batch_tokens
+    assert T % 128 == 0 and budget.token_budget.fitted
+    for _ in range(6):
+        a, b = plain.next_step(), budget.next_step()
+        assert (a.global_pairs, a.global_lm_tokens) == (b.global_pairs, b.global_lm_tokens)
+        assert np.array_equal(a.step_items, b.step_items)
+        assert {m.shape for m in b.micro_batches} == {(1, T)} and len(b.micro_batches) >= 2
+        chosen = lambda step: sorted(t for m in step.micro_batches for t in m.input_ids.ravel()[m.chosen_index].tolist())
+        assert chosen(a) == chosen(b)  # the same responses, wherever they sit
+        assert sum(m.num_real_tokens for m in a.micro_batches) == sum(m.num_real_tokens for m in b.micro_batches)
+    state = budget.state_dict()
+    want = budget.next_step()
+    again = StepLoader([shard], micro_batch_tokens="auto", **kwargs)
+    again.load_state_dict(state)
+    got = again.next_step()
+    assert again.micro_batch_tokens == T
+    for x, y in zip(got.micro_batches, want.micro_batches):
+        assert np.array_equal(x.input_ids, y.input_ids) and np.array_equal(x.chosen_index, y.chosen_index)
+
+
+def test_token_budget_settings_are_checked(shard):
+    kwargs = dict(items_per_step=8, micro_batches=2, seq_len=200, seed=5)
+    with pytest.raises(ValueError, match="needs packing='flat'"):
+        StepLoader([shard], micro_batch_tokens="auto", **kwargs)
+    with pytest.raises(ValueError, match=r"must hold the longest item of the shards \(\d+ tokens\)"):
+        StepLoader([shard], packing="flat", micro_batch_tokens=16, **kwargs)
+    with pytest.raises(ValueError, match="'auto' or a positive integer"):
+        StepLoader([shard], packing="flat", micro_batch_tokens="big", **kwargs)
+    fixed = StepLoader([shard], packing="flat", micro_batch_tokens=512, **kwargs)
+    assert {m.shape for m in fixed.next_step().micro_batches} == {(1, 512)} and not fixed.token_budget.fitted

@@ -1,9 +1,11 @@
-"""The fused packed-pair loss (megapmp_kernels.pair_loss) against full-logits references, on CPU.
+"""The fused packed-pair loss (megapmp_kernels.pair_loss) against full-logits references.
 
-The Triton kernels run under the interpreter (TRITON_INTERPRET=1, set below before anything can jit
-them; numpy, fp32 only), with small tiles (BT=16, BV=32, BD=16) so that odd shapes exercise every mask:
-T, V and H not multiples of the tiles, forward vocab splits past the vocabulary (empty splits), the
-backward's vocab chunks not aligned to the tiles, ignore_index rows, T = 1.
+On a CPU the Triton kernels run under the interpreter (TRITON_INTERPRET=1, which tests/conftest.py sets
+when no CUDA device is visible; numpy, fp32 only), with small tiles (BT=16, BV=32, BD=16) so that odd shapes
+exercise every mask: T, V and H not multiples of the tiles, forward vocab splits past the vocabulary (empty
+splits), the backward's vocab chunks not aligned to the tiles, ignore_index rows, T = 1. On a GPU those
+interpreter tests skip (run them with the GPU hidden: ``CUDA_VISIBLE_DEVICES= python -m pytest ...``) and
+the ``cuda`` tests at the end run the compiled kernels with the launch configurations of a real run.
 
 Reference: pair_loss_reference on float64 copies of the inputs (full logits, autograd). Tolerance,
 fp32: rtol 1e-5 and atol 1e-6 x the reference tensor's largest magnitude (per tensor: elementwise
@@ -12,23 +14,24 @@ relative error means nothing for entries that cancel to ~0). Both backends land 
 """
 import importlib.util
 import os
+from types import SimpleNamespace
 
-os.environ["TRITON_INTERPRET"] = "1"  # before any kernel is jitted (they are jitted on first use)
+import pytest
+import torch
+import torch.nn.functional as F
 
-from types import SimpleNamespace  # noqa: E402
-
-import pytest  # noqa: E402
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-
-from distributed_utils import run_ranks  # noqa: E402
-from megapmp.loss import LOSS_BACKEND_ENV, Heads, lm_loss_sum, loss_backend, pmp_loss, resolve_loss_backend  # noqa: E402
-from megapmp_kernels import pair_loss as PL  # noqa: E402
-from megapmp_kernels import softmax_grad  # noqa: E402
+from distributed_utils import run_ranks
+from megapmp.loss import LOSS_BACKEND_ENV, Heads, lm_loss_sum, loss_backend, pmp_loss, resolve_loss_backend
+from megapmp_kernels import pair_loss as PL
+from megapmp_kernels import softmax_grad
+from triton_interpreter import use_interpreter
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
-needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="triton is not importable: the kernels cannot run "
-                                                         "(the torch backend is still tested)")
+INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") == "1"  # conftest: only where no GPU is visible
+# The Triton kernels on CPU tensors: the interpreter's tests.
+needs_triton = pytest.mark.skipif(not (HAS_TRITON and INTERPRETING),
+                                  reason="needs triton and its CPU interpreter (TRITON_INTERPRET=1, set by conftest "
+                                         "where no CUDA device is visible); the torch backend is still tested")
 BACKENDS = ["torch", pytest.param("triton", marks=needs_triton), pytest.param("triton_recompute", marks=needs_triton)]
 KERNEL_BACKENDS = ["torch", pytest.param("triton", marks=needs_triton)]  # of the recompute path's primitives
 RTOL, ATOL_SCALE = 1e-5, 1e-6
@@ -176,7 +179,7 @@ def test_vocab_split_in_one_process(backend):
 
 
 def _tp_rank(rank, world, seed, sequence_parallel):
-    os.environ["TRITON_INTERPRET"] = "1"  # this process may not have imported the test module
+    use_interpreter()  # a fresh rank process: the interpreter where there is no GPU (as conftest does)
     from megapmp.loss import lm_loss_sum
     from megapmp.parallel.topology import ParallelDims
 
@@ -190,7 +193,7 @@ def _tp_rank(rank, world, seed, sequence_parallel):
     if sequence_parallel:  # this rank's token shard [T / tp, H]; the all-gather's backward reduce-scatters
         hidden, ref_dh = hidden.chunk(world)[rank], ref_dh.chunk(world)[rank]
     results = {}
-    for backend in ["torch", "triton", "triton_recompute"] if HAS_TRITON else ["torch"]:
+    for backend in ["torch", "triton", "triton_recompute"] if HAS_TRITON and INTERPRETING else ["torch"]:
         h = (hidden if sequence_parallel else hidden.reshape(1, T, H)).clone().requires_grad_()
         w = weight.chunk(world)[rank].clone().requires_grad_()
         # chunks of 7 of the 29 target rows: the grad-in-forward path combines every chunk over the group
@@ -274,7 +277,7 @@ def test_backend_selection(monkeypatch):
         resolve_loss_backend("cpu")
     monkeypatch.setenv(LOSS_BACKEND_ENV, "torch")
     assert resolve_loss_backend("cuda") == "torch"
-    if HAS_TRITON:
+    if HAS_TRITON and INTERPRETING:
         monkeypatch.setenv(LOSS_BACKEND_ENV, "triton")
         assert loss_backend("cpu") == "triton-grad-in-forward"  # TRITON_INTERPRET=1 in this process
         assert resolve_loss_backend("cpu", backend="triton_recompute") == "triton_recompute"
@@ -533,3 +536,125 @@ def test_grad_in_forward_kernels_compile_for_hopper():
     assert done.returncode == 0, done.stderr[-2000:]
     sizes = json.loads(done.stdout.strip().splitlines()[-1])
     assert set(sizes) == {"lse_bf16", "grad_bf16", "lse_fp32", "grad_fp32"} and min(sizes.values()) > 1000
+
+
+# -- the interpreter's scope --------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("cuda", [False, True], ids=["no-gpu", "gpu"])
+def test_conftest_sets_the_interpreter_only_without_cuda(cuda):
+    """What a CUDA run would see, on any machine: a fresh process with torch.cuda.is_available() forced
+    to ``cuda`` loads tests/conftest.py and this test module; TRITON_INTERPRET must then be set exactly when
+    there is no GPU (a leak into a CUDA run would send inductor's and the loss's Triton kernels to the
+    interpreter)."""
+    import subprocess
+    import sys
+
+    tests = os.path.dirname(os.path.abspath(__file__))
+    code = (f"import sys, os, torch; torch.cuda.is_available = lambda: {cuda}; sys.path.insert(0, {tests!r}); "
+            "import conftest; import test_pair_loss_kernel as t; "
+            "print(os.environ.get('TRITON_INTERPRET'), conftest.INTERPRETING, t.INTERPRETING)")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split() == (["None", "False", "False"] if cuda else ["1", "True", "True"])
+
+
+# -- on a GPU: the compiled kernels, with the launch configurations of a real run -----------------------------
+
+def cuda_inputs(seed, T, H, V, N, dtype, ignored=()):
+    tensors = make_inputs(seed, T, H, V, N, ignored)
+    h, w, c, r, s = (t.to("cuda", dtype).requires_grad_() for t in (tensors[0], tensors[1], *tensors[3:]))
+    return tensors, (h, w, tensors[2].cuda(), c, r, s)
+
+
+def relative_error(got, want):
+    return float((got.double().cpu() - want).norm() / want.norm().clamp_min(1e-30))
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+@pytest.mark.parametrize("backend", ["triton", "triton_recompute"])
+def test_cuda_fused_loss_matches_reference(backend, dtype):
+    """V = 10,007: two full 4096-column blocks of the row kernels and a partial one, vocab tiles past the end;
+    700 target rows in chunks of 256 (three chunks, the fp32 dW accumulation over them); ignored rows. The
+    recompute path with one pinned tile config (autotuning is timed by tools/bench_loss.py, not here).
+    Tolerance: bf16 operands 2e-2 relative, fp32 (cuBLAS without tf32; Triton 'ieee') 1e-4."""
+    tensors, (h, w, targets, c, r, s) = cuda_inputs(21, 700, 256, 10_007, 6, dtype, ignored=(0, 5, 699))
+    ref, ref_grads = reference(*tensors)
+    options = (dict(chunk_tokens=256) if backend == "triton" else
+               dict(config={"BT": 64, "BV": 128, "BD": 32, "num_warps": 4, "num_stages": 3}))
+    out = PL.fused_pair_loss(h, w, targets, c, r, s, backend=backend, **options)
+    grads = torch.autograd.grad(0.7 * out.lm_sum + 1.3 * out.rm_sum, [h, w, c, r, s])
+    tol = 2e-2 if dtype == torch.bfloat16 else 1e-4
+    assert relative_error(out.lm_sum, ref.lm_sum) < tol and relative_error(out.rm_sum, ref.rm_sum) < 1e-4
+    for name, got, want in zip(["hidden", "lm_weight", "chosen", "rejected", "score"], grads, ref_grads):
+        assert got.dtype == dtype and got.is_cuda, name
+        assert relative_error(got, want) < tol, f"d {name}: {relative_error(got, want):.2e}"
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+def test_cuda_row_kernels_with_the_gpu_block(dtype):
+    """softmax_grad's two kernels at GPU_BLOCK_V (4096) and 8 warps on 40 x 9,001 logits against the
+    float64 definition: every element written (NaN-poisoned copy), the ignored row zero."""
+    logits, targets = _row_case(dtype, 300, rows=40, V=9001)
+    logits, targets = logits.cuda(), targets.cuda()
+    lse, z = softmax_grad.row_lse(logits, targets, vocab_start=300)
+    close(lse.cpu(), torch.logsumexp(logits.double().cpu(), -1), "lse")
+    poisoned = torch.full_like(logits, float("nan"))
+    poisoned.copy_(logits)
+    got = softmax_grad.softmax_minus_onehot_(poisoned, targets, lse, vocab_start=300)
+    assert torch.isfinite(got).all()
+    _check_softmax_grad(got.cpu(), logits.cpu(), targets.cpu(), lse.cpu(), 300, dtype)
+
+
+@pytest.mark.cuda
+def test_cuda_fp32_accumulation_mode_keeps_fp32_bits():
+    """The probe's answer on this device (printed: the device check reads it) and the accumulation it
+    selects against float64: bf16 products summed into fp32 over 8 chunks lose nothing to bf16 rounding."""
+    mode = PL.fp32_accumulation_mode(torch.device("cuda"), torch.bfloat16)
+    print(f"fp32_accumulation_mode(cuda, bf16) = {mode}")
+    assert mode in ("addmm", "mm", "cast")
+    g = torch.Generator().manual_seed(22)
+    parts = [(torch.randn(64, 512, generator=g).bfloat16(), torch.randn(512, 96, generator=g).bfloat16())
+             for _ in range(8)]
+    acc = None
+    for a, b in parts:
+        acc = PL.accumulate_fp32(acc, a.cuda(), b.cuda())
+    want = sum(a.double() @ b.double() for a, b in parts)
+    err = relative_error(acc, want)
+    assert acc.dtype == torch.float32 and err < (1e-5 if mode != "cast" else 1e-2), (mode, err)
+
+
+@pytest.mark.cuda
+def test_cuda_runs_compiled_kernels_not_the_interpreter():
+    """In a CUDA run the kernels are jitted for the GPU: no TRITON_INTERPRET, the loss's auto backend is the
+    Triton one, and its kernels are compiled JIT functions (the interpreter's are InterpretedFunction)."""
+    from triton.runtime.jit import JITFunction
+
+    assert os.environ.get("TRITON_INTERPRET", "0") not in ("1", "true", "yes", "on")
+    assert resolve_loss_backend("cuda") == "triton"
+    logits, targets = _row_case(torch.bfloat16, 0)
+    softmax_grad.row_lse(logits.cuda(), targets.cuda())
+    assert all(isinstance(k, JITFunction) for k in softmax_grad._kernels().values())
+
+
+@pytest.mark.cuda
+def test_cuda_pmp_loss_under_autocast_matches_the_torch_backend():
+    """The trainer's call: fp32 master weights, bf16 autocast, pmp_loss with auto (= triton) against the
+    torch backend on the same device; loss terms and gradients within bf16 rounding (2e-2)."""
+    batch, R, S, V = _packed_batch(23)
+    batch = SimpleNamespace(**{k: v.cuda() for k, v in vars(batch).items()})
+    g = torch.Generator().manual_seed(24)
+    hidden, weight, score = (torch.randn(R, S, 64, generator=g), torch.randn(V, 64, generator=g) * 0.3,
+                             torch.randn(1, 64, generator=g))
+    kwargs = dict(rm_coef=1.0, lm_coef=1.0, global_pairs=5, global_lm_tokens=40)
+    results = {}
+    for backend in ("auto", "torch"):
+        h, w, s = (t.cuda().requires_grad_() for t in (hidden, weight, score))
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            out = pmp_loss(h, Heads(w, s), batch, backend=backend, **kwargs)
+        out.loss.backward()
+        results[backend] = (out.loss.detach(), h.grad, w.grad, s.grad)
+    for name, a, b in zip(("loss", "d hidden", "d lm_weight", "d score"), results["auto"], results["torch"]):
+        assert relative_error(a, b.double().cpu()) < 2e-2, name

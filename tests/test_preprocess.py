@@ -23,6 +23,7 @@ import struct
 import subprocess
 import sys
 import textwrap
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -732,3 +733,69 @@ def test_build_shard_api_matches_cli(tmp_path):
     assert counts["pairs"] == 5
     for suffix in (".bin", ".idx"):
         assert Path(f"{tmp_path / 'cli'}{suffix}").read_bytes() == Path(f"{tmp_path / 'api'}{suffix}").read_bytes()
+
+
+# ---------------------------------------------------------------- BPE training memory (ISSUE21)
+
+# VmHWM, not ru_maxrss: on Linux a child's ru_maxrss keeps the RSS of the forked copy of its parent (pytest,
+# with torch loaded: 0.5-0.9 GB) from before its exec.
+BPE_PEAK = """
+import re, sys, tempfile
+from megapmp.data.preprocess import bpe_training_texts
+from megapmp.data.tokenizers import train_bpe
+with tempfile.TemporaryDirectory() as d:
+    tok = train_bpe(bpe_training_texts([sys.argv[1]], "pairs", ("prompt", "chosen", "rejected"), "{prompt}"), 512, d)
+print(int(re.search(r"VmHWM:\\s+(\\d+)", open("/proc/self/status").read()).group(1)) * 1024, tok.vocab_size)
+"""
+
+
+def _code_lines(n_bytes: int, seed: int = 0) -> str:
+    import random
+
+    rng = random.Random(seed)
+    words = ["def", "return", "self", "value", "items", "for", "in", "if", "else", "None", "total", "count"]
+    lines, size = [], 0
+    while size < n_bytes:
+        line = "    " * rng.randint(0, 3) + " ".join(rng.choice(words) + str(rng.randint(0, 999))
+                                                  for _ in range(rng.randint(2, 9)))
+        lines.append(line)
+        size += len(line) + 1
+    return "\n".join(lines)
+
+
+def test_bpe_training_memory_of_one_20mb_record(tmp_path):
+    """One 20 MB record under bpe:512: the trainer gets it in pieces, so its peak RSS (measured in a process
+    of its own) stays near that of small records: 0.13 GB on the development machine, 1.9 GB before the pieces."""
+    big = "\n".join([_code_lines(200_000)] * 100)  # 20 MB in one string (repeated: cheap to make)
+    path = tmp_path / "one_record.jsonl"
+    path.write_text(json.dumps(pair("Write it.", big, "pass")) + "\n")
+    del big
+    proc = subprocess.Popen([sys.executable, "-c", BPE_PEAK, str(path)], stdout=subprocess.PIPE, text=True,
+                            env={**os.environ, "TOKENIZERS_PARALLELISM": "true"})
+    status = Path(f"/proc/{proc.pid}/status")
+    while proc.poll() is None:  # a regression must not take the (shared) machine down with it
+        try:
+            rss = int(re.search(r"VmRSS:\s+(\d+)", status.read_text()).group(1)) * 1024
+        except (OSError, AttributeError):
+            rss = 0
+        if rss > 1_500_000_000:
+            proc.kill()
+            pytest.fail("BPE training passed 1.5 GB of RSS on one 20 MB record")
+        time.sleep(0.05)
+    peak, vocab = map(int, proc.stdout.read().split())
+    assert proc.returncode == 0 and vocab == 512
+    assert peak < 400_000_000, f"peak RSS {peak / 1e6:.0f} MB"
+
+
+def test_bpe_training_texts_are_pieces_of_the_records_within_the_budget(tmp_path):
+    from megapmp.data.preprocess import bpe_training_texts
+
+    big = _code_lines(300_000, seed=1)
+    path = tmp_path / "pairs.jsonl"
+    path.write_text(json.dumps(pair("Write it.", big, "x = 1")) + "\n" + json.dumps(pair("p", "c ü", "r")) + "\n")
+    keys = ("prompt", "chosen", "rejected")
+    pieces = list(bpe_training_texts([str(path)], "pairs", keys, "{prompt}", piece_chars=1000))
+    assert "".join(pieces) == "Write it." + big + "x = 1" + "p" + "c ü" + "r"  # nothing lost, nothing reordered
+    assert max(map(len, pieces)) <= 1000 and all(p.endswith("\n") for p in pieces[1:-5])  # cut at line ends
+    budget = list(bpe_training_texts([str(path)], "pairs", keys, "{prompt}", max_bytes=5000, piece_chars=1000))
+    assert sum(len(p.encode()) for p in budget) == 5000 and "".join(budget) == ("Write it." + big)[:5000]

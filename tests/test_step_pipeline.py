@@ -1,5 +1,5 @@
 """The training step's plumbing around the model: index tensors made by the loader, the background loader,
-one device read-back per step, and regional compilation with bucketed row lengths."""
+one device read-back per step, and regional compilation on micro-batches of one shape (a token budget)."""
 
 import threading
 import time
@@ -15,7 +15,7 @@ from megapmp.config import load_train_config
 from megapmp.data.loader import BackgroundLoader, StepLoader
 from megapmp.data.packing import IGNORE_INDEX, flatten_rows, pack_documents, pack_pairs
 from megapmp.loss import Heads, pmp_loss
-from megapmp.model.compile import bucket_tokens, compile_enabled
+from megapmp.model.compile import bucket_tokens, compile_enabled, token_budget
 from megapmp.train import Trainer
 from test_train import FAST, TINY, pair_shard
 
@@ -167,32 +167,116 @@ def test_compile_setting_and_bucket_rule():
         compile_enabled("yes", torch.device("cpu"))
     assert bucket_tokens(0, shape_specialised=True) == 256 and bucket_tokens(0, shape_specialised=False) == 1
     assert bucket_tokens(64, shape_specialised=False) == 64
+    # The token budget: automatic exactly when something compiles per shape on flat rows and no bucket is set.
+    assert token_budget(0, 0, "flat", shape_specialised=True) == "auto"
+    assert token_budget(0, 0, "flat", shape_specialised=False) is None  # the CPU default: untouched
+    assert token_budget(0, 256, "flat", shape_specialised=True) is None  # an explicit bucket wins
+    assert token_budget(0, 0, "rows", shape_specialised=True) is None
+    assert token_budget(-1, 0, "flat", shape_specialised=True) is None
+    assert token_budget(4096, 0, "flat", shape_specialised=False) == 4096
 
 
-def test_compiled_layers_follow_the_eager_curve_on_bucketed_rows(shard, tmp_path):
-    """Regional compile on the CPU (inductor's C++ backend): the same losses as eager to fp32 rounding, rows
-    padded to the 256-token bucket, the compile time reported on the steps that compiled and kept out of
-    step_s."""
-    steps = [("steps", "3"), ("data.items_per_step", "4"), ("data.micro_batches", "1")]
-    eager = Trainer(config(shard, *steps, ("data.bucket_tokens", "256")), tmp_path / "eager").fit()
-    trainer = Trainer(config(shard, *steps, ("compile", "on")), tmp_path / "compiled")
-    widths, train_step = [], trainer.train_step
+@pytest.fixture(scope="module")
+def varied_shard(tmp_path_factory):
+    """Pairs whose packed lengths vary a lot (prompts 5-60 tokens, responses 5-120): micro-batches of 8
+    pairs span several 256-token buckets."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
+    from _bench_common import random_pairs, write_pair_shard
+
+    pairs = random_pairs(np.random.default_rng(5), 400, (5, 60), (5, 120), 300)
+    return write_pair_shard(tmp_path_factory.mktemp("varied") / "pairs", pairs, 300)
+
+
+def graphs_per_step(model, loader, steps):
+    """New dynamo graphs in each of ``steps`` training-like steps (forward + backward of every micro-batch)
+    of ``model``, and the distinct micro-batch shapes met."""
+    from torch._dynamo.utils import counters
+
+    from megapmp.model.attention import attention_inputs
+
+    new, shapes = [], set()
+    for _ in range(steps):
+        before = counters["stats"]["unique_graphs"]
+        for m in loader.next_step().micro_batches:
+            batch = m.to_torch()
+            shapes.add(batch.input_ids.shape)
+            model(batch.input_ids, batch.position_ids, attention_inputs(batch)).square().mean().backward()
+        new.append(counters["stats"]["unique_graphs"] - before)
+    return new, shapes
+
+
+@pytest.mark.parametrize("policy", ["budget", "buckets"])
+def test_compile_count_over_twenty_steps_of_varied_pairs(varied_shard, policy):
+    """dynamo's graph counter over 20 steps of freshly drawn pairs of varied lengths, the compiled decoder
+    layer of the trainer (run_layer, dynamic=False; dynamo's eager backend here, the inductor run is below):
+    with the token budget at most 2 steps compile, none after step 2; issue 13's 256-token buckets (the old
+    default, kept as the negative case) keep compiling new shapes after step 2."""
+    import torch._dynamo
+
+    from megapmp.config import ModelConfig
+    from megapmp.model import Qwen2RewardModel
+    from megapmp.model.compile import allow_shapes
+    from megapmp.model.qwen2 import run_layer
+
+    torch._dynamo.reset()
+    allow_shapes(64)
+    cfg = ModelConfig(vocab_size=384, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2)
+    torch.manual_seed(0)
+    model = Qwen2RewardModel(cfg, attention_backend="segmented")
+    model.init_weights()
+    model.run_layer = torch.compile(run_layer, backend="eager", dynamic=False)
+    budget = dict(micro_batch_tokens="auto") if policy == "budget" else dict(pad_multiple=256)
+    loader = StepLoader([str(varied_shard)], items_per_step=8, micro_batches=2, seq_len=512, packing="flat", seed=4,
+                        **budget)
+    new, shapes = graphs_per_step(model, loader, 20)
+    if policy == "budget":
+        assert len(shapes) == 1 and shapes == {(1, loader.micro_batch_tokens)}
+        assert new[0] > 0 and sum(n > 0 for n in new) <= 2 and not any(new[2:]), new
+    else:
+        assert len(shapes) > 2 and any(new[2:]), (new, shapes)  # what the check above catches
+
+
+def test_compiled_trainer_compiles_in_the_first_step_only_and_follows_the_eager_curve(varied_shard, tmp_path):
+    """The real trainer with compile = on (inductor's C++ backend on this CPU), 20 steps of varied pairs:
+    every micro-batch one shape (the fitted token budget), compile time only in the first two steps (dynamo's
+    graph counter too), compile_s kept out of step_s; the same losses as the eager trainer on the same
+    micro-batches (compile = off, the same budget) to fp32 rounding (amplified by the optimizer over steps)."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()  # no graph of another test's compiled run_layer may serve this trainer
+    steps = [("steps", "20"), ("data.micro_batches", "2"), ("data.seq_len", "512")]
+    trainer = Trainer(config(varied_shard, *steps, ("compile", "on")), tmp_path / "compiled")
+    budget = trainer.loader.micro_batch_tokens
+    assert budget and budget % 128 == 0
+    shapes, graphs, train_step = set(), [], trainer.train_step
 
     def recording_step(batch):
-        widths.extend(m.shape[1] for m in batch.micro_batches)
-        return train_step(batch)
+        shapes.update(m.shape for m in batch.micro_batches)
+        before = counters["stats"]["unique_graphs"]
+        record = train_step(batch)
+        graphs.append(counters["stats"]["unique_graphs"] - before)
+        return record
 
     trainer.train_step = recording_step
     compiled = trainer.fit()
-    assert widths and all(w % 256 == 0 for w in widths)
-    for a, b in zip(eager, compiled):
-        assert b["loss"] == pytest.approx(a["loss"], rel=1e-5, abs=1e-6)
-    assert compiled[0]["compile_s"] > 1.0
-    assert all(r["step_s"] > 0 for r in compiled)
-    assert compiled[0]["step_s"] < compiled[0]["compile_s"]
+    assert shapes == {(1, budget)}
+    assert graphs[0] > 0 and not any(graphs[2:]), graphs
+    assert compiled[0]["compile_s"] > 0.5 and all(r["compile_s"] == 0 for r in compiled[2:])
+    assert all(r["step_s"] > 0 for r in compiled) and compiled[0]["step_s"] < compiled[0]["compile_s"]
+    eager = Trainer(config(varied_shard, *steps, ("compile", "off"), ("data.micro_batch_tokens", str(budget))),
+                    tmp_path / "eager").fit()
+    # The first steps agree to fp32 rounding (measured on this CPU: equal or 7e-8 relative); Adam then amplifies
+    # the rounding differences of the fused kernels step by step (measured up to 1.7e-5 by step 10 at lr 3e-3).
+    for i, (a, b) in enumerate(zip(eager, compiled)):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-5 if i < 3 else 1e-4), i
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.cuda
 def test_a_step_waits_for_the_gpu_once(shard, tmp_path):
     """torch's sync debug mode warns on every host-device synchronisation: one step, after warm-up, may
     have one (StepSums.read)."""

@@ -63,6 +63,7 @@ SCRIPTS_WITHOUT_A_COLUMN = {
     "_launch.sh": "the torchrun launcher the scripts above source",
     "quickstart.sh": "the tiny CPU pipeline (tiny.toml)",
     "paper_experiment.sh": "the sample-efficiency sweep on the quickstart's tiny model",
+    "codefavor.sh": "CodeFavor's pipeline (arXiv 2410.03837) on the quickstart's tiny model: not CodePMP's recipe",
     "reproduce_codepmp.sh": "the whole paper: at 1.5b/7b it trains through the scripts above (tests/test_reproduce.py)",
 }
 

@@ -77,6 +77,7 @@ SHAPES = {
 }
 QWEN_SCALE = 4096 * 152064
 ALL_SIDES = ("naive", "triton", "triton_recompute", "torch", "chunked")
+ACCUMULATE_MODES = ("addmm", "mm", "cast")
 DEFAULT_SIDES = {"cuda": ("naive", "triton_recompute", "triton"), "cpu": ("naive", "torch", "chunked")}
 NAMES = ["lm_sum", "rm_sum", "d_hidden", "d_lm_weight", "d_chosen", "d_rejected", "d_score"]
 
@@ -104,10 +105,17 @@ def parse(argv=None):
     p.add_argument("--reps", type=int, default=None, help="timed steps per side (default 20 cuda, 3 cpu)")
     p.add_argument("--threads", type=int, default=1, help="CPU intra-op threads (default 1)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--recompute-config", default=None, metavar="BT,BV,BD,WARPS,STAGES",
+                   help="run triton_recompute with this one tile config instead of autotuning its candidates "
+                        "(a cold autotune compiles and times 12 configs: most of a device check's minute)")
+    p.add_argument("--accumulate", default="", metavar="MODE,...",
+                   help="also time the triton side with its fp32 accumulation of the LM head's gradient pinned to "
+                        "each MODE (addmm, mm, cast; megapmp_kernels.pair_loss.fp32_accumulation_mode), as sides "
+                        "triton@MODE; the probed mode is reported as fp32_accumulation_mode")
     p.add_argument("--compile-report", action="store_true", help="no benchmark: compile the kernels' autotune "
                    "candidates for sm_90 on this machine (no GPU needed) and print one JSON line with registers, "
                    "spills, shared memory and HGMMA / LDGSTS counts per config")
-    p.add_argument("--child", choices=[*ALL_SIDES, "timing"], help=argparse.SUPPRESS)
+    p.add_argument("--child", help=argparse.SUPPRESS)  # a side's name, or "timing"
     p.add_argument("--out", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     import torch
@@ -133,9 +141,19 @@ def parse(argv=None):
         p.error("--chunk-tokens and --chunk-bytes must be positive")
     args.fused_side = fused_side(args)
     sides = args.sides.split(",") if args.sides else list(DEFAULT_SIDES[args.device])
-    unknown = sorted(set(sides) - set(ALL_SIDES))
+    sides += [f"triton@{mode}" for mode in args.accumulate.split(",") if mode]
+    unknown = sorted(x for x in sides if side_backend(x)[0] not in ALL_SIDES
+                     or (side_backend(x)[1] is not None and (side_backend(x)[0] != "triton"
+                                                             or side_backend(x)[1] not in ACCUMULATE_MODES)))
     if unknown:
-        p.error(f"--sides: unknown side(s) {unknown}; choose from {','.join(ALL_SIDES)}")
+        p.error(f"--sides / --accumulate: unknown side(s) {unknown}; choose from {','.join(ALL_SIDES)} and "
+                f"triton@MODE with MODE in {','.join(ACCUMULATE_MODES)}")
+    if args.recompute_config:
+        try:
+            bt, bv, bd, warps, stages = (int(x) for x in args.recompute_config.split(","))
+        except ValueError:
+            p.error(f"--recompute-config {args.recompute_config!r}: expected five integers BT,BV,BD,WARPS,STAGES")
+        args.recompute_config = {"BT": bt, "BV": bv, "BD": bd, "num_warps": warps, "num_stages": stages}
     # naive first (the reference of every error), each side once, in the order given
     args.sides = list(dict.fromkeys(["naive", *sides, args.fused_side]))
     return args
@@ -153,17 +171,26 @@ def fused_side(args) -> str:
 
 
 def make_inputs(args):
+    """The five leaves and the targets, drawn on the device itself (a 7B LM head is 0.5G values: made on
+    the host and copied, that alone took a large part of a device check's minute)."""
     import torch
 
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
-    g = torch.Generator().manual_seed(args.seed)
+    g = torch.Generator(device=args.device).manual_seed(args.seed)
     T, H, V, N = args.tokens, args.hidden, args.vocab, args.pairs
-    cpu = [torch.randn(T, H, generator=g), torch.randn(V, H, generator=g) * 0.02,
-           torch.randn(N, H, generator=g), torch.randn(N, H, generator=g), torch.randn(1, H, generator=g) * 0.02]
-    targets = torch.randint(0, V, (T,), generator=g).to(args.device)
-    leaves = [x.to(device=args.device, dtype=dtype).requires_grad_() for x in cpu]
-    del cpu
+
+    def randn(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=g, device=args.device, dtype=dtype) * scale).requires_grad_()
+
+    leaves = [randn(T, H), randn(V, H, scale=0.02), randn(N, H), randn(N, H), randn(1, H, scale=0.02)]
+    targets = torch.randint(0, V, (T,), generator=g, device=args.device)
     return leaves, targets
+
+
+def side_backend(side: str) -> tuple[str, str | None]:
+    """"triton@mm" -> ("triton", "mm"): the triton side with its fp32 accumulation mode pinned."""
+    backend, _, mode = side.partition("@")
+    return backend, mode or None
 
 
 def make_step(side, args, leaves, targets):
@@ -173,13 +200,15 @@ def make_step(side, args, leaves, targets):
     h, w, c, r, s = leaves
     if side == "chunked":
         return chunked_step(args, leaves, targets)
+    backend, _ = side_backend(side)
+    config = args.recompute_config if backend == "triton_recompute" else None
 
     def step():
         if side == "naive":
             sums, logits = naive_pair_loss(h, w, targets, c, r, s)
         else:
-            sums, logits = fused_pair_loss(h, w, targets, c, r, s, backend=side, chunk_bytes=args.chunk_bytes,
-                                           chunk_tokens=args.chunk_tokens), None
+            sums, logits = fused_pair_loss(h, w, targets, c, r, s, backend=backend, chunk_bytes=args.chunk_bytes,
+                                           chunk_tokens=args.chunk_tokens, config=config), None
         loss = sums.lm_sum / args.tokens + sums.rm_sum / args.pairs
         grads = torch.autograd.grad(loss, leaves)
         del logits  # the seed's logits live until backward is done
@@ -264,12 +293,14 @@ def cpu_child(args) -> None:
     print(json.dumps({"peak_bytes": (peak - base) * 1024}), flush=True)
 
 
-def run_cpu(args) -> dict:
+def run_cpu(args, report) -> dict:
+    """Times first (one process alternating every side), then each side's memory in a process of its own;
+    ``report(side, measured)`` as each side's memory child finishes."""
     import torch
 
     results, outputs = {}, {}
     with tempfile.TemporaryDirectory(prefix="bench-loss-") as tmp:
-        for side in (*args.sides, "timing"):
+        for side in ("timing", *args.sides):
             path = os.path.join(tmp, f"{side}.pt")
             cmd = [sys.executable, os.path.abspath(__file__), "--child", side, "--out", path, "--device", "cpu",
                    "--shape", args.shape, "--tokens", str(args.tokens), "--pairs", str(args.pairs), "--dtype",
@@ -284,13 +315,14 @@ def run_cpu(args) -> dict:
             if done.returncode:
                 raise RuntimeError(f"{side} side failed:\n{done.stderr[-4000:]}")
             results[side] = json.loads(done.stdout.strip().splitlines()[-1])
-            if side != "timing":
-                outputs[side] = torch.load(path)
-    sides = {side: {"peak_bytes": results[side]["peak_bytes"], "ms": results["timing"][side],
-                    "rel_err": relative_errors(outputs[side], outputs["naive"])} for side in args.sides}
-    return dict(sides=sides, device=f"cpu ({args.threads} thread{'s' if args.threads > 1 else ''})",
+            if side == "timing":
+                continue
+            outputs[side] = torch.load(path)
+            report(side, {"peak_bytes": results[side]["peak_bytes"], "ms": results["timing"][side],
+                          "rel_err": relative_errors(outputs[side], outputs["naive"])})
+    return dict(device=f"cpu ({args.threads} thread{'s' if args.threads > 1 else ''})",
                 memory_method="subprocess per side (MALLOC_MMAP_THRESHOLD_=65536): VmHWM - VmRSS around one step "
-                              "after a warm-up step, malloc_trim and clear_refs; times from a third process "
+                              "after a warm-up step, malloc_trim and clear_refs; times from one process "
                               "alternating the sides")
 
 
@@ -327,15 +359,23 @@ def relative_errors(got, want) -> dict:
 
 # -- CUDA: one process ----------------------------------------------------------------------------------
 
-def run_cuda(args) -> dict:
+def run_cuda(args, report) -> dict:
+    """Every side in this process, one after the other (naive first, the reference of every error);
+    ``report(side, measured)`` as each finishes."""
     import torch
+    from megapmp_kernels import pair_loss
 
     leaves, targets = make_inputs(args)
-    results, kept = {}, {}
+    naive_out = None
     for side in args.sides:
+        backend, mode = side_backend(side)
         step = make_step(side, args, leaves, targets)
+        key = (leaves[1].device.type, leaves[1].device.index, leaves[1].dtype)
+        probed = pair_loss._FP32_ACCUMULATION.get(key)
+        if mode is not None:  # pin the triton side's accumulation through the probe's cache, for this side only
+            pair_loss._FP32_ACCUMULATION[key] = mode
         try:
-            out = step()  # warm-up; autotunes the fused kernels
+            out = step()  # warm-up; compiles (and autotunes, unless --recompute-config) the fused kernels
             del out
             torch.cuda.synchronize()
             gc.collect()
@@ -345,7 +385,6 @@ def run_cuda(args) -> dict:
             out = step()
             torch.cuda.synchronize()
             peak = torch.cuda.max_memory_allocated() - base
-            kept[side] = out
             times = []
             for _ in range(args.reps):
                 start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -355,18 +394,24 @@ def run_cuda(args) -> dict:
                 end.record()
                 torch.cuda.synchronize()
                 times.append(start.elapsed_time(end))
-            results[side] = {"peak_bytes": peak, "ms": statistics.median(times),
-                             "ms_spread": [min(times), max(times)]}
-        except torch.cuda.OutOfMemoryError as e:
-            log(f"{side}: out of memory: {e}")
-            results[side] = {"peak_bytes": None, "ms": None, "error": "out of memory"}
-            kept.pop(side, None)
+            measured = {"peak_bytes": peak, "ms": statistics.median(times), "ms_spread": [min(times), max(times)]}
+        except (torch.cuda.OutOfMemoryError, RuntimeError) as e:  # an unsupported mode raises RuntimeError
+            log(f"{side}: {type(e).__name__}: {e}")
+            measured, out = {"peak_bytes": None, "ms": None, "error": f"{type(e).__name__}: {str(e)[:300]}"}, None
             gc.collect()
             torch.cuda.empty_cache()
-    for side, res in results.items():
-        res["rel_err"] = relative_errors(kept[side], kept["naive"]) if {side, "naive"} <= kept.keys() else {}
-    return dict(sides=results, device=torch.cuda.get_device_name(),
-                memory_method="torch.cuda.max_memory_allocated - baseline")
+        finally:
+            if mode is not None:
+                if probed is None:
+                    pair_loss._FP32_ACCUMULATION.pop(key, None)
+                else:
+                    pair_loss._FP32_ACCUMULATION[key] = probed
+        if side == "naive":
+            naive_out = out
+        measured["rel_err"] = relative_errors(out, naive_out) if out is not None and naive_out is not None else {}
+        del out
+        report(side, measured)
+    return dict(device=torch.cuda.get_device_name(), memory_method="torch.cuda.max_memory_allocated - baseline")
 
 
 def main(argv=None) -> dict:
@@ -385,20 +430,31 @@ def main(argv=None) -> dict:
         return {}
     import torch
 
-    res = run_cpu(args) if args.device == "cpu" else run_cuda(args)
     elt = {"bf16": 2, "fp16": 2, "fp32": 4}[args.dtype]
     T, H, V, N = args.tokens, args.hidden, args.vocab, args.pairs
     grad_bytes = elt * (T * H + V * H + 2 * N * H + H)
+    head = {"tool": "bench_loss", "shape": args.shape, "tokens": T, "hidden": H, "vocab": V, "pairs": N,
+            "dtype": args.dtype}
+    measured = {}
+
+    def report(side, result):
+        """One JSON line per side as it finishes: a bench killed later keeps it."""
+        measured[side] = result
+        line = {**head, "line": "side", "side": side, **side_keys(side, result, measured["naive"], grad_bytes)}
+        print(json.dumps({k.replace(f"{side}_", "", 1) if k.startswith(f"{side}_") else k: v
+                          for k, v in line.items()}), flush=True)
+
+    res = run_cpu(args, report) if args.device == "cpu" else run_cuda(args, report)
     result = {
-        "shape": args.shape, "tokens": T, "hidden": H, "vocab": V, "pairs": N, "dtype": args.dtype,
-        "device": res["device"], "sides": args.sides, "fused_impl": fused_impl(args),
+        **head, "line": "summary", "device": res["device"], "sides": args.sides, "fused_impl": fused_impl(args),
         "chunk_bytes": args.chunk_bytes, "chunk_tokens": args.chunk_tokens, "chunked_rows": args.chunk_tokens,
+        "recompute_config": args.recompute_config, "fp32_accumulation_mode": accumulation_mode(args),
         "grad_bytes": grad_bytes, "memory_method": res["memory_method"], "torch": torch.__version__,
     }
-    naive = res["sides"]["naive"]
-    for side, measured in res["sides"].items():
-        result.update(side_keys(side, measured, naive, grad_bytes))
-    fused = side_keys("fused", res["sides"][args.fused_side], naive, grad_bytes)  # the --backend side, as before
+    naive = measured["naive"]
+    for side, side_result in measured.items():
+        result.update(side_keys(side, side_result, naive, grad_bytes))
+    fused = side_keys("fused", measured[args.fused_side], naive, grad_bytes)  # the --backend side, as before
     result.update(fused)
     result.update(speedup=fused["fused_speedup"], memory_ratio=fused["fused_memory_ratio"],
                   workspace_ratio=fused["fused_workspace_ratio"], max_rel_err=fused["fused_max_rel_err"],
@@ -411,6 +467,16 @@ def main(argv=None) -> dict:
         result["triton"] = None
     print(json.dumps(result), flush=True)
     return result
+
+
+def accumulation_mode(args) -> str:
+    """How the triton side adds a bf16 / fp16 GEMM into its fp32 accumulator on this device (the probe's
+    answer, megapmp_kernels.pair_loss.fp32_accumulation_mode); "fp32" for fp32 models, which need none."""
+    import torch
+    from megapmp_kernels.pair_loss import fp32_accumulation_mode
+
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
+    return "fp32" if dtype == torch.float32 else fp32_accumulation_mode(torch.device(args.device), dtype)
 
 
 if __name__ == "__main__":

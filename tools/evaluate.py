@@ -5,7 +5,8 @@
   best-of-n        candidate sets -> expected Best-of-N accuracy for N = 1, 2, 4, ... (exact), with
                    Monte-Carlo, the paper's single-draw protocol, oracle and random-pick baselines
   multiple-choice  LogiQA2.0 / ReClor -> accuracy of the argmax option (ties wrong)
-  codeprefbench    CodePrefBench aspect files -> accuracy per aspect (ties 0.5)
+  codeprefbench    CodePrefBench aspect files -> accuracy per aspect (ties 0.5), judged by a reward model, a
+                   pairwise judge or an LLM (--judge)
   code-bon         HumanEval candidates -> Best-of-N by sandboxed execution (tools/generate_candidates.py)
 
 The model is a megapmp checkpoint (a step_XXXXXXXX/ directory, or a run / checkpoints directory whose
@@ -22,6 +23,10 @@ Examples:
   python tools/evaluate.py multiple-choice --model exports/rm-hf --data ../shared/data/logiqa2/dev.txt \\
       --output reports/logiqa2_dev.json
   python tools/evaluate.py codeprefbench --model runs/pmp --data ../shared/data/codeprefbench --output reports/cpb.json
+  python tools/evaluate.py codeprefbench --judge pairwise --model runs/judge --data ../shared/data/codeprefbench \
+      --output reports/cpb_judge.json
+  python tools/evaluate.py codeprefbench --judge openai --model gpt-4o --base-url https://api.openai.com \
+      --concurrency 80 --data ../shared/data/codeprefbench --output reports/cpb_gpt4o.json
   python tools/evaluate.py rm-accuracy --model runs/rm --data pairs_valid.jsonl --output reports/valid.json
 """
 
@@ -129,8 +134,37 @@ def add_code_bon_arguments(parser: argparse.ArgumentParser) -> None:
                              "anyway with in-process guards only; without it such a machine refuses to execute")
 
 
+def add_codeprefbench_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--judge", default=None, choices=("reward", "pairwise", "openai"),
+                        help="who prefers: reward (a scalar reward model: the higher reward wins), pairwise (a megapmp "
+                             "pairwise judge trained on tools/make_judge_data.py samples: the two label tokens' "
+                             "probabilities, both orders averaged), openai (--model names an LLM served at --base-url, "
+                             "asked with CodeFavor's judging prompt, both orders). Default: pairwise when the model "
+                             "records a judge format, else reward")
+    parser.add_argument("--keep-comments", action="store_true",
+                        help="judges see the codes with comments and docstrings (default: stripped, except for the "
+                             "human-preference aspect, as in CodeFavor's evaluation)")
+    llm = parser  # the flags below are read by --judge openai only
+    llm.add_argument("--base-url", default=None, metavar="URL",
+                     help="--judge openai: the OpenAI-compatible server (vLLM, TGI, tools/serve_models.py, api.openai.com), /v1 optional")
+    llm.add_argument("--mode", default="chat", choices=("chat", "completions"),
+                     help="chat: the prompt as one user message (default, as CodeFavor); completions: raw text")
+    llm.add_argument("--api-key-env", default="OPENAI_API_KEY", metavar="VAR",
+                     help="environment variable holding the API key (default OPENAI_API_KEY; 'EMPTY' if unset)")
+    llm.add_argument("--concurrency", type=int, default=8, help="requests in flight (default 8; CodeFavor used 80)")
+    llm.add_argument("--timeout", type=float, default=300.0, metavar="S", help="per request attempt (default 300)")
+    llm.add_argument("--max-retries", type=int, default=5,
+                     help="retries of a failed request (connection errors, timeouts, 408/409/429, 5xx; with backoff "
+                          "and the server's Retry-After) before it counts as failed (default 5)")
+    llm.add_argument("--max-tokens", type=int, default=2048, help="new tokens per answer (default 2048, greedy)")
+    llm.add_argument("--judge-cache", default=None, metavar="FILE.jsonl",
+                     help="answers received, appended as they arrive; a rerun asks only what is missing (default: "
+                          "REPORT.judge.jsonl beside --output)")
+
+
 # The options of the tasks that take more than the common ones, by task name.
-TASK_ARGUMENTS = {"best-of-n": add_best_of_n_arguments, "code-bon": add_code_bon_arguments}
+TASK_ARGUMENTS = {"best-of-n": add_best_of_n_arguments, "code-bon": add_code_bon_arguments,
+                  "codeprefbench": add_codeprefbench_arguments}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -173,6 +207,13 @@ def main(argv=None) -> int:
 
     def get_scorer():
         log(f"loading {args.model}")
+        if getattr(args, "judge", None) == "pairwise":
+            from megapmp.eval.judge_scorer import JudgeScorer
+
+            if args.backend == "transformers":
+                raise ValueError("--judge pairwise scores with megapmp's model (--backend megapmp)")
+            return JudgeScorer.load(args.model, **scorer_kwargs(args), batch_tokens=args.batch_tokens,
+                                    progress=not args.no_progress)
         if args.backend == "transformers":
             from megapmp.convert.hf_scorer import TransformersRewardScorer
 
@@ -188,6 +229,10 @@ def main(argv=None) -> int:
         return scorer
 
     try:
+        if args.command == "codeprefbench" and args.judge is None:
+            from megapmp.eval.judge_scorer import recorded_judge
+
+            args.judge = "pairwise" if recorded_judge(args.model) else "reward"
         report = run_evaluation(TASKS[args.command], args, get_scorer)
     except (DataError, ConvertError, ValueError, FileNotFoundError, RuntimeError) as e:
         print(f"evaluate.py: error: {e}", file=sys.stderr)

@@ -63,13 +63,25 @@ VISIBLE_NUMBER = re.compile(r"(?<![\d.])(?<!\d,)(?:\d{1,3}(?:,\d{3})+(?:\.\d+)?|
 EXPR_TOKEN = re.compile(r"\s*(?:(\d{1,3}(?:,\d{3})+(?:\.\d+)?|\d+(?:\.\d+)?|\.\d+)|(\*\*|[-+*/()]))")
 FINAL = re.compile(r"####\s*(.+?)\s*$")
 MAX_DECIMALS = 2
+# Parentheses, unary signs and powers nest at most this deep in an expression we evaluate: the parser is
+# recursive, and a deeper (hostile or garbled) annotation is opaque instead of a RecursionError.
+MAX_NESTING = 64
 
 SKIP_REASONS = ("no_equations", "no_final_answer", "no_eligible_step", "no_valid_corruption")
 
 
+# A number as GSM8K prints one (no exponent: Fraction("1e999999999") would build a billion-digit integer),
+# of at most MAX_NUMBER_CHARS characters (a value far beyond any real answer is treated as no number).
+PLAIN_NUMBER = re.compile(r"-?(?:\d[\d,]*(?:\.\d*)?|\.\d+)")
+MAX_NUMBER_CHARS = 40
+
+
 def to_fraction(text: str) -> Fraction | None:
+    text = text.replace(",", "").strip()
+    if len(text) > MAX_NUMBER_CHARS or not PLAIN_NUMBER.fullmatch(text):
+        return None
     try:
-        return Fraction(text.replace(",", "").strip())
+        return Fraction(text)
     except (ValueError, ZeroDivisionError):
         return None
 
@@ -87,16 +99,20 @@ def tokenize_expr(expr: str) -> list[list] | None:
         if not m or m.end() == pos:
             return None
         number, op = m.groups()
+        if number and to_fraction(number) is None:
+            return None  # a number too long to be a real one: the step is opaque
         tokens.append(["num", number, to_fraction(number)] if number else ["op", op, None])
         pos = m.end()
     return tokens or None
 
 
 def evaluate(tokens: list[list]) -> Fraction | None:
-    """Exact value of a tokenized expression (numbers, + - * / ** and parentheses); None if invalid."""
+    """Exact value of a tokenized expression (numbers, + - * / ** and parentheses); None if invalid or nested
+    deeper than MAX_NESTING."""
     if not tokens:
         return None
     pos = 0
+    depth = 0
 
     def peek():
         return tokens[pos] if pos < len(tokens) else None
@@ -132,12 +148,20 @@ def evaluate(tokens: list[list]) -> Fraction | None:
         return base
 
     def factor():
-        t = peek()
-        if t is not None and t[1] in "+-" and t[0] == "op":
-            take()
-            value = factor()
-            return -value if t[1] == "-" else value
-        return power()
+        # Every recursion (parentheses, unary signs, exponents) passes through here: bound it.
+        nonlocal depth
+        depth += 1
+        if depth > MAX_NESTING:
+            raise ValueError
+        try:
+            t = peek()
+            if t is not None and t[1] in "+-" and t[0] == "op":
+                take()
+                value = factor()
+                return -value if t[1] == "-" else value
+            return power()
+        finally:
+            depth -= 1
 
     def term():
         value = factor()

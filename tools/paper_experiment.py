@@ -93,7 +93,8 @@ def finetune(base: Path, run_dir: Path, shard: str, init: str, size: int, seed: 
                  ("logging.progress", "false"), ("logging.eval_interval", "0")]
     cfg = load_train_config(str(repo / "examples" / "configs" / "tiny.toml"), overrides)
     started = time.perf_counter()
-    history = Trainer(cfg, run_dir).fit()
+    # A point rerun after a crash starts over; an earlier attempt's directory is moved aside, not spliced into.
+    history = Trainer(cfg, run_dir, overwrite=True).fit()
     return {"steps": steps, "train_seconds": round(time.perf_counter() - started, 1), "final_loss": history[-1]["loss"]}
 
 

@@ -27,7 +27,7 @@ import json
 import sys
 
 from megapmp.data.indexed import ShardError
-from megapmp.data.preprocess import IDENTICAL_POLICIES, InputError, build_shard
+from megapmp.data.preprocess import BPE_SAMPLE_MB, IDENTICAL_POLICIES, InputError, build_shard
 from megapmp.data.shards import OutputError, merge_shard_set, verify_shards
 
 TRUNCATION_HELP = (
@@ -55,6 +55,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "input in seconds, saved beside the shards); a tokenizer.json or HF tokenizer directory "
                         "(e.g. Qwen2's); a SentencePiece .model; a tiktoken .tiktoken BPE file; or hf:/sp:/tiktoken: "
                         "prefixed paths")
+    p.add_argument("--bpe-sample-mb", type=float, default=BPE_SAMPLE_MB, metavar="MB",
+                   help=f"with bpe:N, train it on the first MB megabytes of input text (default {BPE_SAMPLE_MB:g}); "
+                        "records are fed in pieces of at most 64k characters cut at line ends, so the training "
+                        "memory follows this budget whatever the record sizes (about 0.2 GB at the default)")
     p.add_argument("--keys", default=None, metavar="K1,K2,K3",
                    help="field names of prompt, chosen, rejected (default prompt,chosen,rejected; CodePMP's data: "
                         "query,better,worse); in documents mode the one text field of JSONL input (default text)")
@@ -119,7 +123,7 @@ def main(argv=None) -> int:
                 eos_policy=args.eos_policy, max_length=args.max_length, overlong=args.overlong,
                 workers=args.workers, on_error=args.on_error, rejects_path=args.rejects,
                 vocab_multiple=args.vocab_multiple, identical=args.identical, overwrite=args.overwrite,
-                progress=not args.no_progress)
+                progress=not args.no_progress, bpe_sample_mb=args.bpe_sample_mb)
     except (InputError, OutputError, ShardError, ValueError, OSError) as e:
         # OSError covers what the checks cannot foresee (a full disk, a file that vanished); its
         # message names the file.

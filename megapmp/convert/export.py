@@ -18,7 +18,10 @@ An export holds:
 
 An import holds model.safetensors (megapmp names; no score.weight when the HF model had none, so the
 trainer starts a fresh reward head), trainer.json (format megapmp-import: the model config and where it
-came from), and the HF directory's tokenizer/ and megapmp_scoring.json when it has them.
+came from), and the HF directory's tokenizer/ and megapmp_scoring.json when it has them. It exports again
+(import -> export is bitwise on the weights): with the tokenizer it brought, or one named by --tokenizer;
+an import of a directory that brought none (and no --tokenizer) exports its weights only, as it came, with
+a warning saying so.
 
 Everything is written into a temporary directory beside the output and renamed when complete.
 """
@@ -39,13 +42,14 @@ from safetensors.torch import save_file
 from megapmp.convert.hf import LM_HEAD_FILE, TOKENIZER_FILES, save_hf_directory
 from megapmp.convert.hf_scorer import TransformersRewardScorer
 from megapmp.convert.hf_tokenizer import export_tokenizer
-from megapmp.convert.source import (CHECKPOINT, HF, SCORING_FILE, TOKENIZER_SUBDIR, ConvertError, ModelSource,
-                                    ScoringRecipe, find_model_source, load_model_source, scoring_recipe)
+from megapmp.convert.source import (CHECKPOINT, HF, IMPORT_FORMAT, SCORING_FILE, TOKENIZER_SUBDIR, ConvertError,
+                                    ModelSource, NoTokenizerError, ScoringRecipe, find_model_source,
+                                    load_model_source, scoring_recipe)
+from megapmp.io import InputError, iter_jsonl, text_field
 from megapmp.model import Qwen2RewardModel
 from megapmp.model.attention import AttentionInputs
 
 SCORING_FORMAT, SCORING_VERSION = "megapmp-scoring", 1
-IMPORT_FORMAT = "megapmp-import"
 DTYPES = ("float32", "bfloat16")
 
 INPUT_RECIPE = (
@@ -132,6 +136,8 @@ def scoring_record(recipe: ScoringRecipe, tokenizer_info: dict, source: ModelSou
         "model_vocab_size": source.config.vocab_size,
         "lm_head": lm_head,
         "source": {"checkpoint": str(source.path.resolve()), "step": source.step, "data": recipe.origin},
+        # A pairwise judge is called through its LM head's label logits (megapmp.data.judge), not the score.
+        **({"judge": recipe.judge} if recipe.judge else {}),
     }
 
 
@@ -151,9 +157,17 @@ def export_to_hf(input_path, output, *, dtype: str = "float32", with_lm_head: bo
     warnings = []
     if source.trainer_state.get("config", {}).get("loss", {}).get("rm_coef", 1) == 0:
         warnings.append("this checkpoint was trained with loss.rm_coef = 0: its reward head is untrained")
-    recipe = scoring_recipe(source, tokenizer=tokenizer_spec, shard=shard, native=True)
+    try:
+        recipe = scoring_recipe(source, tokenizer=tokenizer_spec, shard=shard, native=True)
+    except NoTokenizerError:
+        if source.trainer_state.get("format") != IMPORT_FORMAT:
+            raise
+        recipe = None  # an import of an HF directory that brought no tokenizer: its weights, as they came
+        warnings.append(f"{checkpoint} was imported from an HF directory without a tokenizer: exported the "
+                        f"weights and config only (no tokenizer, no {SCORING_FILE}); pass --tokenizer SPEC to "
+                        f"include one")
     config = source.config
-    if recipe.tokenizer.vocab_size > config.vocab_size:
+    if recipe is not None and recipe.tokenizer.vocab_size > config.vocab_size:
         raise ConvertError(f"the tokenizer has {recipe.tokenizer.vocab_size} tokens, the model only "
                            f"{config.vocab_size} embedding rows")
     torch_dtype = getattr(torch, dtype)
@@ -166,12 +180,18 @@ def export_to_hf(input_path, output, *, dtype: str = "float32", with_lm_head: bo
     else:
         lm_head = {"tied": False, "file": LM_HEAD_FILE, "key": "lm_head.weight"}
 
+    if recipe is None:
+        imported = source.trainer_state.get("imported_from") or {}
+        eos_id, pad_id = imported.get("eos_token_id"), imported.get("pad_token_id")
+    else:
+        eos_id, pad_id = recipe.eos_id, recipe.pad_id
+    tokenizer_info = {"family": None, "hf_tokenizer": False, "path": None, "note": None}
     output.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.tmp-", dir=output.parent))
     try:
         export = staging / "export"
         try:
-            save_hf_directory(state_dict, config, export, pad_token_id=recipe.pad_id, eos_token_id=recipe.eos_id,
+            save_hf_directory(state_dict, config, export, pad_token_id=pad_id, eos_token_id=eos_id,
                               include_lm_head=with_lm_head,
                               extra={"megapmp": {"step": source.step, "scoring": SCORING_FILE, "lm_head": lm_head}})
         except ValueError as e:
@@ -179,9 +199,10 @@ def export_to_hf(input_path, output, *, dtype: str = "float32", with_lm_head: bo
         if lm_head["file"] == LM_HEAD_FILE:
             save_file({"lm_head.weight": state_dict["lm_head.weight"].contiguous()}, str(export / LM_HEAD_FILE),
                       metadata={"format": "pt"})
-        tokenizer_info = export_tokenizer(recipe.tokenizer, export)
-        scoring = scoring_record(recipe, tokenizer_info, source, lm_head=lm_head)
-        (export / SCORING_FILE).write_text(json.dumps(scoring, indent=2, ensure_ascii=False) + "\n")
+        if recipe is not None:
+            tokenizer_info = export_tokenizer(recipe.tokenizer, export)
+            scoring = scoring_record(recipe, tokenizer_info, source, lm_head=lm_head)
+            (export / SCORING_FILE).write_text(json.dumps(scoring, indent=2, ensure_ascii=False) + "\n")
         files = sorted(p.name for p in export.iterdir())
         _publish(export, output)
     finally:
@@ -192,7 +213,7 @@ def export_to_hf(input_path, output, *, dtype: str = "float32", with_lm_head: bo
             "warnings": warnings,
             "tokenizer": tokenizer_info["family"], "hf_tokenizer": tokenizer_info["hf_tokenizer"],
             "tokenizer_path": tokenizer_info["path"],
-            "eos_token_id": recipe.eos_id, "pad_token_id": recipe.pad_id, "files": files}
+            "eos_token_id": eos_id, "pad_token_id": pad_id, "files": files}
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -272,21 +293,20 @@ def import_from_hf(input_path, output, *, overwrite: bool = False) -> dict:
 
 
 def load_pairs(path: str | None, limit: int) -> list[dict]:
-    """At most `limit` {prompt, chosen, rejected} text pairs from a JSONL file (default: a few built in)."""
+    """At most `limit` {prompt, chosen, rejected} text pairs from a JSONL file (default: a few built in), read
+    by preprocessing's reader and rules (a bad record: ConvertError `FILE:LINE field 'X': reason`)."""
     if path is None:
         return list(DEFAULT_VERIFY_PAIRS)[:limit]
     pairs = []
-    with open(path, encoding="utf-8") as f:
-        for line_no, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-                pairs.append({k: record[k] for k in ("prompt", "chosen", "rejected")})
-            except (ValueError, KeyError, TypeError) as e:
-                raise ConvertError(f"{path}:{line_no}: not a pair with prompt/chosen/rejected ({e})") from None
+    try:
+        for line_no, record in iter_jsonl(path):
+            pairs.append({k: text_field(str(path), line_no, record, k) for k in ("prompt", "chosen", "rejected")})
             if len(pairs) == limit:
                 break
+    except InputError as e:
+        raise ConvertError(str(e)) from None
+    except OSError as e:
+        raise ConvertError(f"{path}: unreadable ({e.strerror or e})") from None
     if not pairs:
         raise ConvertError(f"{path}: no pairs")
     return pairs

@@ -42,13 +42,13 @@ import torch
 from megapmp.checkpoint import CheckpointError, is_sharded, latest_checkpoint, load_model_weights
 from megapmp.config import ModelConfig
 from megapmp.convert.hf import from_hf_config, from_hf_state_dict, load_hf_state_dict, merge_separate_lm_head
-from megapmp.data.shards import ShardMeta, load_shard_tokenizer
+from megapmp.data.shards import EOS_POLICIES, ShardMeta, load_shard_tokenizer, recipe_problems
 from megapmp.data.tokenizers import load_tokenizer
 
 SCORING_FILE = "megapmp_scoring.json"
 TOKENIZER_SUBDIR = "tokenizer"  # an export's tokenizer, and where an import keeps the HF directory's
 HF_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
-EOS_POLICIES = ("response", "none")
+IMPORT_FORMAT = "megapmp-import"  # trainer.json of a checkpoint written by export.import_from_hf
 CHECKPOINT, HF = "megapmp-checkpoint", "hf"
 
 
@@ -220,6 +220,14 @@ class ScoringRecipe:
     max_length: int | None = None
     overlong: str = "error"
     notes: list = field(default_factory=list)
+    judge: dict | None = None  # a pairwise judge's format (megapmp.data.judge); None for a reward model
+
+    def problems(self, model_vocab_size: int) -> list[str]:
+        """Why this recipe cannot make inputs for a model of `model_vocab_size` ids (the rules a shard's sidecar
+        is held to at open: megapmp.data.shards.recipe_problems, over the ids both the tokenizer and the model
+        have); empty when it can."""
+        vocab = min(model_vocab_size, getattr(self.tokenizer, "vocab_size", None) or model_vocab_size)
+        return recipe_problems(self.template.get("text"), self.eos_policy, self.eos_id, self.pad_id, vocab)
 
     def encode(self, prompt: str, responses: Sequence[str]) -> tuple[list[int], list[list[int]]]:
         """(prompt ids, [response ids]) of one prompt and its responses, without truncation."""
@@ -259,6 +267,15 @@ class TransformersTokenizer:
 
 def scoring_recipe(source: ModelSource, *, tokenizer: str | None = None, shard: str | None = None,
                    native: bool = False) -> ScoringRecipe:
+    """The tokenizer and input recipe of `source`, checked (ScoringRecipe.problems) against its model."""
+    recipe = _find_recipe(source, tokenizer=tokenizer, shard=shard, native=native)
+    problems = recipe.problems(source.config.vocab_size)
+    if problems:
+        raise ConvertError(f"the scoring recipe from {recipe.origin} is unusable: {'; '.join(problems)}")
+    return recipe
+
+
+def _find_recipe(source: ModelSource, *, tokenizer: str | None, shard: str | None, native: bool) -> ScoringRecipe:
     """The tokenizer and input recipe of `source` (the module docstring says where they come from).
 
     tokenizer: a spec or directory replacing the recorded tokenizer files. shard: a shard prefix made like
@@ -275,6 +292,8 @@ def scoring_recipe(source: ModelSource, *, tokenizer: str | None = None, shard: 
         if (source.path / SCORING_FILE).is_file():
             return _recipe_from_scoring_file(source.path / SCORING_FILE, source.path / TOKENIZER_SUBDIR,
                                              tokenizer, native)
+        if state.get("format") == IMPORT_FORMAT:  # imported from a foreign HF directory
+            return _recipe_for_foreign_hf(source, tokenizer, native)
         raise ConvertError(f"{source.path / 'trainer.json'} records no training data (shard_meta): pass --shard "
                            "PREFIX, a shard made with the same tokenizer, template and EOS policy")
     if shard is not None:
@@ -318,7 +337,7 @@ def _recipe_from_shard(source: ModelSource, shard: str, tokenizer_spec: str | No
         raise ConvertError(f"--shard {shard}: {e}") from None
     recorded = source.trainer_state.get("shard_meta")
     if recorded:
-        differ = [k for k in ("vocab_size", "eos_id", "pad_id", "template", "eos_policy")
+        differ = [k for k in ("vocab_size", "eos_id", "pad_id", "template", "eos_policy", "judge")
                   if recorded.get(k) != getattr(meta, k)]
         differ += [f"tokenizer {k}" for k in _identity_difference(meta.tokenizer, recorded["tokenizer"])]
         if differ:
@@ -366,7 +385,7 @@ def _checked_recipe(tokenizer, meta: ShardMeta, origin: str) -> ScoringRecipe:
         raise ConvertError(f"tokenizer eos/pad ids {tokenizer.eos_id}/{tokenizer.pad_id} differ from the data's "
                            f"{meta.eos_id}/{meta.pad_id}")
     return ScoringRecipe(tokenizer, dict(meta.template), meta.eos_policy, meta.eos_id, meta.pad_id, origin,
-                         meta.max_length, meta.overlong)
+                         meta.max_length, meta.overlong, judge=meta.judge)
 
 
 def _recipe_from_scoring_file(scoring_path: Path, tokenizer_dir: Path | None, tokenizer_spec: str | None,
@@ -396,7 +415,7 @@ def _recipe_from_scoring_file(scoring_path: Path, tokenizer_dir: Path | None, to
         raise ConvertError(f"tokenizer eos/pad ids {tokenizer.eos_id}/{tokenizer.pad_id} differ from "
                            f"{scoring_path.name}'s {eos_id}/{pad_id}")
     return ScoringRecipe(tokenizer, template, eos_policy, eos_id, pad_id, str(scoring_path),
-                         scoring.get("max_length"), scoring.get("overlong", "error"), notes)
+                         scoring.get("max_length"), scoring.get("overlong", "error"), notes, scoring.get("judge"))
 
 
 def _hf_tokenizer_dir(directory: Path) -> Path | None:
@@ -408,21 +427,43 @@ def _hf_tokenizer_dir(directory: Path) -> Path | None:
     return None
 
 
-def _recipe_for_foreign_hf(source: ModelSource, tokenizer_spec: str | None) -> ScoringRecipe:
+class NoTokenizerError(ConvertError):
+    """A model source that brought no tokenizer (an HF directory without one, or a checkpoint imported
+    from such a directory), and none was named."""
+
+
+def _recipe_for_foreign_hf(source: ModelSource, tokenizer_spec: str | None, native: bool = False) -> ScoringRecipe:
+    """The defaults for a model from a foreign HF directory (no megapmp_scoring.json): that directory's
+    tokenizer (an imported checkpoint keeps it in tokenizer/), template '{prompt}', EOS policy 'none', and the
+    eos/pad ids of its config.json. `native`: a megapmp Tokenizer (what an export writes out again), whose
+    ids must then be the config's; otherwise transformers' AutoTokenizer reads it, as any HF scorer would."""
     directory = source.path
+    if source.kind == HF:
+        recorded, tokenizer_dir = source.hf_config, _hf_tokenizer_dir(directory)
+    else:  # a checkpoint written by import_from_hf
+        recorded = source.trainer_state.get("imported_from") or {}
+        tokenizer_dir = _hf_tokenizer_dir(directory / TOKENIZER_SUBDIR) if (directory / TOKENIZER_SUBDIR).is_dir() \
+            else None
     if tokenizer_spec:
         tokenizer = _load_tokenizer(tokenizer_spec, f"--tokenizer {tokenizer_spec}")
+    elif tokenizer_dir is None:
+        where = f"there or in {directory / TOKENIZER_SUBDIR}" if source.kind == HF else f"in {directory / TOKENIZER_SUBDIR}"
+        raise NoTokenizerError(f"{directory}: no tokenizer files ({', '.join(HF_TOKENIZER_FILES)}) {where} (the HF "
+                               f"directory brought none): pass --tokenizer")
+    elif native:
+        tokenizer = _load_tokenizer(str(tokenizer_dir), f"in {tokenizer_dir}")
     else:
-        tokenizer_dir = _hf_tokenizer_dir(directory)
-        if tokenizer_dir is None:
-            raise ConvertError(f"{directory}: no tokenizer files ({', '.join(HF_TOKENIZER_FILES)}) there or in "
-                               f"{directory / TOKENIZER_SUBDIR}: pass --tokenizer")
         tokenizer = TransformersTokenizer(tokenizer_dir)
-    eos = source.hf_config.get("eos_token_id", tokenizer.eos_id)
+    eos = recorded.get("eos_token_id", tokenizer.eos_id)
     eos = eos[0] if isinstance(eos, list) else eos
-    pad = source.hf_config.get("pad_token_id", tokenizer.pad_id)
+    eos = tokenizer.eos_id if eos is None else eos
+    pad = recorded.get("pad_token_id", tokenizer.pad_id)
     if eos is None:
         raise ConvertError(f"{directory}: neither config.json nor the tokenizer names an eos token id")
-    return ScoringRecipe(tokenizer, {"name": "none", "text": "{prompt}"}, "none", int(eos),
-                         int(pad if pad is not None else eos), f"{directory} (no {SCORING_FILE}: defaults)",
+    pad = int(pad if pad is not None else eos)
+    if native and (tokenizer.eos_id, tokenizer.pad_id) != (eos, pad):
+        raise ConvertError(f"{directory}: config.json's eos/pad ids {eos}/{pad} differ from its tokenizer's "
+                           f"{tokenizer.eos_id}/{tokenizer.pad_id}: pass --tokenizer with one that agrees")
+    return ScoringRecipe(tokenizer, {"name": "none", "text": "{prompt}"}, "none", int(eos), pad,
+                         f"{directory} (no {SCORING_FILE}: defaults)",
                          notes=[f"no {SCORING_FILE}: template '{{prompt}}' and eos_policy 'none' assumed"])

@@ -11,7 +11,10 @@ from dataclasses import dataclass
 import numpy as np
 
 from megapmp.data.indexed import ShardError, bin_path
+from megapmp.data.packing import pair_packed_length
 from megapmp.data.shards import ShardMeta, open_shard
+
+OVERLONG_POLICIES = ("error", "drop")
 
 
 @dataclass(frozen=True)
@@ -74,6 +77,26 @@ class DocumentDataset:
         return int(np.searchsorted(self.index.document_index, sequence, side="right")) - 1
 
 
+def pairs_that_fit(dataset: PairDataset, seq_len: int, layout: str, overlong: str = "error") -> np.ndarray | None:
+    """The pairs of `dataset` that fit one packed row of `seq_len` tokens in `layout`, from the index alone
+    (no token is read): None when all do. A pair that does not fit would stop the run at the step that draws
+    it, so it is found here, at open: overlong="error" raises a ShardError naming the shard, how many, the
+    longest and the flags that deal with them; "drop" returns the indices of the others."""
+    need = pair_packed_length(dataset.prompt_lengths.astype(np.int64), dataset.chosen_lengths.astype(np.int64),
+                              dataset.rejected_lengths.astype(np.int64), layout)
+    too_long = np.flatnonzero(need > seq_len)
+    if not len(too_long):
+        return None
+    longest = int(too_long[np.argmax(need[too_long])])
+    if overlong == "drop" and len(too_long) < len(dataset):
+        return np.flatnonzero(need <= seq_len)
+    what = "all" if len(too_long) == len(dataset) else f"{len(too_long)} of {len(dataset)}"
+    raise ShardError(f"{dataset.prefix}: {what} pairs do not fit a row of data.seq_len={seq_len} tokens in the "
+                     f"{layout} layout (the longest, pair {longest}, needs {int(need[longest])}): raise --data.seq_len, "
+                     f"leave them out with --data.overlong drop, or preprocess again with --max-length "
+                     f"{seq_len // 2} --overlong truncate")
+
+
 def check_token_ids(dataset, items, vocab_size: int) -> None:
     """Raise ShardError naming the shard and document of the first of `items` holding a token id
     outside [0, vocab_size): a damaged `.bin` keeps its size, and would otherwise end in a bare
@@ -95,6 +118,7 @@ def check_compatible(metas: list[ShardMeta], prefixes: list[str]) -> None:
     """Datasets blended into one stream must share tokenizer ids and template."""
     first = metas[0]
     for prefix, meta in zip(prefixes[1:], metas[1:]):
-        differ = [k for k in ("vocab_size", "eos_id", "pad_id", "template", "eos_policy") if getattr(meta, k) != getattr(first, k)]
+        differ = [k for k in ("vocab_size", "eos_id", "pad_id", "template", "eos_policy", "judge")
+                  if getattr(meta, k) != getattr(first, k)]
         if differ:
             raise ShardError(f"{prefix} cannot be blended with {prefixes[0]}: different {', '.join(differ)}")

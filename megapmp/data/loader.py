@@ -7,14 +7,20 @@ come from the shards' index lengths, so they are global without a collective and
 
 from __future__ import annotations
 
+import math
 import queue
 import threading
 from dataclasses import dataclass, replace
 
 import numpy as np
 
-from megapmp.data.datasets import DocumentDataset, PairDataset, check_compatible, check_token_ids
-from megapmp.data.packing import LAYOUTS, PACKINGS, PackedBatch, flatten_rows, pack_documents, pack_pairs
+from megapmp.data.datasets import DocumentDataset, PairDataset, check_compatible, check_token_ids, pairs_that_fit
+from megapmp.data.packing import (LAYOUTS, PACKINGS, PackedBatch, balance_into_budget, flatten_rows, pack_documents,
+                                   pack_pairs, pair_packed_length)
+
+# A fitted token budget is a multiple of this: FlexAttention's block (its block mask is [T/128, T/128]) and a
+# tile size the GEMMs like.
+BUDGET_MULTIPLE = 128
 
 
 class EpochShuffle:
@@ -118,14 +124,25 @@ class StepLoader:
     `kind` is "pairs" (PMP, RM finetuning) or "documents" (LM pretraining; items are windows of at most
     seq_len tokens).
 
+    With a token budget (`micro_batch_tokens`, packing="flat" only) every micro-batch is ONE row of exactly
+    that many tokens, so a compiled model sees one shape for the whole run: this rank's items are split by
+    their token counts (``balance_into_budget``: even totals; `micro_batches` groups, more only when the
+    step's items do not fit, in steps of `micro_batch_multiple`), each packed and padded to the budget.
+    "auto" fits the budget to the shards' length distribution (``fit_micro_batch_tokens``). Which items
+    make a step, and so the loss normalisation, do not depend on it.
+
     Every token read is checked against the shards' vocabulary (one vectorised max per micro-batch on
     the host, before any tensor exists); a token outside it raises ShardError naming shard and document.
+    Every pair's length is checked against `seq_len` at construction, from the index
+    (datasets.pairs_that_fit): `overlong` "error" refuses a shard holding one that cannot fit a row, "drop"
+    leaves such pairs out (counted in `dropped`, {prefix: pairs}).
     """
 
     def __init__(self, prefixes: list[str], *, kind: str = "pairs", weights: list[float] | None = None,
                  items_per_step: int, micro_batches: int = 1, seq_len: int, layout: str = "duplicated",
                  packing: str = "rows", pad_multiple: int = 1,
-                 dp_rank: int = 0, dp_size: int = 1, seed: int = 0, shuffle: bool = True):
+                 dp_rank: int = 0, dp_size: int = 1, seed: int = 0, shuffle: bool = True, overlong: str = "error",
+                 micro_batch_tokens: int | str | None = None, micro_batch_multiple: int = 1):
         problems = []
         if items_per_step % (dp_size * micro_batches):
             problems.append(f"items_per_step {items_per_step} is not divisible by dp_size {dp_size} x "
@@ -138,6 +155,8 @@ class StepLoader:
             problems.append(f"packing {packing!r} is not one of {', '.join(PACKINGS)}")
         if kind not in ("pairs", "documents"):
             problems.append(f"kind {kind!r} is not pairs or documents")
+        if micro_batch_tokens is not None and packing != "flat":
+            problems.append(f"a micro-batch token budget needs packing='flat', not {packing!r}")
         if problems:
             raise ValueError("; ".join(problems))
         self.kind, self.layout, self.seq_len = kind, layout, seq_len
@@ -151,8 +170,48 @@ class StepLoader:
         check_compatible([d.meta for d in self.datasets], list(prefixes))
         self.pad_id = self.datasets[0].meta.pad_id
         self.vocab_size = self.datasets[0].meta.vocab_size
-        self.sampler = BlendedSampler([len(d) for d in self.datasets], weights, seed=seed, shuffle=shuffle)
+        # The items each dataset's sampler stream draws from (None: all of them).
+        self.kept = [pairs_that_fit(d, seq_len, layout, overlong) if kind == "pairs" else None for d in self.datasets]
+        self.dropped = {d.prefix: len(d) - len(k) for d, k in zip(self.datasets, self.kept) if k is not None}
+        self.sampler = BlendedSampler([len(d) if k is None else len(k) for d, k in zip(self.datasets, self.kept)],
+                                      weights, seed=seed, shuffle=shuffle)
         self.steps_taken = 0
+        self.micro_batch_multiple = micro_batch_multiple
+        self.token_budget = self._token_budget(micro_batch_tokens, seed) if micro_batch_tokens is not None else None
+
+    @property
+    def micro_batch_tokens(self) -> int | None:
+        """Tokens of every micro-batch under a token budget; None without one."""
+        return self.token_budget.tokens if self.token_budget is not None else None
+
+    def item_lengths(self, d: int, items: np.ndarray) -> np.ndarray:
+        """Tokens each of ``items`` of dataset ``d`` occupies in a packed row (its layout's count), from the
+        index alone."""
+        ds = self.datasets[d]
+        if self.kind == "pairs":
+            return pair_packed_length(ds.prompt_lengths[items].astype(np.int64), ds.chosen_lengths[items],
+                                      ds.rejected_lengths[items], self.layout)
+        return np.minimum(ds.window, ds.index.sequence_lengths[ds.sequence_of_item[items]].astype(np.int64)
+                          - ds.offset_of_item[items])
+
+    def _token_budget(self, requested, seed: int) -> "TokenBudget":
+        # Over the items the sampler can draw (data.overlong = drop leaves some out).
+        lengths = [self.item_lengths(d, np.arange(len(ds)) if kept is None else kept)
+                   for d, (ds, kept) in enumerate(zip(self.datasets, self.kept))]
+        if requested == "auto":
+            sizes = [len(x) for x in lengths]
+            share = self.sampler.weights / np.array(sizes)  # each item's draw probability, per dataset
+            return fit_micro_batch_tokens(np.concatenate(lengths), np.repeat(share, sizes),
+                                          self.items_per_step // self.dp_size, self.micro_batches,
+                                          multiple=math.lcm(BUDGET_MULTIPLE, self.pad_multiple),
+                                          group_multiple=self.micro_batch_multiple, seed=seed)
+        if isinstance(requested, bool) or not isinstance(requested, int) or requested <= 0:
+            raise ValueError(f"micro_batch_tokens must be 'auto' or a positive integer, got {requested!r}")
+        longest = max(int(x.max()) for x in lengths)
+        if requested < longest or requested % self.pad_multiple:
+            raise ValueError(f"micro_batch_tokens={requested} must hold the longest item of the shards ({longest} "
+                             f"tokens) and be a multiple of {self.pad_multiple}")
+        return TokenBudget(requested, fitted=False)
 
     @property
     def meta(self):
@@ -160,10 +219,22 @@ class StepLoader:
 
     def next_step(self) -> StepBatch:
         draws = self.sampler.take(self.items_per_step)
+        for d, kept in enumerate(self.kept):
+            if kept is not None:  # stream positions -> the dataset's item indices
+                draws[draws[:, 0] == d, 1] = kept[draws[draws[:, 0] == d, 1]]
         self.steps_taken += 1
         per_rank = self.items_per_step // self.dp_size
         mine = draws[self.dp_rank * per_rank : (self.dp_rank + 1) * per_rank]
-        groups = np.split(mine, self.micro_batches)
+        if self.token_budget is None:
+            groups = np.split(mine, self.micro_batches)
+        else:
+            lengths = np.empty(len(mine), np.int64)
+            for d in np.unique(mine[:, 0]).tolist():
+                where = mine[:, 0] == d
+                lengths[where] = self.item_lengths(d, mine[where, 1])
+            groups = [mine[members] for members in balance_into_budget(lengths, self.micro_batches,
+                                                                         self.token_budget.tokens,
+                                                                         self.micro_batch_multiple)]
         return StepBatch([self._pack(g) for g in groups], *self._global_counts(draws), draws)
 
     def _pack(self, draws: np.ndarray) -> PackedBatch:
@@ -177,7 +248,7 @@ class StepLoader:
             for d, i in draws.tolist():
                 check_token_ids(self.datasets[d], [i], self.vocab_size)
         if self.packing == "flat":
-            packed = flatten_rows(packed, self.pad_id, self.pad_multiple)
+            packed = flatten_rows(packed, self.pad_id, self.pad_multiple, width=self.micro_batch_tokens)
         return packed
 
     def _global_counts(self, draws: np.ndarray) -> tuple[int, int]:
@@ -199,6 +270,71 @@ class StepLoader:
     def load_state_dict(self, state: dict) -> None:
         self.sampler.load_state_dict(state["sampler"])
         self.steps_taken = int(state["steps_taken"])
+
+
+@dataclass(frozen=True)
+class TokenBudget:
+    """Tokens per micro-batch, and (when fitted) what the fit expects of it on draws like the run's."""
+
+    tokens: int
+    fitted: bool = True
+    expected_padding: float | None = None  # padded tokens / real tokens - 1, per step
+    extra_micro_batch_rate: float | None = None  # fraction of steps needing more than micro_batches groups
+
+    def describe(self) -> str:
+        if not self.fitted:
+            return f"{self.tokens} tokens per micro-batch (data.micro_batch_tokens)"
+        return (f"{self.tokens} tokens per micro-batch (fitted to the shards: expected padding "
+                f"{100 * self.expected_padding:.1f}%, {100 * self.extra_micro_batch_rate:.1f}% of steps one more "
+                f"micro-batch)")
+
+
+def fit_micro_batch_tokens(pool: np.ndarray, probabilities: np.ndarray | None, items: int, micro_batches: int, *,
+                           multiple: int = BUDGET_MULTIPLE, group_multiple: int = 1, trials: int = 128,
+                           seed: int = 0) -> TokenBudget:
+    """The token budget T (a multiple of ``multiple``) that minimises the expected padded tokens of a step,
+    (micro-batches the step needs at T) x T, over ``trials`` simulated steps of ``items`` items drawn from
+    ``pool`` (item token counts, drawn with ``probabilities``), each split by ``balance_into_budget``.
+
+    A larger T pads every micro-batch more; a smaller one makes more steps need an extra micro-batch (a
+    whole T of mostly padding). T never goes below the longest item, nor below the smallest lightest-split
+    maximum any trial met (below that every step would need extra micro-batches). Deterministic in
+    ``seed``: a resumed run fits the same T.
+    """
+    pool = np.asarray(pool, dtype=np.int64)
+    if probabilities is not None:
+        probabilities = np.asarray(probabilities, dtype=np.float64) / np.sum(probabilities)
+    rng = np.random.default_rng([seed, 0x7B])
+    steps = [np.sort(rng.choice(pool, size=items, p=probabilities))[::-1] for _ in range(trials)]
+    round_up = lambda n: -(-int(n) // multiple) * multiple  # noqa: E731
+    splits = [{micro_batches: _heaviest_group(s, micro_batches)} for s in steps]
+    lowest = round_up(max(int(pool.max()), min(split[micro_batches] for split in splits)))
+    highest = round_up(max(split[micro_batches] for split in splits))
+    candidates = np.arange(lowest, highest + 1, multiple)
+    cost = np.zeros(len(candidates))
+    extra = np.zeros(len(candidates))
+    for s, split in zip(steps, splits):
+        for j, budget in enumerate(candidates.tolist()):
+            groups = micro_batches
+            while True:
+                if groups not in split:
+                    split[groups] = _heaviest_group(s, groups)
+                if split[groups] <= budget:
+                    break
+                groups += group_multiple
+            cost[j] += groups * budget
+            extra[j] += groups > micro_batches
+    best = int(np.argmin(cost))  # the first minimum: the smaller budget on a tie
+    real = sum(int(s.sum()) for s in steps)
+    return TokenBudget(int(candidates[best]), True, float(cost[best] / real - 1), float(extra[best] / trials))
+
+
+def _heaviest_group(descending: np.ndarray, groups: int) -> int:
+    """The largest group total of the longest-first split of ``descending`` item lengths into ``groups``."""
+    totals = np.zeros(groups, np.int64)
+    for n in descending.tolist():
+        totals[int(np.argmin(totals))] += n
+    return int(totals.max())
 
 
 class BackgroundLoader:

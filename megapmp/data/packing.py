@@ -230,9 +230,10 @@ def pack_documents(pieces, seq_len: int, pad_id: int) -> PackedBatch:
 PACKINGS = ("rows", "flat")
 
 
-def flatten_rows(packed: PackedBatch, pad_id: int, multiple: int = 1) -> PackedBatch:
+def flatten_rows(packed: PackedBatch, pad_id: int, multiple: int = 1, width: int | None = None) -> PackedBatch:
     """The same micro-batch as ONE row holding only its real tokens, padded at the end to a multiple of
-    `multiple` tokens (e.g. the tensor-parallel size under sequence parallelism).
+    `multiple` tokens (e.g. the tensor-parallel size under sequence parallelism), or to exactly `width`
+    tokens (a token budget: every micro-batch of a run the same shape).
 
     Rows of seq_len are how first-fit bounds a micro-batch, but the row-end padding they leave is pure
     waste to a varlen attention kernel (flash-attn, torch varlen, the segmented CPU path): every token of
@@ -243,7 +244,10 @@ def flatten_rows(packed: PackedBatch, pad_id: int, multiple: int = 1) -> PackedB
         raise ValueError(f"multiple must be >= 1, got {multiple}")
     keep = packed.segment_ids.reshape(-1) >= 0  # [R*S]
     real = int(keep.sum())
-    width = max(multiple, -(-real // multiple) * multiple)
+    if width is None:
+        width = max(multiple, -(-real // multiple) * multiple)
+    elif width < max(real, 1) or width % multiple:
+        raise ValueError(f"width {width} must hold the {real} real tokens and be a multiple of {multiple}")
     new_index = np.cumsum(keep) - 1  # flat old index -> flat new index, valid where keep
 
     def take(array: np.ndarray, fill) -> np.ndarray:
@@ -267,3 +271,42 @@ def flatten_rows(packed: PackedBatch, pad_id: int, multiple: int = 1) -> PackedB
                        new_index[packed.chosen_index].astype(np.int64),
                        new_index[packed.rejected_index].astype(np.int64), cu, int(np.diff(cu).max(initial=0)),
                        packed.layout)
+
+
+def balance_into_budget(lengths: np.ndarray, min_groups: int, budget: int, group_multiple: int = 1) -> list[list[int]]:
+    """Split items of ``lengths`` tokens into micro-batches of at most ``budget`` tokens with even totals.
+
+    Longest processing time first: items in decreasing length (ties by index), each to the group with the
+    fewest tokens so far (ties: the lowest group). The fewest groups that fit, starting at ``min_groups``
+    and going up in steps of ``group_multiple`` (an interleaved pipeline needs a multiple of its stages):
+    with the budget fitted to the data (megapmp.data.loader.fit_micro_batch_tokens) a step rarely needs
+    more than ``min_groups``. Returns the item indices of each group, in their original order; empty
+    groups only when there are fewer items than groups. Deterministic.
+    """
+    lengths = np.asarray(lengths, dtype=np.int64)
+    if len(lengths) and int(lengths.max()) > budget:
+        i = int(np.argmax(lengths))
+        raise ValueError(f"item {i} needs {int(lengths[i])} tokens, more than the micro-batch budget of {budget}")
+    if min_groups < 1 or group_multiple < 1:
+        raise ValueError(f"min_groups {min_groups} and group_multiple {group_multiple} must be >= 1")
+    order = np.argsort(-lengths, kind="stable")
+    groups = min_groups
+    while True:
+        members = _longest_first(lengths, order, groups, budget)
+        if members is not None:
+            return [sorted(m) for m in members]
+        groups += group_multiple
+
+
+def _longest_first(lengths: np.ndarray, order: np.ndarray, groups: int, budget: int) -> list[list[int]] | None:
+    """The longest-first assignment into ``groups`` groups; None as soon as an item does not fit the
+    lightest group (then it fits none)."""
+    totals = np.zeros(groups, np.int64)
+    members: list[list[int]] = [[] for _ in range(groups)]
+    for i in order.tolist():
+        g = int(np.argmin(totals))
+        if totals[g] + lengths[i] > budget:
+            return None
+        totals[g] += lengths[i]
+        members[g].append(i)
+    return members

@@ -23,7 +23,8 @@ from typing import Iterable, Iterator, NamedTuple
 
 import numpy as np
 
-from megapmp.io import InputError, open_lines, parse_json_line
+from megapmp.data.shards import EOS_POLICIES  # noqa: F401  (one list of policies, checked at every open)
+from megapmp.io import InputError, open_lines, parse_json_line, text_field
 
 CODEPMP_TEMPLATE = (
     "### Instruction: Please read the following code description carefully and generate the actual code "
@@ -31,7 +32,6 @@ CODEPMP_TEMPLATE = (
     "### Code Description:\n{prompt}\n\n### Response:"
 )
 TEMPLATES = {"none": "{prompt}", "codepmp": CODEPMP_TEMPLATE}
-EOS_POLICIES = ("response", "none")
 # Pairs: the paper's choice, "w/o EOC" (CodePMP section 5.2 and Table 7: no end-of-context token after a
 # response beat appending one, e.g. LogiQA2.0-pair accuracy 0.752 vs 0.686): the reward is read at the
 # response's own last token. Documents keep EOS: there it only marks where a document ends for the LM.
@@ -71,6 +71,7 @@ class PairFormat:
     overlong: str = "error"  # error: reject the record; truncate: see fit_pair
     dtype: str = "uint16"
     identical: str = "reject"  # reject: chosen == rejected is a bad record (nothing to prefer); keep: train on it
+    judge_labels: tuple[str, str] | None = None  # judge samples: chosen and rejected must be these two labels
 
 
 def fit_pair(prompt: list[int], chosen: list[int], rejected: list[int], max_length: int, eos_id: int | None):
@@ -134,17 +135,7 @@ def _parse_pair(file: str, line_no: int, raw: bytes, keys: tuple[str, str, str])
     record = parse_json_line(file, line_no, raw)
     if not isinstance(record, dict):
         raise InputError(file, line_no, None, f"expected a JSON object, got {type(record).__name__}")
-    values = []
-    for key in keys:
-        if key not in record:
-            raise InputError(file, line_no, key, "missing field")
-        value = record[key]
-        if not isinstance(value, str):
-            raise InputError(file, line_no, key, f"expected a string, got {type(value).__name__}")
-        if not value.strip():
-            raise InputError(file, line_no, key, "empty field")
-        values.append(value)
-    return tuple(values)
+    return tuple(text_field(file, line_no, record, key) for key in keys)
 
 
 def _pad_at_readout(file: str, line_no: int, keys, chosen: list[int], rejected: list[int],
@@ -178,6 +169,11 @@ def process_pair_chunk(file: str, lines: list[tuple[int, bytes]]) -> ChunkResult
         if chosen == rejected and fmt.identical == "reject":
             rejects.append(_reject(InputError(file, line_no, fmt.keys[2], IDENTICAL_REASON), raw))
             identical += 1
+            continue
+        if fmt.judge_labels and sorted((chosen, rejected)) != sorted(fmt.judge_labels):
+            field = fmt.keys[1] if chosen not in fmt.judge_labels else fmt.keys[2]
+            why = f"a judge sample's chosen and rejected are its two labels {' and '.join(map(repr, fmt.judge_labels))}"
+            rejects.append(_reject(InputError(file, line_no, field, why), raw))
             continue
         accepted.append((line_no, raw, (prompt, chosen, rejected)))
     prompts = [fmt.template.replace("{prompt}", p) for _, _, (p, _, _) in accepted]
@@ -347,10 +343,19 @@ class BuildStats:
                 "tokens_per_s": round(self.tokens / self.seconds, 1) if self.seconds else 0.0}
 
 
+BPE_SAMPLE_MB = 32.0  # --bpe-sample-mb: the text a bpe:N tokenizer is trained on, in MB of UTF-8
+BPE_PIECE_CHARS = 64 << 10
+
+
 def bpe_training_texts(inputs: list[str], kind: str, keys: tuple[str, ...], template: str,
-                       max_bytes: int = 32 << 20) -> Iterator[str]:
-    """Text to train the embedded BPE on: the first `max_bytes` of the input, records as preprocessed.
-    Malformed records are passed over here; the real pass reports them."""
+                       max_bytes: int = int(BPE_SAMPLE_MB * 1e6), piece_chars: int = BPE_PIECE_CHARS) -> Iterator[str]:
+    """Text to train the embedded BPE on: the records as preprocessed, in order, until `max_bytes` of UTF-8
+    in all (the budget: --bpe-sample-mb), each record cut into pieces of at most `piece_chars` characters, at a
+    line end where there is one. Its training memory is then bounded by the budget whatever the records'
+    sizes: the trainer's working memory for one string grows far beyond the string (a single 20 MB record
+    took 2.2 GB before pieces; the same text in small records, megabytes). A cut only splits a run of
+    newlines or a line longer than a piece between two pieces, so the counts the merges are learned from
+    barely move. Malformed records are passed over here; the real pass reports them."""
     seen = 0
     if kind == "documents":
         items = (raw.decode("utf-8", errors="ignore") for _, _, raw in document_sources(inputs, keys[0])
@@ -358,10 +363,28 @@ def bpe_training_texts(inputs: list[str], kind: str, keys: tuple[str, ...], temp
     else:
         items = _pair_texts(inputs, keys, template)
     for text in items:
-        yield text
-        seen += len(text)
-        if seen >= max_bytes:
-            return
+        for piece in _pieces(text, piece_chars):
+            size = len(piece.encode("utf-8"))
+            if seen + size > max_bytes:
+                if max_bytes > seen:
+                    yield piece.encode("utf-8")[: max_bytes - seen].decode("utf-8", errors="ignore")
+                return
+            yield piece
+            seen += size
+
+
+def _pieces(text: str, piece_chars: int) -> Iterator[str]:
+    """`text` in consecutive pieces of at most `piece_chars` characters, each
+    ending after a newline where the piece holds one."""
+    start = 0
+    while len(text) - start > piece_chars:
+        stop = text.rfind("\n", start, start + piece_chars) + 1
+        if stop <= start:
+            stop = start + piece_chars
+        yield text[start:stop]
+        start = stop
+    if start < len(text):
+        yield text[start:] if start else text
 
 
 def _pair_texts(inputs, keys, template) -> Iterator[str]:
@@ -381,14 +404,19 @@ def build_shard(inputs: list[str], output_prefix: str, *, kind: str = "pairs", t
                 eos_policy: str | None = None, max_length: int | None = None, overlong: str = "error",
                 workers: int = 1, on_error: str = "fail", rejects_path: str | None = None,
                 vocab_multiple: int = 128, identical: str = "reject", overwrite: bool = False,
-                progress: bool = True) -> dict:
+                judge: dict | None = None, progress: bool = True, bpe_sample_mb: float = BPE_SAMPLE_MB) -> dict:
     """Tokenize `inputs` into the shard `output_prefix` (.bin/.idx/.json, + .tokenizer/).
 
     Raises InputError on the first bad record when on_error == "fail", and when nothing is left to
     write; OutputError when the output cannot be written there, or exists and `overwrite` is False.
     Nothing is left behind on any error. A pair whose chosen equals its rejected is a bad record unless
     identical == "keep". `eos_policy` None is DEFAULT_EOS_POLICY[kind] (pairs: "none", the paper's w/o EOC).
+    A `bpe:N` tokenizer is trained on the first `bpe_sample_mb` MB of the input text (bpe_training_texts).
     Returns the statistics also stored in the sidecar's `counts`.
+
+    `judge` (megapmp.data.judge.JudgeFormat.to_meta without label ids) makes a pairwise judge's shard: every
+    record's chosen and rejected are the format's two labels, each of which must be one token of the
+    tokenizer (their ids are recorded in the sidecar's `judge`), and eos_policy must be "none".
     """
     import time
 
@@ -400,17 +428,23 @@ def build_shard(inputs: list[str], output_prefix: str, *, kind: str = "pairs", t
 
     output_prefix = str(output_prefix)
     eos_policy = eos_policy or DEFAULT_EOS_POLICY.get(kind, "none")
-    _check_options(inputs, kind, keys, eos_policy, max_length, overlong, workers, on_error, rejects_path, identical)
+    _check_options(inputs, kind, keys, eos_policy, max_length, overlong, workers, on_error, rejects_path, identical,
+                   bpe_sample_mb)
+    if judge is not None and (kind != "pairs" or eos_policy != "none"):
+        raise ValueError("a judge shard holds pairs whose responses are one label token each: kind 'pairs' and "
+                         f"eos_policy 'none', got {kind!r} and {eos_policy!r}")
     _check_paths(inputs, output_prefix, rejects_path, overwrite)
     template_name, template_text = resolve_template(template) if kind == "pairs" else ("none", "{prompt}")
     staging = make_staging_dir(output_prefix)
     start = time.perf_counter()
     try:
         tok = _prepare_tokenizer(tokenizer, staging / "tokenizer", inputs, kind, keys, template_text,
-                                 load_tokenizer, train_bpe)
+                                 load_tokenizer, train_bpe, int(bpe_sample_mb * 1e6))
         dtype = optimal_dtype(tok.vocab_size)
+        if judge is not None:
+            judge = {**judge, "label_ids": judge_label_ids(tok, judge["labels"])}
         fmt = PairFormat(tok.spec(), tuple(keys), template_text, eos_policy, max_length, overlong, dtype.name,
-                         identical)
+                         identical, tuple(judge["labels"]) if judge else None)
         stats = BuildStats()
         rejects_file = open(staging / "rejects.jsonl", "w") if rejects_path else None
         unit = "pairs" if kind == "pairs" else "docs"
@@ -452,15 +486,30 @@ def build_shard(inputs: list[str], output_prefix: str, *, kind: str = "pairs", t
                          template={"name": template_name, "text": template_text}, eos_policy=eos_policy,
                          max_length=max_length, overlong=overlong, counts=counts,
                          checksums=shard_checksums(output_prefix), sizes=shard_sizes(output_prefix),
-                         inputs=[str(p) for p in inputs])
+                         inputs=[str(p) for p in inputs], judge=judge)
         meta.save(output_prefix)
         return counts
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 
 
+def judge_label_ids(tok, labels) -> list[int]:
+    """The token id of each judge label; a label must be one token on its own (it is the whole response
+    the judge is trained to give), and the two must differ."""
+    ids = []
+    for label in labels:
+        encoded = tok.encode(label)
+        if len(encoded) != 1:
+            raise ValueError(f"judge label {label!r} is {len(encoded)} tokens of the tokenizer {tok.spec()}: a label "
+                             "must be one token (choose other --labels)")
+        ids.append(int(encoded[0]))
+    if len(set(ids)) != len(ids):
+        raise ValueError(f"judge labels {list(labels)} map to the same token id {ids[0]}")
+    return ids
+
+
 def _check_options(inputs, kind, keys, eos_policy, max_length, overlong, workers, on_error, rejects_path,
-                   identical) -> None:
+                   identical, bpe_sample_mb=BPE_SAMPLE_MB) -> None:
     problems = []
     if not inputs:
         problems.append("no input given")
@@ -475,6 +524,8 @@ def _check_options(inputs, kind, keys, eos_policy, max_length, overlong, workers
         problems.append(f"--keys in documents mode names the one text field, got {','.join(keys)}")
     if eos_policy not in EOS_POLICIES:
         problems.append(f"--eos-policy {eos_policy!r} is not one of {', '.join(EOS_POLICIES)}")
+    if not bpe_sample_mb > 0:
+        problems.append(f"--bpe-sample-mb {bpe_sample_mb} must be positive")
     if overlong not in OVERLONG_POLICIES:
         problems.append(f"--overlong {overlong!r} is not one of {', '.join(OVERLONG_POLICIES)}")
     if max_length is not None and max_length < 4:
@@ -510,11 +561,12 @@ def _check_paths(inputs, output_prefix: str, rejects_path: str | None, overwrite
             raise OutputError(f"--rejects {rejects_path}: cannot write there ({e.strerror or e})") from None
 
 
-def _prepare_tokenizer(spec, staging_dir: Path, inputs, kind, keys, template_text, load_tokenizer, train_bpe):
+def _prepare_tokenizer(spec, staging_dir: Path, inputs, kind, keys, template_text, load_tokenizer, train_bpe,
+                       bpe_sample_bytes: int):
     """Load the tokenizer (or train the embedded BPE on the input) and stage a copy to ship with the shard."""
     if spec and spec.startswith("bpe:"):
         vocab = int(spec.split(":", 1)[1])
-        return train_bpe(bpe_training_texts(inputs, kind, keys, template_text), vocab, staging_dir)
+        return train_bpe(bpe_training_texts(inputs, kind, keys, template_text, bpe_sample_bytes), vocab, staging_dir)
     tok = load_tokenizer(spec)
     if tok.family == "byte":
         return tok

@@ -28,6 +28,26 @@ from megapmp.io import sha256_file, write_text_atomic
 SIDECAR_FORMAT = "megapmp-shard"
 SIDECAR_VERSION = 1
 KINDS = ("pairs", "documents")
+EOS_POLICIES = ("response", "none")  # the EOS policies of tools/preprocess_pairs.py --eos-policy
+
+
+def recipe_problems(template_text, eos_policy, eos_id, pad_id, vocab_size: int) -> list[str]:
+    """Why texts cannot be made into a model's inputs by this recipe (template, EOS policy, eos/pad ids, over
+    a vocabulary of `vocab_size` ids); empty when they can. The one statement of these rules: a shard's
+    sidecar is held to them at every open (so the trainer refuses data at start, not its checkpoint at
+    evaluation), and a scoring recipe when a scorer or an export is built (megapmp.convert.source)."""
+    problems = []
+    if eos_policy not in EOS_POLICIES:
+        problems.append(f"eos_policy {eos_policy!r} is not one of {', '.join(EOS_POLICIES)}")
+    if not isinstance(template_text, str) or "{prompt}" not in template_text:
+        problems.append("the template has no {prompt} placeholder")
+    for name, value in (("eos_id", eos_id), ("pad_id", pad_id)):
+        if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < vocab_size:
+            problems.append(f"{name} {value!r} is outside the vocabulary [0, {vocab_size})")
+    if eos_policy == "response" and eos_id == pad_id:
+        problems.append(f"pad_id equals eos_id ({eos_id}): the reward is read at the EOS, and a padded batch "
+                        f"(HF's sequence classifier pools the last token that is not padding) cannot tell it from padding")
+    return problems
 
 
 def sidecar_path(prefix: str | os.PathLike) -> Path:
@@ -56,6 +76,9 @@ class ShardMeta:
     checksums: dict = field(default_factory=dict)
     sizes: dict = field(default_factory=dict)  # {"bin": bytes, "idx": bytes}; absent in older sidecars
     inputs: list = field(default_factory=list)
+    # A pairwise judge's samples (megapmp.data.judge.JudgeFormat.to_meta): template, labels and their token
+    # ids. None for ordinary pairs and documents.
+    judge: dict | None = None
     format: str = SIDECAR_FORMAT
     version: int = SIDECAR_VERSION
 
@@ -76,7 +99,26 @@ class ShardMeta:
         unknown = sorted(set(data) - {f.name for f in fields(cls)})
         if unknown:
             raise ShardError(f"{path}: unknown sidecar fields {', '.join(unknown)}")
-        return cls(**data)
+        try:
+            meta = cls(**data)
+        except TypeError as e:  # a required field missing
+            raise ShardError(f"{path}: not a complete sidecar ({e})") from None
+        problems = meta.recipe_problems()
+        if problems:
+            raise ShardError(f"{path}: {'; '.join(problems)}: a scorer would refuse a model trained on this data "
+                             f"(remake the shard with tools/preprocess_pairs.py)")
+        return meta
+
+    def recipe_problems(self) -> list[str]:
+        """`recipe_problems` of this data, plus: the eos/pad ids are those of the tokenizer it records (a
+        scorer loads that tokenizer and refuses ids that differ)."""
+        template = self.template.get("text") if isinstance(self.template, dict) else None
+        problems = recipe_problems(template, self.eos_policy, self.eos_id, self.pad_id, self.vocab_size)
+        recorded = self.tokenizer if isinstance(self.tokenizer, dict) else {}
+        for name in ("eos_id", "pad_id"):
+            if name in recorded and recorded[name] != getattr(self, name):
+                problems.append(f"{name} {getattr(self, name)!r} is not the tokenizer's ({recorded[name]!r})")
+        return problems
 
 
 def shard_checksums(prefix: str | os.PathLike) -> dict:
@@ -190,7 +232,7 @@ def merge_shard_set(prefixes: list[str], output_prefix: str, overwrite: bool = F
     first = metas[0]
     for prefix, meta in zip(prefixes[1:], metas[1:]):
         mismatched = [name for name in ("kind", "vocab_size", "eos_id", "pad_id", "dtype", "template", "eos_policy",
-                                        "max_length", "overlong")
+                                        "max_length", "overlong", "judge")
                       if getattr(meta, name) != getattr(first, name)]
         if not _tokenizers_match(meta.tokenizer, first.tokenizer):
             mismatched.append("tokenizer")

@@ -203,9 +203,12 @@ def pack_sequences(sequences: Sequence[Sequence[int]], packing: str, pad_id: int
 @torch.no_grad()
 def score_sequences(model, sequences: Sequence[Sequence[int]], *, pad_id: int, device, autocast_dtype=None,
                     tile_tokens: int | None = DEFAULT_TILE_TOKENS, packing: str = "flat",
-                    attention: str | None = None, per_sequence: bool = True) -> np.ndarray:
+                    attention: str | None = None, per_sequence: bool = True, head=None) -> np.ndarray:
     """float64 reward at the last token of each id sequence, batch-invariant (module docstring): the same
     bits for a sequence whatever else is in ``sequences``, in which order, and in either packing.
+
+    ``head`` replaces the reward head: a function of the last tokens' hidden states [N, H] returning [N] or
+    [N, K] (a pairwise judge's label logits); it runs inside the fixed GEMM tiles too.
 
     ``tile_tokens=None`` (one GEMM over the whole batch) or an ``attention`` backend that batches
     sequences together ("sdpa": one dense mask per row; ``per_sequence=False``: "segmented" with its
@@ -225,5 +228,5 @@ def score_sequences(model, sequences: Sequence[Sequence[int]], *, pad_id: int, d
     with attention_backend(model, attention), tiles, \
             torch.autocast(device_type=device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
         hidden = model(input_ids, position_ids, attn.to(device))  # [R, S, H]
-        rewards = model.rewards(hidden.reshape(-1, hidden.shape[-1])[readout])  # fp32 [N]
+        rewards = (head or model.rewards)(hidden.reshape(-1, hidden.shape[-1])[readout])  # fp32 [N] (or [N, K])
     return rewards.double().cpu().numpy()

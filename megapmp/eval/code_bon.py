@@ -11,9 +11,10 @@ own ``test`` (with ``entry_point``); otherwise ``id`` must be a HumanEval task_i
 
 Correctness: a candidate's ``correct`` label is used as given; when it is absent, or for every candidate with
 ``--reexecute``, ``prompt + response`` is run against the problem's tests in the sandbox
-(:func:`megapmp.sandbox.run_tests`: separate resource-limited process), ``--exec-workers`` at a time.
+(:func:`megapmp.sandbox.run_tests`: the candidate in one resource-limited process, the tests with the prompt's
+helpers in another that only plain data reaches), ``--exec-workers`` at a time.
 Each execution is cached in a JSONL sidecar (default ``REPORT.exec.jsonl`` beside ``--output``, or
-``--exec-cache FILE``), keyed by the SHA-256 of (prompt, response, test, entry point), so a rerun (another
+``--exec-cache FILE``), keyed by the SHA-256 of (prompt, response, test, entry point, harness version), so a rerun (another
 model, other N values) executes nothing again; ``--reexecute`` ignores the cache when reading and appends the
 fresh results. Sandbox failures of the sandbox itself (status ``error``) are never cached.
 
@@ -92,8 +93,14 @@ def _humaneval_tests() -> dict:
     return read_problems()
 
 
+# Part of every cache key: results judged by an earlier harness (the tests in the solution's own process,
+# forgeable, and unfair to programs importing unittest/doctest; v1: complex numbers could not cross) are
+# not reused.
+EXEC_HARNESS = "judge-process-v2"
+
+
 def exec_key(prompt: str, response: str, test: str, entry_point: str) -> str:
-    return hashlib.sha256(json.dumps([prompt, response, test, entry_point]).encode("utf-8")).hexdigest()
+    return hashlib.sha256(json.dumps([prompt, response, test, entry_point, EXEC_HARNESS]).encode("utf-8")).hexdigest()
 
 
 class ExecCache:
@@ -143,7 +150,7 @@ def _run_one(program_prompt: str, response: str, test: str, entry_point: str, ti
     with _CALLS_LOCK:
         SANDBOX_CALLS["runs"] += 1
     result = run_tests(program_prompt + response, test, entry_point, timeout_s=timeout_s, memory_mb=memory_mb,
-                       unsafe_no_sandbox=unsafe_no_sandbox)
+                       unsafe_no_sandbox=unsafe_no_sandbox, prompt=program_prompt)
     return result.status, result.seconds
 
 

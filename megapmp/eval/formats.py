@@ -1,7 +1,9 @@
 """Evaluation data adapters: each file format -> candidate sets (Best-of-N, multiple choice) or text pairs.
 
 Files are read by path (``.gz`` transparently) and never copied anywhere. A bad record raises
-:class:`DataError` naming the file, the 1-based line and the field.
+:class:`DataError` naming the file, the 1-based line and the field, in preprocessing's words
+(``FILE:LINE field 'X': reason``): every text that is scored (prompt, response, option) is read by the rule
+preprocessing applies to its pairs (megapmp.io.text_field: present, a string, not empty or whitespace only).
 
 Formats (``--format`` in tools/evaluate.py; :func:`detect_format` guesses from the first record):
 
@@ -43,7 +45,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Sequence
 
-from megapmp.io import InputError, iter_jsonl as read_jsonl
+from megapmp.io import InputError, iter_jsonl as read_jsonl, text_field
 
 GSM8K_SOLUTION_KEYS = ("6b_finetuning", "6b_verification", "175b_finetuning", "175b_verification")
 # CodePMP BoN_eval/RM_rank_inference_multi_option.py, "prompt_no_input_with_text" / "..._with_context":
@@ -141,22 +143,37 @@ def iter_records(path) -> Iterator[tuple[int, dict]]:
         yield from iter_jsonl(path)
 
 
-def require_field(path, line_no, obj: dict, key: str, kind, *, what: str | None = None):
-    """``obj[key]`` checked to be of ``kind`` (str, list, or int: an integer or its decimal string), else a
-    DataError naming FILE:LINE, the field, and ``what`` it should hold."""
+def bad_field(path, line_no, field: str, reason: str) -> DataError:
+    """The DataError of a bad field, worded as preprocessing words it: ``FILE:LINE field 'X': reason``."""
+    return DataError(str(InputError(str(path), line_no, field, reason)))
+
+
+def require_field(path, line_no, obj: dict, key: str, kind, *, what: str | None = None, name: str | None = None):
+    """``obj[key]`` checked to be of ``kind`` (str: a text, by preprocessing's rule; list; int: an integer or
+    its decimal string; object: anything present), else a DataError naming FILE:LINE, the field (``name``,
+    default ``key``: e.g. "175b_verification.solution" for a nested one) and, when missing, ``what`` it holds."""
+    name = name or key
     if key not in obj:
-        raise DataError(f"{path}:{line_no}: missing field {key!r}" + (f" ({what})" if what else ""))
+        raise bad_field(path, line_no, name, "missing field" + (f" ({what})" if what else ""))
+    if kind is str:
+        try:
+            return text_field(str(path), line_no, {name: obj[key]}, name)
+        except InputError as e:
+            raise DataError(str(e)) from None
     value = obj[key]
-    if kind is str and not isinstance(value, str):
-        raise DataError(f"{path}:{line_no}: field {key!r} must be a string, got {type(value).__name__}")
     if kind is list and not isinstance(value, list):
-        raise DataError(f"{path}:{line_no}: field {key!r} must be a list, got {type(value).__name__}")
+        raise bad_field(path, line_no, name, f"expected a list, got {type(value).__name__}")
     if kind is int:
         if isinstance(value, str) and value.strip().lstrip("-").isdigit():
             value = int(value)
         if isinstance(value, bool) or not isinstance(value, int):
-            raise DataError(f"{path}:{line_no}: field {key!r} must be an integer index, got {value!r}")
+            raise bad_field(path, line_no, name, f"expected an integer index, got {value!r}")
     return value
+
+
+def _texts(path, line_no, values: list, name: str) -> list[str]:
+    """Each item of a list of texts (options, choices, outputs) by the text rule, named ``name[i]``."""
+    return [require_field(path, line_no, {f"{name}[{i}]": v}, f"{name}[{i}]", str) for i, v in enumerate(values)]
 
 
 def _limited(items: list, limit: int | None) -> list:
@@ -175,11 +192,11 @@ def load_gsm8k_solutions(path, limit: int | None = None) -> list[CandidateSet]:
         for key in GSM8K_SOLUTION_KEYS:
             entry = require_field(path, line_no, obj, key, object)
             if not isinstance(entry, dict):
-                raise DataError(f"{path}:{line_no}: field {key!r} must be an object {{solution, is_correct}}")
-            solution = require_field(path, line_no, entry, "solution", str, what=key)
+                raise bad_field(path, line_no, key, "expected an object {solution, is_correct}")
+            solution = require_field(path, line_no, entry, "solution", str, name=f"{key}.solution")
             is_correct = entry.get("is_correct")
             if not isinstance(is_correct, bool):
-                raise DataError(f"{path}:{line_no}: field {key}.is_correct must be true or false, got {is_correct!r}")
+                raise bad_field(path, line_no, f"{key}.is_correct", f"expected true or false, got {is_correct!r}")
             responses.append(solution)
             correct.append(is_correct)
         sets.append(CandidateSet(str(obj.get("id", f"line{line_no}")), question, responses, correct,
@@ -197,17 +214,18 @@ def candidates_record(path, line_no: int, obj: dict, *, labels_required: bool = 
     prompt = require_field(path, line_no, obj, "prompt", str)
     candidates = require_field(path, line_no, obj, "candidates", list)
     if not candidates:
-        raise DataError(f"{path}:{line_no}: field 'candidates' is empty")
+        raise bad_field(path, line_no, "candidates", "empty list")
     responses, labels = [], []
     for k, c in enumerate(candidates):
-        if not isinstance(c, dict) or not isinstance(c.get("response"), str):
-            raise DataError(f"{path}:{line_no}: candidates[{k}] must be an object with a string 'response'")
+        if not isinstance(c, dict):
+            raise bad_field(path, line_no, f"candidates[{k}]", "expected an object {response, correct}")
+        response = require_field(path, line_no, c, "response", str, name=f"candidates[{k}].response")
         label = c.get("correct")
         if labels_required and not isinstance(label, bool):
-            raise DataError(f"{path}:{line_no}: candidates[{k}].correct must be true or false, got {label!r}")
+            raise bad_field(path, line_no, f"candidates[{k}].correct", f"expected true or false, got {label!r}")
         if label is not None and not isinstance(label, bool):
-            raise DataError(f"{path}:{line_no}: candidates[{k}].correct must be true, false or absent, got {label!r}")
-        responses.append(c["response"])
+            raise bad_field(path, line_no, f"candidates[{k}].correct", f"expected true, false or absent, got {label!r}")
+        responses.append(response)
         labels.append(label)
     return prompt, responses, labels
 
@@ -252,17 +270,16 @@ def load_codepmp_bon(path, limit: int | None = None, answer_type: str = "auto") 
     for file in codepmp_shard_files(path):
         for line_no, obj in iter_jsonl(file):
             if "id" not in obj:
-                raise DataError(f"{file}:{line_no}: missing field 'id'")
+                raise bad_field(file, line_no, "id", "missing field")
             qid = str(obj["id"])
             prompt = require_field(file, line_no, obj, "input", str)
             gold = obj.get("gold_answer", obj.get("answer"))
             if not isinstance(gold, (str, int, float)) or isinstance(gold, bool):
-                raise DataError(f"{file}:{line_no}: missing or non-string field 'gold_answer'")
+                raise bad_field(file, line_no, "gold_answer", "missing, or not a string or number")
             gold = str(gold)
             output = require_field(file, line_no, obj, "output", object)
-            outputs = output if isinstance(output, list) else [output]
-            if not all(isinstance(o, str) for o in outputs):
-                raise DataError(f"{file}:{line_no}: field 'output' must be a string or a list of strings")
+            outputs = _texts(file, line_no, output, "output") if isinstance(output, list) else \
+                [require_field(file, line_no, obj, "output", str)]
             q = questions.get(qid)
             if q is None:
                 if limit is not None and len(questions) >= limit:
@@ -282,11 +299,12 @@ def load_codepmp_bon(path, limit: int | None = None, answer_type: str = "auto") 
     return sets
 
 
-def _choice_set(path, line_no, qid, passage, question, options, answer) -> CandidateSet:
-    if len(options) < 2 or not all(isinstance(o, str) for o in options):
-        raise DataError(f"{path}:{line_no}: the options must be a list of at least 2 strings")
+def _choice_set(path, line_no, qid, passage, question, options, answer, names=("options", "answer")) -> CandidateSet:
+    if len(options) < 2:
+        raise bad_field(path, line_no, names[0], f"expected a list of at least 2 options, got {len(options)}")
+    options = _texts(path, line_no, options, names[0])
     if not 0 <= answer < len(options):
-        raise DataError(f"{path}:{line_no}: answer index {answer} outside the {len(options)} options")
+        raise bad_field(path, line_no, names[1], f"answer index {answer} outside the {len(options)} options")
     prompt = PASSAGE_TEMPLATE.replace("{passage}", passage).replace("{question}", question)
     return CandidateSet(qid, prompt, list(options), [i == answer for i in range(len(options))], {"answer": answer})
 
@@ -306,10 +324,11 @@ def load_reclor(path, limit: int | None = None) -> list[CandidateSet]:
     sets = []
     for line_no, obj in iter_records(path):
         if "label" not in obj:
-            raise DataError(f"{path}:{line_no}: missing field 'label' (the ReClor test split is unlabelled: use val)")
+            raise bad_field(path, line_no, "label", "missing field (the ReClor test split is unlabelled: use val)")
         sets.append(_choice_set(path, line_no, str(obj.get("id_string", obj.get("id", f"record{line_no}"))),
                                 require_field(path, line_no, obj, "context", str), require_field(path, line_no, obj, "question", str),
-                                require_field(path, line_no, obj, "answers", list), require_field(path, line_no, obj, "label", int)))
+                                require_field(path, line_no, obj, "answers", list), require_field(path, line_no, obj, "label", int),
+                                names=("answers", "label")))
         if limit is not None and len(sets) >= limit:
             break
     return sets
@@ -349,10 +368,11 @@ def load_codeprefbench(paths, limit: int | None = None) -> list[TextPair]:
             instruction = require_field(path, line_no, obj, "instruction", str)
             choices = require_field(path, line_no, obj, "choices", list)
             gt = require_field(path, line_no, obj, "gt_choice", int)
-            if len(choices) != 2 or not all(isinstance(c, str) for c in choices):
-                raise DataError(f"{path}:{line_no}: field 'choices' must be a list of 2 strings")
+            if len(choices) != 2:
+                raise bad_field(path, line_no, "choices", f"expected a list of 2 texts, got {len(choices)}")
+            choices = _texts(path, line_no, choices, "choices")
             if gt not in (0, 1):
-                raise DataError(f"{path}:{line_no}: field 'gt_choice' must be 0 or 1, got {gt}")
+                raise bad_field(path, line_no, "gt_choice", f"expected 0 or 1, got {gt}")
             pairs.append(TextPair(str(obj.get("task_id", f"line{line_no}")), instruction, choices[gt],
                                   choices[1 - gt], aspect))
             count += 1

@@ -80,6 +80,34 @@ def codeprefbench_accuracy(r_chosen, r_rejected, aspects: Sequence[str]) -> dict
     return {"aspects": per, "overall": pairwise_tie_half_accuracy(r_chosen, r_rejected), "macro": macro}
 
 
+def judge_accuracy(outcomes, aspects: Sequence[str], task_scores=None, undecided=None) -> dict:
+    """CodePrefBench accuracy of a pairwise judge that saw every task in both orders.
+
+    ``outcomes[i] = (with the chosen code shown first, with it shown second)``, each 1 (the judge picked the
+    chosen code), 0 (the rejected one) or 0.5 (a tie, or an answer that names neither: CodeFavor counts those
+    as half right). ``task_scores[i]`` is task i's score when the judge's orders are combined otherwise (a
+    model judge averages its two probabilities); by default the mean of its two outcomes. ``undecided[i]``
+    counts task i's unparseable answers (0-2). Per aspect: accuracy, per-order accuracy (a judge that
+    always names the first position scores 1 and 0), tasks at exactly 0.5 (``ties``), unparseable answers;
+    plus the pair-weighted ``overall`` and the mean over aspects ``macro``.
+    """
+    outcomes = np.asarray(outcomes, dtype=np.float64).reshape(-1, 2)
+    scores = outcomes.mean(axis=1) if task_scores is None else np.asarray(task_scores, dtype=np.float64)
+    undecided = np.zeros(len(outcomes), np.int64) if undecided is None else np.asarray(undecided, np.int64)
+    aspects = np.asarray(list(aspects), dtype=object)
+    if not len(aspects) == len(scores) == len(outcomes) == len(undecided):
+        raise ValueError(f"{len(outcomes)} outcome pairs, {len(scores)} scores, {len(aspects)} aspects, "
+                         f"{len(undecided)} undecided counts")
+    per = {}
+    for aspect in dict.fromkeys(aspects.tolist()):
+        sel = aspects == aspect
+        per[aspect] = {"pairs": int(sel.sum()), "accuracy": _mean(scores[sel]), "ties": int((scores[sel] == 0.5).sum()),
+                       "undecided": int(undecided[sel].sum()), "accuracy_chosen_first": _mean(outcomes[sel, 0]),
+                       "accuracy_chosen_second": _mean(outcomes[sel, 1])}
+    macro = float(np.mean([v["accuracy"] for v in per.values()])) if per else float("nan")
+    return {"aspects": per, "overall": _mean(scores), "macro": macro}
+
+
 # ------------------------------------------------------------------------------------------------
 # Multiple choice
 

@@ -56,10 +56,9 @@ class RewardScorer:
                  packing: str = "flat"):
         if layout not in ("shared-prefix", "duplicated"):
             raise ValueError(f"layout {layout!r} is not shared-prefix or duplicated")
-        if recipe.eos_policy not in EOS_POLICIES:
-            raise ValueError(f"eos_policy {recipe.eos_policy!r} is not one of {', '.join(EOS_POLICIES)}")
-        if "{prompt}" not in recipe.template["text"]:
-            raise ValueError("the template has no {prompt} placeholder")
+        problems = recipe.problems(model.config.vocab_size)  # the rules every shard's sidecar is held to
+        if problems:
+            raise ValueError(f"the scoring recipe from {recipe.origin} is unusable: {'; '.join(problems)}")
         self.device = pick_device(device)
         self.model = model.to(self.device).eval()
         self.recipe = recipe
@@ -98,6 +97,9 @@ class RewardScorer:
         Other keyword arguments go to the constructor (device, precision, seq_len, batch_tokens, ...)."""
         source = load_model_source(path)
         recipe = scoring_recipe(source, tokenizer=tokenizer)
+        if recipe.judge:  # its reward head was never trained: the judge answers with label tokens
+            raise ConvertError(f"{path} is a pairwise judge, not a reward model: evaluate it with --judge pairwise "
+                               "(megapmp.eval.judge_scorer.JudgeScorer)")
         if template is not None:
             name, text = resolve_template(template)
             recipe.template = {"name": name, "text": text}
@@ -202,6 +204,10 @@ class RewardScorer:
             return self.score_sequences(sequences)
         unique = list(dict.fromkeys(prompts))
         prompt_ids = dict(zip(unique, self.encode_prompts(unique)))
+        empty = [i for i, p in enumerate(prompts) if not prompt_ids[p]]
+        if empty:  # packing reads a response after its prompt's last token: there must be one
+            raise ValueError(f"prompt {empty[0]} is empty: with template {self.recipe.template['name']!r} it "
+                             f"encodes to no token (evaluation data is checked for this at FILE:LINE)")
         response_ids = self.encode_responses(responses)
         empty = [i for i, ids in enumerate(response_ids) if not ids]
         if empty:

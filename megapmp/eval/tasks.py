@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import os
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -395,12 +396,22 @@ def plot_multiple_choice(report: dict, path: str) -> None:
 # codeprefbench
 
 
+JUDGES = ("reward", "pairwise", "openai")
+
+
 def run_codeprefbench(ctx: TaskContext) -> dict:
     if ctx.format not in (None, "codeprefbench"):
         raise DataError(f"codeprefbench reads CodePrefBench files, not format {ctx.format!r}")
     pairs = load_codeprefbench(ctx.data, ctx.limit)
     if not pairs:
         raise DataError(f"{', '.join(ctx.data)}: no pairs")
+    judge = getattr(ctx.args, "judge", None) or "reward"
+    if judge == "pairwise":
+        return codeprefbench_pairwise(ctx, pairs)
+    if judge == "openai":
+        return codeprefbench_llm(ctx, pairs)
+    if judge != "reward":
+        raise ValueError(f"--judge {judge!r} is not one of {', '.join(JUDGES)}")
     r_c, r_r = ctx.scorer().score_pairs([p.prompt for p in pairs], [p.chosen for p in pairs],
                                         [p.rejected for p in pairs])
     ctx.write_scores([{"id": p.id, "aspect": p.group, "r_chosen": a, "r_rejected": b}
@@ -409,13 +420,96 @@ def run_codeprefbench(ctx: TaskContext) -> dict:
             **metrics.codeprefbench_accuracy(r_c, r_r, [p.group for p in pairs])}
 
 
+def codeprefbench_pairwise(ctx: TaskContext, pairs) -> dict:
+    """A megapmp pairwise judge (ctx.scorer() is a JudgeScorer), every task in both orders: the chosen code
+    wins when its first-position log-odds exceed the rejected code's (its probability, both orders
+    averaged, is over 1/2); equal log-odds are a tie, counted 0.5 (megapmp.eval.judge_scorer)."""
+    from megapmp.data.judge import aspect_criterion, strips_comments_for
+
+    scorer = ctx.scorer()
+    aspects = [p.group for p in pairs]
+    keep = getattr(ctx.args, "keep_comments", False)
+    comparison = scorer.compare([p.prompt for p in pairs], [p.chosen for p in pairs], [p.rejected for p in pairs],
+                                [aspect_criterion(a) for a in aspects],
+                                [strips_comments_for(a) and not keep for a in aspects])
+    x_chosen_first, x_rejected_first = comparison.log_odds[:, 0], comparison.log_odds[:, 1]
+    outcomes = np.stack([_outcome(x_chosen_first, 1), _outcome(x_rejected_first, -1)], axis=1)
+    task_scores = _outcome(x_chosen_first - x_rejected_first, 1)
+    ctx.write_scores([{"id": p.id, "aspect": p.group, "log_odds_chosen_first": a, "log_odds_rejected_first": b,
+                       "p_chosen": q} for p, a, b, q in zip(pairs, x_chosen_first, x_rejected_first,
+                                                            comparison.probability)])
+    return {"format": "codeprefbench", "judge": "pairwise", "pairs": len(pairs), "truncated": len(comparison.truncated),
+            **metrics.judge_accuracy(outcomes, aspects, task_scores)}
+
+
+def _outcome(x: np.ndarray, sign: int) -> np.ndarray:
+    """1 where sign * x > 0 (the judge picked the chosen code), 0.5 where x == 0, else 0."""
+    return np.where(sign * x > 0, 1.0, np.where(x == 0, 0.5, 0.0))
+
+
+def codeprefbench_llm(ctx: TaskContext, pairs) -> dict:
+    """An LLM behind an OpenAI-compatible server judges every task in both orders with CodeFavor's protocol
+    (megapmp.eval.llm_judge); an answer naming no winner counts 0.5."""
+    from megapmp.data.judge import aspect_criterion, strip_comments, strips_comments_for
+    from megapmp.eval.llm_judge import JUDGE_SAMPLING, JudgeRequest, LLMJudge, judge_prompt, parse_verdict
+    from megapmp.synth.llm import SamplingParams, make_backend
+
+    a = ctx.args
+    if not getattr(a, "base_url", None):
+        raise ValueError("--judge openai needs --base-url (the OpenAI-compatible server of --model)")
+    backend = make_backend("openai", a.model, base_url=a.base_url, mode=a.mode,
+                           api_key=os.environ.get(a.api_key_env, "EMPTY"), concurrency=1, timeout_s=a.timeout,
+                           max_retries=a.max_retries)
+    params = SamplingParams(temperature=JUDGE_SAMPLING.temperature, top_p=JUDGE_SAMPLING.top_p,
+                            max_tokens=a.max_tokens)
+    cache = a.judge_cache or str(Path(a.output).with_suffix("")) + ".judge.jsonl"
+    judge = LLMJudge(backend, params, concurrency=a.concurrency, cache=cache, progress=not a.no_progress)
+    requests = []
+    for p in pairs:
+        strip = strips_comments_for(p.group) and not getattr(a, "keep_comments", False)
+        chosen, rejected = (strip_comments(c) if strip else c for c in (p.chosen, p.rejected))
+        criteria = aspect_criterion(p.group)
+        requests.append(JudgeRequest(p.id, 0, judge_prompt(p.prompt, chosen, rejected, criteria)))
+        requests.append(JudgeRequest(p.id, 1, judge_prompt(p.prompt, rejected, chosen, criteria)))
+    try:
+        answers = judge.ask(requests)
+    finally:
+        backend.close()
+    verdicts = np.array([-1 if v is None else v for v in map(parse_verdict, answers)]).reshape(-1, 2)
+    # order 0 shows the chosen code as CODE_A (verdict 0 is right), order 1 as CODE_B (verdict 1 is right)
+    outcomes = np.where(verdicts == -1, 0.5, (verdicts == np.array([0, 1])).astype(float))
+    undecided = (verdicts == -1).sum(axis=1)
+    ctx.write_scores([{"id": p.id, "aspect": p.group, "verdict_chosen_first": int(v[0]), "verdict_chosen_second":
+                       int(v[1]), "answers": [answers[2 * i], answers[2 * i + 1]]}
+                      for i, (p, v) in enumerate(zip(pairs, verdicts))])
+    return {"format": "codeprefbench", "judge": "openai", "pairs": len(pairs), "llm": judge.describe(),
+            **metrics.judge_accuracy(outcomes, [p.group for p in pairs], undecided=undecided)}
+
+
 def markdown_codeprefbench(report: dict) -> str:
     r = report["results"]
+    if r.get("judge") in ("pairwise", "openai"):
+        return _markdown_judge(r)
     rows = [[aspect, v["pairs"], v["accuracy"], v["ties"]] for aspect, v in r["aspects"].items()]
     rows.append(["overall (pair-weighted)", r["pairs"], r["overall"], sum(v["ties"] for v in r["aspects"].values())])
     rows.append(["mean over aspects", len(r["aspects"]), r["macro"], None])
     return ("CodePrefBench pairwise accuracy (chosen = ground-truth choice; a tie counts 0.5).\n\n"
             + markdown_table(["aspect", "pairs", "accuracy", "ties"], rows) + "\n")
+
+
+def _markdown_judge(r: dict) -> str:
+    rows = [[aspect, v["pairs"], v["accuracy"], v["accuracy_chosen_first"], v["accuracy_chosen_second"], v["ties"],
+             v["undecided"]] for aspect, v in r["aspects"].items()]
+    rows.append(["overall (pair-weighted)", r["pairs"], r["overall"], None, None,
+                 sum(v["ties"] for v in r["aspects"].values()), sum(v["undecided"] for v in r["aspects"].values())])
+    rows.append(["mean over aspects", len(r["aspects"]), r["macro"], None, None, None, None])
+    how = ("a megapmp pairwise judge: P(chosen better) from the two label tokens' probabilities, both orders "
+           "averaged; equal in both orders is a tie (0.5)" if r["judge"] == "pairwise" else
+           f"the LLM {r['llm']['model']!r} (OpenAI-compatible server), both orders; an answer naming no winner "
+           "counts 0.5")
+    return (f"CodePrefBench accuracy of {how}.\n\n"
+            + markdown_table(["aspect", "pairs", "accuracy", "chosen shown first", "chosen shown second", "ties",
+                              "undecided answers"], rows) + "\n")
 
 
 def plot_codeprefbench(report: dict, path: str) -> None:
@@ -465,6 +559,8 @@ register_task(Task(
     name="codeprefbench", help="CodePrefBench pairwise accuracy per aspect (ties 0.5)",
     description="CodePrefBench: for each pair, chosen = choices[gt_choice]; accuracy per aspect (the file name "
                 "stem, e.g. correctness-alignment) with a tie counting 0.5, the pair-weighted overall and the mean "
-                "over aspects. --data takes several files or a directory of *.jsonl.gz; --limit applies per file.",
+                "over aspects. --data takes several files or a directory of *.jsonl.gz; --limit applies per file. "
+                "--judge: a scalar reward model (reward), a megapmp pairwise judge (pairwise) or an LLM on an "
+                "OpenAI-compatible server (openai); the two judges see every task in both orders.",
     formats=("codeprefbench",), run=run_codeprefbench, markdown=markdown_codeprefbench, plot=plot_codeprefbench,
     multiple_data=True, plot_help="bar chart of the accuracy per aspect"))

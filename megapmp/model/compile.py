@@ -7,10 +7,16 @@ attn)``, a function taking the layer as an argument: dynamo then treats the para
 ONE graph per input shape serves all layers (measured on this CPU: 4 layers, 1 graph). Compiling each
 layer module instead (``layer.compile()``) gave one graph per layer: 28 compiles per shape for Qwen2-1.5B.
 
-Shapes: a packed micro-batch is one [1, T] row whose T changes every step. Compiled with ``dynamic=False``
-each T would be a new graph, so the loader pads T up to a multiple of ``data.bucket_tokens``; the number of
-graphs is then the number of buckets a run visits. Dynamo's per-code recompile limit (8 by default) would
-silently fall back to eager past that many buckets, so it is raised to ``max_shapes``.
+Shapes: compiled with ``dynamic=False``, each distinct input shape is one more graph (~5 s each on an H200
+for a Qwen2-1.5B layer). A run that compiles therefore gives every micro-batch ONE shape: the loader packs
+each micro-batch into a flat row of exactly ``data.micro_batch_tokens`` tokens (a token budget fitted to
+the shards' lengths by default; megapmp.data.loader), so the layers compile once, in the first step, and
+never again. (The alternative, a dynamic token dimension, would put symbolic shapes through FlexAttention's
+block mask and the inductor kernels of every layer; nothing of that has run on a GPU here, so the fixed
+shape, as Megatron and torchtitan run, is the default.) Without a budget (``micro_batch_tokens = -1`` or
+an explicit ``data.bucket_tokens``) rows are padded to multiples of ``bucket_tokens`` and each bucket a run
+visits compiles once; dynamo's per-code recompile limit (8 by default) would silently fall back to eager
+past that many buckets, so it is raised to ``max_shapes``.
 
 Measured on an H200 (torch 2.11, Qwen2-1.5B layer, 9.7k-token packed row, FlexAttention, bf16): one layer
 forward + backward 4.72 ms compiled vs 6.87 ms eager; first compile 6.5 s, a new bucket ~5 s.
@@ -45,6 +51,18 @@ def bucket_tokens(configured: int, shape_specialised: bool) -> int:
     if configured:
         return configured
     return DEFAULT_BUCKET_TOKENS if shape_specialised else 1
+
+
+def token_budget(micro_batch_tokens: int, bucket_tokens_setting: int, packing: str,
+                 shape_specialised: bool) -> int | str | None:
+    """``data.micro_batch_tokens`` -> the loader's ``micro_batch_tokens``: a fixed budget, "auto" (fitted to
+    the shards) or None (no budget). Automatic means a budget exactly when something compiled per input
+    shape runs on flat rows and no bucket was asked for: the CPU default (nothing compiled) is untouched."""
+    if micro_batch_tokens > 0:
+        return micro_batch_tokens
+    if micro_batch_tokens == 0 and shape_specialised and packing == "flat" and not bucket_tokens_setting:
+        return "auto"
+    return None
 
 
 def allow_shapes(max_shapes: int) -> None:

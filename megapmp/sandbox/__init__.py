@@ -1,14 +1,15 @@
-"""The sandbox: generated code runs only in a separate process inside operating-system isolation.
+"""The sandbox: generated code runs only in separate processes inside operating-system isolation.
 
 Used by synthesis (`megapmp.synth.verified`: test-verified pairs) and by evaluation
-(`megapmp.eval.code_bon`: best-of-n by execution). The implementation is one standard-library-only module,
-`megapmp.sandbox.runner` (its docstring describes the isolation layers), so that it can be copied and run
-on its own, as the escape tests do.
+(`megapmp.eval.code_bon`: best-of-n by execution). Two standard-library-only files, so that they can be
+copied and run on their own, as the escape tests do: `megapmp.sandbox.runner` (the caller's side: backends,
+launching, verdicts; its docstring states what the sandbox promises) and `megapmp.sandbox.inside` (the
+trusted code that sets each sandboxed process up and, for test runs, the judge and the plain-data channel).
 """
 
-from megapmp.sandbox.runner import (PROGRAM_NAME, SandboxResult, SandboxUnavailable, Status, humaneval_program,
-                                    require_sandbox, run_reporting, run_tests, run_untrusted,
-                                    sandbox_capabilities)
+from megapmp.sandbox.runner import (GUARANTEES, PROGRAM_NAME, DoctestRun, SandboxResult, SandboxUnavailable, Status,
+                                    doctest_plan, humaneval_program, require_sandbox, run_doctests, run_tests,
+                                    run_untrusted, sandbox_capabilities)
 
-__all__ = ["PROGRAM_NAME", "SandboxResult", "SandboxUnavailable", "Status", "humaneval_program", "require_sandbox",
-           "run_reporting", "run_tests", "run_untrusted", "sandbox_capabilities"]
+__all__ = ["GUARANTEES", "PROGRAM_NAME", "DoctestRun", "SandboxResult", "SandboxUnavailable", "Status", "doctest_plan",
+           "humaneval_program", "require_sandbox", "run_doctests", "run_tests", "run_untrusted", "sandbox_capabilities"]

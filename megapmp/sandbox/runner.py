@@ -1,79 +1,73 @@
-"""Run untrusted (generated) Python code in a separate process inside operating-system isolation.
+"""Run untrusted (generated) Python code in separate processes inside operating-system isolation.
 
-Generated code is never executed inside the calling process. Each call of `run_untrusted` starts
-``python -I -S`` (isolated mode, no ``site``) inside fresh Linux namespaces and returns a
-`SandboxResult`. The boundary is the kernel's, for root and unprivileged callers alike:
+Generated code is never executed inside the calling process. `run_untrusted` runs a program;
+`run_tests` and `run_doctests` judge a solution. Each sandboxed process is ``python -I -S`` (isolated
+mode, no ``site``) started inside fresh Linux namespaces; `inside.py` is the trusted code that sets the
+process up before any untrusted code runs (its docstring lists the steps). The promises, for root and
+unprivileged callers alike, with either backend:
 
 1. **Namespaces** (user, mount, PID, network, IPC, UTS), made by one of two backends, chosen once per
-   process by probing (`sandbox_capabilities`), in this order:
+   process by probing (`sandbox_capabilities`), in this order: ``bwrap`` (bubblewrap, Debian package
+   ``bubblewrap``), then util-linux ``unshare`` (``--user --map-root-user`` for unprivileged callers), whose
+   root `inside.build_root` builds the way bubblewrap does.
+2. **Only what a Python program needs is visible**, read-only: ``/usr``, the ``/lib`` directories, the
+   interpreter's installation (``sys.base_prefix``), the dynamic loader's cache and ``/etc/localtime``; a
+   ``/dev`` of null, zero, full, random and urandom; a ``/proc`` of the sandbox's own processes. Not ``/``:
+   no socket of the host, no file of the caller's home or working directory, no ``/etc/passwd``.
+3. **One memory budget for storage**: one tmpfs of ``memory_mb`` at ``/tmp`` (the working directory,
+   ``HOME`` and ``TMPDIR``; ``/dev/shm`` and ``/var/tmp`` link to it), the only writable place, with at
+   most one file per 16 KiB of it (`_tmpfs_inodes`: an empty file costs no block but about 1 KiB of
+   kernel memory; unbounded, 3 million files were allowed). No nested user namespace (a seccomp filter,
+   and bubblewrap's ``--disable-userns`` where it applies), so no process of the run can mount an unsized
+   tmpfs of its own; no System V shared memory or message queues (the same filter: they hold memory that
+   neither RLIMIT_AS nor the tmpfs counts).
+4. **Limits**: ``RLIMIT_AS`` (memory per process), ``RLIMIT_CPU``, ``RLIMIT_FSIZE``, ``RLIMIT_NOFILE``,
+   ``RLIMIT_CORE`` = 0 and ``RLIMIT_NPROC`` = ``max_procs`` for the whole run: a root caller's processes run
+   as a per-run uid, an unprivileged caller's in the run's own user namespace, where the kernel counts a
+   uid's processes apart from the caller's (Linux >= 5.14). A CPU-limit kill is a ``timeout`` on both
+   backends, also for a program that ignores SIGXCPU.
+5. **No network** (a down loopback only), **no privileges** (``no_new_privs``; no capabilities), a scrubbed
+   environment (``PATH``, ``HOME``, ``TMPDIR``, ``LANG``), **no kernel keyrings** (the seccomp filter: a
+   process inherits its caller's session keyring, and possesses its keys whatever its uid), and every
+   process of the run killed at its end (the PID namespace goes with its first process), or when the
+   caller dies, even by SIGKILL (a lifeline pipe, `inside.supervise`).
+6. **In-process guards** (a second layer, against accidents, not a boundary): sockets, writes outside the
+   working directory, ``exec``/``subprocess`` and signals outside the sandbox raise ``SandboxViolation``;
+   ``os.fork`` draws from a budget of ``max_procs``.
 
-   * ``bwrap`` (bubblewrap, Debian package ``bubblewrap``): ``--unshare-all``, the whole file system
-     bound read-only, a minimal ``/dev``, a ``/proc`` of the sandbox's own PID namespace, fresh tmpfs on
-     ``/tmp``, ``/dev/shm`` and ``/var/tmp``, ``--die-with-parent``, ``--new-session``;
-   * ``unshare`` (util-linux) with the same effect: ``unshare --mount --pid --net --ipc --uts --fork
-     --kill-child --mount-proc`` (plus ``--user --map-root-user`` for unprivileged callers); the
-     bootstrap then makes every mount read-only (``mount_setattr(AT_RECURSIVE)``), mounts fresh tmpfs
-     on ``/tmp``, ``/dev/shm`` and ``/var/tmp``, and gives up its privileges (below).
+Where the OS cannot give one of 2-5 (an old kernel, no seccomp), `sandbox_capabilities` lists it under
+``missing`` and the first use logs it. Where neither backend works at all, every run raises
+`SandboxUnavailable` unless the caller passes ``unsafe_no_sandbox=True`` (the CLIs' ``--unsafe-no-sandbox``):
+then only 4-6 hold, in a process group and temporary directory of its own (and, for root, a per-run uid).
 
-   The program's working directory, ``HOME`` and ``TMPDIR`` are the private ``/tmp``; nothing it
-   writes is visible outside or survives the run. There is no network interface but a down loopback,
-   so no connection to the host (not even 127.0.0.1, not even through ``_socket``). ``/proc`` shows the
-   sandbox's own processes only. When the program's first process ends, the PID namespace's init ends
-   and the kernel kills every process left in it, ``setsid`` daemons included; on a timeout the
-   launcher is killed and takes the namespace with it (``--die-with-parent`` / ``--kill-child``).
-2. **No privileges**: a root caller's program runs as a per-run unprivileged uid (unique per concurrent
-   run, so ``RLIMIT_NPROC`` applies and nothing else is its own); an unprivileged caller's program runs
-   in a nested user namespace with every capability dropped, so it cannot undo the read-only mounts
-   (they are locked in any namespace it could create). ``no_new_privs`` is set in both cases.
-3. **Environment**: a handful of fixed variables (``PATH``, ``HOME``, ``TMPDIR``, ``LANG``); nothing of
-   the caller's (``OPENAI_API_KEY`` and the like never reach the program).
-4. **rlimits** set before the code runs: ``RLIMIT_AS`` (memory), ``RLIMIT_CPU``, ``RLIMIT_FSIZE``,
-   ``RLIMIT_NOFILE``, ``RLIMIT_CORE`` = 0 and, with a per-run uid, ``RLIMIT_NPROC``; the private
-   ``/tmp`` holds at most ``memory_mb``.
-5. **In-process guards** (second layer, against accidents, not a boundary): sockets, writes outside
-   the working directory, ``exec``/``subprocess`` and signals outside the sandbox raise
-   ``SandboxViolation``; ``os.fork`` draws from a budget of ``max_procs``.
+**The verdict of a test run comes from a process the solution cannot reach.** `run_tests` starts two
+sandboxes: the *candidate* (the solution, loaded as a module) and the *judge* (the problem's test code,
+trusted). Every call the tests make crosses a private pipe to the candidate, and the answer comes back as
+plain data -- None, bool, int, float, complex, str, bytes and lists, tuples, dicts, sets of them -- rebuilt
+in the judge by a strict, bounded decoder (`inside.decode`; no pickle). So no object of the solution's ever
+answers ``==`` in a test, and there is no secret in the solution's process to steal: the judge alone holds
+the descriptor the verdict is written to. A result that is not plain data (an object with its own
+``__eq__``, a generator), an exit, a crash, a broken message are failures with a reason; a test that
+catches them still fails. The solution's printing goes to stdout, never onto the channel. Calls keep their
+state: one candidate process serves every call of a run. Names the tests use that they do not define
+(HumanEval/33 calls ``sort_third`` by name, MBPP-style tests call the function directly) are looked up in
+the solution: functions become proxies, plain values are copied, modules are imported again on the
+judge's side; builtins are never the solution's. With ``prompt=`` the problem's prompt runs in the judge,
+so helpers like HumanEval/32's ``poly`` are the problem's, not a solution's redefinition. An exception the
+solution raises reaches the tests as the builtin of the same name (``except ValueError`` works), anything
+else as ``SolutionError``, and never as StopIteration (it would silently end a test's ``map``). What cannot
+be judged this way: a test that needs an object of the solution's (an instance of its class, a generator):
+only plain data crosses.
 
-Where neither backend works (no bubblewrap, no usable ``unshare``, user namespaces disabled), every run
-raises `SandboxUnavailable` unless the caller passes ``unsafe_no_sandbox=True`` (the CLIs'
-``--unsafe-no-sandbox``): then the program runs with items 3-5 only, in its own process group and
-temporary directory (and, for root, as a per-run uid), with a warning in the log.
-
-**The verdict of a test run** (`run_tests`) comes from the harness, never from the program's output.
-The program file holds the solution and the test code only; the bootstrap itself calls
-``check(entry_point)`` after the program's top level ran, and reports success on a dedicated pipe to
-the caller -- not stdout -- by writing a per-run random nonce there, then ending the process with
-``os._exit(0)`` before any code of the program can run again. The caller counts a run as passed only if
-the process exited with 0 *and* the pipe holds exactly that nonce. So printing any marker passes
-nothing (stdout is never parsed), and so does exiting early: ``sys.exit``/``os._exit`` at the top
-level or inside a test, ``SystemExit`` raised by the solution, a crash or a kill leave the pipe empty.
-The nonce reaches the bootstrap through a descriptor it reads and closes before the program starts;
-it is not in the program file, argv, the environment or any file, and while the program runs it is
-a local variable of the harness's frame only: no module global, no closure or container that
-``gc.get_objects()`` lists (``sys.modules["__main__"]`` is the program's own module). Before reporting,
-the harness checks that the program left the test machinery alone: no builtin replaced, no trace or
-profile function installed, and every function of ``unittest.case`` still defined by ``unittest``
-itself (a patched ``assertEqual`` fails the run). Writes to the verdict descriptor through ``os.write``
-are refused by the guards, and raw writes lack the nonce. The limit of this design, stated plainly: the
-tests run in the same interpreter as the solution (HumanEval's tests call helpers the prompt defines),
-so a solution that walks its call stack up to the harness's frame (``sys._getframe().f_back``) can
-still read the nonce; closing that needs the tests and the solution in different processes. Every
-forgery through the program's output, its exit status, the descriptors it holds, the objects the
-garbage collector lists or the ordinary test machinery is caught.
-
-`run_reporting` gives a harness written as the program itself (the doctest runner of
-`megapmp.synth.verified`) the same private channel: each line it reports carries the nonce, lines
-without it are dropped, stdout is never parsed. There the reporting callable is an ordinary Python
-object of the program, so code under test that searches the garbage collector for it could call it.
-
-Statuses: ``passed`` (exit 0; for `run_tests` also the harness's record), ``failed`` (non-zero exit:
-exception, failed assertion, refused operation, early exit), ``timeout`` (wall-clock limit or
-``RLIMIT_CPU``), ``memory`` (``MemoryError`` under ``RLIMIT_AS``), ``killed`` (another signal, e.g. the
-OOM killer) and ``error`` (the sandbox itself could not run the program).
+Statuses: ``passed`` (exit 0; for `run_tests` the judge's verdict), ``failed`` (non-zero exit: exception,
+failed assertion, refused operation, early exit), ``timeout`` (wall-clock limit or ``RLIMIT_CPU``),
+``memory`` (``MemoryError`` under ``RLIMIT_AS``), ``killed`` (another signal, e.g. the OOM killer) and
+``error`` (the sandbox itself could not run the program).
 """
 
 from __future__ import annotations
 
+import ast
 import json
 import logging
 import math
@@ -82,6 +76,7 @@ import secrets
 import selectors
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import tempfile
@@ -89,22 +84,49 @@ import threading
 import time
 from dataclasses import dataclass, field
 
-__all__ = ["SandboxResult", "SandboxUnavailable", "run_untrusted", "run_tests", "run_reporting",
-           "sandbox_capabilities", "require_sandbox", "humaneval_program", "Status"]
+try:
+    from . import inside
+except ImportError:  # this file copied on its own beside inside.py (tests/sandbox_attacks.py)
+    import inside
+
+__all__ = ["SandboxResult", "SandboxUnavailable", "DoctestRun", "run_untrusted", "run_tests", "run_doctests",
+           "sandbox_capabilities", "require_sandbox", "humaneval_program", "doctest_plan", "Status"]
 
 log = logging.getLogger(__name__)
 
 Status = str  # "passed" | "failed" | "timeout" | "memory" | "killed" | "error"
 
 PROGRAM_NAME = "prog.py"
-SANDBOX_DIR = "/tmp"  # the program's working directory inside the namespaces: a private tmpfs
-_EXIT_MEMORY = 93  # bootstrap: the program raised MemoryError
-_EXIT_SETUP = 94  # bootstrap: the sandbox could not be set up; nothing of the program ran
-_MEMORY_MARKER = "MemoryError (sandbox memory limit)"
+SANDBOX_DIR = "/tmp"  # the working directory inside the namespaces: the one private tmpfs
+DEVICES = ("null", "zero", "full", "random", "urandom")
 _TAIL_BYTES = 4096  # kept from the end of a truncated stream, so the last lines are never lost
 _UID_BASE = 1_000_000_000  # sandbox uids: _UID_BASE + pid * _UID_SLOTS + slot, unique per live run
 _UID_SLOTS = 256
+_PID_LIMIT = 1 << 22  # the kernel's largest pid_max: every live caller's pid has its own slots, below 2**31
 _NESTED_UID = 65534  # an unprivileged caller's program appears as this uid ("nobody") in its namespace
+_INSIDE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "inside.py")
+# Reads the set-up from a descriptor (8-byte length, the settings and program as JSON, then inside.py
+# compiled once by the caller: the same interpreter binary runs both sides), closes it, hands over.
+_LOADER = ("import os, sys, json, marshal\n"
+           "with os.fdopen(int(sys.argv[1]), 'rb') as f:\n"
+           "    setup = json.loads(f.read(int.from_bytes(f.read(8), 'little')))\n"
+           "    code = marshal.loads(f.read())\n"
+           "g = {'__name__': 'megapmp_sandbox_inside'}\n"
+           "exec(code, g)\n"
+           "del f, code, sys.argv[1:]\n"
+           "g['main'](setup)\n")
+_inside_code_lock = threading.Lock()
+_inside_code: bytes | None = None
+
+
+def _compiled_inside() -> bytes:
+    global _inside_code
+    with _inside_code_lock:
+        if _inside_code is None:
+            import marshal
+            with open(_INSIDE, encoding="utf-8") as f:
+                _inside_code = marshal.dumps(compile(f.read(), "<megapmp-sandbox>", "exec"))
+        return _inside_code
 
 
 class SandboxUnavailable(RuntimeError):
@@ -115,7 +137,8 @@ class SandboxUnavailable(RuntimeError):
 class SandboxResult:
     """Outcome of one sandboxed run. stdout/stderr are decoded (UTF-8, replacement) and truncated to
     `max_output_bytes` each, keeping the head and the last 4 KiB with a marker in between. `run_id`
-    appears in the command line of every process of the run (tests use it to look for survivors)."""
+    appears in the command line of every process of the run (tests use it to look for survivors).
+    For `run_tests`, stdout and stderr are the solution's followed by the tests'."""
 
     status: Status
     returncode: int | None
@@ -131,360 +154,44 @@ class SandboxResult:
 
 
 # --------------------------------------------------------------------------------------------------
-# Bootstrap: trusted code that runs in the child before the program. Standard library only. argv:
-# the descriptor of its settings (JSON: cfg, program, nonce; read and closed first) and the run id.
+# The visible file system
 # --------------------------------------------------------------------------------------------------
 
-_BOOTSTRAP = r'''
-import os, sys, json
-with os.fdopen(int(sys.argv[1]), "rb") as _f:
-    _setup = json.loads(_f.read())
-cfg, _program_text, _nonce = _setup["cfg"], _setup["program"], _setup["nonce"]
-del _setup, _f
-EXIT_MEMORY, EXIT_SETUP = cfg["exit_memory"], cfg["exit_setup"]
-MEMORY_MARKER = ("\n" + cfg["memory_marker"] + "\n").encode()
+_layout_lock = threading.Lock()
+_layout: dict | None = None
 
 
-def _libc():
-    import ctypes
-    libc = ctypes.CDLL(None, use_errno=True)
-    def call(what, fn, *args):
-        if fn(*args) != 0:
-            err = ctypes.get_errno()
-            raise OSError(err, "%s: %s" % (what, os.strerror(err)))
-    return ctypes, libc, call
+def _root_layout() -> dict:
+    """What a sandboxed Python sees besides /tmp, /proc and /dev: read-only binds (host path, path
+    inside) and symbolic links (target, path), the same for both backends."""
+    global _layout
+    with _layout_lock:
+        if _layout is not None:
+            return _layout
+        binds, links = [("/usr", "/usr")], []
+        for top in ("/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32"):
+            if os.path.islink(top):
+                links.append((os.readlink(top), top))
+            elif os.path.isdir(top):
+                binds.append((top, top))
+        interpreter = os.path.realpath(sys.executable)
+        for prefix in dict.fromkeys([os.path.realpath(sys.base_prefix), os.path.realpath(sys.base_exec_prefix),
+                                     os.path.dirname(os.path.dirname(interpreter))]):
+            if prefix != "/" and not any(prefix == d or prefix.startswith(d + "/") for d, _ in binds):
+                binds.append((prefix, prefix))
+        for name in ("/etc/ld.so.cache", "/etc/ld.so.conf", "/etc/ld.so.conf.d", "/etc/localtime"):
+            if os.path.exists(name):
+                binds.append((os.path.realpath(name), name))
+        links += [("/proc/self/fd", "/dev/fd"), ("/proc/self/fd/0", "/dev/stdin"), ("/proc/self/fd/1", "/dev/stdout"),
+                  ("/proc/self/fd/2", "/dev/stderr"), (SANDBOX_DIR, "/dev/shm"), (SANDBOX_DIR, "/var/tmp")]
+        _layout = {"binds": binds, "symlinks": links, "devices": list(DEVICES)}
+        return _layout
 
 
-def isolate_filesystem(tmpfs_kb):
-    """Every mount read-only and nosuid, then fresh tmpfs where programs expect to write (unshare
-    backend; we hold CAP_SYS_ADMIN in this mount namespace only). /proc stays writable: it is this PID
-    namespace's own, and a nested user namespace needs /proc/self/uid_map."""
-    ctypes, libc, call = _libc()
-    class MountAttr(ctypes.Structure):
-        _fields_ = [("attr_set", ctypes.c_uint64), ("attr_clr", ctypes.c_uint64),
-                    ("propagation", ctypes.c_uint64), ("userns_fd", ctypes.c_uint64)]
-    SYS_mount_setattr, AT_FDCWD, AT_RECURSIVE, RDONLY, NOSUID = 442, -100, 0x8000, 0x1, 0x2
-    def setattr_(path, set_, clr, flags):
-        attr = MountAttr(set_, clr, 0, 0)
-        call("mount_setattr(%s)" % path, libc.syscall, ctypes.c_long(SYS_mount_setattr), ctypes.c_int(AT_FDCWD),
-             path.encode(), ctypes.c_uint(flags), ctypes.byref(attr), ctypes.c_size_t(ctypes.sizeof(attr)))
-    setattr_("/", RDONLY | NOSUID, 0, AT_RECURSIVE)
-    setattr_("/proc", 0, RDONLY, 0)
-    MS_NOSUID, MS_NODEV = 2, 4
-    for target in ("/tmp", "/dev/shm", "/var/tmp", "/run/shm", "/run/lock"):
-        if os.path.isdir(target) and not os.path.islink(target):
-            call("mount tmpfs on " + target, libc.mount, b"tmpfs", target.encode(), b"tmpfs", MS_NOSUID | MS_NODEV,
-                 ("size=%dk,mode=700" % tmpfs_kb).encode())
-
-
-def drop_to_uid(uid):
-    """Root caller: switch to the per-run uid. The new uid may not be able to search the directories
-    above the standard library (/root/.pyenv); keep them reachable through descriptors opened now."""
-    moved = {}
-    for p in sys.path:
-        try:
-            moved[p] = "/proc/self/fd/%d" % os.open(p, os.O_RDONLY | os.O_DIRECTORY)
-        except OSError:
-            continue
-    sys.path[:] = list(moved.values())
-    for mod in list(sys.modules.values()):  # packages imported at start-up, e.g. encodings
-        locations = getattr(mod, "__path__", None)
-        if isinstance(locations, list):
-            for i, loc in enumerate(locations):
-                for old, new in moved.items():
-                    if loc == old or loc.startswith(old + os.sep):
-                        locations[i] = new + loc[len(old):]
-    sys.path_importer_cache.clear()
-    os.setgroups([])
-    os.setgid(uid)
-    os.setuid(uid)  # from root to another uid: the kernel clears every capability
-    if os.getuid() != uid or os.geteuid() != uid:
-        raise RuntimeError("could not drop privileges")
-
-
-def drop_capabilities(inner_uid):
-    """Unprivileged caller (unshare backend): we are root of our own user namespace. Enter a nested one,
-    where the mounts made above are locked (no one can make them writable again), appear there as an
-    ordinary uid, and drop every capability."""
-    ctypes, libc, call = _libc()
-    CLONE_NEWUSER = 0x10000000
-    call("unshare(CLONE_NEWUSER)", libc.unshare, CLONE_NEWUSER)
-    for name, text in (("setgroups", "deny"), ("uid_map", "%d 0 1" % inner_uid), ("gid_map", "%d 0 1" % inner_uid)):
-        with open("/proc/self/" + name, "w") as f:
-            f.write(text)
-    class Header(ctypes.Structure):
-        _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
-    class Data(ctypes.Structure):
-        _fields_ = [("effective", ctypes.c_uint32), ("permitted", ctypes.c_uint32), ("inheritable", ctypes.c_uint32)]
-    _LINUX_CAPABILITY_VERSION_3 = 0x20080522
-    call("capset", libc.capset, ctypes.byref(Header(_LINUX_CAPABILITY_VERSION_3, 0)), (Data * 2)())
-
-
-def no_new_privs():
-    ctypes, libc, call = _libc()
-    PR_SET_NO_NEW_PRIVS = 38
-    call("prctl(PR_SET_NO_NEW_PRIVS)", libc.prctl, PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0)
-
-
-try:
-    import builtins, io, resource, traceback, errno, _socket
-    if cfg["mounts"]:
-        isolate_filesystem(cfg["tmpfs_kb"])
-    if cfg["uid"] is not None:
-        for _dir in cfg["private_dirs"]:  # the fresh tmpfs mounts become the per-run uid's own
-            if os.path.isdir(_dir):
-                os.chown(_dir, cfg["uid"], cfg["uid"])
-        drop_to_uid(cfg["uid"])
-    elif cfg["drop_capabilities"]:
-        drop_capabilities(cfg["nested_uid"])
-    if cfg["sandbox_dir"] is not None:
-        no_new_privs()
-        os.chdir(cfg["sandbox_dir"])
-    workdir = os.path.realpath(os.getcwd())
-    program_path = os.path.join(workdir, cfg["program"])
-    with open(program_path, "w", encoding="utf-8") as _f:
-        _f.write(_program_text)
-
-    class SandboxViolation(PermissionError):
-        """An operation the sandbox refuses (network, writes outside the working directory, ...)."""
-    builtins.SandboxViolation = SandboxViolation
-
-    _verdict_fd = cfg["verdict_fd"]
-    _os_write = os.write
-    if _verdict_fd is not None:
-        def write(fd, data):
-            if fd == _verdict_fd:
-                raise SandboxViolation("sandbox: the verdict descriptor belongs to the harness")
-            return _os_write(fd, data)
-        os.write = write
-
-    if cfg["guards"]:
-        # -- network: every socket constructor and resolver raises ----------------------------
-        def _no_net(*a, **k):
-            raise SandboxViolation("network access is disabled in the sandbox")
-        class _NoSocket(_socket.socket):
-            __slots__ = ()  # socket.socket subclasses this and declares __weakref__ itself
-            def __new__(cls, *a, **k):
-                _no_net()
-            def __init__(self, *a, **k):
-                _no_net()
-        _socket.socket = _socket.SocketType = _NoSocket
-        for _name in ("socketpair", "fromfd", "getaddrinfo", "gethostbyname", "gethostbyname_ex",
-                      "gethostbyaddr", "getnameinfo", "create_connection", "create_server"):
-            if hasattr(_socket, _name):
-                setattr(_socket, _name, _no_net)
-
-        # -- filesystem: writes and destructive calls only below the working directory ---------
-        _real = os.path.realpath
-        _allowed_files = {"/dev/null"}
-        def _resolve(path, dir_fd=None):
-            path = os.fsdecode(os.fspath(path))
-            if dir_fd is not None and not os.path.isabs(path):
-                path = os.path.join(os.readlink("/proc/self/fd/%d" % dir_fd), path)
-            return _real(os.path.join(os.getcwd(), path))
-        def _check(path, what, dir_fd=None):
-            if isinstance(path, int):
-                if path == _verdict_fd:
-                    raise SandboxViolation("sandbox: the verdict descriptor belongs to the harness")
-                return
-            full = _resolve(path, dir_fd)
-            if full in _allowed_files or full == workdir or full.startswith(workdir + os.sep):
-                return
-            raise SandboxViolation("sandbox: %s outside the working directory refused: %r" % (what, full))
-
-        _open = builtins.open
-        def open(file, mode="r", *args, **kwargs):
-            if any(c in mode for c in "wax+"):
-                _check(file, "open(%r)" % mode)
-            return _open(file, mode, *args, **kwargs)
-        builtins.open = io.open = open
-
-        _FileIO = io.FileIO
-        class FileIO(_FileIO):
-            def __init__(self, file, mode="r", *args, **kwargs):
-                if any(c in mode for c in "wax+"):
-                    _check(file, "FileIO(%r)" % mode)
-                super().__init__(file, mode, *args, **kwargs)
-        io.FileIO = FileIO
-
-        _WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND
-        _os_open = os.open
-        def os_open(path, flags, mode=0o777, *, dir_fd=None):
-            if flags & _WRITE_FLAGS:
-                _check(path, "os.open for writing", dir_fd)
-            return _os_open(path, flags, mode, dir_fd=dir_fd)
-        os.open = os_open
-
-        def _guard_paths(name, npaths):
-            fn = getattr(os, name, None)
-            if fn is None:
-                return
-            def wrapper(*args, **kwargs):
-                shared = kwargs.get("dir_fd")
-                dir_fds = (kwargs.get("src_dir_fd", shared), kwargs.get("dst_dir_fd", shared))
-                for i, p in enumerate(args[:npaths]):
-                    _check(p, "os.%s" % name, dir_fds[min(i, 1)])
-                return fn(*args, **kwargs)
-            wrapper.__name__ = name
-            setattr(os, name, wrapper)
-        for _name in ("remove", "unlink", "rmdir", "mkdir", "chmod", "chown", "lchown", "truncate",
-                      "utime", "mkfifo", "mknod", "removexattr", "setxattr"):
-            _guard_paths(_name, 1)
-        for _name in ("rename", "replace", "link", "symlink"):
-            _guard_paths(_name, 2)
-
-        # -- processes: no exec, a fixed budget of forks, signals only to our own group ---------
-        def _no_spawn(*a, **k):
-            raise SandboxViolation("starting programs is disabled in the sandbox")
-        for _name in ("system", "popen", "execv", "execve", "execvp", "execvpe", "execl", "execle",
-                      "execlp", "execlpe", "posix_spawn", "posix_spawnp", "spawnv", "spawnve",
-                      "spawnvp", "spawnvpe", "spawnl", "spawnle", "spawnlp", "spawnlpe", "forkpty"):
-            if hasattr(os, _name):
-                setattr(os, _name, _no_spawn)
-        import _posixsubprocess
-        _posixsubprocess.fork_exec = _no_spawn
-
-        # A pipe holding one byte per allowed fork, shared by every descendant; once the bytes are
-        # gone (the write end is closed, so an empty pipe reads as EOF) fork fails like the kernel's.
-        _tokens_r, _tokens_w = os.pipe()
-        _os_write(_tokens_w, b"x" * cfg["max_procs"])
-        os.close(_tokens_w)
-        _fork = os.fork
-        def fork():
-            if not os.read(_tokens_r, 1):
-                raise BlockingIOError(errno.EAGAIN, "sandbox: process limit reached")
-            return _fork()
-        os.fork = fork
-
-        _kill, _killpg, _group = os.kill, os.killpg, os.getpgrp()
-        def kill(pid, sig):
-            if pid not in (0, -_group) and (pid < 0 or _group != os.getpgid(pid)):
-                raise SandboxViolation("sandbox: signals outside the sandbox are refused")
-            return _kill(pid, sig)
-        def killpg(pgid, sig):
-            if pgid not in (0, _group):
-                raise SandboxViolation("sandbox: signals outside the sandbox are refused")
-            return _killpg(pgid, sig)
-        os.kill, os.killpg = kill, killpg
-
-    # -- rlimits last: the program runs under them, the set-up above does not -------------------
-    for _name, _value in cfg["rlimits"].items():
-        _res = getattr(resource, _name)
-        _soft, _hard = resource.getrlimit(_res)
-        if _hard != resource.RLIM_INFINITY:
-            _value = min(_value, _hard - 1 if _name == "RLIMIT_CPU" else _hard)
-        # CPU: soft < hard, so the soft limit delivers SIGXCPU (reported as a timeout), not SIGKILL.
-        resource.setrlimit(_res, (_value, _value + 1 if _name == "RLIMIT_CPU" else _value))
-    code = compile(_program_text, program_path, "exec")
-    del _program_text
-except BaseException as exc:
-    if isinstance(exc, SyntaxError) and "code" not in globals() and "program_path" in globals():
-        # A syntax error of the program itself is the program's failure, not the sandbox's.
-        import traceback
-        traceback.print_exc()
-        sys.exit(1)
-    import traceback
-    sys.stderr.write("sandbox setup failed:\n")
-    traceback.print_exc()
-    sys.stderr.flush()
-    os._exit(EXIT_SETUP)
-
-
-def _untouched(snapshot, gettrace, getprofile):
-    """Whether the test machinery is as it was before the program ran (see the module docstring)."""
-    import builtins
-    if sys.gettrace is not gettrace or sys.getprofile is not getprofile:
-        return "sys.gettrace/sys.getprofile were replaced"
-    if gettrace() is not None or getprofile() is not None:
-        return "a trace or profile function is installed"
-    for name, value in snapshot.items():
-        if getattr(builtins, name, None) is not value:
-            return "builtins.%s was replaced" % name
-    case = sys.modules.get("unittest.case")
-    if case is not None:
-        classes = [v for v in vars(case).values() if isinstance(v, type) and v.__module__ == "unittest.case"]
-        for owner in [case] + classes:
-            for name, value in vars(owner).items():
-                code = getattr(value, "__code__", None)
-                if code is not None and code.co_filename != case.__file__:
-                    return "unittest.case %s.%s was replaced" % (getattr(owner, "__name__", ""), name)
-    return None
-
-
-def _make_report(fd, nonce, write):
-    """For a harness written as the program itself (run_reporting): one authenticated line per call."""
-    prefix = nonce.encode()
-    def report(text):
-        write(fd, prefix + text.encode("utf-8", "replace").replace(b"\n", b" ") + b"\n")
-    return report
-
-
-def _main(code, program_path, entry_point, verdict_fd, nonce, report):
-    """Run the program as the real __main__ module and, for run_tests, be the harness.
-
-    With an entry point the program holds the solution and the test code; this function calls
-    ``check(<entry point>)`` itself and, only when that returned normally and nothing was tampered
-    with, writes the nonce to the verdict descriptor and ends the process before any program code can
-    run again. The nonce and everything used after the tests (write, exit, the tamper check) are locals
-    of this frame, bound before the program runs: no module global, no object the garbage collector
-    lists, holds them."""
-    import types
-    write, exit_, untouched = _os_write, os._exit, _untouched
-    snapshot, gettrace, getprofile = dict(vars(builtins)), sys.gettrace, sys.getprofile
-    stdout, stderr = sys.stdout, sys.stderr
-    main = types.ModuleType("__main__")
-    main.__file__, main.__builtins__ = program_path, builtins
-    sys.modules["__main__"] = main
-    namespace = main.__dict__
-    if report is not None:
-        namespace["__sandbox_report__"] = report
-    del report
-    try:
-        exec(code, namespace)
-        if entry_point is None:
-            return
-        namespace["check"](namespace[entry_point])
-    except SystemExit as exc:
-        if entry_point is None:
-            raise
-        stderr.write("sandbox: the program exited (SystemExit %r) before the tests completed\n" % (exc.code,))
-        exit_(1)
-    except MemoryError:
-        try:
-            stdout.flush()
-        except BaseException:
-            pass
-        write(2, MEMORY_MARKER)
-        exit_(EXIT_MEMORY)
-    except BaseException as exc:
-        try:  # the program's frames only, not this bootstrap's
-            tb = exc.__traceback__.tb_next
-            while tb is not None and tb.tb_frame.f_code.co_filename != program_path:
-                tb = tb.tb_next
-            traceback.print_exception(type(exc), exc, tb)
-        except MemoryError:
-            write(2, MEMORY_MARKER)
-            exit_(EXIT_MEMORY)
-        sys.exit(1)
-    tampered = untouched(snapshot, gettrace, getprofile)
-    for stream in (stdout, stderr):
-        try:
-            stream.flush()
-        except BaseException:
-            pass
-    if tampered:
-        write(2, ("sandbox: the program tampered with the test machinery: %s\n" % tampered).encode())
-        exit_(1)
-    write(verdict_fd, nonce.encode())
-    exit_(0)
-
-
-_report = None
-if _nonce and not cfg["entry_point"]:
-    _report = _make_report(cfg["verdict_fd"], _nonce, _os_write)
-    _nonce = None
-_main(code, program_path, cfg["entry_point"], cfg["verdict_fd"], globals().pop("_nonce"), globals().pop("_report"))
-'''
+def _visible_top_level() -> set[str]:
+    layout = _root_layout()
+    paths = [dest for _, dest in layout["binds"]] + [link for _, link in layout["symlinks"]]
+    return {p.split("/")[1] for p in paths} | {"dev", "proc", "tmp"}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -496,30 +203,88 @@ _caps: dict | None = None
 _uid_lock = threading.Lock()
 _uid_next = 0
 _uids_in_use: set[int] = set()
-_RLIMITS = ["RLIMIT_AS", "RLIMIT_CPU", "RLIMIT_FSIZE", "RLIMIT_NOFILE", "RLIMIT_CORE"]
-_PROBE = "import os\nopen('probe', 'w').write('x')\nprint(os.getcwd(), sorted(os.listdir('.')), os.getpid() < 5)\n"
-_PROBE_OUT = f"{SANDBOX_DIR} ['probe', '{PROGRAM_NAME}'] True\n"
+_RLIMITS = ["RLIMIT_AS", "RLIMIT_CPU", "RLIMIT_FSIZE", "RLIMIT_NOFILE", "RLIMIT_CORE", "RLIMIT_NPROC"]
+_PROBE_PROCS = 4
+_PROBE_MB = 256
+_KEYCTL = inside._REFUSED_SYSCALLS.get(os.uname().machine, (None,) * 5)[4]
+# The probe measures what the kernel gives (no guards): a private working directory, a small PID, no
+# user namespace, no System V storage, no keyring, a process limit, and what the root directory holds.
+_PROBE = f"""
+import ctypes, json, os, time
+open('probe', 'w').write('x')
+facts = {{"cwd": os.getcwd(), "listing": sorted(os.listdir('.')), "pid": os.getpid(), "root": sorted(os.listdir('/'))}}
+libc = ctypes.CDLL(None, use_errno=True)
+facts["userns"] = libc.unshare(0x10000000) == 0
+facts["inodes"] = os.statvfs('.').f_files
+facts["sysv_ipc"] = libc.shmget(0, 4096, 0o600) >= 0 or libc.msgget(0, 0o600) >= 0
+# KEYCTL_GET_KEYRING_ID of the session keyring (the caller's, inherited), without creating one
+facts["keyring"] = {_KEYCTL} is None or libc.syscall({_KEYCTL}, 0, -3, 0) >= 0
+forked = 0
+for _ in range({2 * _PROBE_PROCS}):
+    try:
+        pid = os.fork()
+    except OSError:
+        break
+    if pid == 0:
+        time.sleep(30)
+        os._exit(0)
+    forked += 1
+facts["forked"] = forked
+print(json.dumps(facts))
+"""
+# Promises 2-5 of the module docstring, by name: checked by the probe, reported when missing.
+GUARANTEES = {
+    "minimal_root": "only the paths a Python program needs are visible",
+    "no_nested_userns": "no nested user namespaces (no mounts of the program's own)",
+    "process_limit": "a process limit (RLIMIT_NPROC) for the run's processes",
+    "storage_budget": "one sized tmpfs for everything a program can write (no System V shared memory or queues)",
+    "no_caller_keyrings": "no access to the caller's kernel keyrings",
+}
 
 
-def _private_dirs() -> list[str]:
-    """Where programs expect to write; each gets a fresh tmpfs inside the namespaces."""
-    return [d for d in (SANDBOX_DIR, "/dev/shm", "/var/tmp", "/run/shm", "/run/lock")
-            if os.path.isdir(d) and not os.path.islink(d)]
+def _tmpfs_inodes(tmpfs_bytes: int) -> int:
+    """The file count of a sandbox's tmpfs: each file (an empty one too, which costs no block) holds about
+    1 KiB of kernel memory that the size does not count, so at most 1/16 of the budget goes to files."""
+    return max(4096, tmpfs_bytes >> 14)
+
+
+def _bwrap_mounts_tmpfs(bwrap: str, root: bool) -> bool:
+    """Whether the bootstrap may be given CAP_SYS_ADMIN to mount the run's tmpfs itself (bubblewrap sizes
+    a tmpfs in bytes only): always as root; otherwise only with a bubblewrap that is not setuid (a setuid
+    one refuses --cap-add to other users), and the probe then names the missing storage_budget."""
+    return root or not os.stat(bwrap).st_mode & stat.S_ISUID
 
 
 def _bwrap_prefix(bwrap: str, root: bool, tmpfs_bytes: int) -> list[str]:
     """bubblewrap: as root it creates the namespaces itself and keeps only what the bootstrap needs to
     become the per-run uid; otherwise in a user namespace of the caller's, with no capabilities left and
-    no further user namespaces allowed."""
+    no further user namespaces allowed. Either way the bootstrap also gets CAP_SYS_ADMIN over the
+    sandbox's own mounts (`_bwrap_mounts_tmpfs`), to mount the tmpfs bounded in files, and drops it."""
     help_text = _bwrap_help(bwrap)
+    layout = _root_layout()
     prefix = [bwrap, "--unshare-ipc", "--unshare-pid", "--unshare-net", "--unshare-uts", "--unshare-cgroup-try",
-              "--die-with-parent", "--new-session", "--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc"]
-    for d in _private_dirs():
-        prefix += (["--size", str(tmpfs_bytes)] if "--size" in help_text else []) + ["--tmpfs", d]
+              "--die-with-parent", "--new-session"]
+    if not root:
+        prefix += ["--unshare-user"] + (["--disable-userns"] if "--disable-userns" in help_text else [])
+    # Every directory the binds and links sit in, searchable by the program (bubblewrap makes them 0700).
+    parents = {os.path.dirname(path) for path in [d for _, d in layout["binds"]] + [link for _, link in layout["symlinks"]]
+               + ["/dev/" + name for name in layout["devices"]]}
+    for directory in sorted({"/".join(p.split("/")[:i + 1]) for p in parents - {"/"}
+                            for i in range(1, p.count("/") + 1)}):
+        prefix += ["--perms", "0755", "--dir", directory]
+    for src, dest in layout["binds"]:
+        prefix += ["--ro-bind", src, dest]
+    for name in layout["devices"]:
+        prefix += ["--dev-bind", "/dev/" + name, "/dev/" + name]
+    for target, link in layout["symlinks"]:
+        prefix += ["--symlink", target, link]
+    prefix += ["--proc", "/proc"]
+    prefix += (["--size", str(tmpfs_bytes)] if "--size" in help_text else []) + ["--tmpfs", SANDBOX_DIR]
+    prefix += ["--remount-ro", "/"]
     if root:
         prefix += ["--cap-add", "CAP_SETUID", "--cap-add", "CAP_SETGID", "--cap-add", "CAP_CHOWN"]
-    else:
-        prefix += ["--unshare-user"] + (["--disable-userns"] if "--disable-userns" in help_text else [])
+    if _bwrap_mounts_tmpfs(bwrap, root):
+        prefix += ["--cap-add", "CAP_SYS_ADMIN"]
     return prefix + ["--chdir", SANDBOX_DIR, "--"]
 
 
@@ -537,76 +302,110 @@ def _bwrap_help(bwrap: str) -> str:
 
 
 def _unshare_prefix(unshare: str, root: bool) -> list[str]:
-    """util-linux unshare: new namespaces and a /proc of the new PID namespace; the bootstrap does the
-    rest (read-only mounts, private tmpfs, dropping privileges). Root needs no user namespace."""
+    """util-linux unshare: new namespaces and a /proc of the new PID namespace (the one a new root's /proc
+    may be mounted beside); the bootstrap does the rest. Root needs no user namespace."""
     user = [] if root else ["--user", "--map-root-user"]
     return [unshare, *user, "--mount", "--pid", "--net", "--ipc", "--uts", "--fork", "--kill-child",
             "--mount-proc", "--propagation", "private", "--"]
 
 
 def _launch_plan(caps: dict, tmpfs_bytes: int) -> dict:
-    """How one run starts under `caps`: argv prefix and the bootstrap's set-up steps."""
+    """How one process starts under `caps`: argv prefix and the bootstrap's set-up steps."""
     root = os.geteuid() == 0
     backend = caps["backend"]
+    layout = tmpfs = None
     if backend == "bwrap":
         prefix = _bwrap_prefix(caps["bwrap"], root, tmpfs_bytes)
+        if _bwrap_mounts_tmpfs(caps["bwrap"], root):
+            tmpfs = {"size_kb": max(1, tmpfs_bytes >> 10), "inodes": _tmpfs_inodes(tmpfs_bytes)}
     elif backend == "unshare":
         prefix = _unshare_prefix(caps["unshare"], root)
+        layout = dict(_root_layout(), tmpfs_kb=max(1, tmpfs_bytes >> 10), tmpfs_inodes=_tmpfs_inodes(tmpfs_bytes))
     else:
         prefix = []
-    return {"prefix": prefix, "mounts": backend == "unshare", "drop_capabilities": backend == "unshare" and not root,
-            "sandbox_dir": SANDBOX_DIR if backend else None}
+    return {"prefix": prefix, "root_layout": layout, "tmpfs": tmpfs,
+            "drop_capabilities": backend == "unshare" and not root,
+            "clear_capabilities": tmpfs is not None and not root,  # root's drop to the per-run uid clears them
+            "sandbox_dir": SANDBOX_DIR if backend else None, "seccomp": bool(backend) and caps.get("seccomp", True)}
 
 
 def sandbox_capabilities(refresh: bool = False) -> dict:
     """Which isolation is in effect here, probed once by running a tiny program through each backend:
-    ``backend`` (``"bwrap"``, ``"unshare"`` or None: nothing works), ``bwrap``/``unshare`` (the
-    binaries found), ``drop_uid`` (the program runs as a per-run uid: the caller is root), ``nproc``
-    (RLIMIT_NPROC enforced: only with ``drop_uid``), ``rlimits`` and ``problems`` (why a backend was
-    not taken)."""
+    ``backend`` (``"bwrap"``, ``"unshare"`` or None: nothing works), ``bwrap``/``unshare`` (the binaries
+    found), ``drop_uid`` (the program runs as a per-run uid: the caller is root), ``nproc`` (RLIMIT_NPROC
+    holds for the run), ``rlimits``, ``guarantees`` (promise name -> held, see `GUARANTEES`), ``missing``
+    (those the OS does not give here, logged once) and ``problems`` (why a backend was not taken)."""
     global _caps
     with _caps_lock:
         if _caps is not None and not refresh:
             return dict(_caps)
         root = os.geteuid() == 0
         base = {"backend": None, "bwrap": shutil.which("bwrap"), "unshare": shutil.which("unshare"),
-                "drop_uid": root, "kill_binary": shutil.which("kill"),
-                "problems": {}}
-        caps = dict(base)
+                "drop_uid": root, "kill_binary": shutil.which("kill"), "seccomp": True, "problems": {}}
+        caps = dict(base, guarantees={}, nproc=False)
         for backend in ("bwrap", "unshare"):
             if base[backend] is None:
                 base["problems"][backend] = "not installed"
                 continue
             trial = dict(base, backend=backend)
-            problem = _probe(trial)
+            problem, guarantees = _probe(trial)
+            if problem is not None and "seccomp" in problem:  # a kernel without seccomp: do without it
+                trial["seccomp"] = False
+                problem, guarantees = _probe(trial)
             if problem is None:
-                caps = trial
+                caps = dict(trial, guarantees=guarantees, nproc=guarantees["process_limit"])
                 break
             base["problems"][backend] = problem
         caps["problems"] = dict(base["problems"])
-        caps["nproc"] = caps["drop_uid"]
-        caps["rlimits"] = _RLIMITS + (["RLIMIT_NPROC"] if caps["nproc"] else [])
+        caps["rlimits"] = _RLIMITS if caps["nproc"] else _RLIMITS[:-1]
+        caps["missing"] = sorted(k for k, held in caps["guarantees"].items() if not held)
         _caps = caps
         if caps["backend"]:
             log.info("sandbox: %s isolation (%s namespaces), %s, rlimits %s", caps["backend"],
                      "mount/pid/net/ipc/uts" if root else "user/mount/pid/net/ipc/uts",
-                     "per-run uid" if caps["drop_uid"] else "no capabilities",
-                     ",".join(caps["rlimits"]))
+                     "per-run uid" if caps["drop_uid"] else "no capabilities", ",".join(caps["rlimits"]))
+            if caps["missing"]:
+                log.warning("sandbox: the OS here does not give: %s",
+                            "; ".join(GUARANTEES[k] for k in caps["missing"]))
         else:
             log.warning("sandbox: no OS isolation available (%s)", _problems_text(caps))
         return dict(caps)
 
 
-def _probe(caps: dict) -> str | None:
+def _probe(caps: dict) -> tuple[str | None, dict]:
+    """(None, guarantees) if the backend runs a program as promised; else (why not, {})."""
     try:
-        r, _ = _execute(_PROBE, caps=caps, timeout_s=10.0, memory_mb=256, cpu_s=None, max_file_bytes=1 << 16,
-                        max_procs=8, max_open_files=64, max_output_bytes=4096, guards=True)
+        r = _run_one(_PROBE, caps=caps, timeout_s=10.0, memory_mb=_PROBE_MB, cpu_s=None, max_file_bytes=1 << 16,
+                     max_procs=_PROBE_PROCS, max_open_files=64, max_output_bytes=4096, guards=False)
     except OSError as exc:
-        return str(exc)
-    if r.status == "passed" and r.stdout == _PROBE_OUT:
-        return None
-    lines = (r.stderr.strip() or r.stdout.strip() or r.status).splitlines()
-    return f"probe {r.status}: {lines[-1][:200]}"
+        return str(exc), {}
+    try:
+        facts = json.loads(r.stdout)
+    except ValueError:
+        lines = (r.stderr.strip() or r.stdout.strip() or r.status).splitlines()
+        return f"probe {r.status}: {lines[-1][:200]}", {}
+    if not (r.status == "passed" and facts["cwd"] == SANDBOX_DIR and facts["listing"] == ["probe", PROGRAM_NAME]
+            and facts["pid"] < 5):
+        return f"probe {r.status}: {r.stdout.strip()[:200]}", {}
+    guarantees = {
+        "minimal_root": set(facts["root"]) <= _visible_top_level(),
+        "no_nested_userns": not facts["userns"],
+        # An unprivileged caller's limit is the run's only from Linux 5.14 on (before, RLIMIT_NPROC counted
+        # all the caller's processes: the forks the probe makes would fail for the wrong reason).
+        "process_limit": 0 < facts["forked"] < _PROBE_PROCS and (caps["drop_uid"] or _kernel_at_least(5, 14)),
+        "storage_budget": ((caps["backend"] == "unshare" or "--size" in _bwrap_help(caps["bwrap"]))
+                           and facts["inodes"] <= _tmpfs_inodes(_PROBE_MB << 20) and not facts["sysv_ipc"]),
+        "no_caller_keyrings": not facts["keyring"],
+    }
+    return None, guarantees
+
+
+def _kernel_at_least(major: int, minor: int) -> bool:
+    try:
+        version = tuple(int(x) for x in os.uname().release.split("-")[0].split(".")[:2])
+    except ValueError:
+        return False
+    return version >= (major, minor)
 
 
 def _problems_text(caps: dict) -> str:
@@ -629,12 +428,12 @@ def _acquire_uid() -> int:
     global _uid_next
     with _uid_lock:
         for _ in range(_UID_SLOTS):
-            uid = _UID_BASE + (os.getpid() % 4_000_000) * _UID_SLOTS + _uid_next % _UID_SLOTS
+            uid = _UID_BASE + (os.getpid() % _PID_LIMIT) * _UID_SLOTS + _uid_next % _UID_SLOTS
             _uid_next += 1
             if uid not in _uids_in_use:
                 _uids_in_use.add(uid)
                 return uid
-    raise RuntimeError(f"more than {_UID_SLOTS} concurrent sandbox runs in one process")
+    raise RuntimeError(f"more than {_UID_SLOTS} concurrent sandbox processes in one process")
 
 
 def _release_uid(uid: int) -> None:
@@ -703,146 +502,144 @@ class _Capture:
 
 
 # --------------------------------------------------------------------------------------------------
-# Running
+# One sandboxed process
 # --------------------------------------------------------------------------------------------------
 
 
-def run_untrusted(code: str, *, timeout_s: float = 5.0, memory_mb: int = 512, cpu_s: float | None = None,
-                  max_file_bytes: int = 1 << 20, max_procs: int = 32, max_open_files: int = 64,
-                  max_output_bytes: int = 1 << 16, guards: bool = True,
-                  unsafe_no_sandbox: bool = False) -> SandboxResult:
-    """Run `code` as ``__main__`` in a fresh sandboxed Python process and wait for it.
+@dataclass
+class _Limits:
+    timeout_s: float
+    memory_mb: int = 512
+    cpu_s: float | None = None
+    max_file_bytes: int = 1 << 20
+    max_procs: int = 32
+    max_open_files: int = 64
+    max_output_bytes: int = 1 << 16
+    max_message_bytes: int = 1 << 24
+    guards: bool = True
 
-    timeout_s: wall-clock limit; the launcher is killed when it passes, and the PID namespace with it.
-        cpu_s: RLIMIT_CPU, default ceil(timeout_s) + 1.
-    memory_mb: RLIMIT_AS of each process, and the size of the private /tmp. max_file_bytes: RLIMIT_FSIZE.
-    max_procs: RLIMIT_NPROC where the kernel enforces it (per-run uid), and the in-process fork budget.
-    max_open_files: RLIMIT_NOFILE. max_output_bytes: kept of stdout and of stderr each.
-    guards: install the in-process guards; only tests of the OS-level isolation turn them off.
-    unsafe_no_sandbox: where no OS isolation works, run anyway (guards and rlimits only) instead of
-        raising `SandboxUnavailable`. Where isolation works it is used regardless.
-    """
-    _check_limits(timeout_s, memory_mb, max_procs)
-    caps = require_sandbox(unsafe_no_sandbox)
-    result, _ = _execute(code, caps=caps, timeout_s=timeout_s, memory_mb=memory_mb, cpu_s=cpu_s,
-                         max_file_bytes=max_file_bytes, max_procs=max_procs, max_open_files=max_open_files,
-                         max_output_bytes=max_output_bytes, guards=guards)
-    return result
+    def check(self) -> None:
+        if self.timeout_s <= 0 or self.memory_mb <= 0 or self.max_procs <= 0 or self.max_message_bytes <= 0:
+            raise ValueError(f"timeout_s, memory_mb, max_procs and max_message_bytes must be positive: "
+                             f"{self.timeout_s}, {self.memory_mb}, {self.max_procs}, {self.max_message_bytes}")
 
-
-def _check_limits(timeout_s, memory_mb, max_procs) -> None:
-    if timeout_s <= 0 or memory_mb <= 0 or max_procs <= 0:
-        raise ValueError(f"timeout_s, memory_mb and max_procs must be positive: {timeout_s}, {memory_mb}, {max_procs}")
-
-
-def _setup_fd(payload: dict) -> int:
-    """A descriptor holding the bootstrap's settings, the program and the nonce: never argv (visible in
-    /proc/*/cmdline), never a file the program could find."""
-    data = json.dumps(payload).encode()
-    fd = os.memfd_create("megapmp-sandbox-setup") if hasattr(os, "memfd_create") else os.dup(
-        tempfile.TemporaryFile().fileno())
-    os.write(fd, data)
-    os.lseek(fd, 0, os.SEEK_SET)
-    return fd
+    def rlimits(self, caps: dict) -> dict:
+        limits = {"RLIMIT_AS": int(self.memory_mb) << 20,
+                  "RLIMIT_CPU": int(math.ceil(self.cpu_s if self.cpu_s is not None else self.timeout_s + 1)),
+                  "RLIMIT_FSIZE": int(self.max_file_bytes), "RLIMIT_NOFILE": int(self.max_open_files),
+                  "RLIMIT_CORE": 0}
+        # A per-run uid, or the run's own user namespace where the kernel counts the run's processes apart
+        # (caps["nproc"]; the probe, which has no answer yet, sets it to measure).
+        if caps["drop_uid"] or (caps["backend"] and caps.get("nproc", True)):
+            limits["RLIMIT_NPROC"] = int(self.max_procs)
+        return limits
 
 
-def _execute(code: str, *, caps: dict, timeout_s, memory_mb, cpu_s, max_file_bytes, max_procs, max_open_files,
-             max_output_bytes, guards, entry_point: str | None = None,
-             nonce: str | None = None) -> tuple[SandboxResult, bytes]:
-    """One run; returns the result and what arrived on the verdict pipe (only with `nonce`)."""
-    start = time.monotonic()
-    run_id = secrets.token_hex(8)
-    plan = _launch_plan(caps, int(memory_mb) << 20)
-    isolation = [caps["backend"] or "unsafe_no_sandbox", "process_group" if not caps["backend"] else "pidns",
-                 "rlimits"] + (["drop_uid"] if caps["drop_uid"] else []) + (["guards"] if guards else [])
-    uid = _acquire_uid() if caps["drop_uid"] else None
-    workdir = None if plan["sandbox_dir"] else tempfile.mkdtemp(prefix="megapmp-sandbox-")
-    proc, fds = None, []
-    try:
-        if workdir is not None and uid is not None:
-            os.chown(workdir, uid, uid)
-        rlimits = {"RLIMIT_AS": int(memory_mb) << 20,
-                   "RLIMIT_CPU": int(math.ceil(cpu_s if cpu_s is not None else timeout_s + 1)),
-                   "RLIMIT_FSIZE": int(max_file_bytes), "RLIMIT_NOFILE": int(max_open_files), "RLIMIT_CORE": 0}
-        if caps["drop_uid"]:
-            rlimits["RLIMIT_NPROC"] = int(max_procs)
-        verdict_r = verdict_w = None
-        if nonce is not None:
-            verdict_r, verdict_w = os.pipe()
-            fds += [verdict_r, verdict_w]
-        cfg = {"program": PROGRAM_NAME, "uid": uid, "guards": guards, "max_procs": int(max_procs),
-               "rlimits": rlimits, "exit_memory": _EXIT_MEMORY, "exit_setup": _EXIT_SETUP,
-               "memory_marker": _MEMORY_MARKER, "mounts": plan["mounts"], "tmpfs_kb": int(memory_mb) << 10,
-               "private_dirs": _private_dirs(), "drop_capabilities": plan["drop_capabilities"],
-               "nested_uid": _NESTED_UID, "sandbox_dir": plan["sandbox_dir"], "verdict_fd": verdict_w,
-               "entry_point": entry_point}
-        setup = _setup_fd({"cfg": cfg, "program": code, "nonce": nonce})
-        fds.append(setup)
-        home = plan["sandbox_dir"] or workdir
-        argv = plan["prefix"] + [_interpreter(), "-I", "-S", "-B", "-c", _BOOTSTRAP, str(setup),
-                                 f"megapmp-sandbox-{run_id}"]
-        env = {"PATH": "/usr/bin:/bin", "HOME": home, "TMPDIR": home, "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8"}
+class _Process:
+    """One sandboxed Python process: started by __init__, read by `_watch`, cleaned up by `close`."""
+
+    def __init__(self, role: str, text: str, *, caps: dict, limits: _Limits, run_id: str, extra_cfg: dict,
+                 pass_fds: tuple[int, ...] = ()):
+        self.caps, self.limits = caps, limits
+        plan = _launch_plan(caps, int(limits.memory_mb) << 20)
+        self.isolation = tuple([caps["backend"] or "unsafe_no_sandbox",
+                                "process_group" if not caps["backend"] else "pidns", "rlimits"]
+                               + (["drop_uid"] if caps["drop_uid"] else [])
+                               + (["seccomp"] if plan["seccomp"] else [])
+                               + (["guards"] if limits.guards else []))
+        self.uid = _acquire_uid() if caps["drop_uid"] else None
+        self.workdir = None if plan["sandbox_dir"] else tempfile.mkdtemp(prefix="megapmp-sandbox-")
+        self.out, self.err = _Capture(limits.max_output_bytes), _Capture(limits.max_output_bytes)
+        self.proc, self.error, self.exited_first = None, None, False
+        # Only this process holds the write end: if it dies, even by SIGKILL, the sandbox sees end of file
+        # and ends the run (inside.supervise). bubblewrap's --die-with-parent alone would not cover unshare.
+        lifeline, self.lifeline = os.pipe()
+        if self.workdir is not None and self.uid is not None:
+            os.chown(self.workdir, self.uid, self.uid)
+        cfg = {"role": role, "program": PROGRAM_NAME, "uid": self.uid, "guards": limits.guards,
+               "max_procs": int(limits.max_procs), "rlimits": limits.rlimits(caps),
+               "root_layout": plan["root_layout"], "tmpfs": plan["tmpfs"],
+               "drop_capabilities": plan["drop_capabilities"], "clear_capabilities": plan["clear_capabilities"],
+               "nested_uid": _NESTED_UID, "sandbox_dir": plan["sandbox_dir"], "seccomp": plan["seccomp"],
+               "max_message_bytes": int(limits.max_message_bytes), "lifeline_fd": lifeline, **extra_cfg}
+        settings = json.dumps({"cfg": cfg, "program": text}).encode()
+        payload = len(settings).to_bytes(8, "little") + settings + _compiled_inside()
+        setup = os.memfd_create("megapmp-sandbox-setup") if hasattr(os, "memfd_create") else os.dup(
+            tempfile.TemporaryFile().fileno())
         try:
-            proc = subprocess.Popen(argv, cwd=workdir or "/", env=env, stdin=subprocess.DEVNULL,
-                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True,
-                                    close_fds=True, pass_fds=[fd for fd in (setup, verdict_w) if fd is not None])
+            os.write(setup, payload)
+            os.lseek(setup, 0, os.SEEK_SET)
+            home = plan["sandbox_dir"] or self.workdir
+            argv = plan["prefix"] + [os.path.realpath(sys.executable), "-I", "-S", "-B", "-c", _LOADER, str(setup),
+                                     f"megapmp-sandbox-{run_id}"]
+            env = {"PATH": "/usr/bin:/bin", "HOME": home, "TMPDIR": home, "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8"}
+            self.proc = subprocess.Popen(argv, cwd=self.workdir or "/", env=env, stdin=subprocess.DEVNULL,
+                                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True,
+                                         close_fds=True, pass_fds=(setup, lifeline, *pass_fds))
         except OSError as exc:
-            return SandboxResult("error", None, "", f"sandbox: could not start: {exc}", time.monotonic() - start,
-                                 tuple(isolation), run_id), b""
-        for fd in (setup, verdict_w):  # the child's copies are the only ones left
-            if fd is not None:
-                os.close(fd)
-                fds.remove(fd)
-        out, err, verdict, timed_out = _communicate(proc, start + timeout_s, max_output_bytes, uid, caps, verdict_r)
-        rc = _returncode(proc.returncode, caps["backend"])
-        status = _status(rc, timed_out, err.text())
-        return SandboxResult(status, rc, out.text(), err.text(), time.monotonic() - start, tuple(isolation),
-                             run_id), verdict.raw()
-    finally:
-        if proc is not None and proc.poll() is None:
-            _kill_group(proc.pid)
-            proc.wait()
-        for fd in fds:
-            os.close(fd)
-        if uid is not None:
-            if not caps["backend"]:
-                _kill_uid(uid, caps["kill_binary"])
-            _release_uid(uid)
-        if workdir is not None:
-            _rmtree(workdir)
+            self.error = f"sandbox: could not start: {exc}"
+        finally:
+            os.close(setup)
+            os.close(lifeline)
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            _kill_group(self.proc.pid)
+        if self.uid is not None and not self.caps["backend"]:
+            _kill_uid(self.uid, self.caps["kill_binary"])
+
+    def returncode(self) -> int | None:
+        rc = None if self.proc is None else self.proc.returncode
+        # A signal's death is reported as exit status 128 + N, by bubblewrap and by inside.supervise.
+        if rc is not None and 128 < rc < 128 + 65:
+            return -(rc - 128)
+        return rc
+
+    def status(self, timed_out: bool = False) -> Status:
+        if self.error is not None:
+            return "error"
+        return _status(self.returncode(), timed_out, self.err.text())
+
+    def close(self) -> None:
+        try:
+            if self.proc is not None:
+                if self.proc.poll() is None:
+                    _kill_group(self.proc.pid)
+                self.proc.wait()
+                for stream in (self.proc.stdout, self.proc.stderr):
+                    stream.close()
+        finally:
+            if self.uid is not None:
+                if not self.caps["backend"]:
+                    _kill_uid(self.uid, self.caps["kill_binary"])
+                _release_uid(self.uid)
+            if self.workdir is not None:
+                _rmtree(self.workdir)
+            os.close(self.lifeline)
 
 
-def _interpreter() -> str:
-    """The real interpreter binary: with -I -S a virtualenv adds nothing, and its directory may be
-    hidden inside the namespaces (a venv under /tmp is covered by the private /tmp)."""
-    return os.path.realpath(sys.executable)
-
-
-def _returncode(rc: int | None, backend: str | None) -> int | None:
-    # bubblewrap reports a child killed by signal N as exit status 128 + N; unshare re-raises it.
-    if backend == "bwrap" and rc is not None and 128 < rc < 128 + 65:
-        return -(rc - 128)
-    return rc
-
-
-def _communicate(proc, deadline, limit, uid, caps, verdict_fd):
-    out, err, verdict = _Capture(limit), _Capture(limit), _Capture(limit)
+def _watch(processes: list[_Process], primary: _Process, deadline: float, extra: dict[int, _Capture]) -> bool:
+    """Read every process's stdout and stderr (and the `extra` descriptors) until the primary process is
+    gone and the pipes are at end of file, or until the deadline (True: timed out). Once the primary exits,
+    the others and whatever it left running are killed, so the pipes reach EOF."""
     sel = selectors.DefaultSelector()
-    sel.register(proc.stdout, selectors.EVENT_READ, out)
-    sel.register(proc.stderr, selectors.EVENT_READ, err)
-    if verdict_fd is not None:
-        sel.register(verdict_fd, selectors.EVENT_READ, verdict)
-    timed_out = False
-    exited_at = None
+    for p in processes:
+        if p.proc is not None:
+            sel.register(p.proc.stdout, selectors.EVENT_READ, p.out)
+            sel.register(p.proc.stderr, selectors.EVENT_READ, p.err)
+    for fd, capture in extra.items():
+        sel.register(fd, selectors.EVENT_READ, capture)
+    timed_out, exited_at = False, None
     try:
         while sel.get_map():
             now = time.monotonic()
-            if proc.poll() is not None and exited_at is None:
-                # The program is done; whatever it left running goes now, so the pipes reach EOF.
+            for p in processes:
+                if p.proc is not None and p.proc.poll() is not None and exited_at is None and p is not primary:
+                    p.exited_first = True
+            if exited_at is None and (primary.proc is None or primary.proc.poll() is not None):
                 exited_at = now
-                _kill_group(proc.pid)
-                if uid is not None and not caps["backend"]:
-                    _kill_uid(uid, caps["kill_binary"])
+                for p in processes:
+                    p.kill()
             if exited_at is not None and now - exited_at > 2.0:
                 break  # a descendant we could not kill still holds a pipe: stop reading
             if exited_at is None and now >= deadline:
@@ -858,14 +655,11 @@ def _communicate(proc, deadline, limit, uid, caps, verdict_fd):
                     sel.unregister(key.fileobj)
     finally:
         sel.close()
-        if timed_out or proc.poll() is None:
-            _kill_group(proc.pid)
-            if uid is not None and not caps["backend"]:
-                _kill_uid(uid, caps["kill_binary"])
-        proc.wait()
-        proc.stdout.close()
-        proc.stderr.close()
-    return out, err, verdict, timed_out
+        for p in processes:
+            p.kill()
+            if p.proc is not None:
+                p.proc.wait()
+    return timed_out
 
 
 def _status(rc: int | None, timed_out: bool, stderr: str) -> Status:
@@ -873,9 +667,11 @@ def _status(rc: int | None, timed_out: bool, stderr: str) -> Status:
         return "timeout"
     if rc == 0:
         return "passed"
-    if rc == _EXIT_MEMORY and _MEMORY_MARKER in stderr:
+    if rc == inside.EXIT_MEMORY and inside.MEMORY_MARKER in stderr:
         return "memory"
-    if rc == _EXIT_SETUP and "sandbox setup failed" in stderr:
+    if rc == inside.EXIT_CPU and inside.CPU_MARKER in stderr:
+        return "timeout"
+    if rc == inside.EXIT_SETUP and "sandbox setup failed" in stderr:
         return "error"
     if rc is not None and rc < 0:
         if -rc == signal.SIGXCPU:
@@ -888,62 +684,227 @@ def _status(rc: int | None, timed_out: bool, stderr: str) -> Status:
 
 
 # --------------------------------------------------------------------------------------------------
-# Tests with a verdict from the harness
+# Running a program
+# --------------------------------------------------------------------------------------------------
+
+
+def run_untrusted(code: str, *, timeout_s: float = 5.0, memory_mb: int = 512, cpu_s: float | None = None,
+                  max_file_bytes: int = 1 << 20, max_procs: int = 32, max_open_files: int = 64,
+                  max_output_bytes: int = 1 << 16, guards: bool = True,
+                  unsafe_no_sandbox: bool = False) -> SandboxResult:
+    """Run `code` as ``__main__`` in a fresh sandboxed Python process and wait for it.
+
+    timeout_s: wall-clock limit; the launcher is killed when it passes, and the PID namespace with it.
+        cpu_s: RLIMIT_CPU, default ceil(timeout_s) + 1.
+    memory_mb: RLIMIT_AS of each process, and the size of the private /tmp. max_file_bytes: RLIMIT_FSIZE.
+    max_procs: RLIMIT_NPROC for the run's processes (the sandbox's own init and supervisor count), and the
+        in-process fork budget. max_open_files: RLIMIT_NOFILE. max_output_bytes: kept of stdout and of stderr each.
+    guards: install the in-process guards; only tests of the OS-level isolation turn them off.
+    unsafe_no_sandbox: where no OS isolation works, run anyway (guards and rlimits only) instead of
+        raising `SandboxUnavailable`. Where isolation works it is used regardless.
+    """
+    limits = _Limits(timeout_s, memory_mb, cpu_s, max_file_bytes, max_procs, max_open_files, max_output_bytes,
+                     guards=guards)
+    limits.check()
+    caps = require_sandbox(unsafe_no_sandbox)
+    return _run_one(code, caps=caps, **vars(limits))
+
+
+def _run_one(code: str, *, caps: dict, **limits) -> SandboxResult:
+    limits = _Limits(**limits)
+    start, run_id = time.monotonic(), secrets.token_hex(8)
+    process = _Process("program", code, caps=caps, limits=limits, run_id=run_id, extra_cfg={})
+    try:
+        if process.error is not None:
+            return SandboxResult("error", None, "", process.error, time.monotonic() - start, process.isolation, run_id)
+        timed_out = _watch([process], process, start + limits.timeout_s, {})
+        return SandboxResult(process.status(timed_out), process.returncode(), process.out.text(), process.err.text(),
+                             time.monotonic() - start, process.isolation, run_id)
+    finally:
+        process.close()
+
+
+# --------------------------------------------------------------------------------------------------
+# Judging a solution: the candidate and the judge, two sandboxes joined by two pipes
 # --------------------------------------------------------------------------------------------------
 
 
 def humaneval_program(solution_code: str, test_code: str, entry_point: str) -> str:
     """The HumanEval check program as a file would hold it: solution, tests, ``check(entry_point)``.
-    `run_tests` executes the same text without the last line (its harness makes that call), so line
-    numbers in tracebacks are the same."""
+    `run_tests` lays the solution and the tests out on the same lines (the solution in the candidate's
+    process, the tests in the judge's), so line numbers in tracebacks are this file's."""
     return f"{solution_code}\n\n{test_code}\n\ncheck({entry_point})\n"
 
 
-def run_tests(solution_code: str, test_code: str, entry_point: str, timeout_s: float = 5.0,
-              unsafe_no_sandbox: bool = False, **limits) -> SandboxResult:
-    """Run a HumanEval-style test (solution + test code defining ``check``) in the sandbox; the harness
-    calls ``check(<entry_point>)``.
+def _judged(solution: str, judge_text: str, judge_cfg: dict, *, caps: dict, limits: _Limits
+            ) -> tuple[SandboxResult, dict | None, list[dict]]:
+    """Run the candidate (`solution`) and the judge (`judge_cfg`) side by side; returns the result, the
+    judge's verdict (None if it gave none) and the records it sent before it."""
+    start, run_id = time.monotonic(), secrets.token_hex(8)
+    requests_r, requests_w = os.pipe()
+    answers_r, answers_w = os.pipe()
+    verdict_r, verdict_w = os.pipe()
+    fds = [requests_r, requests_w, answers_r, answers_w, verdict_r, verdict_w]
+    processes = []
+    try:
+        candidate = _Process("candidate", solution, caps=caps, limits=limits, run_id=run_id,
+                             extra_cfg={"channel": {"requests": requests_r, "answers": answers_w}},
+                             pass_fds=(requests_r, answers_w))
+        processes.append(candidate)
+        judge = _Process("judge", judge_text, caps=caps, limits=limits, run_id=run_id,
+                         extra_cfg=dict(judge_cfg, channel={"requests": requests_w, "answers": answers_r},
+                                        verdict_fd=verdict_w),
+                         pass_fds=(requests_w, answers_r, verdict_w))
+        processes.append(judge)
+        for fd in (requests_r, requests_w, answers_r, answers_w, verdict_w):  # the children's copies only
+            os.close(fd)
+            fds.remove(fd)
+        if candidate.error or judge.error:
+            return SandboxResult("error", None, "", candidate.error or judge.error, time.monotonic() - start,
+                                 candidate.isolation, run_id), None, []
+        verdict_capture = _Capture(1 << 24)  # the judge's own records: trusted, kept whole
+        timed_out = _watch(processes, judge, start + limits.timeout_s, {verdict_r: verdict_capture})
+        verdict, records = _parse_verdict(verdict_capture.raw())
+        status, rc = _judged_status(candidate, judge, verdict, timed_out)
+        result = SandboxResult(status, rc, candidate.out.text() + judge.out.text(),
+                               candidate.err.text() + judge.err.text(), time.monotonic() - start,
+                               candidate.isolation, run_id)
+        return result, verdict, records
+    finally:
+        for fd in fds:
+            os.close(fd)
+        for p in processes:
+            p.close()
 
-    ``passed`` only when the harness itself recorded that ``check`` returned normally with the test
-    machinery untouched (module docstring); whatever the program prints, however it exits, is never
-    taken for a pass. `limits` go to `run_untrusted`'s keyword arguments.
+
+def _parse_verdict(raw: bytes) -> tuple[dict | None, list[dict]]:
+    """The judge's JSON lines: (the verdict, or None if it never came; the records before it)."""
+    verdict, records = None, []
+    for line in raw.split(b"\n"):
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if not isinstance(record, dict):
+            continue
+        if isinstance(record.get("passed"), bool):
+            verdict = record
+        else:
+            records.append(record)
+    return verdict, records
+
+
+def _judged_status(candidate: _Process, judge: _Process, verdict: dict | None, timed_out: bool) -> tuple[Status, int]:
+    if timed_out:
+        return "timeout", candidate.returncode()
+    if verdict is not None and verdict["passed"] and judge.returncode() == 0:
+        return "passed", 0
+    if candidate.exited_first:  # the solution's process ended on its own: its way of ending names the status
+        own = candidate.status()
+        if own in ("timeout", "memory", "killed", "error"):
+            return own, candidate.returncode()
+    if verdict is None:  # the judge itself did not finish
+        own = judge.status()
+        return (own if own in ("timeout", "memory") else "error"), judge.returncode()
+    return "failed", 1
+
+
+def run_tests(solution_code: str, test_code: str, entry_point: str, timeout_s: float = 5.0,
+              unsafe_no_sandbox: bool = False, *, prompt: str | None = None, **limits) -> SandboxResult:
+    """Judge a solution with HumanEval-style or MBPP-style tests: the test code defines ``check(candidate)``
+    (called with the solution's `entry_point`), or asserts at its top level, calling the solution's
+    functions by name. The tests run in the judge's sandbox, the solution in the candidate's (module
+    docstring); ``passed`` only on the judge's verdict, whatever the solution prints or however it exits.
+
+    prompt: the problem's prompt, a prefix of `solution_code`; given, it also runs on the judge's side, so
+        the helpers it defines are the problem's own when the tests call them. `limits` go to
+        `run_untrusted`'s keyword arguments, plus ``max_message_bytes`` (the largest plain value that may
+        cross, default 16 MiB).
     """
-    _check_limits(timeout_s, limits.get("memory_mb", 512), limits.get("max_procs", 32))
     if not entry_point.isidentifier():
         raise ValueError(f"entry_point must be an identifier, got {entry_point!r}")
+    if prompt is not None and not solution_code.startswith(prompt):
+        raise ValueError("prompt must be a prefix of solution_code")
+    limits = _Limits(timeout_s, **limits)
+    limits.check()
     caps = require_sandbox(unsafe_no_sandbox)
-    nonce = secrets.token_hex(16)
-    program = f"{solution_code}\n\n{test_code}\n"
-    kwargs = dict(memory_mb=512, cpu_s=None, max_file_bytes=1 << 20, max_procs=32, max_open_files=64,
-                  max_output_bytes=1 << 16, guards=True)
-    kwargs.update(limits)
-    result, verdict = _execute(program, caps=caps, timeout_s=timeout_s, entry_point=entry_point, nonce=nonce,
-                               **kwargs)
-    if result.status == "passed" and verdict != nonce.encode():
-        return SandboxResult("failed", result.returncode, result.stdout,
-                             result.stderr + "\nsandbox: exit status 0 without the harness's record that the tests "
-                                             "completed\n", result.seconds, result.isolation, result.run_id)
+    if prompt is not None:
+        try:
+            ast.parse(prompt)
+        except SyntaxError:  # a prompt that is not a program on its own: its helpers stay the solution's
+            prompt = None
+    tests = {"prompt": prompt or "", "test": test_code, "entry_point": entry_point,
+             "test_line": solution_code.count("\n") + 3}  # where humaneval_program puts the test code
+    result, _, _ = _judged(solution_code, humaneval_program(solution_code, test_code, entry_point),
+                              {"tests": tests}, caps=caps, limits=limits)
     return result
 
 
-def run_reporting(code: str, *, timeout_s: float = 5.0, unsafe_no_sandbox: bool = False,
-                  **limits) -> tuple[SandboxResult, list[str]]:
-    """Run a harness written as the program itself, which reports through ``__sandbox_report__``.
+# --------------------------------------------------------------------------------------------------
+# Doctests, judged the same way
+# --------------------------------------------------------------------------------------------------
 
-    The program finds a callable ``__sandbox_report__(text)`` among its globals; each call delivers one
-    line to the caller on the private verdict pipe, prefixed by a per-run nonce the program's text never
-    contains. A harness takes it out of its globals first (``report = globals().pop("__sandbox_report__")``)
-    and then runs the code under test, so that code can neither call it nor forge a line: lines on the pipe
-    without the nonce are dropped, and stdout is never parsed. Returns the result and the reported lines
-    in order (`megapmp.synth.verified.run_doctests` is the user).
-    """
-    _check_limits(timeout_s, limits.get("memory_mb", 512), limits.get("max_procs", 32))
+
+@dataclass(frozen=True)
+class DoctestRun:
+    """The outcome of `run_doctests`: the run, its plan ``[(test name, [example source])]`` and, per
+    example run to the end, ``(test name, index) -> (ok, got)``."""
+
+    result: SandboxResult
+    plan: list[tuple[str, list[str]]]
+    outcomes: dict[tuple[str, int], tuple[bool, str]]
+
+
+def doctest_plan(source: str) -> list[tuple[str, list[tuple[str, str, str | None, dict]]]]:
+    """The doctest examples of `source`'s definitions, found without running it: for each function and
+    class (and, recursively, the definitions in a class body) whose docstring has examples, its name
+    (``Class.method`` inside a class, as doctest.DocTestFinder names them) and its examples as
+    ``(source, want, exc_msg, {option name: on})``; examples marked ``+SKIP`` are left out. Sorted by name."""
+    import doctest
+    parser = doctest.DocTestParser()
+    names = {flag: name for name, flag in doctest.OPTIONFLAGS_BY_NAME.items()}
+    plan = []
+
+    def visit(nodes, prefix):
+        for node in nodes:
+            if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+                continue
+            name = prefix + node.name
+            doc = ast.get_docstring(node, clean=False)
+            examples = []
+            for ex in parser.get_examples(doc or "", name):
+                if ex.options.get(doctest.SKIP):
+                    continue
+                examples.append((ex.source, ex.want, ex.exc_msg, {names[f]: on for f, on in ex.options.items()}))
+            if examples:
+                plan.append((name, examples))
+            if isinstance(node, ast.ClassDef):
+                visit(node.body, name + ".")
+
+    visit(ast.parse(source).body, "")
+    return sorted(plan, key=lambda t: t[0])
+
+
+def run_doctests(source: str, *, timeout_s: float = 10.0, unsafe_no_sandbox: bool = False, **limits) -> DoctestRun:
+    """Run every doctest example of `source` (`doctest_plan`): the source is the candidate, each example
+    runs in its process (a fresh copy of the module's globals per definition, as doctest gives), and its
+    output, a plain string, is compared in the judge's process with doctest's own checker. A definition's
+    doctests that the source cannot even load report nothing (every example not ok).
+
+    Not a verdict a hostile source cannot forge: the output is the source's own text (an example's value
+    is printed by its ``__repr__``, in the source's process), so a source may print an example's expected
+    output whatever it computes. What the judge adds is that printed markers and forged records count for
+    nothing; use it on trusted snippets and their mutants, `run_tests` for generated code."""
+    limits = _Limits(timeout_s, **limits)
+    limits.check()
     caps = require_sandbox(unsafe_no_sandbox)
-    nonce = secrets.token_hex(16)
-    kwargs = dict(memory_mb=512, cpu_s=None, max_file_bytes=1 << 20, max_procs=32, max_open_files=64,
-                  max_output_bytes=1 << 16, guards=True)
-    kwargs.update(limits)
-    result, channel = _execute(code, caps=caps, timeout_s=timeout_s, nonce=nonce, **kwargs)
-    prefix = nonce.encode()
-    lines = [line[len(prefix):].decode("utf-8", "replace") for line in channel.split(b"\n") if line.startswith(prefix)]
-    return result, lines
+    plan = doctest_plan(source)
+    result, verdict, records = _judged(source, source, {"doctests": plan}, caps=caps, limits=limits)
+    outcomes = {}
+    for record in records:
+        if isinstance(record.get("test"), str) and isinstance(record.get("index"), int):
+            outcomes[(record["test"], record["index"])] = (record.get("ok") is True, str(record.get("got", "")))
+    if result.status == "passed" and verdict is not None and not verdict.get("passed", False):
+        result = SandboxResult("failed", 1, result.stdout, result.stderr, result.seconds, result.isolation,
+                               result.run_id)
+    return DoctestRun(result, [(name, [ex[0] for ex in examples]) for name, examples in plan], outcomes)

@@ -1,4 +1,4 @@
-"""The reward server's HTTP side (aiohttp): routes, request checking, start and graceful stop.
+"""The reward server's HTTP side (aiohttp): routes, request checking, start and bounded stop.
 
 Routes::
 
@@ -6,20 +6,39 @@ Routes::
     POST /get_reward   {"query": [str]}                        -> {"rewards": [float], "truncated": [int]}
                        OpenRLHF's remote reward model (openrlhf/cli/serve_rm.py): each query is the prompt
                        (template applied) and the response already joined; extra fields are ignored
-    GET  /health       {"status": "ok"}
-    GET  /info         model, scoring recipe, device, dtype, backends, batching settings, counters
+    GET  /health       {"status": "ok"}  (never needs the token)
+    GET  /info         model, scoring recipe, device, dtype, backends, batching and limits, counters
 
 ``truncated`` lists the indices of inputs longer than the model's context, cut with the recipe's
 truncation policy before scoring (with ``overlong="error"`` such a request is refused with 413 instead).
-Every refused request gets a 4xx and ``{"error": "<one line>"}``: malformed JSON, a missing field,
-wrong types, lists of different lengths, an empty list or an empty string (400); a body over
-``max_body_bytes`` (413). Rewards are float64 values of the fp32 reward head, as JSON numbers.
+
+Every client is treated as hostile (what `ServeSettings` bounds, and how):
+
+- a refused request gets a 4xx and ``{"error": "<one line>"}``: malformed JSON, JSON nested too deeply,
+  a duplicated key or a lone surrogate (as the pipeline's reader refuses them: megapmp.io), a missing field,
+  wrong types, lists of different lengths, an empty list or string (400); a missing or wrong bearer token
+  (401); a body that does not arrive within ``body_timeout_s`` (408); a body over ``max_body_bytes``, more
+  than ``max_texts`` texts or ``max_request_tokens`` tokens in one request (413, naming the limit);
+- a connection must deliver a complete request head within ``header_timeout_s`` of connecting (or of its
+  previous answer), else it is closed; at most ``max_connections`` are open: a new one closes the oldest idle
+  one (waiting for a request head), or, when all are busy, is answered 503 and closed; none of it is logged
+  per connection;
+- at most ``max_pending_bytes`` of request bodies are held at once (503 past it), and an answer must be taken
+  within ``body_timeout_s`` (a client that does not read it is disconnected);
+- a large request is scored a chunk at a time beside the others (`megapmp.serve.batcher`);
+- a reward that is not finite is never sent: checked at start on a probe input (`check_rewards_are_finite`)
+  and on every batch (500 naming the cause); JSON answers are written with ``allow_nan=False``;
+- a stop (SIGTERM) answers what it can within ``shutdown_timeout_s`` and then exits.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import functools
+import hmac
 import json
+import resource
 import signal
 import threading
 import time
@@ -27,16 +46,23 @@ import traceback
 from dataclasses import asdict, dataclass
 from typing import Callable
 
+import numpy as np
 import torch
 from aiohttp import web
 
 from megapmp.eval.batch_invariant import invariant_attention_backend
-from megapmp.io import get_logger
-from megapmp.serve.batcher import Batcher
+from megapmp.io import InputError, get_logger, parse_json_line
+from megapmp.serve.batcher import Batcher, DaemonExecutor, NonFiniteRewards, ShuttingDown
 
 log = get_logger("serve_rm")
 OVERLONG_POLICIES = ("truncate", "error")
 BATCHER_KEY = web.AppKey("batcher", Batcher)
+SETTINGS_KEY = web.AppKey("settings", object)
+TOKENIZERS_KEY = web.AppKey("tokenizers", DaemonExecutor)
+# What serve() sets once the app runs (the app is frozen by then): the connection guard, the stop deadline.
+RUNTIME_KEY = web.AppKey("runtime", dict)
+PUBLIC_PATHS = ("/health",)
+_dumps = functools.partial(json.dumps, allow_nan=False)  # a NaN reaching an answer is an error, not JSON
 
 
 class BadRequest(Exception):
@@ -53,20 +79,36 @@ class ServeSettings:
     max_wait_ms: float = 5.0
     overlong: str = "truncate"
     max_body_bytes: int = 16 * 1024 * 1024
+    max_texts: int = 16384  # per request
+    max_request_tokens: int = 4 * 1024 * 1024  # per request, after tokenization
+    header_timeout_s: float = 10.0
+    body_timeout_s: float = 30.0  # for a request body to arrive, and for an answer to be taken
+    max_connections: int = 512
+    max_pending_bytes: int = 512 * 1024 * 1024  # request bodies held at once, from reading to answering
     shutdown_timeout: float = 30.0
+    api_key: str | None = None
 
     def validate(self) -> None:
         if self.overlong not in OVERLONG_POLICIES:
             raise ValueError(f"overlong {self.overlong!r} is not one of {', '.join(OVERLONG_POLICIES)}")
-        if self.max_body_bytes < 1:
-            raise ValueError(f"max_body_bytes must be >= 1, got {self.max_body_bytes}")
+        bad = [f"{name}={getattr(self, name)}" for name in ("max_body_bytes", "max_texts", "max_request_tokens",
+                                                              "max_connections", "max_pending_bytes")
+               if getattr(self, name) < 1]
+        bad += [f"{name}={getattr(self, name)}" for name in ("header_timeout_s", "body_timeout_s")
+                if not getattr(self, name) > 0]
+        if self.shutdown_timeout < 0:
+            bad.append(f"shutdown_timeout={self.shutdown_timeout}")
+        if self.api_key is not None and not self.api_key.strip():
+            bad.append("api_key is empty")
+        if bad:
+            raise ValueError("ServeSettings: " + ", ".join(bad) + " (limits and timeouts must be positive)")
 
 
 # ---------------------------------------------------------------------------------------------------
 # request bodies
 
 
-def _string_list(body: dict, key: str) -> list[str]:
+def _string_list(body: dict, key: str, max_texts: int) -> list[str]:
     if key not in body:
         raise BadRequest(f"missing field {key!r}")
     value = body[key]
@@ -74,6 +116,9 @@ def _string_list(body: dict, key: str) -> list[str]:
         raise BadRequest(f"field {key!r} must be a list of strings, got {type(value).__name__}")
     if not value:
         raise BadRequest(f"field {key!r} is empty: nothing to score")
+    if len(value) > max_texts:
+        raise BadRequest(f"field {key!r} has {len(value)} texts, over the limit of {max_texts} per request "
+                         "(--max-texts): split the request", status=413)
     for i, item in enumerate(value):
         if not isinstance(item, str):
             raise BadRequest(f"{key}[{i}] must be a string, got {type(item).__name__}")
@@ -82,39 +127,89 @@ def _string_list(body: dict, key: str) -> list[str]:
     return value
 
 
-async def _json_body(request: web.Request) -> dict:
-    raw = await request.read()  # over client_max_size: aiohttp raises HTTPRequestEntityTooLarge (413)
+def parse_body(raw: bytes) -> dict:
+    """A request body as the pipeline's JSONL reader parses a line (megapmp.io.parse_json_line: duplicated
+    keys and lone surrogates refused), plus: nesting too deep for the parser is a 400, not a 500."""
     try:
-        body = json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as e:
-        raise BadRequest(f"the body is not valid JSON: {e}") from None
+        body = parse_json_line("request body", None, raw)
+    except InputError as e:
+        raise BadRequest(str(e).replace("request body: malformed JSON", "the body is not valid JSON")) from None
+    except RecursionError:
+        raise BadRequest("the body is not valid JSON: nested too deeply") from None
     if not isinstance(body, dict):
         raise BadRequest(f"the body must be a JSON object, got {type(body).__name__}")
     return body
 
 
-def native_inputs(body: dict) -> tuple[list[str], list[str]]:
-    prompts, responses = _string_list(body, "prompts"), _string_list(body, "responses")
+async def _json_body(request: web.Request, settings: ServeSettings) -> dict:
+    try:
+        # Over client_max_size: aiohttp raises HTTPRequestEntityTooLarge (413).
+        raw = await asyncio.wait_for(request.read(), settings.body_timeout_s)
+    except asyncio.TimeoutError:
+        raise BadRequest(f"the request body did not arrive within {settings.body_timeout_s:g} s "
+                         "(--body-timeout)", status=408) from None
+    return parse_body(raw)
+
+
+class PendingBytes:
+    """The bytes of request bodies the server holds at once (read, tokenized, waiting, scored), bounded: a
+    request that would pass the bound is answered 503 before its body is read, so many clients uploading
+    large bodies at once cannot exhaust the server's memory."""
+
+    def __init__(self, limit: int):
+        self.limit, self.held = limit, 0
+
+    @contextlib.asynccontextmanager
+    async def reserve(self, request: web.Request, max_body: int):
+        size = request.content_length if request.content_length is not None else max_body
+        size = min(size, max_body)  # a larger body is refused with 413 when read
+        if self.held + size > self.limit:
+            raise BadRequest(f"the server holds {self.held >> 20} MiB of pending requests, its limit is "
+                             f"{self.limit >> 20} MiB (--max-pending-mb): try again shortly", status=503)
+        self.held += size
+        try:
+            yield
+        finally:
+            self.held -= size
+
+
+def native_inputs(body: dict, max_texts: int = ServeSettings.max_texts) -> tuple[list[str], list[str]]:
+    prompts, responses = _string_list(body, "prompts", max_texts), _string_list(body, "responses", max_texts)
     if len(prompts) != len(responses):
         raise BadRequest(f"{len(prompts)} prompts for {len(responses)} responses: the lists must be as long")
     return prompts, responses
 
 
-def openrlhf_inputs(body: dict) -> list[str]:
-    return _string_list(body, "query")
+def openrlhf_inputs(body: dict, max_texts: int = ServeSettings.max_texts) -> list[str]:
+    return _string_list(body, "query", max_texts)
 
 
 # ---------------------------------------------------------------------------------------------------
 # the application
 
 
+def check_rewards_are_finite(scorer) -> None:
+    """Score a probe input once: a model whose reward head gives NaN or infinity (a damaged or diverged
+    checkpoint) is refused before the server listens. ValueError naming the value."""
+    sequences, _ = scorer.sequences(["Sort the list xs."], ["return sorted(xs)"])
+    rewards = np.asarray(scorer.score_sequences(sequences), dtype=np.float64)
+    if not np.isfinite(rewards).all():
+        raise ValueError(f"the model's reward on a probe input is {rewards[0]}, not a finite number: the checkpoint "
+                         "is damaged or diverged; refusing to serve it")
+
+
 def build_app(scorer, settings: ServeSettings) -> web.Application:
     """The aiohttp application over a batch-invariant :class:`RewardScorer` (its model runs on the
-    batcher's one worker thread; tokenization runs on the default executor)."""
+    batcher's one worker thread; tokenization runs on a small pool of daemon threads). Raises ValueError
+    for bad settings, a scorer that is not batch-invariant, or a model whose rewards are not finite."""
     settings.validate()
     if not scorer.batch_invariant:
         raise ValueError("the server needs a batch-invariant scorer (RewardScorer(batch_invariant=True))")
-    app = web.Application(client_max_size=settings.max_body_bytes, middlewares=[_errors_as_json])
+    check_rewards_are_finite(scorer)
+    app = web.Application(client_max_size=settings.max_body_bytes,
+                          middlewares=[_answer_in_time, _errors_as_json, _bearer_token])
+    app[SETTINGS_KEY] = settings
+    app[RUNTIME_KEY] = {"guard": None, "deadline": None}
     started = time.time()
 
     async def batcher_context(app: web.Application):
@@ -123,51 +218,68 @@ def build_app(scorer, settings: ServeSettings) -> web.Application:
                           max_wait_ms=settings.max_wait_ms)
         batcher.start()
         app[BATCHER_KEY] = batcher
+        app[TOKENIZERS_KEY] = DaemonExecutor(4, "rm-tokenize")
         yield
-        await batcher.close()
+        await batcher.close(app[RUNTIME_KEY]["deadline"])
+        app[TOKENIZERS_KEY].shutdown(wait=False, cancel_futures=True)
 
     app.cleanup_ctx.append(batcher_context)
 
     async def score(request: web.Request, build: Callable[[], tuple[list, list]]) -> web.Response:
         loop = asyncio.get_running_loop()
         try:
-            sequences, cut = await loop.run_in_executor(None, build)
+            sequences, cut = await loop.run_in_executor(request.app[TOKENIZERS_KEY], build)
         except ValueError as e:  # the scorer's own input checks (e.g. a response with no token)
             raise BadRequest(str(e)) from None
+        tokens = sum(len(s) for s in sequences)
+        if tokens > settings.max_request_tokens:
+            raise BadRequest(f"the request holds {tokens} tokens, over the limit of {settings.max_request_tokens} "
+                             "per request (--max-request-tokens): split the request", status=413)
         truncated = [i for i, c in enumerate(cut) if c]
         if truncated and settings.overlong == "error":
             raise BadRequest(f"input {truncated[0]} is longer than the model's context of {scorer.max_length} "
                              f"tokens ({len(truncated)} such inputs; the server refuses them: --overlong error)",
                              status=413)
         rewards = await request.app[BATCHER_KEY].score(sequences)
-        return web.json_response({"rewards": [float(r) for r in rewards], "truncated": truncated})
+        return web.json_response({"rewards": [float(r) for r in rewards], "truncated": truncated}, dumps=_dumps)
+
+    pending = PendingBytes(settings.max_pending_bytes)
 
     async def native(request: web.Request) -> web.Response:
-        prompts, responses = native_inputs(await _json_body(request))
-        return await score(request, lambda: scorer.sequences(prompts, responses))
+        async with pending.reserve(request, settings.max_body_bytes):
+            prompts, responses = native_inputs(await _json_body(request, settings), settings.max_texts)
+            return await score(request, lambda: scorer.sequences(prompts, responses))
 
     async def openrlhf(request: web.Request) -> web.Response:
-        queries = openrlhf_inputs(await _json_body(request))
-        return await score(request, lambda: scorer.joined_sequences(queries))
+        async with pending.reserve(request, settings.max_body_bytes):
+            queries = openrlhf_inputs(await _json_body(request, settings), settings.max_texts)
+            return await score(request, lambda: scorer.joined_sequences(queries))
 
     async def health(request: web.Request) -> web.Response:
         return web.json_response({"status": "ok"})
 
     async def info(request: web.Request) -> web.Response:
         batcher = request.app[BATCHER_KEY]
+        guard = request.app[RUNTIME_KEY]["guard"]
         return web.json_response(server_info(scorer, settings) | {
             "uptime_s": round(time.time() - started, 3),
-            "stats": asdict(batcher.stats) | {"in_flight_jobs": batcher.in_flight}})
+            "stats": asdict(batcher.stats) | {"in_flight_jobs": batcher.in_flight},
+            "connections": guard.stats() if guard is not None else {}}, dumps=_dumps)
 
-    app.router.add_post("/score", native)
-    app.router.add_post("/get_reward", openrlhf)
+    from megapmp.serve.compare import add_compare_route, is_judge  # compare.py imports this module's helpers
+
+    if is_judge(scorer):  # a pairwise judge answers POST /compare instead (megapmp/serve/compare.py)
+        add_compare_route(app, scorer, settings, pending)
+    else:
+        app.router.add_post("/score", native)
+        app.router.add_post("/get_reward", openrlhf)
     app.router.add_get("/health", health)
     app.router.add_get("/info", info)
     return app
 
 
 def server_info(scorer, settings: ServeSettings) -> dict:
-    """What /info reports: the model and its recipe, where and how it computes, and the batching settings."""
+    """What /info reports: the model and its recipe, where and how it computes, batching and limits."""
     model = scorer.describe()
     dtype = next(scorer.model.parameters()).dtype
     compute = scorer.autocast_dtype or dtype
@@ -181,58 +293,212 @@ def server_info(scorer, settings: ServeSettings) -> dict:
                      "linear": f"tiles of {scorer.tile_tokens} tokens", "packing": scorer.packing,
                      "batch_invariant": True, "torch": torch.__version__, "threads": torch.get_num_threads()},
         "batching": {"batch_tokens": settings.batch_tokens, "max_wait_ms": settings.max_wait_ms},
+        "limits": {"max_body_bytes": settings.max_body_bytes, "max_texts": settings.max_texts,
+                   "max_request_tokens": settings.max_request_tokens, "header_timeout_s": settings.header_timeout_s,
+                   "body_timeout_s": settings.body_timeout_s, "max_connections": settings.max_connections,
+                   "max_pending_bytes": settings.max_pending_bytes,
+                   "shutdown_timeout_s": settings.shutdown_timeout},
+        "auth": "bearer token" if settings.api_key else "none",
         "overlong": settings.overlong,
         "max_body_bytes": settings.max_body_bytes,
         "routes": {"native": "POST /score", "openrlhf": "POST /get_reward", "health": "GET /health",
                    "info": "GET /info"},
-    }
+    } | ({"routes": {"compare": "POST /compare", "health": "GET /health", "info": "GET /info"},
+          "judge": model["judge"]} if "judge" in model else {})
 
 
 @web.middleware
 async def _errors_as_json(request: web.Request, handler):
+    guard = request.app[RUNTIME_KEY]["guard"]
+    if guard is not None:
+        guard.busy.add(request.protocol)  # a connection with a request in progress is never evicted
     try:
         return await handler(request)
     except BadRequest as e:
-        return web.json_response({"error": str(e)}, status=e.status)
+        response = web.json_response({"error": str(e)}, status=e.status)
+        if e.status == 408:
+            response.force_close()
+        return response
     except web.HTTPException as e:  # aiohttp's own 404, 405, 413 (body over client_max_size), ...
         if e.status < 400:
             raise
         return web.json_response({"error": e.reason if e.text is None else e.text}, status=e.status)
     except asyncio.CancelledError:  # the client went away: nothing to answer
         raise
+    except ShuttingDown as e:
+        return web.json_response({"error": str(e)}, status=503)
+    except NonFiniteRewards as e:
+        log(f"refused to answer: {e}")
+        return web.json_response({"error": f"internal error: {e}"}, status=500)
     except Exception as e:  # a failure of the server itself (the model, the tokenizer): JSON too, and logged
         log(f"scoring failed: {traceback.format_exc()}")
         return web.json_response({"error": f"internal error: {type(e).__name__}: {e}"}, status=500)
+    finally:
+        if guard is not None:
+            guard.busy.discard(request.protocol)
+
+
+@web.middleware
+async def _answer_in_time(request: web.Request, handler):
+    """Send the answer here, within ``body_timeout_s``: a client that does not read it (a slow reader) would
+    otherwise hold its handler, and its place under the connection cap, for as long as it likes."""
+    response = await handler(request)
+    if isinstance(response, web.Response) and not response.prepared:
+        try:
+            await asyncio.wait_for(_send(response, request), request.app[SETTINGS_KEY].body_timeout_s)
+        except asyncio.TimeoutError:
+            request.protocol.force_close()
+        except ConnectionError:  # the client is gone: nobody to answer
+            pass
+    return response
+
+
+async def _send(response: web.Response, request: web.Request) -> None:
+    await response.prepare(request)
+    await response.write_eof()
+
+
+@web.middleware
+async def _bearer_token(request: web.Request, handler):
+    """With an API key, every route but /health needs ``Authorization: Bearer <key>``; checked before the
+    body is read, compared in constant time."""
+    key = request.app[SETTINGS_KEY].api_key
+    if key and request.path not in PUBLIC_PATHS:
+        given = request.headers.get("Authorization", "")
+        if not hmac.compare_digest(given.encode("utf-8", "replace"), f"Bearer {key}".encode()):
+            response = web.json_response({"error": "missing or wrong bearer token (send 'Authorization: Bearer "
+                                                   "<key>')"}, status=401)
+            response.headers["WWW-Authenticate"] = "Bearer"
+            return response
+    return await handler(request)
+
+
+# ---------------------------------------------------------------------------------------------------
+# connections
+
+
+_REFUSED_BODY = b'{"error": "too many connections: every one is busy, try again"}'
+_REFUSED = (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nConnection: close\r\n"
+            b"Content-Length: %d\r\n\r\n%s" % (len(_REFUSED_BODY), _REFUSED_BODY))
+
+
+class ConnectionGuard:
+    """At most `cap` open connections, enforced as each one registers with aiohttp's server (in order, so
+    the count is exact however many the event loop accepts at once). Over the cap, the oldest idle
+    connection (no request in progress: a half-open or slow client, or a keep-alive one) is closed to make
+    room; if every one is busy, the newcomer is answered 503 and closed. Nothing is logged per connection."""
+
+    def __init__(self, server: web.Server, cap: int):
+        self.server, self.cap = server, cap
+        self.busy: set = set()
+        self.evicted = self.refused = 0
+        self._register = server.connection_made
+        server.connection_made = self._connection_made  # aiohttp's handlers call their manager's hook
+
+    def _connection_made(self, handler, transport) -> None:
+        self._register(handler, transport)
+        open_ = [h for h in self.server.connections if h.transport is not None]
+        if len(open_) <= self.cap:
+            return
+        idle = next((h for h in open_ if h is not handler and h not in self.busy), None)
+        if idle is not None:
+            idle.force_close()
+            self.evicted += 1
+        else:
+            transport.write(_REFUSED)
+            handler.force_close()
+            self.refused += 1
+
+    def stats(self) -> dict:
+        return {"open": sum(h.transport is not None for h in self.server.connections), "busy": len(self.busy),
+                "cap": self.cap, "evicted_idle": self.evicted, "refused_busy": self.refused}
+
+
+ACCEPT_BURST = 128  # the listen backlog, and how many connections asyncio accepts in one go before any is closed
+
+
+def _open_files_for(connections: int) -> int:
+    """Raise the soft RLIMIT_NOFILE so `connections` sockets fit (accept() failing with EMFILE is what made
+    asyncio log a traceback per connection); returns how many connections fit now."""
+    margin = ACCEPT_BURST + 64  # one accept burst over the cap, the listening socket, model files, pipes
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = connections + margin
+    if soft != resource.RLIM_INFINITY and soft < want:
+        new = want if hard == resource.RLIM_INFINITY else min(want, hard)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (new, hard))
+        soft = new
+    return connections if soft == resource.RLIM_INFINITY else max(1, min(connections, soft - margin))
 
 
 # ---------------------------------------------------------------------------------------------------
 # running
 
 
-async def serve(app: web.Application, host: str, port: int, *, shutdown_timeout: float,
+async def serve(app: web.Application, host: str, port: int, *, shutdown_timeout: float | None = None,
                 on_ready: Callable[[int], None] | None = None, stop: asyncio.Event | None = None,
                 handle_signals: bool = True) -> None:
-    """Serve until SIGTERM or SIGINT (``handle_signals``) or until ``stop`` is set, then drain: stop
-    accepting connections, let in-flight requests be scored and answered (up to ``shutdown_timeout``
-    seconds), stop the batcher, return. ``on_ready(port)`` is called once the socket listens."""
-    runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=shutdown_timeout,
-                           handler_cancellation=True)  # a client that leaves cancels its handler: job dropped
+    """Serve until SIGTERM or SIGINT (``handle_signals``) or until ``stop`` is set, then stop within
+    ``shutdown_timeout`` seconds (default: the app's settings): stop listening, let queued and in-flight
+    requests be scored and answered until then, answer the rest 503, close every connection, return.
+    ``on_ready(port)`` is called once the socket listens."""
+    settings: ServeSettings = app.get(SETTINGS_KEY) or ServeSettings()  # an app not from build_app: the defaults
+    runtime = app.get(RUNTIME_KEY, {})
+    shutdown_timeout = settings.shutdown_timeout if shutdown_timeout is None else shutdown_timeout
+    cap = _open_files_for(settings.max_connections)
+    if cap < settings.max_connections:
+        log(f"only {cap} connections fit under this process's open-file limit (RLIMIT_NOFILE); "
+            f"--max-connections {settings.max_connections} lowered to {cap}")
+    # keepalive_timeout is aiohttp's one read timeout for a request head: it runs from the connection (or
+    # the previous answer) until a complete head arrived, and closes a connection still waiting then.
+    runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=shutdown_timeout, handler_cancellation=True,
+                           keepalive_timeout=settings.header_timeout_s, lingering_time=1.0, access_log=None)
     await runner.setup()
+    guard = ConnectionGuard(runner.server, cap)
+    runtime["guard"] = guard
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
+    previous_handler = loop.get_exception_handler()
+    loop.set_exception_handler(_one_line_accept_errors)
     signals = (signal.SIGTERM, signal.SIGINT) if handle_signals else ()
     for sig in signals:
         loop.add_signal_handler(sig, stop.set)
+    listener = None
     try:
-        site = web.TCPSite(runner, host, port)
-        await site.start()
+        listener = await loop.create_server(runner.server, host, port, backlog=ACCEPT_BURST, reuse_address=True)
         if on_ready is not None:
-            on_ready(runner.addresses[0][1])
+            on_ready(listener.sockets[0].getsockname()[1])
         await stop.wait()
     finally:
         for sig in signals:
             loop.remove_signal_handler(sig)
-        await runner.cleanup()
+        deadline = loop.time() + shutdown_timeout
+        runtime["deadline"] = deadline
+        if listener is not None:
+            listener.close()
+        batcher = app.get(BATCHER_KEY)
+        if batcher is not None:
+            await batcher.close(deadline)  # scores until the deadline, answers the rest 503
+        try:
+            await asyncio.wait_for(runner.cleanup(), max(0.0, deadline - loop.time()) + 1.0)
+        except asyncio.TimeoutError:
+            log(f"stopped after the {shutdown_timeout:g} s shutdown timeout with connections still open")
+        loop.set_exception_handler(previous_handler)
+
+
+_last_accept_error = [0.0]
+
+
+def _one_line_accept_errors(loop: asyncio.AbstractEventLoop, context: dict) -> None:
+    """asyncio logs a traceback for every accept() that fails (out of descriptors: it retries a second later);
+    one line every 10 s says the same."""
+    if str(context.get("message", "")).startswith("socket.accept() out of system resource"):
+        now = time.monotonic()
+        if now - _last_accept_error[0] > 10.0:
+            _last_accept_error[0] = now
+            log(f"accept() failed: {context.get('exception')!r}; new connections wait (RLIMIT_NOFILE, "
+                "--max-connections)")
+        return
+    loop.default_exception_handler(context)
 
 
 class BackgroundServer:
@@ -241,7 +507,8 @@ class BackgroundServer:
     ``start()`` returns the port once it listens; ``stop()`` drains like SIGTERM and joins the thread.
     """
 
-    def __init__(self, app: web.Application, host: str = "127.0.0.1", port: int = 0, shutdown_timeout: float = 30.0):
+    def __init__(self, app: web.Application, host: str = "127.0.0.1", port: int = 0,
+                 shutdown_timeout: float | None = None):
         self.app, self.host, self.port, self.shutdown_timeout = app, host, port, shutdown_timeout
         self._ready = threading.Event()
         self._loop: asyncio.AbstractEventLoop | None = None

@@ -1,37 +1,125 @@
 """Gathering many clients' requests into one model call: the micro-batcher behind the reward server.
 
-Each request becomes a *job* (its token id sequences and a future). One gather loop on the event loop
-takes the first waiting job, then keeps taking jobs until the batch holds ``batch_tokens`` tokens or
-``max_wait_ms`` have passed since that first job, and hands the batch to ONE worker thread that runs the
-model (so the event loop keeps accepting and parsing requests while the model computes). Each job's
-slice of the rewards goes back to its own future.
+Each request becomes a *job*: its token id sequences, cut into *chunks* of consecutive sequences of at most
+``batch_tokens`` tokens (a single longer sequence is a chunk of its own), and a future. One gather loop on
+the event loop builds each batch round-robin over the jobs waiting, one chunk per job per round, until the
+batch holds ``batch_tokens`` tokens or no further chunk fits, and hands it to ONE worker thread that runs
+the model (so the event loop keeps accepting and parsing requests while the model computes). So a request
+of 100k texts is scored a chunk at a time beside everyone else's: a one-text request that arrives behind it
+waits for at most the batch in progress, not for the whole large request. The first chunk of a batch waits
+up to ``max_wait_ms`` for company unless the batch is already full.
 
-A job whose client went away before its batch ran (the server cancels the handler, which cancels the
-future) is dropped from the batch; one that goes away during the model call simply gets no answer.
-Neither changes what the other jobs of the batch get: the scorer is batch-invariant
-(megapmp.eval.batch_invariant), so even the bits are those of scoring them without it.
+A job whose client went away (the server cancels the handler, which cancels the future) is dropped with its
+remaining chunks; one that goes away during a model call simply gets no answer. Neither changes what the
+other jobs get: the scorer is batch-invariant (megapmp.eval.batch_invariant), so even the bits are those of
+scoring them alone. Every batch's rewards are checked: a job whose rewards are not all finite fails with
+`NonFiniteRewards` (the server answers 500 naming it), never with NaN in its answer.
+
+Threads: the model runs on a `DaemonExecutor` (daemon threads), so a process asked to stop is never held
+up by a model call or a tokenization in progress (`close` gives up waiting at its deadline).
 """
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
+import queue
+import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 import numpy as np
 
 ScoreFn = Callable[[Sequence[Sequence[int]]], np.ndarray]
-_CLOSE = object()  # the queue's end marker
+
+
+class NonFiniteRewards(RuntimeError):
+    """The model produced NaN or an infinity for some of a request's texts."""
+
+
+class ShuttingDown(RuntimeError):
+    """The server stopped before this request's turn came (its shutdown timeout passed)."""
+
+
+class DaemonExecutor(concurrent.futures.Executor):
+    """A fixed pool of daemon threads: unlike ThreadPoolExecutor's, they never delay the interpreter's exit
+    (a stopping server does not wait for the model call or tokenization it no longer needs)."""
+
+    def __init__(self, workers: int, name: str):
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._closed = False
+        self._threads = [threading.Thread(target=self._work, name=f"{name}-{i}", daemon=True) for i in range(workers)]
+        for thread in self._threads:
+            thread.start()
+
+    def submit(self, fn, /, *args, **kwargs) -> concurrent.futures.Future:
+        if self._closed:
+            raise RuntimeError("the executor is shut down")
+        future = concurrent.futures.Future()
+        self._queue.put((future, fn, args, kwargs))
+        return future
+
+    def _work(self) -> None:
+        while True:
+            item = self._queue.get()
+            if item is None:
+                return
+            future, fn, args, kwargs = item
+            if not future.set_running_or_notify_cancel():
+                continue
+            try:
+                future.set_result(fn(*args, **kwargs))
+            except BaseException as error:
+                future.set_exception(error)
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        self._closed = True
+        if cancel_futures:
+            while True:
+                try:
+                    item = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if item is not None:
+                    item[0].cancel()
+        for _ in self._threads:
+            self._queue.put(None)
+        if wait:
+            for thread in self._threads:
+                thread.join()
+
+
+@dataclass
+class Chunk:
+    start: int  # first sequence of the job in this chunk
+    stop: int
+    tokens: int
 
 
 @dataclass
 class Job:
     sequences: list[list[int]]
     future: asyncio.Future
-    tokens: int
+    chunks: deque
+    rewards: np.ndarray
+    pending: int  # chunks not scored yet
     enqueued: float = field(default_factory=time.perf_counter)
+    dropped: bool = False  # counted in stats.dropped
+
+
+def split_into_chunks(sequences: Sequence[Sequence[int]], batch_tokens: int) -> list[Chunk]:
+    """Consecutive sequences, at most `batch_tokens` tokens a chunk (a longer sequence alone)."""
+    chunks, start, used = [], 0, 0
+    for i, seq in enumerate(sequences):
+        if i > start and used + len(seq) > batch_tokens:
+            chunks.append(Chunk(start, i, used))
+            start, used = i, 0
+        used += len(seq)
+    if len(sequences) > start:
+        chunks.append(Chunk(start, len(sequences), used))
+    return chunks
 
 
 @dataclass
@@ -39,18 +127,18 @@ class BatcherStats:
     jobs: int = 0  # jobs answered
     sequences: int = 0  # sequences scored
     batches: int = 0  # model calls
-    dropped: int = 0  # jobs whose client left before their batch ran
-    failed: int = 0  # jobs whose batch raised
-    largest_batch_jobs: int = 0
+    dropped: int = 0  # jobs whose client left before all their chunks ran
+    failed: int = 0  # jobs whose batch raised, or whose rewards were not finite
+    largest_batch_jobs: int = 0  # the most jobs one batch served
 
 
 class Batcher:
     """``await batcher.score(sequences)`` -> float64 rewards, scored together with other callers' jobs.
 
     score_fn: sequences -> rewards, run on the worker thread (the only thread that touches the model).
-    batch_tokens: a batch is closed once adding the next job would pass this many tokens (a single job
-    larger than that forms a batch of its own). max_wait_ms: how long the first job of a batch waits for
-    company. Start with :meth:`start` inside the running loop, stop with :meth:`close`.
+    batch_tokens: a batch is closed once the next chunk would pass this many tokens; also the chunk size.
+    max_wait_ms: how long the first chunk of a batch waits for company. Start with :meth:`start` inside the
+    running loop, stop with :meth:`close`.
     """
 
     def __init__(self, score_fn: ScoreFn, *, batch_tokens: int, max_wait_ms: float):
@@ -62,10 +150,11 @@ class Batcher:
         self.batch_tokens = int(batch_tokens)
         self.max_wait = max_wait_ms / 1000.0
         self.stats = BatcherStats()
-        self._queue: asyncio.Queue | None = None
-        self._held: Job | None = None  # a job that did not fit the previous batch: it opens the next one
+        self._jobs: deque[Job] = deque()  # jobs with chunks to score, in round-robin order
+        self._wakeup: asyncio.Event | None = None
         self._task: asyncio.Task | None = None
-        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rm-worker")
+        self._deadline: float | None = None  # set by close(): loop time after which nothing more is scored
+        self._worker = DaemonExecutor(1, "rm-worker")
         self._in_flight = 0
 
     @property
@@ -74,94 +163,159 @@ class Batcher:
         return self._in_flight
 
     def start(self) -> None:
-        self._queue = asyncio.Queue()
+        self._wakeup = asyncio.Event()
         self._task = asyncio.get_running_loop().create_task(self._gather_loop(), name="rm-batcher")
 
-    async def close(self) -> None:
-        """Score what is queued, then stop the loop and the worker thread."""
+    async def close(self, deadline: float | None = None) -> None:
+        """Score what is queued until `deadline` (loop time; None: no limit), fail the rest with
+        `ShuttingDown`, then stop the loop. The worker thread is not waited for past the deadline."""
         if self._task is not None:
-            await self._queue.put(_CLOSE)
+            self._deadline = deadline if deadline is not None else float("inf")
+            self._wakeup.set()
             await self._task
             self._task = None
-        self._worker.shutdown(wait=True)
+        self._worker.shutdown(wait=False, cancel_futures=True)
 
     async def score(self, sequences: list[list[int]]) -> np.ndarray:
-        if self._task is None or self._task.done():
-            raise RuntimeError("the batcher is not running")
-        job = Job(sequences, asyncio.get_running_loop().create_future(), sum(len(s) for s in sequences))
+        if self._task is None or self._task.done() or self._deadline is not None:
+            raise ShuttingDown("the server is shutting down")
+        loop = asyncio.get_running_loop()
+        chunks = deque(split_into_chunks(sequences, self.batch_tokens))
+        job = Job(sequences, loop.create_future(), chunks, np.empty(len(sequences), dtype=np.float64), len(chunks))
         self._in_flight += 1
         try:
-            await self._queue.put(job)
+            self._jobs.append(job)
+            self._wakeup.set()
             return await job.future  # cancelling the awaiting handler cancels this future: the job is dropped
         finally:
             self._in_flight -= 1
 
     # -- the gather loop -----------------------------------------------------------------------------
 
+    def _live_jobs(self) -> int:
+        """Drop jobs whose client left; the number still waiting for a chunk to run."""
+        for job in [j for j in self._jobs if j.future.done()]:
+            self._jobs.remove(job)
+            self._count_dropped(job)
+        return len(self._jobs)
+
+    def _count_dropped(self, job: Job) -> None:
+        if job.future.cancelled() and not job.dropped:
+            job.dropped = True
+            self.stats.dropped += 1
+
     async def _gather_loop(self) -> None:
+        loop = asyncio.get_running_loop()
         while True:
-            first = self._held if self._held is not None else await self._queue.get()
-            self._held = None
-            if first is _CLOSE:
+            if not self._live_jobs():
+                if self._deadline is not None:
+                    return
+                self._wakeup.clear()
+                await self._wakeup.wait()
+                continue
+            if self._deadline is not None and loop.time() >= self._deadline:
+                self._fail_all(ShuttingDown("the server shut down before this request was scored"))
                 return
-            batch, used, closing = [first], first.tokens, False
-            # The wait counts from when the first job was queued: one that already waited through a model
-            # call does not wait a second max_wait.
-            waited = time.perf_counter() - first.enqueued
-            deadline = asyncio.get_running_loop().time() + max(0.0, self.max_wait - waited)
-            while used < self.batch_tokens:
-                job = await self._next_job(deadline)
-                if job is None or job is _CLOSE:
-                    closing = job is _CLOSE
-                    break
-                if used + job.tokens > self.batch_tokens:
-                    self._held = job  # it opens the next batch
-                    break
-                batch.append(job)
-                used += job.tokens
-            await self._run(batch)
-            if closing:  # close() is called once no handler is left, so nothing queues after the marker
-                return
+            # The wait counts from when the oldest waiting job was queued: one that already waited through a
+            # model call does not wait a second max_wait. A full batch does not wait at all.
+            oldest = min(job.enqueued for job in self._jobs)
+            wait = self.max_wait - (time.perf_counter() - oldest)
+            if wait > 0 and self._deadline is None and self._queued_tokens() < self.batch_tokens:
+                self._wakeup.clear()
+                try:
+                    await asyncio.wait_for(self._wakeup.wait(), wait)
+                except asyncio.TimeoutError:
+                    pass
+                if self._queued_tokens() < self.batch_tokens and time.perf_counter() - oldest < self.max_wait:
+                    continue  # more company may come
+            batch = self._take_batch()
+            if batch:
+                await self._run(batch)
 
-    async def _next_job(self, deadline: float):
-        """The next queued job (or the close marker), or None once the deadline has passed."""
-        timeout = deadline - asyncio.get_running_loop().time()
-        if timeout <= 0:
-            try:
-                return self._queue.get_nowait()
-            except asyncio.QueueEmpty:
-                return None
-        # Not asyncio.wait_for: on Python 3.11 it can drop an item that arrives as the timeout fires.
-        getter = asyncio.ensure_future(self._queue.get())
-        done, _ = await asyncio.wait({getter}, timeout=timeout)
-        if getter in done:
-            return getter.result()
-        getter.cancel()
-        await asyncio.wait({getter})
-        return None if getter.cancelled() else getter.result()  # it may have taken an item before the cancel
+    def _queued_tokens(self) -> int:
+        return sum(c.tokens for job in self._jobs if not job.future.done() for c in job.chunks)
 
-    async def _run(self, batch: list[Job]) -> None:
-        live = [job for job in batch if not job.future.done()]
-        self.stats.dropped += len(batch) - len(live)
+    def _take_batch(self) -> list[tuple[Job, Chunk]]:
+        """Round-robin over the waiting jobs, one chunk each per round; the next batch starts with the job
+        after the last one served, so no job is passed over twice in a row."""
+        batch, used, served_last = [], 0, None
+        while True:
+            took = False
+            for job in list(self._jobs):
+                if job.future.done() or not job.chunks:
+                    continue
+                chunk = job.chunks[0]
+                if batch and used + chunk.tokens > self.batch_tokens:
+                    continue
+                job.chunks.popleft()
+                batch.append((job, chunk))
+                used += chunk.tokens
+                served_last, took = job, True
+            if not took or used >= self.batch_tokens:
+                break
+        for job in [j for j in self._jobs if not j.chunks]:
+            self._jobs.remove(job)  # all its chunks are taken: it only waits for results now
+        if served_last is not None and served_last in self._jobs:
+            while self._jobs[0] is not served_last:
+                self._jobs.rotate(-1)
+            self._jobs.rotate(-1)
+        return batch
+
+    def _fail_all(self, error: Exception) -> None:
+        for job in self._jobs:
+            if not job.future.done():
+                job.future.set_exception(error)
+                self.stats.failed += 1
+        self._jobs.clear()
+
+    async def _run(self, batch: list[tuple[Job, Chunk]]) -> None:
+        for job, _ in batch:
+            self._count_dropped(job)  # its client left after its chunks were taken for this batch
+        live = [(job, chunk) for job, chunk in batch if not job.future.done()]
         if not live:
             return
-        sequences = [s for job in live for s in job.sequences]
+        sequences = [s for job, chunk in live for s in job.sequences[chunk.start:chunk.stop]]
         loop = asyncio.get_running_loop()
+        call = loop.run_in_executor(self._worker, self.score_fn, sequences)
         try:
-            rewards = await loop.run_in_executor(self._worker, self.score_fn, sequences)
+            if self._deadline is not None:
+                rewards = await asyncio.wait_for(asyncio.shield(call), max(0.0, self._deadline - loop.time()))
+            else:
+                rewards = await call
+            rewards = np.asarray(rewards, dtype=np.float64)
+        except asyncio.TimeoutError:
+            self._fail_jobs(live, ShuttingDown("the server shut down while this request was being scored"))
+            return
         except Exception as error:  # the model failed: every job of this batch gets the error
-            self.stats.failed += len(live)
-            for job in live:
-                if not job.future.done():
-                    job.future.set_exception(error)
+            self._fail_jobs(live, error)
             return
         self.stats.batches += 1
         self.stats.sequences += len(sequences)
-        self.stats.largest_batch_jobs = max(self.stats.largest_batch_jobs, len(live))
-        start = 0
-        for job in live:
-            stop = start + len(job.sequences)
-            if not job.future.done():  # its client may have left during the model call
-                job.future.set_result(rewards[start:stop])
+        self.stats.largest_batch_jobs = max(self.stats.largest_batch_jobs, len({id(job) for job, _ in live}))
+        offset = 0
+        for job, chunk in live:
+            n = chunk.stop - chunk.start
+            part = rewards[offset:offset + n]
+            offset += n
+            if job.future.done():  # its client left during the model call, or an earlier chunk failed
+                continue
+            bad = ~np.isfinite(part)
+            if bad.any():
+                first = chunk.start + int(np.argmax(bad))
+                self._fail_jobs([(job, chunk)], NonFiniteRewards(
+                    f"the model produced a non-finite reward ({part[bad][0]}) for {int(bad.sum())} of the request's "
+                    f"texts (the first is input {first}): not sent; the checkpoint may be damaged"))
+                continue
+            job.rewards[chunk.start:chunk.stop] = part
+            job.pending -= 1
+            if job.pending == 0:
+                job.future.set_result(job.rewards)
                 self.stats.jobs += 1
-            start = stop
+
+    def _fail_jobs(self, live: list[tuple[Job, Chunk]], error: Exception) -> None:
+        for job, _ in live:
+            if not job.future.done():
+                job.future.set_exception(error)
+                self.stats.failed += 1
+            if job in self._jobs:
+                self._jobs.remove(job)

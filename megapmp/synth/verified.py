@@ -36,7 +36,8 @@ from typing import Iterable, Iterator
 from tqdm import tqdm
 
 from megapmp.io import InputError, iter_jsonl
-from megapmp.sandbox import PROGRAM_NAME, SandboxResult, humaneval_program, require_sandbox, run_reporting, run_tests
+from megapmp.sandbox import PROGRAM_NAME, SandboxResult, humaneval_program, require_sandbox, run_tests
+from megapmp.sandbox import run_doctests as sandbox_doctests
 from megapmp.synth.rules import MUTATION_KINDS, mutate
 
 __all__ = ["VerifyConfig", "VerifyStats", "DoctestReport", "humaneval_pairs", "doctest_pairs", "load_humaneval",
@@ -223,7 +224,7 @@ def _humaneval_problem(problem: dict, config: VerifyConfig) -> tuple[list[dict],
     task_id, prompt, entry = problem["task_id"], problem["prompt"], problem["entry_point"]
     chosen, test = problem["canonical_solution"], problem["test"]
     limits = {"memory_mb": config.memory_mb, "unsafe_no_sandbox": config.unsafe_no_sandbox}
-    good = run_tests(prompt + chosen, test, entry, timeout_s=config.timeout_s, **limits)
+    good = run_tests(prompt + chosen, test, entry, timeout_s=config.timeout_s, prompt=prompt, **limits)
     stats.sandbox_runs += 1
     if not good.passed:
         stats.dropped[f"task:chosen_{good.status}"] += 1
@@ -243,7 +244,7 @@ def _humaneval_problem(problem: dict, config: VerifyConfig) -> tuple[list[dict],
     pairs = []
     for response, mutation in mutants(full, len(prompt), node, task_id, config, stats):
         solution = prompt + response
-        bad = run_tests(solution, test, entry, timeout_s=timeout, **limits)
+        bad = run_tests(solution, test, entry, timeout_s=timeout, prompt=prompt, **limits)
         stats.tried += 1
         stats.sandbox_runs += 1
         if bad.passed:
@@ -310,39 +311,6 @@ def _parallel(fn, items, config, progress, desc) -> tuple[list[dict], VerifyStat
 # Doctests
 # --------------------------------------------------------------------------------------------------
 
-_DOCTEST_HARNESS = r'''
-report = globals().pop("__sandbox_report__")  # before any snippet code runs: see sandbox.run_reporting
-import doctest, inspect, json, sys, traceback
-SOURCE = {source!r}
-namespace = {{"__name__": "snippet"}}
-exec(compile(SOURCE, "snippet.py", "exec"), namespace)
-finder = doctest.DocTestFinder(recurse=True, exclude_empty=True)
-tests = []
-for name, obj in list(namespace.items()):
-    if (inspect.isfunction(obj) or inspect.isclass(obj)) and getattr(obj, "__module__", None) == "snippet":
-        tests.extend(finder.find(obj, name, module=False, globs=namespace))
-tests.sort(key=lambda t: t.name)
-
-class Recorder(doctest.DocTestRunner):
-    def _emit(self, test, example, ok, got):
-        index = next(i for i, e in enumerate(test.examples) if e is example)
-        report(json.dumps({{"test": test.name, "index": index, "ok": ok, "got": got[-500:]}}))
-    def report_start(self, o, test, example):
-        pass
-    def report_success(self, o, test, example, got):
-        self._emit(test, example, True, got)
-    def report_failure(self, o, test, example, got):
-        self._emit(test, example, False, got)
-    def report_unexpected_exception(self, o, test, example, exc_info):
-        self._emit(test, example, False, traceback.format_exception_only(*exc_info[:2])[-1])
-
-runner = Recorder(verbose=False)
-report(json.dumps({{"plan": [[t.name, [e.source for e in t.examples]] for t in tests]}}))
-for t in tests:
-    runner.run(t, out=lambda s: None)
-'''
-
-
 @dataclass
 class DoctestReport:
     """Per-example outcomes of one doctest run. `examples` maps (test name, index) to (ok, source,
@@ -361,22 +329,16 @@ class DoctestReport:
 
 
 def run_doctests(source: str, timeout_s: float = 10.0, **limits) -> DoctestReport:
-    """Run every doctest example of the functions and classes in `source`, in the sandbox. The outcomes
-    come from the harness's authenticated channel (`sandbox.run_reporting`), never from stdout."""
-    result, lines = run_reporting(_DOCTEST_HARNESS.format(source=source), timeout_s=timeout_s, **limits)
-    plan, seen = [], {}
-    for line in lines:
-        record = json.loads(line)
-        if "plan" in record:
-            plan = [(name, sources) for name, sources in record["plan"]]
-        else:
-            seen[(record["test"], record["index"])] = (record["ok"], record["got"])
+    """Run every doctest example of the functions and classes in `source`, in the sandbox: the examples
+    run in the snippet's process, their outputs are judged in a process it cannot reach
+    (`megapmp.sandbox.run_doctests`), never read from its stdout."""
+    run = sandbox_doctests(source, timeout_s=timeout_s, **limits)
     examples = {}
-    for name, sources in plan:
+    for name, sources in run.plan:
         for i, src in enumerate(sources):
-            ok, got = seen.get((name, i), (False, f"<no result: run {result.status}>"))
+            ok, got = run.outcomes.get((name, i), (False, f"<no result: run {run.result.status}>"))
             examples[(name, i)] = (ok, src.strip(), got)
-    return DoctestReport(result, plan, examples)
+    return DoctestReport(run.result, run.plan, examples)
 
 
 def _doctest_targets(tree: ast.Module) -> Iterator[tuple[ast.AST, ast.Constant]]:
