@@ -179,7 +179,7 @@ def test_options_bad_record(tmp_path, capfd):
     source = tmp_path / "dev.txt"
     source.write_text("\n".join([lines[0], json.dumps(bad)] + lines[2:]) + "\n", encoding="utf-8")
     assert run("options", "--input", source, "--format", "logiqa2", "--output-dir", tmp_path / "o") == 2
-    assert f"error: {source}:2: answer index 7 outside the 4 options" in capfd.readouterr().err
+    assert f"error: {source}:2 field 'answer': answer index 7 outside the 4 options" in capfd.readouterr().err
 
 
 def test_split_helpers_keep_a_prompt_on_one_side():
