@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# CodePMP preference-model pretraining of Qwen2-1.5B (Table 3's PMP hyper-parameters, as the 7B script),
-# initialised from Qwen2-1.5B. Layout: TP=1 (pure data parallel, ZeRO-1): the 1.5B model, its fp32
+# CodePMP preference-model pretraining of Qwen2-1.5B (CodePMP Table 3, "CodePMP 1.5B": 1 epoch, 1024 pairs
+# per step, lr 3e-6, WSD with 3% warmup and 10% decay, weight decay 0.1, max length 1024 per sequence;
+# examples/configs/pmp_1.5b.toml), initialised from Qwen2-1.5B. The shards must be preprocessed with
+# --max-length 1024; the step count is derived from their size (1 epoch) and printed at start. Layout: TP=1 (pure data parallel, ZeRO-1): the 1.5B model, its fp32
 # gradients and the sharded optimizer fit one H100 with 4 pairs per micro-batch.
 #   NNODES=1 QWEN2_1_5B_DIR=/models/Qwen2-1.5B TRAIN_DATA=/data/codepmp/train examples/pretrain_pmp_1.5b.sh
 cd "$(dirname "$0")/.."

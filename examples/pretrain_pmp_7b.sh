@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# CodePMP preference-model pretraining of Qwen2-7B (paper Table 3: 1024 pairs per step, lr 1e-6,
-# WSD with 3% warmup and 10% decay, weight decay 0.1, max length 1024 per sequence -> packed rows of
-# 2048 tokens in the duplicated [P C][P R] layout), initialised from Qwen2-7B converted on the fly
-# from its HF directory.
+# CodePMP preference-model pretraining of Qwen2-7B (CodePMP Table 3, "CodePMP 7B": 1 epoch, 1024 pairs per
+# step, lr 1e-6, WSD with 3% warmup and 10% decay, weight decay 0.1, max length 1024 per sequence -> packed
+# rows of 2048 tokens in the duplicated [P C][P R] layout; examples/configs/pmp_7b.toml), initialised from
+# Qwen2-7B converted on the fly from its HF directory. The shards must be preprocessed with --max-length
+# 1024; the step count is derived from their size (1 epoch) and printed at start.
 #
 # Layout: TP=2 with sequence parallelism inside a node, no pipeline, data parallel over the rest,
 # ZeRO-1 distributed optimizer (fits 80 GB H100s with 2 pairs per micro-batch; see the printed estimate).

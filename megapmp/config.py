@@ -252,23 +252,29 @@ class OptimizerConfig:
         _raise_if_any("OptimizerConfig", problems)
 
 
+SCHEDULE_NAMES = ("wsd", "wcd", "cosine", "constant")
+
+
 @dataclass
 class ScheduleConfig:
     """Learning-rate schedule over the run's `steps` optimizer steps (see megapmp.optim.lr_at)."""
 
     name: str = "wsd"
-    """wsd (warmup-stable-decay, the paper's), cosine, or constant."""
+    """wsd (warmup-stable-decay: the paper's PMP schedule), wcd (warmup-cosine-decay, linear warmup then a
+    cosine decay over the rest of the run: the paper's RM-finetuning schedule; Table 3, section 5.3),
+    cosine (the same as wcd, its older name here), or constant."""
     warmup_fraction: float = 0.03
     """Fraction of the run spent in linear warmup."""
     decay_fraction: float = 0.1
-    """wsd only: fraction of the run, at its end, spent in cosine decay."""
+    """wsd only: fraction of the run, at its end, spent in cosine decay (wcd decays over all the steps after
+    warmup; Table 3 gives no decay ratio for it, so its configs set 0)."""
     min_lr_ratio: float = 0.0
     """Final learning rate as a fraction of the peak."""
 
     def validate(self) -> None:
         problems = []
-        if self.name not in ("wsd", "cosine", "constant"):
-            problems.append(f"name={self.name!r} is not wsd, cosine or constant")
+        if self.name not in SCHEDULE_NAMES:
+            problems.append(f"name={self.name!r} is not one of {', '.join(SCHEDULE_NAMES)}")
         for name in ("warmup_fraction", "decay_fraction", "min_lr_ratio"):
             if not 0 <= getattr(self, name) <= 1:
                 problems.append(f"{name}={getattr(self, name)} must be in [0, 1]")
@@ -300,6 +306,10 @@ class DataConfig:
     once per pair it wins, which is what the same pairs expanded train (the pair layouts always do)."""
     seq_len: int = 2048
     """Tokens per packed row; a pair must fit in one row."""
+    max_length: int = 0
+    """The longest prompt + response (tokens) the recipe allows (Table 3: 1024): every train and valid shard
+    must have been preprocessed with --max-length at most this, and seq_len must hold a pair of two such
+    sequences (2 x max_length). 0: no check."""
     packing: str = "flat"
     """flat: each micro-batch becomes one [1, T] row of its real tokens (no row-end padding; for the
     varlen attention backends: segmented, torch_varlen, flash_attn, auto); rows: [R, seq_len] rows as
@@ -354,6 +364,11 @@ class DataConfig:
             problems.append(f"prefetch_steps={self.prefetch_steps} must be >= 0")
         if self.bucket_tokens < 0:
             problems.append(f"bucket_tokens={self.bucket_tokens} must be >= 0 (0: automatic)")
+        if self.max_length < 0:
+            problems.append(f"max_length={self.max_length} must be >= 0 (0: no check)")
+        elif self.max_length and self.seq_len < 2 * self.max_length:
+            problems.append(f"seq_len={self.seq_len} cannot hold a pair of two {self.max_length}-token sequences "
+                            f"(max_length): it must be at least {2 * self.max_length}")
         if self.micro_batch_tokens < -1:
             problems.append(f"micro_batch_tokens={self.micro_batch_tokens} must be >= -1 (0: automatic, -1: none)")
         if self.micro_batch_tokens > 0 and self.packing != "flat":
@@ -459,7 +474,12 @@ class TrainConfig:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     steps: int = 100
-    """Optimizer steps of the run (the schedule spans them)."""
+    """Optimizer steps of the run (the schedule spans them). 0: derived from `epochs` and the training data
+    at start; a positive value overrides `epochs`."""
+    epochs: float = 0.0
+    """Passes over the training data (Table 3: 1 everywhere), used when steps = 0: steps =
+    floor(epochs x training items / data.items_per_step), where the items are all pairs (or document
+    windows) of all data.train shards together, whatever their blend weights. 0: steps must be given."""
     seed: int = 1234
     """Model-initialisation seed."""
     precision: str = "auto"
@@ -484,8 +504,10 @@ class TrainConfig:
                 section.validate()
             except ValueError as e:
                 problems.append(str(e))
-        if self.steps <= 0:
-            problems.append(f"steps={self.steps} must be positive")
+        if self.steps < 0 or self.epochs < 0:
+            problems.append(f"steps={self.steps} and epochs={self.epochs} must be >= 0")
+        elif self.steps == 0 and not self.epochs > 0:
+            problems.append("steps=0 and epochs=0: give the run's length as steps, or as epochs over the data")
         if self.attention_backend not in ATTENTION_BACKEND_NAMES:
             problems.append(f"attention_backend={self.attention_backend!r} is not one of "
                             f"{', '.join(sorted(ATTENTION_BACKEND_NAMES))}")

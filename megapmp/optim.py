@@ -13,7 +13,9 @@ def lr_at(step: int, *, lr: float, total_steps: int, schedule: str, warmup_fract
 
     wsd:      linear warmup over warmup_fraction of the run, constant, then a cosine decay to
               lr * min_lr_ratio over the last decay_fraction of the run (CodePMP: 0.03 / 0.1 / 0).
-    cosine:   linear warmup, then cosine decay to lr * min_lr_ratio over the rest of the run.
+    wcd:      warmup-cosine-decay (CodePMP Table 3's RM-finetuning schedule): linear warmup, then cosine
+              decay to lr * min_lr_ratio over the rest of the run; decay_fraction is not used.
+    cosine:   the same as wcd (its older name here).
     constant: linear warmup, then constant.
     """
     warmup = max(1, round(warmup_fraction * total_steps)) if warmup_fraction > 0 else 0
@@ -27,10 +29,10 @@ def lr_at(step: int, *, lr: float, total_steps: int, schedule: str, warmup_fract
         if step < decay_start:
             return lr
         progress = (step - decay_start + 1) / decay
-    elif schedule == "cosine":
+    elif schedule in ("wcd", "cosine"):
         progress = (step - warmup + 1) / max(1, total_steps - warmup)
     else:
-        raise ValueError(f"unknown schedule {schedule!r}: expected wsd, cosine or constant")
+        raise ValueError(f"unknown schedule {schedule!r}: expected wsd, wcd, cosine or constant")
     progress = min(progress, 1.0)
     return lr * (min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
 

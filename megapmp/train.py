@@ -79,6 +79,42 @@ def resolve_config(cfg: TrainConfig, meta: ShardMeta) -> TrainConfig:
     return replace(cfg, model=replace(cfg.model, vocab_size=vocab_size), loss=replace(cfg.loss, backend=backend))
 
 
+def resolve_steps(cfg: TrainConfig, item_counts: list[int], log=lambda message: None) -> TrainConfig:
+    """``cfg`` with the run's length in optimizer steps: ``steps`` when given, else derived from ``epochs``
+    (CodePMP's Table 3 gives every run as 1 epoch) as floor(epochs x items / items_per_step), the items being
+    all pairs (or document windows) of all train shards together; a remainder smaller than one step is not
+    drawn, so no item is drawn more often than the epochs say. A pure function of the config and the shard sizes:
+    every data-parallel rank (all read the same shards and draw the same global steps) and every resume of
+    the run gets the same count. Blend weights change how often each shard is drawn, not the total."""
+    items, per_step = sum(item_counts), cfg.data.items_per_step
+    if not cfg.epochs > 0:
+        return cfg
+    derived = math.floor(cfg.epochs * items / per_step)
+    what = "pairs" if cfg.data.kind == "pairs" else "document windows"
+    if cfg.steps:
+        log(f"steps = {cfg.steps} given: it overrides epochs = {cfg.epochs:g} ({derived} steps over this data)")
+        return cfg
+    if derived < 1:
+        raise ConfigError(f"epochs = {cfg.epochs:g} over {items} training {what} is less than one step of "
+                          f"data.items_per_step = {per_step}")
+    unused = math.floor(cfg.epochs * items) - derived * per_step
+    log(f"steps = {derived}: epochs {cfg.epochs:g} x {items:,} {what} in {len(item_counts)} shard(s) / {per_step} "
+        f"per step" + (f" ({unused} {what} of the last epoch are not drawn)" if unused > 0 else ""))
+    return replace(cfg, steps=derived)
+
+
+def check_shard_max_length(limit: int, prefixes: list[str]) -> None:
+    """data.max_length: each shard must have been preprocessed with --max-length at most ``limit`` (the
+    recipe's max length; a shard without one may hold anything)."""
+    if not limit:
+        return
+    for prefix in prefixes:
+        recorded = ShardMeta.load(prefix).max_length
+        if recorded is None or recorded > limit:
+            raise ConfigError(f"{prefix}: preprocessed with --max-length {recorded}, but data.max_length = {limit}: "
+                              f"preprocess it with --max-length {limit} (or set data.max_length = 0)")
+
+
 def build_model(cfg: TrainConfig, device: torch.device, attention_backend: str | None = None) -> Qwen2RewardModel:
     """Construct on the meta device (no memory touched), then materialise and init on `device`."""
     with torch.device("meta"):
@@ -151,6 +187,10 @@ class Trainer:
             self.log(f"left out {dropped} pairs of {prefix} longer than data.seq_len={cfg.data.seq_len} "
                      f"(data.overlong = drop)")
         self.cfg = cfg = resolve_config(cfg, self.loader.meta)
+        # An epoch is what the sampler draws from: every item of every train shard, less the pairs that
+        # data.overlong = drop leaves out.
+        self.cfg = cfg = resolve_steps(cfg, [stream.size for stream in self.loader.sampler.streams], self.log)
+        check_shard_max_length(cfg.data.max_length, cfg.data.train + cfg.data.valid)
         cfg.validate()
         self.valid_pairs = self._load_valid_pairs()
         # Only now, with config and data checked (nothing bad leaves a directory behind): one owner per run

@@ -100,6 +100,44 @@ def _escape_setsid_grandchild(sb) -> tuple[bool, str]:
     return _ran(r) and "forked" in r.stdout and not alive, f"alive after the run: {alive}; {_out(r)}"
 
 
+def _escape_outlive_killed_caller(sb) -> tuple[bool, str]:
+    # The caller dies (SIGKILL, the OOM killer) while its program sleeps: nothing may be left running.
+    import subprocess
+    token = "mpx" + secrets.token_hex(6)
+    # It also tries to hold a writer of every pipe its processes can see (a lifeline to the caller would
+    # then never reach end of file).
+    program = RAN + UNGUARDED_OPEN + (
+        "import ctypes, os, time\nheld = []\nfor pid in os.listdir('/proc'):\n    if pid.isdigit():\n"
+        "        try:\n            fds = os.listdir('/proc/%%s/fd' %% pid)\n"
+        "        except OSError:\n            continue\n"
+        "        for fd in fds:\n            try:\n"
+        "                held.append(_io.open('/proc/%%s/fd/%%s' %% (pid, fd), 'wb'))\n"
+        "            except OSError:\n                pass\n"
+        "ctypes.CDLL(None).prctl(15, %r.encode(), 0, 0, 0)\ntime.sleep(60)\n" % token)
+    caller = ("import json, sys\nsys.path.insert(0, %r)\nimport runner\nrunner._caps = json.loads(%r)\n"
+              "runner.run_untrusted(%r, timeout_s=60.0)\n"
+              % (os.path.dirname(os.path.abspath(sb.__file__)), json.dumps(sb.sandbox_capabilities()), program))
+    proc = subprocess.Popen([sys.executable, "-I", "-c", caller], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    started = []
+    for _ in range(200):
+        started = _processes_named(token)
+        if started or proc.poll() is not None:
+            break
+        time.sleep(0.05)
+    proc.kill()
+    proc.wait()
+    time.sleep(1.0)
+    alive = _processes_named(token)
+    for pid in alive:  # clean up what survived, by pid
+        try:
+            os.kill(pid, 9)
+        except OSError:
+            pass
+    error = proc.stderr.read().decode(errors="replace")[-300:]
+    proc.stderr.close()
+    return bool(started) and not alive, f"running before the kill: {started}, after: {alive}; {error!r}"
+
+
 def _processes_named(comm: str) -> list[int]:
     found = []
     for pid in os.listdir("/proc"):
@@ -226,6 +264,73 @@ def _escape_fork_limit(sb) -> tuple[bool, str]:
     r = sb.run_untrusted(code, timeout_s=10.0, max_procs=16)
     forked = [int(line.split()[1]) for line in r.stdout.splitlines() if line.startswith("forked")]
     return _ran(r) and bool(forked) and forked[0] < 16, f"max_procs 16; {_out(r)}"
+
+
+def _escape_sysv_shared_memory(sb) -> tuple[bool, str]:
+    # System V shared memory outlives its mapping: attach, fill, detach, repeat. Neither RLIMIT_AS nor the
+    # tmpfs counts it (the run's IPC namespace holds it until the run ends).
+    code = RAN + (
+        "import ctypes\nlibc = ctypes.CDLL(None, use_errno=True)\nlibc.shmat.restype = ctypes.c_void_p\n"
+        "libc.shmat.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_int]\nlibc.shmdt.argtypes = [ctypes.c_void_p]\n"
+        "stored = 0\nfor _ in range(8):\n    sid = libc.shmget(0, ctypes.c_size_t(16 << 20), 0o600)\n"
+        "    if sid < 0:\n        print('shmget refused', ctypes.get_errno())\n        break\n"
+        "    addr = libc.shmat(sid, None, 0)\n    ctypes.memset(addr, 1, 16 << 20)\n    libc.shmdt(addr)\n"
+        "    stored += 16\nprint('stored', stored, 'MB')\n"
+        "for _ in range(64):\n    if libc.msgget(0, 0o600) < 0:\n        print('msgget refused', ctypes.get_errno())\n"
+        "        break\nelse:\n    print('64 message queues (16 KiB each)')\n")
+    r = sb.run_untrusted(code, timeout_s=20.0, memory_mb=64)
+    stored = [int(w) for line in r.stdout.splitlines() if line.startswith("stored") for w in line.split()[1:2]]
+    return (_ran(r) and bool(stored) and stored[0] == 0 and "msgget refused" in r.stdout,
+            f"budget 64 MB; {_out(r)}")
+
+
+def _escape_tmpfs_inodes(sb) -> tuple[bool, str]:
+    # Empty files cost the tmpfs no blocks, but each holds about 1 KiB of kernel memory (inode and dentry,
+    # measured): the file count must be bounded with the size, or a run stores gigabytes in metadata.
+    code = RAN + (
+        "import posix\ncreated = 0\ntry:\n    for i in range(100000):\n"
+        "        posix.close(posix.open('f%d' % i, posix.O_CREAT | posix.O_WRONLY, 0o600))\n        created += 1\n"
+        "except OSError as e:\n    print(e)\nprint('created', created, flush=True)\n")
+    r = sb.run_untrusted(code, timeout_s=20.0, memory_mb=32)
+    created = [int(line.split()[1]) for line in r.stdout.splitlines() if line.startswith("created")]
+    contained = _ran(r) and bool(created) and created[0] <= 32 << 10
+    return contained, f"budget 32 MB (at most 32768 inodes of about 1 KiB); {_out(r)}"
+
+
+# keyctl and add_key by machine: the kernel's keyrings are not namespaced
+_KEY_SYSCALLS = {"x86_64": (248, 250), "aarch64": (217, 219)}
+
+
+def _escape_read_caller_keyring(sb) -> tuple[bool, str]:
+    # A secret in the caller's session keyring (a Kerberos ticket, a token): the sandboxed processes
+    # inherit the session keyring and possess its keys, whatever their uid.
+    import ctypes
+    numbers = _KEY_SYSCALLS.get(os.uname().machine)
+    if numbers is None:
+        return False, f"no keyring system call numbers for {os.uname().machine}"
+    add_key, keyctl = numbers
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.syscall.restype = ctypes.c_long
+    secret = ("megapmp-keyring-" + secrets.token_hex(8)).encode()
+    name = ("mpx-" + secrets.token_hex(4)).encode()
+    # A fresh session keyring of this process's own (the real one is left alone), holding the secret.
+    if libc.syscall(keyctl, 1, None) < 0:  # KEYCTL_JOIN_SESSION_KEYRING
+        return True, f"no kernel keyrings for the caller here (errno {ctypes.get_errno()}): nothing to read"
+    key = libc.syscall(add_key, b"user", name, secret, ctypes.c_size_t(len(secret)), ctypes.c_int(-3))
+    if key < 0:
+        return True, f"the caller cannot add a key here (errno {ctypes.get_errno()}): nothing to read"
+    code = RAN + (
+        "import ctypes\nlibc = ctypes.CDLL(None, use_errno=True)\nlibc.syscall.restype = ctypes.c_long\n"
+        "key = libc.syscall(%d, 10, ctypes.c_int(-3), b'user', %r, 0)  # KEYCTL_SEARCH the session keyring\n"
+        "print('search', key, ctypes.get_errno())\nbuf = ctypes.create_string_buffer(256)\n"
+        "n = libc.syscall(%d, 11, ctypes.c_long(key), buf, 256)  # KEYCTL_READ\n"
+        "print('read', n, ctypes.get_errno(), buf.raw[:max(n, 0)])\n" % (keyctl, name, keyctl))
+    try:
+        r = sb.run_untrusted(code, timeout_s=10.0)
+    finally:
+        libc.syscall(keyctl, 3, ctypes.c_long(key))  # KEYCTL_REVOKE
+    leaked = secret.decode() in r.stdout or secret.decode() in r.stderr
+    return _ran(r) and not leaked, f"secret read: {leaked}; {_out(r)}"
 
 
 def _status_cpu_limit(ignore_sigxcpu: bool):
@@ -408,12 +513,16 @@ ATTACKS = {
     "escape_write_tmp_and_dev_shm": _escape_shared_tmp,
     "escape_read_parent_environ": _escape_parent_environ,
     "escape_setsid_grandchild_survives": _escape_setsid_grandchild,
+    "escape_outlive_killed_caller": _escape_outlive_killed_caller,
     "escape_connect_loopback_via__socket": _escape_loopback,
     "escape_connect_host_unix_socket": _escape_host_unix_socket,
     "escape_read_caller_private_file": _escape_read_caller_private_file,
     "escape_nested_userns_tmpfs": _escape_nested_userns_tmpfs,
     "escape_storage_budget_split_over_tmpfs": _escape_storage_budget_split,
     "escape_fork_limit": _escape_fork_limit,
+    "escape_sysv_shared_memory": _escape_sysv_shared_memory,
+    "escape_tmpfs_inodes": _escape_tmpfs_inodes,
+    "escape_read_caller_keyring": _escape_read_caller_keyring,
     "status_cpu_limit_is_timeout": _status_cpu_limit(ignore_sigxcpu=False),
     "status_cpu_limit_ignoring_sigxcpu_is_timeout": _status_cpu_limit(ignore_sigxcpu=True),
     **{name: _forgery(*args) for name, args in FORGERIES.items()},
@@ -433,6 +542,9 @@ NEEDS = {
     "escape_nested_userns_tmpfs": "no_nested_userns",
     "escape_storage_budget_split_over_tmpfs": "storage_budget",
     "escape_fork_limit": "process_limit",
+    "escape_sysv_shared_memory": "storage_budget",
+    "escape_tmpfs_inodes": "storage_budget",
+    "escape_read_caller_keyring": "no_caller_keyrings",
 }
 
 

@@ -60,14 +60,16 @@ def generated_pairs(n: int, seed: int = 0) -> list[dict]:
     return pairs
 
 
-def train(directory: Path, tokenizer: str, tied: bool, template: str = "none") -> SimpleNamespace:
+def train(directory: Path, tokenizer: str, tied: bool, template: str = "none",
+          eos_policy: str | None = None) -> SimpleNamespace:
     from megapmp.train import main as train_main
 
     pairs = generated_pairs(32)
     jsonl = directory / "pairs.jsonl"
     jsonl.write_text("".join(json.dumps(p, ensure_ascii=False) + "\n" for p in pairs), encoding="utf-8")
     prefix = directory / "data" / "pairs"
-    build_shard([str(jsonl)], str(prefix), tokenizer=tokenizer, template=template, progress=False)
+    build_shard([str(jsonl)], str(prefix), tokenizer=tokenizer, template=template, eos_policy=eos_policy,
+                progress=False)
     run_dir = directory / "run"
     assert train_main(["--config", str(REPO / "examples/configs/tiny.toml"), "--run-dir", str(run_dir),
                        "--data.train", str(prefix), "--steps", "2", "--logging.progress", "false",
@@ -84,10 +86,12 @@ def bpe_run(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def byte_run(tmp_path_factory):
-    return train(tmp_path_factory.mktemp("byte"), "byte", tied=False)
+    # The default policy (no EOS: the reward read at the response's last token) on the bpe run, EOS appended
+    # (the reward read at the EOS) here: HF's pooling of the last non-pad token must find both.
+    return train(tmp_path_factory.mktemp("byte"), "byte", tied=False, eos_policy="response")
 
 
-@pytest.fixture(params=["bpe_run", "byte_run"], ids=["bpe300-tied", "byte-untied"])
+@pytest.fixture(params=["bpe_run", "byte_run"], ids=["bpe300-tied-no-eos", "byte-untied-eos"])
 def trained(request):
     return request.getfixturevalue(request.param)
 
@@ -117,13 +121,14 @@ def hf_score_texts(export: Path, pairs: list[dict]) -> tuple[list[list[int]], to
     model, info = AutoModelForSequenceClassification.from_pretrained(export, dtype=torch.float32,
                                                                      output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
-    template, eos = scoring["template"]["text"], scoring["eos_token_id"]
-    assert scoring["eos_policy"] == "response" and scoring["add_special_tokens"] is False
+    template = scoring["template"]["text"]
+    eos = [scoring["eos_token_id"]] if scoring["eos_policy"] == "response" else []
+    assert scoring["add_special_tokens"] is False
 
     def encode(text):
         return tokenizer(text, add_special_tokens=False)["input_ids"]
 
-    rows = [encode(template.replace("{prompt}", p["prompt"])) + encode(p[key]) + [eos]
+    rows = [encode(template.replace("{prompt}", p["prompt"])) + encode(p[key]) + eos
             for p in pairs for key in ("chosen", "rejected")]
     pad = scoring["pad_token_id"]
     input_ids = torch.full((len(rows), max(map(len, rows))), pad, dtype=torch.long)
@@ -156,6 +161,7 @@ def test_trained_model_scores_equal_in_transformers(trained, tmp_path):
     meta = PairDataset(trained.prefix).meta
     assert (scoring["eos_token_id"], scoring["pad_token_id"]) == (meta.eos_id, meta.pad_id)
     assert scoring["template"]["text"] == meta.template["text"] and scoring["eos_policy"] == meta.eos_policy
+    assert meta.eos_policy == ("none" if trained.tied else "response")
     assert ("### Code Description:" in scoring["template"]["text"]) == trained.tied  # the bpe run uses codepmp
     assert scoring["source"]["step"] == 2
 

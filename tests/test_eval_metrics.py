@@ -510,7 +510,9 @@ def test_hf_export_and_shard_score_like_the_checkpoint(which, run_dir, bpe_run, 
 
     export_to_hf(run, tmp_path / "hf")
     hf = RewardScorer.load(tmp_path / "hf", progress=False)
-    assert hf.describe()["kind"] == "hf" and hf.describe()["eos_policy"] == "response"
+    # The byte run records EOS appended; the bpe shard has the default, no EOS (reward at the last token).
+    assert hf.describe()["kind"] == "hf"
+    assert hf.describe()["eos_policy"] == scorer.describe()["eos_policy"] == ("response" if which == "byte" else "none")
     assert hf.describe()["template"]["text"] == scorer.describe()["template"]["text"]
     h_c, h_r = hf.score_pairs(prompts, chosen, rejected)
     np.testing.assert_allclose(np.r_[h_c, h_r], np.r_[r_c, r_r], atol=1e-5)

@@ -163,7 +163,7 @@ def sidecar(prefix) -> dict:
     return json.loads(Path(f"{prefix}.json").read_text())
 
 
-def expected_pair(tok, record: dict, template: str = "{prompt}", eos: bool = True,
+def expected_pair(tok, record: dict, template: str = "{prompt}", eos: bool = False,
                   keys=("prompt", "chosen", "rejected")) -> list[list[int]]:
     prompt, chosen, rejected = (record[k] for k in keys)
     tail = [tok.eos_id] if eos else []
@@ -276,9 +276,10 @@ def test_tokens_equal_the_tokenizers_own_output(family_shard):
     tok = family_shard.tok
     assert tok.family == FAMILY_NAMES[family_shard.family]
     shard = assert_pairs_shard(family_shard.prefix, tok, family_shard.records)
-    # The non-ASCII pair really went through the tokenizer, and eos ends every response.
+    # The non-ASCII pair really went through the tokenizer, and by default (the paper's "w/o EOC") no EOS
+    # follows a response.
     assert tok.decode(shard.documents[1][0]) == BASE_PAIRS[1]["prompt"]
-    assert all(doc[1][-1] == tok.eos_id and doc[2][-1] == tok.eos_id for doc in shard.documents)
+    assert not any(tok.eos_id in (doc[1][-1], doc[2][-1]) for doc in shard.documents)
     if family_shard.family != "byte":  # a subword tokenizer: fewer tokens than UTF-8 bytes
         assert len(shard.documents[0][1]) < len(BASE_PAIRS[0]["chosen"].encode()) + 1
 
@@ -313,6 +314,19 @@ def test_eos_policy_none_appends_nothing(tmp_path, tokenizer_files, family):
     shard = assert_pairs_shard(tmp_path / "s", tok, records, eos=False)
     assert all(tok.eos_id not in seq for doc in shard.documents for seq in doc)
     assert sidecar(tmp_path / "s")["eos_policy"] == "none"
+
+
+def test_response_ending_in_the_pad_token_is_refused_without_eos(tmp_path):
+    """Without EOS the reward is read at a response's last token. A BPE tokenizer matches its special tokens in
+    raw text, so a response ending in the literal pad string ends in the pad id, which an HF scorer's pooling
+    skips: a bad record under the default policy, fine under --eos-policy response (EOS is read, not the pad)."""
+    records = generated_pairs(60) + [pair("Say ok.", "ok<|pad|>", "no")]
+    source = write_jsonl(tmp_path / "p.jsonl", records)
+    proc = preprocess(source, tmp_path / "s", "--tokenizer", "bpe:300", expect_rc=2)
+    assert f"error: {source}:61 field 'chosen': ends with the pad token (id 1)" in proc.stderr
+    assert not Path(f"{tmp_path / 's'}.bin").exists()
+    preprocess(source, tmp_path / "s", "--tokenizer", "bpe:300", "--eos-policy", "response")
+    assert sidecar(tmp_path / "s")["counts"]["pairs"] == 61
 
 
 def test_int32_shard_for_large_vocabularies(tmp_path):
@@ -381,7 +395,7 @@ BAD_LINES = {  # name -> (line, field named in the error, words in the reason)
     "non_string_field": ({"prompt": "p", "chosen": "c", "rejected": ["r"]}, "rejected", "expected a string, got list"),
     "invalid_utf8": (b'{"prompt": "caf\xe9", "chosen": "c", "rejected": "r"}', None, "invalid UTF-8"),
     "json_array": (b'["p", "c", "r"]', None, "expected a JSON object, got list"),
-    "overlong": (OVERLONG, "chosen", "prompt + chosen is 213 tokens, over --max-length 200"),
+    "overlong": (OVERLONG, "chosen", "prompt + chosen is 212 tokens, over --max-length 200"),  # no EOS by default
 }
 
 
@@ -493,13 +507,15 @@ def truncation_records() -> list[dict]:
     ]
 
 
-def test_overlong_truncate(tmp_path):
+@pytest.mark.parametrize("eos_policy", ["none", "response"])
+def test_overlong_truncate(tmp_path, eos_policy):
     max_length, tok = 40, load_tokenizer("byte")
     records = truncation_records()
     proc = preprocess(write_jsonl(tmp_path / "p.jsonl", records), tmp_path / "s", "--max-length", max_length,
-                      "--overlong", "truncate")
+                      "--overlong", "truncate", "--eos-policy", eos_policy)
     shard = read_mmidx(tmp_path / "s")
-    originals = [expected_pair(tok, r) for r in records]
+    eos = eos_policy == "response"
+    originals = [expected_pair(tok, r, eos=eos) for r in records]
     over = [len(p) + max(len(c), len(r)) > max_length for p, c, r in originals]
     assert over == [False, True, True, True, True, False]
     removed = 0
@@ -510,8 +526,11 @@ def test_overlong_truncate(tmp_path):
             continue
         assert p == op[len(op) - len(p):] and len(p) >= min(len(op), max_length // 2)  # the end is kept
         for new, old in ((c, oc), (r, orr)):
-            assert new[-1] == tok.eos_id
-            assert new == old or new == old[: len(new) - 1] + [tok.eos_id]
+            if eos:  # the reward is read at the EOS: a cut response keeps it as its last token
+                assert new[-1] == tok.eos_id
+                assert new == old or new == old[: len(new) - 1] + [tok.eos_id]
+            else:
+                assert tok.eos_id not in new and new == old[: len(new)]
         removed += len(op) + len(oc) + len(orr) - len(p) - len(c) - len(r)
     counts = sidecar(tmp_path / "s")["counts"]
     assert counts["truncated"] == 4 == json.loads(proc.stdout)["truncated"]
@@ -561,7 +580,7 @@ def test_sidecar_fields_and_checksums(tmp_path):
     assert (meta["vocab_size"], meta["padded_vocab_size"], meta["vocab_multiple"]) == (258, 384, 128)
     assert (meta["eos_id"], meta["pad_id"], meta["dtype"]) == (256, 257, "uint16")
     assert meta["template"] == {"name": "none", "text": "{prompt}"}
-    assert (meta["eos_policy"], meta["max_length"], meta["overlong"]) == ("response", 512, "error")
+    assert (meta["eos_policy"], meta["max_length"], meta["overlong"]) == ("none", 512, "error")
     counts = meta["counts"]
     assert (counts["pairs"], counts["sequences"], counts["tokens"]) == (5, 15, sum(shard.lengths))
     assert (counts["rejected"], counts["truncated"]) == (0, 0)

@@ -17,6 +17,7 @@ import pathlib
 import re
 import shutil
 import socket
+import struct
 import subprocess
 import sys
 import tempfile
@@ -350,12 +351,15 @@ def test_plain_data_codec_round_trips_exactly_and_refuses_the_rest():
         return struct.pack("<d", x) if isinstance(x, float) else x
 
     values = [None, True, False, 0, -1, 2 ** 200, -(2 ** 200) + 7, 1.5, -0.0, float("inf"), float("-inf"),
+              1j, complex(-0.0, 2.5), complex(float("inf"), -0.0),
               "", "héllo \ud800", b"\x00\xff", [], (), set(), frozenset(), {},
               [1, (2.0, "x"), {"k": [None, {3}], 4: frozenset({b"b"})}], ((),) * 3]
     for v in values:
         assert decode(encode(v)) == v and type(decode(encode(v))) is type(v), v
     for x in (float("nan"), -0.0, struct.unpack("<d", b"\x01\x00\x00\x00\x00\x00\xf8\x7f")[0]):  # nan payloads too
         assert bits(decode(encode(x))) == bits(x)
+        z = decode(encode(complex(x, -x)))
+        assert type(z) is complex and bits(z.real) == bits(x) and bits(z.imag) == bits(-x)
     # Subclass instances cross as their base type's value; none of their methods decide what crosses.
     Point = collections.namedtuple("Point", "x y")
     for v, plain in ((Point(1, 2), (1, 2)), (collections.Counter("aab"), {"a": 2, "b": 1}),
@@ -372,7 +376,7 @@ def test_plain_data_codec_round_trips_exactly_and_refuses_the_rest():
         def __eq__(self, other):
             return True
     for bad, where in ((Anything(), "Anything"), ([1, [2, Anything()]], "[1][1]"), ({"k": iter([])}, "['k']"),
-                       ((x for x in ()), "generator"), (bytearray(b"x"), "bytearray"), (1j, "complex")):
+                       ((x for x in ()), "generator"), (bytearray(b"x"), "bytearray")):
         with pytest.raises(PlainDataError, match=re.escape(where)):
             encode(bad)
     deep = []
@@ -403,7 +407,8 @@ def test_plain_data_codec_round_trips_generated_values():
     from megapmp.sandbox.inside import decode, encode
 
     keys = st.none() | st.booleans() | st.integers() | st.text() | st.binary() | st.tuples(st.integers(), st.text())
-    leaves = st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text() | st.binary()
+    leaves = (st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False)
+              | st.complex_numbers(allow_nan=False) | st.text() | st.binary())
     values = st.recursive(leaves, lambda inner: st.lists(inner) | st.tuples(inner, inner)
                           | st.dictionaries(keys, inner) | st.frozensets(keys), max_leaves=12)
 
@@ -431,6 +436,31 @@ def test_a_result_that_is_not_plain_data_is_a_failure_with_a_reason(solution, re
     for test in (CHECK_ADD, catching):
         r = run_tests(solution, test, "add", timeout_s=20.0, memory_mb=1024)
         assert r.status == "failed" and reason in r.stderr, (test, r)
+
+
+@pytest.mark.parametrize("first", [b"i\x01\x00\x00\x00\x05", b"t\x00\x00\x00\x00",
+                                   b"t\x02\x00\x00\x00s\x0a\x00\x00\x00load_errors\x04\x00\x00\x00exit"])
+def test_a_forged_first_message_is_a_failure(first):
+    # Frames written on every descriptor while the solution loads reach the judge before "ready": a
+    # plain value that is not a message (an int, an empty tuple, a load failure without its parts)
+    # crashed the judge, and the run was an "error" instead of the solution's failure.
+    frame = struct.pack(">I", len(first)) + first
+    solution = ("import posix\nfor fd in range(3, 64):\n    try:\n        posix.write(fd, %r)\n"
+                "    except OSError:\n        pass\n\ndef add(a, b):\n    return a + b\n" % frame)
+    r = run_tests(solution, CHECK_ADD, "add", timeout_s=20.0)
+    assert r.status == "failed" and "sandbox: the solution's process sent a malformed first message" in r.stderr, r
+
+
+@pytest.mark.parametrize("solution", [
+    "def add(a, b):\n    return type('\\x01' * (12 << 20), (), {})()\n",  # its type's name is in the reason
+    "raise type('\\x01' * (12 << 20), (Exception,), {})()\n",  # loading fails with it
+])
+def test_the_judge_bounds_what_the_solution_makes_it_say(solution):
+    # The solution chooses the text of a failure's reason (a type's name): 12 MB of it, escaped six times
+    # over in the verdict's JSON, exhausted the judge's memory, which then reported "memory", not "failed".
+    r = run_tests(solution, CHECK_ADD, "add", timeout_s=20.0, memory_mb=128)
+    assert r.status == "failed", (r.status, r.stderr[-500:].replace("\x01", ""))
+    assert len(r.stderr) < 4 << 20
 
 
 def test_the_tests_see_plain_values_exceptions_and_state_of_one_process():
@@ -479,6 +509,19 @@ def test_the_tests_see_plain_values_exceptions_and_state_of_one_process():
     r = run_tests(solution, test, "f", timeout_s=20.0)
     assert r.status == "passed", r
     assert r.stdout.count("noise") == 205 and time.monotonic() - start < 10
+
+
+def test_complex_numbers_cross():
+    # MBPP passes and expects complex numbers (its "angle of a complex number" and "polar to rectangular"
+    # problems): correct solutions must pass. A complex subclass crosses as its value, not its attributes.
+    angle = "import cmath\ndef angle_complex(a, b):\n    return cmath.phase(a + b)\n"
+    test = "import math\nassert math.isclose(angle_complex(0, 1j), 1.5707963267948966, rel_tol=0.001)\n"
+    assert run_tests(angle, test, "angle_complex").status == "passed"
+    polar = "import cmath\ndef polar_rect(x, y):\n    return (cmath.polar(complex(x, y)), cmath.rect(2, cmath.pi))\n"
+    test = "assert polar_rect(3, 4) == ((5.0, 0.9272952180016122), (-2+2.4492935982947064e-16j))\n"
+    assert run_tests(polar, test, "polar_rect").status == "passed"
+    lying = "class Z(complex):\n    real = 0.0\ndef angle_complex(a, b):\n    return Z(1, 2)\n"
+    assert run_tests(lying, "assert angle_complex(0, 0).real == 1.0\n", "angle_complex").status == "passed"
 
 
 def test_mbpp_style_tests_and_names_the_tests_use():
@@ -545,6 +588,20 @@ def test_refuses_without_isolation_unless_unsafe(monkeypatch):
     assert r.status == "timeout" and int(r.stdout.splitlines()[1].split()[1]) <= 8  # the guard's fork budget
     time.sleep(0.2)
     assert _sandbox_processes(r.run_id) == []
+
+
+def test_per_run_uids_of_different_callers_never_collide(monkeypatch):
+    # Two callers alive at once (pids up to pid_max, at most 2**22) must never share a uid: a shared uid
+    # shares the process limit (one run's fork bomb fails another's program) and, without namespaces,
+    # the kill at the end. With pids taken modulo 4,000,000, pid 5 and pid 4,000,005 did.
+    def uids(pid):
+        monkeypatch.setattr(sandbox.os, "getpid", lambda: pid)
+        taken = [sandbox._acquire_uid() for _ in range(sandbox._UID_SLOTS)]
+        for uid in taken:
+            sandbox._release_uid(uid)
+        return set(taken)
+    low, high, last = uids(5), uids(4_000_005), uids((1 << 22) - 1)
+    assert not low & high and max(last) < 2 ** 31 - 1
 
 
 def test_concurrent_runs_are_independent():

@@ -45,9 +45,10 @@ def synthetic_pairs(path: Path, n: int, seed: int = 0) -> None:
 
 
 def pair_shard(root: Path, name: str, n: int, seed: int = 0) -> Path:
-    """ROOT/NAME.{bin,idx,json} from `n` synthetic pairs; returns the shard prefix."""
+    """ROOT/NAME.{bin,idx,json} from `n` synthetic pairs; returns the shard prefix. The committed golden curve
+    was made with EOS appended to every response: that policy is pinned here, whatever the default."""
     synthetic_pairs(root / f"{name}.jsonl", n, seed=seed)
-    build_shard([str(root / f"{name}.jsonl")], str(root / name), progress=False)
+    build_shard([str(root / f"{name}.jsonl")], str(root / name), eos_policy="response", progress=False)
     return root / name
 
 

@@ -59,6 +59,7 @@ def sqrt2_sizes(low: int, high: int) -> list[int]:
 def finetune_shard(base: Path, work: Path, size: int) -> str:
     """A shard of the first `size` GSM8K-derived training pairs, tokenized like the quickstart's."""
     from megapmp.data.preprocess import build_shard
+    from megapmp.data.shards import ShardMeta
 
     prefix = work / "data" / f"gsm8k_{size}"
     if not Path(f"{prefix}.json").exists():
@@ -69,8 +70,11 @@ def finetune_shard(base: Path, work: Path, size: int) -> str:
         subset = work / "data" / f"gsm8k_{size}.jsonl"
         subset.parent.mkdir(parents=True, exist_ok=True)
         subset.write_text("\n".join(lines[:size]) + "\n")
+        # The EOS policy of the quickstart's own shards, so that finetuning reads the reward where PMP did.
+        eos_policy = ShardMeta.load(str(base / "data" / "pmp_train")).eos_policy
         build_shard([str(subset)], str(prefix), tokenizer=str(base / "data" / "pmp_train.tokenizer"),
-                    max_length=512, overlong="truncate", overwrite=True, progress=False)  # no sidecar: unfinished
+                    eos_policy=eos_policy, max_length=512, overlong="truncate", overwrite=True,
+                    progress=False)  # no sidecar: unfinished
     return str(prefix)
 
 

@@ -43,7 +43,8 @@ TRUNCATION_HELP = (
     "What to do with a pair whose prompt + response exceeds --max-length tokens: 'error' rejects it "
     "(stop, or skip with --on-error skip); 'truncate' cuts the prompt from the left (keeping at least "
     "half of --max-length, or all of it if shorter) just enough for the longest response, then cuts "
-    "responses from the right, keeping EOS as their last token. Truncations are counted in the stats."
+    "responses from the right (keeping EOS as their last token under --eos-policy response). Truncations are "
+    "counted in the stats."
 )
 
 
@@ -74,9 +75,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--template", default="none", metavar="none|codepmp|FILE",
                    help="prompt template: none, codepmp (CodePMP's code-generation prompt), or a file containing "
                         "{prompt} (or {query}) where the prompt goes")
-    p.add_argument("--eos-policy", default="response", choices=["response", "none"],
-                   help="response: append EOS to every response (and document); the reward is read at that EOS. "
-                        "none: no EOS; the reward is read at the response's last token")
+    p.add_argument("--eos-policy", default=None, choices=["response", "none"],
+                   help="none (the default for pairs: the paper's 'w/o EOC', CodePMP section 5.2 / Table 7): no "
+                        "EOS after a response, the reward is read at its last token (a response ending in the pad "
+                        "token is then a bad record). response ('w/ EOC'): append EOS to every response, the reward "
+                        "is read at that EOS. Documents get EOS appended unless 'none' is given. Recorded in the "
+                        "shard, and scoring, serving and HF export follow it")
     p.add_argument("--max-length", type=int, default=None, metavar="N",
                    help="maximum tokens of prompt + response, for each of chosen and rejected (paper: 1024)")
     p.add_argument("--overlong", default="error", choices=["error", "truncate"], help=TRUNCATION_HELP)

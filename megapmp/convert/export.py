@@ -61,7 +61,8 @@ INPUT_RECIPE = (
 REWARD_RECIPE = (
     "the score at the last token of input_ids (the EOS under eos_policy 'response', else the response's "
     "last token). Batch with right padding using pad_token_id: Qwen2ForSequenceClassification pools the "
-    "last token that is not pad_token_id, which is why pad_token_id never equals eos_token_id"
+    "last token that is not pad_token_id, which is why pad_token_id never equals eos_token_id and, under "
+    "eos_policy 'none', a response may not end in the pad token (training data with one is refused)"
 )
 DEFAULT_VERIFY_PAIRS = (
     {"prompt": "Write a Python function that returns the sum of a list of numbers.",

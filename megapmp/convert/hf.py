@@ -2,8 +2,9 @@
 
 Exports are ``Qwen2ForSequenceClassification`` checkpoints whose pooled score equals our reward.
 HF pools the *last token that is not pad_token_id* of each row, so the pad id must differ from
-the token the reward is read at (the EOS closing each response): ``to_hf_config`` refuses
-``pad_token_id == eos_token_id``.
+the token the reward is read at: the EOS closing each response (``to_hf_config`` refuses
+``pad_token_id == eos_token_id``), or under eos_policy "none" the response's last token (preprocessing
+refuses a response ending in the pad).
 
 Weights are read from safetensors, or from ``pytorch_model.bin`` only through
 ``torch.load(weights_only=True)``, whose restricted unpickler builds tensors and containers but

@@ -65,7 +65,12 @@ class TransformersRewardScorer:
 
         def encode(text: str) -> list[int]:
             return self.tokenizer(text, add_special_tokens=False)["input_ids"]
-        return encode(self.template.replace("{prompt}", prompt)) + encode(response) + self.eos
+        ids = encode(self.template.replace("{prompt}", prompt)) + encode(response) + self.eos
+        if ids and ids[-1] == self.pad_id:
+            # Without EOS the reward is read at the response's last token; the model's pooling would skip a pad.
+            raise ConvertError(f"the response ends in the pad token (id {self.pad_id}): with eos_policy "
+                               f"{self.recipe['eos_policy']!r} transformers would not read the reward there")
+        return ids
 
     def score(self, prompts: Sequence[str], responses: Sequence[str]) -> np.ndarray:
         return self.score_ids([self.input_ids(p, r) for p, r in zip(prompts, responses)])

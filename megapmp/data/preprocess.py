@@ -32,6 +32,10 @@ CODEPMP_TEMPLATE = (
     "### Code Description:\n{prompt}\n\n### Response:"
 )
 TEMPLATES = {"none": "{prompt}", "codepmp": CODEPMP_TEMPLATE}
+# Pairs: the paper's choice, "w/o EOC" (CodePMP section 5.2 and Table 7: no end-of-context token after a
+# response beat appending one, e.g. LogiQA2.0-pair accuracy 0.752 vs 0.686): the reward is read at the
+# response's own last token. Documents keep EOS: there it only marks where a document ends for the LM.
+DEFAULT_EOS_POLICY = {"pairs": "none", "documents": "response"}
 OVERLONG_POLICIES = ("error", "truncate")
 CHUNK_LINES = 256
 IDENTICAL_POLICIES = ("reject", "keep")
@@ -62,7 +66,7 @@ class PairFormat:
     tokenizer_spec: str
     keys: tuple[str, str, str] = ("prompt", "chosen", "rejected")
     template: str = "{prompt}"
-    eos_policy: str = "response"  # append EOS to each response: the reward is read at that EOS
+    eos_policy: str = "none"  # "none": the reward is read at a response's last token; "response": EOS appended, read there
     max_length: int | None = None  # limit on prompt + response tokens, for each response
     overlong: str = "error"  # error: reject the record; truncate: see fit_pair
     dtype: str = "uint16"
@@ -136,6 +140,19 @@ def _parse_pair(file: str, line_no: int, raw: bytes, keys: tuple[str, str, str])
     return tuple(text_field(file, line_no, record, key) for key in keys)
 
 
+def _pad_at_readout(file: str, line_no: int, keys, chosen: list[int], rejected: list[int],
+                    pad_id: int) -> InputError | None:
+    """Without an appended EOS the reward is read at a response's last token; were that token the pad (a
+    tokenizer that matches its special tokens in raw text turns a literal pad string into it), an HF scorer
+    of the export, which pools the last token that is not the pad, would read the reward somewhere else."""
+    for key, ids in ((keys[1], chosen), (keys[2], rejected)):
+        if ids and ids[-1] == pad_id:
+            return InputError(file, line_no, key, f"ends with the pad token (id {pad_id}), where the reward would "
+                              "be read under --eos-policy none; HF scorers skip pad tokens. Remove it, or use "
+                              "--eos-policy response")
+    return None
+
+
 def _reject(err: InputError, raw: bytes) -> dict:
     return {"file": err.file, "line": err.line, "field": err.field, "reason": err.reason,
             "raw": raw[:10000].decode("utf-8", errors="replace")}
@@ -180,6 +197,11 @@ def process_pair_chunk(file: str, lines: list[tuple[int, bytes]]) -> ChunkResult
                                                          tok.eos_id if eos else None)
             truncated += 1
             truncated_tokens += removed
+        if not eos:
+            err = _pad_at_readout(file, line_no, fmt.keys, chosen, rejected, tok.pad_id)
+            if err is not None:
+                rejects.append(_reject(err, raw))
+                continue
         pieces += [prompt, chosen, rejected]
         lengths += [len(prompt), len(chosen), len(rejected)]
     rejects.sort(key=lambda r: r["line"])
@@ -460,7 +482,7 @@ def _group_texts(inputs, keys, template) -> Iterator[str]:
 
 def build_shard(inputs: list[str], output_prefix: str, *, kind: str = "pairs", tokenizer: str | None = "byte",
                 keys: tuple[str, ...] = ("prompt", "chosen", "rejected"), template: str = "none",
-                eos_policy: str = "response", max_length: int | None = None, overlong: str = "error",
+                eos_policy: str | None = None, max_length: int | None = None, overlong: str = "error",
                 workers: int = 1, on_error: str = "fail", rejects_path: str | None = None,
                 vocab_multiple: int = 128, identical: str = "reject", overwrite: bool = False,
                 judge: dict | None = None, progress: bool = True, bpe_sample_mb: float = BPE_SAMPLE_MB) -> dict:
@@ -469,8 +491,9 @@ def build_shard(inputs: list[str], output_prefix: str, *, kind: str = "pairs", t
     Raises InputError on the first bad record when on_error == "fail", and when nothing is left to
     write; OutputError when the output cannot be written there, or exists and `overwrite` is False.
     Nothing is left behind on any error. A pair whose chosen equals its rejected is a bad record unless
-    identical == "keep". A `bpe:N` tokenizer is trained on the first `bpe_sample_mb` MB of the input text
-    (bpe_training_texts). Returns the statistics also stored in the sidecar's `counts`.
+    identical == "keep". `eos_policy` None is DEFAULT_EOS_POLICY[kind] (pairs: "none", the paper's w/o EOC).
+    A `bpe:N` tokenizer is trained on the first `bpe_sample_mb` MB of the input text (bpe_training_texts).
+    Returns the statistics also stored in the sidecar's `counts`.
 
     `judge` (megapmp.data.judge.JudgeFormat.to_meta without label ids) makes a pairwise judge's shard: every
     record's chosen and rejected are the format's two labels, each of which must be one token of the
@@ -492,6 +515,7 @@ def build_shard(inputs: list[str], output_prefix: str, *, kind: str = "pairs", t
     from megapmp.data.tokenizers import load_tokenizer, padded_vocab_size, train_bpe
 
     output_prefix = str(output_prefix)
+    eos_policy = eos_policy or DEFAULT_EOS_POLICY.get(kind, "none")
     _check_options(inputs, kind, keys, eos_policy, max_length, overlong, workers, on_error, rejects_path, identical,
                    bpe_sample_mb)
     if judge is not None and (kind != "pairs" or eos_policy != "none"):

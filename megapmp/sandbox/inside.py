@@ -11,18 +11,25 @@ Every sandboxed process goes through the same steps, in this order:
    holding only what a Python program needs, read-only (the interpreter's installation, ``/usr``, the
    ``/lib`` directories, the dynamic loader's cache, ``/etc/localtime``), a ``/dev`` of six device
    nodes, a ``/proc`` of the sandbox's own PID namespace and ONE sized tmpfs at ``/tmp`` (``/dev/shm`` and
-   ``/var/tmp`` are links to it, so every byte a program can store counts against one budget).
+   ``/var/tmp`` are links to it, so every byte a program can store counts against one budget), bounded
+   in files too (each holds kernel memory its size does not count). Under bubblewrap, which sizes bytes
+   only, ``mount_sized_tmpfs`` puts such a tmpfs over its ``/tmp``.
 2. Privileges: a root caller's process becomes a per-run uid; an unprivileged caller's (unshare backend)
    enters a nested user namespace and drops every capability; ``no_new_privs``.
-3. ``forbid_user_namespaces``: a seccomp filter refusing ``unshare``/``clone`` with ``CLONE_NEWUSER``,
+3. ``install_syscall_filter``: a seccomp filter refusing ``unshare``/``clone`` with ``CLONE_NEWUSER``,
    ``setns`` and ``clone3`` (whose flags a filter cannot read; the C library falls back to ``clone``), so no
-   process of the run gets capabilities over new mounts again (an unsized tmpfs, a writable root).
+   process of the run gets capabilities over new mounts again (an unsized tmpfs, a writable root); and
+   refusing the kernel's stores that no namespace or limit of ours bounds or hides: System V shared
+   memory and message queues (storage outside RLIMIT_AS and the tmpfs) and the keyrings (``add_key``,
+   ``request_key``, ``keyctl``: the caller's session keyring is inherited, and its keys are readable
+   whatever the uid).
 4. rlimits (``RLIMIT_NPROC`` holds per run: a per-run uid, or the run's own user namespace, in which the
    kernel counts a uid's processes separately since Linux 5.14).
 5. ``supervise``: the process forks; the parent stays as a tiny supervisor that reaps every child and
    reports the program's end as an exit status. The program is never PID 1 (the kernel ignores SIGXCPU
    for a namespace's init), and a program killed at the CPU hard limit (it ignored SIGXCPU) is reported as
-   having hit the CPU limit (``EXIT_CPU``), not as an anonymous SIGKILL.
+   having hit the CPU limit (``EXIT_CPU``), not as an anonymous SIGKILL. It also ends the run when the
+   caller dies (end of file on a lifeline pipe only the caller can write).
 6. The in-process guards (a second layer against accidents: sockets, writes outside ``/tmp``, exec,
    signals outside the sandbox, a fork budget).
 7. The role:
@@ -54,6 +61,7 @@ CPU_MARKER = "sandbox: CPU time limit reached"
 #   N None   T True   F False
 #   i int    length, then that many bytes, little-endian two's complement
 #   f float  8 bytes, IEEE 754 binary64 little-endian (nan, inf and -0.0 cross exactly)
+#   c complex  16 bytes: the real part, then the imaginary part, each as for a float
 #   s str    length, then UTF-8 (lone surrogates kept: "surrogatepass")
 #   b bytes  length, then the bytes
 #   l list / t tuple / S set / Z frozenset: count, then the items
@@ -96,6 +104,8 @@ def _encode(value, out: bytearray, depth: int, limit: int) -> None:
         out += b"i" + _U32.pack(len(raw)) + raw
     elif isinstance(value, float):
         out += b"f" + _F64.pack(value)
+    elif isinstance(value, complex):  # through complex's own descriptors: a subclass may redefine .real
+        out += b"c" + _F64.pack(complex.real.__get__(value)) + _F64.pack(complex.imag.__get__(value))
     elif isinstance(value, str):
         raw = str.encode(value, "utf-8", "surrogatepass")
         out += b"s" + _U32.pack(len(raw)) + raw
@@ -187,6 +197,9 @@ def _decode(view, pos: int, depth: int):
     if tag == b"f":
         raw, pos = _take(view, pos, 8)
         return _F64.unpack(raw)[0], pos
+    if tag == b"c":
+        raw, pos = _take(view, pos, 16)
+        return complex(_F64.unpack(raw[:8])[0], _F64.unpack(raw[8:])[0]), pos
     if tag in (b"l", b"t", b"S", b"Z", b"d"):
         n, pos = _count(view, pos)
         items = []
@@ -268,6 +281,10 @@ _SYSCALLS = {  # machine: (seccomp audit arch, unshare, clone, clone3, setns, pi
     "x86_64": (0xC000003E, 272, 56, 435, 308, 155, 442),
     "aarch64": (0xC00000B7, 97, 220, 435, 268, 41, 442),
 }
+_REFUSED_SYSCALLS = {  # machine: (shmget, msgget, add_key, request_key, keyctl): see step 3
+    "x86_64": (29, 68, 248, 249, 250),
+    "aarch64": (194, 186, 217, 218, 219),
+}
 MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_REMOUNT, MS_BIND, MS_REC, MS_PRIVATE = (
     0x1, 0x2, 0x4, 0x8, 0x20, 0x1000, 0x4000, 0x40000)
 MNT_DETACH = 2
@@ -332,7 +349,8 @@ def build_root(layout: dict) -> None:
     os.makedirs("/newroot/proc", mode=0o555, exist_ok=True)
     mount("proc", "/newroot/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
     os.makedirs("/newroot/tmp", mode=0o755, exist_ok=True)
-    mount("tmpfs", "/newroot/tmp", "tmpfs", MS_NOSUID | MS_NODEV, "size=%dk,mode=700" % layout["tmpfs_kb"])
+    mount("tmpfs", "/newroot/tmp", "tmpfs", MS_NOSUID | MS_NODEV,
+          "size=%dk,nr_inodes=%d,mode=700" % (layout["tmpfs_kb"], layout["tmpfs_inodes"]))
     # Forget the host's root, then make the new root the root (bubblewrap's sequence).
     mount(None, "/oldroot", None, MS_REC | MS_PRIVATE)
     call("umount /oldroot", libc.umount2, b"/oldroot", MNT_DETACH)
@@ -341,6 +359,16 @@ def build_root(layout: dict) -> None:
     call("umount the scratch root", libc.umount2, b".", MNT_DETACH)
     os.chdir("/")
     read_only("/", recursive=False)
+
+
+def mount_sized_tmpfs(path: str, size_kb: int, inodes: int) -> None:
+    """bubblewrap backend: put over its tmpfs at `path` one bounded in files as well as in bytes
+    (bubblewrap sizes bytes only, and every file holds kernel memory the size does not count), in a mount
+    namespace of our own; the CAP_SYS_ADMIN bubblewrap left us for this is dropped in the next step."""
+    ctypes, libc, call = _libc()
+    call("unshare(CLONE_NEWNS)", libc.unshare, 0x00020000)
+    call(f"mount {path}", libc.mount, b"tmpfs", path.encode(), b"tmpfs", ctypes.c_ulong(MS_NOSUID | MS_NODEV),
+         b"size=%dk,nr_inodes=%d,mode=700" % (size_kb, inodes))
 
 
 def drop_to_uid(uid: int) -> None:
@@ -376,6 +404,13 @@ def drop_capabilities(inner_uid: int) -> None:
     for name, text in (("setgroups", "deny"), ("uid_map", "%d 0 1" % inner_uid), ("gid_map", "%d 0 1" % inner_uid)):
         with open("/proc/self/" + name, "w") as f:
             f.write(text)
+    clear_capabilities()
+
+
+def clear_capabilities() -> None:
+    """Drop every capability of this process (effective, permitted, inheritable; the ambient ones go
+    with the permitted)."""
+    ctypes, libc, call = _libc()
 
     class Header(ctypes.Structure):
         _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
@@ -390,13 +425,14 @@ def no_new_privs() -> None:
     call("prctl(PR_SET_NO_NEW_PRIVS)", libc.prctl, 38, 1, 0, 0, 0)
 
 
-def forbid_user_namespaces() -> None:
+def install_syscall_filter() -> None:
     """Install the seccomp filter of step 3 (needs no_new_privs first). Other system calls are untouched."""
     ctypes, libc, call = _libc()
     nrs = _SYSCALLS.get(os.uname().machine)
     if nrs is None:
         raise OSError(f"no seccomp filter for {os.uname().machine}")
     arch, unshare, clone, clone3, setns = nrs[:5]
+    refused = (setns,) + _REFUSED_SYSCALLS[os.uname().machine]
     ld, jeq, jge, jset, ret = 0x20, 0x15, 0x35, 0x45, 0x06  # BPF_LD|W|ABS, JMP|JEQ|K, JMP|JGE|K, JMP|JSET|K, RET|K
     allow, kill, errno = 0x7FFF0000, 0x80000000, 0x00050000  # SECCOMP_RET_ALLOW, _KILL_PROCESS, _ERRNO
     eperm, enosys, clone_newuser = 1, 38, 0x10000000
@@ -409,14 +445,16 @@ def forbid_user_namespaces() -> None:
         (ret, 0, 0, kill),  # 5
         (jeq, 0, 1, clone3),  # 6
         (ret, 0, 0, errno | enosys),  # 7: its flags are in memory; the C library falls back to clone
-        (jeq, 0, 1, setns),  # 8
-        (ret, 0, 0, errno | eperm),  # 9
-        (jeq, 1, 0, unshare),  # 10
-        (jeq, 0, 3, clone),  # 11
-        (ld, 0, 0, 16),  # 12: A = low word of args[0], the flags of unshare and clone
-        (jset, 0, 1, clone_newuser),  # 13
-        (ret, 0, 0, errno | eperm),  # 14
-        (ret, 0, 0, allow),  # 15
+    ]
+    for nr in refused:
+        program += [(jeq, 0, 1, nr), (ret, 0, 0, errno | eperm)]
+    program += [
+        (jeq, 1, 0, unshare),
+        (jeq, 0, 3, clone),
+        (ld, 0, 0, 16),  # A = low word of args[0], the flags of unshare and clone
+        (jset, 0, 1, clone_newuser),
+        (ret, 0, 0, errno | eperm),
+        (ret, 0, 0, allow),
     ]
 
     class SockFilter(ctypes.Structure):
@@ -440,33 +478,68 @@ def set_rlimits(rlimits: dict) -> None:
         resource.setrlimit(res, (value, value + 1 if name == "RLIMIT_CPU" else value))
 
 
-def supervise(cpu_limit: float | None, keep_fds: tuple = ()) -> None:
+def supervise(cpu_limit: float | None, lifeline: int | None) -> None:
     """Fork. The child returns and becomes the program; this process reaps every child until the program
     is gone and exits with its status: its exit code, ``EXIT_CPU`` for a death at the CPU limit (SIGXCPU,
     or SIGKILL at the hard limit after ignoring SIGXCPU, told apart from other kills by the CPU time the
     kernel accounted), else 128 + the signal. It holds no descriptor of the program's but stdout and
-    stderr, so a peer sees end of file on a pipe as soon as the program's last process is gone."""
+    stderr, so a peer sees end of file on a pipe as soon as the program's last process is gone.
+
+    `lifeline`: the read end of a pipe whose write end only the caller holds. End of file on it means the
+    caller is gone (killed too: the kernel closes its descriptors), and this process leaves at once, and
+    the run with it (it is the PID namespace's first process, or bubblewrap's only child). A parent-death
+    signal cannot do this: the kernel clears it when a process changes uid, as the bootstrap does. Not
+    dumpable, so the program (same uid) cannot reopen the lifeline through /proc and hold it open."""
+    import ctypes
+    import select
     import signal
+    libc = ctypes.CDLL(None)
+    dumpable = libc.prctl(3, 0, 0, 0, 0)  # PR_GET_DUMPABLE
+    libc.prctl(4, 0, 0, 0, 0)  # PR_SET_DUMPABLE 0, before the fork: the program never sees us dumpable
     pid = os.fork()
     if pid == 0:
+        libc.prctl(4, dumpable, 0, 0, 0)  # the program as it was (the judge stays not dumpable)
+        if lifeline is not None:
+            os.close(lifeline)
         return
     signal.pthread_sigmask(signal.SIG_BLOCK, set(signal.Signals) - {signal.SIGKILL, signal.SIGSTOP})
-    os.closerange(3, 1 << 16)
+    for low, high in ((3, lifeline), (lifeline + 1, 1 << 16)) if lifeline is not None else ((3, 1 << 16),):
+        os.closerange(low, high)
+    # Woken by the program's end (its pidfd), by the caller's, and every 0.2 s to reap orphans (as PID 1 of
+    # the namespace they are ours, and until reaped they count against the process limit).
+    poller = select.poll()
+    try:
+        program = os.pidfd_open(pid)
+        poller.register(program, select.POLLIN)
+    except (AttributeError, OSError):  # Linux < 5.3: the 0.2 s tick notices the program's end too
+        pass
+    if lifeline is not None:
+        poller.register(lifeline, select.POLLIN)
     while True:
-        try:
-            child, status, usage = os.wait4(-1, 0)
-        except ChildProcessError:
-            os._exit(EXIT_SETUP)
-        if child != pid:
-            continue  # an orphan of the program (we may be PID 1): reaped, so it stops counting as a process
-        if os.WIFEXITED(status):
-            os._exit(os.WEXITSTATUS(status))
-        sig = os.WTERMSIG(status)
-        cpu = usage.ru_utime + usage.ru_stime
-        if sig == signal.SIGXCPU or (sig == signal.SIGKILL and cpu_limit is not None and cpu >= cpu_limit - 0.05):
-            os.write(2, ("\n%s (%.1f s)\n" % (CPU_MARKER, cpu)).encode())
-            os._exit(EXIT_CPU)
-        os._exit(128 + sig)
+        if any(fd == lifeline for fd, _ in poller.poll(200)):
+            os._exit(EXIT_SETUP)  # the caller is gone; nobody reads this status
+        while True:
+            try:
+                child, status, usage = os.wait4(-1, os.WNOHANG)
+            except ChildProcessError:
+                os._exit(EXIT_SETUP)
+            if child == 0:
+                break
+            if child == pid:
+                _exit_as(status, usage, cpu_limit)
+
+
+def _exit_as(status: int, usage, cpu_limit: float | None) -> None:
+    """supervise: leave with the program's way of ending (see there)."""
+    import signal
+    if os.WIFEXITED(status):
+        os._exit(os.WEXITSTATUS(status))
+    sig = os.WTERMSIG(status)
+    cpu = usage.ru_utime + usage.ru_stime
+    if sig == signal.SIGXCPU or (sig == signal.SIGKILL and cpu_limit is not None and cpu >= cpu_limit - 0.05):
+        os.write(2, ("\n%s (%.1f s)\n" % (CPU_MARKER, cpu)).encode())
+        os._exit(EXIT_CPU)
+    os._exit(128 + sig)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -826,6 +899,7 @@ class Judge:
         self.calls = 0
 
     def _fail(self, reason: str):
+        reason = _short(reason, 2000)  # its text is partly the solution's (a type's name): bounded here
         if self.fault is None:
             self.fault = reason
         raise SolutionFault(reason)
@@ -852,13 +926,18 @@ class Judge:
             self._fail(f"{describe()} answered with a malformed message")
         return answer
 
-    def first_message(self):
+    def first_message(self) -> tuple:
+        """``("ready",)``, the solution's load failure, ``("gone",)``, or ``("garbled", why)`` for anything
+        else the candidate's side may have written first."""
         try:
-            return receive(self.answers, self.limit)
+            first = receive(self.answers, self.limit)
         except ChannelClosed:
             return ("gone",)
-        except PlainDataError as e:
+        except (PlainDataError, MemoryError) as e:
             return ("garbled", str(e))
+        if not (isinstance(first, tuple) and first and isinstance(first[0], str)):
+            return ("garbled", "not a message")
+        return first
 
     def call(self, name: str, args: tuple, kwargs: dict):
         def what():
@@ -877,7 +956,7 @@ class Judge:
             raise _rebuild_exception(answer[1], answer[2], answer[3])
         if tag == "nonplain" and len(answer) == 2 and isinstance(answer[1], str):
             self._fail(f"{what()} returned a value that is not plain data: {answer[1]}")
-        if tag == "exit" and len(answer) == 2:
+        if tag == "exit" and len(answer) == 2 and isinstance(answer[1], str):
             self._fail(f"the solution exited (SystemExit {answer[1]}) during {what()}")
         self._fail(f"{what()} answered with a malformed message")
 
@@ -1021,12 +1100,14 @@ def judge_tests(cfg: dict, program_path: str) -> None:
 
 
 def _load_failure(first) -> str:
-    if first[0] == "load_error" and len(first) >= 2:
-        if first[1] == "raise" and len(first) == 5 and isinstance(first[4], str):
+    """The reason for a first message that is not ``("ready",)``; its parts are checked, and bounded: the
+    text is the solution's."""
+    if first[0] == "load_error" and all(isinstance(part, str) for part in first):
+        if first[1] == "raise" and len(first) == 5:
             sys.stderr.write(first[4])
-            return f"the solution failed while loading: {first[2]}: {_short(str(first[3]), 300)}"
-        if first[1] == "exit":
-            return f"the solution exited (SystemExit {first[2]}) while loading"
+            return f"the solution failed while loading: {_short(first[2], 200)}: {_short(first[3], 300)}"
+        if first[1] == "exit" and len(first) == 3:
+            return f"the solution exited (SystemExit {_short(first[2], 200)}) while loading"
     if first[0] == "gone":
         return "the solution's process ended before the tests started"
     return "the solution's process sent a malformed first message"
@@ -1082,7 +1163,7 @@ def _example_outcome(judge, answer, want, exc_msg, flags, checker, what) -> tupl
             strip = doctest._strip_exception_details
             return checker.check_output(strip(exc_msg), strip(raised), flags), got + raised
         return False, got + raised
-    if tag == "exit" and len(answer) == 2:
+    if tag == "exit" and len(answer) == 2 and isinstance(answer[1], str):
         judge._fail(f"the solution exited (SystemExit {answer[1]}) during {what}")
     judge._fail(f"{what} answered with a malformed message")
 
@@ -1098,17 +1179,24 @@ def main(setup: dict) -> None:
     try:
         if cfg["root_layout"] is not None:
             build_root(cfg["root_layout"])
+        if cfg["tmpfs"] is not None:
+            try:
+                mount_sized_tmpfs(cfg["sandbox_dir"], cfg["tmpfs"]["size_kb"], cfg["tmpfs"]["inodes"])
+            except OSError:  # a kernel or a security policy that refuses it: bubblewrap's tmpfs stays, and the
+                pass  # probe, which counts its files, names the storage budget as not given here
         if cfg["uid"] is not None:
             if cfg["sandbox_dir"] is not None:
                 os.chown(cfg["sandbox_dir"], cfg["uid"], cfg["uid"])  # the fresh tmpfs becomes the uid's own
             drop_to_uid(cfg["uid"])
         elif cfg["drop_capabilities"]:
             drop_capabilities(cfg["nested_uid"])
+        elif cfg["clear_capabilities"]:
+            clear_capabilities()
         if cfg["sandbox_dir"] is not None:
             no_new_privs()
             os.chdir(cfg["sandbox_dir"])
             if cfg["seccomp"]:
-                forbid_user_namespaces()
+                install_syscall_filter()
         workdir = os.path.realpath(os.getcwd())
         program_path = os.path.join(workdir, cfg["program"])
         with open(program_path, "w", encoding="utf-8") as f:
@@ -1117,7 +1205,7 @@ def main(setup: dict) -> None:
             import ctypes
             ctypes.CDLL(None).prctl(4, 0, 0, 0, 0)  # PR_SET_DUMPABLE 0: no ptrace, no /proc/PID/mem by the same uid
         set_rlimits(cfg["rlimits"])
-        supervise(cfg["rlimits"].get("RLIMIT_CPU"))
+        supervise(cfg["rlimits"].get("RLIMIT_CPU"), cfg["lifeline_fd"])
         if cfg["guards"]:
             install_guards(workdir, cfg["max_procs"])
     except BaseException:

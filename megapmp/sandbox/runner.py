@@ -15,22 +15,27 @@ unprivileged callers alike, with either backend:
    ``/dev`` of null, zero, full, random and urandom; a ``/proc`` of the sandbox's own processes. Not ``/``:
    no socket of the host, no file of the caller's home or working directory, no ``/etc/passwd``.
 3. **One memory budget for storage**: one tmpfs of ``memory_mb`` at ``/tmp`` (the working directory,
-   ``HOME`` and ``TMPDIR``; ``/dev/shm`` and ``/var/tmp`` link to it), the only writable place. No nested user
-   namespace (a seccomp filter, and bubblewrap's ``--disable-userns`` where it applies), so no process of
-   the run can mount an unsized tmpfs of its own.
+   ``HOME`` and ``TMPDIR``; ``/dev/shm`` and ``/var/tmp`` link to it), the only writable place, with at
+   most one file per 16 KiB of it (`_tmpfs_inodes`: an empty file costs no block but about 1 KiB of
+   kernel memory; unbounded, 3 million files were allowed). No nested user namespace (a seccomp filter,
+   and bubblewrap's ``--disable-userns`` where it applies), so no process of the run can mount an unsized
+   tmpfs of its own; no System V shared memory or message queues (the same filter: they hold memory that
+   neither RLIMIT_AS nor the tmpfs counts).
 4. **Limits**: ``RLIMIT_AS`` (memory per process), ``RLIMIT_CPU``, ``RLIMIT_FSIZE``, ``RLIMIT_NOFILE``,
    ``RLIMIT_CORE`` = 0 and ``RLIMIT_NPROC`` = ``max_procs`` for the whole run: a root caller's processes run
    as a per-run uid, an unprivileged caller's in the run's own user namespace, where the kernel counts a
    uid's processes apart from the caller's (Linux >= 5.14). A CPU-limit kill is a ``timeout`` on both
    backends, also for a program that ignores SIGXCPU.
 5. **No network** (a down loopback only), **no privileges** (``no_new_privs``; no capabilities), a scrubbed
-   environment (``PATH``, ``HOME``, ``TMPDIR``, ``LANG``), and every process of the run killed at its end
-   (the PID namespace goes with its first process).
+   environment (``PATH``, ``HOME``, ``TMPDIR``, ``LANG``), **no kernel keyrings** (the seccomp filter: a
+   process inherits its caller's session keyring, and possesses its keys whatever its uid), and every
+   process of the run killed at its end (the PID namespace goes with its first process), or when the
+   caller dies, even by SIGKILL (a lifeline pipe, `inside.supervise`).
 6. **In-process guards** (a second layer, against accidents, not a boundary): sockets, writes outside the
    working directory, ``exec``/``subprocess`` and signals outside the sandbox raise ``SandboxViolation``;
    ``os.fork`` draws from a budget of ``max_procs``.
 
-Where the OS cannot give one of 2-4 (an old kernel, no seccomp), `sandbox_capabilities` lists it under
+Where the OS cannot give one of 2-5 (an old kernel, no seccomp), `sandbox_capabilities` lists it under
 ``missing`` and the first use logs it. Where neither backend works at all, every run raises
 `SandboxUnavailable` unless the caller passes ``unsafe_no_sandbox=True`` (the CLIs' ``--unsafe-no-sandbox``):
 then only 4-6 hold, in a process group and temporary directory of its own (and, for root, a per-run uid).
@@ -38,8 +43,8 @@ then only 4-6 hold, in a process group and temporary directory of its own (and, 
 **The verdict of a test run comes from a process the solution cannot reach.** `run_tests` starts two
 sandboxes: the *candidate* (the solution, loaded as a module) and the *judge* (the problem's test code,
 trusted). Every call the tests make crosses a private pipe to the candidate, and the answer comes back as
-plain data -- None, bool, int, float, str, bytes and lists, tuples, dicts, sets of them -- rebuilt in the
-judge by a strict, bounded decoder (`inside.decode`; no pickle). So no object of the solution's ever
+plain data -- None, bool, int, float, complex, str, bytes and lists, tuples, dicts, sets of them -- rebuilt
+in the judge by a strict, bounded decoder (`inside.decode`; no pickle). So no object of the solution's ever
 answers ``==`` in a test, and there is no secret in the solution's process to steal: the judge alone holds
 the descriptor the verdict is written to. A result that is not plain data (an object with its own
 ``__eq__``, a generator), an exit, a crash, a broken message are failures with a reason; a test that
@@ -71,6 +76,7 @@ import secrets
 import selectors
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import tempfile
@@ -96,6 +102,7 @@ DEVICES = ("null", "zero", "full", "random", "urandom")
 _TAIL_BYTES = 4096  # kept from the end of a truncated stream, so the last lines are never lost
 _UID_BASE = 1_000_000_000  # sandbox uids: _UID_BASE + pid * _UID_SLOTS + slot, unique per live run
 _UID_SLOTS = 256
+_PID_LIMIT = 1 << 22  # the kernel's largest pid_max: every live caller's pid has its own slots, below 2**31
 _NESTED_UID = 65534  # an unprivileged caller's program appears as this uid ("nobody") in its namespace
 _INSIDE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "inside.py")
 # Reads the set-up from a descriptor (8-byte length, the settings and program as JSON, then inside.py
@@ -198,13 +205,20 @@ _uid_next = 0
 _uids_in_use: set[int] = set()
 _RLIMITS = ["RLIMIT_AS", "RLIMIT_CPU", "RLIMIT_FSIZE", "RLIMIT_NOFILE", "RLIMIT_CORE", "RLIMIT_NPROC"]
 _PROBE_PROCS = 4
+_PROBE_MB = 256
+_KEYCTL = inside._REFUSED_SYSCALLS.get(os.uname().machine, (None,) * 5)[4]
 # The probe measures what the kernel gives (no guards): a private working directory, a small PID, no
-# user namespace, a process limit, and what the root directory holds.
+# user namespace, no System V storage, no keyring, a process limit, and what the root directory holds.
 _PROBE = f"""
 import ctypes, json, os, time
 open('probe', 'w').write('x')
 facts = {{"cwd": os.getcwd(), "listing": sorted(os.listdir('.')), "pid": os.getpid(), "root": sorted(os.listdir('/'))}}
-facts["userns"] = ctypes.CDLL(None, use_errno=True).unshare(0x10000000) == 0
+libc = ctypes.CDLL(None, use_errno=True)
+facts["userns"] = libc.unshare(0x10000000) == 0
+facts["inodes"] = os.statvfs('.').f_files
+facts["sysv_ipc"] = libc.shmget(0, 4096, 0o600) >= 0 or libc.msgget(0, 0o600) >= 0
+# KEYCTL_GET_KEYRING_ID of the session keyring (the caller's, inherited), without creating one
+facts["keyring"] = {_KEYCTL} is None or libc.syscall({_KEYCTL}, 0, -3, 0) >= 0
 forked = 0
 for _ in range({2 * _PROBE_PROCS}):
     try:
@@ -218,19 +232,34 @@ for _ in range({2 * _PROBE_PROCS}):
 facts["forked"] = forked
 print(json.dumps(facts))
 """
-# Promises 2-4 of the module docstring, by name: checked by the probe, reported when missing.
+# Promises 2-5 of the module docstring, by name: checked by the probe, reported when missing.
 GUARANTEES = {
     "minimal_root": "only the paths a Python program needs are visible",
     "no_nested_userns": "no nested user namespaces (no mounts of the program's own)",
     "process_limit": "a process limit (RLIMIT_NPROC) for the run's processes",
-    "storage_budget": "one sized tmpfs for everything a program can write",
+    "storage_budget": "one sized tmpfs for everything a program can write (no System V shared memory or queues)",
+    "no_caller_keyrings": "no access to the caller's kernel keyrings",
 }
+
+
+def _tmpfs_inodes(tmpfs_bytes: int) -> int:
+    """The file count of a sandbox's tmpfs: each file (an empty one too, which costs no block) holds about
+    1 KiB of kernel memory that the size does not count, so at most 1/16 of the budget goes to files."""
+    return max(4096, tmpfs_bytes >> 14)
+
+
+def _bwrap_mounts_tmpfs(bwrap: str, root: bool) -> bool:
+    """Whether the bootstrap may be given CAP_SYS_ADMIN to mount the run's tmpfs itself (bubblewrap sizes
+    a tmpfs in bytes only): always as root; otherwise only with a bubblewrap that is not setuid (a setuid
+    one refuses --cap-add to other users), and the probe then names the missing storage_budget."""
+    return root or not os.stat(bwrap).st_mode & stat.S_ISUID
 
 
 def _bwrap_prefix(bwrap: str, root: bool, tmpfs_bytes: int) -> list[str]:
     """bubblewrap: as root it creates the namespaces itself and keeps only what the bootstrap needs to
     become the per-run uid; otherwise in a user namespace of the caller's, with no capabilities left and
-    no further user namespaces allowed."""
+    no further user namespaces allowed. Either way the bootstrap also gets CAP_SYS_ADMIN over the
+    sandbox's own mounts (`_bwrap_mounts_tmpfs`), to mount the tmpfs bounded in files, and drops it."""
     help_text = _bwrap_help(bwrap)
     layout = _root_layout()
     prefix = [bwrap, "--unshare-ipc", "--unshare-pid", "--unshare-net", "--unshare-uts", "--unshare-cgroup-try",
@@ -254,6 +283,8 @@ def _bwrap_prefix(bwrap: str, root: bool, tmpfs_bytes: int) -> list[str]:
     prefix += ["--remount-ro", "/"]
     if root:
         prefix += ["--cap-add", "CAP_SETUID", "--cap-add", "CAP_SETGID", "--cap-add", "CAP_CHOWN"]
+    if _bwrap_mounts_tmpfs(bwrap, root):
+        prefix += ["--cap-add", "CAP_SYS_ADMIN"]
     return prefix + ["--chdir", SANDBOX_DIR, "--"]
 
 
@@ -282,15 +313,19 @@ def _launch_plan(caps: dict, tmpfs_bytes: int) -> dict:
     """How one process starts under `caps`: argv prefix and the bootstrap's set-up steps."""
     root = os.geteuid() == 0
     backend = caps["backend"]
-    layout = None
+    layout = tmpfs = None
     if backend == "bwrap":
         prefix = _bwrap_prefix(caps["bwrap"], root, tmpfs_bytes)
+        if _bwrap_mounts_tmpfs(caps["bwrap"], root):
+            tmpfs = {"size_kb": max(1, tmpfs_bytes >> 10), "inodes": _tmpfs_inodes(tmpfs_bytes)}
     elif backend == "unshare":
         prefix = _unshare_prefix(caps["unshare"], root)
-        layout = dict(_root_layout(), tmpfs_kb=max(1, tmpfs_bytes >> 10))
+        layout = dict(_root_layout(), tmpfs_kb=max(1, tmpfs_bytes >> 10), tmpfs_inodes=_tmpfs_inodes(tmpfs_bytes))
     else:
         prefix = []
-    return {"prefix": prefix, "root_layout": layout, "drop_capabilities": backend == "unshare" and not root,
+    return {"prefix": prefix, "root_layout": layout, "tmpfs": tmpfs,
+            "drop_capabilities": backend == "unshare" and not root,
+            "clear_capabilities": tmpfs is not None and not root,  # root's drop to the per-run uid clears them
             "sandbox_dir": SANDBOX_DIR if backend else None, "seccomp": bool(backend) and caps.get("seccomp", True)}
 
 
@@ -340,7 +375,7 @@ def sandbox_capabilities(refresh: bool = False) -> dict:
 def _probe(caps: dict) -> tuple[str | None, dict]:
     """(None, guarantees) if the backend runs a program as promised; else (why not, {})."""
     try:
-        r = _run_one(_PROBE, caps=caps, timeout_s=10.0, memory_mb=256, cpu_s=None, max_file_bytes=1 << 16,
+        r = _run_one(_PROBE, caps=caps, timeout_s=10.0, memory_mb=_PROBE_MB, cpu_s=None, max_file_bytes=1 << 16,
                      max_procs=_PROBE_PROCS, max_open_files=64, max_output_bytes=4096, guards=False)
     except OSError as exc:
         return str(exc), {}
@@ -358,7 +393,9 @@ def _probe(caps: dict) -> tuple[str | None, dict]:
         # An unprivileged caller's limit is the run's only from Linux 5.14 on (before, RLIMIT_NPROC counted
         # all the caller's processes: the forks the probe makes would fail for the wrong reason).
         "process_limit": 0 < facts["forked"] < _PROBE_PROCS and (caps["drop_uid"] or _kernel_at_least(5, 14)),
-        "storage_budget": caps["backend"] == "unshare" or "--size" in _bwrap_help(caps["bwrap"]),
+        "storage_budget": ((caps["backend"] == "unshare" or "--size" in _bwrap_help(caps["bwrap"]))
+                           and facts["inodes"] <= _tmpfs_inodes(_PROBE_MB << 20) and not facts["sysv_ipc"]),
+        "no_caller_keyrings": not facts["keyring"],
     }
     return None, guarantees
 
@@ -391,7 +428,7 @@ def _acquire_uid() -> int:
     global _uid_next
     with _uid_lock:
         for _ in range(_UID_SLOTS):
-            uid = _UID_BASE + (os.getpid() % 4_000_000) * _UID_SLOTS + _uid_next % _UID_SLOTS
+            uid = _UID_BASE + (os.getpid() % _PID_LIMIT) * _UID_SLOTS + _uid_next % _UID_SLOTS
             _uid_next += 1
             if uid not in _uids_in_use:
                 _uids_in_use.add(uid)
@@ -514,13 +551,17 @@ class _Process:
         self.workdir = None if plan["sandbox_dir"] else tempfile.mkdtemp(prefix="megapmp-sandbox-")
         self.out, self.err = _Capture(limits.max_output_bytes), _Capture(limits.max_output_bytes)
         self.proc, self.error, self.exited_first = None, None, False
+        # Only this process holds the write end: if it dies, even by SIGKILL, the sandbox sees end of file
+        # and ends the run (inside.supervise). bubblewrap's --die-with-parent alone would not cover unshare.
+        lifeline, self.lifeline = os.pipe()
         if self.workdir is not None and self.uid is not None:
             os.chown(self.workdir, self.uid, self.uid)
         cfg = {"role": role, "program": PROGRAM_NAME, "uid": self.uid, "guards": limits.guards,
                "max_procs": int(limits.max_procs), "rlimits": limits.rlimits(caps),
-               "root_layout": plan["root_layout"], "drop_capabilities": plan["drop_capabilities"],
+               "root_layout": plan["root_layout"], "tmpfs": plan["tmpfs"],
+               "drop_capabilities": plan["drop_capabilities"], "clear_capabilities": plan["clear_capabilities"],
                "nested_uid": _NESTED_UID, "sandbox_dir": plan["sandbox_dir"], "seccomp": plan["seccomp"],
-               "max_message_bytes": int(limits.max_message_bytes), **extra_cfg}
+               "max_message_bytes": int(limits.max_message_bytes), "lifeline_fd": lifeline, **extra_cfg}
         settings = json.dumps({"cfg": cfg, "program": text}).encode()
         payload = len(settings).to_bytes(8, "little") + settings + _compiled_inside()
         setup = os.memfd_create("megapmp-sandbox-setup") if hasattr(os, "memfd_create") else os.dup(
@@ -534,11 +575,12 @@ class _Process:
             env = {"PATH": "/usr/bin:/bin", "HOME": home, "TMPDIR": home, "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8"}
             self.proc = subprocess.Popen(argv, cwd=self.workdir or "/", env=env, stdin=subprocess.DEVNULL,
                                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True,
-                                         close_fds=True, pass_fds=(setup, *pass_fds))
+                                         close_fds=True, pass_fds=(setup, lifeline, *pass_fds))
         except OSError as exc:
             self.error = f"sandbox: could not start: {exc}"
         finally:
             os.close(setup)
+            os.close(lifeline)
 
     def kill(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
@@ -573,6 +615,7 @@ class _Process:
                 _release_uid(self.uid)
             if self.workdir is not None:
                 _rmtree(self.workdir)
+            os.close(self.lifeline)
 
 
 def _watch(processes: list[_Process], primary: _Process, deadline: float, extra: dict[int, _Capture]) -> bool:
@@ -846,7 +889,12 @@ def run_doctests(source: str, *, timeout_s: float = 10.0, unsafe_no_sandbox: boo
     """Run every doctest example of `source` (`doctest_plan`): the source is the candidate, each example
     runs in its process (a fresh copy of the module's globals per definition, as doctest gives), and its
     output, a plain string, is compared in the judge's process with doctest's own checker. A definition's
-    doctests that the source cannot even load report nothing (every example not ok)."""
+    doctests that the source cannot even load report nothing (every example not ok).
+
+    Not a verdict a hostile source cannot forge: the output is the source's own text (an example's value
+    is printed by its ``__repr__``, in the source's process), so a source may print an example's expected
+    output whatever it computes. What the judge adds is that printed markers and forged records count for
+    nothing; use it on trusted snippets and their mutants, `run_tests` for generated code."""
     limits = _Limits(timeout_s, **limits)
     limits.check()
     caps = require_sandbox(unsafe_no_sandbox)

@@ -29,12 +29,23 @@ import torch
 PLAIN_CHAT_TEMPLATE = "<|{role}|>\n{content}\n"
 
 
+def tokenizer_directory(path: str) -> str:
+    """Where a model directory's tokenizer is: beside the weights, or, for a megapmp HF export
+    (tools/convert_checkpoint.py to-hf), where its megapmp_scoring.json says (its tokenizer/ folder when
+    AutoTokenizer would rebuild the top-level one with other ids)."""
+    scoring = os.path.join(path, "megapmp_scoring.json")
+    if os.path.isfile(scoring):
+        with open(scoring, encoding="utf-8") as f:
+            return os.path.join(path, json.load(f).get("tokenizer", {}).get("path", "."))
+    return path
+
+
 class LocalModel:
     def __init__(self, path: str, name: str | None = None, device: str = "cpu"):
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         self.path, self.name = path, name or os.path.basename(os.path.normpath(path))
-        self.tokenizer = AutoTokenizer.from_pretrained(path)
+        self.tokenizer = AutoTokenizer.from_pretrained(tokenizer_directory(path))
         self.model = AutoModelForCausalLM.from_pretrained(path).to(device).eval()
         self.device = device
         config = self.model.config
