@@ -34,25 +34,28 @@ def read_labels_from_scratch(prefix) -> list[float]:
     return [struct.unpack_from("<d", data, 8 * i)[0] for i in range(len(data) // 8)]
 
 
-def expected_group(tok, record) -> tuple[list[list[int]], list[float]]:
+def expected_group(tok, record, eos: bool) -> tuple[list[list[int]], list[float]]:
     if "chosen" in record:
         responses, labels = record["chosen"] + record["rejected"], [1.0] * len(record["chosen"]) + \
             [0.0] * len(record["rejected"])
     else:
         responses, labels = record["responses"], [float(x) for x in record["labels"]]
-    return [tok.encode(record["prompt"])] + [tok.encode(r) + [tok.eos_id] for r in responses], labels
+    tail = [tok.eos_id] if eos else []
+    return [tok.encode(record["prompt"])] + [tok.encode(r) + tail for r in responses], labels
 
 
-def test_group_shard_tokens_labels_and_sidecar(tmp_path):
+@pytest.mark.parametrize("eos_policy", [None, "response"])  # None: the pairs' default, "none" (w/o EOC)
+def test_group_shard_tokens_labels_and_sidecar(tmp_path, eos_policy):
     source = write_jsonl(tmp_path / "g.jsonl", GROUPS)
     prefix = tmp_path / "s"
-    proc = preprocess(source, prefix, "--groups")
+    proc = preprocess(source, prefix, "--groups", *(["--eos-policy", eos_policy] if eos_policy else []))
+    assert sidecar(prefix)["eos_policy"] == (eos_policy or "none")
     tok = load_tokenizer("byte")
     shard = read_mmidx(prefix)  # Megatron's view: documents of sequences of tokens
     labels = read_labels_from_scratch(prefix)
     assert len(labels) == shard.num_sequences
     for record, document, start in zip(GROUPS, shard.documents, shard.doc_index):
-        tokens, want = expected_group(tok, record)
+        tokens, want = expected_group(tok, record, eos=eos_policy == "response")
         assert document == tokens
         assert math.isnan(labels[start]) and labels[start + 1 : start + len(tokens)] == want
     meta = sidecar(prefix)
@@ -81,7 +84,7 @@ BAD = {
     "identical": ({"prompt": "p", "responses": ["a", "b", "a"], "labels": [1, 0, 0]}, "responses",
                   "responses 0 and 2 are identical but labelled differently"),
     "overlong": ({"prompt": "p" * 30, "responses": ["a" * 40, "b"], "labels": [1, 0]}, "responses",
-                 "prompt + response 0 is 71 tokens, over --max-length 50"),
+                 "prompt + response 0 is 70 tokens, over --max-length 50"),
 }
 
 
