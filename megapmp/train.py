@@ -79,18 +79,20 @@ def resolve_config(cfg: TrainConfig, meta: ShardMeta) -> TrainConfig:
     return replace(cfg, model=replace(cfg.model, vocab_size=vocab_size), loss=replace(cfg.loss, backend=backend))
 
 
-def resolve_steps(cfg: TrainConfig, item_counts: list[int], log=lambda message: None) -> TrainConfig:
+def resolve_steps(cfg: TrainConfig, item_counts: list[int], log=lambda message: None,
+                  unit: str | None = None) -> TrainConfig:
     """``cfg`` with the run's length in optimizer steps: ``steps`` when given, else derived from ``epochs``
     (CodePMP's Table 3 gives every run as 1 epoch) as floor(epochs x items / items_per_step), the items being
     all pairs (or document windows) of all train shards together; a remainder smaller than one step is not
     drawn, so no item is drawn more often than the epochs say. A pure function of the config and the shard sizes:
     every data-parallel rank (all read the same shards and draw the same global steps) and every resume of
-    the run gets the same count. Blend weights change how often each shard is drawn, not the total."""
+    the run gets the same count. Blend weights change how often each shard is drawn, not the total. ``unit``
+    names the items in messages (the loader's ``item_unit``: a group shard's items are groups)."""
     items, per_step = sum(item_counts), cfg.data.items_per_step
     if not cfg.epochs > 0:
         return cfg
     derived = math.floor(cfg.epochs * items / per_step)
-    what = "pairs" if cfg.data.kind == "pairs" else "document windows"
+    what = unit or ("pairs" if cfg.data.kind == "pairs" else "document windows")
     if cfg.steps:
         log(f"steps = {cfg.steps} given: it overrides epochs = {cfg.epochs:g} ({derived} steps over this data)")
         return cfg
@@ -189,7 +191,8 @@ class Trainer:
         self.cfg = cfg = resolve_config(cfg, self.loader.meta)
         # An epoch is what the sampler draws from: every item of every train shard, less the pairs that
         # data.overlong = drop leaves out.
-        self.cfg = cfg = resolve_steps(cfg, [stream.size for stream in self.loader.sampler.streams], self.log)
+        self.cfg = cfg = resolve_steps(cfg, [stream.size for stream in self.loader.sampler.streams], self.log,
+                                       self.loader.item_unit)
         check_shard_max_length(cfg.data.max_length, cfg.data.train + cfg.data.valid)
         cfg.validate()
         self.valid_pairs = self._load_valid_pairs()

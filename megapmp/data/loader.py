@@ -190,6 +190,14 @@ class StepLoader:
         self.token_budget = self._token_budget(micro_batch_tokens, seed) if micro_batch_tokens is not None else None
 
     @property
+    def item_unit(self) -> str:
+        """What one item of this loader is, for messages: pairs, groups (of a group shard), or document windows."""
+        if self.kind != "pairs":
+            return "document windows"
+        kinds = {"groups" if isinstance(d, GroupDataset) else "pairs" for d in self.datasets}
+        return " and ".join(sorted(kinds, reverse=True))
+
+    @property
     def micro_batch_tokens(self) -> int | None:
         """Tokens of every micro-batch under a token budget; None without one."""
         return self.token_budget.tokens if self.token_budget is not None else None
