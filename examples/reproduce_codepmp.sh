@@ -151,21 +151,26 @@ reproduce_tiny() {
       head -n "-$n" "$D/gsm8k_pairs.jsonl" > "$D/math/train.jsonl"; tail -n "$n" "$D/gsm8k_pairs.jsonl" > "$D/math/test.jsonl"
     fi
   fi
+  # The logical RM trains on groups (issue 22): each question's four options once, right vs every wrong one in
+  # the loss (--data.layout group below); the test side stays pairs for rm-accuracy.
   run pairs_logic "$PY" tools/make_rm_pairs.py options --input "$data/logiqa2/dev.txt" --limit 80 \
-    --output-dir "$D/logic" --overwrite
+    --output-dir "$D/logic" --overwrite --groups
   run pairs_logic_sampled "$PY" tools/make_rm_pairs.py sampled --input "$data/logiqa2/dev.txt" --limit 6 \
     --model strong --model weak --grid 0,0.5,1 --max-tokens 24 --output-dir "$D/logic_sampled" --overwrite \
     --test-fraction 0.34 "${served[@]}"
-  for task in math logic; do
-    run "shards_${task}_train" "${pre[@]}" --input "$D/$task/train.jsonl" --output-prefix "$D/${task}_train" --tokenizer "$tok"
-  done
+  run shards_math_train "${pre[@]}" --input "$D/math/train.jsonl" --output-prefix "$D/math_train" --tokenizer "$tok"
+  run shards_logic_train "${pre[@]}" --groups --input "$D/logic/train.jsonl" --output-prefix "$D/logic_train" \
+    --tokenizer "$tok"
   # -- 5. RM finetuning with and without PMP (Table 3's RM shape: 1 epoch, WCD, weight decay 0) ------------
-  local warmup task init
+  local warmup task init layout items
   for task in math logic; do
-    warmup=0.03; [ "$task" = logic ] && warmup=0.25
+    warmup=0.03; layout=duplicated; items=16
+    # logic: 6 groups of 4 options = 18 pairs per step, the math task's 16 pairs about
+    [ "$task" = logic ] && warmup=0.25 && layout=group && items=6
     for init in pmp base; do  # base: the LM before PMP, a fresh reward head (the paper's "without PMP")
       run "train_rm_${task}_${init}" "${train[@]}" --run-dir "$R/rm_${task}_${init}" --data.train "$D/${task}_train" \
-        --loss.lm_coef 0 --data.seq_len 1024 --data.items_per_step 16 --data.micro_batches 1 --steps 0 --epochs 1 \
+        --loss.lm_coef 0 --data.seq_len 1024 --data.layout $layout --data.items_per_step $items --data.micro_batches 1 \
+        --steps 0 --epochs 1 \
         --schedule.name wcd --schedule.warmup_fraction $warmup --schedule.decay_fraction 0 \
         --optimizer.weight_decay 0 --optimizer.lr 1e-3 --checkpoint.interval 0 \
         --checkpoint.init_from "$R/$([ "$init" = pmp ] && echo pmp || echo lm)" \

@@ -298,7 +298,12 @@ class DataConfig:
     kind: str = "pairs"
     """pairs (PMP, RM finetuning) or documents (LM pretraining)."""
     layout: str = "duplicated"
-    """Pair packing: duplicated [P C][P R] or shared-prefix [P C R]."""
+    """Pair packing: duplicated [P C][P R] or shared-prefix [P C R]; or group [P R1 ... RK]: a shard of
+    response groups (tools/preprocess_pairs.py --groups) packed one group per segment, every labelled pair
+    of it in the loss (a pair shard packs as [P C R]). Pair layouts train group shards as their pairs expanded."""
+    lm_weighting: str = "distinct"
+    """LM term of a group (layout group): distinct = each response that wins a labelled pair once; pairs =
+    once per pair it wins, which is what the same pairs expanded train (the pair layouts always do)."""
     seq_len: int = 2048
     """Tokens per packed row; a pair must fit in one row."""
     max_length: int = 0
@@ -347,8 +352,10 @@ class DataConfig:
             problems.append(f"weights has {len(self.weights)} entries for {len(self.train)} train shards")
         if self.kind not in ("pairs", "documents"):
             problems.append(f"kind={self.kind!r} is not pairs or documents")
-        if self.layout not in ("duplicated", "shared-prefix"):
-            problems.append(f"layout={self.layout!r} is not duplicated or shared-prefix")
+        if self.layout not in ("duplicated", "shared-prefix", "group"):
+            problems.append(f"layout={self.layout!r} is not duplicated, shared-prefix or group")
+        if self.lm_weighting not in ("distinct", "pairs"):  # megapmp.data.groups.LM_WEIGHTINGS
+            problems.append(f"lm_weighting={self.lm_weighting!r} is not distinct or pairs")
         if self.packing not in ("flat", "rows"):
             problems.append(f"packing={self.packing!r} is not flat or rows")
         if self.overlong not in ("error", "drop"):

@@ -15,7 +15,8 @@ and multiplies by batch x seq_length. Two departures, both to count the work *th
   on the packed row length: a causal square of side n counts n^2 / 2 (query, key) pairs -- Megatron's
   half-square convention (``causal="half"``; ``"exact"`` counts n (n + 1) / 2) -- and the shared-prefix
   problem "R over [P R]" counts r p + r^2 / 2. So packed == the same sequences unpacked, and
-  ``[P C R]`` is credited exactly the pairs it needs (the second prompt's p^2 / 2 is not there).
+  ``[P C R]`` (or a group row ``[P R1 ... RK]``, each later Ri over [P Ri]) is credited exactly the pairs it
+  needs (no second prompt's p^2 / 2).
 * GEMMs run over real tokens only (padding counts zero, however much of the row it fills), so the
   prompt of a shared-prefix pair is counted once; the LM head only over the LM-target tokens (the loss
   never computes logits elsewhere: ``megapmp.loss.lm_loss_sum``) at the config's vocabulary size, and the
@@ -76,13 +77,12 @@ def attention_pairs(segment_ids, branch_ids, causal: str = "half") -> float:
         raise ValueError(f"causal={causal!r}: expected 'half' (Megatron) or 'exact'")
     structure = segment_structure(segment_ids, branch_ids)
     if structure is None:
-        raise ValueError("a segment's branch ids are not of the form shared* a* b*; cannot count its pairs")
+        raise ValueError("a segment's branch ids are not of the form shared* b1* ... bK*; cannot count its pairs")
     tri = (lambda n: n * n / 2.0) if causal == "half" else (lambda n: n * (n + 1) / 2.0)
-    _, p, x, y = (structure[:, i].astype(np.float64) for i in range(4))
-    shared = (x > 0) & (y > 0)
-    # Plain segment: one causal square of p + x + y. Shared prefix: [P X] causal, then Y over [P Y].
-    square = np.where(shared, p + x, p + x + y)
-    return float(tri(square).sum() + (np.where(shared, y * p + tri(y), 0.0)).sum())
+    table = structure.astype(np.float64)
+    p, first, later = table[:, 1], table[:, 2], table[:, 3:]  # later runs are 0 where a segment has fewer
+    # [P X1] (or a plain segment) is one causal square; each later response Xi is Xi over [P Xi].
+    return float(tri(p + first).sum() + (later * p[:, None] + tri(later)).sum())
 
 
 def per_token_gemm_flops(config) -> float:
@@ -96,10 +96,15 @@ def per_token_gemm_flops(config) -> float:
 def batch_flops(config, batch, *, lm_head: bool = True, reward_head: bool = True,
                 causal: str = "half") -> StepFlops:
     """Forward + backward model FLOPs of one packed micro-batch (a ``PackedBatch``, numpy or torch:
-    ``segment_ids``, ``branch_ids``, ``labels``, ``chosen_index`` are read)."""
+    ``segment_ids``, ``branch_ids``, ``lm_index`` (or ``labels``), ``chosen_index`` are read)."""
     segment_ids = _array(batch.segment_ids)
     real_tokens = float((segment_ids >= 0).sum())
-    lm_tokens = float((_array(batch.labels) != IGNORE_INDEX).sum()) if lm_head else 0.0
+    lm_index = getattr(batch, "lm_index", None)  # a group row predicts several targets at a prompt's end
+    lm_tokens = 0.0
+    if lm_head and lm_index is not None:
+        lm_tokens = float(len(_array(lm_index)))
+    elif lm_head:
+        lm_tokens = float((_array(batch.labels) != IGNORE_INDEX).sum())
     readouts = 2.0 * len(_array(batch.chosen_index)) if reward_head else 0.0
     q = config.num_attention_heads * config.head_dim
     pairs = attention_pairs(segment_ids, batch.branch_ids, causal)

@@ -141,8 +141,10 @@ def pmp_loss(hidden: torch.Tensor, heads: Heads, batch, *, rm_coef: float, lm_co
         chosen, rejected = reward_rows(hidden, batch.chosen_index, batch.rejected_index, tp_group,
                                        sequence_parallel=sequence_parallel)
     if use_lm:
+        positions = getattr(batch, "lm_index", None)
         selected, targets = lm_rows(hidden, batch.labels, tp_group, sequence_parallel=sequence_parallel,
-                                    positions=getattr(batch, "lm_index", None))
+                                    positions=positions,
+                                    targets=getattr(batch, "lm_targets", None) if positions is not None else None)
     sums = fused_pair_loss(selected, heads.lm if use_lm else None, targets, chosen, rejected,
                            heads.score if use_rm else None, group=tp_group if tp > 1 else None,
                            vocab_start=group_rank(tp_group) * heads.lm.shape[0] if use_lm and tp > 1 else 0,
@@ -175,11 +177,13 @@ def _group_size(group) -> int:
 
 
 def lm_rows(hidden: torch.Tensor, labels: torch.Tensor, tp_group=None, *, sequence_parallel: bool = False,
-            positions: torch.Tensor | None = None):
+            positions: torch.Tensor | None = None, targets: torch.Tensor | None = None):
     """The LM term's rows: hidden states [T, H] of the labelled positions and their targets [T].
 
     ``positions``: the flat indices of those positions when the loader already has them (PackedBatch.lm_index);
     finding them here instead takes a ``nonzero``, whose output size the host must wait for on a GPU.
+    ``targets`` (with ``positions``; PackedBatch.lm_targets): the token each position predicts, where one
+    position may predict several (a group row's prompt end); else they are read from ``labels``.
 
     Under TP they enter the vocab-parallel region through ``copy_to_tp`` (backward all-reduces the
     per-rank partial dH, [T, H] only) or, under SP, through the all-gather of the token shards, whose
@@ -189,8 +193,9 @@ def lm_rows(hidden: torch.Tensor, labels: torch.Tensor, tp_group=None, *, sequen
     flat = gather_from_sequence(hidden, tp_group) if sequence_parallel else hidden.reshape(-1, width)  # [R*S, H]
     flat_labels = labels.reshape(-1)
     if positions is None:
-        positions = torch.nonzero(flat_labels != IGNORE_INDEX).squeeze(-1)  # [T]
-    selected, targets = flat[positions], flat_labels[positions]
+        positions, targets = torch.nonzero(flat_labels != IGNORE_INDEX).squeeze(-1), None  # [T]
+    selected = flat[positions]
+    targets = flat_labels[positions] if targets is None else targets
     if _group_size(tp_group) > 1 and not sequence_parallel:
         selected = copy_to_tp(selected, tp_group)
     return selected, targets
@@ -222,7 +227,8 @@ def reward_rows(hidden: torch.Tensor, chosen_index, rejected_index, tp_group=Non
 @torch.no_grad()
 def score_pairs(model, pairs, *, seq_len: int, layout: str, pad_id: int, device, pairs_per_batch: int = 64,
                 autocast_dtype=None) -> tuple[np.ndarray, np.ndarray]:
-    """(r_chosen, r_rejected) float64 arrays for a list of Pair objects, in order."""
+    """(r_chosen, r_rejected) float64 arrays for a list of Pair objects, in order. The group layout packs a
+    pair as shared-prefix does, [P C R]."""
     was_training = model.training
     model.eval()
     chosen, rejected = [], []

@@ -43,7 +43,7 @@ from megapmp import checkpoint as ckpt
 from megapmp.accelerators import backend_report, format_report
 from megapmp.config import ConfigError, TrainConfig, load_train_config, parse_overrides
 from megapmp.convert.source import init_model_from
-from megapmp.data.datasets import PairDataset, check_token_ids, pairs_that_fit
+from megapmp.data.datasets import check_token_ids, open_preference_dataset, pairs_that_fit, preference_pairs
 from megapmp.data.indexed import ShardError
 from megapmp.data.loader import BackgroundLoader, StepBatch, StepLoader
 from megapmp.data.shards import ShardMeta, verify_shards
@@ -79,18 +79,20 @@ def resolve_config(cfg: TrainConfig, meta: ShardMeta) -> TrainConfig:
     return replace(cfg, model=replace(cfg.model, vocab_size=vocab_size), loss=replace(cfg.loss, backend=backend))
 
 
-def resolve_steps(cfg: TrainConfig, item_counts: list[int], log=lambda message: None) -> TrainConfig:
+def resolve_steps(cfg: TrainConfig, item_counts: list[int], log=lambda message: None,
+                  unit: str | None = None) -> TrainConfig:
     """``cfg`` with the run's length in optimizer steps: ``steps`` when given, else derived from ``epochs``
     (CodePMP's Table 3 gives every run as 1 epoch) as floor(epochs x items / items_per_step), the items being
     all pairs (or document windows) of all train shards together; a remainder smaller than one step is not
     drawn, so no item is drawn more often than the epochs say. A pure function of the config and the shard sizes:
     every data-parallel rank (all read the same shards and draw the same global steps) and every resume of
-    the run gets the same count. Blend weights change how often each shard is drawn, not the total."""
+    the run gets the same count. Blend weights change how often each shard is drawn, not the total. ``unit``
+    names the items in messages (the loader's ``item_unit``: a group shard's items are groups)."""
     items, per_step = sum(item_counts), cfg.data.items_per_step
     if not cfg.epochs > 0:
         return cfg
     derived = math.floor(cfg.epochs * items / per_step)
-    what = "pairs" if cfg.data.kind == "pairs" else "document windows"
+    what = unit or ("pairs" if cfg.data.kind == "pairs" else "document windows")
     if cfg.steps:
         log(f"steps = {cfg.steps} given: it overrides epochs = {cfg.epochs:g} ({derived} steps over this data)")
         return cfg
@@ -175,7 +177,8 @@ class Trainer:
                                  seq_len=cfg.data.seq_len, layout=cfg.data.layout, packing=cfg.data.packing,
                                  pad_multiple=pad_multiple, seed=cfg.data.seed, overlong=cfg.data.overlong,
                                  dp_rank=self.ctx.dp_rank, dp_size=self.ctx.dp_size, micro_batch_tokens=budget,
-                                 micro_batch_multiple=cfg.parallel.pp if interleaved else 1)
+                                 micro_batch_multiple=cfg.parallel.pp if interleaved else 1,
+                                 lm_weighting=cfg.data.lm_weighting)
         if self.loader.token_budget is not None:
             self.log(f"micro-batches: {self.loader.token_budget.describe()}")
         # Steps are packed ahead on a thread (page-locked on a GPU, so the copies do not stall the host).
@@ -188,7 +191,8 @@ class Trainer:
         self.cfg = cfg = resolve_config(cfg, self.loader.meta)
         # An epoch is what the sampler draws from: every item of every train shard, less the pairs that
         # data.overlong = drop leaves out.
-        self.cfg = cfg = resolve_steps(cfg, [stream.size for stream in self.loader.sampler.streams], self.log)
+        self.cfg = cfg = resolve_steps(cfg, [stream.size for stream in self.loader.sampler.streams], self.log,
+                                       self.loader.item_unit)
         check_shard_max_length(cfg.data.max_length, cfg.data.train + cfg.data.valid)
         cfg.validate()
         self.valid_pairs = self._load_valid_pairs()
@@ -255,12 +259,14 @@ class Trainer:
         if not self.cfg.data.valid:
             return []
         pairs, data = [], self.cfg.data
+        # score_pairs packs a pair as [P C R] in the group layout: held-out pairs must fit a row that way
+        layout = "shared-prefix" if data.layout == "group" else data.layout
         for prefix in data.valid:
-            ds = PairDataset(prefix)
-            fitting = pairs_that_fit(ds, data.seq_len, data.layout, data.overlong)  # before any step, not at eval
-            take = (range(len(ds)) if fitting is None else fitting)[: max(0, data.valid_items - len(pairs))]
-            check_token_ids(ds, take, ds.meta.vocab_size)  # once, here: these pairs are scored again and again
-            pairs += [ds[i] for i in take]
+            ds = open_preference_dataset(prefix)  # a group shard's pairs expanded
+            fitting = pairs_that_fit(ds, data.seq_len, layout, data.overlong)  # before any step, not at eval
+            take, items = preference_pairs(ds, max(0, data.valid_items - len(pairs)), fitting)
+            check_token_ids(ds, items, ds.meta.vocab_size)  # once, here: these pairs are scored again and again
+            pairs += take
         return pairs
 
     # -- checkpoints ------------------------------------------------------------------------------

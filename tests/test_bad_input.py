@@ -299,7 +299,7 @@ def test_train_without_data_train(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("override, message", [
-    (("--data.layout", "sideways"), "layout='sideways' is not duplicated or shared-prefix"),
+    (("--data.layout", "sideways"), "layout='sideways' is not duplicated, shared-prefix or group"),
     (("--optimizer.lr", "fast"), "--optimizer.lr expects float, got 'fast'"),
     (("--data.verify", "sometimes"), "verify='sometimes' is not open or full"),
     (("--parallel.nonsense", "1"), "unknown config key 'parallel.nonsense'"),

@@ -67,3 +67,27 @@ def test_bench_compare_layouts():
     assert 1.0 < out["flops_ratio"] < out["duplicated_row_tokens_per_step"] / out["shared_prefix_row_tokens_per_step"]
     assert 0 < out["lm_head_flops_share_duplicated"] < out["lm_head_flops_share_shared_prefix"] < 1
     assert out["rm_loss_abs_diff"] < TOL and out["lm_loss_abs_diff"] < TOL
+
+
+def test_bench_group_layout_against_the_expanded_pairs():
+    """--layout group: one line per side (group, duplicated, shared-prefix), then the summary; the same pairs
+    in every side (so the same RM loss), the group side encoding far fewer tokens per pair."""
+    done = subprocess.run([sys.executable, str(ROOT / "tools" / "bench_train.py"), "--layout", "group", "--model", "tiny",
+                           "--groups-per-step", "2", "--responses-per-group", "6", "--prompt-len", "8,24",
+                           "--response-len", "8,32", "--seq-len", "512", "--warmup", "1", "--steps", "1",
+                           "--threads", "1", "--lm-weighting", "pairs"],
+                          cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-4000:]
+    *sides, summary = [json.loads(line) for line in done.stdout.strip().splitlines()]
+    assert [s["side"] for s in sides] == ["group", "duplicated", "shared-prefix"]
+    group, duplicated, shared = sides
+    assert group["pairs_per_step"] == duplicated["pairs_per_step"] == 2 * 3 * 3  # 3 correct x 3 incorrect each
+    assert group["real_tokens_per_pair"] < shared["real_tokens_per_pair"] < duplicated["real_tokens_per_pair"]
+    assert group["flop_ceiling"] > shared["flop_ceiling"] > 1.0 == duplicated["flop_ceiling"]
+    for side in sides:
+        assert side["pairs_per_s"] > 0 and side["fraction_of_ceiling"] == pytest.approx(
+            side["speedup_vs_duplicated"] / side["flop_ceiling"])
+    # --lm-weighting pairs: the group step is the expanded step, term for term
+    assert group["first_step_loss"] == pytest.approx(duplicated["first_step_loss"], rel=1e-6)
+    assert summary["rm_loss_abs_diff_group_vs_duplicated"] < TOL
+    assert summary["group_flop_ceiling"] == group["flop_ceiling"] and "targets" in summary

@@ -174,8 +174,10 @@ def test_mask_matches_rule_elementwise_on_random_rows():
 def test_from_segments_rejects_split_segment_and_bad_branch():
     with pytest.raises(ValueError, match="split"):
         AttentionInputs.from_segments([[0, 0, 1, 0]])
-    with pytest.raises(ValueError, match="branch"):
-        AttentionInputs.from_segments([[0, 0]], [[0, 3]])
+    for bad in (-1, 128):  # 128 would wrap to -128 in the int8 ids: refused before the cast
+        with pytest.raises(ValueError, match=r"branch ids outside \[0, 127\]"):
+            AttentionInputs.from_segments([[0, 0]], [[0, bad]])
+    AttentionInputs.from_segments([[0, 0, 0]], [[0, 3, 127]])  # a group row's responses 1 .. 127
 
 
 # ---------------------------------------------------------------- packed rows == sequences alone

@@ -40,7 +40,7 @@ sys.path.insert(0, str(TOOLS))
 
 from _bench_common import log, random_pairs, write_pair_shard  # noqa: E402
 from megapmp.data.loader import StepLoader  # noqa: E402
-from megapmp.data.packing import LAYOUTS  # noqa: E402
+from megapmp.data.packing import PAIR_LAYOUTS as LAYOUTS  # noqa: E402
 
 
 def replay(shard: str, layout: str, policy: str, args) -> dict:

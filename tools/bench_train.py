@@ -60,7 +60,21 @@ lm_head_flops_share_* (the LM head over chosen tokens, which both layouts pay al
 further the ceiling sits below the token ratio; ~5.5% at Qwen2-1.5B, ~12% at Qwen2-0.5B, 47% at the
 default bench-cpu vocabulary of 32,000 -- `--vocab 2048` gives this CPU model Qwen2-1.5B's share).
 
-Prints ONE JSON line on stdout; progress goes to stderr. On CPU compare ratios, not absolute rates.
+--layout group times the group layout against the SAME labelled pairs expanded, all megapmp (no baseline):
+MathShepherd-shaped groups (CodePMP appendix D.1: several correct and incorrect solutions per question) of
+--responses-per-group responses (default 8; prompt --prompt-len 60,200, responses --response-len, default
+100,400 in this mode), --correct-fraction of them correct (default half: 4 x 4 = 16 pairs per group),
+--groups-per-step groups per step. Sides: group ([P R1 .. R8], every pair in the loss, LM weighting
+--lm-weighting), duplicated and shared-prefix (each pair packed on its own). The step's pair count and
+weights are the same for all three; steps alternate the side order. One JSON line per side as it is
+measured, then a summary line: pairs_per_s (median; *_cpu from the process's CPU time), real_tokens_per_pair
+(tokens encoded, padding excluded), flops_per_pair (megapmp.flops, the side's own LM targets included),
+flop_ceiling = FLOPs(expanded duplicated) / FLOPs(side), speedup_vs_duplicated = pairs/s ratio (medians of
+wall and of CPU time, and the min / max of the per-step paired ratios as the spread) and fraction_of_ceiling
+= speedup / flop_ceiling. The issue's target: group >= 0.9 of its ceiling.
+
+Prints ONE JSON line on stdout (--layout group: one per side, then the summary); progress goes to stderr. On
+CPU compare ratios, not absolute rates.
 """
 
 from __future__ import annotations
@@ -78,11 +92,12 @@ import time
 import numpy as np
 import torch
 
-from _bench_common import (PAD_ID, BaselineSide, Side, amp_dtype, pick_device, proc_status_bytes,  # tools/
-                           random_pairs, real_tokens, reset_peak_rss)
+from _bench_common import (EOS_ID, PAD_ID, BaselineSide, Side, amp_dtype, pick_device,  # tools/
+                           proc_status_bytes, random_pairs, real_tokens, reset_peak_rss)
 from megapmp.config import MODEL_PRESETS, DataConfig, ModelConfig, TrainConfig, model_preset
-from megapmp.data.datasets import Pair
-from megapmp.data.packing import PACKINGS, flatten_rows, pack_pairs
+from megapmp.data.datasets import Pair, expand_group
+from megapmp.data.groups import Group
+from megapmp.data.packing import PACKINGS, flatten_rows, pack_groups, pack_pairs
 from megapmp.model.attention import attention_inputs
 from megapmp.flops import batch_flops
 from megapmp.io import get_logger
@@ -128,6 +143,23 @@ def step_pairs(args, step: int, vocab: int) -> list[Pair]:
     return random_pairs(rng, args.pairs_per_step, args.prompt_len, args.response_len, vocab)
 
 
+def step_groups(args, step: int, vocab: int) -> list[Group]:
+    """The groups of step `step` (a pure function of (--seed, step)): MathShepherd-shaped, --responses-per-group
+    responses each ending with EOS, round(--correct-fraction x K) of them correct (label 1), in random order."""
+    rng = np.random.default_rng([args.seed, step, 0x9])
+    groups = []
+    for _ in range(args.groups_per_step):
+        k = args.responses_per_group
+        correct = min(k - 1, max(1, round(args.correct_fraction * k)))
+        lengths = lambda lo_hi, n: rng.integers(lo_hi[0], lo_hi[1] + 1, n)  # noqa: E731  (inclusive ranges)
+        prompt = rng.integers(2, vocab, int(lengths(args.prompt_len, 1)[0]), dtype=np.int64)
+        responses = tuple(np.append(rng.integers(2, vocab, int(n) - 1, dtype=np.int64), EOS_ID)
+                          for n in lengths(args.response_len, k))
+        labels = rng.permutation(np.array([1.0] * correct + [0.0] * (k - correct)))
+        groups.append(Group(prompt, responses, labels))
+    return groups
+
+
 def reference_weights(config: ModelConfig, seed: int) -> dict[str, torch.Tensor]:
     """megapmp's init (HF Qwen2 init) on CPU; both sides start from these exact tensors."""
     torch.manual_seed(seed)
@@ -152,23 +184,32 @@ class MegapmpSide(Side):
         self.model.to(device).train()
         self.optimizer = self._optimizer(self.model)
 
-    def step(self, pairs) -> dict:
-        packed = pack_pairs(pairs, self.args.seq_len, self.layout, PAD_ID)
+    def step(self, items) -> dict:
+        """One optimizer step over ``items``: pairs, or groups (megapmp.data.groups.Group), which the pair
+        layouts train as their labelled pairs expanded."""
+        groups = items if items and isinstance(items[0], Group) else None
+        if self.layout == "group":
+            packed = pack_groups(groups, self.args.seq_len, PAD_ID, self.args.lm_weighting)
+            pairs = packed.num_pairs
+        else:
+            pairs = [p for g in groups for p in expand_group(g)] if groups else items
+            packed = pack_pairs(pairs, self.args.seq_len, self.layout, PAD_ID)
         if self.args.packing == "flat":
             packed = flatten_rows(packed, PAD_ID)
         batch = packed.to_torch(self.device)
         with self.autocast():  # the loss under autocast too, as the trainer runs it
             hidden = self.model(batch.input_ids, batch.position_ids, attention_inputs(batch))  # [R, S, H]
             out = pmp_loss(hidden, Heads.of(self.model), batch,
-                           rm_coef=self.args.rm_coef, lm_coef=self.args.lm_coef, global_pairs=len(pairs),
+                           rm_coef=self.args.rm_coef, lm_coef=self.args.lm_coef, global_pairs=packed.num_pairs,
                            global_lm_tokens=packed.num_lm_tokens, lm_chunk=self.args.lm_chunk)
         self._finish(out.loss)
-        shared = self.layout == "shared-prefix"
+        # the prompt of a shared-prefix pair stands for both [P C] and [P R]; group rows are credited what they hold
+        credit = sum(len(p.prompt) for p in pairs) if self.layout == "shared-prefix" else 0
         return {"loss": float(out.loss.detach()), "rm_loss": float(out.rm_loss), "lm_loss": float(out.lm_loss),
-                # the prompt of a shared-prefix pair stands for both [P C] and [P R]
-                "real_tokens": packed.num_real_tokens + (sum(len(p.prompt) for p in pairs) if shared else 0),
-                "lm_tokens": packed.num_lm_tokens, "row_tokens": int(np.prod(packed.shape)),
-                "flops": batch_flops(self.config, packed)}
+                "real_tokens": packed.num_real_tokens + credit, "encoded_tokens": packed.num_real_tokens,
+                "pairs": packed.num_pairs, "lm_tokens": packed.num_lm_tokens, "row_tokens": int(np.prod(packed.shape)),
+                "flops": batch_flops(self.config, packed, lm_head=bool(self.args.lm_coef),
+                                     reward_head=bool(self.args.rm_coef))}
 
 
 def build_side(kind: str, args, config, device, state_dict):
@@ -288,6 +329,105 @@ def time_sides(args, config, device, kinds: list[str]) -> dict:
             "expected_real_tokens": expected}
 
 
+GROUP_SIDES = ("group", "duplicated", "shared-prefix")
+
+
+def time_group_sides(args, config, device) -> dict:
+    """--layout group: the three sides on the same groups, interleaved (the order rotates every step), with
+    per-step wall and CPU seconds and each side's counts."""
+    state_dict = reference_weights(config, args.seed)
+    sides = {kind: MegapmpSide(args, config, device, state_dict, kind) for kind in GROUP_SIDES}
+    del state_dict
+    wall = {k: [] for k in GROUP_SIDES}
+    cpu = {k: [] for k in GROUP_SIDES}
+    counts = {k: [] for k in GROUP_SIDES}
+    first = {}
+    for i in range(args.warmup + args.steps):
+        groups = step_groups(args, i, config.vocab_size)
+        timed = i >= args.warmup
+        order = GROUP_SIDES[i % 3:] + GROUP_SIDES[: i % 3]
+        for kind in order:
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            started, cpu_started = time.perf_counter(), time.process_time()
+            out = sides[kind].step(groups)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            elapsed, cpu_elapsed = time.perf_counter() - started, time.process_time() - cpu_started
+            first.setdefault(kind, out)
+            if timed:
+                wall[kind].append(elapsed)
+                cpu[kind].append(cpu_elapsed)
+                counts[kind].append(out)
+            log(f"step {i}{'' if timed else ' (warmup)'} {kind}: {elapsed:.3f}s ({cpu_elapsed:.3f}s CPU), "
+                f"{out['pairs']} pairs, loss {out['loss']:.6f}, {out['encoded_tokens']} tokens encoded")
+    return {"wall": wall, "cpu": cpu, "counts": counts, "first": first}
+
+
+def group_results(args, config, device, run: dict) -> tuple[list[dict], dict]:
+    """Per-side records and the summary of a --layout group run (see the module docstring)."""
+    wall, cpu, counts, first = run["wall"], run["cpu"], run["counts"], run["first"]
+    pairs = [c["pairs"] for c in counts["duplicated"]]
+    flops = {k: sum(c["flops"].total for c in counts[k]) for k in GROUP_SIDES}
+    lines = []
+    for kind in GROUP_SIDES:
+        paired = [(pd / td) / (pk / tk) for pd, td, pk, tk in
+                  zip(pairs, wall["duplicated"], [c["pairs"] for c in counts[kind]], wall[kind])]
+        speedup = statistics.median(p / t for p, t in zip(pairs, wall[kind])) / \
+            statistics.median(p / t for p, t in zip(pairs, wall["duplicated"]))
+        speedup_cpu = statistics.median(p / t for p, t in zip(pairs, cpu[kind])) / \
+            statistics.median(p / t for p, t in zip(pairs, cpu["duplicated"]))
+        ceiling = flops["duplicated"] / flops[kind]
+        lines.append({
+            "side": kind, "pairs_per_step": mean(pairs),
+            "pairs_per_s": statistics.median(p / t for p, t in zip(pairs, wall[kind])),
+            "pairs_per_cpu_s": statistics.median(p / t for p, t in zip(pairs, cpu[kind])),
+            "real_tokens_per_pair": sum(c["encoded_tokens"] for c in counts[kind]) / sum(pairs),
+            "lm_tokens_per_pair": sum(c["lm_tokens"] for c in counts[kind]) / sum(pairs),
+            "flops_per_pair": flops[kind] / sum(pairs),
+            "flop_ceiling": ceiling,
+            "speedup_vs_duplicated": speedup, "speedup_vs_duplicated_cpu_time": speedup_cpu,
+            "speedup_vs_duplicated_paired_min": min(1 / r for r in paired) if kind != "duplicated" else 1.0,
+            "speedup_vs_duplicated_paired_max": max(1 / r for r in paired) if kind != "duplicated" else 1.0,
+            "fraction_of_ceiling": speedup / ceiling, "fraction_of_ceiling_cpu_time": speedup_cpu / ceiling,
+            "step_s_median": statistics.median(wall[kind]),
+            "lm_head_flops_share": sum(c["flops"].lm_head for c in counts[kind]) / flops[kind],
+            "first_step_loss": first[kind]["loss"], "first_step_rm_loss": first[kind]["rm_loss"],
+            "first_step_lm_loss": first[kind]["lm_loss"]})
+    g = lines[0]
+    summary = {"layout": "group vs expanded pairs", "model": args.model, "device": str(device),
+               "precision": str(amp_dtype(args.precision, device) or "fp32"), "vocab_size": config.vocab_size,
+               "groups_per_step": args.groups_per_step, "responses_per_group": args.responses_per_group,
+               "correct_fraction": args.correct_fraction, "prompt_len": list(args.prompt_len),
+               "response_len": list(args.response_len), "seq_len": args.seq_len, "packing": args.packing,
+               "attention_backend": args.attention_backend, "lm_weighting": args.lm_weighting,
+               "rm_coef": args.rm_coef, "lm_coef": args.lm_coef, "steps": args.steps, "warmup": args.warmup,
+               "threads": torch.get_num_threads(), "pairs_per_step": mean(pairs),
+               **{f"{side['side'].replace('-', '_')}_{key}": side[key] for side in lines
+                  for key in ("pairs_per_s", "real_tokens_per_pair", "flop_ceiling", "speedup_vs_duplicated",
+                              "speedup_vs_duplicated_cpu_time", "fraction_of_ceiling", "fraction_of_ceiling_cpu_time")},
+               # the same pairs in every side: the RM term is the same number (the LM term differs under
+               # --lm-weighting distinct, which trains each correct response once instead of once per pair)
+               "rm_loss_abs_diff_group_vs_duplicated": abs(g["first_step_rm_loss"] - lines[1]["first_step_rm_loss"]),
+               "targets": {"group >= 0.9 of its flop ceiling": g["fraction_of_ceiling"] >= 0.9,
+                           "group >= 0.9 of its flop ceiling (CPU time)": g["fraction_of_ceiling_cpu_time"] >= 0.9}}
+    return lines, summary
+
+
+def group_main(args, started: float) -> int:
+    device = pick_device(args.device)
+    config = model_config(args)
+    log(f"model {args.model} ({config.hidden_size}h x {config.num_hidden_layers}L, vocab {config.vocab_size}), "
+        f"device {device}, {args.groups_per_step} groups x {args.responses_per_group} responses per step, "
+        f"sides {list(GROUP_SIDES)}, torch threads {torch.get_num_threads()}")
+    lines, summary = group_results(args, config, device, time_group_sides(args, config, device))
+    for line in lines:
+        print(json.dumps(line), flush=True)
+    summary["wall_s"] = time.perf_counter() - started
+    print(json.dumps(summary), flush=True)
+    return 0
+
+
 def flops_total(count) -> float:
     return sum(f.total for f in count["flops"])
 
@@ -309,6 +449,8 @@ def main(argv=None) -> int:
         run_child(args)
         return 0
     started = time.perf_counter()
+    if args.layout == "group":
+        return group_main(args, started)
     device = pick_device(args.device)
     config = model_config(args)
     kinds = ["duplicated", "shared-prefix"] if args.compare_layouts else ["baseline", args.layout]
@@ -401,8 +543,9 @@ def parse_args(argv):
     parser.add_argument("--vocab", type=int, default=0,
                         help="vocabulary size override (default: 32000 for bench-cpu, the preset's otherwise; "
                              "151936 = Qwen2's)")
-    parser.add_argument("--layout", default="duplicated", choices=["duplicated", "shared-prefix"],
-                        help="megapmp pair layout (default duplicated)")
+    parser.add_argument("--layout", default="duplicated", choices=["duplicated", "shared-prefix", "group"],
+                        help="megapmp pair layout (default duplicated); group: the group layout against the same "
+                             "pairs expanded in both pair layouts (no baseline; see below)")
     default_packing = {f.name: f.default for f in dataclasses.fields(DataConfig)}["packing"]
     parser.add_argument("--packing", default=default_packing, choices=PACKINGS,
                         help="megapmp micro-batch shape: flat = one [1, T] row of real tokens, rows = [R, --seq-len] "
@@ -413,8 +556,16 @@ def parse_args(argv):
     parser.add_argument("--seq-len", type=int, default=2048, help="megapmp packed row length (default 2048)")
     parser.add_argument("--prompt-len", type=length_range, default=(60, 200), metavar="LO,HI",
                         help="prompt tokens, uniform in [LO, HI] (default 60,200)")
-    parser.add_argument("--response-len", type=length_range, default=(60, 250), metavar="LO,HI",
-                        help="tokens of each response incl. its EOS, uniform in [LO, HI] (default 60,250)")
+    parser.add_argument("--response-len", type=length_range, default=None, metavar="LO,HI",
+                        help="tokens of each response incl. its EOS, uniform in [LO, HI] (default 60,250; "
+                             "100,400 with --layout group)")
+    parser.add_argument("--groups-per-step", type=int, default=2, help="--layout group: groups per step (default 2)")
+    parser.add_argument("--responses-per-group", type=int, default=8,
+                        help="--layout group: responses per group (default 8)")
+    parser.add_argument("--correct-fraction", type=float, default=0.5,
+                        help="--layout group: fraction of each group's responses labelled correct (default 0.5)")
+    parser.add_argument("--lm-weighting", default="distinct", choices=["distinct", "pairs"],
+                        help="--layout group: the group side's LM targets (data.lm_weighting; default distinct)")
     parser.add_argument("--steps", type=int, default=5, help="timed steps per side (default 5)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps per side first (default 1)")
     parser.add_argument("--mem-steps", type=int, default=2,
@@ -442,6 +593,12 @@ def parse_args(argv):
     args = parser.parse_args(argv)
     if args.steps < 1 or args.warmup < 1 or args.mem_steps < 1:
         parser.error("--steps, --warmup and --mem-steps must be >= 1 (the first step's losses are compared)")
+    if args.response_len is None:
+        args.response_len = (100, 400) if args.layout == "group" else (60, 250)
+    if args.layout == "group" and (args.groups_per_step < 1 or args.responses_per_group < 2
+                                   or not 0 < args.correct_fraction < 1 or args.compare_layouts or args.profile):
+        parser.error("--layout group needs --groups-per-step >= 1, --responses-per-group >= 2, 0 < --correct-fraction "
+                     "< 1, and neither --compare-layouts nor --profile")
     return args
 
 

@@ -81,9 +81,11 @@ def add_common_arguments(parser: argparse.ArgumentParser, task) -> None:
                             "item, shorter items sharing rows; attention cost grows with the square of the row)")
     model.add_argument("--batch-tokens", type=int, default=16384, metavar="TOKENS",
                        help="tokens per forward pass (default 16384); lower it if memory runs out")
-    model.add_argument("--layout", default="shared-prefix", choices=("shared-prefix", "duplicated"),
-                       help="packing: two responses behind one prompt copy (shared-prefix, default) or one prompt "
-                            "copy per response (duplicated); the scores are the same up to rounding")
+    model.add_argument("--layout", default="group", choices=("group", "shared-prefix", "duplicated"),
+                       help="packing: all of a question's responses behind one prompt copy per row (group, default: "
+                            "[P R1 ... RK], each response seeing the prompt and itself), two responses per prompt copy "
+                            "(shared-prefix) or one prompt copy per response (duplicated, the per-candidate rows); "
+                            "the scores are the same up to fp32 rounding")
     model.add_argument("--backend", default="megapmp", choices=("megapmp", "transformers"),
                        help="megapmp: our model and packed scoring (checkpoint or HF dir); transformers: an HF export "
                             "scored by transformers alone (AutoModelForSequenceClassification + the export's "

@@ -7,7 +7,8 @@
                 incorrect answers of a question make the pairs
 
 Each writes OUTPUT_DIR/train.jsonl and OUTPUT_DIR/test.jsonl (pairs JSONL: prompt, chosen, rejected, group = the
-source question's id, id) and OUTPUT_DIR/stats.json, all atomically. The split is made by question, never by
+source question's id, id; with --groups train.jsonl holds one group per question instead: prompt, responses,
+labels, group, id) and OUTPUT_DIR/stats.json, all atomically. The split is made by question, never by
 pair: a question, and any other with the same prompt text, is on one side only; the no-leakage check runs on
 the result and is printed. Everything is deterministic under --seed. Counts of questions, responses, pairs and
 of everything dropped (by reason) are printed and kept in stats.json. A bad record stops the tool with
@@ -58,6 +59,12 @@ def add_output_arguments(p: argparse.ArgumentParser, test_fraction: float) -> No
     g.add_argument("--max-pairs-per-question", type=int, default=None, metavar="N",
                    help="at most N pairs per question, drawn at random from all correct x incorrect "
                         "combinations (default: all of them)")
+    g.add_argument("--groups", action="store_true",
+                   help="write train.jsonl in the group form, one record per question: {prompt, responses, labels, "
+                        "group, id}, every response with its correct/incorrect label, so every correct x incorrect "
+                        "pair of the question is in it (read by tools/preprocess_pairs.py --groups, trained with "
+                        "--data.layout group: the prompt packed once); test.jsonl stays pairs. With the 40k style a "
+                        "group holds the one drawn pair; not with --max-pairs-per-question")
     g.add_argument("--overwrite", action="store_true", help="replace existing train.jsonl / test.jsonl")
 
 
@@ -224,6 +231,8 @@ def check_outputs(args) -> Path:
         raise FileExistsError(f"{out}: {', '.join(existing)} exist; pass --overwrite to replace them")
     if args.max_pairs_per_question is not None and args.max_pairs_per_question < 1:
         raise ValueError("--max-pairs-per-question must be at least 1")
+    if args.groups and args.max_pairs_per_question is not None:
+        raise ValueError("--max-pairs-per-question draws pairs: --groups keeps every labelled pair of a question")
     if getattr(args, "limit", None) is not None and args.limit < 1:
         raise ValueError("--limit must be at least 1")
     out.mkdir(parents=True, exist_ok=True)
@@ -250,7 +259,8 @@ def finish(args, out: Path, result: rm_pairs.SplitPairs, drops: rm_pairs.Drops, 
         f"(checked: {s['checked']})" + (f"; {s['test_questions_removed_as_in_train']} test questions also in the "
                                         "training input removed" if s["test_questions_removed_as_in_train"] else ""))
     for name, side in (("train", tr), ("test", te)):
-        log(f"{name}: {side['pairs']} pairs from {side['questions_with_pairs']} of {side['questions']} questions "
+        form = " (in one group each)" if name == "train" and result.stats["train_form"] == "groups" else ""
+        log(f"{name}: {side['pairs']} pairs from {side['questions_with_pairs']} of {side['questions']} questions{form} "
             f"({side['responses']} responses: {side['correct']} correct, {side['incorrect']} incorrect)")
     log(f"read: {json.dumps(stats['read'])}; dropped: {json.dumps(stats['dropped'])}")
     log(f"wrote {out / 'train.jsonl'}, {out / 'test.jsonl'}, {out / 'stats.json'}")
@@ -274,7 +284,7 @@ def run_mathshepherd(args) -> int:
     train, test, removed = split(args, groups)
     result = rm_pairs.build_split_pairs(train, test, train_style=MATHSHEPHERD_STYLES[args.style], test_style="one",
                                         seed=args.seed, max_pairs=args.max_pairs_per_question, drops=drops,
-                                        leaked_removed=removed)
+                                        leaked_removed=removed, train_form="groups" if args.groups else "pairs")
     drops.add("bad_record", len(rejects))
     if args.rejects:
         write_jsonl_atomic(args.rejects, rejects)
@@ -290,7 +300,8 @@ def run_options(args) -> int:
                    if args.test_input else None)
     train, test, removed = split(args, groups, test_groups)
     result = rm_pairs.build_split_pairs(train, test, train_style="all", test_style="all", seed=args.seed,
-                                        max_pairs=args.max_pairs_per_question, drops=drops, leaked_removed=removed)
+                                        max_pairs=args.max_pairs_per_question, drops=drops, leaked_removed=removed,
+                                        train_form="groups" if args.groups else "pairs")
     return finish(args, out, result, drops, {"inputs": args.input, "test_inputs": args.test_input})
 
 
@@ -363,7 +374,8 @@ def run_sampled(args) -> int:
     test_groups = sample_groups(samples, test_q, args.no_answer, drops) if args.test_input else None
     train, test, removed = split(args, groups, test_groups)
     result = rm_pairs.build_split_pairs(train, test, train_style="all", test_style="all", seed=args.seed,
-                                        max_pairs=args.max_pairs_per_question, drops=drops, leaked_removed=removed)
+                                        max_pairs=args.max_pairs_per_question, drops=drops, leaked_removed=removed,
+                                        train_form="groups" if args.groups else "pairs")
     extra = {"inputs": args.input, "test_inputs": args.test_input, "models": args.model,
              "settings": settings.to_dict(), "judge": judge.describe(), "samples": str(samples_path),
              "sampling_run": run_stats.as_dict() if run_stats else "reused"}

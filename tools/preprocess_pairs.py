@@ -1,11 +1,18 @@
 #!/usr/bin/env python
-"""Tokenize preference pairs (or plain documents) offline into memory-mapped MMIDIDX shards.
+"""Tokenize preference pairs, response groups (or plain documents) offline into memory-mapped MMIDIDX shards.
 
 Writes PREFIX.bin + PREFIX.idx (Megatron's MMIDIDX v1 layout, one pair = one document of three
 sequences: prompt, chosen response, rejected response), PREFIX.json (tokenizer identity, vocab sizes,
 template, policies, counts, sha256 checksums) and PREFIX.tokenizer/ (the tokenizer, so the shard is
 self-describing). Everything is written under temporary names and renamed at the end; an existing
 shard is never replaced without --overwrite.
+
+With --groups each record is a prompt and all its responses (megapmp/data/groups.py), one document of
+1 + K sequences, and PREFIX.labels holds one float64 label per sequence (NaN at the prompt):
+  {"prompt": "...", "responses": ["...", ...], "labels": [true, false, ...]}   (or numeric scores, higher
+                                                                                is better; ties make no pair)
+  {"prompt": "...", "chosen": ["...", ...], "rejected": ["...", ...]}
+Train on it with --data.layout group (every labelled pair in the loss, the prompt packed once per row).
 
 Exit codes: 0 success; 2 bad input (a rejected record with --on-error fail, an empty input, a damaged
 .gz), bad options or usage, an output that cannot be written or would overwrite, or (verify) a damaged
@@ -15,6 +22,7 @@ Examples:
   python tools/preprocess_pairs.py --input pairs.jsonl --output-prefix data/pairs --tokenizer bpe:8192
   python tools/preprocess_pairs.py --input codepmp.jsonl.gz --keys query,better,worse --template codepmp \\
       --tokenizer /models/Qwen2-7B --max-length 1024 --overlong truncate --workers 16
+  python tools/preprocess_pairs.py --groups --input mathshepherd_groups.jsonl --output-prefix data/ms_groups
   python tools/preprocess_pairs.py --documents --input /usr/lib/python3.11 --output-prefix data/stdlib
   python tools/preprocess_pairs.py --merge data/part0 data/part1 --output-prefix data/all
   python tools/preprocess_pairs.py verify data/all data/part0     # full check: sha256 against the sidecar
@@ -26,6 +34,7 @@ import argparse
 import json
 import sys
 
+from megapmp.data.groups import GROUP_KEYS, MAX_GROUP_RESPONSES
 from megapmp.data.indexed import ShardError
 from megapmp.data.preprocess import BPE_SAMPLE_MB, IDENTICAL_POLICIES, InputError, build_shard
 from megapmp.data.shards import OutputError, merge_shard_set, verify_shards
@@ -61,7 +70,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "memory follows this budget whatever the record sizes (about 0.2 GB at the default)")
     p.add_argument("--keys", default=None, metavar="K1,K2,K3",
                    help="field names of prompt, chosen, rejected (default prompt,chosen,rejected; CodePMP's data: "
-                        "query,better,worse); in documents mode the one text field of JSONL input (default text)")
+                        "query,better,worse); with --groups of prompt, responses, labels (default "
+                        "prompt,responses,labels); in documents mode the one text field of JSONL input (default text)")
     p.add_argument("--template", default="none", metavar="none|codepmp|FILE",
                    help="prompt template: none, codepmp (CodePMP's code-generation prompt), or a file containing "
                         "{prompt} (or {query}) where the prompt goes")
@@ -88,6 +98,12 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="replace an existing shard at --output-prefix (by default that is an error)")
     p.add_argument("--documents", action="store_true",
                    help="plain-document mode for LM pretraining: each file (or JSONL line) is one token document")
+    p.add_argument("--groups", action="store_true",
+                   help="group mode: each JSONL record is a prompt with K labelled responses ('responses' + "
+                        "'labels', booleans or scores, or 'chosen' + 'rejected' lists), one document of 1 + K "
+                        "sequences with PREFIX.labels beside it; a group needs >= 2 responses and one labelled pair, "
+                        f"at most {MAX_GROUP_RESPONSES} responses; --max-length applies to the prompt with each "
+                        "response")
     p.add_argument("--vocab-multiple", type=int, default=128, metavar="M",
                    help="record the vocab size padded to a multiple of M (the trainer multiplies by its TP size)")
     p.add_argument("--merge", nargs="+", default=None, metavar="PREFIX",
@@ -100,6 +116,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.verify is None and args.output_prefix is None:
         p.error("the following arguments are required: --output-prefix")
+    if args.groups and args.documents:
+        p.error("--groups and --documents exclude each other")
     return args
 
 
@@ -115,8 +133,9 @@ def main(argv=None) -> int:
             meta = merge_shard_set(args.merge, args.output_prefix, overwrite=args.overwrite)
             stats = meta.counts
         else:
-            kind = "documents" if args.documents else "pairs"
-            default_keys = "text" if args.documents else "prompt,chosen,rejected"
+            kind = "documents" if args.documents else "groups" if args.groups else "pairs"
+            default_keys = {"documents": "text", "groups": ",".join(GROUP_KEYS),
+                            "pairs": "prompt,chosen,rejected"}[kind]
             stats = build_shard(
                 args.input, args.output_prefix, kind=kind, tokenizer=args.tokenizer,
                 keys=tuple((args.keys or default_keys).split(",")), template=args.template,

@@ -14,9 +14,11 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from megapmp.data.datasets import DocumentDataset, PairDataset, check_compatible, check_token_ids, pairs_that_fit
-from megapmp.data.packing import (LAYOUTS, PACKINGS, PackedBatch, balance_into_budget, flatten_rows, pack_documents,
-                                   pack_pairs, pair_packed_length)
+from megapmp.data.datasets import (DocumentDataset, GroupDataset, check_compatible, check_token_ids, expand_group,
+                                    open_preference_dataset, pairs_that_fit)
+from megapmp.data.groups import LM_WEIGHTINGS
+from megapmp.data.packing import (LAYOUTS, PACKINGS, PackedBatch, balance_into_budget, flatten_rows, groups_of_pairs,
+                                   pack_documents, pack_groups, pack_pairs, pair_packed_length)
 
 # A fitted token budget is a multiple of this: FlexAttention's block (its block mask is [T/128, T/128]) and a
 # tile size the GEMMs like.
@@ -122,7 +124,12 @@ class StepLoader:
     `pad_multiple` (the TP size under sequence parallelism).
 
     `kind` is "pairs" (PMP, RM finetuning) or "documents" (LM pretraining; items are windows of at most
-    seq_len tokens).
+    seq_len tokens). Under "pairs" a shard may hold pairs or response groups (megapmp.data.groups), and an
+    item is one pair or one whole group: layout "group" packs each group once as ``[P R1 ... RK]`` (a pair
+    as ``[P C R]``), a pair layout packs every labelled pair of a group expanded. The step's pair count
+    is then the labelled pairs of its groups, and its LM targets follow `lm_weighting` in the group layout
+    ("distinct": each response that wins a pair once; "pairs": once per pair it wins, as the expanded
+    layouts always count them). A group's segments never leave its micro-batch.
 
     With a token budget (`micro_batch_tokens`, packing="flat" only) every micro-batch is ONE row of exactly
     that many tokens, so a compiled model sees one shape for the whole run: this rank's items are split by
@@ -142,7 +149,8 @@ class StepLoader:
                  items_per_step: int, micro_batches: int = 1, seq_len: int, layout: str = "duplicated",
                  packing: str = "rows", pad_multiple: int = 1,
                  dp_rank: int = 0, dp_size: int = 1, seed: int = 0, shuffle: bool = True, overlong: str = "error",
-                 micro_batch_tokens: int | str | None = None, micro_batch_multiple: int = 1):
+                 micro_batch_tokens: int | str | None = None, micro_batch_multiple: int = 1,
+                 lm_weighting: str = "distinct"):
         problems = []
         if items_per_step % (dp_size * micro_batches):
             problems.append(f"items_per_step {items_per_step} is not divisible by dp_size {dp_size} x "
@@ -157,14 +165,16 @@ class StepLoader:
             problems.append(f"kind {kind!r} is not pairs or documents")
         if micro_batch_tokens is not None and packing != "flat":
             problems.append(f"a micro-batch token budget needs packing='flat', not {packing!r}")
+        if lm_weighting not in LM_WEIGHTINGS:
+            problems.append(f"lm_weighting {lm_weighting!r} is not one of {', '.join(LM_WEIGHTINGS)}")
         if problems:
             raise ValueError("; ".join(problems))
-        self.kind, self.layout, self.seq_len = kind, layout, seq_len
+        self.kind, self.layout, self.seq_len, self.lm_weighting = kind, layout, seq_len, lm_weighting
         self.packing, self.pad_multiple = packing, pad_multiple
         self.items_per_step, self.micro_batches = items_per_step, micro_batches
         self.dp_rank, self.dp_size = dp_rank, dp_size
         if kind == "pairs":
-            self.datasets = [PairDataset(p) for p in prefixes]
+            self.datasets = [open_preference_dataset(p) for p in prefixes]
         else:
             self.datasets = [DocumentDataset(p, window=seq_len) for p in prefixes]
         check_compatible([d.meta for d in self.datasets], list(prefixes))
@@ -180,6 +190,14 @@ class StepLoader:
         self.token_budget = self._token_budget(micro_batch_tokens, seed) if micro_batch_tokens is not None else None
 
     @property
+    def item_unit(self) -> str:
+        """What one item of this loader is, for messages: pairs, groups (of a group shard), or document windows."""
+        if self.kind != "pairs":
+            return "document windows"
+        kinds = {"groups" if isinstance(d, GroupDataset) else "pairs" for d in self.datasets}
+        return " and ".join(sorted(kinds, reverse=True))
+
+    @property
     def micro_batch_tokens(self) -> int | None:
         """Tokens of every micro-batch under a token budget; None without one."""
         return self.token_budget.tokens if self.token_budget is not None else None
@@ -188,6 +206,8 @@ class StepLoader:
         """Tokens each of ``items`` of dataset ``d`` occupies in a packed row (its layout's count), from the
         index alone."""
         ds = self.datasets[d]
+        if isinstance(ds, GroupDataset):
+            return ds.packed_lengths(items, self.layout, self.seq_len)
         if self.kind == "pairs":
             return pair_packed_length(ds.prompt_lengths[items].astype(np.int64), ds.chosen_lengths[items],
                                       ds.rejected_lengths[items], self.layout)
@@ -239,8 +259,14 @@ class StepLoader:
 
     def _pack(self, draws: np.ndarray) -> PackedBatch:
         items = [self.datasets[d][i] for d, i in draws.tolist()]
-        if self.kind == "pairs":
-            packed = pack_pairs(items, self.seq_len, self.layout, self.pad_id)
+        if self.kind == "pairs" and self.layout == "group":
+            groups = [x if isinstance(self.datasets[d], GroupDataset) else groups_of_pairs([x])[0]
+                      for (d, _), x in zip(draws.tolist(), items)]
+            packed = pack_groups(groups, self.seq_len, self.pad_id, self.lm_weighting)
+        elif self.kind == "pairs":
+            pairs = [p for (d, _), x in zip(draws.tolist(), items)
+                     for p in (expand_group(x) if isinstance(self.datasets[d], GroupDataset) else [x])]
+            packed = pack_pairs(pairs, self.seq_len, self.layout, self.pad_id)
         else:
             packed = pack_documents(items, self.seq_len, self.pad_id)
         ids = packed.input_ids
@@ -255,7 +281,10 @@ class StepLoader:
         pairs = lm_tokens = 0
         for d, ds in enumerate(self.datasets):
             idx = draws[draws[:, 0] == d, 1]
-            if self.kind == "pairs":
+            if isinstance(ds, GroupDataset):
+                pairs += int(ds.table.pairs[idx].sum())
+                lm_tokens += ds.lm_tokens(idx, self.lm_weighting if self.layout == "group" else "pairs")
+            elif self.kind == "pairs":
                 pairs += len(idx)
                 lm_tokens += int(ds.chosen_lengths[idx].sum())
             else:

@@ -1,17 +1,30 @@
-"""Packing whole pairs (or document pieces) into fixed-length rows with explicit attention structure.
+"""Packing whole pairs, response groups (or document pieces) into fixed-length rows with explicit
+attention structure.
 
-Two pair layouts:
+Two pair layouts and the group layout:
 
     duplicated     [P C][P R]  two causal segments per pair; the prompt is encoded twice.
     shared-prefix  [P C R]     one segment; R attends to P and R only (branch ids keep it off C) and
                                R's positions continue from the end of P, so every token sees exactly
                                the context it has in the duplicated layout, and P is encoded once.
+    group          [P R1 .. RK]  one segment per group (megapmp.data.groups): response i has branch id i,
+                               sees P and itself only, its positions continue from P, and its reward is
+                               read at its last token; every labelled pair (i better than j) of the group
+                               is one (chosen_index, rejected_index) entry. A group longer than a row (or
+                               with more than MAX_BRANCH responses) is split into several segments, each
+                               repeating P (``group_pieces``); the pieces stay in the same micro-batch.
+                               Shared-prefix is the group layout of one pair.
 
 Conventions (the model and the loss rely on them):
-- `labels[r, t]` is the next-token target at position t, or IGNORE_INDEX; only chosen-response tokens
-  are targets (the first one is predicted from the prompt's last token).
+- `lm_index[t]` / `lm_targets[t]` list the LM term's (position, next token) pairs: chosen-response
+  tokens only, the first one predicted from the prompt's last token. In the group layout a prompt's last
+  position predicts the first token of every chosen response of its segment, and the "pairs" weighting
+  repeats a response's targets once per pair it wins, so a position can appear several times there.
+  `labels[r, t]` is the per-position view (IGNORE_INDEX where no target): exact for pairs and documents;
+  in the group layout it holds one of a prompt end's targets, and lm_index / lm_targets are what counts.
 - `chosen_index` / `rejected_index` are flat indices into the [rows * seq_len] tokens of the last token
-  of each response (its EOS under the default EOS policy): the reward is read there.
+  of each response (its EOS under the default EOS policy): the reward is read there. `response_index`
+  (group layout) lists every response's read-out token, group after group.
 - `segment_ids` is -1 on padding; `cu_seqlens` covers every token of the flattened rows, each padding
   run being a segment of its own, so varlen kernels can take it as is.
 """
@@ -22,9 +35,13 @@ from dataclasses import dataclass, field, fields
 
 import numpy as np
 
+from megapmp.data.groups import Group, lm_weights
+
 IGNORE_INDEX = -100
-LAYOUTS = ("duplicated", "shared-prefix")
+PAIR_LAYOUTS = ("duplicated", "shared-prefix")
+LAYOUTS = (*PAIR_LAYOUTS, "group")
 PROMPT, CHOSEN, REJECTED = 0, 1, 2  # branch ids
+MAX_BRANCH = 127  # responses per segment: branch ids are int8 (megapmp.model.attention.MAX_BRANCH)
 
 
 @dataclass
@@ -34,7 +51,7 @@ class PackedBatch:
     input_ids: np.ndarray  # [R, S] int64
     position_ids: np.ndarray  # [R, S] int64
     segment_ids: np.ndarray  # [R, S] int32, -1 on padding
-    branch_ids: np.ndarray  # [R, S] int8: 0 shared/plain, 1 chosen, 2 rejected (shared-prefix only)
+    branch_ids: np.ndarray  # [R, S] int8: 0 shared/plain; 1 chosen, 2 rejected (shared-prefix); 1..K (group)
     labels: np.ndarray  # [R, S] int64, IGNORE_INDEX where no LM loss
     chosen_index: np.ndarray  # [N] int64 flat index of each chosen response's last token
     rejected_index: np.ndarray  # [N] int64 flat index of each rejected response's last token
@@ -42,13 +59,19 @@ class PackedBatch:
     max_seqlen: int
     layout: str
     lm_index: np.ndarray | None = None  # [T] int64 flat index of each LM-target position (labels != IGNORE_INDEX)
+    lm_targets: np.ndarray | None = None  # [T] int64 the token each lm_index position predicts
+    response_index: np.ndarray | None = None  # [M] int64 flat index of each response's read-out (group layout)
     # The numpy batch a torch batch was made from (None on a numpy batch): counts, FLOPs and attention plans
     # read it on the host, so nothing on the training hot path waits for the GPU to answer a question.
     host: "PackedBatch | None" = field(default=None, repr=False, compare=False)
 
     def __post_init__(self):
-        if self.lm_index is None and isinstance(self.labels, np.ndarray):
-            self.lm_index = np.flatnonzero(self.labels.reshape(-1) != IGNORE_INDEX).astype(np.int64)
+        if isinstance(self.labels, np.ndarray):
+            flat_labels = self.labels.reshape(-1)
+            if self.lm_index is None:
+                self.lm_index = np.flatnonzero(flat_labels != IGNORE_INDEX).astype(np.int64)
+            if self.lm_targets is None:
+                self.lm_targets = flat_labels[self.lm_index]
 
     @property
     def on_host(self) -> "PackedBatch":
@@ -96,12 +119,43 @@ class PackedBatch:
 
 
 def pair_packed_length(prompt_len, chosen_len, rejected_len, layout: str):
-    """Tokens a pair occupies in a row (works elementwise on arrays)."""
+    """Tokens a pair occupies in a row (works elementwise on arrays); the group layout packs a pair as
+    shared-prefix does."""
     if layout == "duplicated":
         return 2 * prompt_len + chosen_len + rejected_len
-    if layout == "shared-prefix":
+    if layout in ("shared-prefix", "group"):
         return prompt_len + chosen_len + rejected_len
     raise ValueError(f"unknown layout {layout!r}: expected one of {', '.join(LAYOUTS)}")
+
+
+def group_pieces(prompt_len: int, response_lengths, seq_len: int) -> list[list[int]]:
+    """The segments a group is packed as: lists of response indices, each segment [P R_a R_b ...] at most
+    ``seq_len`` tokens and MAX_BRANCH responses. One segment when the group fits a row; else each response
+    goes to the first segment with room for it, in order (first-fit), P repeated in every segment."""
+    lengths = [int(n) for n in response_lengths]
+    if prompt_len + sum(lengths) <= seq_len and len(lengths) <= MAX_BRANCH:
+        return [list(range(len(lengths)))]
+    pieces: list[list[int]] = []
+    room: list[int] = []
+    for i, n in enumerate(lengths):
+        if prompt_len + n > seq_len:
+            raise ValueError(f"response {i} of a group needs {prompt_len + n} tokens with its prompt, more than a "
+                             f"row of {seq_len}: raise seq_len or preprocess with a smaller --max-length")
+        for k, free in enumerate(room):
+            if n <= free and len(pieces[k]) < MAX_BRANCH:
+                pieces[k].append(i)
+                room[k] -= n
+                break
+        else:
+            pieces.append([i])
+            room.append(seq_len - prompt_len - n)
+    return pieces
+
+
+def group_packed_length(prompt_len: int, response_lengths, seq_len: int) -> int:
+    """Tokens a group occupies in rows of ``seq_len``: its responses plus one prompt per segment."""
+    pieces = group_pieces(prompt_len, response_lengths, seq_len)
+    return len(pieces) * int(prompt_len) + int(sum(int(n) for n in response_lengths))
 
 
 def first_fit(lengths: np.ndarray, seq_len: int) -> list[list[int]]:
@@ -160,7 +214,7 @@ class _RowBuilder:
         self.segment_lengths[self.row].append(length)
         self.segment += 1
 
-    def flat(self, col: int) -> int:
+    def flat(self, col):
         return self.row * self.seq_len + col
 
     def finish(self, layout: str) -> PackedBatch:
@@ -210,6 +264,64 @@ def _put_pair(b: _RowBuilder, pair, layout: str) -> tuple[int, int]:
         _, rejected_end = b.put(pair.rejected, p, REJECTED)
         b.end_segment(p + c + r)
     return b.flat(chosen_end - 1), b.flat(rejected_end - 1)
+
+
+def pack_groups(groups, seq_len: int, pad_id: int, lm_weighting: str = "distinct") -> PackedBatch:
+    """Pack whole groups (megapmp.data.groups.Group) into rows of seq_len in the group layout.
+
+    Every labelled pair of every group is one (chosen_index, rejected_index) entry, groups in order and each
+    group's pairs in ``Group.pairs`` order, so the loss over them is the loss of the same pairs expanded.
+    ``response_index`` lists each response's read-out, group after group. LM targets: each response's
+    tokens ``lm_weights(labels, lm_weighting)`` times ("distinct": every response that wins a pair, once;
+    "pairs": once per pair it wins, as expanded pairs count it; "none": no LM targets, for scoring).
+    """
+    items, lengths = [], []  # (group, its response indices in this segment), segment tokens
+    for g, group in enumerate(groups):
+        p = len(group.prompt)
+        for piece in group_pieces(p, [len(r) for r in group.responses], seq_len):
+            items.append((g, piece))
+            lengths.append(p + sum(len(group.responses[i]) for i in piece))
+    rows = first_fit(np.asarray(lengths, dtype=np.int64), seq_len)
+    builder = _RowBuilder(len(rows), seq_len, pad_id)
+    readout = [np.empty(len(group.responses), np.int64) for group in groups]
+    weights = [lm_weights(group.labels, lm_weighting) if lm_weighting != "none" else None for group in groups]
+    lm_index, lm_targets = [], []
+    for r, members in enumerate(rows):
+        builder.start_row(r)
+        for item in members:
+            g, piece = items[item]
+            group = groups[g]
+            p = len(group.prompt)
+            _, prompt_end = builder.put(group.prompt, 0, PROMPT)
+            for branch, i in enumerate(piece, start=1):
+                tokens = group.responses[i]
+                start, end = builder.put(tokens, p, branch)
+                readout[g][i] = builder.flat(end - 1)
+                weight = int(weights[g][i]) if weights[g] is not None else 0
+                if weight:
+                    # predicted from the prompt's last token, then from each token of the response itself
+                    positions = np.concatenate(([builder.flat(prompt_end - 1)],
+                                                builder.flat(np.arange(start, end - 1))))
+                    lm_index += [positions] * weight
+                    lm_targets += [np.asarray(tokens, np.int64)] * weight
+                    builder.labels[r, start : end - 1] = tokens[1:]
+                    if builder.labels[r, prompt_end - 1] == IGNORE_INDEX:
+                        builder.labels[r, prompt_end - 1] = tokens[0]
+            builder.end_segment(p + sum(len(group.responses[i]) for i in piece))
+    pairs = [readout[g][group.pairs] for g, group in enumerate(groups)]  # [N_g, 2] each
+    pairs = np.concatenate(pairs) if pairs else np.zeros((0, 2), np.int64)
+    builder.chosen_index, builder.rejected_index = pairs[:, 0].tolist(), pairs[:, 1].tolist()
+    batch = builder.finish("group")
+    batch.lm_index = np.concatenate(lm_index).astype(np.int64) if lm_index else np.zeros(0, np.int64)
+    batch.lm_targets = np.concatenate(lm_targets).astype(np.int64) if lm_targets else np.zeros(0, np.int64)
+    batch.response_index = np.concatenate(readout) if readout else np.zeros(0, np.int64)
+    return batch
+
+
+def groups_of_pairs(pairs) -> list[Group]:
+    """Each pair (.prompt/.chosen/.rejected) as a group of two responses labelled 1 and 0."""
+    labels = np.array([1.0, 0.0])
+    return [Group(pair.prompt, (pair.chosen, pair.rejected), labels) for pair in pairs]
 
 
 def pack_documents(pieces, seq_len: int, pad_id: int) -> PackedBatch:
@@ -266,11 +378,12 @@ def flatten_rows(packed: PackedBatch, pad_id: int, multiple: int = 1, width: int
     if width > real:
         bounds = np.append(bounds, width)  # the tail padding is a run of its own
     cu = bounds.astype(np.int32)
+    follow = lambda index: None if index is None else new_index[index].astype(np.int64)  # noqa: E731
     return PackedBatch(take(packed.input_ids, pad_id), take(packed.position_ids, 0), segment_ids,
                        take(packed.branch_ids, 0), take(packed.labels, IGNORE_INDEX),
-                       new_index[packed.chosen_index].astype(np.int64),
-                       new_index[packed.rejected_index].astype(np.int64), cu, int(np.diff(cu).max(initial=0)),
-                       packed.layout)
+                       follow(packed.chosen_index), follow(packed.rejected_index), cu, int(np.diff(cu).max(initial=0)),
+                       packed.layout, lm_index=follow(packed.lm_index), lm_targets=packed.lm_targets,
+                       response_index=follow(packed.response_index))
 
 
 def balance_into_budget(lengths: np.ndarray, min_groups: int, budget: int, group_multiple: int = 1) -> list[list[int]]:

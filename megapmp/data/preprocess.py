@@ -115,6 +115,8 @@ class ChunkResult:
     truncated: int = 0
     truncated_tokens: int = 0
     identical: int = 0  # rejects (of `rejects`) whose chosen equals their rejected
+    labels: np.ndarray | None = None  # groups: float64, one per sequence, NaN at each prompt (megapmp.data.groups)
+    pairs: int = 0  # groups: the labelled pairs of the accepted groups
 
 
 # Per-worker state, built once by the pool initializer.
@@ -235,6 +237,67 @@ def process_document_chunk(items: list[tuple[str, int, bytes]]) -> ChunkResult:
     return ChunkResult(tokens, lengths, np.ones(len(docs), np.int64), rejects)
 
 
+def process_group_chunk(file: str, lines: list[tuple[int, bytes]]) -> ChunkResult:
+    """Worker entry point for response groups (megapmp.data.groups): parse, validate, template, tokenize and
+    fit one chunk of JSONL lines into documents of 1 + K sequences, with one label per sequence."""
+    from megapmp.data.groups import fit_group, identical_across_labels, parse_group_record
+
+    fmt, tok = _worker_format, _worker_tokenizer
+    rejects, accepted, identical = [], [], 0
+    for line_no, raw in lines:
+        try:
+            prompt, responses, labels = parse_group_record(file, line_no, raw, fmt.keys)
+        except InputError as e:
+            rejects.append(_reject(e, raw))
+            continue
+        same = identical_across_labels(responses, labels) if fmt.identical == "reject" else None
+        if same is not None:
+            why = f"responses {same[0]} and {same[1]} are identical but labelled differently: no preference signal"
+            rejects.append(_reject(InputError(file, line_no, fmt.keys[1], why), raw))
+            identical += 1
+            continue
+        accepted.append((line_no, raw, prompt, responses, labels))
+    texts = [fmt.template.replace("{prompt}", prompt) for _, _, prompt, _, _ in accepted]
+    texts += [r for *_, responses, _ in accepted for r in responses]
+    encoded = tok.encode_batch(texts)
+    eos = [tok.eos_id] if fmt.eos_policy == "response" else []
+    pieces, lengths, labels_out, per_doc = [], [], [], []
+    truncated = truncated_tokens = pairs = 0
+    next_response = len(accepted)
+    for g, (line_no, raw, _, responses, labels) in enumerate(accepted):
+        prompt = encoded[g]
+        outputs = [encoded[next_response + i] + eos for i in range(len(responses))]
+        next_response += len(responses)
+        longest = max(len(r) for r in outputs)
+        if fmt.max_length is not None and len(prompt) + longest > fmt.max_length:
+            if fmt.overlong == "error":
+                i = max(range(len(outputs)), key=lambda k: len(outputs[k]))
+                err = InputError(file, line_no, fmt.keys[1], f"prompt + response {i} is {len(prompt) + longest} "
+                                 f"tokens, over --max-length {fmt.max_length} (use --overlong truncate to cut it)")
+                rejects.append(_reject(err, raw))
+                continue
+            prompt, outputs, removed = fit_group(prompt, outputs, fmt.max_length, tok.eos_id if eos else None)
+            truncated += 1
+            truncated_tokens += removed
+        if not eos and any(r[-1] == tok.pad_id for r in outputs):
+            # Without an appended EOS the reward is read at a response's last token; an HF scorer of the export
+            # pools the last token that is not the pad, so a response ending with the pad would be misread.
+            i = next(k for k, r in enumerate(outputs) if r[-1] == tok.pad_id)
+            rejects.append(_reject(InputError(file, line_no, fmt.keys[1], f"response {i} ends with the pad token "
+                                              f"(id {tok.pad_id}), where its reward would be read under --eos-policy "
+                                              "none; remove it, or use --eos-policy response"), raw))
+            continue
+        pieces += [prompt, *outputs]
+        lengths += [len(prompt), *(len(r) for r in outputs)]
+        labels_out += [np.nan, *labels.tolist()]
+        per_doc.append(1 + len(outputs))
+        pairs += int((labels[:, None] > labels[None, :]).sum())
+    rejects.sort(key=lambda r: r["line"])
+    tokens = np.fromiter(itertools.chain.from_iterable(pieces), dtype=fmt.dtype, count=sum(lengths))
+    return ChunkResult(tokens, np.asarray(lengths, np.int32), np.asarray(per_doc, np.int64), rejects, truncated,
+                       truncated_tokens, identical, np.asarray(labels_out, np.float64), pairs)
+
+
 def pair_chunks(paths: Iterable[str]) -> Iterator[tuple[str, list[tuple[int, bytes]]]]:
     for path in paths:
         batch = []
@@ -332,11 +395,14 @@ class BuildStats:
     truncated_tokens: int = 0
     identical: int = 0
     seconds: float = 0.0
+    pairs: int = 0  # groups: labelled pairs
 
     def as_dict(self, kind: str) -> dict:
-        unit = "pairs" if kind == "pairs" else "documents"
+        unit = kind if kind in ("pairs", "groups") else "documents"
         rate = self.documents / self.seconds if self.seconds else 0.0
-        return {unit: self.documents, "sequences": self.sequences, "tokens": self.tokens,
+        # a group shard's counts also say how many responses and labelled pairs its groups hold
+        groups = {"responses": self.sequences - self.documents, "pairs": self.pairs} if kind == "groups" else {}
+        return {unit: self.documents, **groups, "sequences": self.sequences, "tokens": self.tokens,
                 "rejected": self.rejected, "truncated": self.truncated, "truncated_tokens": self.truncated_tokens,
                 "identical": self.identical,
                 "seconds": round(self.seconds, 3), f"{unit}_per_s": round(rate, 1),
@@ -360,6 +426,8 @@ def bpe_training_texts(inputs: list[str], kind: str, keys: tuple[str, ...], temp
     if kind == "documents":
         items = (raw.decode("utf-8", errors="ignore") for _, _, raw in document_sources(inputs, keys[0])
                  if not isinstance(raw, BadDocument))
+    elif kind == "groups":
+        items = _group_texts(inputs, keys, template)
     else:
         items = _pair_texts(inputs, keys, template)
     for text in items:
@@ -399,6 +467,19 @@ def _pair_texts(inputs, keys, template) -> Iterator[str]:
             yield rejected
 
 
+def _group_texts(inputs, keys, template) -> Iterator[str]:
+    from megapmp.data.groups import parse_group_record
+
+    for path in inputs:
+        for line_no, raw in open_lines(path):
+            try:
+                prompt, responses, _ = parse_group_record(str(path), line_no, raw, keys)
+            except InputError:
+                continue
+            yield template.replace("{prompt}", prompt)
+            yield from responses
+
+
 def build_shard(inputs: list[str], output_prefix: str, *, kind: str = "pairs", tokenizer: str | None = "byte",
                 keys: tuple[str, ...] = ("prompt", "chosen", "rejected"), template: str = "none",
                 eos_policy: str | None = None, max_length: int | None = None, overlong: str = "error",
@@ -417,13 +498,20 @@ def build_shard(inputs: list[str], output_prefix: str, *, kind: str = "pairs", t
     `judge` (megapmp.data.judge.JudgeFormat.to_meta without label ids) makes a pairwise judge's shard: every
     record's chosen and rejected are the format's two labels, each of which must be one token of the
     tokenizer (their ids are recorded in the sidecar's `judge`), and eos_policy must be "none".
+
+    kind "groups" (megapmp.data.groups): one record = a prompt and its labelled responses, written as one
+    document of 1 + K sequences plus PREFIX.labels; `keys` name the prompt, responses and labels fields
+    (records may instead hold "chosen" and "rejected" lists). A group is a bad record when it has fewer
+    than 2 responses or no labelled pair, or (identical == "reject") two identical responses labelled
+    differently; --max-length applies to the prompt with each response.
     """
     import time
 
     from tqdm import tqdm
 
     from megapmp.data.indexed import IndexedWriter, optimal_dtype
-    from megapmp.data.shards import ShardMeta, make_staging_dir, shard_checksums, shard_sizes, tokenizer_dir
+    from megapmp.data.shards import (ShardMeta, group_labels_meta, make_staging_dir, shard_checksums, shard_sizes,
+                                     tokenizer_dir)
     from megapmp.data.tokenizers import load_tokenizer, padded_vocab_size, train_bpe
 
     output_prefix = str(output_prefix)
@@ -434,7 +522,7 @@ def build_shard(inputs: list[str], output_prefix: str, *, kind: str = "pairs", t
         raise ValueError("a judge shard holds pairs whose responses are one label token each: kind 'pairs' and "
                          f"eos_policy 'none', got {kind!r} and {eos_policy!r}")
     _check_paths(inputs, output_prefix, rejects_path, overwrite)
-    template_name, template_text = resolve_template(template) if kind == "pairs" else ("none", "{prompt}")
+    template_name, template_text = resolve_template(template) if kind != "documents" else ("none", "{prompt}")
     staging = make_staging_dir(output_prefix)
     start = time.perf_counter()
     try:
@@ -447,12 +535,15 @@ def build_shard(inputs: list[str], output_prefix: str, *, kind: str = "pairs", t
                          identical, tuple(judge["labels"]) if judge else None)
         stats = BuildStats()
         rejects_file = open(staging / "rejects.jsonl", "w") if rejects_path else None
-        unit = "pairs" if kind == "pairs" else "docs"
+        unit = kind if kind in ("pairs", "groups") else "docs"
+        labels_file = open(staging / "shard.labels", "wb") if kind == "groups" else None
         bar = tqdm(unit=f" {unit}", desc=f"preprocess {Path(output_prefix).name}", disable=not progress,
                    dynamic_ncols=True, mininterval=0.5)
         with IndexedWriter(staging / "shard", dtype) as writer:
             if kind == "pairs":
                 results = run_ordered(process_pair_chunk, pair_chunks(inputs), fmt, workers)
+            elif kind == "groups":
+                results = run_ordered(process_group_chunk, pair_chunks(inputs), fmt, workers)
             else:
                 results = run_ordered(process_document_chunk, document_chunks(inputs, keys[0]), fmt, workers)
             for result in results:
@@ -460,6 +551,9 @@ def build_shard(inputs: list[str], output_prefix: str, *, kind: str = "pairs", t
                     first = result.rejects[0]
                     raise InputError(first["file"], first["line"], first["field"], first["reason"])
                 writer.add_flat_documents(result.tokens, result.sequence_lengths, result.sequences_per_doc)
+                if labels_file is not None:
+                    labels_file.write(result.labels.astype("<f8").tobytes())
+                    stats.pairs += result.pairs
                 for reject in result.rejects:
                     rejects_file.write(json.dumps(reject, ensure_ascii=False) + "\n")
                 stats.rejected += len(result.rejects)
@@ -475,9 +569,11 @@ def build_shard(inputs: list[str], output_prefix: str, *, kind: str = "pairs", t
         bar.close()
         if rejects_file:
             rejects_file.close()
+        if labels_file is not None:
+            labels_file.close()
         stats.seconds = time.perf_counter() - start
         counts = stats.as_dict(kind)
-        _publish(staging, output_prefix, tok, rejects_path)
+        _publish(staging, output_prefix, tok, rejects_path, labels=kind == "groups")
         identity = tok.identity()
         identity["spec"] = tokenizer_dir(output_prefix).name if identity.get("family") != "byte" else "byte"
         meta = ShardMeta(kind=kind, tokenizer=identity, vocab_size=tok.vocab_size,
@@ -485,8 +581,9 @@ def build_shard(inputs: list[str], output_prefix: str, *, kind: str = "pairs", t
                          vocab_multiple=vocab_multiple, eos_id=tok.eos_id, pad_id=tok.pad_id, dtype=dtype.name,
                          template={"name": template_name, "text": template_text}, eos_policy=eos_policy,
                          max_length=max_length, overlong=overlong, counts=counts,
-                         checksums=shard_checksums(output_prefix), sizes=shard_sizes(output_prefix),
-                         inputs=[str(p) for p in inputs], judge=judge)
+                         checksums=shard_checksums(output_prefix, kind), sizes=shard_sizes(output_prefix, kind),
+                         inputs=[str(p) for p in inputs], judge=judge,
+                         labels=group_labels_meta() if kind == "groups" else None)
         meta.save(output_prefix)
         return counts
     finally:
@@ -516,8 +613,10 @@ def _check_options(inputs, kind, keys, eos_policy, max_length, overlong, workers
     for path in inputs:
         if not Path(path).exists():
             problems.append(f"input {path} does not exist")
-    if kind not in ("pairs", "documents"):
-        problems.append(f"kind {kind!r} is not pairs or documents")
+    if kind not in ("pairs", "documents", "groups"):
+        problems.append(f"kind {kind!r} is not pairs, groups or documents")
+    if kind == "groups" and len(keys) != 3:
+        problems.append(f"--keys for groups needs three names (prompt,responses,labels), got {','.join(keys)}")
     if kind == "pairs" and len(keys) != 3:
         problems.append(f"--keys needs three names (prompt,chosen,rejected), got {','.join(keys)}")
     if kind == "documents" and len(keys) != 1:
@@ -573,8 +672,9 @@ def _prepare_tokenizer(spec, staging_dir: Path, inputs, kind, keys, template_tex
     return load_tokenizer(tok.save(staging_dir))  # workers load the copy that ships with the shard
 
 
-def _publish(staging: Path, output_prefix: str, tok, rejects_path: str | None) -> None:
-    """Move the finished files into place: tokenizer and rejects first, the shard's data files last."""
+def _publish(staging: Path, output_prefix: str, tok, rejects_path: str | None, labels: bool = False) -> None:
+    """Move the finished files into place: tokenizer, rejects and labels first, the shard's data files last."""
+    from megapmp.data.groups import labels_path
     from megapmp.data.indexed import bin_path, idx_path
     from megapmp.data.shards import tokenizer_dir
 
@@ -586,5 +686,9 @@ def _publish(staging: Path, output_prefix: str, tok, rejects_path: str | None) -
     if rejects_path:
         Path(rejects_path).parent.mkdir(parents=True, exist_ok=True)
         os.replace(staging / "rejects.jsonl", rejects_path)
+    if labels:
+        os.replace(staging / "shard.labels", labels_path(output_prefix))
+    elif labels_path(output_prefix).exists():
+        os.remove(labels_path(output_prefix))  # an overwritten group shard's: it would describe nothing now
     os.replace(bin_path(staging / "shard"), bin_path(output_prefix))
     os.replace(idx_path(staging / "shard"), idx_path(output_prefix))

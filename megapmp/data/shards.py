@@ -1,5 +1,6 @@
 """Self-describing shards: `PREFIX.bin` + `PREFIX.idx` (MMIDIDX v1) + `PREFIX.json` sidecar, and the
-tokenizer they were made with saved beside them in `PREFIX.tokenizer/`.
+tokenizer they were made with saved beside them in `PREFIX.tokenizer/`; a shard of response groups
+(kind "groups", megapmp/data/groups.py) also has `PREFIX.labels`, one float64 per sequence.
 
 The sidecar records everything a reader needs to use the tokens the same way they were made: the
 tokenizer identity and vocabulary sizes, the prompt template, the EOS and truncation policies, counts,
@@ -22,12 +23,19 @@ from pathlib import Path
 
 import numpy as np
 
+from megapmp.data.groups import LABELS_DTYPE, labels_path
 from megapmp.data.indexed import IndexedDataset, ShardError, bin_path, idx_path, merge_shards
 from megapmp.io import sha256_file, write_text_atomic
 
 SIDECAR_FORMAT = "megapmp-shard"
 SIDECAR_VERSION = 1
-KINDS = ("pairs", "documents")
+KINDS = ("pairs", "documents", "groups")
+
+
+def group_labels_meta() -> dict:
+    """What a group shard's sidecar records about PREFIX.labels (the layout megapmp/data/groups.py specifies)."""
+    return {"file": "PREFIX.labels", "dtype": "float64 little-endian", "per": "sequence of the index",
+            "prompt": "NaN", "pairs": "labels[i] > labels[j] within a group; ties make no pair"}
 EOS_POLICIES = ("response", "none")  # the EOS policies of tools/preprocess_pairs.py --eos-policy
 
 
@@ -60,7 +68,8 @@ def tokenizer_dir(prefix: str | os.PathLike) -> Path:
 
 @dataclass
 class ShardMeta:
-    kind: str  # "pairs": documents of (prompt, chosen, rejected); "documents": one sequence each
+    kind: str  # "pairs": documents of (prompt, chosen, rejected); "documents": one sequence each;
+    # "groups": documents of (prompt, response 1, ..., response K), their labels in PREFIX.labels
     tokenizer: dict  # Tokenizer.identity(), with "spec" relative to the sidecar's folder
     vocab_size: int
     padded_vocab_size: int  # vocab_size rounded up for tensor parallelism (recorded multiple)
@@ -79,6 +88,8 @@ class ShardMeta:
     # A pairwise judge's samples (megapmp.data.judge.JudgeFormat.to_meta): template, labels and their token
     # ids. None for ordinary pairs and documents.
     judge: dict | None = None
+    # A group shard's labels file (group_labels_meta); None for pairs and documents.
+    labels: dict | None = None
     format: str = SIDECAR_FORMAT
     version: int = SIDECAR_VERSION
 
@@ -121,17 +132,25 @@ class ShardMeta:
         return problems
 
 
-def shard_checksums(prefix: str | os.PathLike) -> dict:
-    return {"bin_sha256": sha256_file(bin_path(prefix)), "idx_sha256": sha256_file(idx_path(prefix))}
+def _data_files(prefix: str | os.PathLike, kind: str = "pairs") -> dict:
+    """The binary files of a shard of ``kind`` by key: bin and idx, and labels for groups."""
+    files = {"bin": bin_path(prefix), "idx": idx_path(prefix)}
+    if kind == "groups":
+        files["labels"] = labels_path(prefix)
+    return files
 
 
-def shard_sizes(prefix: str | os.PathLike) -> dict:
-    return {"bin": os.path.getsize(bin_path(prefix)), "idx": os.path.getsize(idx_path(prefix))}
+def shard_checksums(prefix: str | os.PathLike, kind: str = "pairs") -> dict:
+    return {f"{key}_sha256": sha256_file(path) for key, path in _data_files(prefix, kind).items()}
+
+
+def shard_sizes(prefix: str | os.PathLike, kind: str = "pairs") -> dict:
+    return {key: os.path.getsize(path) for key, path in _data_files(prefix, kind).items() if path.is_file()}
 
 
 def shard_files(prefix: str | os.PathLike) -> list[Path]:
     """Every path a shard occupies."""
-    return [bin_path(prefix), idx_path(prefix), sidecar_path(prefix), tokenizer_dir(prefix)]
+    return [bin_path(prefix), idx_path(prefix), sidecar_path(prefix), tokenizer_dir(prefix), labels_path(prefix)]
 
 
 class OutputError(ValueError):
@@ -161,13 +180,19 @@ def check_meta(prefix: str | os.PathLike, meta: ShardMeta, index: IndexedDataset
     problems = []
     if meta.dtype != index.dtype.name:
         problems.append(f"dtype {meta.dtype} in the sidecar, {index.dtype.name} in the index")
-    unit = "pairs" if meta.kind == "pairs" else "documents"
+    unit = meta.kind if meta.kind in ("pairs", "groups") else "documents"
     recorded = {unit: index.num_documents, "sequences": index.num_sequences,
                 "tokens": int(index.sequence_lengths.sum(dtype=np.int64))}
     for key, actual in recorded.items():
         if key in meta.counts and meta.counts[key] != actual:
             problems.append(f"{key}: {meta.counts[key]} in the sidecar, {actual} in the index")
-    for key, actual in shard_sizes(prefix).items():
+    if meta.kind == "groups" and "responses" in meta.counts \
+            and meta.counts["responses"] != index.num_sequences - index.num_documents:
+        problems.append(f"responses: {meta.counts['responses']} in the sidecar, "
+                        f"{index.num_sequences - index.num_documents} in the index")
+    if meta.kind == "groups" and not labels_path(prefix).is_file():
+        problems.append(f"{labels_path(prefix)}, the labels of a group shard, is missing")
+    for key, actual in shard_sizes(prefix, meta.kind).items():
         if key in meta.sizes and meta.sizes[key] != actual:
             problems.append(f"{prefix}.{key} is {actual} bytes, the sidecar recorded {meta.sizes[key]}")
     if problems:
@@ -184,7 +209,8 @@ def verify_shard(prefix: str | os.PathLike, progress=None) -> ShardMeta:
     check_meta(prefix, meta, IndexedDataset(prefix))
     if not meta.checksums:
         raise ShardError(f"{sidecar_path(prefix)}: records no checksums to verify against")
-    for key, path in (("bin_sha256", bin_path(prefix)), ("idx_sha256", idx_path(prefix))):
+    for name, path in _data_files(prefix, meta.kind).items():
+        key = f"{name}_sha256"
         if meta.checksums.get(key) != sha256_file(path, progress):
             raise ShardError(f"{path}: sha256 differs from the sidecar's {key}: the file is damaged "
                              f"(or was changed after preprocessing)")
@@ -195,7 +221,7 @@ def verify_shards(prefixes: list[str], progress: bool = True) -> list[ShardMeta]
     """`verify_shard` for each prefix, with one progress bar over all their bytes."""
     from tqdm import tqdm
 
-    total = sum(os.path.getsize(p) for prefix in prefixes for p in (bin_path(prefix), idx_path(prefix))
+    total = sum(os.path.getsize(p) for prefix in prefixes for p in _data_files(prefix, "groups").values()
                 if p.is_file())
     metas = []
     with tqdm(total=total, unit="B", unit_scale=True, desc="verify shards", disable=not progress,
@@ -239,6 +265,8 @@ def merge_shard_set(prefixes: list[str], output_prefix: str, overwrite: bool = F
         if mismatched:
             raise ValueError(f"cannot merge {prefix} into {prefixes[0]}: they differ in {', '.join(mismatched)}")
     shutil.rmtree(make_staging_dir(output_prefix))  # fail early, with the folder named, if it is not writable
+    if first.kind == "groups":
+        _merge_labels(prefixes, output_prefix)
     merge_shards(prefixes, output_prefix)
     counts = {}
     for meta in metas:
@@ -246,10 +274,30 @@ def merge_shard_set(prefixes: list[str], output_prefix: str, overwrite: bool = F
             if isinstance(value, (int, float)) and not key.endswith("_per_s"):
                 counts[key] = counts.get(key, 0) + value
     merged = ShardMeta(**{**asdict(first), "counts": counts, "inputs": [i for m in metas for i in m.inputs],
-                          "checksums": shard_checksums(output_prefix), "sizes": shard_sizes(output_prefix)})
+                          "checksums": shard_checksums(output_prefix, first.kind),
+                          "sizes": shard_sizes(output_prefix, first.kind)})
     _copy_tokenizer(prefixes[0], output_prefix, merged)
     merged.save(output_prefix)
     return merged
+
+
+def _merge_labels(prefixes: list[str], output_prefix: str) -> None:
+    """The labels of merged group shards: the inputs' files back to back (merge_shards keeps every sequence's
+    order), written under a temporary name and renamed, before the token files."""
+    target = labels_path(output_prefix)
+    staging = make_staging_dir(output_prefix)
+    try:
+        with open(staging / "labels", "wb") as out:
+            for prefix in prefixes:
+                index = IndexedDataset(prefix)
+                path = labels_path(prefix)
+                if not path.is_file() or os.path.getsize(path) != LABELS_DTYPE.itemsize * index.num_sequences:
+                    raise ShardError(f"{path}: missing, or not one float64 label per sequence of {prefix}")
+                with open(path, "rb") as f:
+                    shutil.copyfileobj(f, out, length=8 << 20)
+        os.replace(staging / "labels", target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 def _copy_tokenizer(src_prefix: str, dst_prefix: str, meta: ShardMeta) -> None:

@@ -10,10 +10,13 @@ tools/convert_checkpoint.py writes into ``megapmp_scoring.json``)::
 The model, its tokenizer and that recipe come from ``megapmp.convert.source`` (a megapmp checkpoint
 of any layout, or an HF directory; its docstring says where the recipe is read from).
 
-Scoring packs responses two at a time behind one copy of their prompt (the shared-prefix layout
-``[P R1 R2]``, where R2 cannot see R1), so a Best-of-N candidate set encodes each prompt M/2 times
-instead of M; an odd one out is paired with a one-token dummy whose score is discarded. Results do not
-depend on the packing beyond floating-point rounding.
+Scoring packs all the responses of one prompt behind one copy of it (the group layout ``[P R1 ... RK]``,
+where each Ri sees P and itself only: megapmp.data.packing.pack_groups), so a Best-of-N candidate set
+encodes each prompt once per row instead of once per candidate; a set longer than a forward is cut into
+sub-groups, each repeating the prompt. ``layout="shared-prefix"`` packs responses two at a time ``[P R1 R2]``
+(an odd one out paired with a one-token dummy whose score is discarded), ``layout="duplicated"`` one
+``[P R]`` per candidate. Results do not depend on the layout beyond floating-point rounding. Attention
+runs on ``attention_backend`` ("auto": the trainer's choice for the device, e.g. segmented on a CPU).
 
 ``batch_invariant=True`` scores through ``megapmp.eval.batch_invariant`` instead: each (prompt, response)
 is one causal sequence (no shared prefix) and a text's reward is the same bits whatever it is batched
@@ -32,13 +35,17 @@ from tqdm import tqdm
 
 from megapmp.convert.source import EOS_POLICIES, ConvertError, ScoringRecipe, load_model_source, scoring_recipe
 from megapmp.data.datasets import Pair
-from megapmp.data.packing import pair_packed_length
+from megapmp.data.groups import Group
+from megapmp.data.packing import flatten_rows, pack_groups, pair_packed_length
 from megapmp.data.preprocess import fit_pair, resolve_template
 from megapmp.device import autocast_dtype, pick_device
 from megapmp.eval.batch_invariant import DEFAULT_TILE_TOKENS, PACKINGS, invariant_attention_backend
 from megapmp.eval.batch_invariant import score_sequences as score_invariant
-from megapmp.loss import score_pairs
+from megapmp.loss import fp32_rewards, score_pairs
 from megapmp.model import Qwen2RewardModel
+from megapmp.model.attention import attention_inputs, resolve_attention_backend
+
+SCORING_LAYOUTS = ("group", "shared-prefix", "duplicated")
 
 
 class RewardScorer:
@@ -50,12 +57,12 @@ class RewardScorer:
     """
 
     def __init__(self, model, recipe: ScoringRecipe, *, device=None, precision: str = "auto",
-                 seq_len: int = 0, batch_tokens: int = 16384, layout: str = "shared-prefix",
+                 seq_len: int = 0, batch_tokens: int = 16384, layout: str = "group",
                  max_length: int | None = None, progress: bool = True, info: dict | None = None,
                  batch_invariant: bool = False, tile_tokens: int = DEFAULT_TILE_TOKENS,
-                 packing: str = "flat"):
-        if layout not in ("shared-prefix", "duplicated"):
-            raise ValueError(f"layout {layout!r} is not shared-prefix or duplicated")
+                 packing: str = "flat", attention_backend: str = "auto"):
+        if layout not in SCORING_LAYOUTS:
+            raise ValueError(f"layout {layout!r} is not one of {', '.join(SCORING_LAYOUTS)}")
         problems = recipe.problems(model.config.vocab_size)  # the rules every shard's sidecar is held to
         if problems:
             raise ValueError(f"the scoring recipe from {recipe.origin} is unusable: {'; '.join(problems)}")
@@ -79,11 +86,15 @@ class RewardScorer:
         self.batch_invariant = bool(batch_invariant)
         self.tile_tokens = int(tile_tokens)
         self.packing = packing
+        compute_dtype = self.autocast_dtype or next(model.parameters()).dtype
         if self.batch_invariant:
             # The model is this scorer's own: set its per-sequence attention backend once, so that forwards
             # from several threads never see another's temporary setting.
-            self.model.set_attention_backend(
-                invariant_attention_backend(self.device, self.autocast_dtype or next(model.parameters()).dtype))
+            self.model.set_attention_backend(invariant_attention_backend(self.device, compute_dtype))
+        else:
+            # A group row is as long as a candidate set: a dense [S, S] mask per row (sdpa) would cost the
+            # square of it, a varlen backend only the real attention problems.
+            self.model.set_attention_backend(resolve_attention_backend(attention_backend, self.device, compute_dtype))
 
     # -- loading --------------------------------------------------------------------------------
 
@@ -126,6 +137,7 @@ class RewardScorer:
                 "tokenizer": {"family": getattr(tok, "family", None), "spec": tok.spec(),
                               "vocab_size": getattr(tok, "vocab_size", None)},
                 "device": str(self.device), "precision": self.precision, "layout": self.layout,
+                "attention_backend": self.model.attention_backend,
                 "max_length": self.max_length, "truncated_responses": self.truncated,
                 "batch_invariant": self.batch_invariant,
                 **({"tile_tokens": self.tile_tokens, "packing": self.packing} if self.batch_invariant else {})}
@@ -212,6 +224,8 @@ class RewardScorer:
         empty = [i for i, ids in enumerate(response_ids) if not ids]
         if empty:
             raise ValueError(f"response {empty[0]} is empty: with eos_policy 'none' it has no token to read a reward at")
+        if self.layout == "group":
+            return self._score_groups(prompts, prompt_ids, response_ids)
         dummy = np.array([self.recipe.eos_id], np.int64)
         groups: dict[str, list[int]] = {}
         solo = []
@@ -284,11 +298,81 @@ class RewardScorer:
         bar.close()
         return first, second
 
+    def _score_groups(self, prompts: Sequence[str], prompt_ids: dict, response_ids: list[list[int]]) -> np.ndarray:
+        """Each prompt's responses as group rows (module docstring); a response too long for max_length with
+        its prompt is cut by the preprocessing policy and scored as a group of its own."""
+        members: dict[str, list[int]] = {}
+        cut = []
+        for i, p in enumerate(prompts):
+            if self.max_length and len(prompt_ids[p]) + len(response_ids[i]) > self.max_length:
+                cut.append(i)
+            else:
+                members.setdefault(p, []).append(i)
+        groups = []  # (prompt ids, [(candidate index, response ids)]), each at most batch_tokens tokens
+        for p, owned in members.items():
+            groups += _cut_group(prompt_ids[p], [(i, response_ids[i]) for i in owned], self.batch_tokens)
+        for i in cut:
+            prompt, response = self._truncate(prompt_ids[prompts[i]], response_ids[i])
+            groups.append((prompt, [(i, response)]))
+        self.truncated += len(cut)
+        return self.score_token_groups(groups, total_responses=len(prompts))
+
+    @torch.no_grad()
+    def score_token_groups(self, groups, total_responses: int) -> np.ndarray:
+        """float64 rewards of already tokenized groups, ``groups`` = [(prompt ids, [(out index, response ids),
+        ...]), ...], each written at its out index. Groups are sorted longest first and packed into forwards
+        of about ``batch_tokens`` tokens, one flat row each."""
+        lengths = np.array([len(p) + sum(len(r) for _, r in owned) for p, owned in groups], dtype=np.int64)
+        order = np.argsort(-lengths, kind="stable")
+        out = np.full(total_responses, np.nan)
+        bar = tqdm(total=total_responses, unit="resp", desc="scoring",
+                   disable=not self.progress or total_responses < 256, file=sys.stderr, dynamic_ncols=True)
+        start = 0
+        while start < len(groups):
+            stop, used = start, 0
+            while stop < len(groups) and (stop == start or used + lengths[order[stop]] <= self.batch_tokens):
+                used += int(lengths[order[stop]])
+                stop += 1
+            chunk = [groups[g] for g in order[start:stop]]
+            tokens = [Group(np.asarray(p, np.int64), tuple(np.asarray(r, np.int64) for _, r in owned),
+                            np.zeros(len(owned))) for p, owned in chunk]
+            row = max(self.seq_len, int(lengths[order[start]]))  # the longest group is one segment
+            packed = pack_groups(tokens, row, self.recipe.pad_id, lm_weighting="none")
+            real = packed.num_real_tokens
+            # compiled flex meets one kernel per row length: powers of two keep those few (batch_invariant's rule)
+            width = max(1024, 1 << (real - 1).bit_length()) if self.model.attention_backend == "flex" else None
+            packed = flatten_rows(packed, self.recipe.pad_id, multiple=64 if width is None else 1, width=width)
+            batch = packed.to_torch(self.device)
+            with torch.autocast(device_type=self.device.type, dtype=self.autocast_dtype,
+                                enabled=self.autocast_dtype is not None):
+                hidden = self.model(batch.input_ids, batch.position_ids, attention_inputs(batch))
+            rewards = fp32_rewards(hidden.reshape(-1, hidden.shape[-1])[batch.response_index], self.model.score.weight)
+            out[[i for _, owned in chunk for i, _ in owned]] = rewards.double().cpu().numpy()
+            bar.update(len(batch.response_index))
+            start = stop
+        bar.close()
+        return out
+
     def _truncate(self, prompt: list[int], response: list[int]):
         # The preprocessing policy (megapmp.data.preprocess.fit_pair) for one response.
         eos = self.recipe.eos_id if self.recipe.eos_policy == "response" else None
         prompt, response, _, _ = fit_pair(list(prompt), list(response), list(response), self.max_length, eos)
         return prompt, response
+
+
+def _cut_group(prompt: list[int], owned: list[tuple[int, list[int]]], budget: int) -> list:
+    """A prompt's responses as sub-groups of at most ``budget`` tokens each (prompt included), responses in
+    order; a response that alone overflows the budget gets a sub-group of its own."""
+    out, current, used = [], [], len(prompt)
+    for i, response in owned:
+        if current and used + len(response) > budget:
+            out.append((prompt, current))
+            current, used = [], len(prompt)
+        current.append((i, response))
+        used += len(response)
+    if current:
+        out.append((prompt, current))
+    return out
 
 
 # ---------------------------------------------------------------------------------------------------

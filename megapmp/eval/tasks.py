@@ -177,16 +177,16 @@ def run_rm_accuracy(ctx: TaskContext) -> dict:
     prefix = _shard_prefix(path)
     fmt_used = ctx.format or ("shard" if prefix else detect_format(path))
     if fmt_used == "shard":
-        from megapmp.data.datasets import PairDataset, check_token_ids
+        from megapmp.data.datasets import check_token_ids, open_preference_dataset, preference_pairs
 
         if prefix is None:
             raise DataError(f"{path}: not a shard prefix (expected {path}.idx and {path}.bin)")
         scorer = ctx.scorer()
         _check_shard_matches(prefix, scorer)
-        dataset = PairDataset(prefix)
-        n = len(dataset) if ctx.limit is None else min(len(dataset), ctx.limit)
-        check_token_ids(dataset, range(n), dataset.meta.vocab_size)  # a named error, not an IndexError in the model
-        token_pairs = [dataset[i] for i in range(n)]
+        dataset = open_preference_dataset(prefix)  # a group shard: every labelled pair of its groups
+        token_pairs, items = preference_pairs(dataset, float("inf") if ctx.limit is None else ctx.limit)
+        check_token_ids(dataset, items, dataset.meta.vocab_size)  # a named error, not an IndexError in the model
+        n = len(token_pairs)
         r_c, r_r = scorer.score_token_pairs(token_pairs)
         ids, groups = [str(i) for i in range(n)], [""] * n
     elif fmt_used == "pairs":

@@ -1,10 +1,11 @@
 """Attention over packed rows: who may see whom, and the backends that compute it.
 
-A row of length S holds several attention *segments* (whole sequences or whole preference
-pairs) back to back, then padding. Inside a segment, tokens carry a *branch*: 0 for tokens
-every later token of the segment may see (the prompt, or all of a plain sequence), 1 for the
-chosen response and 2 for the rejected response of the shared-prefix layout ``[P C R]``, where
-R must not see C. Query q may attend key k iff
+A row of length S holds several attention *segments* (whole sequences, whole preference
+pairs, or a group's prompt with its responses) back to back, then padding. Inside a segment, tokens
+carry a *branch*: 0 for tokens every later token of the segment may see (the prompt, or all of a
+plain sequence), and 1, 2, ... for responses that share that prompt but must not see each other:
+the chosen (1) and rejected (2) response of the shared-prefix layout ``[P C R]``, or the responses
+R1 .. RK (branches 1 .. K) of a group row ``[P R1 ... RK]``. Query q may attend key k iff
 
     segment[q] == segment[k] != -1  and  k <= q  and  (branch[k] == 0 or branch[k] == branch[q])
 
@@ -28,17 +29,20 @@ Backends (``ATTENTION_BACKENDS``; all compute that rule, with 1/sqrt(D) scaling)
 
 A *problem* is one call of a varlen kernel with bottom-right causal alignment: queries Q (length lq)
 over keys K (length lk >= lq), query i seeing key j iff j <= i + lk - lq. Each segment of branch pattern
-``0^p a^x b^y`` (a != b in {1, 2}, any of p, x, y possibly 0) gives
+``0^p b1^x1 b2^x2 ... bK^xK`` (nonzero, pairwise distinct branch ids, each response one run; p may be 0,
+K may be 0) gives
 
-    A: the queries [P X] over the keys [P X]          (lq = lk = p + x, plain causal)
-    B: the queries  Y    over the keys [P Y], if x, y > 0   (lq = y, lk = p + y: Y sees all of P, causal in Y)
+    A: the queries [P X1] over the keys [P X1]            (lq = lk = p + x1, plain causal)
+    B: for each later run Xi, the queries Xi over the keys [P Xi]
+                                                          (lq = xi, lk = p + xi: Xi sees all of P, causal in Xi)
 
-so in the shared-prefix layout ``[P C R]`` the prompt is encoded once and attended by both responses,
-and a plain segment is one square problem. The varlen backends make ONE kernel call over all problems
+so in the shared-prefix layout ``[P C R]`` (K = 2) and in a group row (any K up to MAX_BRANCH) the
+prompt is encoded once and attended by every response, and a plain segment is one square problem. The varlen backends make ONE kernel call over all problems
 (``VarlenPlan``): every real token is gathered once as a query, the keys of a B problem repeat P, so
 ``cu_seqlens_q != cu_seqlens_k`` and the kernel's bottom-right alignment does the rest. Padding tokens are no problem: their output is their own
 value vector, which is exactly what attending only to itself gives. Segments of any other branch
-pattern (never produced by the packers) make the varlen backends raise; ``segmented`` then uses the
+pattern (shared tokens after a response, a branch id in two runs; never produced by the packers) make
+the varlen backends raise; ``segmented`` then uses the
 dense reference and ``auto`` uses flex (or segmented where flex is not usable).
 """
 from __future__ import annotations
@@ -60,6 +64,10 @@ PAD_SEGMENT = -1
 FLEX_MASK_IN_COMPILED_REGION = ("the flex block mask of this batch was first asked for inside a torch.compile'd "
                                 "region: call attn.flex_block_mask(device) before it, so it is built eagerly")
 SHARED_BRANCH, CHOSEN_BRANCH, REJECTED_BRANCH = 0, 1, 2
+# Branch ids are int8 (one byte per token beside the int32 segment ids; the flex mask reads them per
+# (query, key) block): responses 1 .. 127 of one segment. A group with more responses than that is split
+# into several segments, each repeating the prompt (megapmp.data.packing.group_pieces).
+MAX_BRANCH = 127
 
 
 @dataclass
@@ -67,7 +75,8 @@ class AttentionInputs:
     """Everything an attention backend needs to know about how rows are packed.
 
     ``segment_ids``: int32 [R, S], the segment of its row each token belongs to, -1 for padding.
-    ``branch_ids``: int8 [R, S], 0 shared, 1 chosen response, 2 rejected response.
+    ``branch_ids``: int8 [R, S], 0 shared; 1, 2, ... the responses of a segment (1 chosen and 2 rejected
+    in the shared-prefix layout, 1 .. K in a group row), at most MAX_BRANCH.
     ``cu_seqlens``: int32 [n_runs + 1], boundaries of the contiguous runs of equal segment id
     over the flattened R*S tokens (each padding run is a run of its own), for varlen kernels.
     ``max_seqlen``: the longest such run.
@@ -101,8 +110,10 @@ class AttentionInputs:
         segment_ids = torch.as_tensor(segment_ids, dtype=torch.int32)
         if branch_ids is None:
             branch_ids = torch.zeros_like(segment_ids, dtype=torch.int8)
-        branch_ids = torch.as_tensor(branch_ids, dtype=torch.int8, device=segment_ids.device)
+        # Checked before the cast to int8, which would wrap an id of 128 or more silently.
+        branch_ids = torch.as_tensor(branch_ids, device=segment_ids.device)
         _check_ids(segment_ids, branch_ids)
+        branch_ids = branch_ids.to(torch.int8)
         cu_seqlens = _run_boundaries(segment_ids)
         max_seqlen = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
         return cls(segment_ids, branch_ids, cu_seqlens, max_seqlen)
@@ -206,8 +217,8 @@ def _check_ids(segment_ids: torch.Tensor, branch_ids: torch.Tensor) -> None:
     problems = []
     if bool((segment_ids < PAD_SEGMENT).any()):
         problems.append("segment ids below -1")
-    if bool(((branch_ids < 0) | (branch_ids > REJECTED_BRANCH)).any()):
-        problems.append("branch ids outside {0, 1, 2}")
+    if bool(((branch_ids < 0) | (branch_ids > MAX_BRANCH)).any()):
+        problems.append(f"branch ids outside [0, {MAX_BRANCH}]")
     seq_len = segment_ids.shape[1]
     run_starts = _run_starts(segment_ids)
     run_segments = segment_ids.reshape(-1)[run_starts]
@@ -290,8 +301,10 @@ def _as_numpy(x) -> np.ndarray:
 
 
 def segment_structure(segment_ids, branch_ids) -> np.ndarray | None:
-    """int64 [n_segments, 4]: (flat start, p, x, y) of each real segment, whose branch ids read
-    ``0^p a^x b^y`` (a != b nonzero; see the module docstring); None if some segment reads otherwise.
+    """int64 [n_segments, 2 + W]: (flat start, p, x1, ..., xW) of each real segment, whose branch ids read
+    ``0^p b1^x1 ... bK^xK`` (nonzero, pairwise distinct b; see the module docstring), the run lengths
+    x1 .. xK followed by zeros up to W = max(2, the largest K); None if some segment reads otherwise.
+    A plain segment is (start, its length, 0, ...), the shared-prefix ``[P C R]`` (start, p, c, r).
 
     Accepts numpy arrays or tensors of shape [R, S]; segments are listed in flat order.
     """
@@ -310,29 +323,34 @@ def segment_structure(segment_ids, branch_ids) -> np.ndarray | None:
         b = branch[lo:hi]
         nonzero = np.flatnonzero(b)
         if nonzero.size == 0:
-            out.append((lo, hi - lo, 0, 0))
+            out.append((lo, hi - lo))
             continue
         p = int(nonzero[0])
         rest = b[p:]
-        change = np.flatnonzero(rest != rest[0])
-        x = int(change[0]) if change.size else rest.size
-        tail = rest[x:]
-        if tail.size and (tail[0] == SHARED_BRANCH or (tail != tail[0]).any()):
-            return None
-        out.append((lo, p, x, tail.size))
-    return np.asarray(out, dtype=np.int64).reshape(-1, 4)
+        run_starts = np.flatnonzero(np.diff(rest)) + 1  # where the branch id changes after P
+        run_ids = rest[np.concatenate(([0], run_starts))]
+        if (run_ids == SHARED_BRANCH).any() or np.unique(run_ids).size != run_ids.size:
+            return None  # shared tokens after a response, or one response in several runs
+        runs = np.diff(np.concatenate(([0], run_starts, [rest.size])))
+        out.append((lo, p, *runs.tolist()))
+    width = max([2] + [len(row) - 2 for row in out])
+    table = np.zeros((len(out), 2 + width), dtype=np.int64)
+    for i, row in enumerate(out):
+        table[i, : len(row)] = row
+    return table
 
 
 def _problems(structure: np.ndarray):
     """Per problem: (query ranges, key ranges) as lists of flat [lo, hi) ranges."""
     problems = []
-    for start, p, x, y in structure.tolist():
-        if x and y:
-            problems.append(([(start, start + p + x)], [(start, start + p + x)]))
-            tail = start + p + x
-            problems.append(([(tail, tail + y)], [(start, start + p), (tail, tail + y)]))
-        else:
-            problems.append(([(start, start + p + x + y)], [(start, start + p + x + y)]))
+    for start, p, first, *later in structure.tolist():
+        head = start + p + first
+        problems.append(([(start, head)], [(start, head)]))  # [P X1] causal, or the plain segment
+        for x in later:
+            if not x:
+                break  # the table's zero padding
+            problems.append(([(head, head + x)], [(start, start + p), (head, head + x)]))
+            head += x
     return problems
 
 
@@ -566,7 +584,7 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn: At
     [T, H, D] tensors, bottom-right causal), scatter back; shared by flash_attn / torch_varlen / tests."""
     plan = attn.varlen_plan(q.device)
     if plan is None:
-        raise ValueError("a segment's branch ids are not of the form shared* a* b* (see megapmp.model.attention); "
+        raise ValueError("a segment's branch ids are not of the form shared* b1* ... bK* (see megapmp.model.attention); "
                          "the varlen backends cannot express that mask: use attention backend 'sdpa'")
     rows, seq_len, heads, dim = q.shape
     groups = heads // k.shape[2]

@@ -11,7 +11,9 @@ prompt and candidate responses with a correctness label each. Then, the same for
   pair_records(groups, ...)                                    pairs JSONL records: prompt, chosen, rejected,
                                                                 group (= the source question's id), id
 
-A `{prompt, responses, labels}` output needs nothing more than the groups themselves.
+  group_records(groups, ...)                                   the group form instead (megapmp.data.groups):
+                                                                prompt, responses, labels, group, id; one record
+                                                                per question, every labelled pair in it
 
 Recipes (each one a function from files to groups, bad records raising ``InputError`` naming FILE:LINE):
 
@@ -177,6 +179,33 @@ def pair_records(groups: Iterable[QuestionGroup], style: str, seed: int, max_pai
     return records
 
 
+def group_records(groups: Iterable[QuestionGroup], style: str, seed: int, drops: Drops) -> list[dict]:
+    """Group-form records (``tools/preprocess_pairs.py --groups``) of ``groups``: style ``all`` keeps every
+    response of a question with its label, so the records hold exactly the pairs ``pair_records`` would write
+    with ``all``; style ``one`` the two responses of the one pair it would draw. Questions without a correct
+    and an incorrect response are counted and left out."""
+    records = []
+    for g in groups:
+        chosen_rejected = pairs_of_group(g, style, seed)
+        if not chosen_rejected:
+            drops.add("question_without_correct_and_incorrect")
+            continue
+        if style == "one":
+            (c, w), = chosen_rejected
+            responses, labels = [g.responses[c], g.responses[w]], [True, False]
+        else:
+            responses, labels = list(g.responses), list(g.labels)
+        records.append({"prompt": g.prompt, "responses": responses, "labels": labels, "group": g.id, "id": g.id})
+    return records
+
+
+def _record_pairs(record: dict) -> int:
+    if "labels" in record:
+        good = sum(record["labels"])
+        return good * (len(record["labels"]) - good)
+    return 1
+
+
 @dataclass
 class SplitPairs:
     train: list[dict]
@@ -186,22 +215,29 @@ class SplitPairs:
 
 def build_split_pairs(train_groups: list[QuestionGroup], test_groups: list[QuestionGroup], *, train_style: str,
                       test_style: str, seed: int, max_pairs: int | None, drops: Drops,
-                      leaked_removed: int = 0) -> SplitPairs:
-    """Pairs of both sides, after the no-leakage check; stats count questions, responses and pairs."""
+                      leaked_removed: int = 0, train_form: str = "pairs") -> SplitPairs:
+    """Pairs of both sides, after the no-leakage check; stats count questions, responses and pairs.
+    ``train_form="groups"`` writes the training side in the group form (``group_records``; the test side stays
+    pairs, what rm-accuracy reads); it takes no ``max_pairs``, every labelled pair of a question being in it."""
+    if train_form not in ("pairs", "groups"):
+        raise ValueError(f"train form {train_form!r} is not pairs or groups")
+    if train_form == "groups" and max_pairs is not None:
+        raise ValueError("--max-pairs-per-question draws pairs: the group form keeps every labelled pair of a question")
     split = check_no_leakage(train_groups, test_groups)
     split["test_questions_removed_as_in_train"] = leaked_removed
-    train = pair_records(train_groups, train_style, seed, max_pairs, drops)
+    train = (group_records(train_groups, train_style, seed, drops) if train_form == "groups" else
+             pair_records(train_groups, train_style, seed, max_pairs, drops))
     test = pair_records(test_groups, test_style, seed, max_pairs, drops)
 
-    def side(groups, pairs):
+    def side(groups, records):
         labels = [ok for g in groups for ok in g.labels]
         return {"questions": len(groups), "responses": len(labels), "correct": sum(labels),
-                "incorrect": len(labels) - sum(labels), "pairs": len(pairs),
-                "questions_with_pairs": len({p["group"] for p in pairs})}
+                "incorrect": len(labels) - sum(labels), "pairs": sum(_record_pairs(r) for r in records),
+                "questions_with_pairs": len({r["group"] for r in records})}
 
     stats = {"split": split, "train": side(train_groups, train), "test": side(test_groups, test),
              "styles": {"train": train_style, "test": test_style}, "max_pairs_per_question": max_pairs,
-             "seed": seed}
+             "train_form": train_form, "seed": seed}
     return SplitPairs(train, test, stats)
 
 
