@@ -6,7 +6,6 @@ answer must be counted and dropped, never crash)."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 

@@ -5,7 +5,6 @@ pairs to a trained judge evaluated on CodePrefBench."""
 
 from __future__ import annotations
 
-import gzip
 import importlib.util
 import json
 import os

@@ -1,4 +1,4 @@
-"""Pieces the step benchmarks share (tools/bench_train.py, tools/bench_mfu.py): CodePMP-shaped random pairs,
+"""Pieces the benchmarks share (tools/bench_train.py, tools/bench_mfu.py, bench_shapes.py, bench_scoring.py): CodePMP-shaped random pairs,
 a real pair shard written from them, the seed approach's training step, and process memory readings.
 
 The seed approach (``BaselineSide``) is CodePMP's reward_trainer.py: HF Qwen2ForSequenceClassification on
@@ -9,6 +9,7 @@ chosen-response tokens; HF gradient checkpointing optional (CodePMP's launch scr
 
 from __future__ import annotations
 
+import argparse
 import ctypes
 import os
 from pathlib import Path
@@ -27,6 +28,21 @@ from megapmp.optim import build_optimizer
 PAD_ID, EOS_ID = 0, 1  # random token ids are drawn from [2, vocab): pad never equals a real token
 
 log = get_logger("bench")
+
+
+# --------------------------------------------------------------------------------------------------
+# Command lines
+
+
+def length_range(text: str) -> tuple[int, int]:
+    """argparse type of a --prompt-len / --response-len range: "LO,HI" with 1 <= LO <= HI."""
+    try:
+        lo, hi = (int(x) for x in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected LO,HI (two integers)") from None
+    if not 1 <= lo <= hi:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected LO,HI with 1 <= LO <= HI")
+    return lo, hi
 
 
 # --------------------------------------------------------------------------------------------------

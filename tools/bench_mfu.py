@@ -112,7 +112,7 @@ TOOLS = Path(__file__).resolve().parent
 sys.path.insert(0, str(TOOLS.parent))  # run from a checkout without installing
 sys.path.insert(0, str(TOOLS))  # _bench_common
 
-from _bench_common import (BaselineSide, log, proc_status_bytes, random_pairs,  # noqa: E402
+from _bench_common import (BaselineSide, length_range, log, proc_status_bytes, random_pairs,  # noqa: E402
                            reset_peak_rss, return_freed_memory_to_os, write_pair_shard)
 from megapmp.config import MODEL_PRESETS, load_train_config, model_preset, parse_overrides  # noqa: E402
 from megapmp.data.loader import StepLoader  # noqa: E402
@@ -710,16 +710,6 @@ def preset_result(preset: str, sides: dict) -> dict:
 
 # --------------------------------------------------------------------------------------------------
 # Command line
-
-
-def length_range(text: str) -> tuple[int, int]:
-    try:
-        lo, hi = (int(x) for x in text.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r}: expected LO,HI (two integers)") from None
-    if not 1 <= lo <= hi:
-        raise argparse.ArgumentTypeError(f"{text!r}: expected LO,HI with 1 <= LO <= HI")
-    return lo, hi
 
 
 def parse_args(argv):

@@ -32,7 +32,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # _bench_common
+
+from _bench_common import length_range  # noqa: E402
 
 from megapmp.config import ModelConfig  # noqa: E402
 from megapmp.convert.source import ScoringRecipe  # noqa: E402
@@ -43,16 +46,6 @@ from megapmp.model import Qwen2RewardModel  # noqa: E402
 
 log = get_logger("bench_scoring")
 BASELINE = "duplicated"
-
-
-def length_range(text: str) -> tuple[int, int]:
-    try:
-        lo, hi = (int(x) for x in text.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r}: expected LO,HI (two integers)") from None
-    if not 1 <= lo <= hi:
-        raise argparse.ArgumentTypeError(f"{text!r}: expected LO,HI with 1 <= LO <= HI")
-    return lo, hi
 
 
 def parse_args(argv=None) -> argparse.Namespace:

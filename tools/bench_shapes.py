@@ -38,7 +38,7 @@ TOOLS = Path(__file__).resolve().parent
 sys.path.insert(0, str(TOOLS.parent))  # run from a checkout without installing
 sys.path.insert(0, str(TOOLS))
 
-from _bench_common import log, random_pairs, write_pair_shard  # noqa: E402
+from _bench_common import length_range, log, random_pairs, write_pair_shard  # noqa: E402
 from megapmp.data.loader import StepLoader  # noqa: E402
 from megapmp.data.packing import PAIR_LAYOUTS as LAYOUTS  # noqa: E402
 
@@ -72,16 +72,6 @@ def replay(shard: str, layout: str, policy: str, args) -> dict:
         out.update(micro_batch_tokens=b.tokens, fitted=b.fitted, fit_expected_padding=b.expected_padding,
                    fit_extra_micro_batch_rate=b.extra_micro_batch_rate)
     return out
-
-
-def length_range(text: str) -> tuple[int, int]:
-    try:
-        lo, hi = (int(x) for x in text.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r}: expected LO,HI (two integers)") from None
-    if not 1 <= lo <= hi:
-        raise argparse.ArgumentTypeError(f"{text!r}: expected LO,HI with 1 <= LO <= HI")
-    return lo, hi
 
 
 def parse_args(argv):

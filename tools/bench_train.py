@@ -92,7 +92,7 @@ import time
 import numpy as np
 import torch
 
-from _bench_common import (EOS_ID, PAD_ID, BaselineSide, Side, amp_dtype, pick_device,  # tools/
+from _bench_common import (EOS_ID, PAD_ID, BaselineSide, Side, amp_dtype, length_range, pick_device,  # tools/
                            proc_status_bytes, random_pairs, real_tokens, reset_peak_rss)
 from megapmp.config import MODEL_PRESETS, DataConfig, ModelConfig, TrainConfig, model_preset
 from megapmp.data.datasets import Pair, expand_group
@@ -127,13 +127,6 @@ def model_config(args) -> ModelConfig:
         config.vocab_size = args.vocab
     config.validate()
     return config
-
-
-def length_range(text: str) -> tuple[int, int]:
-    lo, hi = (int(x) for x in text.split(","))
-    if not 1 <= lo <= hi:
-        raise argparse.ArgumentTypeError(f"{text!r}: expected LO,HI with 1 <= LO <= HI")
-    return lo, hi
 
 
 def step_pairs(args, step: int, vocab: int) -> list[Pair]:

@@ -42,7 +42,7 @@ import torch
 from megapmp.checkpoint import CheckpointError, is_sharded, latest_checkpoint, load_model_weights
 from megapmp.config import ModelConfig
 from megapmp.convert.hf import from_hf_config, from_hf_state_dict, load_hf_state_dict, merge_separate_lm_head
-from megapmp.data.shards import EOS_POLICIES, ShardMeta, load_shard_tokenizer, recipe_problems
+from megapmp.data.shards import ShardMeta, load_shard_tokenizer, recipe_problems
 from megapmp.data.tokenizers import load_tokenizer
 
 SCORING_FILE = "megapmp_scoring.json"

@@ -41,7 +41,7 @@ from pathlib import Path
 
 import numpy as np
 
-from megapmp.io import InputError, parse_json_line
+from megapmp.io import InputError, parse_json_line, text_field
 
 GROUP_KEYS = ("prompt", "responses", "labels")  # --keys for groups: prompt, responses, labels fields
 CHOSEN_KEY, REJECTED_KEY = "chosen", "rejected"  # the second record form
@@ -199,7 +199,7 @@ def parse_group_record(file: str, line_no: int, raw: bytes, keys: tuple[str, str
     if not isinstance(record, dict):
         raise InputError(file, line_no, None, f"expected a JSON object, got {type(record).__name__}")
     prompt_key, responses_key, labels_key = keys
-    prompt = _text(file, line_no, record, prompt_key)
+    prompt = text_field(file, line_no, record, prompt_key)
     listed = responses_key in record or labels_key in record
     split = CHOSEN_KEY in record or REJECTED_KEY in record
     if listed and split:
@@ -228,17 +228,6 @@ def parse_group_record(file: str, line_no: int, raw: bytes, keys: tuple[str, str
         raise InputError(file, line_no, labels_key if listed else REJECTED_KEY,
                          "all labels are equal: the group has no pair to learn from")
     return prompt, responses, labels
-
-
-def _text(file, line_no, record, key) -> str:
-    if key not in record:
-        raise InputError(file, line_no, key, "missing field")
-    value = record[key]
-    if not isinstance(value, str):
-        raise InputError(file, line_no, key, f"expected a string, got {type(value).__name__}")
-    if not value.strip():
-        raise InputError(file, line_no, key, "empty field")
-    return value
 
 
 def _texts(file, line_no, record, key) -> list[str]:
@@ -288,9 +277,10 @@ def identical_across_labels(responses: list[str], labels: np.ndarray) -> tuple[i
 
 
 def fit_group(prompt: list[int], responses: list[list[int]], max_length: int, eos_id: int | None):
-    """The truncation policy of ``megapmp.data.preprocess.fit_pair`` for K responses: the prompt is cut from
-    the left just enough for the longest response (never below min(len(prompt), max_length // 2)), then each
-    response still too long is cut from the right, its last kept token replaced by EOS when EOS is appended.
+    """The truncation policy of every record (megapmp.data.preprocess.fit_pair is its K = 2 case): the prompt is
+    cut from the left (its end, next to the responses, is kept) just enough for the longest response to fit, but
+    never below min(len(prompt), max_length // 2) tokens; then each response still too long is cut from the
+    right, its last kept token replaced by EOS when EOS is appended (the reward is read there).
     Returns (prompt, responses, tokens_removed)."""
     longest = max(len(r) for r in responses)
     if len(prompt) + longest <= max_length:

@@ -81,27 +81,13 @@ def fit_pair(prompt: list[int], chosen: list[int], rejected: list[int], max_leng
        longest response to fit, but never below min(len(prompt), max_length // 2) tokens.
     2. A response still too long is cut from the right; if EOS is appended by policy, the last kept
        token is replaced by EOS, because the reward is read there.
-    Returns (prompt, chosen, rejected, tokens_removed).
+    Returns (prompt, chosen, rejected, tokens_removed). The policy lives in megapmp.data.groups.fit_group
+    (K responses); a pair is its K = 2 case.
     """
-    longest = max(len(chosen), len(rejected))
-    if len(prompt) + longest <= max_length:
-        return prompt, chosen, rejected, 0
-    keep_prompt = max(max_length - longest, min(len(prompt), max_length // 2))
-    keep_prompt = min(keep_prompt, len(prompt))
-    new_prompt = prompt[len(prompt) - keep_prompt :]
-    room = max_length - keep_prompt
+    from megapmp.data.groups import fit_group
 
-    def cut(response: list[int]) -> list[int]:
-        if len(response) <= room:
-            return response
-        kept = response[:room]
-        if eos_id is not None:
-            kept[-1] = eos_id
-        return kept
-
-    new_chosen, new_rejected = cut(chosen), cut(rejected)
-    removed = (len(prompt) - keep_prompt) + (len(chosen) - len(new_chosen)) + (len(rejected) - len(new_rejected))
-    return new_prompt, new_chosen, new_rejected, removed
+    prompt, (chosen, rejected), removed = fit_group(prompt, [chosen, rejected], max_length, eos_id)
+    return prompt, chosen, rejected, removed
 
 
 @dataclass

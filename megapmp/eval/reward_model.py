@@ -33,11 +33,12 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from megapmp.convert.source import EOS_POLICIES, ConvertError, ScoringRecipe, load_model_source, scoring_recipe
+from megapmp.convert.source import ConvertError, ScoringRecipe, load_model_source, scoring_recipe
 from megapmp.data.datasets import Pair
 from megapmp.data.groups import Group
 from megapmp.data.packing import flatten_rows, pack_groups, pair_packed_length
 from megapmp.data.preprocess import fit_pair, resolve_template
+from megapmp.data.shards import EOS_POLICIES
 from megapmp.device import autocast_dtype, pick_device
 from megapmp.eval.batch_invariant import DEFAULT_TILE_TOKENS, PACKINGS, invariant_attention_backend
 from megapmp.eval.batch_invariant import score_sequences as score_invariant

@@ -23,7 +23,6 @@ CLI: ``tools/verified_pairs.py``.
 from __future__ import annotations
 
 import ast
-import json
 import os
 import re
 import sys
