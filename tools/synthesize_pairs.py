@@ -38,7 +38,6 @@ from __future__ import annotations
 import argparse
 import functools
 import json
-import os
 import sys
 import time
 from dataclasses import dataclass
@@ -51,9 +50,13 @@ from megapmp.synth.commits import CommitConfig, commit_instruct
 from megapmp.synth.critic_evol import CriticEvolConfig, critic_evol, humaneval_instructions
 from megapmp.synth.filters import PairFilter
 from megapmp.synth.generate import GenerationConfig, generate_pairs, read_records, summarize
-from megapmp.synth.llm import BACKENDS, MODES, Backend, BackendError, SamplingParams, make_backend
+from megapmp.synth.llm import BackendError, SamplingParams
 from megapmp.synth.rules import MUTATION_KINDS, DescribeConfig, RulesConfig, snippet_to_pair
 from megapmp.synth.stages import read_snippets, run_rules
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # tools/_backend_args.py, also when loaded by path
+
+from _backend_args import add_backend_arguments, backend_from_args  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -230,41 +233,6 @@ def add_sampling_arguments(p, defaults: SamplingParams = SamplingParams()) -> No
 def sampling_from_args(args) -> SamplingParams:
     return SamplingParams(temperature=args.temperature, top_p=args.top_p, max_tokens=args.max_tokens,
                           seed=args.seed, stop=tuple(args.stop) if args.stop else None)
-
-
-def add_backend_arguments(p, required: bool = True) -> None:
-    g = p.add_argument_group("backend")
-    g.add_argument("--backend", choices=BACKENDS, required=required, default=None,
-                   help="openai: any OpenAI-compatible server (vLLM `vllm serve`, TGI, SGLang, "
-                        "`python tools/serve_models.py`) at --base-url; vllm: vLLM's offline engine in "
-                        "this process (GPU; pip install 'megapmp[synth]')")
-    g.add_argument("--base-url", default=None, metavar="URL", help="e.g. http://127.0.0.1:8000 (/v1 optional)")
-    g.add_argument("--mode", choices=MODES, default="completions",
-                   help="completions: send the prompt as raw text, as CodePMP's prompts are written (default); "
-                        "chat: one user message through the model's chat template")
-    g.add_argument("--api-key-env", default="OPENAI_API_KEY", metavar="VAR",
-                   help="environment variable holding the API key (default OPENAI_API_KEY; 'EMPTY' if unset)")
-    g.add_argument("--concurrency", type=int, default=8, help="HTTP requests in flight per model (default 8)")
-    g.add_argument("--timeout", type=float, default=300.0, metavar="S", help="per request (default 300)")
-    g.add_argument("--max-retries", type=int, default=5,
-                   help="retries on connection errors, timeouts, 408/409/429 and 5xx, after the openai SDK's "
-                        "exponential backoff or the server's Retry-After (default 5)")
-    g.add_argument("--batch-size", type=int, default=64,
-                   help="records per batch: the unit of progress and of the output's flushes (default 64)")
-    g.add_argument("--tensor-parallel-size", type=int, default=1, help="vllm: GPUs per model")
-    g.add_argument("--dtype", default="auto", help="vllm: model dtype (default auto)")
-    g.add_argument("--gpu-memory-utilization", type=float, default=0.9,
-                   help="vllm: fraction of GPU memory per engine (default 0.9; ~0.45 for two models on one GPU)")
-    g.add_argument("--max-model-len", type=int, default=None, help="vllm: context length")
-
-
-def backend_from_args(args, model: str, base_url: str | None = None) -> Backend:
-    return make_backend(args.backend, model, base_url=base_url or args.base_url, mode=args.mode,
-                        api_key=os.environ.get(args.api_key_env, "EMPTY"), concurrency=args.concurrency,
-                        timeout_s=args.timeout, max_retries=args.max_retries,
-                        tensor_parallel_size=args.tensor_parallel_size, dtype=args.dtype,
-                        gpu_memory_utilization=args.gpu_memory_utilization, max_model_len=args.max_model_len,
-                        seed=args.seed if args.seed is not None else 0)
 
 
 def _add_common(p, output_help: str) -> None:
