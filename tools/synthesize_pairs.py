@@ -141,6 +141,19 @@ def report(stats: dict, path: str | None) -> None:
         write_text_atomic(path, text + "\n")
 
 
+def add_pair_filter_arguments(p) -> None:
+    """The PairFilter's length-ratio bounds, for every subcommand that writes pairs."""
+    f = PairFilter()
+    p.add_argument("--min-length-ratio", type=float, default=f.min_length_ratio, metavar="R",
+                   help=f"drop pairs whose chosen/rejected character-length ratio is below R (default {f.min_length_ratio})")
+    p.add_argument("--max-length-ratio", type=float, default=f.max_length_ratio, metavar="R",
+                   help=f"drop pairs whose chosen/rejected character-length ratio is above R (default {f.max_length_ratio})")
+
+
+def pair_filter_from_args(args) -> PairFilter:
+    return PairFilter(args.min_length_ratio, args.max_length_ratio)
+
+
 # ---------------------------------------------------------------------------------------------------
 # collect
 
@@ -177,10 +190,7 @@ def add_rules_arguments(p: argparse.ArgumentParser) -> None:
                         f"(default all: {','.join(MUTATION_KINDS)})")
     g.add_argument("--docstring", default="first", choices=["first", "all"],
                    help="use the docstring's first paragraph (default) or all of it in the description")
-    g.add_argument("--min-length-ratio", type=float, default=PairFilter.min_length_ratio, metavar="R",
-                   help="drop pairs whose chosen/rejected character-length ratio is below R (default 0.5)")
-    g.add_argument("--max-length-ratio", type=float, default=PairFilter.max_length_ratio, metavar="R",
-                   help="drop pairs whose chosen/rejected character-length ratio is above R (default 2.0)")
+    add_pair_filter_arguments(g)
     g.add_argument("--workers", type=int, default=1, metavar="N",
                    help="processes for describe+mutate; the output is identical for any N (default 1)")
     g.add_argument("--flush-every", type=int, default=256, metavar="N",
@@ -199,7 +209,7 @@ def run_rules_command(args: argparse.Namespace) -> int:
         inputs = {"sources": [str(Path(s).resolve()) for s in args.source], "collect": collect_stats["config"]}
     config = RulesConfig(seed=args.seed, kinds=tuple(args.mutations.split(",")),
                          describe=DescribeConfig(docstring=args.docstring))
-    pair_filter = PairFilter(args.min_length_ratio, args.max_length_ratio)
+    pair_filter = pair_filter_from_args(args)
     # --limit, --workers and --flush-every do not change any line, so a resume may change them.
     fingerprint = {"command": "rules", **inputs, "seed": config.seed, "kinds": list(config.kinds),
                    "docstring": args.docstring, "filter": [pair_filter.min_length_ratio, pair_filter.max_length_ratio]}
@@ -283,16 +293,12 @@ def add_generate_arguments(p) -> None:
                    help="server of the weak model when it is not --base-url")
     add_backend_arguments(p)
     add_sampling_arguments(p)
-    f = PairFilter()
-    p.add_argument("--min-length-ratio", type=float, default=f.min_length_ratio, metavar="R",
-                   help=f"drop pairs whose chosen/rejected character-length ratio is below R (default {f.min_length_ratio})")
-    p.add_argument("--max-length-ratio", type=float, default=f.max_length_ratio, metavar="R",
-                   help=f"drop pairs whose chosen/rejected character-length ratio is above R (default {f.max_length_ratio})")
+    add_pair_filter_arguments(p)
 
 
 def run_generate(args) -> int:
     descriptions = read_records(args.input)
-    pair_filter = PairFilter(args.min_length_ratio, args.max_length_ratio)
+    pair_filter = pair_filter_from_args(args)
     strong = backend_from_args(args, args.strong_model)
     weak = backend_from_args(args, args.weak_model, base_url=args.weak_base_url)
     try:
@@ -321,9 +327,7 @@ def add_commits_arguments(p) -> None:
                    help=f"drop commits changing more functions (default {d.max_functions})")
     p.add_argument("--max-function-lines", type=int, default=d.max_function_lines, metavar="N",
                    help=f"drop commits whose changed function is longer (default {d.max_function_lines})")
-    f = PairFilter()
-    p.add_argument("--min-length-ratio", type=float, default=f.min_length_ratio, metavar="R")
-    p.add_argument("--max-length-ratio", type=float, default=f.max_length_ratio, metavar="R")
+    add_pair_filter_arguments(p)
     p.add_argument("--model", default=None, metavar="M", help="with --backend: the model of CodeFavor's stages")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_backend_arguments(p, required=False)
@@ -339,7 +343,7 @@ def run_commits(args) -> int:
     backend = backend_from_args(args, args.model) if args.backend else None
     try:
         stats = commit_instruct(args.repo, args.output, backend, config, sampling_from_args(args),
-                                PairFilter(args.min_length_ratio, args.max_length_ratio),
+                                pair_filter_from_args(args),
                                 batch_size=args.batch_size, limit=args.limit, progress=not args.no_progress)
     finally:
         if backend:
@@ -376,11 +380,7 @@ def add_critic_evol_arguments(p) -> None:
                    help=f"default {d.critic_sampling.temperature}")
     c.add_argument("--critic-max-tokens", type=int, default=d.critic_sampling.max_tokens,
                    help=f"new tokens per review (default {d.critic_sampling.max_tokens})")
-    f = PairFilter()
-    p.add_argument("--min-length-ratio", type=float, default=f.min_length_ratio, metavar="R",
-                   help=f"drop pairs whose chosen/rejected character-length ratio is below R (default {f.min_length_ratio})")
-    p.add_argument("--max-length-ratio", type=float, default=f.max_length_ratio, metavar="R",
-                   help=f"drop pairs whose chosen/rejected character-length ratio is above R (default {f.max_length_ratio})")
+    add_pair_filter_arguments(p)
 
 
 def run_critic_evol(args) -> int:
@@ -399,7 +399,7 @@ def run_critic_evol(args) -> int:
     weak = backend_from_args(args, args.weak_model, base_url=args.weak_base_url) if args.weak_model else None
     try:
         stats = critic_evol(records, args.output, critic, weak, config,
-                            PairFilter(args.min_length_ratio, args.max_length_ratio),
+                            pair_filter_from_args(args),
                             instruction_key=args.instruction_key, limit=args.limit, progress=not args.no_progress)
     finally:
         critic.close()
