@@ -245,8 +245,7 @@ def _escape_storage_budget_split(sb) -> tuple[bool, str]:
         "            with _io.open('%s/fill%s-%d' % (d, d.replace('/', '-'), i), 'wb') as f:\n                f.write(b'x' * (1 << 20))\n"
         "            stored += 1\n        except OSError:\n            break\nprint('stored', stored, 'MB')\n")
     r = sb.run_untrusted(code, timeout_s=20.0, memory_mb=64)
-    stored = _count(r, "stored")
-    return _ran(r) and stored is not None and stored <= 64, f"budget 64 MB; {_out(r)}"
+    return _ran_counting(r, "stored", at_most=64), f"budget 64 MB; {_out(r)}"
 
 
 def _escape_fork_limit(sb) -> tuple[bool, str]:
@@ -255,8 +254,7 @@ def _escape_fork_limit(sb) -> tuple[bool, str]:
         "    except OSError:\n        break\n    if pid == 0:\n        time.sleep(20)\n        posix._exit(0)\n"
         "    forked += 1\nprint('forked', forked, flush=True)\n")
     r = sb.run_untrusted(code, timeout_s=10.0, max_procs=16)
-    forked = _count(r, "forked")
-    return _ran(r) and forked is not None and forked < 16, f"max_procs 16; {_out(r)}"
+    return _ran_counting(r, "forked", at_most=15), f"max_procs 16; {_out(r)}"
 
 
 def _escape_sysv_shared_memory(sb) -> tuple[bool, str]:
@@ -272,7 +270,7 @@ def _escape_sysv_shared_memory(sb) -> tuple[bool, str]:
         "for _ in range(64):\n    if libc.msgget(0, 0o600) < 0:\n        print('msgget refused', ctypes.get_errno())\n"
         "        break\nelse:\n    print('64 message queues (16 KiB each)')\n")
     r = sb.run_untrusted(code, timeout_s=20.0, memory_mb=64)
-    return _ran(r) and _count(r, "stored") == 0 and "msgget refused" in r.stdout, f"budget 64 MB; {_out(r)}"
+    return _ran_counting(r, "stored", at_most=0) and "msgget refused" in r.stdout, f"budget 64 MB; {_out(r)}"
 
 
 def _escape_tmpfs_inodes(sb) -> tuple[bool, str]:
@@ -283,8 +281,7 @@ def _escape_tmpfs_inodes(sb) -> tuple[bool, str]:
         "        posix.close(posix.open('f%d' % i, posix.O_CREAT | posix.O_WRONLY, 0o600))\n        created += 1\n"
         "except OSError as e:\n    print(e)\nprint('created', created, flush=True)\n")
     r = sb.run_untrusted(code, timeout_s=20.0, memory_mb=32)
-    created = _count(r, "created")
-    contained = _ran(r) and created is not None and created <= 32 << 10
+    contained = _ran_counting(r, "created", at_most=32 << 10)
     return contained, f"budget 32 MB (at most 32768 inodes of about 1 KiB); {_out(r)}"
 
 
@@ -491,10 +488,10 @@ def _printed(r, secret: str) -> bool:
     return secret in r.stdout or secret in r.stderr
 
 
-def _count(r, word: str) -> int | None:
-    """N of the program's first "WORD N" line, None without one."""
+def _ran_counting(r, word: str, at_most: int) -> bool:
+    """The program ran and reached its first "WORD N" line, with N <= at_most."""
     counts = [int(w) for line in r.stdout.splitlines() if line.startswith(word) for w in line.split()[1:2]]
-    return counts[0] if counts else None
+    return _ran(r) and bool(counts) and counts[0] <= at_most
 
 
 def _out(r) -> str:
