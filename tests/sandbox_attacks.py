@@ -78,7 +78,7 @@ def _escape_parent_environ(sb) -> tuple[bool, str]:
         "            continue\n        found += [v.decode(errors='replace') for v in data.split(b'\\0')"
         " if v.startswith(b'OPENAI_API_KEY=')]\nprint(found)\nprint(os.environ)\n")
     r = sb.run_untrusted(code, timeout_s=10.0)
-    leaked = secret in r.stdout or secret in r.stderr
+    leaked = _printed(r, secret)
     return _ran(r) and not leaked, f"secret leaked: {leaked}; {_out(r)}"
 
 
@@ -92,11 +92,7 @@ def _escape_setsid_grandchild(sb) -> tuple[bool, str]:
     r = sb.run_untrusted(code, timeout_s=10.0)
     time.sleep(0.5)
     alive = _processes_named(token)
-    for pid in alive:  # clean up what escaped, by pid
-        try:
-            os.kill(pid, 9)
-        except OSError:
-            pass
+    _kill(alive)  # clean up what escaped
     return _ran(r) and "forked" in r.stdout and not alive, f"alive after the run: {alive}; {_out(r)}"
 
 
@@ -128,14 +124,18 @@ def _escape_outlive_killed_caller(sb) -> tuple[bool, str]:
     proc.wait()
     time.sleep(1.0)
     alive = _processes_named(token)
-    for pid in alive:  # clean up what survived, by pid
+    _kill(alive)  # clean up what survived
+    error = proc.stderr.read().decode(errors="replace")[-300:]
+    proc.stderr.close()
+    return bool(started) and not alive, f"running before the kill: {started}, after: {alive}; {error!r}"
+
+
+def _kill(pids: list[int]) -> None:
+    for pid in pids:  # by pid, never by name
         try:
             os.kill(pid, 9)
         except OSError:
             pass
-    error = proc.stderr.read().decode(errors="replace")[-300:]
-    proc.stderr.close()
-    return bool(started) and not alive, f"running before the kill: {started}, after: {alive}; {error!r}"
 
 
 def _processes_named(comm: str) -> list[int]:
@@ -155,27 +155,32 @@ def _processes_named(comm: str) -> list[int]:
     return found
 
 
+def _connect(sb, srv: socket.socket, family: str, address, payload: bytes = b"") -> tuple[bool, str]:
+    """Contained when the program, with the real socket class under the guard's subclass, cannot connect
+    to the host's listening ``srv`` at ``address`` (family: the _socket constant's name)."""
+    code = RAN + (
+        "import _socket\nS = [c for c in _socket.socket.__mro__ if c.__name__ == 'socket'][0]\n"
+        "s = S(_socket.%s, _socket.SOCK_STREAM)\ns.settimeout(3)\ns.connect(%r)\n%s"
+        "print('connected')\n" % (family, address, f"s.sendall({payload!r})\n" if payload else ""))
+    r = sb.run_untrusted(code, timeout_s=10.0)
+    srv.setblocking(False)
+    try:
+        conn, _ = srv.accept()
+        conn.close()
+        accepted = True
+    except BlockingIOError:
+        accepted = False
+    return _ran(r) and not accepted and "connected" not in r.stdout, f"connection accepted: {accepted}; {_out(r)}"
+
+
 def _escape_loopback(sb) -> tuple[bool, str]:
     srv = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     try:
         srv.bind(("127.0.0.1", 0))
         srv.listen(8)
-        port = srv.getsockname()[1]
-        code = RAN + (
-            "import _socket\nS = [c for c in _socket.socket.__mro__ if c.__name__ == 'socket'][0]\n"
-            "s = S(_socket.AF_INET, _socket.SOCK_STREAM)\ns.settimeout(3)\ns.connect(('127.0.0.1', %d))\n"
-            "print('connected')\n" % port)
-        r = sb.run_untrusted(code, timeout_s=10.0)
-        srv.setblocking(False)
-        try:
-            conn, _ = srv.accept()
-            conn.close()
-            accepted = True
-        except BlockingIOError:
-            accepted = False
+        return _connect(sb, srv, "AF_INET", ("127.0.0.1", srv.getsockname()[1]))
     finally:
         srv.close()
-    return _ran(r) and not accepted and "connected" not in r.stdout, f"connection accepted: {accepted}; {_out(r)}"
 
 
 SCRATCH = ""  # set by main(): a host directory of the caller's, outside /tmp, /var/tmp and /dev/shm
@@ -190,23 +195,11 @@ def _escape_host_unix_socket(sb) -> tuple[bool, str]:
         srv.bind(path)
         os.chmod(path, 0o777)
         srv.listen(8)
-        code = RAN + (
-            "import _socket\nS = [c for c in _socket.socket.__mro__ if c.__name__ == 'socket'][0]\n"
-            "s = S(_socket.AF_UNIX, _socket.SOCK_STREAM)\ns.settimeout(3)\ns.connect(%r)\ns.sendall(b'pwned')\n"
-            "print('connected')\n" % path)
-        r = sb.run_untrusted(code, timeout_s=10.0)
-        srv.setblocking(False)
-        try:
-            conn, _ = srv.accept()
-            conn.close()
-            accepted = True
-        except BlockingIOError:
-            accepted = False
+        return _connect(sb, srv, "AF_UNIX", path, payload=b"pwned")
     finally:
         srv.close()
         if os.path.exists(path):
             os.remove(path)
-    return _ran(r) and not accepted and "connected" not in r.stdout, f"connection accepted: {accepted}; {_out(r)}"
 
 
 def _escape_read_caller_private_file(sb) -> tuple[bool, str]:
@@ -220,7 +213,7 @@ def _escape_read_caller_private_file(sb) -> tuple[bool, str]:
         r = sb.run_untrusted(code, timeout_s=10.0)
     finally:
         os.remove(path)
-    leaked = secret in r.stdout or secret in r.stderr
+    leaked = _printed(r, secret)
     return _ran(r) and not leaked, f"secret read: {leaked}; {_out(r)}"
 
 
@@ -252,8 +245,7 @@ def _escape_storage_budget_split(sb) -> tuple[bool, str]:
         "            with _io.open('%s/fill%s-%d' % (d, d.replace('/', '-'), i), 'wb') as f:\n                f.write(b'x' * (1 << 20))\n"
         "            stored += 1\n        except OSError:\n            break\nprint('stored', stored, 'MB')\n")
     r = sb.run_untrusted(code, timeout_s=20.0, memory_mb=64)
-    stored = [int(w) for line in r.stdout.splitlines() if line.startswith("stored") for w in line.split()[1:2]]
-    return _ran(r) and bool(stored) and stored[0] <= 64, f"budget 64 MB; {_out(r)}"
+    return _ran_counting(r, "stored", at_most=64), f"budget 64 MB; {_out(r)}"
 
 
 def _escape_fork_limit(sb) -> tuple[bool, str]:
@@ -262,8 +254,7 @@ def _escape_fork_limit(sb) -> tuple[bool, str]:
         "    except OSError:\n        break\n    if pid == 0:\n        time.sleep(20)\n        posix._exit(0)\n"
         "    forked += 1\nprint('forked', forked, flush=True)\n")
     r = sb.run_untrusted(code, timeout_s=10.0, max_procs=16)
-    forked = [int(line.split()[1]) for line in r.stdout.splitlines() if line.startswith("forked")]
-    return _ran(r) and bool(forked) and forked[0] < 16, f"max_procs 16; {_out(r)}"
+    return _ran_counting(r, "forked", at_most=15), f"max_procs 16; {_out(r)}"
 
 
 def _escape_sysv_shared_memory(sb) -> tuple[bool, str]:
@@ -279,9 +270,7 @@ def _escape_sysv_shared_memory(sb) -> tuple[bool, str]:
         "for _ in range(64):\n    if libc.msgget(0, 0o600) < 0:\n        print('msgget refused', ctypes.get_errno())\n"
         "        break\nelse:\n    print('64 message queues (16 KiB each)')\n")
     r = sb.run_untrusted(code, timeout_s=20.0, memory_mb=64)
-    stored = [int(w) for line in r.stdout.splitlines() if line.startswith("stored") for w in line.split()[1:2]]
-    return (_ran(r) and bool(stored) and stored[0] == 0 and "msgget refused" in r.stdout,
-            f"budget 64 MB; {_out(r)}")
+    return _ran_counting(r, "stored", at_most=0) and "msgget refused" in r.stdout, f"budget 64 MB; {_out(r)}"
 
 
 def _escape_tmpfs_inodes(sb) -> tuple[bool, str]:
@@ -292,8 +281,7 @@ def _escape_tmpfs_inodes(sb) -> tuple[bool, str]:
         "        posix.close(posix.open('f%d' % i, posix.O_CREAT | posix.O_WRONLY, 0o600))\n        created += 1\n"
         "except OSError as e:\n    print(e)\nprint('created', created, flush=True)\n")
     r = sb.run_untrusted(code, timeout_s=20.0, memory_mb=32)
-    created = [int(line.split()[1]) for line in r.stdout.splitlines() if line.startswith("created")]
-    contained = _ran(r) and bool(created) and created[0] <= 32 << 10
+    contained = _ran_counting(r, "created", at_most=32 << 10)
     return contained, f"budget 32 MB (at most 32768 inodes of about 1 KiB); {_out(r)}"
 
 
@@ -329,7 +317,7 @@ def _escape_read_caller_keyring(sb) -> tuple[bool, str]:
         r = sb.run_untrusted(code, timeout_s=10.0)
     finally:
         libc.syscall(keyctl, 3, ctypes.c_long(key))  # KEYCTL_REVOKE
-    leaked = secret.decode() in r.stdout or secret.decode() in r.stderr
+    leaked = _printed(r, secret.decode())
     return _ran(r) and not leaked, f"secret read: {leaked}; {_out(r)}"
 
 
@@ -468,11 +456,6 @@ def _forge_doctest_records(sb) -> tuple[bool, str]:
     return ok is not True, f"add[1] reported ok={ok}; {_out(run.result)}"
 
 
-def _control_correct_solution_passes(sb) -> tuple[bool, str]:
-    r = sb.run_tests("def add(a, b):\n    print('noise')\n    return a + b\n", TEST, "add", timeout_s=10.0)
-    return r.status == "passed", f"{r.status}; {_out(r)}"
-
-
 # Correct programs that import unittest and doctest: the common shape (the issue's), and one that runs
 # its own doctests at the top level and defines a TestCase.
 UNITTEST_PROGRAM = (
@@ -485,23 +468,30 @@ DOCTEST_PROGRAM = (
     "if __name__ == '__main__':\n    doctest.testmod()\n    unittest.main()\n")
 
 
-def _control_program(program: str):
+# Every call of a run reaches the same process: state kept between calls is the solution's own.
+STATEFUL_SOLUTION = "total = 0\ndef add(a, b):\n    global total\n    total += a + b\n    return total\n"
+STATEFUL_TEST = "def check(candidate):\n    assert candidate(1, 2) == 3\n    assert candidate(1, 2) == 6\n"
+
+
+def _control_program(program: str, test: str = TEST):
     def attack(sb) -> tuple[bool, str]:
-        r = sb.run_tests(program, TEST, "add", timeout_s=10.0)
+        r = sb.run_tests(program, test, "add", timeout_s=10.0)
         return r.status == "passed", f"{r.status}; {_out(r)}"
     return attack
 
 
-def _control_stateful_solution(sb) -> tuple[bool, str]:
-    # Every call of a run reaches the same process: state kept between calls is the solution's own.
-    solution = "total = 0\ndef add(a, b):\n    global total\n    total += a + b\n    return total\n"
-    test = "def check(candidate):\n    assert candidate(1, 2) == 3\n    assert candidate(1, 2) == 6\n"
-    r = sb.run_tests(solution, test, "add", timeout_s=10.0)
-    return r.status == "passed", f"{r.status}; {_out(r)}"
-
-
 def _ran(r) -> bool:
     return r.stdout.startswith("ran\n")
+
+
+def _printed(r, secret: str) -> bool:
+    return secret in r.stdout or secret in r.stderr
+
+
+def _ran_counting(r, word: str, at_most: int) -> bool:
+    """The program ran and reached its first "WORD N" line, with N <= at_most."""
+    counts = [int(w) for line in r.stdout.splitlines() if line.startswith(word) for w in line.split()[1:2]]
+    return _ran(r) and bool(counts) and counts[0] <= at_most
 
 
 def _out(r) -> str:
@@ -527,10 +517,10 @@ ATTACKS = {
     "status_cpu_limit_ignoring_sigxcpu_is_timeout": _status_cpu_limit(ignore_sigxcpu=True),
     **{name: _forgery(*args) for name, args in FORGERIES.items()},
     "forge_doctest_records": _forge_doctest_records,
-    "control_correct_solution_passes": _control_correct_solution_passes,
+    "control_correct_solution_passes": _control_program("def add(a, b):\n    print('noise')\n    return a + b\n"),
     "control_imports_unittest_and_doctest": _control_program(UNITTEST_PROGRAM),
     "control_runs_its_own_doctests_and_has_a_testcase": _control_program(DOCTEST_PROGRAM),
-    "control_stateful_solution": _control_stateful_solution,
+    "control_stateful_solution": _control_program(STATEFUL_SOLUTION, STATEFUL_TEST),
 }
 
 

@@ -6,7 +6,6 @@ over the same keys; only the summation order differs (keys absent vs masked, oth
 index building is covered here through ``varlen_reference``, which the same call site drives.
 """
 import importlib.util
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -20,9 +19,9 @@ from megapmp.model import AttentionInputs, Qwen2RewardModel, attention
 from megapmp.model.attention import (BucketPlan, _torch_varlen_kernel, backend_available, prepare_attention,
                                      resolve_attention_backend, segment_structure, torch_varlen_usable,
                                      varlen_attention, varlen_reference)
+from tool_loader import load_tool
 
 ATOL = 1e-5
-REPO = Path(__file__).resolve().parents[1]
 CPU_BACKENDS = ["segmented", "varlen_reference", "auto"]
 
 
@@ -315,15 +314,8 @@ def test_backend_report_line():
     assert "installed: torch=" in line and "flash_attn=" in line
 
 
-def _load_tool(name: str):
-    spec = importlib.util.spec_from_file_location(f"tool_{name}", REPO / "tools" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_attention_benchmark_runs_and_checks_parity_on_cpu():
-    benchmark_attention = _load_tool("bench_attention").benchmark_attention
+    benchmark_attention = load_tool("bench_attention").benchmark_attention
     threads = torch.get_num_threads()
     records = benchmark_attention("cpu", seq_len=64, pairs=6, lengths=(2, 9), heads=2, kv_heads=1, head_dim=8,
                                   steps=1, backends=["sdpa", "segmented", "flash_attn"])

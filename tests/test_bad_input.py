@@ -9,7 +9,6 @@ the exit code a shell sees is checked too.
 from __future__ import annotations
 
 import gzip
-import importlib.util
 import json
 import subprocess
 import sys
@@ -24,6 +23,7 @@ from megapmp.data.preprocess import build_shard
 from megapmp.data.shards import ShardMeta, verify_shard
 from megapmp.eval.formats import DataError, iter_jsonl
 from megapmp.train import main as train_main
+from tool_loader import load_tool
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "examples" / "configs" / "tiny.toml"
@@ -32,15 +32,8 @@ FAST = ["--steps", "2", "--data.seq_len", "256", "--data.items_per_step", "4", "
         "--num_threads", "1"]
 
 
-def _load_tool(name: str):
-    spec = importlib.util.spec_from_file_location(f"tool_{name}", REPO / "tools" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-preprocess_tool = _load_tool("preprocess_pairs")
-evaluate_tool = _load_tool("evaluate")
+preprocess_tool = load_tool("preprocess_pairs")
+evaluate_tool = load_tool("evaluate")
 
 
 def pairs(n: int, offset: int = 0) -> list[dict]:

@@ -35,13 +35,9 @@ SMALL = [("steps", "6"), ("data.seq_len", "128"), ("data.items_per_step", "4"), 
 STEP2, STEP4, STEP6 = "step_00000002", "step_00000004", "step_00000006"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The CLI runs with num_threads = 1: in-process runs must too, to equal the killed subprocesses bit for bit."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+# conftest.py's one_thread for the whole module: the CLI runs with num_threads = 1, in-process runs must too,
+# to equal the killed subprocesses bit for bit
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,6 @@ generator's resume logic and its openai backend against a tiny model served in t
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -18,22 +17,15 @@ import pytest
 from megapmp.eval import code_bon, metrics
 from megapmp.sandbox import run_tests, sandbox_capabilities
 from test_eval_metrics import _evaluate_main, make_checkpoint
+from tool_loader import load_tool
 
 _CAPS = sandbox_capabilities()
 # Tests that execute candidates; without OS isolation the sandbox refuses to (see test_sandbox.py).
 needs_isolation = pytest.mark.skipif(_CAPS["backend"] is None,
                                      reason=f"no OS isolation on this machine: {_CAPS['problems']}")
 
-REPO = Path(__file__).resolve().parents[1]
 TASK_IDS = ["HumanEval/0", "HumanEval/3", "HumanEval/4", "HumanEval/5", "HumanEval/12"]
 N = 6
-
-
-def _tool():
-    spec = importlib.util.spec_from_file_location("generate_candidates_tool", REPO / "tools" / "generate_candidates.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def _records(path: Path) -> list[dict]:
@@ -43,8 +35,8 @@ def _records(path: Path) -> list[dict]:
 @pytest.fixture(scope="module")
 def mutants_file(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("code_bon") / "cands.jsonl"
-    assert _tool().main(["--backend", "mutants", "--n", str(N), "--task-ids", ",".join(TASK_IDS), "--output", str(out),
-                         "--no-progress"]) == 0
+    assert load_tool("generate_candidates").main(["--backend", "mutants", "--n", str(N), "--task-ids", ",".join(TASK_IDS),
+                                                  "--output", str(out), "--no-progress"]) == 0
     return out
 
 
@@ -180,7 +172,7 @@ def test_given_labels_and_unknown_ids(run_dir, tmp_path):
 
 
 def test_generate_candidates_resume(tmp_path):
-    tool = _tool()
+    tool = load_tool("generate_candidates")
     out = tmp_path / "c.jsonl"
     common = ["--backend", "mutants", "--n", "3", "--output", str(out), "--no-progress"]
     assert tool.main(common + ["--limit", "2"]) == 0
@@ -203,7 +195,7 @@ def test_generate_candidates_openai_backend(tmp_path):
         out = tmp_path / "o.jsonl"
         argv = ["--backend", "openai", "--base-url", srv.url, "--model", "gen", "--n", "3", "--max-tokens", "6",
                 "--seed", "1", "--limit", "2", "--output", str(out), "--no-progress"]
-        assert _tool().main(argv) == 0
+        assert load_tool("generate_candidates").main(argv) == 0
         records = _records(out)
         assert [r["id"] for r in records] == ["HumanEval/0", "HumanEval/1"]
         for r in records:
@@ -212,6 +204,6 @@ def test_generate_candidates_openai_backend(tmp_path):
             assert r["generator"]["seed"] == 1 and r["generator"]["stop"][0] == "\ndef "
         # Resume: nothing left to do, file unchanged.
         text = out.read_text()
-        assert _tool().main(argv) == 0 and out.read_text() == text
+        assert load_tool("generate_candidates").main(argv) == 0 and out.read_text() == text
     finally:
         srv.close()

@@ -15,7 +15,8 @@ import pytest
 from megapmp.synth.commits import CommitConfig, clean_message, commit_instruct, extract_change
 from megapmp.synth.llm import OpenAIBackend, SamplingParams
 from megapmp.synth.prompts import parse_judgement, parse_rewrite
-from test_synth_backends import _load_tool, server, tiny_models  # noqa: F401  (fixtures: one shared server)
+from test_synth_backends import server, tiny_models  # noqa: F401  (fixtures: one shared server)
+from tool_loader import load_tool
 
 pytestmark = pytest.mark.skipif(shutil.which("git") is None, reason="needs git")
 
@@ -191,7 +192,7 @@ def test_codefavor_stages_with_served_model_drop_and_resume(repo, server, tmp_pa
 
 def test_commits_cli(repo, server, tmp_path):
     repo_dir, _ = repo
-    tool = _load_tool()
+    tool = load_tool("synthesize_pairs")
     out, st = tmp_path / "p.jsonl", tmp_path / "s.json"
     assert tool.main(["commits", "--repo", str(repo_dir), "--output", str(out), "--stats", str(st),
                       "--max-changed-lines", "1", "--no-progress"]) == 0

@@ -7,7 +7,6 @@ exported, and scored by transformers from the export alone: ``AutoTokenizer`` +
 right-padded batch, we pack several sequences into one row, so summation order differs (~1e-7).
 Weight round trips are bitwise.
 """
-import importlib.util
 import json
 import random
 import subprocess
@@ -28,21 +27,14 @@ from megapmp.data.preprocess import build_shard
 from megapmp.data.tokenizers import load_tokenizer
 from megapmp.loss import score_pairs
 from megapmp.model import Qwen2RewardModel
+from tool_loader import load_tool
 
 REPO = Path(__file__).resolve().parents[1]
 TOOL = REPO / "tools" / "convert_checkpoint.py"
 ATOL = 1e-5
 
 
-def _load_tool():
-    spec = importlib.util.spec_from_file_location("convert_checkpoint", TOOL)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
-
-
-tool = _load_tool()
+tool = load_tool("convert_checkpoint")
 
 
 def generated_pairs(n: int, seed: int = 0) -> list[dict]:

@@ -13,7 +13,8 @@ from megapmp.synth.critic_evol import CriticEvolConfig, critic_evol, example_ord
 from megapmp.synth.llm import OpenAIBackend, SamplingParams
 from megapmp.synth.prompts import CRITIC_EXAMPLES, critic_prompt, parse_critique
 from scripted_openai import ScriptedServer
-from test_synth_backends import _DiesAfter, _Interrupt, _load_tool, server, tiny_models  # noqa: F401
+from test_synth_backends import _DiesAfter, _Interrupt, server, tiny_models  # noqa: F401
+from tool_loader import load_tool
 
 
 def review(reflection=None, criteria=None, code=None, feedback=None, begin="-- BEGIN [{}] --", end="-- END [{}] --"):
@@ -160,7 +161,7 @@ def test_needs_a_weak_model_or_given_answers(tmp_path):
 def test_cli_with_tiny_served_models(server, tmp_path):  # noqa: F811
     """The real path: tools/synthesize_pairs.py critic-evol against tools/serve_models.py (tiny random models:
     their answers are gibberish, so the run must drop every one under a counted reason)."""
-    tool = _load_tool()
+    tool = load_tool("synthesize_pairs")
     instructions = tmp_path / "instructions.jsonl"
     rows = [{"id": f"i{i}", "instruction": f"Write a function that returns {i} plus one."} for i in range(3)]
     rows += [{"id": "g0", "instruction": "Sort a list.", "response": "def f(xs):\n    return sorted(xs)"}]

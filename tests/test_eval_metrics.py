@@ -3,7 +3,6 @@ hand-written fixtures (and parsing counts of the real files when MEGAPMP_DATA ha
 and tools/evaluate.py end to end on a tiny random checkpoint."""
 
 import gzip
-import importlib.util
 import itertools
 import json
 import os
@@ -24,6 +23,7 @@ from megapmp.eval.answers import (extract_gsm8k_answer, extract_math_answer, gsm
 from megapmp.eval.formats import (PASSAGE_TEMPLATE, DataError, detect_format, load_candidate_sets,
                                    load_codepmp_bon, load_codeprefbench, load_gsm8k_solutions, load_logiqa2,
                                    load_pairs, load_reclor)
+from tool_loader import load_tool
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = Path(os.environ.get("MEGAPMP_DATA", REPO.parent / "shared" / "data"))
@@ -558,18 +558,13 @@ def test_evaluate_refuses_a_record_preprocessing_refuses_in_its_words(line, fiel
                            str(tmp_path / "r.json"), "--no-progress", "--threads", "1"]) == 2
     assert capsys.readouterr().err.strip().splitlines()[-1] == f"evaluate.py: error: {expected}"
     assert not (tmp_path / "r.json").exists()
-    spec = importlib.util.spec_from_file_location("preprocess_tool", REPO / "tools" / "preprocess_pairs.py")
-    preprocess = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(preprocess)
+    preprocess = load_tool("preprocess_pairs")
     assert preprocess.main(["--input", str(pairs), "--output-prefix", str(tmp_path / "shard"), "--no-progress"]) == 2
     assert capsys.readouterr().err.strip().splitlines()[-1] == f"error: {expected}"
 
 
 def _evaluate_main(argv):
-    spec = importlib.util.spec_from_file_location("evaluate_tool", REPO / "tools" / "evaluate.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.main(argv)
+    return load_tool("evaluate").main(argv)
 
 
 def test_evaluate_best_of_n_multiple_choice_and_codeprefbench(run_dir, tmp_path):

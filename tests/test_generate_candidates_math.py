@@ -1,6 +1,5 @@
 """tools/generate_candidates.py math: MetaMath-prompted solutions for GSM8K / MATH, labelled by
 megapmp.eval.answers, in the candidates format evaluate.py best-of-n reads; resumable."""
-import importlib.util
 import json
 from pathlib import Path
 
@@ -9,19 +8,13 @@ import pytest
 from megapmp.eval import metrics
 from megapmp.eval.formats import load_candidate_sets
 from megapmp.synth.llm import Backend, Completion
+from tool_loader import load_tool
 
 REPO = Path(__file__).resolve().parents[1]
 GSM8K_TEST = REPO / "tests" / "fixtures" / "data" / "gsm8k" / "test.jsonl"
 
 
-def _tool():
-    spec = importlib.util.spec_from_file_location("generate_candidates_math", REPO / "tools" / "generate_candidates.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-TOOL = _tool()
+TOOL = load_tool("generate_candidates")
 
 
 class Scripted(Backend):

@@ -2,28 +2,16 @@
 
 Fixtures are hand-written GSM8K-style solutions (no GSM8K text in the repository)."""
 
-import importlib.util
 import json
 import random
 import re
-import sys
 from fractions import Fraction
-from pathlib import Path
 
 import pytest
 
-TOOL = Path(__file__).resolve().parents[1] / "tools" / "make_gsm8k_pairs.py"
+from tool_loader import load_tool
 
-
-def _load_tool():
-    spec = importlib.util.spec_from_file_location("make_gsm8k_pairs", TOOL)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up while the class is built
-    spec.loader.exec_module(module)
-    return module
-
-
-mg = _load_tool()
+mg = load_tool("make_gsm8k_pairs")
 
 CHAIN_Q = ("Mara has 14 stickers. She buys 3 packs with 8 stickers each, then gives 11 stickers to her brother. "
            "How many stickers does she have now?")

@@ -5,11 +5,9 @@ pairs to a trained judge evaluated on CodePrefBench."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import random
-import sys
 from dataclasses import asdict
 from pathlib import Path
 
@@ -20,19 +18,12 @@ import torch
 from megapmp.data.judge import (CLASSIFICATION_TEMPLATE, JudgeFormat, aspect_criterion, judge_samples,
                                 resolve_judge_template, strip_comments)
 from megapmp.eval.judge_scorer import JudgeScorer, probability_first_better
+from tool_loader import load_tool
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = Path(os.environ.get("MEGAPMP_DATA", REPO.parent / "shared" / "data"))
 CPB = DATA / "codeprefbench"
 ASPECTS = ("correctness-alignment", "efficiency-alignment", "security-alignment", "human-preference-alignment")
-
-
-def load_tool(name: str):
-    spec = importlib.util.spec_from_file_location(name, REPO / "tools" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 def toy_pairs(n: int, seed: int = 0) -> list[dict]:

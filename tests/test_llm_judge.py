@@ -13,8 +13,9 @@ import pytest
 
 from megapmp.eval.llm_judge import parse_verdict
 from scripted_openai import ScriptedServer
-from test_judge import ASPECTS, codeprefbench_files, load_tool
+from test_judge import ASPECTS, codeprefbench_files
 from test_synth_backends import server, tiny_models  # noqa: F401  (fixtures: one shared server process)
+from tool_loader import load_tool
 
 TASK = re.compile(r"Write f(\d+)\(x\) returning x (\S+) (\d+)\.")
 CODE = re.compile(r"\[CODE_([AB])\]\n```python\n(.*?)\n```", re.DOTALL)

@@ -6,7 +6,6 @@ Each recipe: the counts, the split by question with its no-leakage check, determ
 record refused as FILE:LINE. The sampled recipe runs against scripted backends (exact, resumable) and once
 against tools/serve_models.py on loopback.
 """
-import importlib.util
 import json
 import sys
 from pathlib import Path
@@ -17,6 +16,7 @@ from megapmp.synth import rm_pairs
 from megapmp.synth.llm import Backend, Completion
 from megapmp.synth.sampled import (ChoiceQuestion, ModelJudge, ModelSpec, RuleJudge, SamplingSettings, extract_choice,
                                    read_samples, sample_and_judge, sample_groups)
+from tool_loader import load_tool
 
 REPO = Path(__file__).resolve().parents[1]
 FIXTURES = REPO / "tests" / "fixtures"
@@ -25,14 +25,7 @@ LOGIQA2 = FIXTURES / "data" / "logiqa2" / "dev.txt"
 RECLOR = FIXTURES / "reclor_sample.json"
 
 
-def _tool():
-    spec = importlib.util.spec_from_file_location("make_rm_pairs_tool", REPO / "tools" / "make_rm_pairs.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-TOOL = _tool()
+TOOL = load_tool("make_rm_pairs")
 
 
 def run(*args) -> int:

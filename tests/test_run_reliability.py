@@ -16,7 +16,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from megapmp import checkpoint as ckpt
 from megapmp.config import ModelConfig, load_train_config
@@ -32,12 +31,8 @@ SMALL = [("steps", "4"), ("data.seq_len", "128"), ("data.items_per_step", "4"), 
          ("checkpoint.keep_last", "0"), ("num_threads", "1")]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+# conftest.py's one_thread for the whole module
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

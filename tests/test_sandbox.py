@@ -10,7 +10,6 @@ lacks what the mechanism needs (and the sandbox then names the missing promise a
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import pathlib
@@ -30,6 +29,7 @@ import pytest
 import sandbox_attacks
 from megapmp.sandbox import SandboxUnavailable, run_tests, run_untrusted, sandbox_capabilities
 from megapmp.sandbox import runner as sandbox
+from tool_loader import load_tool
 
 CAPS = sandbox_capabilities()
 needs_isolation = pytest.mark.skipif(CAPS["backend"] is None,
@@ -749,17 +749,9 @@ def test_some_backend_and_user_ran_the_attacks(attack_results):
     assert ("caller", CAPS["backend"]) in ran
 
 
-def _load_tool(name: str):
-    tool = pathlib.Path(__file__).resolve().parents[1] / "tools" / f"{name}.py"
-    spec = importlib.util.spec_from_file_location(f"tool_{name}", tool)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_clis_refuse_without_isolation_unless_unsafe(monkeypatch, tmp_path, capsys):
     from megapmp.eval import code_bon
-    verified = _load_tool("verified_pairs")
+    verified = load_tool("verified_pairs")
 
     monkeypatch.setattr(sandbox, "_caps", dict(CAPS, backend=None, drop_uid=False, nproc=False,
                                                problems={"bwrap": "not installed", "unshare": "not installed"}))
@@ -780,5 +772,5 @@ def test_clis_refuse_without_isolation_unless_unsafe(monkeypatch, tmp_path, caps
 
     import argparse
     parser = argparse.ArgumentParser()
-    _load_tool("evaluate").add_code_bon_arguments(parser)  # tools/evaluate.py code-bon takes its options from here
+    load_tool("evaluate").add_code_bon_arguments(parser)  # tools/evaluate.py code-bon takes its options from here
     assert parser.parse_args(["--unsafe-no-sandbox"]).unsafe_no_sandbox

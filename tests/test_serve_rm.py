@@ -5,7 +5,6 @@ offline scoring of the same texts by a separately loaded RewardScorer (bit for b
 from __future__ import annotations
 
 import asyncio
-import importlib.util
 import json
 import os
 import signal
@@ -26,6 +25,7 @@ from megapmp.eval.reward_model import RewardScorer
 from megapmp.serve.app import BackgroundServer, ServeSettings, build_app
 from tests.test_eval_metrics import make_checkpoint
 from tests.test_scoring_consistency import codepmp_texts
+from tool_loader import load_tool
 
 REPO = Path(__file__).resolve().parents[1]
 MAX_LENGTH = 300  # small enough that the tests' long texts are over it
@@ -274,9 +274,7 @@ def test_sigterm_drains_in_flight_requests_then_exits(run_dir, offline, tmp_path
 
 
 def test_help_explains_every_flag(capsys):
-    spec = importlib.util.spec_from_file_location("serve_rm_tool", REPO / "tools" / "serve_rm.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_tool("serve_rm")
     with pytest.raises(SystemExit):
         module.parse_args(["--help"])
     text = capsys.readouterr().out
@@ -458,9 +456,7 @@ def test_bearer_token(run_dir, one_thread):
 
 
 def test_listening_beyond_loopback_needs_a_key_or_insecure(monkeypatch, capsys):
-    spec = importlib.util.spec_from_file_location("serve_rm_tool", REPO / "tools" / "serve_rm.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_tool("serve_rm")
     monkeypatch.delenv("MEGAPMP_RM_API_KEY", raising=False)
     with pytest.raises(SystemExit) as info:
         module.parse_args(["--model", "m", "--host", "0.0.0.0"])

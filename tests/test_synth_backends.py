@@ -23,6 +23,7 @@ from pathlib import Path
 import pytest
 
 from megapmp.synth.llm import (BackendError, OpenAIBackend, SamplingParams, VLLMBackend, make_backend)
+from tool_loader import load_tool
 
 REPO = Path(__file__).resolve().parents[1]
 CORPUS = [
@@ -305,16 +306,6 @@ def test_vllm_backend_without_vllm_says_how_to_install():
 # summarize -> generate
 
 
-def _load_tool():
-    if "synthesize_pairs" in sys.modules:
-        return sys.modules["synthesize_pairs"]
-    spec = importlib.util.spec_from_file_location("synthesize_pairs", REPO / "tools" / "synthesize_pairs.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up while the file executes
-    spec.loader.exec_module(module)
-    return module
-
-
 SNIPPETS = [
     {"id": f"s{i}", "language": "python", "code": code, "repo": "demo", "path": f"m{i}.py", "lineno": 1}
     for i, code in enumerate([
@@ -341,7 +332,7 @@ def _stats(path: Path) -> dict:
 def test_summarize_generate_end_to_end_feeds_preprocessing(server, tmp_path):
     from megapmp.data.preprocess import build_shard
 
-    tool = _load_tool()
+    tool = load_tool("synthesize_pairs")
     snippets = tmp_path / "snippets.jsonl"
     snippets.write_text("".join(json.dumps(s) + "\n" for s in SNIPPETS))
     desc, pairs = tmp_path / "descriptions.jsonl", tmp_path / "pairs.jsonl"

@@ -8,9 +8,7 @@ from __future__ import annotations
 
 import ast
 import difflib
-import importlib.util
 import json
-import sys
 import sysconfig
 import textwrap
 from pathlib import Path
@@ -22,23 +20,15 @@ from megapmp.synth import stages
 from megapmp.synth.collect import CollectConfig, collect
 from megapmp.synth.filters import PairFilter
 from megapmp.synth.rules import MUTATION_KINDS, describe, mutate
+from tool_loader import load_tool
 
-REPO = Path(__file__).resolve().parents[1]
 STDLIB = Path(sysconfig.get_paths()["stdlib"])
 # A few stdlib modules: real code with docstrings, comments and odd formatting (~80 pairs).
 SMALL_SOURCES = [STDLIB / "json", STDLIB / "heapq.py", STDLIB / "bisect.py", STDLIB / "textwrap.py",
                  STDLIB / "fractions.py"]
 
 
-def _load_tool():
-    spec = importlib.util.spec_from_file_location("synthesize_pairs", REPO / "tools" / "synthesize_pairs.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up while the file executes
-    spec.loader.exec_module(module)
-    return module
-
-
-TOOL = _load_tool()
+TOOL = load_tool("synthesize_pairs")
 
 
 # ---------------------------------------------------------------------------------------------------

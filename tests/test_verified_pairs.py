@@ -7,16 +7,15 @@ and the test statement (or doctest example) recorded as failed is run on its own
 from __future__ import annotations
 
 import ast
-import importlib.util
 import json
 import textwrap
-from pathlib import Path
 
 import pytest
 
 from megapmp.sandbox import run_tests, sandbox_capabilities
 from megapmp.synth.rules import MUTATION_KINDS
 from megapmp.synth.verified import VerifyConfig, doctest_pairs, humaneval_pairs, load_humaneval, run_doctests
+from tool_loader import load_tool
 
 _CAPS = sandbox_capabilities()
 # Every test here executes code; without OS isolation the sandbox refuses to (see test_sandbox.py).
@@ -186,16 +185,8 @@ def test_doctest_report_names_hanging_example():
     assert report.examples[("spin", 1)][0] is False  # never reported: counted as failed
 
 
-def _load_tool(name: str):
-    tool = Path(__file__).resolve().parents[1] / "tools" / f"{name}.py"
-    spec = importlib.util.spec_from_file_location(f"tool_{name}", tool)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_cli_writes_jsonl(tmp_path):
-    main = _load_tool("verified_pairs").main
+    main = load_tool("verified_pairs").main
     snippets = tmp_path / "snippets.jsonl"
     snippets.write_text(json.dumps({"id": "rm", "code": RUNNING_MAX}) + "\n")
     out = tmp_path / "pairs.jsonl"

@@ -40,6 +40,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 sys.path.insert(1, str(Path(__file__).resolve().parent))  # tools/_scorer_args.py, also when loaded by path
 
+from _backend_args import add_openai_arguments  # noqa: E402
 from _scorer_args import add_scorer_arguments, scorer_kwargs  # noqa: E402
 
 from megapmp.eval.metrics import PAPER_SEED  # noqa: E402
@@ -146,22 +147,14 @@ def add_codeprefbench_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--keep-comments", action="store_true",
                         help="judges see the codes with comments and docstrings (default: stripped, except for the "
                              "human-preference aspect, as in CodeFavor's evaluation)")
-    llm = parser  # the flags below are read by --judge openai only
-    llm.add_argument("--base-url", default=None, metavar="URL",
-                     help="--judge openai: the OpenAI-compatible server (vLLM, TGI, tools/serve_models.py, api.openai.com), /v1 optional")
-    llm.add_argument("--mode", default="chat", choices=("chat", "completions"),
-                     help="chat: the prompt as one user message (default, as CodeFavor); completions: raw text")
-    llm.add_argument("--api-key-env", default="OPENAI_API_KEY", metavar="VAR",
-                     help="environment variable holding the API key (default OPENAI_API_KEY; 'EMPTY' if unset)")
-    llm.add_argument("--concurrency", type=int, default=8, help="requests in flight (default 8; CodeFavor used 80)")
-    llm.add_argument("--timeout", type=float, default=300.0, metavar="S", help="per request attempt (default 300)")
-    llm.add_argument("--max-retries", type=int, default=5,
-                     help="retries of a failed request (connection errors, timeouts, 408/409/429, 5xx; with backoff "
-                          "and the server's Retry-After) before it counts as failed (default 5)")
-    llm.add_argument("--max-tokens", type=int, default=2048, help="new tokens per answer (default 2048, greedy)")
-    llm.add_argument("--judge-cache", default=None, metavar="FILE.jsonl",
-                     help="answers received, appended as they arrive; a rerun asks only what is missing (default: "
-                          "REPORT.judge.jsonl beside --output)")
+    # Read by --judge openai only: the client of the server at --base-url serving --model, CodeFavor's chat prompt
+    # by default (megapmp.eval.tasks.codeprefbench_llm builds the backend from them).
+    add_openai_arguments(parser, mode="chat",
+                         mode_help="chat: the prompt as one user message (default, as CodeFavor); completions: raw text")
+    parser.add_argument("--max-tokens", type=int, default=2048, help="new tokens per answer (default 2048, greedy)")
+    parser.add_argument("--judge-cache", default=None, metavar="FILE.jsonl",
+                        help="answers received, appended as they arrive; a rerun asks only what is missing (default: "
+                             "REPORT.judge.jsonl beside --output)")
 
 
 # The options of the tasks that take more than the common ones, by task name.

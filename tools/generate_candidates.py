@@ -50,12 +50,14 @@ from __future__ import annotations
 import argparse
 import ast
 import json
-import os
 import re
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+sys.path.insert(1, str(Path(__file__).resolve().parent))  # tools/_backend_args.py, also when loaded by path
+
+from _backend_args import add_backend_arguments, backend_from_args  # noqa: E402
 
 HUMANEVAL_STOP = ("\ndef ", "\nclass ", "\nif __name__", "\nprint(", "\n#")
 _FENCE = re.compile(r"```[ \t]*(?:python|py|Python)?[ \t]*\n(.*?)```", re.S)
@@ -71,27 +73,16 @@ GOLD_KEYS = ("answer", "solution", "response", "output")
 SUBCOMMANDS = ("code", "math")
 
 
-def add_backend_arguments(p: argparse.ArgumentParser, backends: tuple[str, ...]) -> None:
-    p.add_argument("--backend", required=True, choices=backends,
-                   help="vllm: offline engine in this process (GPU); openai: an OpenAI-compatible server at "
-                        "--base-url (vllm serve, TGI, SGLang, tools/serve_models.py)"
-                        + ("; mutants: no model, canonical solution + AST mutants (synthetic, CPU)"
-                           if "mutants" in backends else ""))
+def add_common_arguments(p: argparse.ArgumentParser, backends: tuple[str, ...], mode_help: str) -> None:
     p.add_argument("--model", default=None, help="model name (openai) or path / HF id (vllm)")
-    p.add_argument("--base-url", default=None, metavar="URL", help="openai: e.g. http://127.0.0.1:8000 (/v1 optional)")
-    p.add_argument("--output", required=True, metavar="CANDIDATES.jsonl")
+    p.add_argument("--output", required=True, metavar="CANDIDATES.jsonl",
+                   help="candidates JSONL (the formats above); problems already in it are skipped")
     p.add_argument("--limit", type=int, default=None, help="the first N problems only")
-    b = p.add_argument_group("backend")
-    b.add_argument("--batch-size", type=int, default=16, help="problems per batch / output flush (default 16)")
-    b.add_argument("--concurrency", type=int, default=8, help="openai: requests in flight (default 8)")
-    b.add_argument("--timeout", type=float, default=300.0, metavar="S", help="openai: per request (default 300)")
-    b.add_argument("--max-retries", type=int, default=5, help="openai: retries with backoff (default 5)")
-    b.add_argument("--api-key-env", default="OPENAI_API_KEY", metavar="VAR", help="openai: API key variable")
-    b.add_argument("--tensor-parallel-size", type=int, default=1, help="vllm: GPUs")
-    b.add_argument("--dtype", default="auto", help="vllm: model dtype (default auto)")
-    b.add_argument("--gpu-memory-utilization", type=float, default=0.9, help="vllm (default 0.9)")
-    b.add_argument("--max-model-len", type=int, default=None, help="vllm: context length")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    # A batch is N samples of each of its problems: fewer problems than the other tools' records.
+    add_backend_arguments(p, backends=backends, batch_size_default=16, batch_unit="problems", mode_help=mode_help,
+                          backend_note=("mutants: no model, canonical solution + AST mutants (synthetic, CPU)"
+                                        if "mutants" in backends else ""))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -100,7 +91,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
     code = sub.add_parser("code", help="HumanEval completions for evaluate.py code-bon (the default subcommand)",
                           description="N completions per HumanEval problem (see the tool's --help)")
-    add_backend_arguments(code, ("vllm", "openai", "mutants"))
+    add_common_arguments(code, ("vllm", "openai", "mutants"),
+                         mode_help="completions: the raw prompt (default); chat: one user message, code block "
+                                   "extracted")
     code.add_argument("--n", type=int, default=16, help="candidates per problem (default 16)")
     code.add_argument("--task-ids", default=None, metavar="ID,ID,...", help="only these task_ids (e.g. HumanEval/0)")
     g = code.add_argument_group("sampling")
@@ -111,13 +104,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="sample k of each problem uses seed SEED + k (mutants: the mutation seed; default 0)")
     g.add_argument("--stop", action="append", default=None, metavar="TEXT",
                    help="stop sequence, repeatable (default: HumanEval's in completions mode, none in chat mode)")
-    g.add_argument("--mode", choices=("completions", "chat"), default="completions",
-                   help="completions: the raw prompt (default); chat: one user message, code block extracted")
 
     math = sub.add_parser("math", help="GSM8K / MATH solutions, labelled, for evaluate.py best-of-n",
                           description="N solutions per GSM8K or MATH question in MetaMath's prompt, each labelled "
                                       "correct or not by megapmp.eval.answers (see the tool's --help)")
-    add_backend_arguments(math, ("vllm", "openai"))
+    add_common_arguments(math, ("vllm", "openai"),
+                         mode_help="completions: MetaMath's prompt as raw text (default; MetaMath-Mistral-7B is not a "
+                                   "chat model); chat: the same text as one user message")
     math.add_argument("--data", required=True, metavar="FILE.jsonl",
                       help="GSM8K {question, answer} or MATH {problem, solution} JSONL (also MetaMath's {query, "
                            "response} / {instruction, output})")
@@ -136,9 +129,6 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=None, help="sample k of each question uses seed SEED + k")
     g.add_argument("--stop", action="append", default=None, metavar="TEXT",
                    help="stop sequence, repeatable (default: MetaMath's)")
-    g.add_argument("--mode", choices=("completions", "chat"), default="completions",
-                   help="completions: MetaMath's prompt as raw text (default; MetaMath-Mistral-7B is not a chat "
-                        "model); chat: the same text as one user message")
     return p
 
 
@@ -362,16 +352,7 @@ def generate(args, items: list, item_id, generator: dict, make_records) -> int:
           f"{len(todo)} to generate ({args.backend}, n={args.n})", file=sys.stderr)
     if not todo:
         return 0
-    backend = None
-    if args.backend != "mutants":
-        from megapmp.synth.llm import make_backend
-
-        backend = make_backend(args.backend, args.model, base_url=args.base_url, mode=args.mode,
-                               api_key=os.environ.get(args.api_key_env, "EMPTY"), concurrency=args.concurrency,
-                               timeout_s=args.timeout, max_retries=args.max_retries,
-                               tensor_parallel_size=args.tensor_parallel_size, dtype=args.dtype,
-                               gpu_memory_utilization=args.gpu_memory_utilization, max_model_len=args.max_model_len,
-                               seed=args.seed if args.seed is not None else 0)
+    backend = None if args.backend == "mutants" else backend_from_args(args, args.model)
     output.parent.mkdir(parents=True, exist_ok=True)
     bar = tqdm(total=len(todo), desc=f"generate ({args.backend})", unit="problem", disable=args.no_progress,
                file=sys.stderr)

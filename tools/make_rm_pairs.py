@@ -27,12 +27,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+sys.path.insert(1, str(Path(__file__).resolve().parent))  # tools/_backend_args.py, also when loaded by path
 
+from _backend_args import add_backend_arguments, backend_from_args  # noqa: E402
 from megapmp.io import InputError, open_lines, parse_json_line, write_jsonl_atomic, write_text_atomic  # noqa: E402
 from megapmp.synth import rm_pairs  # noqa: E402
 
@@ -128,16 +129,8 @@ def build_parser() -> argparse.ArgumentParser:
     from megapmp.synth.sampled import NO_ANSWER_POLICIES, PAPER_GRID
 
     g = sa.add_argument_group("models and sampling (paper: four models, top-p 1, the grid below)")
-    g.add_argument("--backend", choices=("openai", "vllm"), required=True,
-                   help="openai: OpenAI-compatible servers (vllm serve, SGLang, tools/serve_models.py) at --base-url; "
-                        "vllm: vLLM's offline engine in this process, one model after another (GPU)")
     g.add_argument("--model", action="append", required=True, metavar="M",
                    help="a model to sample (served name, or path for vllm); repeat for several models")
-    g.add_argument("--base-url", action="append", default=None, metavar="URL",
-                   help="openai: one URL for all models, or one per --model in the same order")
-    g.add_argument("--mode", choices=("chat", "completions"), default="chat",
-                   help="chat: the question as one user message through the model's chat template (the paper's "
-                        "models are instruct/chat models; default); completions: raw text")
     g.add_argument("--grid", default=",".join(f"{v:g}" for v in PAPER_GRID), metavar="V,V,...",
                    help="one sample per model and value (x --samples-per-setting), the value sent as the temperature "
                         "(default: the paper's 'top-k' grid, see above)")
@@ -154,16 +147,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--no-answer", choices=NO_ANSWER_POLICIES, default="incorrect",
                    help="an answer the judge cannot decide (no option found, or neither yes nor no): incorrect "
                         "(default: it does not give the right answer) or drop")
-    b = sa.add_argument_group("backend")
-    b.add_argument("--batch-size", type=int, default=64, help="requests per batch and per output flush")
-    b.add_argument("--concurrency", type=int, default=8, help="openai: requests in flight per model")
-    b.add_argument("--timeout", type=float, default=300.0, metavar="S", help="openai: per request")
-    b.add_argument("--max-retries", type=int, default=5, help="openai: retries with backoff")
-    b.add_argument("--api-key-env", default="OPENAI_API_KEY", metavar="VAR", help="openai: API key variable")
-    b.add_argument("--tensor-parallel-size", type=int, default=1, help="vllm: GPUs per model")
-    b.add_argument("--dtype", default="auto", help="vllm: model dtype")
-    b.add_argument("--gpu-memory-utilization", type=float, default=0.9, help="vllm")
-    b.add_argument("--max-model-len", type=int, default=None, help="vllm: context length")
+    add_backend_arguments(sa, batch_unit="requests", mode="chat", base_url_per_model=True,
+                          backend_note="with vllm the models are loaded one after another",
+                          mode_help="chat: the question as one user message through the model's chat template (the "
+                                    "paper's models are instruct/chat models; default); completions: raw text")
     sa.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
 
@@ -324,7 +311,6 @@ def choice_questions(sets_with_lines) -> list:
 
 
 def run_sampled(args) -> int:
-    from megapmp.synth.llm import make_backend
     from megapmp.synth.sampled import (ModelJudge, ModelSpec, RuleJudge, SamplingSettings, read_samples,
                                        sample_and_judge, sample_groups)
 
@@ -343,23 +329,17 @@ def run_sampled(args) -> int:
     questions = train_q + test_q
     if len({q.id for q in questions}) != len(questions):
         raise ValueError("--input and --test-input share question ids: the samples of one would overwrite the other's")
-    api_key = os.environ.get(args.api_key_env, "EMPTY")
 
     def opener(model: str, url: str | None):
-        return lambda: make_backend(args.backend, model, base_url=url, mode=args.mode, api_key=api_key,
-                                    concurrency=args.concurrency, timeout_s=args.timeout, max_retries=args.max_retries,
-                                    tensor_parallel_size=args.tensor_parallel_size, dtype=args.dtype,
-                                    gpu_memory_utilization=args.gpu_memory_utilization,
-                                    max_model_len=args.max_model_len, seed=args.seed)
+        return lambda: backend_from_args(args, model, base_url=url)
 
     models = [ModelSpec(m, {"backend": args.backend, "model": m, "mode": args.mode},
                         opener(m, (urls[i] if len(urls) > 1 else urls[0]) if urls else None))
               for i, m in enumerate(args.model)]
     if len({m.name for m in models}) != len(models):
         raise ValueError("a --model is given twice")
-    judge = (ModelJudge(make_backend("openai", args.judge_model, base_url=args.judge_url, mode=args.judge_mode,
-                                     api_key=api_key, concurrency=args.concurrency, timeout_s=args.timeout,
-                                     max_retries=args.max_retries)) if args.judge_url else RuleJudge())
+    judge = (ModelJudge(backend_from_args(args, args.judge_model, kind="openai", base_url=args.judge_url,
+                                          mode=args.judge_mode)) if args.judge_url else RuleJudge())
     samples_path = out / "samples.jsonl"
     try:
         run_stats = sample_and_judge(questions, models, settings, samples_path, judge, progress=not args.no_progress)

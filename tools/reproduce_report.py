@@ -18,6 +18,10 @@ import re
 import sys
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+
+from megapmp.eval.report import markdown_table  # noqa: E402
+
 INITS = ("pmp", "base")
 LABELS = {"pmp": "with PMP", "base": "without PMP"}
 NAME = re.compile(r"^(?P<task>[a-z0-9]+)_(?P<init>pmp|base)_(?P<metric>rm_accuracy|bon_\w+|mc_\w+|multiple_choice)$")
@@ -39,6 +43,16 @@ def fmt(x) -> str:
     return "-" if x is None else f"{x:.4f}"
 
 
+def section(title: str, header: list[str], rows: list[list], note: str | None = None) -> list[str]:
+    """The lines of a Markdown section: its title, an optional note, a table (cells formatted already)."""
+    return [f"## {title}", ""] + ([note, ""] if note else []) + [markdown_table(header, rows), ""]
+
+
+def without_with(by_init: dict) -> list[str]:
+    """The two accuracy columns: without PMP, with PMP."""
+    return [fmt(by_init.get(init, {}).get("accuracy")) for init in ("base", "pmp")]
+
+
 def markdown(found: dict, meta: dict) -> str:
     lines = [f"# CodePMP reproduction, scale {meta['scale']}", ""]
     data = meta.get("data")
@@ -47,41 +61,30 @@ def markdown(found: dict, meta: dict) -> str:
                   f"{data.get('mathshepherd') or 'not given (GSM8K-derived pairs stand in)'}.", ""]
     rm = {k: v for k, v in found.items() if k[1] == "rm_accuracy"}
     if rm:
-        lines += ["## RM accuracy on the held-out pairs (Table 1)", "", "| RM finetuning data | without PMP | with PMP | pairs |",
-                  "|---|---|---|---|"]
-        for (task, _), by_init in sorted(rm.items()):
-            pairs = next(iter(by_init.values()))["pairs"]
-            lines.append(f"| {task} | {fmt(by_init.get('base', {}).get('accuracy'))} | "
-                         f"{fmt(by_init.get('pmp', {}).get('accuracy'))} | {pairs} |")
-        lines.append("")
+        lines += section("RM accuracy on the held-out pairs (Table 1)",
+                         ["RM finetuning data", "without PMP", "with PMP", "pairs"],
+                         [[task, *without_with(by_init), next(iter(by_init.values()))["pairs"]]
+                          for (task, _), by_init in sorted(rm.items())])
     bon = {k: v for k, v in found.items() if k[1].startswith("bon_")}
     for (task, metric), by_init in sorted(bon.items()):
         rows = {init: {r["n"]: r for r in res["rows"]} for init, res in by_init.items()}
         ns = sorted(set().union(*(r.keys() for r in rows.values())))
         any_res = next(iter(by_init.values()))
-        lines += [f"## Best-of-N, {metric.removeprefix('bon_')} ({task} RM; Fig. 3)", "",
-                  f"{any_res['questions']} questions, {any_res['candidates_min']}-{any_res['candidates_max']} candidates "
-                  f"each; random pick {fmt(any_res['random_pick'])}.", "",
-                  "| N | without PMP | with PMP | oracle |", "|---|---|---|---|"]
-        for n in ns:
-            oracle = next((rows[i][n]["oracle"] for i in rows if n in rows[i]), None)
-            lines.append(f"| {n} | {fmt(rows.get('base', {}).get(n, {}).get('accuracy'))} | "
-                         f"{fmt(rows.get('pmp', {}).get(n, {}).get('accuracy'))} | {fmt(oracle)} |")
-        lines.append("")
+        table = [[n, *without_with({init: r.get(n, {}) for init, r in rows.items()}),
+                  fmt(next((rows[i][n]["oracle"] for i in rows if n in rows[i]), None))] for n in ns]
+        lines += section(f"Best-of-N, {metric.removeprefix('bon_')} ({task} RM; Fig. 3)",
+                         ["N", "without PMP", "with PMP", "oracle"], table,
+                         note=f"{any_res['questions']} questions, {any_res['candidates_min']}-"
+                              f"{any_res['candidates_max']} candidates each; random pick {fmt(any_res['random_pick'])}.")
     mc = {k: v for k, v in found.items() if k[1].startswith("mc_") or k[1] == "multiple_choice"}
     if mc:
-        lines += ["## Multiple choice = Best-of-4 (section 4.1.3)", "", "| RM | test set | without PMP | with PMP | chance |",
-                  "|---|---|---|---|---|"]
-        for (task, metric), by_init in sorted(mc.items()):
-            chance = next(iter(by_init.values()))["chance"]
-            lines.append(f"| {task} | {metric.removeprefix('mc_')} | {fmt(by_init.get('base', {}).get('accuracy'))} | "
-                         f"{fmt(by_init.get('pmp', {}).get('accuracy'))} | {fmt(chance)} |")
-        lines.append("")
+        lines += section("Multiple choice = Best-of-4 (section 4.1.3)",
+                         ["RM", "test set", "without PMP", "with PMP", "chance"],
+                         [[task, metric.removeprefix("mc_"), *without_with(by_init),
+                           fmt(next(iter(by_init.values()))["chance"])] for (task, metric), by_init in sorted(mc.items())])
     timings = meta.get("timings") or {}
     if timings:
-        lines += ["## Stage timings (s)", "", "| stage | seconds |", "|---|---|"]
-        lines += [f"| {k} | {v:.1f} |" for k, v in timings.items()]
-        lines.append("")
+        lines += section("Stage timings (s)", ["stage", "seconds"], [[k, f"{v:.1f}"] for k, v in timings.items()])
     return "\n".join(lines)
 
 

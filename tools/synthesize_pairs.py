@@ -38,7 +38,6 @@ from __future__ import annotations
 import argparse
 import functools
 import json
-import os
 import sys
 import time
 from dataclasses import dataclass
@@ -51,9 +50,13 @@ from megapmp.synth.commits import CommitConfig, commit_instruct
 from megapmp.synth.critic_evol import CriticEvolConfig, critic_evol, humaneval_instructions
 from megapmp.synth.filters import PairFilter
 from megapmp.synth.generate import GenerationConfig, generate_pairs, read_records, summarize
-from megapmp.synth.llm import BACKENDS, MODES, Backend, BackendError, SamplingParams, make_backend
+from megapmp.synth.llm import BackendError, SamplingParams
 from megapmp.synth.rules import MUTATION_KINDS, DescribeConfig, RulesConfig, snippet_to_pair
 from megapmp.synth.stages import read_snippets, run_rules
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # tools/_backend_args.py, also when loaded by path
+
+from _backend_args import add_backend_arguments, backend_from_args  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -138,6 +141,19 @@ def report(stats: dict, path: str | None) -> None:
         write_text_atomic(path, text + "\n")
 
 
+def add_pair_filter_arguments(p) -> None:
+    """The PairFilter's length-ratio bounds, for every subcommand that writes pairs."""
+    f = PairFilter()
+    p.add_argument("--min-length-ratio", type=float, default=f.min_length_ratio, metavar="R",
+                   help=f"drop pairs whose chosen/rejected character-length ratio is below R (default {f.min_length_ratio})")
+    p.add_argument("--max-length-ratio", type=float, default=f.max_length_ratio, metavar="R",
+                   help=f"drop pairs whose chosen/rejected character-length ratio is above R (default {f.max_length_ratio})")
+
+
+def pair_filter_from_args(args) -> PairFilter:
+    return PairFilter(args.min_length_ratio, args.max_length_ratio)
+
+
 # ---------------------------------------------------------------------------------------------------
 # collect
 
@@ -174,10 +190,7 @@ def add_rules_arguments(p: argparse.ArgumentParser) -> None:
                         f"(default all: {','.join(MUTATION_KINDS)})")
     g.add_argument("--docstring", default="first", choices=["first", "all"],
                    help="use the docstring's first paragraph (default) or all of it in the description")
-    g.add_argument("--min-length-ratio", type=float, default=PairFilter.min_length_ratio, metavar="R",
-                   help="drop pairs whose chosen/rejected character-length ratio is below R (default 0.5)")
-    g.add_argument("--max-length-ratio", type=float, default=PairFilter.max_length_ratio, metavar="R",
-                   help="drop pairs whose chosen/rejected character-length ratio is above R (default 2.0)")
+    add_pair_filter_arguments(g)
     g.add_argument("--workers", type=int, default=1, metavar="N",
                    help="processes for describe+mutate; the output is identical for any N (default 1)")
     g.add_argument("--flush-every", type=int, default=256, metavar="N",
@@ -196,7 +209,7 @@ def run_rules_command(args: argparse.Namespace) -> int:
         inputs = {"sources": [str(Path(s).resolve()) for s in args.source], "collect": collect_stats["config"]}
     config = RulesConfig(seed=args.seed, kinds=tuple(args.mutations.split(",")),
                          describe=DescribeConfig(docstring=args.docstring))
-    pair_filter = PairFilter(args.min_length_ratio, args.max_length_ratio)
+    pair_filter = pair_filter_from_args(args)
     # --limit, --workers and --flush-every do not change any line, so a resume may change them.
     fingerprint = {"command": "rules", **inputs, "seed": config.seed, "kinds": list(config.kinds),
                    "docstring": args.docstring, "filter": [pair_filter.min_length_ratio, pair_filter.max_length_ratio]}
@@ -230,41 +243,6 @@ def add_sampling_arguments(p, defaults: SamplingParams = SamplingParams()) -> No
 def sampling_from_args(args) -> SamplingParams:
     return SamplingParams(temperature=args.temperature, top_p=args.top_p, max_tokens=args.max_tokens,
                           seed=args.seed, stop=tuple(args.stop) if args.stop else None)
-
-
-def add_backend_arguments(p, required: bool = True) -> None:
-    g = p.add_argument_group("backend")
-    g.add_argument("--backend", choices=BACKENDS, required=required, default=None,
-                   help="openai: any OpenAI-compatible server (vLLM `vllm serve`, TGI, SGLang, "
-                        "`python tools/serve_models.py`) at --base-url; vllm: vLLM's offline engine in "
-                        "this process (GPU; pip install 'megapmp[synth]')")
-    g.add_argument("--base-url", default=None, metavar="URL", help="e.g. http://127.0.0.1:8000 (/v1 optional)")
-    g.add_argument("--mode", choices=MODES, default="completions",
-                   help="completions: send the prompt as raw text, as CodePMP's prompts are written (default); "
-                        "chat: one user message through the model's chat template")
-    g.add_argument("--api-key-env", default="OPENAI_API_KEY", metavar="VAR",
-                   help="environment variable holding the API key (default OPENAI_API_KEY; 'EMPTY' if unset)")
-    g.add_argument("--concurrency", type=int, default=8, help="HTTP requests in flight per model (default 8)")
-    g.add_argument("--timeout", type=float, default=300.0, metavar="S", help="per request (default 300)")
-    g.add_argument("--max-retries", type=int, default=5,
-                   help="retries on connection errors, timeouts, 408/409/429 and 5xx, after the openai SDK's "
-                        "exponential backoff or the server's Retry-After (default 5)")
-    g.add_argument("--batch-size", type=int, default=64,
-                   help="records per batch: the unit of progress and of the output's flushes (default 64)")
-    g.add_argument("--tensor-parallel-size", type=int, default=1, help="vllm: GPUs per model")
-    g.add_argument("--dtype", default="auto", help="vllm: model dtype (default auto)")
-    g.add_argument("--gpu-memory-utilization", type=float, default=0.9,
-                   help="vllm: fraction of GPU memory per engine (default 0.9; ~0.45 for two models on one GPU)")
-    g.add_argument("--max-model-len", type=int, default=None, help="vllm: context length")
-
-
-def backend_from_args(args, model: str, base_url: str | None = None) -> Backend:
-    return make_backend(args.backend, model, base_url=base_url or args.base_url, mode=args.mode,
-                        api_key=os.environ.get(args.api_key_env, "EMPTY"), concurrency=args.concurrency,
-                        timeout_s=args.timeout, max_retries=args.max_retries,
-                        tensor_parallel_size=args.tensor_parallel_size, dtype=args.dtype,
-                        gpu_memory_utilization=args.gpu_memory_utilization, max_model_len=args.max_model_len,
-                        seed=args.seed if args.seed is not None else 0)
 
 
 def _add_common(p, output_help: str) -> None:
@@ -315,16 +293,12 @@ def add_generate_arguments(p) -> None:
                    help="server of the weak model when it is not --base-url")
     add_backend_arguments(p)
     add_sampling_arguments(p)
-    f = PairFilter()
-    p.add_argument("--min-length-ratio", type=float, default=f.min_length_ratio, metavar="R",
-                   help=f"drop pairs whose chosen/rejected character-length ratio is below R (default {f.min_length_ratio})")
-    p.add_argument("--max-length-ratio", type=float, default=f.max_length_ratio, metavar="R",
-                   help=f"drop pairs whose chosen/rejected character-length ratio is above R (default {f.max_length_ratio})")
+    add_pair_filter_arguments(p)
 
 
 def run_generate(args) -> int:
     descriptions = read_records(args.input)
-    pair_filter = PairFilter(args.min_length_ratio, args.max_length_ratio)
+    pair_filter = pair_filter_from_args(args)
     strong = backend_from_args(args, args.strong_model)
     weak = backend_from_args(args, args.weak_model, base_url=args.weak_base_url)
     try:
@@ -353,9 +327,7 @@ def add_commits_arguments(p) -> None:
                    help=f"drop commits changing more functions (default {d.max_functions})")
     p.add_argument("--max-function-lines", type=int, default=d.max_function_lines, metavar="N",
                    help=f"drop commits whose changed function is longer (default {d.max_function_lines})")
-    f = PairFilter()
-    p.add_argument("--min-length-ratio", type=float, default=f.min_length_ratio, metavar="R")
-    p.add_argument("--max-length-ratio", type=float, default=f.max_length_ratio, metavar="R")
+    add_pair_filter_arguments(p)
     p.add_argument("--model", default=None, metavar="M", help="with --backend: the model of CodeFavor's stages")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_backend_arguments(p, required=False)
@@ -371,7 +343,7 @@ def run_commits(args) -> int:
     backend = backend_from_args(args, args.model) if args.backend else None
     try:
         stats = commit_instruct(args.repo, args.output, backend, config, sampling_from_args(args),
-                                PairFilter(args.min_length_ratio, args.max_length_ratio),
+                                pair_filter_from_args(args),
                                 batch_size=args.batch_size, limit=args.limit, progress=not args.no_progress)
     finally:
         if backend:
@@ -408,11 +380,7 @@ def add_critic_evol_arguments(p) -> None:
                    help=f"default {d.critic_sampling.temperature}")
     c.add_argument("--critic-max-tokens", type=int, default=d.critic_sampling.max_tokens,
                    help=f"new tokens per review (default {d.critic_sampling.max_tokens})")
-    f = PairFilter()
-    p.add_argument("--min-length-ratio", type=float, default=f.min_length_ratio, metavar="R",
-                   help=f"drop pairs whose chosen/rejected character-length ratio is below R (default {f.min_length_ratio})")
-    p.add_argument("--max-length-ratio", type=float, default=f.max_length_ratio, metavar="R",
-                   help=f"drop pairs whose chosen/rejected character-length ratio is above R (default {f.max_length_ratio})")
+    add_pair_filter_arguments(p)
 
 
 def run_critic_evol(args) -> int:
@@ -431,7 +399,7 @@ def run_critic_evol(args) -> int:
     weak = backend_from_args(args, args.weak_model, base_url=args.weak_base_url) if args.weak_model else None
     try:
         stats = critic_evol(records, args.output, critic, weak, config,
-                            PairFilter(args.min_length_ratio, args.max_length_ratio),
+                            pair_filter_from_args(args),
                             instruction_key=args.instruction_key, limit=args.limit, progress=not args.no_progress)
     finally:
         critic.close()

@@ -413,9 +413,15 @@ def bpe_training_texts(inputs: list[str], kind: str, keys: tuple[str, ...], temp
         items = (raw.decode("utf-8", errors="ignore") for _, _, raw in document_sources(inputs, keys[0])
                  if not isinstance(raw, BadDocument))
     elif kind == "groups":
-        items = _group_texts(inputs, keys, template)
+        from megapmp.data.groups import parse_group_record
+
+        def group_texts(file, line_no, raw):
+            prompt, responses, _ = parse_group_record(file, line_no, raw, keys)
+            return (prompt, *responses)
+
+        items = _record_texts(inputs, template, group_texts)
     else:
-        items = _pair_texts(inputs, keys, template)
+        items = _record_texts(inputs, template, lambda file, line_no, raw: _parse_pair(file, line_no, raw, keys))
     for text in items:
         for piece in _pieces(text, piece_chars):
             size = len(piece.encode("utf-8"))
@@ -441,25 +447,13 @@ def _pieces(text: str, piece_chars: int) -> Iterator[str]:
         yield text[start:] if start else text
 
 
-def _pair_texts(inputs, keys, template) -> Iterator[str]:
+def _record_texts(inputs, template: str, texts) -> Iterator[str]:
+    """The templated prompt, then the responses, of every well-formed record of pairs or groups;
+    ``texts(file, line_no, raw)`` -> (prompt, *responses) or InputError."""
     for path in inputs:
         for line_no, raw in open_lines(path):
             try:
-                prompt, chosen, rejected = _parse_pair(str(path), line_no, raw, keys)
-            except InputError:
-                continue
-            yield template.replace("{prompt}", prompt)
-            yield chosen
-            yield rejected
-
-
-def _group_texts(inputs, keys, template) -> Iterator[str]:
-    from megapmp.data.groups import parse_group_record
-
-    for path in inputs:
-        for line_no, raw in open_lines(path):
-            try:
-                prompt, responses, _ = parse_group_record(str(path), line_no, raw, keys)
+                prompt, *responses = texts(str(path), line_no, raw)
             except InputError:
                 continue
             yield template.replace("{prompt}", prompt)
