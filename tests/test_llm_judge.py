@@ -46,7 +46,12 @@ def test_parse_verdict():
     assert parse_verdict("[RESULT] Both are equally good.") is None  # no 'better': undecided
     assert parse_verdict("The code and the tests are better now.") is None  # 'code and' names no code
     assert parse_verdict("CODE_A is better. [RESULT] CODE_B is better than CODE_A.") == 1  # the RESULT section
-    for hostile in (None, 7, "", "RESULT" * 1000, "better " * 10000):
+    # "result" as a word after the heading is not a heading; a negated "better" is no verdict
+    assert parse_verdict("[RESULT]\n[CODE_B] is better than [CODE_A] on the criteria, since it returns correct "
+                         "results.") == 1
+    assert parse_verdict("[RESULT] [CODE_A] is not better than [CODE_B].") is None
+    assert parse_verdict("[RESULT] CODE_A isn't better than CODE_B. CODE_B is better than CODE_A.") == 1
+    for hostile in (None, 7, "", "RESULT" * 1000, "[RESULT]" * 1000, "better " * 10000):
         assert parse_verdict(hostile) is None
 
 

@@ -5,9 +5,9 @@ the criterion, and the request to give a short [FEEDBACK] and then a [RESULT] of
 "[CODE_?] is better than [CODE_?] on the criteria" (CodeFavor's generation-judge prompt has this structure;
 the wording here is ours). Sampling is greedy (temperature 0), as CodeFavor's evaluation samples judges.
 
-:func:`parse_verdict` reads the answer: the text after the last "RESULT" (all of it when there is none),
-cut into sentences and read from the last one back; a sentence that says "neither" or names no code is
-passed over; "X is better than Y" (X, then "better", then Y) is a confident verdict for X; a sentence
+:func:`parse_verdict` reads the answer: the text after the last [RESULT] / "Result:" heading (all of it when
+there is none), cut into sentences and read from the last one back; a sentence that says "neither" or "not
+better", or names no code, is passed over; "X is better than Y" (X, then "better", then Y) is a confident verdict for X; a sentence
 with "better" naming one code, or both in another arrangement, is a weaker verdict for the code named last
 before "better" (else the first after it); the latest sentence with the most confident verdict wins. Code names are CODE_A / CODE A /
 Code-A (or CODE_1 / CODE_2); "the code and ..." is not a name. No verdict: the answer is *undecided*,
@@ -46,10 +46,12 @@ REASONING_TEMPLATE = (
 JUDGE_SAMPLING = SamplingParams(temperature=0.0, top_p=1.0, max_tokens=2048)
 
 _FIELD = re.compile(r"\{(instruction|code_a|code_b|criteria)\}")
-_RESULT = re.compile(r"result", re.IGNORECASE)
+# The heading only ("[RESULT]", "Result:", "**Result**:"), not the word: "... since it returns correct results"
+# after the heading must not cut the verdict away.
+_RESULT = re.compile(r"\[\s*result\s*\]|\bresult\b\**\s*:", re.IGNORECASE)
 _CODE = re.compile(r"code[\s_\-]*\[?\s*([ab12])(?![a-z0-9])", re.IGNORECASE)
 _BETTER = re.compile(r"better", re.IGNORECASE)
-_NEITHER = re.compile(r"neither", re.IGNORECASE)
+_NEITHER = re.compile(r"neither|(?:\bnot|n't|\bno)\s+better", re.IGNORECASE)
 _SENTENCE_END = re.compile(r"[.\n]")
 
 
