@@ -154,8 +154,9 @@ reproduce_tiny() {
   # The logical RM trains on groups (issue 22): each question's four options once, right vs every wrong one in
   # the loss (--data.layout group below); the test side stays pairs for rm-accuracy.
   run pairs_logic "$PY" tools/make_rm_pairs.py options --input "$data/logiqa2/dev.txt" --limit 80 \
-    --output-dir "$D/logic" --overwrite --groups
+    --exclude "$data/logiqa2/test.txt" --output-dir "$D/logic" --overwrite --groups
   run pairs_logic_sampled "$PY" tools/make_rm_pairs.py sampled --input "$data/logiqa2/dev.txt" --limit 6 \
+    --exclude "$data/logiqa2/test.txt" \
     --model strong --model weak --grid 0,0.5,1 --max-tokens 24 --output-dir "$D/logic_sampled" --overwrite \
     --test-fraction 0.34 "${served[@]}"
   run shards_math_train "${pre[@]}" --input "$D/math/train.jsonl" --output-prefix "$D/math_train" --tokenizer "$tok"
@@ -234,7 +235,7 @@ reproduce_gpu() {
   [ -n "${JUDGE_URL:-}" ] && judge=(--judge-url "$JUDGE_URL" --judge-model "${JUDGE_MODEL:?JUDGE_MODEL with JUDGE_URL}")
   run pairs_logiqa2 "$PY" tools/make_rm_pairs.py sampled --input "${LOGIQA2_TRAIN:-/data/logiqa2/train.txt}" \
     --backend openai --base-url "${LOGIQA_URL:-http://127.0.0.1:8000}" "${samplers[@]}" ${judge[@]+"${judge[@]}"} \
-    --output-dir "$D/logiqa2" --overwrite --no-progress
+    --exclude "${LOGIQA2_TEST:-../shared/data/logiqa2/test.txt}" --output-dir "$D/logiqa2" --overwrite --no-progress
   local task
   for task in mathshepherd reclor logiqa2; do
     run "shards_${task}_train" "${pre[@]}" --input "$D/$task/train.jsonl" --output-prefix "$D/${task}_train"

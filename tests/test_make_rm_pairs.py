@@ -175,6 +175,34 @@ def test_options_bad_record(tmp_path, capfd):
     assert f"error: {source}:2 field 'answer': answer index 7 outside the 4 options" in capfd.readouterr().err
 
 
+def logiqa_record(i: int, qid: int) -> dict:
+    return {"id": qid, "answer": 0, "text": f"Passage {i}.", "question": "Which follows?",
+            "options": [f"right {i}", f"wrong {i}", f"worse {i}", f"worst {i}"]}
+
+
+def test_held_out_files_number_their_own_questions(tmp_path):
+    """LogiQA 2.0's dev and test files reuse ids for other questions: a test question is removed for its
+    prompt, never for its id, and --exclude keeps the evaluation's questions out of both sides."""
+    dev, test = tmp_path / "dev.txt", tmp_path / "test.txt"
+    dev.write_text("".join(json.dumps(logiqa_record(i, 100 + i)) + "\n" for i in range(4)))
+    # ids 100-102 name other questions here; the last record is dev's question 0 under another id
+    test.write_text("".join(json.dumps(logiqa_record(10 + i, 100 + i)) + "\n" for i in range(3))
+                    + json.dumps(logiqa_record(0, 555)) + "\n")
+    assert run("options", "--input", dev, "--test-input", test, "--output-dir", tmp_path / "a") == 0
+    train, held_out, stats = outputs(tmp_path / "a")
+    assert stats["split"]["test_questions_removed_as_in_train"] == 1 and len(train) == 4 * 3
+    assert sorted({p["group"] for p in held_out}) == ["test:100", "test:101", "test:102"]
+    assert_no_question_on_both_sides(train, held_out)
+    assert run("options", "--input", dev, "--exclude", test, "--test-fraction", 0, "--output-dir", tmp_path / "b") == 0
+    train, _, stats = outputs(tmp_path / "b")
+    assert stats["read"]["questions_excluded_as_in_exclude_files"] == 1 and stats["excluded_from"] == [str(test)]
+    assert sorted({p["group"] for p in train}) == ["101", "102", "103"]
+    # the sampled command's ids (its samples are keyed by them) do not collide either
+    train_q = TOOL.choice_questions(TOOL.read_choice_sets([str(dev)], "logiqa2"))
+    test_q = TOOL.choice_questions(TOOL.read_choice_sets([str(test)], "logiqa2"), TOOL.TEST_ID_PREFIX)
+    assert len({q.id for q in train_q + test_q}) == 8
+
+
 def test_split_helpers_keep_a_prompt_on_one_side():
     groups = [rm_pairs.QuestionGroup(str(i), f"prompt {i % 5}", ["a", "b"], [True, False]) for i in range(20)]
     train, test = rm_pairs.split_groups(groups, 0.4, seed=0)
@@ -230,6 +258,9 @@ def test_extract_choice():
     assert extract_choice("B. because", opts) == 1 and extract_choice("(A)", opts) == 0
     assert extract_choice("It must be green.", opts) == 1
     assert extract_choice("red or green?", opts) is None and extract_choice("The answer is E", opts) is None
+    # a small letter is an option only where a sentence ends; a letter past the options is a word
+    assert extract_choice("The answer is a direct consequence of the passage.", opts) is None  # not A
+    assert extract_choice("The answer is C.\n\nAnswer: I hope this helps", opts) == 2
 
 
 def test_sampled_pairs_are_correct_x_incorrect_and_resume_exactly(tmp_path):
@@ -263,6 +294,28 @@ def test_sampled_pairs_are_correct_x_incorrect_and_resume_exactly(tmp_path):
                             SETTINGS, out2, RuleJudge(), progress=False) is None
     with pytest.raises(ValueError, match="sampled with other options"):
         sample_and_judge(qs, specs(ScriptedBackend("m1")), SETTINGS, out2, RuleJudge(), progress=False)
+
+
+def test_a_kill_while_finishing_the_samples_resumes(tmp_path, monkeypatch):
+    """Killed between stamping the options and renaming .partial, a rerun with the same options resumes (it
+    was refused as 'sampled with other options' when the stamp came after the rename)."""
+    from megapmp.synth import sampled
+
+    out, reference = tmp_path / "samples.jsonl", tmp_path / "reference.jsonl"
+    sample_and_judge(questions(), specs(ScriptedBackend("m1")), SETTINGS, reference, RuleJudge(), progress=False)
+    real = sampled.write_text_atomic
+
+    def killed(path, text):
+        monkeypatch.setattr(sampled, "write_text_atomic", real)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(sampled, "write_text_atomic", killed)
+    with pytest.raises(KeyboardInterrupt):
+        sample_and_judge(questions(), specs(ScriptedBackend("m1")), SETTINGS, out, RuleJudge(), progress=False)
+    stats = sample_and_judge(questions(), specs(ScriptedBackend("m1")), SETTINGS, out, RuleJudge(), progress=False)
+    assert stats is not None and stats.skipped_done == 4 * 3 and out.read_bytes() == reference.read_bytes()
+    assert sample_and_judge(questions(), specs(ScriptedBackend("m1")), SETTINGS, out, RuleJudge(),
+                            progress=False) is None  # finished and stamped: reused
 
 
 def test_model_judge(tmp_path):

@@ -38,6 +38,9 @@ from megapmp.io import InputError, open_lines, parse_json_line, write_jsonl_atom
 from megapmp.synth import rm_pairs  # noqa: E402
 
 MATHSHEPHERD_STYLES = {"40k": "one", "800k": "all"}  # appendix D.1's two training sets
+# --test-input's question ids start with this: each file numbers its own questions (LogiQA 2.0's dev and test
+# files reuse ids for other questions), so a test id may not name the training question of the same number.
+TEST_ID_PREFIX = "test:"
 
 
 def log(message: str) -> None:
@@ -77,7 +80,13 @@ def add_choice_input_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--test-input", nargs="+", default=None, metavar="FILE",
                    help="a held-out split given as files (e.g. ReClor's val.json, as the paper's 1.5k test pairs): "
                         "then --input is all training data and --test-fraction is not used; a test question that "
-                        "is also in --input (same id or prompt) is removed and counted")
+                        "is also in --input (the same prompt) is removed and counted; its ids start with 'test:', as "
+                        "each file numbers its own questions")
+    g.add_argument("--exclude", nargs="+", default=None, metavar="FILE",
+                   help="questions to keep out of both sides, e.g. the evaluation's test file: a question of "
+                        "--input or --test-input whose passage and question (whitespace normalised) is in these "
+                        "files is left out before anything is sampled, and counted (LogiQA 2.0 repeats questions "
+                        "across its splits)")
     g.add_argument("--format", default="auto", choices=("auto", "logiqa2", "reclor"),
                    help="input format (default: detected from each file's first record)")
     g.add_argument("--limit", type=int, default=None, metavar="N",
@@ -125,7 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
     sa = sub.add_parser("sampled", help="LogiQA2.0-pair (appendix D.2.2): sampled answers, judged, correct x incorrect",
                         description=SAMPLED_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_choice_input_arguments(sa)
-    add_output_arguments(sa, test_fraction=0.1)
+    add_output_arguments(sa, test_fraction=0.04)  # appendix D.2.2: 42k of the 1,019k pairs for testing
     from megapmp.synth.sampled import NO_ANSWER_POLICIES, PAPER_GRID
 
     g = sa.add_argument_group("models and sampling (paper: four models, top-p 1, the grid below)")
@@ -211,6 +220,17 @@ def read_choice_sets(paths: list[str], fmt: str, limit: int | None = None) -> li
     return out
 
 
+def read_choice_input(args, paths: list[str], drops: rm_pairs.Drops) -> list[tuple[str, int, object]]:
+    """read_choice_sets of ``paths`` without the questions of --exclude (counted in ``drops``)."""
+    sets = read_choice_sets(paths, args.format, args.limit)
+    if not args.exclude:
+        return sets
+    excluded = {" ".join(cs.prompt.split()) for _, _, cs in read_choice_sets(args.exclude, args.format)}
+    kept = [item for item in sets if " ".join(item[2].prompt.split()) not in excluded]
+    drops.seen["questions_excluded_as_in_exclude_files"] += len(sets) - len(kept)
+    return kept
+
+
 def check_outputs(args) -> Path:
     out = Path(args.output_dir)
     existing = [n for n in ("train.jsonl", "test.jsonl") if (out / n).exists()]
@@ -282,31 +302,27 @@ def run_mathshepherd(args) -> int:
 def run_options(args) -> int:
     out = check_outputs(args)
     drops = rm_pairs.Drops()
-    groups = rm_pairs.option_groups(read_choice_sets(args.input, args.format, args.limit), drops)
-    test_groups = (rm_pairs.option_groups(read_choice_sets(args.test_input, args.format, args.limit), drops)
-                   if args.test_input else None)
+    groups = rm_pairs.option_groups(read_choice_input(args, args.input, drops), drops)
+    test_groups = (rm_pairs.option_groups(read_choice_input(args, args.test_input, drops), drops,
+                                          id_prefix=TEST_ID_PREFIX) if args.test_input else None)
     train, test, removed = split(args, groups, test_groups)
     result = rm_pairs.build_split_pairs(train, test, train_style="all", test_style="all", seed=args.seed,
                                         max_pairs=args.max_pairs_per_question, drops=drops, leaked_removed=removed,
                                         train_form="groups" if args.groups else "pairs")
-    return finish(args, out, result, drops, {"inputs": args.input, "test_inputs": args.test_input})
+    return finish(args, out, result, drops, {"inputs": args.input, "test_inputs": args.test_input,
+                                               "excluded_from": args.exclude})
 
 
-def choice_questions(sets_with_lines) -> list:
+def choice_questions(sets_with_lines, id_prefix: str = "") -> list:
     from megapmp.synth.sampled import ChoiceQuestion
 
     questions, seen = [], set()
-    for file, line, cs in sets_with_lines:
-        qid = str(cs.id)
-        if qid in seen:  # two records under one id: the sample ids would collide
-            k = 2
-            while f"{qid}~{k}" in seen:
-                k += 1
-            qid = f"{qid}~{k}"
+    for _file, _line, cs in sets_with_lines:
+        qid = rm_pairs.unique_id(id_prefix + str(cs.id), seen)  # two records under one id: sample ids would collide
         seen.add(qid)
         # The evaluation template ends in "Response:"; the models are asked the passage and question before it.
         question = cs.prompt.removesuffix("Response:").rstrip()
-        questions.append(ChoiceQuestion(qid, question, tuple(cs.responses), cs.answer, f"{file}:{line}"))
+        questions.append(ChoiceQuestion(qid, question, tuple(cs.responses), cs.answer))
     return questions
 
 
@@ -324,11 +340,13 @@ def run_sampled(args) -> int:
                                 samples_per_setting=args.samples_per_setting, top_p=args.top_p,
                                 max_tokens=args.max_tokens, stop=tuple(args.stop) if args.stop else None,
                                 seed=args.seed, batch_size=args.batch_size)
-    train_q = choice_questions(read_choice_sets(args.input, args.format, args.limit))
-    test_q = choice_questions(read_choice_sets(args.test_input, args.format, args.limit)) if args.test_input else []
+    drops = rm_pairs.Drops()
+    train_q = choice_questions(read_choice_input(args, args.input, drops))
+    test_q = choice_questions(read_choice_input(args, args.test_input, drops), TEST_ID_PREFIX) if args.test_input else []
     questions = train_q + test_q
-    if len({q.id for q in questions}) != len(questions):
-        raise ValueError("--input and --test-input share question ids: the samples of one would overwrite the other's")
+    if len({q.id for q in questions}) != len(questions):  # only an --input id itself starting with the prefix
+        raise ValueError(f"--input has question ids starting with {TEST_ID_PREFIX!r}, as --test-input's are "
+                         "renamed: the samples of one would overwrite the other's")
 
     def opener(model: str, url: str | None):
         return lambda: backend_from_args(args, model, base_url=url)
@@ -349,14 +367,13 @@ def run_sampled(args) -> int:
         if isinstance(judge, ModelJudge):
             judge.backend.close()
     samples = read_samples(samples_path)
-    drops = rm_pairs.Drops()
     groups = sample_groups(samples, train_q, args.no_answer, drops)
     test_groups = sample_groups(samples, test_q, args.no_answer, drops) if args.test_input else None
     train, test, removed = split(args, groups, test_groups)
     result = rm_pairs.build_split_pairs(train, test, train_style="all", test_style="all", seed=args.seed,
                                         max_pairs=args.max_pairs_per_question, drops=drops, leaked_removed=removed,
                                         train_form="groups" if args.groups else "pairs")
-    extra = {"inputs": args.input, "test_inputs": args.test_input, "models": args.model,
+    extra = {"inputs": args.input, "test_inputs": args.test_input, "excluded_from": args.exclude, "models": args.model,
              "settings": settings.to_dict(), "judge": judge.describe(), "samples": str(samples_path),
              "sampling_run": run_stats.as_dict() if run_stats else "reused"}
     return finish(args, out, result, drops, extra)

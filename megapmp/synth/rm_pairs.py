@@ -53,7 +53,6 @@ class QuestionGroup:
     prompt: str
     responses: list[str] = field(default_factory=list)
     labels: list[bool] = field(default_factory=list)
-    where: str = ""  # FILE:LINE of its first record, for messages
 
     @property
     def split_key(self) -> str:
@@ -126,10 +125,11 @@ def split_groups(groups: list[QuestionGroup], test_fraction: float, seed: int
 
 
 def remove_leaked(train: list[QuestionGroup], test: list[QuestionGroup]) -> tuple[list[QuestionGroup], int]:
-    """``test`` without the questions (by id or prompt) that ``train`` has too, and how many were removed: for
-    splits given as files, which may share questions."""
-    ids, keys = {g.id for g in train}, {g.split_key for g in train}
-    kept = [g for g in test if g.id not in ids and g.split_key not in keys]
+    """``test`` without the questions whose prompt ``train`` has too, and how many were removed: for splits given
+    as files, which may share questions. By prompt, not by id: each file numbers its own questions (LogiQA 2.0's
+    dev and test files reuse ids for other questions), so the held-out side's ids carry a prefix."""
+    keys = {g.split_key for g in train}
+    kept = [g for g in test if g.split_key not in keys]
     return kept, len(test) - len(kept)
 
 
@@ -313,7 +313,7 @@ def mathshepherd_groups(records: Iterable[tuple[str, int, dict]], *, rule: str =
         gid = f"mathshepherd-{text_id(question)}"
         group = groups.get(gid)
         if group is None:
-            group = groups[gid] = QuestionGroup(gid, question, where=f"{file}:{line}")
+            group = groups[gid] = QuestionGroup(gid, question)
         add_response(group, solution, is_correct_solution(steps, rule), drops, conflicts)
     return list(groups.values())
 
@@ -322,26 +322,36 @@ def mathshepherd_groups(records: Iterable[tuple[str, int, dict]], *, rule: str =
 # options (multiple choice)
 
 
-def option_groups(sets_with_lines: Iterable[tuple[str, int, object]], drops: Drops) -> list[QuestionGroup]:
+def unique_id(qid: str, taken) -> str:
+    """``qid``, or the first of qid~2, qid~3, ... not in ``taken``: one id per question where a source reuses
+    an id for another question."""
+    if qid not in taken:
+        return qid
+    k = 2
+    while f"{qid}~{k}" in taken:
+        k += 1
+    return f"{qid}~{k}"
+
+
+def option_groups(sets_with_lines: Iterable[tuple[str, int, object]], drops: Drops, id_prefix: str = ""
+                  ) -> list[QuestionGroup]:
     """Question groups of multiple-choice candidate sets (megapmp.eval.formats.CandidateSet), given as
     (file, line, set). A repeated record is dropped; an id reused by another question gets a suffix, so that
-    ``group`` names one question."""
+    ``group`` names one question. ``id_prefix`` starts every id (a held-out split's files number their
+    questions on their own)."""
     groups: list[QuestionGroup] = []
     seen: dict[str, tuple] = {}  # id -> the record as read (prompt, options, labels)
     conflicts: dict[str, set[str]] = {}
-    for file, line, cs in sets_with_lines:
+    for _file, _line, cs in sets_with_lines:
         drops.seen["records"] += 1
-        gid, record = str(cs.id), (cs.prompt, tuple(cs.responses), tuple(cs.correct))
+        gid, record = id_prefix + str(cs.id), (cs.prompt, tuple(cs.responses), tuple(cs.correct))
         if gid in seen:
             if seen[gid] == record:
                 drops.add("duplicate_record")
                 continue
-            k = 2
-            while f"{gid}~{k}" in seen:
-                k += 1
-            gid = f"{gid}~{k}"
+            gid = unique_id(gid, seen)
             drops.seen["ids_reused_by_another_question_renamed"] += 1
-        group = QuestionGroup(gid, cs.prompt, where=f"{file}:{line}")
+        group = QuestionGroup(gid, cs.prompt)
         for response, ok in zip(cs.responses, cs.correct):
             add_response(group, response, ok, drops, conflicts)
         seen[gid] = record

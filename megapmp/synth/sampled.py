@@ -22,7 +22,6 @@ answer the rule can find, or a judge reply that is neither yes nor no, has ``cor
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 import time
@@ -31,7 +30,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from megapmp.io import iter_jsonl, write_text_atomic
-from megapmp.synth.generate import RunStats, StageOutput, run_batches
+from megapmp.synth.generate import RunStats, StageOutput, run_batches, text_digest
 from megapmp.synth.filters import StageStats
 from megapmp.synth.llm import Backend, SamplingParams
 from megapmp.synth.rm_pairs import Drops, QuestionGroup, add_response
@@ -60,7 +59,6 @@ class ChoiceQuestion:
     question: str
     options: tuple[str, ...]
     answer: int
-    where: str = ""
 
     def options_text(self) -> str:
         return "\n".join(f"{LETTERS[i]}. {o}" for i, o in enumerate(self.options))
@@ -100,16 +98,19 @@ class SamplingSettings:
 # judging
 
 
-_ANSWER_IS = re.compile(r"answer\s*(?:is|:)\s*:?\s*(?:option\s*)?\(?\s*([A-J])\b", re.IGNORECASE)
+# "answer is" in any case; the letter a capital, or a small one only where a sentence or the text ends
+# ("the answer is: d."), so that English words ("the answer is a direct consequence") are not read as options.
+_ANSWER_IS = re.compile(r"(?i:answer\s*(?:is|:)\s*:?\s*(?:option\s*)?)\(?\s*(?:([A-J])\b|([a-j])(?=\s*(?:[.)\]]|$)))")
 _LEADING_LETTER = re.compile(r"^\s*\(?([A-J])(?:\)|\.|:|\s*$)")
 
 
 def extract_choice(response: str, options: Sequence[str]) -> int | None:
     """The option index a response answers, by rule; None when it names none (see the module docstring)."""
     n = len(options)
-    found = [m.group(1).upper() for m in _ANSWER_IS.finditer(response)]
-    if found and LETTERS.index(found[-1]) < n:
-        return LETTERS.index(found[-1])
+    # Letters past the options ("Answer: I hope this helps") are words, not answers: the last one in range counts.
+    found = [i for m in _ANSWER_IS.finditer(response) if (i := LETTERS.index((m.group(1) or m.group(2)).upper())) < n]
+    if found:
+        return found[-1]
     lead = _LEADING_LETTER.match(response)
     if lead and LETTERS.index(lead.group(1).upper()) < n:
         return LETTERS.index(lead.group(1).upper())
@@ -140,7 +141,7 @@ class ModelJudge:
         self.name = f"model:{backend.model}"
 
     def describe(self) -> dict:
-        return {"judge": "model", **self.backend.describe(), "prompt_sha": _digest(JUDGE_PROMPT)}
+        return {"judge": "model", **self.backend.describe(), "prompt_sha": text_digest(JUDGE_PROMPT)}
 
     def judge(self, questions: list[ChoiceQuestion], responses: list[str]) -> list[tuple[bool | None, dict]]:
         prompts = [JUDGE_PROMPT.format(question=q.question, options=q.options_text(), letter=LETTERS[q.answer],
@@ -152,10 +153,6 @@ class ModelJudge:
             word = re.match(r"\W*(yes|no)\b", reply.text, re.IGNORECASE)
             out.append((None if word is None else word.group(1).lower() == "yes", {"judge_reply": reply.text[:200]}))
         return out
-
-
-def _digest(*texts: str) -> str:
-    return hashlib.sha256("\x00".join(texts).encode()).hexdigest()[:16]
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -180,9 +177,9 @@ class ModelSpec:
 def fingerprint(questions: list[ChoiceQuestion], models: list[ModelSpec], settings: SamplingSettings, judge) -> dict:
     """What identifies a sampling run's output: a resume with anything else different is refused."""
     return {"command": "sampled", "models": [m.identity for m in models], "settings": settings.to_dict(),
-            "judge": judge.describe(), "prompt_sha": _digest(SAMPLE_PROMPT),
+            "judge": judge.describe(), "prompt_sha": text_digest(SAMPLE_PROMPT),
             "questions_sha256": ids_digest(q.id for q in questions),
-            "questions_content_sha": _digest(*(q.prompt() + "\x01" + str(q.answer) for q in questions))}
+            "questions_content_sha": text_digest(*(q.prompt() + "\x01" + str(q.answer) for q in questions))}
 
 
 def sample_and_judge(questions: list[ChoiceQuestion], models: list[ModelSpec], settings: SamplingSettings,
@@ -222,8 +219,10 @@ def sample_and_judge(questions: list[ChoiceQuestion], models: list[ModelSpec], s
             finally:
                 backend.close()
         stats.written = out.writer.written
+        # The stamp first: killed between the two, the run resumes from its .partial (which holds the same
+        # fingerprint); stamped after the rename, a kill there would leave a finished output that is refused.
+        write_text_atomic(stamp, json.dumps(expected, indent=1, sort_keys=True) + "\n")
         out.finish()
-    write_text_atomic(stamp, json.dumps(expected, indent=1, sort_keys=True) + "\n")
     stats.seconds = time.perf_counter() - start
     return stats
 
@@ -269,7 +268,7 @@ def sample_groups(samples: list[dict], questions: list[ChoiceQuestion], no_answe
         by_question.setdefault(s["question"], []).append(s)
     groups, conflicts = [], {}
     for q in questions:
-        group = QuestionGroup(q.id, q.prompt(), where=q.where)
+        group = QuestionGroup(q.id, q.prompt())
         for s in by_question.get(q.id, []):
             drops.seen["samples"] += 1
             if s["correct"] is None:
