@@ -117,6 +117,26 @@ def test_packed_lengths_from_the_index_are_what_packing_makes(shards):
         assert dataset.packed_lengths(items, layout, seq_len).tolist() == want, (layout, seq_len)
 
 
+def test_a_pair_shard_in_the_group_layout_is_counted_as_packed_when_a_pair_is_split(shards):
+    """Rows shorter than some [P C R]: the loader packs such a pair as [P C][P R] (pack_groups), so the token
+    budget must count its prompt twice (it counted [P C R] and stopped at the step that drew one)."""
+    from megapmp.data.packing import groups_of_pairs
+
+    probe = StepLoader([str(shards / "pairs")], items_per_step=8, micro_batches=2, seq_len=256, layout="group")
+    ds, items = probe.datasets[0], np.arange(len(probe.datasets[0]))
+    whole = ds.prompt_lengths + ds.chosen_lengths + ds.rejected_lengths
+    seq_len = int(np.median(whole))
+    assert (whole > seq_len).any() and (whole <= seq_len).any()  # both cases below
+    assert (ds.prompt_lengths + np.maximum(ds.chosen_lengths, ds.rejected_lengths) <= seq_len).all()  # each fits
+    loader = StepLoader([str(shards / "pairs")], items_per_step=8, micro_batches=2, seq_len=seq_len, layout="group")
+    packed = [pack_groups(groups_of_pairs([ds[i]]), seq_len, 0).num_real_tokens for i in items.tolist()]
+    assert loader.item_lengths(0, items).tolist() == packed
+    budgeted = StepLoader([str(shards / "pairs")], items_per_step=8, micro_batches=2, seq_len=seq_len, layout="group",
+                          packing="flat", micro_batch_tokens="auto")
+    for _ in range(5):
+        assert all(m.shape == (1, budgeted.micro_batch_tokens) for m in budgeted.next_step().micro_batches)
+
+
 def test_token_budget_keeps_groups_whole_and_says_when_one_cannot_fit(shards):
     loader = StepLoader([str(shards / "groups")], items_per_step=8, micro_batches=2, seq_len=256, layout="group",
                         packing="flat", micro_batch_tokens="auto")

@@ -276,6 +276,13 @@ def test_balance_into_budget_evens_the_totals_and_refuses_an_item_over_the_budge
         balance_into_budget(np.array([3, 11]), 1, 10)
 
 
+def test_the_fitted_budget_holds_a_longest_item_no_trial_drew():
+    """One item of 3,000 tokens among 5,000 of 100: the trials never draw it, the budget still holds it (the
+    candidate range was empty: argmin of an empty sequence)."""
+    fit = fit_micro_batch_tokens(np.array([100] * 5000 + [3000]), None, 8, 2, seed=0)
+    assert fit.tokens >= 3000 and fit.tokens % 128 == 0
+
+
 def test_fitted_budget_minimises_the_padded_tokens_of_simulated_steps():
     """Against brute force on the same simulated steps (the fit's own draws, replayed from its seed): no
     multiple of 128 the fit may choose (at least the longest item and the smallest 4-way split maximum of

@@ -18,7 +18,8 @@ from megapmp.data.datasets import (DocumentDataset, GroupDataset, check_compatib
                                     open_preference_dataset, pairs_that_fit)
 from megapmp.data.groups import LM_WEIGHTINGS
 from megapmp.data.packing import (LAYOUTS, PACKINGS, PackedBatch, balance_into_budget, flatten_rows, groups_of_pairs,
-                                   pack_documents, pack_groups, pack_pairs, pair_packed_length)
+                                   pack_documents, pack_groups, pack_pairs, pair_group_packed_length,
+                                   pair_packed_length)
 
 # A fitted token budget is a multiple of this: FlexAttention's block (its block mask is [T/128, T/128]) and a
 # tile size the GEMMs like.
@@ -209,8 +210,10 @@ class StepLoader:
         if isinstance(ds, GroupDataset):
             return ds.packed_lengths(items, self.layout, self.seq_len)
         if self.kind == "pairs":
-            return pair_packed_length(ds.prompt_lengths[items].astype(np.int64), ds.chosen_lengths[items],
-                                      ds.rejected_lengths[items], self.layout)
+            p, c, r = ds.prompt_lengths[items].astype(np.int64), ds.chosen_lengths[items], ds.rejected_lengths[items]
+            if self.layout == "group":  # packed by pack_groups, which splits a pair too long for one row
+                return pair_group_packed_length(p, c, r, self.seq_len)
+            return pair_packed_length(p, c, r, self.layout)
         return np.minimum(ds.window, ds.index.sequence_lengths[ds.sequence_of_item[items]].astype(np.int64)
                           - ds.offset_of_item[items])
 
@@ -338,7 +341,8 @@ def fit_micro_batch_tokens(pool: np.ndarray, probabilities: np.ndarray | None, i
     round_up = lambda n: -(-int(n) // multiple) * multiple  # noqa: E731
     splits = [{micro_batches: _heaviest_group(s, micro_batches)} for s in steps]
     lowest = round_up(max(int(pool.max()), min(split[micro_batches] for split in splits)))
-    highest = round_up(max(split[micro_batches] for split in splits))
+    # The longest item may be rare enough that no trial drew it: T starts at it all the same.
+    highest = max(lowest, round_up(max(split[micro_batches] for split in splits)))
     candidates = np.arange(lowest, highest + 1, multiple)
     cost = np.zeros(len(candidates))
     extra = np.zeros(len(candidates))

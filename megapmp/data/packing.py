@@ -119,8 +119,9 @@ class PackedBatch:
 
 
 def pair_packed_length(prompt_len, chosen_len, rejected_len, layout: str):
-    """Tokens a pair occupies in a row (works elementwise on arrays); the group layout packs a pair as
-    shared-prefix does."""
+    """Tokens a pair occupies in a row (works elementwise on arrays); the group layout packs a pair that fits
+    one row as shared-prefix does (the loader's group packing may split one that does not:
+    pair_group_packed_length)."""
     if layout == "duplicated":
         return 2 * prompt_len + chosen_len + rejected_len
     if layout in ("shared-prefix", "group"):
@@ -156,6 +157,13 @@ def group_packed_length(prompt_len: int, response_lengths, seq_len: int) -> int:
     """Tokens a group occupies in rows of ``seq_len``: its responses plus one prompt per segment."""
     pieces = group_pieces(prompt_len, response_lengths, seq_len)
     return len(pieces) * int(prompt_len) + int(sum(int(n) for n in response_lengths))
+
+
+def pair_group_packed_length(prompt_len, chosen_len, rejected_len, seq_len: int):
+    """group_packed_length of a pair, a group of two responses (elementwise on arrays): [P C R] when it fits a
+    row of ``seq_len``, else the two segments [P C][P R], the prompt twice."""
+    whole = prompt_len + chosen_len + rejected_len
+    return np.where(whole <= seq_len, whole, whole + prompt_len)
 
 
 def first_fit(lengths: np.ndarray, seq_len: int) -> list[list[int]]:
