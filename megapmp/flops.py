@@ -99,10 +99,13 @@ def batch_flops(config, batch, *, lm_head: bool = True, reward_head: bool = True
     ``segment_ids``, ``branch_ids``, ``lm_index`` (or ``labels``), ``chosen_index`` are read)."""
     segment_ids = _array(batch.segment_ids)
     real_tokens = float((segment_ids >= 0).sum())
-    lm_index = getattr(batch, "lm_index", None)  # a group row predicts several targets at a prompt's end
+    lm_index = getattr(batch, "lm_index", None)
     lm_tokens = 0.0
     if lm_head and lm_index is not None:
-        lm_tokens = float(len(_array(lm_index)))
+        # The model computes one logits row per position. lm_index may repeat one (a group's prompt end
+        # predicts each response's first token; data.lm_weighting = pairs repeats a winner's positions once
+        # per pair it wins): the loss's extra rows are a weighting, not model FLOPs, so MFU does not count them.
+        lm_tokens = float(len(np.unique(_array(lm_index))))
     elif lm_head:
         lm_tokens = float((_array(batch.labels) != IGNORE_INDEX).sum())
     readouts = 2.0 * len(_array(batch.chosen_index)) if reward_head else 0.0

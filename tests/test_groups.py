@@ -111,15 +111,21 @@ def test_group_row_structure_positions_and_readouts():
 
 def test_group_rows_flops_count_exactly_the_mask():
     """megapmp.flops credits a group row the (query, key) pairs its mask allows, no more (exact convention),
-    and its LM head the targets it really has (a prompt end predicting several first tokens)."""
+    and its LM head one logits row per position with a target: a prompt end predicting several first tokens,
+    or a winner's positions repeated once per pair it wins (lm_weighting = pairs), are computed once."""
     from megapmp.flops import attention_pairs, batch_flops
 
     b = pack_groups(random_groups(23, n=5), 128, pad_id=0)
     mask = build_mask(torch.as_tensor(b.segment_ids), torch.as_tensor(b.branch_ids))
     padding = int((b.segment_ids < 0).sum())  # a padding token attends to itself
     assert attention_pairs(b.segment_ids, b.branch_ids, "exact") == int(mask.sum()) - padding
-    flops = batch_flops(CONFIG, b)
-    assert flops.lm_head == 3 * 2 * CONFIG.hidden_size * CONFIG.vocab_size * len(b.lm_index)
+    per_row = 3 * 2 * CONFIG.hidden_size * CONFIG.vocab_size
+    positions = set(b.lm_index.tolist())
+    assert len(positions) < len(b.lm_index)  # prompt ends with several targets
+    assert batch_flops(CONFIG, b).lm_head == per_row * len(positions)
+    weighted = pack_groups(random_groups(23, n=5), 128, pad_id=0, lm_weighting="pairs")
+    assert len(weighted.lm_index) > len(b.lm_index) and set(weighted.lm_index.tolist()) == positions
+    assert batch_flops(CONFIG, weighted) == batch_flops(CONFIG, b)  # the same model FLOPs
 
 
 def test_a_group_longer_than_a_row_is_split_with_the_prompt_repeated():
