@@ -49,7 +49,7 @@ from megapmp.data.loader import BackgroundLoader, StepBatch, StepLoader
 from megapmp.data.shards import ShardMeta, verify_shards
 from megapmp.device import autocast_dtype, local_device
 from megapmp.flops import mfu, peak_flops, step_flops
-from megapmp.io import log
+from megapmp.io import log, write_text_atomic
 from megapmp.loss import LOSS_BACKEND_ENV, loss_backend, pmp_loss, score_pairs
 from megapmp.model import Qwen2RewardModel
 from megapmp.model.attention import resolve_attention_backend
@@ -185,8 +185,8 @@ class Trainer:
         self.batches = (BackgroundLoader(self.loader, depth=cfg.data.prefetch_steps,
                                          pin_memory=self.device.type == "cuda")
                         if cfg.data.prefetch_steps else self.loader)
-        for prefix, dropped in self.loader.dropped.items():
-            self.log(f"left out {dropped} pairs of {prefix} longer than data.seq_len={cfg.data.seq_len} "
+        for prefix, (dropped, unit) in self.loader.dropped.items():
+            self.log(f"left out {dropped} {unit} of {prefix} that do not fit data.seq_len={cfg.data.seq_len} "
                      f"(data.overlong = drop)")
         self.cfg = cfg = resolve_config(cfg, self.loader.meta)
         # An epoch is what the sampler draws from: every item of every train shard, less the pairs that
@@ -207,7 +207,7 @@ class Trainer:
             self.config_changes = {}  # settings changed on resume (checkpoint.allow_change), for metrics.jsonl
             self._maybe_resume()
             if self.is_main:
-                (self.run_dir / "config.json").write_text(json.dumps(asdict(cfg), indent=2) + "\n")
+                write_text_atomic(self.run_dir / "config.json", json.dumps(asdict(cfg), indent=2) + "\n")
         except BaseException:
             self.close()
             raise

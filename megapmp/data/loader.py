@@ -183,7 +183,9 @@ class StepLoader:
         self.vocab_size = self.datasets[0].meta.vocab_size
         # The items each dataset's sampler stream draws from (None: all of them).
         self.kept = [pairs_that_fit(d, seq_len, layout, overlong) if kind == "pairs" else None for d in self.datasets]
-        self.dropped = {d.prefix: len(d) - len(k) for d, k in zip(self.datasets, self.kept) if k is not None}
+        # prefix -> (items left out, their unit), for the trainer's log
+        self.dropped = {d.prefix: (len(d) - len(k), "groups" if isinstance(d, GroupDataset) else "pairs")
+                        for d, k in zip(self.datasets, self.kept) if k is not None}
         self.sampler = BlendedSampler([len(d) if k is None else len(k) for d, k in zip(self.datasets, self.kept)],
                                       weights, seed=seed, shuffle=shuffle)
         self.steps_taken = 0
