@@ -158,6 +158,35 @@ def text_field(file: str, line_no: int, record: dict, key: str) -> str:
     return value
 
 
+def cut_torn_jsonl(path: str | os.PathLike, log) -> None:
+    """Cut a torn last line of an append-only JSONL file (a writer killed mid-line) back to the last whole
+    record, logged, so that the next append starts a line of its own; a line that does not parse anywhere
+    else is damage no kill leaves behind: an InputError naming FILE:LINE."""
+    path = Path(path)
+    if not path.is_file():
+        return
+    data = path.read_bytes()
+    lines = data.split(b"\n")
+    tail = lines.pop()  # the bytes after the last newline: b"" in a whole file
+    whole = len(data) - len(tail)
+    if lines and not _is_record(lines[-1]):
+        whole -= len(lines.pop()) + 1
+    for number, line in enumerate(lines, start=1):
+        if line.strip() and not _is_record(line):
+            raise InputError(str(path), number, None, "not a JSON record")
+    if whole < len(data):
+        os.truncate(path, whole)
+        log(f"{path}: cut a torn last line ({len(data) - whole} bytes) back to the last whole record "
+            f"(a run killed while writing it)")
+
+
+def _is_record(line: bytes) -> bool:
+    try:
+        return isinstance(json.loads(line), dict)
+    except ValueError:
+        return False
+
+
 def iter_jsonl(path: str | os.PathLike) -> Iterator[tuple[int, dict]]:
     """(1-based line number, object) for each non-blank line of a JSONL(.gz) file of objects."""
     for line_no, raw in open_lines(path):

@@ -51,6 +51,7 @@ from pathlib import Path
 
 from megapmp import checkpoint as ckpt
 from megapmp.config import TrainConfig
+from megapmp.io import InputError, cut_torn_jsonl
 
 LOCK_FILE = "run.lock"
 METRICS_FILE = "metrics.jsonl"
@@ -181,7 +182,11 @@ def _open_as_owner(run_dir: Path, cfg: TrainConfig, overwrite: bool, log) -> Run
                               f"would splice two runs; resume it (checkpoint.resume = auto), pick another --run-dir, "
                               f"or pass --overwrite to move the old run aside")
         if newest is not None:
-            cut_torn_metrics(run_dir / METRICS_FILE, log)
+            try:
+                cut_torn_jsonl(run_dir / METRICS_FILE, log)
+            except InputError as e:
+                raise RunDirError(f"{e}: the file is damaged (not just a torn last line); move it aside to resume") \
+                    from None
         return lock
     except BaseException:
         lock.release()
@@ -205,35 +210,6 @@ def _move_aside(run_dir: Path, lock: RunLock, log) -> RunLock:
         lock.release()
     log(f"--overwrite: moved the previous run aside to {aside}; starting a new run in {run_dir}")
     return new
-
-
-def cut_torn_metrics(path: Path, log) -> None:
-    """Cut a torn last line of metrics.jsonl back to the last whole one (logged); a line that does not parse
-    anywhere else is damage no kill leaves behind: a RunDirError naming it."""
-    if not path.is_file():
-        return
-    data = path.read_bytes()
-    lines = data.split(b"\n")
-    tail = lines.pop()  # the bytes after the last newline: b"" in a whole file
-    whole = len(data) - len(tail)
-    if lines and not _is_record(lines[-1]):
-        whole -= len(lines.pop()) + 1
-        tail = b"<a line that does not parse>"
-    for number, line in enumerate(lines, start=1):
-        if line.strip() and not _is_record(line):
-            raise RunDirError(f"{path}:{number}: not a JSON record: the file is damaged (not just a torn last line); "
-                              f"move it aside to resume")
-    if whole < len(data):
-        os.truncate(path, whole)
-        log(f"{path}: cut a torn last line ({len(data) - whole} bytes) back to the last whole record "
-            f"(a run killed while writing it)")
-
-
-def _is_record(line: bytes) -> bool:
-    try:
-        return isinstance(json.loads(line), dict)
-    except ValueError:
-        return False
 
 
 # ------------------------------------------------------------------------------------------------

@@ -87,12 +87,7 @@ def evaluate(run_dir: Path, valid_pairs, bon_sets) -> dict:
     scorer = RewardScorer.load(run_dir, progress=False)  # the recipe (EOS policy included) of its own shard
     r_c, r_r = scorer.score_pairs([p.prompt for p in valid_pairs], [p.chosen for p in valid_pairs],
                                   [p.rejected for p in valid_pairs])
-    flat = scorer.score([s.prompt for s in bon_sets for _ in s.responses], [r for s in bon_sets for r in s.responses])
-    scores, start = [], 0
-    for s in bon_sets:
-        scores.append(flat[start: start + len(s.responses)])
-        start += len(s.responses)
-    bon = metrics.best_of_n_exact(scores, [s.correct for s in bon_sets], 4)
+    bon = metrics.best_of_n_exact(scorer.score_sets(bon_sets), [s.correct for s in bon_sets], 4)
     return {"rm_accuracy": metrics.rm_accuracy(r_c, r_r), "best_of_4": bon.value,
             "eos_policy": scorer.describe()["eos_policy"]}
 
@@ -112,6 +107,21 @@ def summarise(results: list[dict], out: Path) -> dict:
     (out / "table.md").write_text("\n".join(lines) + "\n")
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
+
+
+def finished_runs(results_path: Path, limits: dict) -> list[dict]:
+    """The records of results.jsonl, the runs a rerun keeps: a record torn by a kill is cut (its run is
+    redone); records measured on other evaluation data (``limits``) are a ValueError, not averaged in."""
+    from megapmp.io import cut_torn_jsonl, iter_jsonl
+
+    cut_torn_jsonl(results_path, lambda message: print(f"[eoc] {message}", file=sys.stderr, flush=True))
+    results = [record for _, record in iter_jsonl(results_path)] if results_path.exists() else []
+    other = [r for r in results if {k: r.get(k) for k in limits} != limits]
+    if other:
+        raise ValueError(f"{results_path} holds {len(other)} runs measured with "
+                         f"{ {k: other[0].get(k) for k in limits} }, not {limits}: use another --output, or the "
+                         "same limits")
+    return results
 
 
 def main(argv=None) -> int:
@@ -136,7 +146,12 @@ def main(argv=None) -> int:
     valid_pairs = load_pairs(str(base / "data" / "gsm8k_valid.jsonl"), args.valid_limit)
     bon_sets = load_gsm8k_solutions(str(solutions), args.bon_limit)
     results_path = out / "results.jsonl"
-    results = [json.loads(line) for line in results_path.read_text().splitlines()] if results_path.exists() else []
+    limits = {"valid_limit": args.valid_limit, "bon_limit": args.bon_limit}
+    try:
+        results = finished_runs(results_path, limits)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     done = {(r["setting"], r["seed"]) for r in results}
     for setting, policy in SETTINGS.items():
         data = shards(base, out, policy)
@@ -147,7 +162,7 @@ def main(argv=None) -> int:
             print(f"[eoc] {setting} (eos_policy {policy}), seed {seed}", file=sys.stderr, flush=True)
             pmp = train(out / "runs" / f"pmp_{tag}", data["pmp"], str(base / "runs" / "lm"), seed, PMP)
             rm = train(out / "runs" / f"rm_{tag}", data["rm"], str(out / "runs" / f"pmp_{tag}"), seed, RM)
-            record = {"setting": setting, "seed": seed, "pmp": pmp, "rm": rm,
+            record = {"setting": setting, "seed": seed, **limits, "pmp": pmp, "rm": rm,
                       **evaluate(out / "runs" / f"rm_{tag}", valid_pairs, bon_sets)}
             assert record["eos_policy"] == policy
             results.append(record)
