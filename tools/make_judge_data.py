@@ -40,7 +40,7 @@ from megapmp.data.judge import (DEFAULT_CRITERION, JUDGE_TEMPLATES, JudgeFormat,
 from megapmp.data.preprocess import build_shard  # noqa: E402
 from megapmp.data.shards import OutputError, refuse_existing_output  # noqa: E402
 from megapmp.data.indexed import ShardError  # noqa: E402
-from megapmp.io import InputError, iter_jsonl, write_jsonl_atomic  # noqa: E402
+from megapmp.io import InputError, iter_jsonl, text_field, write_jsonl_atomic  # noqa: E402
 
 PASSTHROUGH = ("method", "repo", "commit", "task_id", "weak_model", "critic_model", "chosen_model", "rejected_model")
 
@@ -106,12 +106,7 @@ def read_samples(args, fmt: JudgeFormat, stats: dict) -> list[dict]:
     samples = []
     for path in args.input:
         for line_no, record in iter_jsonl(path):
-            values = []
-            for key in (k_prompt, k_chosen, k_rejected):
-                value = record.get(key)
-                if not isinstance(value, str) or not value.strip():
-                    raise InputError(str(path), line_no, key, "missing, empty or not a string")
-                values.append(value)
+            values = [text_field(str(path), line_no, record, key) for key in (k_prompt, k_chosen, k_rejected)]
             criteria = record.get(args.criteria_key)
             if criteria is not None and (not isinstance(criteria, str) or not criteria.strip()):
                 raise InputError(str(path), line_no, args.criteria_key, "not a non-empty string")

@@ -71,12 +71,6 @@ class Comparison:
     probability: np.ndarray  # [N] float64: P(a is better), both orders averaged
     truncated: list[int]  # comparisons with an input cut to the model's context (in either order)
 
-    @property
-    def winner(self) -> np.ndarray:
-        """[N] int: 0 where a wins, 1 where b wins, -1 for a tie (equal log-odds in both orders)."""
-        x1, x2 = self.log_odds[:, 0], self.log_odds[:, 1]
-        return np.where(x1 > x2, 0, np.where(x1 < x2, 1, -1))
-
 
 class JudgeScorer(RewardScorer):
     """A pairwise judge. ``compare(instructions, codes_a, codes_b)`` -> :class:`Comparison`;

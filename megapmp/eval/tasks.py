@@ -240,17 +240,6 @@ def plot_rm_accuracy(report: dict, path: str) -> None:
 # best-of-n
 
 
-def _score_sets(ctx: TaskContext, sets) -> list[np.ndarray]:
-    prompts = [s.prompt for s in sets for _ in s.responses]
-    responses = [r for s in sets for r in s.responses]
-    flat = ctx.scorer().score(prompts, responses)
-    out, start = [], 0
-    for s in sets:
-        out.append(flat[start : start + len(s.responses)])
-        start += len(s.responses)
-    return out
-
-
 def within_question_pairs(scores, correct) -> dict:
     """Over every (correct, incorrect) candidate pair of the same question: how often the correct one
     scores higher (ties wrong), and the mean score of correct and incorrect candidates."""
@@ -294,7 +283,7 @@ def run_best_of_n(ctx: TaskContext) -> dict:
     if n_values[-1] > max(len(s.responses) for s in sets):
         raise ValueError(f"--n-values up to {n_values[-1]}, but no question has that many candidates "
                          f"(most: {max(len(s.responses) for s in sets)})")
-    scores = _score_sets(ctx, sets)
+    scores = ctx.scorer().score_sets(sets)
     correct = [s.correct for s in sets]
     curve = metrics.best_of_n_curve(scores, correct, n_values, mc_draws=ctx.args.mc_draws, mc_seed=ctx.args.mc_seed,
                                     paper_seed=ctx.args.paper_seed)
@@ -362,7 +351,7 @@ def run_multiple_choice(ctx: TaskContext) -> dict:
         if s.answer is None:
             raise DataError(f"{path}: question {s.id!r} has {sum(s.correct)} correct options; multiple choice "
                             "needs exactly one")
-    scores = _score_sets(ctx, sets)
+    scores = ctx.scorer().score_sets(sets)
     answers = [s.answer for s in sets]
     results = {"format": fmt_used, **metrics.multiple_choice_accuracy(scores, answers),
                "options_min": min(len(s.responses) for s in sets), "options_max": max(len(s.responses) for s in sets)}
