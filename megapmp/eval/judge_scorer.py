@@ -23,14 +23,12 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 from dataclasses import dataclass, replace
 from typing import Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
 
 from megapmp.convert.source import (CHECKPOINT, SCORING_FILE, ConvertError, ScoringRecipe, find_model_source,
                                     load_model_source, scoring_recipe)
@@ -160,21 +158,9 @@ class JudgeScorer(RewardScorer):
         """The first label's log-odds for each rendered judge input (and whether it was cut)."""
         sequences, cut = self.judge_sequences(texts)
         self.truncated += sum(cut)
-        out = np.empty(len(sequences))
         order = np.argsort([-len(s) for s in sequences], kind="stable")  # similar lengths share a forward
-        bar = tqdm(total=len(sequences), unit="input", desc="judging", file=sys.stderr, dynamic_ncols=True,
-                   disable=not self.progress or len(sequences) < 64)
-        start = 0
-        while start < len(order):
-            stop, used = start, 0
-            while stop < len(order) and (stop == start or used + len(sequences[order[stop]]) <= self.batch_tokens):
-                used += len(sequences[order[stop]])
-                stop += 1
-            chunk = order[start:stop]
-            out[chunk] = self._score_invariant([sequences[i] for i in chunk])
-            bar.update(len(chunk))
-            start = stop
-        bar.close()
+        out = np.empty(len(sequences))
+        out[order] = self.score_sequences([sequences[i] for i in order], progress="judging")
         return out, cut
 
     def compare(self, instructions: Sequence[str], codes_a: Sequence[str], codes_b: Sequence[str],

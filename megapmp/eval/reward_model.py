@@ -186,18 +186,22 @@ class RewardScorer:
 
     # -- scoring --------------------------------------------------------------------------------
 
-    def score_sequences(self, sequences: Sequence[Sequence[int]]) -> np.ndarray:
+    def score_sequences(self, sequences: Sequence[Sequence[int]], progress: str | None = None) -> np.ndarray:
         """float64 reward at the last token of each id sequence, batch-invariant (the same bits whatever the
-        other sequences); cut into forwards of about ``batch_tokens`` tokens."""
+        other sequences); cut into forwards of about ``batch_tokens`` tokens, in order. ``progress``: the
+        description of a progress bar (shown with self.progress, from 64 sequences)."""
         out, batch, used = [], [], 0
-        for ids in sequences:
-            if batch and used + len(ids) > self.batch_tokens:
+        bar = tqdm(total=len(sequences), unit="input", desc=progress, file=sys.stderr, dynamic_ncols=True,
+                   disable=progress is None or not self.progress or len(sequences) < 64)
+        for ids in list(sequences) + [None]:
+            if batch and (ids is None or used + len(ids) > self.batch_tokens):
                 out.append(self._score_invariant(batch))
+                bar.update(len(batch))
                 batch, used = [], 0
-            batch.append(ids)
-            used += len(ids)
-        if batch:
-            out.append(self._score_invariant(batch))
+            if ids is not None:
+                batch.append(ids)
+                used += len(ids)
+        bar.close()
         return np.concatenate(out) if out else np.empty(0)
 
     def _score_invariant(self, sequences) -> np.ndarray:
