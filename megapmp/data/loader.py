@@ -18,7 +18,7 @@ from megapmp.data.datasets import (DocumentDataset, GroupDataset, check_compatib
                                     open_preference_dataset, pairs_that_fit)
 from megapmp.data.groups import LM_WEIGHTINGS
 from megapmp.data.packing import (LAYOUTS, PACKINGS, PackedBatch, balance_into_budget, flatten_rows, groups_of_pairs,
-                                   pack_documents, pack_groups, pack_pairs, pair_group_packed_length,
+                                   longest_first, pack_documents, pack_groups, pack_pairs, pair_group_packed_length,
                                    pair_packed_length)
 
 # A fitted token budget is a multiple of this: FlexAttention's block (its block mask is [T/128, T/128]) and a
@@ -365,11 +365,10 @@ def fit_micro_batch_tokens(pool: np.ndarray, probabilities: np.ndarray | None, i
 
 
 def _heaviest_group(descending: np.ndarray, groups: int) -> int:
-    """The largest group total of the longest-first split of ``descending`` item lengths into ``groups``."""
-    totals = np.zeros(groups, np.int64)
-    for n in descending.tolist():
-        totals[int(np.argmin(totals))] += n
-    return int(totals.max())
+    """The largest group total of balance_into_budget's longest-first split of ``descending`` item lengths
+    into ``groups`` (no budget): that split fits a budget exactly when this total does."""
+    members = longest_first(descending, np.arange(len(descending)), groups, budget=None)
+    return max(int(descending[m].sum()) for m in members)
 
 
 class BackgroundLoader:

@@ -413,20 +413,21 @@ def balance_into_budget(lengths: np.ndarray, min_groups: int, budget: int, group
     order = np.argsort(-lengths, kind="stable")
     groups = min_groups
     while True:
-        members = _longest_first(lengths, order, groups, budget)
+        members = longest_first(lengths, order, groups, budget)
         if members is not None:
             return [sorted(m) for m in members]
         groups += group_multiple
 
 
-def _longest_first(lengths: np.ndarray, order: np.ndarray, groups: int, budget: int) -> list[list[int]] | None:
-    """The longest-first assignment into ``groups`` groups; None as soon as an item does not fit the
-    lightest group (then it fits none)."""
+def longest_first(lengths: np.ndarray, order: np.ndarray, groups: int, budget: int | None) -> list[list[int]] | None:
+    """The longest-first assignment of the items in ``order`` into ``groups`` groups, each to the lightest
+    group so far; None as soon as an item does not fit the lightest group within ``budget`` (then it fits
+    none). No budget: every item is placed."""
     totals = np.zeros(groups, np.int64)
     members: list[list[int]] = [[] for _ in range(groups)]
     for i in order.tolist():
         g = int(np.argmin(totals))
-        if totals[g] + lengths[i] > budget:
+        if budget is not None and totals[g] + lengths[i] > budget:
             return None
         totals[g] += lengths[i]
         members[g].append(i)
