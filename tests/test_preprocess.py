@@ -323,7 +323,7 @@ def test_response_ending_in_the_pad_token_is_refused_without_eos(tmp_path):
     records = generated_pairs(60) + [pair("Say ok.", "ok<|pad|>", "no")]
     source = write_jsonl(tmp_path / "p.jsonl", records)
     proc = preprocess(source, tmp_path / "s", "--tokenizer", "bpe:300", expect_rc=2)
-    assert f"error: {source}:61 field 'chosen': ends with the pad token (id 1)" in proc.stderr
+    assert f"error: {source}:61 field 'chosen': chosen ends with the pad token (id 1)" in proc.stderr
     assert not Path(f"{tmp_path / 's'}.bin").exists()
     preprocess(source, tmp_path / "s", "--tokenizer", "bpe:300", "--eos-policy", "response")
     assert sidecar(tmp_path / "s")["counts"]["pairs"] == 61

@@ -126,19 +126,6 @@ def _parse_pair(file: str, line_no: int, raw: bytes, keys: tuple[str, str, str])
     return tuple(text_field(file, line_no, record, key) for key in keys)
 
 
-def _pad_at_readout(file: str, line_no: int, keys, chosen: list[int], rejected: list[int],
-                    pad_id: int) -> InputError | None:
-    """Without an appended EOS the reward is read at a response's last token; were that token the pad (a
-    tokenizer that matches its special tokens in raw text turns a literal pad string into it), an HF scorer
-    of the export, which pools the last token that is not the pad, would read the reward somewhere else."""
-    for key, ids in ((keys[1], chosen), (keys[2], rejected)):
-        if ids and ids[-1] == pad_id:
-            return InputError(file, line_no, key, f"ends with the pad token (id {pad_id}), where the reward would "
-                              "be read under --eos-policy none; HF scorers skip pad tokens. Remove it, or use "
-                              "--eos-policy response")
-    return None
-
-
 def _reject(err: InputError, raw: bytes) -> dict:
     return {"file": err.file, "line": err.line, "field": err.field, "reason": err.reason,
             "raw": raw[:10000].decode("utf-8", errors="replace")}
@@ -146,7 +133,7 @@ def _reject(err: InputError, raw: bytes) -> dict:
 
 def process_pair_chunk(file: str, lines: list[tuple[int, bytes]]) -> ChunkResult:
     """Worker entry point: parse, validate, template, tokenize and fit one chunk of JSONL lines."""
-    fmt, tok = _worker_format, _worker_tokenizer
+    fmt = _worker_format
     rejects, accepted, identical = [], [], 0
     for line_no, raw in lines:
         try:
@@ -163,38 +150,69 @@ def process_pair_chunk(file: str, lines: list[tuple[int, bytes]]) -> ChunkResult
             why = f"a judge sample's chosen and rejected are its two labels {' and '.join(map(repr, fmt.judge_labels))}"
             rejects.append(_reject(InputError(file, line_no, field, why), raw))
             continue
-        accepted.append((line_no, raw, (prompt, chosen, rejected)))
-    prompts = [fmt.template.replace("{prompt}", p) for _, _, (p, _, _) in accepted]
-    encoded = tok.encode_batch(prompts + [c for *_, (_, c, _) in accepted] + [r for *_, (_, _, r) in accepted])
-    n = len(accepted)
-    eos = [tok.eos_id] if fmt.eos_policy == "response" else []
-    pieces, lengths, truncated, truncated_tokens = [], [], 0, 0
-    for i, (line_no, raw, _) in enumerate(accepted):
-        prompt, chosen, rejected = encoded[i], encoded[n + i] + eos, encoded[2 * n + i] + eos
-        if fmt.max_length is not None and len(prompt) + max(len(chosen), len(rejected)) > fmt.max_length:
-            if fmt.overlong == "error":
-                longest = "chosen" if len(chosen) >= len(rejected) else "rejected"
-                err = InputError(file, line_no, fmt.keys[1 if longest == "chosen" else 2],
-                                 f"prompt + {longest} is {len(prompt) + max(len(chosen), len(rejected))} tokens, "
-                                 f"over --max-length {fmt.max_length} (use --overlong truncate to cut it)")
-                rejects.append(_reject(err, raw))
-                continue
-            prompt, chosen, rejected, removed = fit_pair(prompt, chosen, rejected, fmt.max_length,
-                                                         tok.eos_id if eos else None)
-            truncated += 1
-            truncated_tokens += removed
-        if not eos:
-            err = _pad_at_readout(file, line_no, fmt.keys, chosen, rejected, tok.pad_id)
-            if err is not None:
-                rejects.append(_reject(err, raw))
-                continue
-        pieces += [prompt, chosen, rejected]
-        lengths += [len(prompt), len(chosen), len(rejected)]
+        accepted.append((line_no, raw, prompt, [chosen, rejected]))
+    fitted = _tokenize_and_fit(file, accepted, lambda i: (fmt.keys[1 + i], ("chosen", "rejected")[i]), rejects)
     rejects.sort(key=lambda r: r["line"])
-    tokens = np.fromiter(itertools.chain.from_iterable(pieces), dtype=fmt.dtype, count=sum(lengths))
-    n_docs = len(lengths) // 3
-    return ChunkResult(tokens, np.asarray(lengths, np.int32), np.full(n_docs, 3, np.int64), rejects,
-                       truncated, truncated_tokens, identical)
+    return ChunkResult(fitted.tokens, fitted.lengths, np.full(len(fitted.kept), 3, np.int64), rejects,
+                       fitted.truncated, fitted.truncated_tokens, identical)
+
+
+@dataclass
+class _Fitted:
+    tokens: np.ndarray  # every kept record's prompt and responses, flat
+    lengths: np.ndarray  # int32 [sequences]
+    kept: list[int]  # the records kept, as indices into the input
+    truncated: int = 0
+    truncated_tokens: int = 0
+
+
+def _tokenize_and_fit(file: str, records: list[tuple[int, bytes, str, list[str]]], describe,
+                      rejects: list[dict]) -> _Fitted:
+    """Template and tokenize (line, raw, prompt, responses) records in one batch, append EOS by policy, and
+    fit each to --max-length (megapmp.data.groups.fit_group; --overlong error rejects it instead). A record
+    whose response would end with the pad token where its reward is read is rejected too. ``describe(i)``
+    names response i: (its field, its name in messages). Rejects are appended to ``rejects``."""
+    from megapmp.data.groups import fit_group
+
+    fmt, tok = _worker_format, _worker_tokenizer
+    texts = [fmt.template.replace("{prompt}", prompt) for _, _, prompt, _ in records]
+    texts += [r for *_, responses in records for r in responses]
+    encoded = tok.encode_batch(texts)
+    eos = [tok.eos_id] if fmt.eos_policy == "response" else []
+    out, pieces, lengths = _Fitted(np.empty(0), np.empty(0), []), [], []
+    next_response = len(records)
+    for k, (line_no, raw, _, responses) in enumerate(records):
+        prompt = encoded[k]
+        outputs = [encoded[next_response + i] + eos for i in range(len(responses))]
+        next_response += len(responses)
+        longest = max(range(len(outputs)), key=lambda i: len(outputs[i]))  # the first of the longest
+        need = len(prompt) + len(outputs[longest])
+        if fmt.max_length is not None and need > fmt.max_length:
+            if fmt.overlong == "error":
+                field, name = describe(longest)
+                rejects.append(_reject(InputError(file, line_no, field, f"prompt + {name} is {need} tokens, over "
+                                                  f"--max-length {fmt.max_length} (use --overlong truncate to cut it)"),
+                                       raw))
+                continue
+            prompt, outputs, removed = fit_group(prompt, outputs, fmt.max_length, tok.eos_id if eos else None)
+            out.truncated += 1
+            out.truncated_tokens += removed
+        # Without an appended EOS the reward is read at a response's last token; were that token the pad (a
+        # tokenizer that matches its special tokens in raw text turns a literal pad string into it), an HF
+        # scorer of the export, which pools the last token that is not the pad, would read it somewhere else.
+        padded = [i for i, r in enumerate(outputs) if not eos and r and r[-1] == tok.pad_id]
+        if padded:
+            field, name = describe(padded[0])
+            rejects.append(_reject(InputError(file, line_no, field, f"{name} ends with the pad token (id {tok.pad_id}), "
+                                              "where its reward would be read under --eos-policy none (HF scorers "
+                                              "skip pad tokens): remove it, or use --eos-policy response"), raw))
+            continue
+        pieces += [prompt, *outputs]
+        lengths += [len(prompt), *(len(r) for r in outputs)]
+        out.kept.append(k)
+    out.tokens = np.fromiter(itertools.chain.from_iterable(pieces), dtype=fmt.dtype, count=sum(lengths))
+    out.lengths = np.asarray(lengths, np.int32)
+    return out
 
 
 def process_document_chunk(items: list[tuple[str, int, bytes]]) -> ChunkResult:
@@ -226,9 +244,9 @@ def process_document_chunk(items: list[tuple[str, int, bytes]]) -> ChunkResult:
 def process_group_chunk(file: str, lines: list[tuple[int, bytes]]) -> ChunkResult:
     """Worker entry point for response groups (megapmp.data.groups): parse, validate, template, tokenize and
     fit one chunk of JSONL lines into documents of 1 + K sequences, with one label per sequence."""
-    from megapmp.data.groups import fit_group, identical_across_labels, parse_group_record
+    from megapmp.data.groups import identical_across_labels, parse_group_record
 
-    fmt, tok = _worker_format, _worker_tokenizer
+    fmt = _worker_format
     rejects, accepted, identical = [], [], 0
     for line_no, raw in lines:
         try:
@@ -243,45 +261,14 @@ def process_group_chunk(file: str, lines: list[tuple[int, bytes]]) -> ChunkResul
             identical += 1
             continue
         accepted.append((line_no, raw, prompt, responses, labels))
-    texts = [fmt.template.replace("{prompt}", prompt) for _, _, prompt, _, _ in accepted]
-    texts += [r for *_, responses, _ in accepted for r in responses]
-    encoded = tok.encode_batch(texts)
-    eos = [tok.eos_id] if fmt.eos_policy == "response" else []
-    pieces, lengths, labels_out, per_doc = [], [], [], []
-    truncated = truncated_tokens = pairs = 0
-    next_response = len(accepted)
-    for g, (line_no, raw, _, responses, labels) in enumerate(accepted):
-        prompt = encoded[g]
-        outputs = [encoded[next_response + i] + eos for i in range(len(responses))]
-        next_response += len(responses)
-        longest = max(len(r) for r in outputs)
-        if fmt.max_length is not None and len(prompt) + longest > fmt.max_length:
-            if fmt.overlong == "error":
-                i = max(range(len(outputs)), key=lambda k: len(outputs[k]))
-                err = InputError(file, line_no, fmt.keys[1], f"prompt + response {i} is {len(prompt) + longest} "
-                                 f"tokens, over --max-length {fmt.max_length} (use --overlong truncate to cut it)")
-                rejects.append(_reject(err, raw))
-                continue
-            prompt, outputs, removed = fit_group(prompt, outputs, fmt.max_length, tok.eos_id if eos else None)
-            truncated += 1
-            truncated_tokens += removed
-        if not eos and any(r[-1] == tok.pad_id for r in outputs):
-            # Without an appended EOS the reward is read at a response's last token; an HF scorer of the export
-            # pools the last token that is not the pad, so a response ending with the pad would be misread.
-            i = next(k for k, r in enumerate(outputs) if r[-1] == tok.pad_id)
-            rejects.append(_reject(InputError(file, line_no, fmt.keys[1], f"response {i} ends with the pad token "
-                                              f"(id {tok.pad_id}), where its reward would be read under --eos-policy "
-                                              "none; remove it, or use --eos-policy response"), raw))
-            continue
-        pieces += [prompt, *outputs]
-        lengths += [len(prompt), *(len(r) for r in outputs)]
-        labels_out += [np.nan, *labels.tolist()]
-        per_doc.append(1 + len(outputs))
-        pairs += int((labels[:, None] > labels[None, :]).sum())
+    fitted = _tokenize_and_fit(file, [(line_no, raw, prompt, responses) for line_no, raw, prompt, responses, _
+                                      in accepted], lambda i: (fmt.keys[1], f"response {i}"), rejects)
+    kept_labels = [accepted[k][4] for k in fitted.kept]
+    labels_out = [x for labels in kept_labels for x in (np.nan, *labels.tolist())]
+    pairs = sum(int((labels[:, None] > labels[None, :]).sum()) for labels in kept_labels)
     rejects.sort(key=lambda r: r["line"])
-    tokens = np.fromiter(itertools.chain.from_iterable(pieces), dtype=fmt.dtype, count=sum(lengths))
-    return ChunkResult(tokens, np.asarray(lengths, np.int32), np.asarray(per_doc, np.int64), rejects, truncated,
-                       truncated_tokens, identical, np.asarray(labels_out, np.float64), pairs)
+    return ChunkResult(fitted.tokens, fitted.lengths, np.asarray([1 + len(x) for x in kept_labels], np.int64), rejects,
+                       fitted.truncated, fitted.truncated_tokens, identical, np.asarray(labels_out, np.float64), pairs)
 
 
 def pair_chunks(paths: Iterable[str]) -> Iterator[tuple[str, list[tuple[int, bytes]]]]:
