@@ -273,6 +273,21 @@ def _escape_sysv_shared_memory(sb) -> tuple[bool, str]:
     return _ran_counting(r, "stored", at_most=0) and "msgget refused" in r.stdout, f"budget 64 MB; {_out(r)}"
 
 
+def _escape_sysv_semaphores(sb) -> tuple[bool, str]:
+    # A set of 32,000 semaphores is about 2 MB of kernel memory, and a namespace may hold 32,000 sets:
+    # neither RLIMIT_AS nor the tmpfs counts them. Eight sets (16 MB) show it; the count is the kernel's
+    # (the semaphores of the run's IPC namespace, /proc/sysvipc/sem), not the program's own.
+    code = RAN + (
+        "import ctypes\nlibc = ctypes.CDLL(None, use_errno=True)\n"
+        "for _ in range(8):\n    if libc.semget(0, 32000, 0o600) < 0:\n"
+        "        print('semget refused', ctypes.get_errno())\n        break\n"
+        "with open('/proc/sysvipc/sem') as f:\n    header = f.readline().split()\n"
+        "    held = sum(int(line.split()[header.index('nsems')]) for line in f)\n"
+        "print('semaphores', held, flush=True)\n")
+    r = sb.run_untrusted(code, timeout_s=20.0, memory_mb=64)
+    return _ran_counting(r, "semaphores", at_most=0), f"budget 64 MB; {_out(r)}"
+
+
 def _escape_tmpfs_inodes(sb) -> tuple[bool, str]:
     # Empty files cost the tmpfs no blocks, but each holds about 1 KiB of kernel memory (inode and dentry,
     # measured): the file count must be bounded with the size, or a run stores gigabytes in metadata.
@@ -511,6 +526,7 @@ ATTACKS = {
     "escape_storage_budget_split_over_tmpfs": _escape_storage_budget_split,
     "escape_fork_limit": _escape_fork_limit,
     "escape_sysv_shared_memory": _escape_sysv_shared_memory,
+    "escape_sysv_semaphores": _escape_sysv_semaphores,
     "escape_tmpfs_inodes": _escape_tmpfs_inodes,
     "escape_read_caller_keyring": _escape_read_caller_keyring,
     "status_cpu_limit_is_timeout": _status_cpu_limit(ignore_sigxcpu=False),
@@ -533,6 +549,7 @@ NEEDS = {
     "escape_storage_budget_split_over_tmpfs": "storage_budget",
     "escape_fork_limit": "process_limit",
     "escape_sysv_shared_memory": "storage_budget",
+    "escape_sysv_semaphores": "storage_budget",
     "escape_tmpfs_inodes": "storage_budget",
     "escape_read_caller_keyring": "no_caller_keyrings",
 }

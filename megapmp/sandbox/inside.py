@@ -20,7 +20,8 @@ Every sandboxed process goes through the same steps, in this order:
    ``setns`` and ``clone3`` (whose flags a filter cannot read; the C library falls back to ``clone``), so no
    process of the run gets capabilities over new mounts again (an unsized tmpfs, a writable root); and
    refusing the kernel's stores that no namespace or limit of ours bounds or hides: System V shared
-   memory and message queues (storage outside RLIMIT_AS and the tmpfs) and the keyrings (``add_key``,
+   memory, semaphores and message queues (storage outside RLIMIT_AS and the tmpfs: 32,000 sets of
+   32,000 semaphores are allowed per namespace, about 2 MB of kernel memory each) and the keyrings (``add_key``,
    ``request_key``, ``keyctl``: the caller's session keyring is inherited, and its keys are readable
    whatever the uid).
 4. rlimits (``RLIMIT_NPROC`` holds per run: a per-run uid, or the run's own user namespace, in which the
@@ -281,9 +282,13 @@ _SYSCALLS = {  # machine: (seccomp audit arch, unshare, clone, clone3, setns, pi
     "x86_64": (0xC000003E, 272, 56, 435, 308, 155, 442),
     "aarch64": (0xC00000B7, 97, 220, 435, 268, 41, 442),
 }
-_REFUSED_SYSCALLS = {  # machine: (shmget, msgget, add_key, request_key, keyctl): see step 3
-    "x86_64": (29, 68, 248, 249, 250),
-    "aarch64": (194, 186, 217, 218, 219),
+# machine: {system call: number} (the kernel's arch/x86/entry/syscalls/syscall_64.tbl and
+# include/uapi/asm-generic/unistd.h), see step 3. Only the calls that create a System V object are
+# refused: every process of a run shares one fresh IPC namespace of its own, so semop, semctl, shmat,
+# msgsnd and the rest have nothing to act on.
+_REFUSED_SYSCALLS = {
+    "x86_64": {"shmget": 29, "msgget": 68, "semget": 64, "add_key": 248, "request_key": 249, "keyctl": 250},
+    "aarch64": {"shmget": 194, "msgget": 186, "semget": 190, "add_key": 217, "request_key": 218, "keyctl": 219},
 }
 MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_REMOUNT, MS_BIND, MS_REC, MS_PRIVATE = (
     0x1, 0x2, 0x4, 0x8, 0x20, 0x1000, 0x4000, 0x40000)
@@ -432,7 +437,7 @@ def install_syscall_filter() -> None:
     if nrs is None:
         raise OSError(f"no seccomp filter for {os.uname().machine}")
     arch, unshare, clone, clone3, setns = nrs[:5]
-    refused = (setns,) + _REFUSED_SYSCALLS[os.uname().machine]
+    refused = (setns, *_REFUSED_SYSCALLS[os.uname().machine].values())
     ld, jeq, jge, jset, ret = 0x20, 0x15, 0x35, 0x45, 0x06  # BPF_LD|W|ABS, JMP|JEQ|K, JMP|JGE|K, JMP|JSET|K, RET|K
     allow, kill, errno = 0x7FFF0000, 0x80000000, 0x00050000  # SECCOMP_RET_ALLOW, _KILL_PROCESS, _ERRNO
     eperm, enosys, clone_newuser = 1, 38, 0x10000000

@@ -19,8 +19,8 @@ unprivileged callers alike, with either backend:
    most one file per 16 KiB of it (`_tmpfs_inodes`: an empty file costs no block but about 1 KiB of
    kernel memory; unbounded, 3 million files were allowed). No nested user namespace (a seccomp filter,
    and bubblewrap's ``--disable-userns`` where it applies), so no process of the run can mount an unsized
-   tmpfs of its own; no System V shared memory or message queues (the same filter: they hold memory that
-   neither RLIMIT_AS nor the tmpfs counts).
+   tmpfs of its own; no System V shared memory, semaphores or message queues (the same filter: they hold
+   memory that neither RLIMIT_AS nor the tmpfs counts).
 4. **Limits**: ``RLIMIT_AS`` (memory per process), ``RLIMIT_CPU``, ``RLIMIT_FSIZE``, ``RLIMIT_NOFILE``,
    ``RLIMIT_CORE`` = 0 and ``RLIMIT_NPROC`` = ``max_procs`` for the whole run: a root caller's processes run
    as a per-run uid, an unprivileged caller's in the run's own user namespace, where the kernel counts a
@@ -206,7 +206,7 @@ _uids_in_use: set[int] = set()
 _RLIMITS = ["RLIMIT_AS", "RLIMIT_CPU", "RLIMIT_FSIZE", "RLIMIT_NOFILE", "RLIMIT_CORE", "RLIMIT_NPROC"]
 _PROBE_PROCS = 4
 _PROBE_MB = 256
-_KEYCTL = inside._REFUSED_SYSCALLS.get(os.uname().machine, (None,) * 5)[4]
+_KEYCTL = inside._REFUSED_SYSCALLS.get(os.uname().machine, {}).get("keyctl")
 # The probe measures what the kernel gives (no guards): a private working directory, a small PID, no
 # user namespace, no System V storage, no keyring, a process limit, and what the root directory holds.
 _PROBE = f"""
@@ -216,7 +216,7 @@ facts = {{"cwd": os.getcwd(), "listing": sorted(os.listdir('.')), "pid": os.getp
 libc = ctypes.CDLL(None, use_errno=True)
 facts["userns"] = libc.unshare(0x10000000) == 0
 facts["inodes"] = os.statvfs('.').f_files
-facts["sysv_ipc"] = libc.shmget(0, 4096, 0o600) >= 0 or libc.msgget(0, 0o600) >= 0
+facts["sysv_ipc"] = libc.shmget(0, 4096, 0o600) >= 0 or libc.msgget(0, 0o600) >= 0 or libc.semget(0, 1, 0o600) >= 0
 # KEYCTL_GET_KEYRING_ID of the session keyring (the caller's, inherited), without creating one
 facts["keyring"] = {_KEYCTL} is None or libc.syscall({_KEYCTL}, 0, -3, 0) >= 0
 forked = 0
@@ -237,7 +237,8 @@ GUARANTEES = {
     "minimal_root": "only the paths a Python program needs are visible",
     "no_nested_userns": "no nested user namespaces (no mounts of the program's own)",
     "process_limit": "a process limit (RLIMIT_NPROC) for the run's processes",
-    "storage_budget": "one sized tmpfs for everything a program can write (no System V shared memory or queues)",
+    "storage_budget": ("one sized tmpfs for everything a program can write (no System V shared memory, "
+                       "semaphores or queues)"),
     "no_caller_keyrings": "no access to the caller's kernel keyrings",
 }
 
