@@ -30,6 +30,9 @@ import time
 
 RAN = "print('ran', flush=True)\n"
 UNGUARDED_OPEN = "import _io\n"  # _io.open is the C function the guard's open() wraps
+# keyctl and add_key by machine (the kernel's keyrings are not namespaced); memfd_secret, the same on both
+_KEY_SYSCALLS = {"x86_64": (248, 250), "aarch64": (217, 219)}
+_MEMFD_SECRET = {"x86_64": 447, "aarch64": 447}.get(os.uname().machine)
 
 
 def _escape_cwd(sb) -> tuple[bool, str]:
@@ -288,6 +291,27 @@ def _escape_sysv_semaphores(sb) -> tuple[bool, str]:
     return _ran_counting(r, "semaphores", at_most=0), f"budget 64 MB; {_out(r)}"
 
 
+def _escape_memory_files(sb) -> tuple[bool, str]:
+    # A memfd is a file of the kernel's own tmpfs: RLIMIT_FSIZE (1 MiB) each, as many as descriptors
+    # (RLIMIT_NOFILE) in every process, and neither RLIMIT_AS nor the run's tmpfs counts them (8 processes
+    # of a 64 MB run held 440 MiB). 32 of them in this one process show it. memfd_secret, where the kernel
+    # has it, the same way through a mapping: the file keeps its pages after munmap (fstat counts none).
+    code = RAN + (
+        "import ctypes, mmap, posix\nlibc = ctypes.CDLL(None, use_errno=True)\nfds = []\n"
+        "for _ in range(32):\n    try:\n        fd = posix.memfd_create('x')\n"
+        "    except OSError as e:\n        print('memfd_create refused', e)\n        break\n"
+        "    posix.write(fd, b'x' * (1 << 20))\n    fds.append(fd)\n"
+        "for _ in range(%d):\n    fd = libc.syscall(%r, 0)\n"
+        "    if fd < 0:\n        print('memfd_secret refused', ctypes.get_errno())\n        break\n"
+        "    try:\n        posix.ftruncate(fd, 1 << 20)\n        with mmap.mmap(fd, 1 << 20) as m:\n"
+        "            m.write(b'x' * (1 << 20))\n    except (OSError, ValueError) as e:\n"
+        "        print('memfd_secret not filled', e)\n    fds.append(fd)\n"
+        "print('memfds', len(fds), 'holding', sum(posix.fstat(fd).st_blocks for fd in fds) >> 11, 'MiB', flush=True)\n"
+        % (8 if _MEMFD_SECRET else 0, _MEMFD_SECRET))
+    r = sb.run_untrusted(code, timeout_s=20.0, memory_mb=64)
+    return _ran_counting(r, "memfds", at_most=0), f"budget 64 MB; {_out(r)}"
+
+
 def _escape_tmpfs_inodes(sb) -> tuple[bool, str]:
     # Empty files cost the tmpfs no blocks, but each holds about 1 KiB of kernel memory (inode and dentry,
     # measured): the file count must be bounded with the size, or a run stores gigabytes in metadata.
@@ -300,8 +324,6 @@ def _escape_tmpfs_inodes(sb) -> tuple[bool, str]:
     return contained, f"budget 32 MB (at most 32768 inodes of about 1 KiB); {_out(r)}"
 
 
-# keyctl and add_key by machine: the kernel's keyrings are not namespaced
-_KEY_SYSCALLS = {"x86_64": (248, 250), "aarch64": (217, 219)}
 
 
 def _escape_read_caller_keyring(sb) -> tuple[bool, str]:
@@ -527,6 +549,7 @@ ATTACKS = {
     "escape_fork_limit": _escape_fork_limit,
     "escape_sysv_shared_memory": _escape_sysv_shared_memory,
     "escape_sysv_semaphores": _escape_sysv_semaphores,
+    "escape_memory_files": _escape_memory_files,
     "escape_tmpfs_inodes": _escape_tmpfs_inodes,
     "escape_read_caller_keyring": _escape_read_caller_keyring,
     "status_cpu_limit_is_timeout": _status_cpu_limit(ignore_sigxcpu=False),
@@ -550,6 +573,7 @@ NEEDS = {
     "escape_fork_limit": "process_limit",
     "escape_sysv_shared_memory": "storage_budget",
     "escape_sysv_semaphores": "storage_budget",
+    "escape_memory_files": "storage_budget",
     "escape_tmpfs_inodes": "storage_budget",
     "escape_read_caller_keyring": "no_caller_keyrings",
 }

@@ -21,7 +21,11 @@ Every sandboxed process goes through the same steps, in this order:
    process of the run gets capabilities over new mounts again (an unsized tmpfs, a writable root); and
    refusing the kernel's stores that no namespace or limit of ours bounds or hides: System V shared
    memory, semaphores and message queues (storage outside RLIMIT_AS and the tmpfs: 32,000 sets of
-   32,000 semaphores are allowed per namespace, about 2 MB of kernel memory each) and the keyrings (``add_key``,
+   32,000 semaphores are allowed per namespace, about 2 MB of kernel memory each), memory files
+   (``memfd_create``, ``memfd_secret``: files of the kernel's internal tmpfs, which the run's tmpfs does not
+   count, RLIMIT_FSIZE each, as many as descriptors; no Python program needs them: libffi tries one
+   only where it may not map memory writable and executable, and then falls back to a temporary file,
+   in ``/tmp``) and the keyrings (``add_key``,
    ``request_key``, ``keyctl``: the caller's session keyring is inherited, and its keys are readable
    whatever the uid).
 4. rlimits (``RLIMIT_NPROC`` holds per run: a per-run uid, or the run's own user namespace, in which the
@@ -287,8 +291,10 @@ _SYSCALLS = {  # machine: (seccomp audit arch, unshare, clone, clone3, setns, pi
 # refused: every process of a run shares one fresh IPC namespace of its own, so semop, semctl, shmat,
 # msgsnd and the rest have nothing to act on.
 _REFUSED_SYSCALLS = {
-    "x86_64": {"shmget": 29, "msgget": 68, "semget": 64, "add_key": 248, "request_key": 249, "keyctl": 250},
-    "aarch64": {"shmget": 194, "msgget": 186, "semget": 190, "add_key": 217, "request_key": 218, "keyctl": 219},
+    "x86_64": {"shmget": 29, "msgget": 68, "semget": 64, "memfd_create": 319, "memfd_secret": 447,
+               "add_key": 248, "request_key": 249, "keyctl": 250},
+    "aarch64": {"shmget": 194, "msgget": 186, "semget": 190, "memfd_create": 279, "memfd_secret": 447,
+                "add_key": 217, "request_key": 218, "keyctl": 219},
 }
 MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_REMOUNT, MS_BIND, MS_REC, MS_PRIVATE = (
     0x1, 0x2, 0x4, 0x8, 0x20, 0x1000, 0x4000, 0x40000)

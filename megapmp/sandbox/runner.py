@@ -19,8 +19,9 @@ unprivileged callers alike, with either backend:
    most one file per 16 KiB of it (`_tmpfs_inodes`: an empty file costs no block but about 1 KiB of
    kernel memory; unbounded, 3 million files were allowed). No nested user namespace (a seccomp filter,
    and bubblewrap's ``--disable-userns`` where it applies), so no process of the run can mount an unsized
-   tmpfs of its own; no System V shared memory, semaphores or message queues (the same filter: they hold
-   memory that neither RLIMIT_AS nor the tmpfs counts).
+   tmpfs of its own; no System V shared memory, semaphores or message queues and no memory files
+   (``memfd_create``, ``memfd_secret``), by the same filter: they hold memory that neither RLIMIT_AS nor
+   the tmpfs counts.
 4. **Limits**: ``RLIMIT_AS`` (memory per process), ``RLIMIT_CPU``, ``RLIMIT_FSIZE``, ``RLIMIT_NOFILE``,
    ``RLIMIT_CORE`` = 0 and ``RLIMIT_NPROC`` = ``max_procs`` for the whole run: a root caller's processes run
    as a per-run uid, an unprivileged caller's in the run's own user namespace, where the kernel counts a
@@ -206,9 +207,11 @@ _uids_in_use: set[int] = set()
 _RLIMITS = ["RLIMIT_AS", "RLIMIT_CPU", "RLIMIT_FSIZE", "RLIMIT_NOFILE", "RLIMIT_CORE", "RLIMIT_NPROC"]
 _PROBE_PROCS = 4
 _PROBE_MB = 256
-_KEYCTL = inside._REFUSED_SYSCALLS.get(os.uname().machine, {}).get("keyctl")
+_REFUSED = inside._REFUSED_SYSCALLS.get(os.uname().machine, {})
+_KEYCTL, _MEMFD_SECRET = _REFUSED.get("keyctl"), _REFUSED.get("memfd_secret")
 # The probe measures what the kernel gives (no guards): a private working directory, a small PID, no
-# user namespace, no System V storage, no keyring, a process limit, and what the root directory holds.
+# user namespace, no System V storage or memory files, no keyring, a process limit, and what the root
+# directory holds.
 _PROBE = f"""
 import ctypes, json, os, time
 open('probe', 'w').write('x')
@@ -217,6 +220,11 @@ libc = ctypes.CDLL(None, use_errno=True)
 facts["userns"] = libc.unshare(0x10000000) == 0
 facts["inodes"] = os.statvfs('.').f_files
 facts["sysv_ipc"] = libc.shmget(0, 4096, 0o600) >= 0 or libc.msgget(0, 0o600) >= 0 or libc.semget(0, 1, 0o600) >= 0
+try:
+    os.memfd_create('probe')
+    facts["memfd"] = True
+except OSError:
+    facts["memfd"] = {_MEMFD_SECRET} is None or libc.syscall({_MEMFD_SECRET}, 0) >= 0
 # KEYCTL_GET_KEYRING_ID of the session keyring (the caller's, inherited), without creating one
 facts["keyring"] = {_KEYCTL} is None or libc.syscall({_KEYCTL}, 0, -3, 0) >= 0
 forked = 0
@@ -238,7 +246,7 @@ GUARANTEES = {
     "no_nested_userns": "no nested user namespaces (no mounts of the program's own)",
     "process_limit": "a process limit (RLIMIT_NPROC) for the run's processes",
     "storage_budget": ("one sized tmpfs for everything a program can write (no System V shared memory, "
-                       "semaphores or queues)"),
+                       "semaphores or queues, no memory files)"),
     "no_caller_keyrings": "no access to the caller's kernel keyrings",
 }
 
@@ -395,7 +403,8 @@ def _probe(caps: dict) -> tuple[str | None, dict]:
         # all the caller's processes: the forks the probe makes would fail for the wrong reason).
         "process_limit": 0 < facts["forked"] < _PROBE_PROCS and (caps["drop_uid"] or _kernel_at_least(5, 14)),
         "storage_budget": ((caps["backend"] == "unshare" or "--size" in _bwrap_help(caps["bwrap"]))
-                           and facts["inodes"] <= _tmpfs_inodes(_PROBE_MB << 20) and not facts["sysv_ipc"]),
+                           and facts["inodes"] <= _tmpfs_inodes(_PROBE_MB << 20) and not facts["sysv_ipc"]
+                           and not facts["memfd"]),
         "no_caller_keyrings": not facts["keyring"],
     }
     return None, guarantees
