@@ -26,6 +26,7 @@ import secrets
 import socket
 import sys
 import tempfile
+import textwrap
 import time
 
 RAN = "print('ran', flush=True)\n"
@@ -366,6 +367,19 @@ def _status_cpu_limit(ignore_sigxcpu: bool):
     return attack
 
 
+def _status_claimed_setup_failure(sb) -> tuple[bool, str]:
+    # The bootstrap's failure ("error": the sandbox could not run it, so code-bon retries it and verified
+    # pairs drop it as the sandbox's fault) was told by exit status 94 and a line on stderr, both of which
+    # a program can produce: a wrong solution that claims it must still be "failed", as a program or as a
+    # solution, while loading and during a call.
+    claim = "import os, sys\nsys.stderr.write('sandbox setup failed:\\n')\nsys.stderr.flush()\nos._exit(94)\n"
+    runs = [sb.run_untrusted(RAN + claim, timeout_s=10.0),
+            sb.run_tests(claim + WRONG, TEST, "add", timeout_s=10.0),
+            sb.run_tests("def add(a, b):\n" + textwrap.indent(claim, "    "), TEST, "add", timeout_s=10.0)]
+    statuses = [r.status for r in runs]
+    return _ran(runs[0]) and statuses == ["failed"] * 3, f"{statuses}; " + "; ".join(_out(r) for r in runs)
+
+
 # -- forgeries of the verdict -------------------------------------------------------------------------
 
 TEST = "def check(candidate):\n    assert candidate(1, 2) == 3\n    assert candidate(-1, 1) == 0\n"
@@ -554,6 +568,7 @@ ATTACKS = {
     "escape_read_caller_keyring": _escape_read_caller_keyring,
     "status_cpu_limit_is_timeout": _status_cpu_limit(ignore_sigxcpu=False),
     "status_cpu_limit_ignoring_sigxcpu_is_timeout": _status_cpu_limit(ignore_sigxcpu=True),
+    "status_claimed_setup_failure_is_failed": _status_claimed_setup_failure,
     **{name: _forgery(*args) for name, args in FORGERIES.items()},
     "forge_doctest_records": _forge_doctest_records,
     "control_correct_solution_passes": _control_program("def add(a, b):\n    print('noise')\n    return a + b\n"),

@@ -99,6 +99,25 @@ def test_exception_is_failed():
     assert run_untrusted("import sys\nsys.exit(3)\n").returncode == 3
 
 
+def test_error_is_the_sandboxs_failure_never_the_programs(monkeypatch):
+    # "error" says the sandbox could not run the program (code-bon retries it, verified pairs count it as
+    # the sandbox's fault). A program that prints the bootstrap's message and exits with its status (94)
+    # was reported "error"; it is the program's failure. The attack suite makes the same claim from a
+    # solution, with both backends and as an unprivileged user.
+    claim = "import os, sys\nsys.stderr.write('sandbox setup failed:\\n')\nsys.stderr.flush()\nos._exit(94)\n"
+    r = run_untrusted(claim)
+    assert (r.status, r.returncode) == ("failed", 94) and "sandbox setup failed" in r.stderr, r
+    r = run_tests(claim + "def add(a, b):\n    return a - b\n", CHECK_ADD, "add")
+    assert r.status == "failed", r
+    # A set-up that does fail (the program file cannot be written: no such directory) is still "error",
+    # for a program and for either side of a test run.
+    monkeypatch.setattr(sandbox, "PROGRAM_NAME", "no-such-directory/prog.py")
+    r = run_untrusted("print(1)")
+    assert (r.status, r.returncode, r.stdout) == ("error", 94, ""), r
+    assert "sandbox setup failed" in r.stderr and "FileNotFoundError" in r.stderr, r.stderr
+    assert run_tests("def add(a, b):\n    return a + b\n", CHECK_ADD, "add").status == "error"
+
+
 def test_infinite_loop_times_out_within_limit():
     t0 = time.monotonic()
     r = run_untrusted("print('started', flush=True)\nwhile True:\n    pass\n", timeout_s=1.0)

@@ -37,6 +37,8 @@ Every sandboxed process goes through the same steps, in this order:
    caller dies (end of file on a lifeline pipe only the caller can write).
 6. The in-process guards (a second layer against accidents: sockets, writes outside ``/tmp``, exec,
    signals outside the sandbox, a fork budget).
+   Then one byte on a pipe that only the caller reads says the set-up is complete, and the pipe is
+   closed: from here on, an exit with ``EXIT_SETUP`` is the program's own, a failure like any other.
 7. The role:
 
    * ``program`` (`run_untrusted`): the code runs as ``__main__``.
@@ -53,7 +55,7 @@ import struct
 import sys
 
 EXIT_MEMORY = 93  # the program raised MemoryError
-EXIT_SETUP = 94  # the sandbox could not be set up; nothing of the program ran
+EXIT_SETUP = 94  # the sandbox could not be set up (trusted only before the set-up byte: runner._Process)
 EXIT_CPU = 95  # the program was killed at its CPU-time limit
 MEMORY_MARKER = "MemoryError (sandbox memory limit)"
 CPU_MARKER = "sandbox: CPU time limit reached"
@@ -1219,6 +1221,10 @@ def main(setup: dict) -> None:
         supervise(cfg["rlimits"].get("RLIMIT_CPU"), cfg["lifeline_fd"])
         if cfg["guards"]:
             install_guards(workdir, cfg["max_procs"])
+        # The set-up is complete: say so on a pipe that only the caller reads, and close the last end the
+        # run holds (the supervisor closed its copy), so nothing the program does can unsay it.
+        os.write(cfg["set_up_fd"], b"1")
+        os.close(cfg["set_up_fd"])
     except BaseException:
         import traceback
         sys.stderr.write("sandbox setup failed:\n")

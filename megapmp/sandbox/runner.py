@@ -63,7 +63,8 @@ only plain data crosses.
 Statuses: ``passed`` (exit 0; for `run_tests` the judge's verdict), ``failed`` (non-zero exit: exception,
 failed assertion, refused operation, early exit), ``timeout`` (wall-clock limit or ``RLIMIT_CPU``),
 ``memory`` (``MemoryError`` under ``RLIMIT_AS``), ``killed`` (another signal, e.g. the OOM killer) and
-``error`` (the sandbox itself could not run the program).
+``error`` (the sandbox itself could not run the program: said by the bootstrap on a pipe of its own before the
+program starts, never by the program's exit status or output).
 """
 
 from __future__ import annotations
@@ -560,10 +561,14 @@ class _Process:
         self.uid = _acquire_uid() if caps["drop_uid"] else None
         self.workdir = None if plan["sandbox_dir"] else tempfile.mkdtemp(prefix="megapmp-sandbox-")
         self.out, self.err = _Capture(limits.max_output_bytes), _Capture(limits.max_output_bytes)
-        self.proc, self.error, self.exited_first = None, None, False
+        self.proc, self.error, self.exited_first, self.was_set_up = None, None, False, False
         # Only this process holds the write end: if it dies, even by SIGKILL, the sandbox sees end of file
         # and ends the run (inside.supervise). bubblewrap's --die-with-parent alone would not cover unshare.
         lifeline, self.lifeline = os.pipe()
+        # The bootstrap writes one byte here when the set-up is complete, and closes its end before any of the
+        # program's code runs: a program cannot take the byte back, so its exit status cannot claim that the
+        # sandbox failed (EXIT_SETUP), however it exits and whatever it prints.
+        self.set_up_pipe, set_up_w = os.pipe()
         if self.workdir is not None and self.uid is not None:
             os.chown(self.workdir, self.uid, self.uid)
         cfg = {"role": role, "program": PROGRAM_NAME, "uid": self.uid, "guards": limits.guards,
@@ -571,7 +576,8 @@ class _Process:
                "root_layout": plan["root_layout"], "tmpfs": plan["tmpfs"],
                "drop_capabilities": plan["drop_capabilities"], "clear_capabilities": plan["clear_capabilities"],
                "nested_uid": _NESTED_UID, "sandbox_dir": plan["sandbox_dir"], "seccomp": plan["seccomp"],
-               "max_message_bytes": int(limits.max_message_bytes), "lifeline_fd": lifeline, **extra_cfg}
+               "max_message_bytes": int(limits.max_message_bytes), "lifeline_fd": lifeline,
+               "set_up_fd": set_up_w, **extra_cfg}
         settings = json.dumps({"cfg": cfg, "program": text}).encode()
         payload = len(settings).to_bytes(8, "little") + settings + _compiled_inside()
         setup = os.memfd_create("megapmp-sandbox-setup") if hasattr(os, "memfd_create") else os.dup(
@@ -585,12 +591,13 @@ class _Process:
             env = {"PATH": "/usr/bin:/bin", "HOME": home, "TMPDIR": home, "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8"}
             self.proc = subprocess.Popen(argv, cwd=self.workdir or "/", env=env, stdin=subprocess.DEVNULL,
                                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True,
-                                         close_fds=True, pass_fds=(setup, lifeline, *pass_fds))
+                                         close_fds=True, pass_fds=(setup, lifeline, set_up_w, *pass_fds))
         except OSError as exc:
             self.error = f"sandbox: could not start: {exc}"
         finally:
             os.close(setup)
             os.close(lifeline)
+            os.close(set_up_w)
 
     def kill(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
@@ -605,10 +612,20 @@ class _Process:
             return -(rc - 128)
         return rc
 
+    def set_up(self) -> bool:
+        """Whether the bootstrap said its set-up was complete (the byte is in the pipe before the program ran)."""
+        if not self.was_set_up:
+            os.set_blocking(self.set_up_pipe, False)
+            try:
+                self.was_set_up = os.read(self.set_up_pipe, 1) == b"1"
+            except BlockingIOError:
+                pass
+        return self.was_set_up
+
     def status(self, timed_out: bool = False) -> Status:
         if self.error is not None:
             return "error"
-        return _status(self.returncode(), timed_out, self.err.text())
+        return _status(self.returncode(), timed_out, self.err.text(), self.set_up())
 
     def close(self) -> None:
         try:
@@ -626,6 +643,7 @@ class _Process:
             if self.workdir is not None:
                 _rmtree(self.workdir)
             os.close(self.lifeline)
+            os.close(self.set_up_pipe)
 
 
 def _watch(processes: list[_Process], primary: _Process, deadline: float, extra: dict[int, _Capture]) -> bool:
@@ -672,7 +690,7 @@ def _watch(processes: list[_Process], primary: _Process, deadline: float, extra:
     return timed_out
 
 
-def _status(rc: int | None, timed_out: bool, stderr: str) -> Status:
+def _status(rc: int | None, timed_out: bool, stderr: str, set_up: bool) -> Status:
     if timed_out:
         return "timeout"
     if rc == 0:
@@ -681,8 +699,8 @@ def _status(rc: int | None, timed_out: bool, stderr: str) -> Status:
         return "memory"
     if rc == inside.EXIT_CPU and inside.CPU_MARKER in stderr:
         return "timeout"
-    if rc == inside.EXIT_SETUP and "sandbox setup failed" in stderr:
-        return "error"
+    if rc == inside.EXIT_SETUP and not set_up and "sandbox setup failed" in stderr:
+        return "error"  # the bootstrap's own failure: after the set-up, exit status 94 is the program's
     if rc is not None and rc < 0:
         if -rc == signal.SIGXCPU:
             return "timeout"
