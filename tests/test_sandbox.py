@@ -118,6 +118,25 @@ def test_error_is_the_sandboxs_failure_never_the_programs(monkeypatch):
     assert run_tests("def add(a, b):\n    return a + b\n", CHECK_ADD, "add").status == "error"
 
 
+def test_a_lone_surrogate_in_the_source_is_the_programs_failure():
+    # Generated text may hold a lone surrogate (JSON's "\udc80"); no file of Python source can (it has no
+    # UTF-8), and Python refuses to compile it. Writing the program file failed in the bootstrap, so a run
+    # was "error" (the sandbox's failure: code-bon runs it again every time) instead of the program's "failed".
+    lone = "S = '\udc80'\n"
+    r = run_untrusted(lone + "print(1)\n")
+    assert (r.status, r.returncode, r.stdout) == ("failed", 1, ""), r
+    assert "surrogates not allowed" in r.stderr and "<megapmp-sandbox>" not in r.stderr, r.stderr
+    solution = "def add(a, b):\n    return a + b\n"
+    r = run_tests(lone + solution, CHECK_ADD, "add")
+    assert r.status == "failed" and "the solution failed while loading: UnicodeEncodeError" in r.stderr, r
+    r = run_tests(lone + solution, CHECK_ADD, "add", prompt=lone)  # in the problem's prompt too
+    assert r.status == "failed" and "the solution failed while loading: UnicodeEncodeError" in r.stderr, r
+    # Written as an escape it is an ordinary value, and crosses as one.
+    r = run_tests("def add(a, b):\n    return '\\udc80' if a == 7 else a + b\n",
+                  CHECK_ADD + "    assert candidate(7, 0) == '\\udc80'\n", "add")
+    assert r.status == "passed", r
+
+
 def test_infinite_loop_times_out_within_limit():
     t0 = time.monotonic()
     r = run_untrusted("print('started', flush=True)\nwhile True:\n    pass\n", timeout_s=1.0)

@@ -1212,7 +1212,9 @@ def main(setup: dict) -> None:
                 install_syscall_filter()
         workdir = os.path.realpath(os.getcwd())
         program_path = os.path.join(workdir, cfg["program"])
-        with open(program_path, "w", encoding="utf-8") as f:
+        # A lone surrogate (generated text may hold one) has no UTF-8: written as its own bytes, it is
+        # the program's failure when compiled below, not the set-up's.
+        with open(program_path, "w", encoding="utf-8", errors="surrogatepass") as f:
             f.write(text)
         if role == "judge":
             import ctypes
@@ -1235,9 +1237,8 @@ def main(setup: dict) -> None:
     if role == "program":
         try:
             code = compile(text, program_path, "exec")
-        except SyntaxError:  # the program's failure, not the sandbox's
-            import traceback
-            traceback.print_exc()
+        except (SyntaxError, ValueError) as exc:  # the program's failure (a lone surrogate: UnicodeEncodeError)
+            _print_exception(exc, program_path)
             sys.exit(1)
         del text
         run_program(code, program_path)

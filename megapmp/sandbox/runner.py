@@ -859,7 +859,7 @@ def run_tests(solution_code: str, test_code: str, entry_point: str, timeout_s: f
     if prompt is not None:
         try:
             ast.parse(prompt)
-        except SyntaxError:  # a prompt that is not a program on its own: its helpers stay the solution's
+        except (SyntaxError, ValueError):  # not a program on its own (or not UTF-8): its helpers stay the solution's
             prompt = None
     tests = {"prompt": prompt or "", "test": test_code, "entry_point": entry_point,
              "test_line": solution_code.count("\n") + 3}  # where humaneval_program puts the test code
