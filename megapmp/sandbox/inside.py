@@ -695,13 +695,17 @@ def install_guards(workdir: str, max_procs: int) -> None:
 # --------------------------------------------------------------------------------------------------
 
 
-def _print_exception(exc: BaseException, program_path: str) -> None:
-    """The traceback of `exc`, the program's frames only (none of this file's)."""
-    import traceback
+def _program_traceback(exc: BaseException, program_path: str):
+    """`exc`'s traceback from the program's first frame on: none of this file's frames above it."""
     tb = exc.__traceback__
     while tb is not None and tb.tb_frame.f_code.co_filename != program_path:
         tb = tb.tb_next
-    traceback.print_exception(type(exc), exc, tb)
+    return tb
+
+
+def _print_exception(exc: BaseException, program_path: str) -> None:
+    import traceback
+    traceback.print_exception(type(exc), exc, _program_traceback(exc, program_path))
 
 
 def _memory_exit() -> None:
@@ -817,10 +821,7 @@ class _Candidate:
             _memory_exit()
         if isinstance(exc, SystemExit):
             return ("exit", _short(repr(exc.code), 200))
-        tb = exc.__traceback__
-        while tb is not None and tb.tb_frame.f_code.co_filename != self.program_path:
-            tb = tb.tb_next
-        text = "".join(traceback.format_exception(type(exc), exc, tb))
+        text = "".join(traceback.format_exception(type(exc), exc, _program_traceback(exc, self.program_path)))
         try:
             message = str(exc)
         except BaseException:
