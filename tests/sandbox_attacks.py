@@ -371,8 +371,17 @@ def _status_claimed_setup_failure(sb) -> tuple[bool, str]:
     # The bootstrap's failure ("error": the sandbox could not run it, so code-bon retries it and verified
     # pairs drop it as the sandbox's fault) was told by exit status 94 and a line on stderr, both of which
     # a program can produce: a wrong solution that claims it must still be "failed", as a program or as a
-    # solution, while loading and during a call.
-    claim = "import os, sys\nsys.stderr.write('sandbox setup failed:\\n')\nsys.stderr.flush()\nos._exit(94)\n"
+    # solution, while loading and during a call. Before it claims it, it drains every pipe it can open
+    # through /proc (a pipe's descriptor opened for reading there reads the pipe), where the bootstrap's
+    # word that the set-up was complete could be taken back if any process of the run still held it.
+    claim = ("import os, posix, sys\nfor pid in os.listdir('/proc'):\n    try:\n"
+             "        fds = os.listdir('/proc/%s/fd' % pid) if pid.isdigit() else []\n"
+             "    except OSError:\n        continue\n    for fd in fds:\n        try:\n"
+             "            r = posix.open('/proc/%s/fd/%s' % (pid, fd), posix.O_RDONLY | posix.O_NONBLOCK)\n"
+             "            if posix.fstat(r).st_mode & 0o170000 == 0o010000:  # a pipe\n"
+             "                sys.stderr.write('drained %s/%s %r\\n' % (pid, fd, posix.read(r, 1 << 16)))\n"
+             "        except OSError:\n            pass\n"
+             "sys.stderr.write('sandbox setup failed:\\n')\nsys.stderr.flush()\nos._exit(94)\n")
     runs = [sb.run_untrusted(RAN + claim, timeout_s=10.0),
             sb.run_tests(claim + WRONG, TEST, "add", timeout_s=10.0),
             sb.run_tests("def add(a, b):\n" + textwrap.indent(claim, "    "), TEST, "add", timeout_s=10.0)]
