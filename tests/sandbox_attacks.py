@@ -26,10 +26,14 @@ import secrets
 import socket
 import sys
 import tempfile
+import textwrap
 import time
 
 RAN = "print('ran', flush=True)\n"
 UNGUARDED_OPEN = "import _io\n"  # _io.open is the C function the guard's open() wraps
+# keyctl and add_key by machine (the kernel's keyrings are not namespaced); memfd_secret, the same on both
+_KEY_SYSCALLS = {"x86_64": (248, 250), "aarch64": (217, 219)}
+_MEMFD_SECRET = {"x86_64": 447, "aarch64": 447}.get(os.uname().machine)
 
 
 def _escape_cwd(sb) -> tuple[bool, str]:
@@ -273,6 +277,42 @@ def _escape_sysv_shared_memory(sb) -> tuple[bool, str]:
     return _ran_counting(r, "stored", at_most=0) and "msgget refused" in r.stdout, f"budget 64 MB; {_out(r)}"
 
 
+def _escape_sysv_semaphores(sb) -> tuple[bool, str]:
+    # A set of 32,000 semaphores is about 2 MB of kernel memory, and a namespace may hold 32,000 sets:
+    # neither RLIMIT_AS nor the tmpfs counts them. Eight sets (16 MB) show it; the count is the kernel's
+    # (the semaphores of the run's IPC namespace, /proc/sysvipc/sem), not the program's own.
+    code = RAN + (
+        "import ctypes\nlibc = ctypes.CDLL(None, use_errno=True)\n"
+        "for _ in range(8):\n    if libc.semget(0, 32000, 0o600) < 0:\n"
+        "        print('semget refused', ctypes.get_errno())\n        break\n"
+        "with open('/proc/sysvipc/sem') as f:\n    header = f.readline().split()\n"
+        "    held = sum(int(line.split()[header.index('nsems')]) for line in f)\n"
+        "print('semaphores', held, flush=True)\n")
+    r = sb.run_untrusted(code, timeout_s=20.0, memory_mb=64)
+    return _ran_counting(r, "semaphores", at_most=0), f"budget 64 MB; {_out(r)}"
+
+
+def _escape_memory_files(sb) -> tuple[bool, str]:
+    # A memfd is a file of the kernel's own tmpfs: RLIMIT_FSIZE (1 MiB) each, as many as descriptors
+    # (RLIMIT_NOFILE) in every process, and neither RLIMIT_AS nor the run's tmpfs counts them (8 processes
+    # of a 64 MB run held 440 MiB). 32 of them in this one process show it. memfd_secret, where the kernel
+    # has it, the same way through a mapping: the file keeps its pages after munmap (fstat counts none).
+    code = RAN + (
+        "import ctypes, mmap, posix\nlibc = ctypes.CDLL(None, use_errno=True)\nfds = []\n"
+        "for _ in range(32):\n    try:\n        fd = posix.memfd_create('x')\n"
+        "    except OSError as e:\n        print('memfd_create refused', e)\n        break\n"
+        "    posix.write(fd, b'x' * (1 << 20))\n    fds.append(fd)\n"
+        "for _ in range(%d):\n    fd = libc.syscall(%r, 0)\n"
+        "    if fd < 0:\n        print('memfd_secret refused', ctypes.get_errno())\n        break\n"
+        "    try:\n        posix.ftruncate(fd, 1 << 20)\n        with mmap.mmap(fd, 1 << 20) as m:\n"
+        "            m.write(b'x' * (1 << 20))\n    except (OSError, ValueError) as e:\n"
+        "        print('memfd_secret not filled', e)\n    fds.append(fd)\n"
+        "print('memfds', len(fds), 'holding', sum(posix.fstat(fd).st_blocks for fd in fds) >> 11, 'MiB', flush=True)\n"
+        % (8 if _MEMFD_SECRET else 0, _MEMFD_SECRET))
+    r = sb.run_untrusted(code, timeout_s=20.0, memory_mb=64)
+    return _ran_counting(r, "memfds", at_most=0), f"budget 64 MB; {_out(r)}"
+
+
 def _escape_tmpfs_inodes(sb) -> tuple[bool, str]:
     # Empty files cost the tmpfs no blocks, but each holds about 1 KiB of kernel memory (inode and dentry,
     # measured): the file count must be bounded with the size, or a run stores gigabytes in metadata.
@@ -285,8 +325,6 @@ def _escape_tmpfs_inodes(sb) -> tuple[bool, str]:
     return contained, f"budget 32 MB (at most 32768 inodes of about 1 KiB); {_out(r)}"
 
 
-# keyctl and add_key by machine: the kernel's keyrings are not namespaced
-_KEY_SYSCALLS = {"x86_64": (248, 250), "aarch64": (217, 219)}
 
 
 def _escape_read_caller_keyring(sb) -> tuple[bool, str]:
@@ -327,6 +365,28 @@ def _status_cpu_limit(ignore_sigxcpu: bool):
         r = sb.run_untrusted(code + "while True:\n    pass\n", timeout_s=20.0, cpu_s=1)
         return _ran(r) and r.status == "timeout" and r.seconds < 10, _out(r)
     return attack
+
+
+def _status_claimed_setup_failure(sb) -> tuple[bool, str]:
+    # The bootstrap's failure ("error": the sandbox could not run it, so code-bon retries it and verified
+    # pairs drop it as the sandbox's fault) was told by exit status 94 and a line on stderr, both of which
+    # a program can produce: a wrong solution that claims it must still be "failed", as a program or as a
+    # solution, while loading and during a call. Before it claims it, it drains every pipe it can open
+    # through /proc (a pipe's descriptor opened for reading there reads the pipe), where the bootstrap's
+    # word that the set-up was complete could be taken back if any process of the run still held it.
+    claim = ("import os, posix, sys\nfor pid in os.listdir('/proc'):\n    try:\n"
+             "        fds = os.listdir('/proc/%s/fd' % pid) if pid.isdigit() else []\n"
+             "    except OSError:\n        continue\n    for fd in fds:\n        try:\n"
+             "            r = posix.open('/proc/%s/fd/%s' % (pid, fd), posix.O_RDONLY | posix.O_NONBLOCK)\n"
+             "            if posix.fstat(r).st_mode & 0o170000 == 0o010000:  # a pipe\n"
+             "                sys.stderr.write('drained %s/%s %r\\n' % (pid, fd, posix.read(r, 1 << 16)))\n"
+             "        except OSError:\n            pass\n"
+             "sys.stderr.write('sandbox setup failed:\\n')\nsys.stderr.flush()\nos._exit(94)\n")
+    runs = [sb.run_untrusted(RAN + claim, timeout_s=10.0),
+            sb.run_tests(claim + WRONG, TEST, "add", timeout_s=10.0),
+            sb.run_tests("def add(a, b):\n" + textwrap.indent(claim, "    "), TEST, "add", timeout_s=10.0)]
+    statuses = [r.status for r in runs]
+    return _ran(runs[0]) and statuses == ["failed"] * 3, f"{statuses}; " + "; ".join(_out(r) for r in runs)
 
 
 # -- forgeries of the verdict -------------------------------------------------------------------------
@@ -511,10 +571,13 @@ ATTACKS = {
     "escape_storage_budget_split_over_tmpfs": _escape_storage_budget_split,
     "escape_fork_limit": _escape_fork_limit,
     "escape_sysv_shared_memory": _escape_sysv_shared_memory,
+    "escape_sysv_semaphores": _escape_sysv_semaphores,
+    "escape_memory_files": _escape_memory_files,
     "escape_tmpfs_inodes": _escape_tmpfs_inodes,
     "escape_read_caller_keyring": _escape_read_caller_keyring,
     "status_cpu_limit_is_timeout": _status_cpu_limit(ignore_sigxcpu=False),
     "status_cpu_limit_ignoring_sigxcpu_is_timeout": _status_cpu_limit(ignore_sigxcpu=True),
+    "status_claimed_setup_failure_is_failed": _status_claimed_setup_failure,
     **{name: _forgery(*args) for name, args in FORGERIES.items()},
     "forge_doctest_records": _forge_doctest_records,
     "control_correct_solution_passes": _control_program("def add(a, b):\n    print('noise')\n    return a + b\n"),
@@ -533,6 +596,8 @@ NEEDS = {
     "escape_storage_budget_split_over_tmpfs": "storage_budget",
     "escape_fork_limit": "process_limit",
     "escape_sysv_shared_memory": "storage_budget",
+    "escape_sysv_semaphores": "storage_budget",
+    "escape_memory_files": "storage_budget",
     "escape_tmpfs_inodes": "storage_budget",
     "escape_read_caller_keyring": "no_caller_keyrings",
 }

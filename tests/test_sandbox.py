@@ -99,6 +99,44 @@ def test_exception_is_failed():
     assert run_untrusted("import sys\nsys.exit(3)\n").returncode == 3
 
 
+def test_error_is_the_sandboxs_failure_never_the_programs(monkeypatch):
+    # "error" says the sandbox could not run the program (code-bon retries it, verified pairs count it as
+    # the sandbox's fault). A program that prints the bootstrap's message and exits with its status (94)
+    # was reported "error"; it is the program's failure. The attack suite makes the same claim from a
+    # solution, with both backends and as an unprivileged user.
+    claim = "import os, sys\nsys.stderr.write('sandbox setup failed:\\n')\nsys.stderr.flush()\nos._exit(94)\n"
+    r = run_untrusted(claim)
+    assert (r.status, r.returncode) == ("failed", 94) and "sandbox setup failed" in r.stderr, r
+    r = run_tests(claim + "def add(a, b):\n    return a - b\n", CHECK_ADD, "add")
+    assert r.status == "failed", r
+    # A set-up that does fail (the program file cannot be written: no such directory) is still "error",
+    # for a program and for either side of a test run.
+    monkeypatch.setattr(sandbox, "PROGRAM_NAME", "no-such-directory/prog.py")
+    r = run_untrusted("print(1)")
+    assert (r.status, r.returncode, r.stdout) == ("error", 94, ""), r
+    assert "sandbox setup failed" in r.stderr and "FileNotFoundError" in r.stderr, r.stderr
+    assert run_tests("def add(a, b):\n    return a + b\n", CHECK_ADD, "add").status == "error"
+
+
+def test_a_lone_surrogate_in_the_source_is_the_programs_failure():
+    # Generated text may hold a lone surrogate (JSON's "\udc80"); no file of Python source can (it has no
+    # UTF-8), and Python refuses to compile it. Writing the program file failed in the bootstrap, so a run
+    # was "error" (the sandbox's failure: code-bon runs it again every time) instead of the program's "failed".
+    lone = "S = '\udc80'\n"
+    r = run_untrusted(lone + "print(1)\n")
+    assert (r.status, r.returncode, r.stdout) == ("failed", 1, ""), r
+    assert "surrogates not allowed" in r.stderr and "<megapmp-sandbox>" not in r.stderr, r.stderr
+    solution = "def add(a, b):\n    return a + b\n"
+    r = run_tests(lone + solution, CHECK_ADD, "add")
+    assert r.status == "failed" and "the solution failed while loading: UnicodeEncodeError" in r.stderr, r
+    r = run_tests(lone + solution, CHECK_ADD, "add", prompt=lone)  # in the problem's prompt too
+    assert r.status == "failed" and "the solution failed while loading: UnicodeEncodeError" in r.stderr, r
+    # Written as an escape it is an ordinary value, and crosses as one.
+    r = run_tests("def add(a, b):\n    return '\\udc80' if a == 7 else a + b\n",
+                  CHECK_ADD + "    assert candidate(7, 0) == '\\udc80'\n", "add")
+    assert r.status == "passed", r
+
+
 def test_infinite_loop_times_out_within_limit():
     t0 = time.monotonic()
     r = run_untrusted("print('started', flush=True)\nwhile True:\n    pass\n", timeout_s=1.0)

@@ -20,7 +20,12 @@ Every sandboxed process goes through the same steps, in this order:
    ``setns`` and ``clone3`` (whose flags a filter cannot read; the C library falls back to ``clone``), so no
    process of the run gets capabilities over new mounts again (an unsized tmpfs, a writable root); and
    refusing the kernel's stores that no namespace or limit of ours bounds or hides: System V shared
-   memory and message queues (storage outside RLIMIT_AS and the tmpfs) and the keyrings (``add_key``,
+   memory, semaphores and message queues (storage outside RLIMIT_AS and the tmpfs: 32,000 sets of
+   32,000 semaphores are allowed per namespace, about 2 MB of kernel memory each), memory files
+   (``memfd_create``, ``memfd_secret``: files of the kernel's internal tmpfs, which the run's tmpfs does not
+   count, RLIMIT_FSIZE each, as many as descriptors; no Python program needs them: libffi tries one
+   only where it may not map memory writable and executable, and then falls back to a temporary file,
+   in ``/tmp``) and the keyrings (``add_key``,
    ``request_key``, ``keyctl``: the caller's session keyring is inherited, and its keys are readable
    whatever the uid).
 4. rlimits (``RLIMIT_NPROC`` holds per run: a per-run uid, or the run's own user namespace, in which the
@@ -32,6 +37,8 @@ Every sandboxed process goes through the same steps, in this order:
    caller dies (end of file on a lifeline pipe only the caller can write).
 6. The in-process guards (a second layer against accidents: sockets, writes outside ``/tmp``, exec,
    signals outside the sandbox, a fork budget).
+   Then one byte on a pipe that only the caller reads says the set-up is complete, and the pipe is
+   closed: from here on, an exit with ``EXIT_SETUP`` is the program's own, a failure like any other.
 7. The role:
 
    * ``program`` (`run_untrusted`): the code runs as ``__main__``.
@@ -48,7 +55,7 @@ import struct
 import sys
 
 EXIT_MEMORY = 93  # the program raised MemoryError
-EXIT_SETUP = 94  # the sandbox could not be set up; nothing of the program ran
+EXIT_SETUP = 94  # the sandbox could not be set up (trusted only before the set-up byte: runner._Process)
 EXIT_CPU = 95  # the program was killed at its CPU-time limit
 MEMORY_MARKER = "MemoryError (sandbox memory limit)"
 CPU_MARKER = "sandbox: CPU time limit reached"
@@ -281,9 +288,15 @@ _SYSCALLS = {  # machine: (seccomp audit arch, unshare, clone, clone3, setns, pi
     "x86_64": (0xC000003E, 272, 56, 435, 308, 155, 442),
     "aarch64": (0xC00000B7, 97, 220, 435, 268, 41, 442),
 }
-_REFUSED_SYSCALLS = {  # machine: (shmget, msgget, add_key, request_key, keyctl): see step 3
-    "x86_64": (29, 68, 248, 249, 250),
-    "aarch64": (194, 186, 217, 218, 219),
+# machine: {system call: number} (the kernel's arch/x86/entry/syscalls/syscall_64.tbl and
+# include/uapi/asm-generic/unistd.h), see step 3. Only the calls that create a System V object are
+# refused: every process of a run shares one fresh IPC namespace of its own, so semop, semctl, shmat,
+# msgsnd and the rest have nothing to act on.
+_REFUSED_SYSCALLS = {
+    "x86_64": {"shmget": 29, "msgget": 68, "semget": 64, "memfd_create": 319, "memfd_secret": 447,
+               "add_key": 248, "request_key": 249, "keyctl": 250},
+    "aarch64": {"shmget": 194, "msgget": 186, "semget": 190, "memfd_create": 279, "memfd_secret": 447,
+                "add_key": 217, "request_key": 218, "keyctl": 219},
 }
 MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_REMOUNT, MS_BIND, MS_REC, MS_PRIVATE = (
     0x1, 0x2, 0x4, 0x8, 0x20, 0x1000, 0x4000, 0x40000)
@@ -432,7 +445,7 @@ def install_syscall_filter() -> None:
     if nrs is None:
         raise OSError(f"no seccomp filter for {os.uname().machine}")
     arch, unshare, clone, clone3, setns = nrs[:5]
-    refused = (setns,) + _REFUSED_SYSCALLS[os.uname().machine]
+    refused = (setns, *_REFUSED_SYSCALLS[os.uname().machine].values())
     ld, jeq, jge, jset, ret = 0x20, 0x15, 0x35, 0x45, 0x06  # BPF_LD|W|ABS, JMP|JEQ|K, JMP|JGE|K, JMP|JSET|K, RET|K
     allow, kill, errno = 0x7FFF0000, 0x80000000, 0x00050000  # SECCOMP_RET_ALLOW, _KILL_PROCESS, _ERRNO
     eperm, enosys, clone_newuser = 1, 38, 0x10000000
@@ -682,13 +695,17 @@ def install_guards(workdir: str, max_procs: int) -> None:
 # --------------------------------------------------------------------------------------------------
 
 
-def _print_exception(exc: BaseException, program_path: str) -> None:
-    """The traceback of `exc`, the program's frames only (none of this file's)."""
-    import traceback
+def _program_traceback(exc: BaseException, program_path: str):
+    """`exc`'s traceback from the program's first frame on: none of this file's frames above it."""
     tb = exc.__traceback__
     while tb is not None and tb.tb_frame.f_code.co_filename != program_path:
         tb = tb.tb_next
-    traceback.print_exception(type(exc), exc, tb)
+    return tb
+
+
+def _print_exception(exc: BaseException, program_path: str) -> None:
+    import traceback
+    traceback.print_exception(type(exc), exc, _program_traceback(exc, program_path))
 
 
 def _memory_exit() -> None:
@@ -804,10 +821,7 @@ class _Candidate:
             _memory_exit()
         if isinstance(exc, SystemExit):
             return ("exit", _short(repr(exc.code), 200))
-        tb = exc.__traceback__
-        while tb is not None and tb.tb_frame.f_code.co_filename != self.program_path:
-            tb = tb.tb_next
-        text = "".join(traceback.format_exception(type(exc), exc, tb))
+        text = "".join(traceback.format_exception(type(exc), exc, _program_traceback(exc, self.program_path)))
         try:
             message = str(exc)
         except BaseException:
@@ -1199,7 +1213,9 @@ def main(setup: dict) -> None:
                 install_syscall_filter()
         workdir = os.path.realpath(os.getcwd())
         program_path = os.path.join(workdir, cfg["program"])
-        with open(program_path, "w", encoding="utf-8") as f:
+        # A lone surrogate (generated text may hold one) has no UTF-8: written as its own bytes, it is
+        # the program's failure when compiled below, not the set-up's.
+        with open(program_path, "w", encoding="utf-8", errors="surrogatepass") as f:
             f.write(text)
         if role == "judge":
             import ctypes
@@ -1208,6 +1224,10 @@ def main(setup: dict) -> None:
         supervise(cfg["rlimits"].get("RLIMIT_CPU"), cfg["lifeline_fd"])
         if cfg["guards"]:
             install_guards(workdir, cfg["max_procs"])
+        # The set-up is complete: say so on a pipe that only the caller reads, and close the last end the
+        # run holds (the supervisor closed its copy), so nothing the program does can unsay it.
+        os.write(cfg["set_up_fd"], b"1")
+        os.close(cfg["set_up_fd"])
     except BaseException:
         import traceback
         sys.stderr.write("sandbox setup failed:\n")
@@ -1218,9 +1238,8 @@ def main(setup: dict) -> None:
     if role == "program":
         try:
             code = compile(text, program_path, "exec")
-        except SyntaxError:  # the program's failure, not the sandbox's
-            import traceback
-            traceback.print_exc()
+        except (SyntaxError, ValueError) as exc:  # the program's failure (a lone surrogate: UnicodeEncodeError)
+            _print_exception(exc, program_path)
             sys.exit(1)
         del text
         run_program(code, program_path)

@@ -19,8 +19,9 @@ unprivileged callers alike, with either backend:
    most one file per 16 KiB of it (`_tmpfs_inodes`: an empty file costs no block but about 1 KiB of
    kernel memory; unbounded, 3 million files were allowed). No nested user namespace (a seccomp filter,
    and bubblewrap's ``--disable-userns`` where it applies), so no process of the run can mount an unsized
-   tmpfs of its own; no System V shared memory or message queues (the same filter: they hold memory that
-   neither RLIMIT_AS nor the tmpfs counts).
+   tmpfs of its own; no System V shared memory, semaphores or message queues and no memory files
+   (``memfd_create``, ``memfd_secret``), by the same filter: they hold memory that neither RLIMIT_AS nor
+   the tmpfs counts.
 4. **Limits**: ``RLIMIT_AS`` (memory per process), ``RLIMIT_CPU``, ``RLIMIT_FSIZE``, ``RLIMIT_NOFILE``,
    ``RLIMIT_CORE`` = 0 and ``RLIMIT_NPROC`` = ``max_procs`` for the whole run: a root caller's processes run
    as a per-run uid, an unprivileged caller's in the run's own user namespace, where the kernel counts a
@@ -62,7 +63,8 @@ only plain data crosses.
 Statuses: ``passed`` (exit 0; for `run_tests` the judge's verdict), ``failed`` (non-zero exit: exception,
 failed assertion, refused operation, early exit), ``timeout`` (wall-clock limit or ``RLIMIT_CPU``),
 ``memory`` (``MemoryError`` under ``RLIMIT_AS``), ``killed`` (another signal, e.g. the OOM killer) and
-``error`` (the sandbox itself could not run the program).
+``error`` (the sandbox itself could not run the program: said by the bootstrap on a pipe of its own before the
+program starts, never by the program's exit status or output).
 """
 
 from __future__ import annotations
@@ -206,9 +208,11 @@ _uids_in_use: set[int] = set()
 _RLIMITS = ["RLIMIT_AS", "RLIMIT_CPU", "RLIMIT_FSIZE", "RLIMIT_NOFILE", "RLIMIT_CORE", "RLIMIT_NPROC"]
 _PROBE_PROCS = 4
 _PROBE_MB = 256
-_KEYCTL = inside._REFUSED_SYSCALLS.get(os.uname().machine, (None,) * 5)[4]
+_REFUSED = inside._REFUSED_SYSCALLS.get(os.uname().machine, {})
+_KEYCTL, _MEMFD_SECRET = _REFUSED.get("keyctl"), _REFUSED.get("memfd_secret")
 # The probe measures what the kernel gives (no guards): a private working directory, a small PID, no
-# user namespace, no System V storage, no keyring, a process limit, and what the root directory holds.
+# user namespace, no System V storage or memory files, no keyring, a process limit, and what the root
+# directory holds.
 _PROBE = f"""
 import ctypes, json, os, time
 open('probe', 'w').write('x')
@@ -216,7 +220,12 @@ facts = {{"cwd": os.getcwd(), "listing": sorted(os.listdir('.')), "pid": os.getp
 libc = ctypes.CDLL(None, use_errno=True)
 facts["userns"] = libc.unshare(0x10000000) == 0
 facts["inodes"] = os.statvfs('.').f_files
-facts["sysv_ipc"] = libc.shmget(0, 4096, 0o600) >= 0 or libc.msgget(0, 0o600) >= 0
+facts["sysv_ipc"] = libc.shmget(0, 4096, 0o600) >= 0 or libc.msgget(0, 0o600) >= 0 or libc.semget(0, 1, 0o600) >= 0
+try:
+    os.memfd_create('probe')
+    facts["memfd"] = True
+except OSError:
+    facts["memfd"] = {_MEMFD_SECRET} is None or libc.syscall({_MEMFD_SECRET}, 0) >= 0
 # KEYCTL_GET_KEYRING_ID of the session keyring (the caller's, inherited), without creating one
 facts["keyring"] = {_KEYCTL} is None or libc.syscall({_KEYCTL}, 0, -3, 0) >= 0
 forked = 0
@@ -237,7 +246,8 @@ GUARANTEES = {
     "minimal_root": "only the paths a Python program needs are visible",
     "no_nested_userns": "no nested user namespaces (no mounts of the program's own)",
     "process_limit": "a process limit (RLIMIT_NPROC) for the run's processes",
-    "storage_budget": "one sized tmpfs for everything a program can write (no System V shared memory or queues)",
+    "storage_budget": ("one sized tmpfs for everything a program can write (no System V shared memory, "
+                       "semaphores or queues, no memory files)"),
     "no_caller_keyrings": "no access to the caller's kernel keyrings",
 }
 
@@ -394,7 +404,8 @@ def _probe(caps: dict) -> tuple[str | None, dict]:
         # all the caller's processes: the forks the probe makes would fail for the wrong reason).
         "process_limit": 0 < facts["forked"] < _PROBE_PROCS and (caps["drop_uid"] or _kernel_at_least(5, 14)),
         "storage_budget": ((caps["backend"] == "unshare" or "--size" in _bwrap_help(caps["bwrap"]))
-                           and facts["inodes"] <= _tmpfs_inodes(_PROBE_MB << 20) and not facts["sysv_ipc"]),
+                           and facts["inodes"] <= _tmpfs_inodes(_PROBE_MB << 20) and not facts["sysv_ipc"]
+                           and not facts["memfd"]),
         "no_caller_keyrings": not facts["keyring"],
     }
     return None, guarantees
@@ -550,10 +561,14 @@ class _Process:
         self.uid = _acquire_uid() if caps["drop_uid"] else None
         self.workdir = None if plan["sandbox_dir"] else tempfile.mkdtemp(prefix="megapmp-sandbox-")
         self.out, self.err = _Capture(limits.max_output_bytes), _Capture(limits.max_output_bytes)
-        self.proc, self.error, self.exited_first = None, None, False
+        self.proc, self.error, self.exited_first, self.was_set_up = None, None, False, False
         # Only this process holds the write end: if it dies, even by SIGKILL, the sandbox sees end of file
         # and ends the run (inside.supervise). bubblewrap's --die-with-parent alone would not cover unshare.
         lifeline, self.lifeline = os.pipe()
+        # The bootstrap writes one byte here when the set-up is complete, and closes its end before any of the
+        # program's code runs: a program cannot take the byte back, so its exit status cannot claim that the
+        # sandbox failed (EXIT_SETUP), however it exits and whatever it prints.
+        self.set_up_pipe, set_up_w = os.pipe()
         if self.workdir is not None and self.uid is not None:
             os.chown(self.workdir, self.uid, self.uid)
         cfg = {"role": role, "program": PROGRAM_NAME, "uid": self.uid, "guards": limits.guards,
@@ -561,7 +576,8 @@ class _Process:
                "root_layout": plan["root_layout"], "tmpfs": plan["tmpfs"],
                "drop_capabilities": plan["drop_capabilities"], "clear_capabilities": plan["clear_capabilities"],
                "nested_uid": _NESTED_UID, "sandbox_dir": plan["sandbox_dir"], "seccomp": plan["seccomp"],
-               "max_message_bytes": int(limits.max_message_bytes), "lifeline_fd": lifeline, **extra_cfg}
+               "max_message_bytes": int(limits.max_message_bytes), "lifeline_fd": lifeline,
+               "set_up_fd": set_up_w, **extra_cfg}
         settings = json.dumps({"cfg": cfg, "program": text}).encode()
         payload = len(settings).to_bytes(8, "little") + settings + _compiled_inside()
         setup = os.memfd_create("megapmp-sandbox-setup") if hasattr(os, "memfd_create") else os.dup(
@@ -575,12 +591,13 @@ class _Process:
             env = {"PATH": "/usr/bin:/bin", "HOME": home, "TMPDIR": home, "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8"}
             self.proc = subprocess.Popen(argv, cwd=self.workdir or "/", env=env, stdin=subprocess.DEVNULL,
                                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True,
-                                         close_fds=True, pass_fds=(setup, lifeline, *pass_fds))
+                                         close_fds=True, pass_fds=(setup, lifeline, set_up_w, *pass_fds))
         except OSError as exc:
             self.error = f"sandbox: could not start: {exc}"
         finally:
             os.close(setup)
             os.close(lifeline)
+            os.close(set_up_w)
 
     def kill(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
@@ -595,10 +612,20 @@ class _Process:
             return -(rc - 128)
         return rc
 
+    def set_up(self) -> bool:
+        """Whether the bootstrap said its set-up was complete (the byte is in the pipe before the program ran)."""
+        if not self.was_set_up:
+            os.set_blocking(self.set_up_pipe, False)
+            try:
+                self.was_set_up = os.read(self.set_up_pipe, 1) == b"1"
+            except BlockingIOError:
+                pass
+        return self.was_set_up
+
     def status(self, timed_out: bool = False) -> Status:
         if self.error is not None:
             return "error"
-        return _status(self.returncode(), timed_out, self.err.text())
+        return _status(self.returncode(), timed_out, self.err.text(), self.set_up())
 
     def close(self) -> None:
         try:
@@ -616,6 +643,7 @@ class _Process:
             if self.workdir is not None:
                 _rmtree(self.workdir)
             os.close(self.lifeline)
+            os.close(self.set_up_pipe)
 
 
 def _watch(processes: list[_Process], primary: _Process, deadline: float, extra: dict[int, _Capture]) -> bool:
@@ -662,7 +690,7 @@ def _watch(processes: list[_Process], primary: _Process, deadline: float, extra:
     return timed_out
 
 
-def _status(rc: int | None, timed_out: bool, stderr: str) -> Status:
+def _status(rc: int | None, timed_out: bool, stderr: str, set_up: bool) -> Status:
     if timed_out:
         return "timeout"
     if rc == 0:
@@ -671,8 +699,8 @@ def _status(rc: int | None, timed_out: bool, stderr: str) -> Status:
         return "memory"
     if rc == inside.EXIT_CPU and inside.CPU_MARKER in stderr:
         return "timeout"
-    if rc == inside.EXIT_SETUP and "sandbox setup failed" in stderr:
-        return "error"
+    if rc == inside.EXIT_SETUP and not set_up and "sandbox setup failed" in stderr:
+        return "error"  # the bootstrap's own failure: after the set-up, exit status 94 is the program's
     if rc is not None and rc < 0:
         if -rc == signal.SIGXCPU:
             return "timeout"
@@ -831,7 +859,7 @@ def run_tests(solution_code: str, test_code: str, entry_point: str, timeout_s: f
     if prompt is not None:
         try:
             ast.parse(prompt)
-        except SyntaxError:  # a prompt that is not a program on its own: its helpers stay the solution's
+        except (SyntaxError, ValueError):  # not a program on its own (or not UTF-8): its helpers stay the solution's
             prompt = None
     tests = {"prompt": prompt or "", "test": test_code, "entry_point": entry_point,
              "test_line": solution_code.count("\n") + 3}  # where humaneval_program puts the test code
