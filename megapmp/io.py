@@ -183,7 +183,7 @@ def cut_torn_jsonl(path: str | os.PathLike, log) -> None:
 def _is_record(line: bytes) -> bool:
     try:
         return isinstance(json.loads(line), dict)
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: nesting past the parser's stack
         return False
 
 
