@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import signal
 import socket
@@ -121,6 +122,10 @@ BAD_REQUESTS = [
     ("/get_reward", b'{"query": [null]}', 400, "query[0] must be a string, got NoneType"),
     ("/get_reward", b'{"queries": ["x"]}', 400, "missing field 'query'"),
     ("/score", b'{"prompts": ["a"], "responses": ["' + b"x" * 70_000 + b'"]}', 413, "body size"),
+    # json.loads raises a plain ValueError (not JSONDecodeError) past 4300 digits: it was a 500 and a traceback
+    ("/score", b'{"prompts": [' + b"1" * 5000 + b'], "responses": ["r"]}', 400,
+     "not valid JSON: Exceeds the limit (4300 digits) for integer string conversion: value has 5000 digits"),
+    ("/get_reward", b'{"query": ["q"], "extra": ' + b"9" * 4400 + b"}", 400, "value has 4400 digits"),
     ("/nowhere", b"{}", 404, "Not Found"),
 ]
 
@@ -367,6 +372,22 @@ def test_slow_body_gets_408_at_the_body_timeout(guarded):
 def test_malformed_structure_of_any_depth_is_a_400(guarded, body, message):
     status, answer = post(f"{guarded}/score", body, raw=True)
     assert status == 400 and message in answer["error"], answer
+
+
+def test_malformed_http_is_answered_by_aiohttp_and_logged_as_one_line(guarded, caplog):
+    """aiohttp answers bad framing (here a chunk size that is not hex) with a text/plain 400 and logged a
+    traceback each time: a client could flood the log. Now one line at most every 10 s."""
+    caplog.set_level(logging.DEBUG)
+    for _ in range(20):
+        with socket.create_connection(("127.0.0.1", _port(guarded))) as sock:
+            sock.sendall(b"POST /score HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n")
+            sock.settimeout(5.0)
+            assert sock.recv(65536).startswith(b"HTTP/1.0 400 Bad Request")
+    logged = [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(logged) <= 1 and all(r.exc_info is None for r in logged), [r.getMessage() for r in logged]
+    assert all("malformed HTTP from 127.0.0.1, answered 400 by aiohttp: Invalid character in chunk size"
+               in r.getMessage() for r in logged)
+    assert get(f"{guarded}/health") == {"status": "ok"}
 
 
 def test_per_request_limits_are_413_naming_the_limit(guarded):

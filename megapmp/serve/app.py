@@ -38,6 +38,7 @@ import contextlib
 import functools
 import hmac
 import json
+import logging
 import resource
 import signal
 import threading
@@ -49,6 +50,7 @@ from typing import Callable
 import numpy as np
 import torch
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 
 from megapmp.eval.batch_invariant import invariant_attention_backend
 from megapmp.io import InputError, get_logger, parse_json_line
@@ -451,7 +453,8 @@ async def serve(app: web.Application, host: str, port: int, *, shutdown_timeout:
     # keepalive_timeout is aiohttp's one read timeout for a request head: it runs from the connection (or
     # the previous answer) until a complete head arrived, and closes a connection still waiting then.
     runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=shutdown_timeout, handler_cancellation=True,
-                           keepalive_timeout=settings.header_timeout_s, lingering_time=1.0, access_log=None)
+                           keepalive_timeout=settings.header_timeout_s, lingering_time=1.0, access_log=None,
+                           logger=HTTP_LOG)
     await runner.setup()
     guard = ConnectionGuard(runner.server, cap)
     runtime["guard"] = guard
@@ -486,6 +489,36 @@ async def serve(app: web.Application, host: str, port: int, *, shutdown_timeout:
 
 
 _last_accept_error = [0.0]
+
+
+class _OneLineFramingErrors(logging.Filter):
+    """aiohttp answers a request it cannot parse (a bad request line, header, Content-Length or chunk size)
+    with a text/plain 400 itself and logs a traceback for each: any client could fill the log. Such a record
+    becomes one line, at most one every ``every_s`` seconds; every other record passes unchanged."""
+
+    def __init__(self, every_s: float = 10.0):
+        super().__init__()
+        self.every_s, self.last, self.unlogged = every_s, -float("inf"), 0
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        if not isinstance(error, HttpProcessingError):
+            return True
+        now = time.monotonic()
+        if now - self.last < self.every_s:
+            self.unlogged += 1
+            return False
+        reason = str(error.message).strip().splitlines()[0] if str(error.message).strip() else type(error).__name__
+        record.msg = (f"malformed HTTP from %s, answered {error.code} by aiohttp: {reason}"
+                      + (f" ({self.unlogged} more since the last such line)" if self.unlogged else ""))
+        record.exc_info = record.exc_text = None
+        self.last, self.unlogged = now, 0
+        return True
+
+
+# The connections' logger (aiohttp's RequestHandler logs through the one it is given).
+HTTP_LOG = logging.getLogger("megapmp.serve.http")
+HTTP_LOG.addFilter(_OneLineFramingErrors())
 
 
 def _one_line_accept_errors(loop: asyncio.AbstractEventLoop, context: dict) -> None:
