@@ -34,10 +34,7 @@ Every client is treated as hostile (what `ServeSettings` bounds, and how):
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import functools
 import hmac
-import json
 import logging
 import resource
 import signal
@@ -53,26 +50,18 @@ from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 
 from megapmp.eval.batch_invariant import invariant_attention_backend
-from megapmp.io import InputError, get_logger, parse_json_line
+from megapmp.io import get_logger
 from megapmp.serve.batcher import Batcher, DaemonExecutor, NonFiniteRewards, ShuttingDown
+from megapmp.serve.compare import compare_route, is_judge
+from megapmp.serve.scoring import (BATCHER_KEY, TOKENIZERS_KEY, BadRequest, PendingBytes, ScoringRoute, dumps,
+                                   scoring_handler, string_list)
 
 log = get_logger("serve_rm")
 OVERLONG_POLICIES = ("truncate", "error")
-BATCHER_KEY = web.AppKey("batcher", Batcher)
 SETTINGS_KEY = web.AppKey("settings", object)
-TOKENIZERS_KEY = web.AppKey("tokenizers", DaemonExecutor)
 # What serve() sets once the app runs (the app is frozen by then): the connection guard, the stop deadline.
 RUNTIME_KEY = web.AppKey("runtime", dict)
 PUBLIC_PATHS = ("/health",)
-_dumps = functools.partial(json.dumps, allow_nan=False)  # a NaN reaching an answer is an error, not JSON
-
-
-class BadRequest(Exception):
-    """A request refused with ``status`` and a one-line message."""
-
-    def __init__(self, message: str, status: int = 400):
-        super().__init__(message)
-        self.status = status
 
 
 @dataclass
@@ -107,83 +96,27 @@ class ServeSettings:
 
 
 # ---------------------------------------------------------------------------------------------------
-# request bodies
-
-
-def _string_list(body: dict, key: str, max_texts: int) -> list[str]:
-    if key not in body:
-        raise BadRequest(f"missing field {key!r}")
-    value = body[key]
-    if not isinstance(value, list):
-        raise BadRequest(f"field {key!r} must be a list of strings, got {type(value).__name__}")
-    if not value:
-        raise BadRequest(f"field {key!r} is empty: nothing to score")
-    if len(value) > max_texts:
-        raise BadRequest(f"field {key!r} has {len(value)} texts, over the limit of {max_texts} per request "
-                         "(--max-texts): split the request", status=413)
-    for i, item in enumerate(value):
-        if not isinstance(item, str):
-            raise BadRequest(f"{key}[{i}] must be a string, got {type(item).__name__}")
-        if not item:
-            raise BadRequest(f"{key}[{i}] is an empty string")
-    return value
-
-
-def parse_body(raw: bytes) -> dict:
-    """A request body as the pipeline's JSONL reader parses a line (megapmp.io.parse_json_line: duplicated
-    keys and lone surrogates refused), plus: nesting too deep for the parser is a 400, not a 500."""
-    try:
-        body = parse_json_line("request body", None, raw)
-    except InputError as e:
-        raise BadRequest(str(e).replace("request body: malformed JSON", "the body is not valid JSON")) from None
-    except RecursionError:
-        raise BadRequest("the body is not valid JSON: nested too deeply") from None
-    if not isinstance(body, dict):
-        raise BadRequest(f"the body must be a JSON object, got {type(body).__name__}")
-    return body
-
-
-async def _json_body(request: web.Request, settings: ServeSettings) -> dict:
-    try:
-        # Over client_max_size: aiohttp raises HTTPRequestEntityTooLarge (413).
-        raw = await asyncio.wait_for(request.read(), settings.body_timeout_s)
-    except asyncio.TimeoutError:
-        raise BadRequest(f"the request body did not arrive within {settings.body_timeout_s:g} s "
-                         "(--body-timeout)", status=408) from None
-    return parse_body(raw)
-
-
-class PendingBytes:
-    """The bytes of request bodies the server holds at once (read, tokenized, waiting, scored), bounded: a
-    request that would pass the bound is answered 503 before its body is read, so many clients uploading
-    large bodies at once cannot exhaust the server's memory."""
-
-    def __init__(self, limit: int):
-        self.limit, self.held = limit, 0
-
-    @contextlib.asynccontextmanager
-    async def reserve(self, request: web.Request, max_body: int):
-        size = request.content_length if request.content_length is not None else max_body
-        size = min(size, max_body)  # a larger body is refused with 413 when read
-        if self.held + size > self.limit:
-            raise BadRequest(f"the server holds {self.held >> 20} MiB of pending requests, its limit is "
-                             f"{self.limit >> 20} MiB (--max-pending-mb): try again shortly", status=503)
-        self.held += size
-        try:
-            yield
-        finally:
-            self.held -= size
+# the scoring routes (the path they share: megapmp.serve.scoring)
 
 
 def native_inputs(body: dict, max_texts: int = ServeSettings.max_texts) -> tuple[list[str], list[str]]:
-    prompts, responses = _string_list(body, "prompts", max_texts), _string_list(body, "responses", max_texts)
+    prompts, responses = string_list(body, "prompts", max_texts), string_list(body, "responses", max_texts)
     if len(prompts) != len(responses):
         raise BadRequest(f"{len(prompts)} prompts for {len(responses)} responses: the lists must be as long")
     return prompts, responses
 
 
-def openrlhf_inputs(body: dict, max_texts: int = ServeSettings.max_texts) -> list[str]:
-    return _string_list(body, "query", max_texts)
+def openrlhf_inputs(body: dict, max_texts: int = ServeSettings.max_texts) -> tuple[list[str]]:
+    return (string_list(body, "query", max_texts),)
+
+
+def reward_routes(scorer, settings: ServeSettings) -> dict[str, ScoringRoute]:
+    """POST /score (prompts and responses) and POST /get_reward (OpenRLHF's joined queries) of a reward model."""
+    def answer(rewards):
+        return {"rewards": [float(r) for r in rewards]}
+    return {"/score": ScoringRoute(lambda body: native_inputs(body, settings.max_texts), scorer.sequences, answer),
+            "/get_reward": ScoringRoute(lambda body: openrlhf_inputs(body, settings.max_texts),
+                                        scorer.joined_sequences, answer)}
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -227,36 +160,6 @@ def build_app(scorer, settings: ServeSettings) -> web.Application:
 
     app.cleanup_ctx.append(batcher_context)
 
-    async def score(request: web.Request, build: Callable[[], tuple[list, list]]) -> web.Response:
-        loop = asyncio.get_running_loop()
-        try:
-            sequences, cut = await loop.run_in_executor(request.app[TOKENIZERS_KEY], build)
-        except ValueError as e:  # the scorer's own input checks (e.g. a response with no token)
-            raise BadRequest(str(e)) from None
-        tokens = sum(len(s) for s in sequences)
-        if tokens > settings.max_request_tokens:
-            raise BadRequest(f"the request holds {tokens} tokens, over the limit of {settings.max_request_tokens} "
-                             "per request (--max-request-tokens): split the request", status=413)
-        truncated = [i for i, c in enumerate(cut) if c]
-        if truncated and settings.overlong == "error":
-            raise BadRequest(f"input {truncated[0]} is longer than the model's context of {scorer.max_length} "
-                             f"tokens ({len(truncated)} such inputs; the server refuses them: --overlong error)",
-                             status=413)
-        rewards = await request.app[BATCHER_KEY].score(sequences)
-        return web.json_response({"rewards": [float(r) for r in rewards], "truncated": truncated}, dumps=_dumps)
-
-    pending = PendingBytes(settings.max_pending_bytes)
-
-    async def native(request: web.Request) -> web.Response:
-        async with pending.reserve(request, settings.max_body_bytes):
-            prompts, responses = native_inputs(await _json_body(request, settings), settings.max_texts)
-            return await score(request, lambda: scorer.sequences(prompts, responses))
-
-    async def openrlhf(request: web.Request) -> web.Response:
-        async with pending.reserve(request, settings.max_body_bytes):
-            queries = openrlhf_inputs(await _json_body(request, settings), settings.max_texts)
-            return await score(request, lambda: scorer.joined_sequences(queries))
-
     async def health(request: web.Request) -> web.Response:
         return web.json_response({"status": "ok"})
 
@@ -266,15 +169,13 @@ def build_app(scorer, settings: ServeSettings) -> web.Application:
         return web.json_response(server_info(scorer, settings) | {
             "uptime_s": round(time.time() - started, 3),
             "stats": asdict(batcher.stats) | {"in_flight_jobs": batcher.in_flight},
-            "connections": guard.stats() if guard is not None else {}}, dumps=_dumps)
+            "connections": guard.stats() if guard is not None else {}}, dumps=dumps)
 
-    from megapmp.serve.compare import add_compare_route, is_judge  # compare.py imports this module's helpers
-
-    if is_judge(scorer):  # a pairwise judge answers POST /compare instead (megapmp/serve/compare.py)
-        add_compare_route(app, scorer, settings, pending)
-    else:
-        app.router.add_post("/score", native)
-        app.router.add_post("/get_reward", openrlhf)
+    # A pairwise judge answers POST /compare instead of /score (megapmp/serve/compare.py).
+    routes = {"/compare": compare_route(scorer, settings)} if is_judge(scorer) else reward_routes(scorer, settings)
+    pending = PendingBytes(settings.max_pending_bytes)
+    for path, route in routes.items():
+        app.router.add_post(path, scoring_handler(route, scorer, settings, pending))
     app.router.add_get("/health", health)
     app.router.add_get("/info", info)
     return app

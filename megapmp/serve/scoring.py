@@ -1,0 +1,162 @@
+"""One path from a scoring request to its answer, shared by every route that scores (/score, /get_reward,
+/compare)::
+
+    the body, read under the pending-bytes budget and the body timeout -> JSON (megapmp.io's rules)
+      -> the route's inputs, checked (4xx) -> ids of the model inputs, tokenized on the tokenizer pool
+      -> tokens per request and the overlong policy (413) -> the batcher -> the route's answer + "truncated"
+
+A route says only what differs (`ScoringRoute`): how its inputs are read from the body, how they become
+model inputs, and how the model's outputs become its answer. The limits themselves are the server's
+settings (`megapmp.serve.app.ServeSettings`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import json
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Callable
+
+import numpy as np
+from aiohttp import web
+
+from megapmp.io import InputError, parse_json_line
+from megapmp.serve.batcher import Batcher, DaemonExecutor
+
+if TYPE_CHECKING:
+    from megapmp.serve.app import ServeSettings
+
+BATCHER_KEY = web.AppKey("batcher", Batcher)
+TOKENIZERS_KEY = web.AppKey("tokenizers", DaemonExecutor)
+dumps = functools.partial(json.dumps, allow_nan=False)  # a NaN reaching an answer is an error, not JSON
+
+
+class BadRequest(Exception):
+    """A request refused with ``status`` and a one-line message."""
+
+    def __init__(self, message: str, status: int = 400):
+        super().__init__(message)
+        self.status = status
+
+
+# ---------------------------------------------------------------------------------------------------
+# the body
+
+
+def string_list(body: dict, key: str, max_texts: int) -> list[str]:
+    """``body[key]``: a non-empty list of at most ``max_texts`` non-empty strings, or BadRequest naming it."""
+    if key not in body:
+        raise BadRequest(f"missing field {key!r}")
+    value = body[key]
+    if not isinstance(value, list):
+        raise BadRequest(f"field {key!r} must be a list of strings, got {type(value).__name__}")
+    if not value:
+        raise BadRequest(f"field {key!r} is empty: nothing to score")
+    if len(value) > max_texts:
+        raise BadRequest(f"field {key!r} has {len(value)} texts, over the limit of {max_texts} per request "
+                         "(--max-texts): split the request", status=413)
+    for i, item in enumerate(value):
+        if not isinstance(item, str):
+            raise BadRequest(f"{key}[{i}] must be a string, got {type(item).__name__}")
+        if not item:
+            raise BadRequest(f"{key}[{i}] is an empty string")
+    return value
+
+
+def parse_body(raw: bytes) -> dict:
+    """A request body as the pipeline's JSONL reader parses a line (megapmp.io.parse_json_line: duplicated
+    keys and lone surrogates refused), plus: nesting too deep for the parser is a 400, not a 500."""
+    try:
+        body = parse_json_line("request body", None, raw)
+    except InputError as e:
+        raise BadRequest(str(e).replace("request body: malformed JSON", "the body is not valid JSON")) from None
+    except RecursionError:
+        raise BadRequest("the body is not valid JSON: nested too deeply") from None
+    if not isinstance(body, dict):
+        raise BadRequest(f"the body must be a JSON object, got {type(body).__name__}")
+    return body
+
+
+async def json_body(request: web.Request, settings: ServeSettings) -> dict:
+    try:
+        # Over client_max_size: aiohttp raises HTTPRequestEntityTooLarge (413).
+        raw = await asyncio.wait_for(request.read(), settings.body_timeout_s)
+    except asyncio.TimeoutError:
+        raise BadRequest(f"the request body did not arrive within {settings.body_timeout_s:g} s "
+                         "(--body-timeout)", status=408) from None
+    return parse_body(raw)
+
+
+class PendingBytes:
+    """The bytes of request bodies the server holds at once (read, tokenized, waiting, scored), bounded: a
+    request that would pass the bound is answered 503 before its body is read, so many clients uploading
+    large bodies at once cannot exhaust the server's memory."""
+
+    def __init__(self, limit: int):
+        self.limit, self.held = limit, 0
+
+    @contextlib.asynccontextmanager
+    async def reserve(self, request: web.Request, max_body: int):
+        size = request.content_length if request.content_length is not None else max_body
+        size = min(size, max_body)  # a larger body is refused with 413 when read
+        if self.held + size > self.limit:
+            raise BadRequest(f"the server holds {self.held >> 20} MiB of pending requests, its limit is "
+                             f"{self.limit >> 20} MiB (--max-pending-mb): try again shortly", status=503)
+        self.held += size
+        try:
+            yield
+        finally:
+            self.held -= size
+
+
+# ---------------------------------------------------------------------------------------------------
+# the path
+
+
+@dataclass(frozen=True)
+class ScoringRoute:
+    """What one scoring route adds to the shared path.
+
+    read: the JSON body -> the route's inputs (a tuple of lists), BadRequest for bad ones.
+    tokenize: (*inputs) -> (ids of each model input, whether each was cut to the context); runs on the
+        tokenizer pool; a ValueError is the client's (400). Item i of the request owns the model inputs
+        ``i * per_item`` to ``(i + 1) * per_item - 1``.
+    answer: the model's outputs for all model inputs -> the answer's fields ("truncated" is added).
+    item: what the request's items are called in messages ("input", "comparison").
+    """
+
+    read: Callable[[dict], tuple]
+    tokenize: Callable[..., tuple[list, list[bool]]]
+    answer: Callable[[np.ndarray], dict]
+    per_item: int = 1
+    item: str = "input"
+
+
+def scoring_handler(route: ScoringRoute, scorer, settings: ServeSettings, pending: PendingBytes):
+    """The aiohttp handler of ``route``: every limit of ``settings`` applies (body size and timeout, pending
+    bytes, texts and tokens per request, the overlong policy)."""
+
+    async def handle(request: web.Request) -> web.Response:
+        async with pending.reserve(request, settings.max_body_bytes):
+            inputs = route.read(await json_body(request, settings))
+            loop = asyncio.get_running_loop()
+            try:
+                sequences, cut = await loop.run_in_executor(request.app[TOKENIZERS_KEY], route.tokenize, *inputs)
+            except ValueError as e:  # the scorer's own input checks (e.g. a response with no token)
+                raise BadRequest(str(e)) from None
+            tokens = sum(len(s) for s in sequences)
+            if tokens > settings.max_request_tokens:
+                raise BadRequest(f"the request holds {tokens} tokens, over the limit of {settings.max_request_tokens} "
+                                 "per request (--max-request-tokens): split the request", status=413)
+            k = route.per_item
+            truncated = [i for i in range(len(cut) // k) if any(cut[i * k:(i + 1) * k])]
+            if truncated and settings.overlong == "error":
+                raise BadRequest(f"{route.item} {truncated[0]} is longer than the model's context of "
+                                 f"{scorer.max_length} tokens ({len(truncated)} such {route.item}s; the server refuses them: "
+                                 "--overlong error)", status=413)
+            outputs = await request.app[BATCHER_KEY].score(sequences)
+            return web.json_response(route.answer(outputs) | {"truncated": truncated}, dumps=dumps)
+
+    return handle
