@@ -207,7 +207,7 @@ def server_info(scorer, settings: ServeSettings) -> dict:
         "routes": {"native": "POST /score", "openrlhf": "POST /get_reward", "health": "GET /health",
                    "info": "GET /info"},
     } | ({"routes": {"compare": "POST /compare", "health": "GET /health", "info": "GET /info"},
-          "judge": model["judge"]} if "judge" in model else {})
+          "judge": model["judge"] | {"max_code_chars": scorer.max_code_chars}} if "judge" in model else {})
 
 
 @web.middleware
