@@ -593,13 +593,15 @@ def test_sigterm_under_load_exits_within_the_shutdown_timeout(run_dir):
 def test_pending_bodies_are_bounded(run_dir, one_thread):
     server, url = start_server(run_dir, max_pending_bytes=100_000, body_timeout_s=1.0)
     try:
-        # Two uploads in progress hold 2 x 45 kB: a 20 kB one past the 100 kB bound is refused before it is read.
+        # Two uploads in progress hold 2 x 45 kB (sent, one byte short of complete): a 20 kB one past the
+        # 100 kB bound is refused before it is read.
         holders = []
         for _ in range(2):
             sock = socket.create_connection(("127.0.0.1", _port(url)))
-            sock.sendall(b"POST /score HTTP/1.1\r\nHost: x\r\nContent-Length: 45000\r\n\r\n{")
+            sock.sendall(b"POST /score HTTP/1.1\r\nHost: x\r\nContent-Length: 45001\r\n\r\n{" + b" " * 44_999)
             holders.append(sock)
         time.sleep(0.2)
+        assert get(f"{url}/info")["stats"]["pending_bytes"] == 90_000
         status, answer = post(f"{url}/score", {"prompts": ["p" * 20_000], "responses": ["r"]})
         assert status == 503 and "(--max-pending-mb)" in answer["error"], answer
         assert post(f"{url}/score", {"prompts": ["p"], "responses": ["r"]})[0] == 200  # a small one still fits
@@ -608,6 +610,35 @@ def test_pending_bodies_are_bounded(run_dir, one_thread):
         time.sleep(1.5)  # their body timeouts pass: the budget is free again
         assert post(f"{url}/score", {"prompts": ["p" * 20_000], "responses": ["r"]})[0] == 200
     finally:
+        server.stop()
+
+
+def test_a_declared_body_holds_nothing_until_its_bytes_arrive(run_dir, one_thread):
+    """The budget was reserved from Content-Length before any byte came: 8 connections that sent only a head
+    declaring 1 MiB held a 2 MiB budget whole, and every other client got 503 for the body timeout. Now bytes
+    are charged as they arrive."""
+    server, url = start_server(run_dir, max_body_bytes=1 << 20, max_pending_bytes=2 << 20, body_timeout_s=5.0)
+    holders = []
+    try:
+        for _ in range(8):
+            sock = socket.create_connection(("127.0.0.1", _port(url)))
+            sock.sendall(b"POST /score HTTP/1.1\r\nHost: x\r\nContent-Length: 1048576\r\n\r\n")
+            holders.append(sock)
+        time.sleep(0.3)
+        assert post(f"{url}/score", {"prompts": ["p"], "responses": ["r"]})[0] == 200
+        assert get(f"{url}/info")["stats"]["pending_bytes"] == 0
+        for sock in holders[:2]:  # bytes that do arrive are charged: two bodies, one byte short, fill the budget
+            sock.sendall(b"{" + b" " * ((1 << 20) - 2))
+        deadline = time.monotonic() + 3.0
+        while get(f"{url}/info")["stats"]["pending_bytes"] < (2 << 20) - 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        status, answer = post(f"{url}/score", {"prompts": ["p" * 10], "responses": ["r"]})
+        assert status == 503 and "(--max-pending-mb)" in answer["error"], answer
+        status, answer = post(f"{url}/score", b"{" + b" " * (1 << 20), raw=True)  # over --max-body-mb: unread
+        assert status == 413 and "body size is over the limit of 1048576 bytes (--max-body-mb)" in answer["error"]
+    finally:
+        for sock in holders:
+            sock.close()
         server.stop()
 
 

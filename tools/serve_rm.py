@@ -78,8 +78,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="answer HTTP 408 and close when a request body has not arrived within this many seconds; "
                         "also how long a client may take to read its answer before it is disconnected")
     p.add_argument("--max-pending-mb", type=float, default=_DEFAULTS.max_pending_bytes / 2 ** 20,
-                   help="request bodies held at once (being read, waiting or being scored), in MiB; a request "
-                        "past it gets HTTP 503 before its body is read")
+                   help="bytes held for requests at once (bodies as they arrive, then their token ids while they "
+                        "wait and are scored), in MiB; a request past it gets HTTP 503")
     p.add_argument("--max-connections", type=int, default=_DEFAULTS.max_connections,
                    help="open connections at most: a new one closes the oldest idle one, or gets HTTP 503 when "
                         "every one is busy")

@@ -23,8 +23,10 @@ Every client is treated as hostile (what `ServeSettings` bounds, and how):
   previous answer), else it is closed; at most ``max_connections`` are open: a new one closes the oldest idle
   one (waiting for a request head), or, when all are busy, is answered 503 and closed; none of it is logged
   per connection;
-- at most ``max_pending_bytes`` of request bodies are held at once (503 past it), and an answer must be taken
-  within ``body_timeout_s`` (a client that does not read it is disconnected);
+- at most ``max_pending_bytes`` are held for requests at once (503 past it), charged as body bytes arrive
+  (a declared body that does not come holds nothing); an answer must be taken within ``body_timeout_s`` (a
+  client that does not read it is disconnected);
+- malformed HTTP framing is answered by aiohttp itself (text/plain 400) and logged one line per 10 s at most;
 - a large request is scored a chunk at a time beside the others (`megapmp.serve.batcher`);
 - a reward that is not finite is never sent: checked at start on a probe input (`check_rewards_are_finite`)
   and on every batch (500 naming the cause); JSON answers are written with ``allow_nan=False``;
@@ -159,6 +161,7 @@ def build_app(scorer, settings: ServeSettings) -> web.Application:
         app[TOKENIZERS_KEY].shutdown(wait=False, cancel_futures=True)
 
     app.cleanup_ctx.append(batcher_context)
+    pending = PendingBytes(settings.max_pending_bytes)
 
     async def health(request: web.Request) -> web.Response:
         return web.json_response({"status": "ok"})
@@ -168,12 +171,11 @@ def build_app(scorer, settings: ServeSettings) -> web.Application:
         guard = request.app[RUNTIME_KEY]["guard"]
         return web.json_response(server_info(scorer, settings) | {
             "uptime_s": round(time.time() - started, 3),
-            "stats": asdict(batcher.stats) | {"in_flight_jobs": batcher.in_flight},
+            "stats": asdict(batcher.stats) | {"in_flight_jobs": batcher.in_flight, "pending_bytes": pending.held},
             "connections": guard.stats() if guard is not None else {}}, dumps=dumps)
 
     # A pairwise judge answers POST /compare instead of /score (megapmp/serve/compare.py).
     routes = {"/compare": compare_route(scorer, settings)} if is_judge(scorer) else reward_routes(scorer, settings)
-    pending = PendingBytes(settings.max_pending_bytes)
     for path, route in routes.items():
         app.router.add_post(path, scoring_handler(route, scorer, settings, pending))
     app.router.add_get("/health", health)

@@ -79,36 +79,75 @@ def parse_body(raw: bytes) -> dict:
     return body
 
 
-async def json_body(request: web.Request, settings: ServeSettings) -> dict:
-    try:
-        # Over client_max_size: aiohttp raises HTTPRequestEntityTooLarge (413).
-        raw = await asyncio.wait_for(request.read(), settings.body_timeout_s)
-    except asyncio.TimeoutError:
-        raise BadRequest(f"the request body did not arrive within {settings.body_timeout_s:g} s "
-                         "(--body-timeout)", status=408) from None
-    return parse_body(raw)
-
-
 class PendingBytes:
-    """The bytes of request bodies the server holds at once (read, tokenized, waiting, scored), bounded: a
-    request that would pass the bound is answered 503 before its body is read, so many clients uploading
-    large bodies at once cannot exhaust the server's memory."""
+    """The bytes the server holds for requests at once, bounded: past ``limit`` a request is answered 503, so
+    many clients uploading at once cannot exhaust the server's memory. A request is charged as its body
+    arrives, chunk by chunk: a client that declares a large body and sends nothing holds nothing (aiohttp
+    buffers at most ~128 KiB of a connection's unread body, outside the count)."""
 
     def __init__(self, limit: int):
         self.limit, self.held = limit, 0
 
-    @contextlib.asynccontextmanager
-    async def reserve(self, request: web.Request, max_body: int):
-        size = request.content_length if request.content_length is not None else max_body
-        size = min(size, max_body)  # a larger body is refused with 413 when read
-        if self.held + size > self.limit:
-            raise BadRequest(f"the server holds {self.held >> 20} MiB of pending requests, its limit is "
-                             f"{self.limit >> 20} MiB (--max-pending-mb): try again shortly", status=503)
-        self.held += size
+    @contextlib.contextmanager
+    def share(self):
+        """One request's part of the budget, given back when the request is done."""
+        share = Share(self)
         try:
-            yield
+            yield share
         finally:
-            self.held -= size
+            self.held -= share.size
+
+    def full(self) -> BadRequest:
+        return BadRequest(f"the server holds {self.held >> 20} MiB of pending requests, its limit is "
+                          f"{self.limit >> 20} MiB (--max-pending-mb): try again shortly", status=503)
+
+
+class Share:
+    """What one request holds of a `PendingBytes` budget."""
+
+    def __init__(self, budget: PendingBytes):
+        self.budget, self.size = budget, 0
+
+    def fits(self, more: int) -> None:
+        """503 now if ``more`` bytes would not fit (nothing is charged)."""
+        if self.budget.held + more > self.budget.limit:
+            raise self.budget.full()
+
+    def add(self, more: int) -> None:
+        self.fits(more)
+        self.budget.held += more
+        self.size += more
+
+
+async def read_body(request: web.Request, settings: ServeSettings, share: Share) -> bytearray:
+    """The request body, each chunk charged to ``share`` as it arrives: 408 if it is not all there within
+    ``body_timeout_s``, 413 past ``max_body_bytes``, 503 past the pending budget. A declared length over
+    either limit is refused before any byte is read."""
+    limit = settings.max_body_bytes
+    declared = request.content_length or 0
+    if declared > limit:
+        raise _too_large(limit)
+    share.fits(declared)
+    body = bytearray()
+
+    async def receive() -> None:
+        async for chunk in request.content.iter_any():
+            if len(body) + len(chunk) > limit:
+                raise _too_large(limit)
+            share.add(len(chunk))
+            body.extend(chunk)
+
+    try:
+        await asyncio.wait_for(receive(), settings.body_timeout_s)
+    except asyncio.TimeoutError:
+        raise BadRequest(f"the request body did not arrive within {settings.body_timeout_s:g} s "
+                         "(--body-timeout)", status=408) from None
+    return body
+
+
+def _too_large(limit: int) -> BadRequest:
+    return BadRequest(f"the request body size is over the limit of {limit} bytes (--max-body-mb): split the "
+                      "request", status=413)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -139,8 +178,8 @@ def scoring_handler(route: ScoringRoute, scorer, settings: ServeSettings, pendin
     bytes, texts and tokens per request, the overlong policy)."""
 
     async def handle(request: web.Request) -> web.Response:
-        async with pending.reserve(request, settings.max_body_bytes):
-            inputs = route.read(await json_body(request, settings))
+        with pending.share() as share:
+            inputs = route.read(parse_body(await read_body(request, settings, share)))
             loop = asyncio.get_running_loop()
             try:
                 sequences, cut = await loop.run_in_executor(request.app[TOKENIZERS_KEY], route.tokenize, *inputs)
