@@ -2,8 +2,9 @@
 /compare)::
 
     the body, read under the pending-bytes budget and the body timeout -> JSON (megapmp.io's rules)
-      -> the route's inputs, checked (4xx) -> ids of the model inputs, tokenized on the tokenizer pool
-      -> tokens per request and the overlong policy (413) -> the batcher -> the route's answer + "truncated"
+      -> the route's inputs, checked (4xx) -> ids of the model inputs, tokenized on the tokenizer pool a
+      slice at a time into int32 arrays (the texts then dropped) -> tokens per request and the overlong
+      policy (413) -> the batcher -> the route's answer + "truncated"
 
 A route says only what differs (`ScoringRoute`): how its inputs are read from the body, how they become
 model inputs, and how the model's outputs become its answer. The limits themselves are the server's
@@ -23,7 +24,7 @@ import numpy as np
 from aiohttp import web
 
 from megapmp.io import InputError, parse_json_line
-from megapmp.serve.batcher import Batcher, DaemonExecutor
+from megapmp.serve.batcher import Batcher, DaemonExecutor, PackedIds
 
 if TYPE_CHECKING:
     from megapmp.serve.app import ServeSettings
@@ -118,6 +119,11 @@ class Share:
         self.budget.held += more
         self.size += more
 
+    def grow_to(self, size: int) -> None:
+        """Hold at least ``size`` bytes in all (503 if they do not fit)."""
+        if size > self.size:
+            self.add(size - self.size)
+
 
 async def read_body(request: web.Request, settings: ServeSettings, share: Share) -> bytearray:
     """The request body, each chunk charged to ``share`` as it arrives: 408 if it is not all there within
@@ -173,22 +179,58 @@ class ScoringRoute:
     item: str = "input"
 
 
+# Texts (in characters) tokenized at a time: the tokenizer's Python lists, ~8 bytes a token and more, exist for
+# one slice at a time beside the request's packed int32 ids (a single longer item is a slice of its own).
+TOKENIZE_SLICE_CHARS = 1 << 20
+
+
+def body_to_ids(route: ScoringRoute, raw: bytearray, max_tokens: int) -> tuple[PackedIds, list[bool]]:
+    """On a tokenizer thread: the body's JSON, the route's inputs, their packed ids. Parsing runs here too: it
+    is CPU work the event loop should not wait for, and the pool's size bounds how many requests hold their
+    texts as Python strings at once (the others wait as bytes, charged as such)."""
+    return tokenize(route, route.read(parse_body(raw)), max_tokens)
+
+
+def tokenize(route: ScoringRoute, inputs: tuple, max_tokens: int) -> tuple[PackedIds, list[bool]]:
+    """On a tokenizer thread: the ids of the request's model inputs, packed (`PackedIds`), and whether each
+    was cut; 413 as soon as they pass ``max_tokens``; 400 for what the scorer refuses (a text with no token)."""
+    n = len(inputs[0])
+    chars = np.zeros(n, np.int64)
+    for texts in inputs:
+        if texts is not None:
+            chars += np.fromiter(map(len, texts), np.int64, n)
+    ends = np.cumsum(chars)  # [n]: characters of items 0..i
+    parts, cut, tokens, start = [], [], 0, 0
+    while start < n:
+        done = int(ends[start - 1]) if start else 0
+        stop = max(start + 1, int(np.searchsorted(ends, done + TOKENIZE_SLICE_CHARS, side="right")))
+        try:
+            ids, part_cut = route.tokenize(*(t if t is None else t[start:stop] for t in inputs))
+        except ValueError as e:  # the scorer's own checks, its indices counted within the slice
+            raise BadRequest(str(e) + (f" (counting from {route.item} {start} of the request)" if start else "")) from None
+        parts.append(PackedIds.pack(ids))
+        del ids
+        cut += part_cut
+        tokens += parts[-1].num_tokens
+        if tokens > max_tokens:
+            raise BadRequest(f"the request holds at least {tokens} tokens, over the limit of {max_tokens} per request "
+                             "(--max-request-tokens): split the request", status=413)
+        start = stop
+    return PackedIds.concat(parts), cut
+
+
 def scoring_handler(route: ScoringRoute, scorer, settings: ServeSettings, pending: PendingBytes):
     """The aiohttp handler of ``route``: every limit of ``settings`` applies (body size and timeout, pending
-    bytes, texts and tokens per request, the overlong policy)."""
+    bytes, texts and tokens per request, the overlong policy). What a request holds is charged to ``pending``:
+    its body as it arrives, then the larger of that and its packed ids (the texts are dropped once tokenized)."""
 
     async def handle(request: web.Request) -> web.Response:
         with pending.share() as share:
-            inputs = route.read(parse_body(await read_body(request, settings, share)))
-            loop = asyncio.get_running_loop()
-            try:
-                sequences, cut = await loop.run_in_executor(request.app[TOKENIZERS_KEY], route.tokenize, *inputs)
-            except ValueError as e:  # the scorer's own input checks (e.g. a response with no token)
-                raise BadRequest(str(e)) from None
-            tokens = sum(len(s) for s in sequences)
-            if tokens > settings.max_request_tokens:
-                raise BadRequest(f"the request holds {tokens} tokens, over the limit of {settings.max_request_tokens} "
-                                 "per request (--max-request-tokens): split the request", status=413)
+            raw = await read_body(request, settings, share)
+            sequences, cut = await asyncio.get_running_loop().run_in_executor(
+                request.app[TOKENIZERS_KEY], body_to_ids, route, raw, settings.max_request_tokens)
+            del raw
+            share.grow_to(sequences.nbytes)
             k = route.per_item
             truncated = [i for i in range(len(cut) // k) if any(cut[i * k:(i + 1) * k])]
             if truncated and settings.overlong == "error":
