@@ -98,6 +98,7 @@ def test_health_and_info(url):
     assert info["backends"]["attention"] == "segmented" and info["backends"]["batch_invariant"] is True
     assert info["batching"] == {"batch_tokens": 4096, "max_wait_ms": 20}
     assert info["routes"]["openrlhf"] == "POST /get_reward"
+    assert info["limits"]["max_body_bytes"] == 64 * 1024 and "max_body_bytes" not in info  # reported once
 
 
 def test_overlong_inputs_are_truncated_by_the_recipe_and_flagged(url, offline):
@@ -289,6 +290,20 @@ def test_help_explains_every_flag(capsys):
                  "--max-request-tokens", "--header-timeout", "--body-timeout", "--max-connections", "--api-key",
                  "MEGAPMP_RM_API_KEY", "--insecure", "--max-pending-mb"):
         assert flag in text
+
+
+def test_flags_take_their_defaults_and_checks_from_serve_settings(monkeypatch, capsys):
+    module = load_tool("serve_rm")
+    monkeypatch.delenv("MEGAPMP_RM_API_KEY", raising=False)
+    assert module.parse_args(["--model", "m"]).settings == ServeSettings()  # one source of defaults
+    assert module.parse_args(["--model", "m", "--max-body-mb", "1.5", "--max-wait-ms", "0"]).settings == \
+        ServeSettings(max_body_bytes=3 << 19, max_wait_ms=0.0)
+    for flags, named in [(["--batch-tokens", "0"], "batch_tokens=0"), (["--max-texts", "0"], "max_texts=0"),
+                         (["--max-wait-ms", "-1"], "max_wait_ms=-1.0"), (["--body-timeout", "0"], "body_timeout_s=0.0"),
+                         (["--max-body-mb", "0.0000001"], "max_body_bytes=0"), (["--api-key", " "], "api_key is empty")]:
+        with pytest.raises(SystemExit) as info:
+            module.parse_args(["--model", "m", *flags])
+        assert info.value.code == 2 and named in capsys.readouterr().err, flags
 
 
 # ---------------------------------------------------------------- hostile clients

@@ -77,24 +77,27 @@ class ServeSettings:
     header_timeout_s: float = 10.0
     body_timeout_s: float = 30.0  # for a request body to arrive, and for an answer to be taken
     max_connections: int = 512
-    max_pending_bytes: int = 512 * 1024 * 1024  # request bodies held at once, from reading to answering
+    max_pending_bytes: int = 512 * 1024 * 1024  # held for requests at once: bodies as they arrive, then token ids
     shutdown_timeout: float = 30.0
     api_key: str | None = None
 
     def validate(self) -> None:
+        """ValueError naming every bad value (the one check: build_app and tools/serve_rm.py's flags use it)."""
         if self.overlong not in OVERLONG_POLICIES:
             raise ValueError(f"overlong {self.overlong!r} is not one of {', '.join(OVERLONG_POLICIES)}")
-        bad = [f"{name}={getattr(self, name)}" for name in ("max_body_bytes", "max_texts", "max_request_tokens",
-                                                              "max_connections", "max_pending_bytes")
+        bad = [f"{name}={getattr(self, name)}" for name in ("batch_tokens", "max_body_bytes", "max_texts",
+                                                              "max_request_tokens", "max_connections",
+                                                              "max_pending_bytes")
                if getattr(self, name) < 1]
         bad += [f"{name}={getattr(self, name)}" for name in ("header_timeout_s", "body_timeout_s")
                 if not getattr(self, name) > 0]
-        if self.shutdown_timeout < 0:
-            bad.append(f"shutdown_timeout={self.shutdown_timeout}")
+        bad += [f"{name}={getattr(self, name)}" for name in ("max_wait_ms", "shutdown_timeout")
+                if not getattr(self, name) >= 0]
         if self.api_key is not None and not self.api_key.strip():
             bad.append("api_key is empty")
         if bad:
-            raise ValueError("ServeSettings: " + ", ".join(bad) + " (limits and timeouts must be positive)")
+            raise ValueError("ServeSettings: " + ", ".join(bad) + " (sizes and timeouts must be positive, "
+                             "max_wait_ms and shutdown_timeout at least 0)")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -205,7 +208,6 @@ def server_info(scorer, settings: ServeSettings) -> dict:
                    "shutdown_timeout_s": settings.shutdown_timeout},
         "auth": "bearer token" if settings.api_key else "none",
         "overlong": settings.overlong,
-        "max_body_bytes": settings.max_body_bytes,
         "routes": {"native": "POST /score", "openrlhf": "POST /get_reward", "health": "GET /health",
                    "info": "GET /info"},
     } | ({"routes": {"compare": "POST /compare", "health": "GET /health", "info": "GET /info"},
