@@ -109,7 +109,7 @@ def _loads(file: str, line_no: int, text: str, **kwargs):
         raise InputError(file, line_no, None, f"malformed JSON: {e.msg} at column {e.colno}") from None
     except _DuplicateKey:
         raise
-    except ValueError as e:  # "Exceeds the limit (4300 digits) for integer string conversion: value has N digits; use ..."
+    except ValueError as e:  # "Exceeds the limit (4300 digits) for integer string conversion: ...; use ..."
         raise InputError(file, line_no, None, f"malformed JSON: {str(e).split(';')[0]}") from None
     except RecursionError:
         raise InputError(file, line_no, None, "malformed JSON: nested too deeply") from None

@@ -300,7 +300,8 @@ def test_flags_take_their_defaults_and_checks_from_serve_settings(monkeypatch, c
         ServeSettings(max_body_bytes=3 << 19, max_wait_ms=0.0)
     for flags, named in [(["--batch-tokens", "0"], "batch_tokens=0"), (["--max-texts", "0"], "max_texts=0"),
                          (["--max-wait-ms", "-1"], "max_wait_ms=-1.0"), (["--body-timeout", "0"], "body_timeout_s=0.0"),
-                         (["--max-body-mb", "0.0000001"], "max_body_bytes=0"), (["--api-key", " "], "api_key is empty")]:
+                         (["--max-body-mb", "0.0000001"], "max_body_bytes=0"),
+                         (["--api-key", " "], "api_key is empty")]:
         with pytest.raises(SystemExit) as info:
             module.parse_args(["--model", "m", *flags])
         assert info.value.code == 2 and named in capsys.readouterr().err, flags

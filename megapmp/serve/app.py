@@ -226,7 +226,7 @@ async def _errors_as_json(request: web.Request, handler):
         if e.status == 408:
             response.force_close()
         return response
-    except web.HTTPException as e:  # aiohttp's own 404, 405, 413 (body over client_max_size), ...
+    except web.HTTPException as e:  # aiohttp's own 404, 405, ...
         if e.status < 400:
             raise
         return web.json_response({"error": e.reason if e.text is None else e.text}, status=e.status)

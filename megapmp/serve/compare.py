@@ -46,9 +46,9 @@ def check_code_lengths(codes_a: list[str], codes_b: list[str], scorer) -> None:
     for key, codes in (("codes_a", codes_a), ("codes_b", codes_b)):
         for i, code in enumerate(codes):
             if len(code) > limit:
-                raise BadRequest(f"{key}[{i}] is {len(code)} characters, over the limit of {limit} ({CODE_CHARS_PER_TOKEN} "
-                                 f"per token of the judge's {scorer.max_length}-token context, more than it reads): "
-                                 "shorten the code", status=413)
+                raise BadRequest(f"{key}[{i}] is {len(code)} characters, over the limit of {limit} "
+                                 f"({CODE_CHARS_PER_TOKEN} per token of the judge's {scorer.max_length}-token context, "
+                                 "more than it reads): shorten the code", status=413)
 
 
 def compare_route(scorer, settings) -> ScoringRoute:

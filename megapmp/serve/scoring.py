@@ -207,7 +207,8 @@ def tokenize(route: ScoringRoute, inputs: tuple, max_tokens: int) -> tuple[Packe
         try:
             ids, part_cut = route.tokenize(*(t if t is None else t[start:stop] for t in inputs))
         except ValueError as e:  # the scorer's own checks, its indices counted within the slice
-            raise BadRequest(str(e) + (f" (counting from {route.item} {start} of the request)" if start else "")) from None
+            where = f" (counting from {route.item} {start} of the request)" if start else ""
+            raise BadRequest(str(e) + where) from None
         parts.append(PackedIds.pack(ids))
         del ids
         cut += part_cut
@@ -235,8 +236,8 @@ def scoring_handler(route: ScoringRoute, scorer, settings: ServeSettings, pendin
             truncated = [i for i in range(len(cut) // k) if any(cut[i * k:(i + 1) * k])]
             if truncated and settings.overlong == "error":
                 raise BadRequest(f"{route.item} {truncated[0]} is longer than the model's context of "
-                                 f"{scorer.max_length} tokens ({len(truncated)} such {route.item}s; the server refuses them: "
-                                 "--overlong error)", status=413)
+                                 f"{scorer.max_length} tokens ({len(truncated)} such {route.item}s; the server "
+                                 "refuses them: --overlong error)", status=413)
             outputs = await request.app[BATCHER_KEY].score(sequences)
             return web.json_response(route.answer(outputs) | {"truncated": truncated}, dumps=dumps)
 
