@@ -413,7 +413,7 @@ class _OneLineFramingErrors(logging.Filter):
         if now - self.last < self.every_s:
             self.unlogged += 1
             return False
-        reason = str(error.message).strip().splitlines()[0] if str(error.message).strip() else type(error).__name__
+        reason = str(error.message).strip().split("\n")[0].rstrip(":") or type(error).__name__
         record.msg = (f"malformed HTTP from %s, answered {error.code} by aiohttp: {reason}"
                       + (f" ({self.unlogged} more since the last such line)" if self.unlogged else ""))
         record.exc_info = record.exc_text = None
