@@ -99,6 +99,22 @@ def _find_surrogate(value, path: str = "") -> tuple[str, int] | None:
     return None
 
 
+def _loads(file: str, line_no: int, text: str, **kwargs):
+    """json.loads, its every refusal an InputError. Besides JSONDecodeError, json.loads raises a plain
+    ValueError for an integer of more than sys.get_int_max_str_digits() digits (4300) and RecursionError
+    for nesting deeper than the interpreter's stack."""
+    try:
+        return json.loads(text, **kwargs)
+    except json.JSONDecodeError as e:
+        raise InputError(file, line_no, None, f"malformed JSON: {e.msg} at column {e.colno}") from None
+    except _DuplicateKey:
+        raise
+    except ValueError as e:  # "Exceeds the limit (4300 digits) for integer string conversion: ...; use ..."
+        raise InputError(file, line_no, None, f"malformed JSON: {str(e).split(';')[0]}") from None
+    except RecursionError:
+        raise InputError(file, line_no, None, "malformed JSON: nested too deeply") from None
+
+
 def parse_json_line(file: str, line_no: int, raw: bytes):
     """Parse one JSONL line (bytes without the newline), or raise InputError naming FILE:LINE."""
     if len(raw) > MAX_LINE_BYTES:
@@ -107,14 +123,11 @@ def parse_json_line(file: str, line_no: int, raw: bytes):
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
         raise InputError(file, line_no, None, f"invalid UTF-8 at byte {e.start}") from None
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise InputError(file, line_no, None, f"malformed JSON: {e.msg} at column {e.colno}") from None
+    value = _loads(file, line_no, text)
     escaped = _ESCAPE.search(raw) is not None
     if _may_hide_duplicates(value, raw, escaped):
         try:
-            json.loads(text, object_pairs_hook=_unique_keys)
+            _loads(file, line_no, text, object_pairs_hook=_unique_keys)
         except _DuplicateKey as e:
             raise InputError(file, line_no, e.key, "duplicate key in a JSON object") from None
     if escaped and _SURROGATE_ESCAPE.search(raw):

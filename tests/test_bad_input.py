@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -327,11 +328,16 @@ def test_data_verify_full_catches_a_flipped_byte_before_training(shard, tmp_path
 
 @pytest.mark.parametrize("bad, reason", [
     (b'{"prompt": "p", "chosen": "\xff\xfe", "rejected": "r"}', ":2: invalid UTF-8 at byte 27"),
+    # json.loads raises ValueError, not JSONDecodeError, past 4300 digits, and RecursionError past its depth
+    (b'{"prompt": "p", "chosen": "c", "rejected": "r", "n": ' + b"7" * 5000 + b"}",
+     ":2: malformed JSON: Exceeds the limit (4300 digits) for integer string conversion: value has 5000 digits"),
+    (b'{"prompt": "p", "chosen": "c", "rejected": "r", "n": ' + b"[" * 100_000 + b"]" * 100_000 + b"}",
+     ":2: malformed JSON: nested too deeply"),
     (b'{"prompt": "p", "chosen": "x\\udfff", "rejected": "r"}', ":2 field 'chosen': lone surrogate"),
 ])
 def test_evaluate_inputs_name_file_and_line(tmp_path, capsys, bad, reason):
     source = write_lines(tmp_path / "pairs.jsonl", [*pairs(1), bad])
-    with pytest.raises(DataError, match="^" + str(source).replace(".", r"\.") + reason.replace("(", r"\(")):
+    with pytest.raises(DataError, match="^" + re.escape(f"{source}{reason}")):
         list(iter_jsonl(source))
     rc = evaluate_tool.main(["rm-accuracy", "--model", str(tmp_path / "no_model"), "--data", str(source),
                              "--output", str(tmp_path / "report.json"), "--no-progress"])

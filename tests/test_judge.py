@@ -364,6 +364,43 @@ def test_compare_route_serves_the_judge_batch_invariantly(judge_dir, judge):
         server.stop()
 
 
+def test_compare_refuses_a_code_longer_than_the_judge_reads_before_parsing_it(judge_dir, one_thread):
+    """Stripping comments parses a code whole (ast.parse + ast.unparse: ~500 bytes of memory per byte, 0.9 GB for
+    a 1.9 MB code within the body limit): a code over 16 characters per token of the judge's context is a 413
+    naming the limit, and one within it is judged as offline."""
+    import urllib.error
+    import urllib.request
+
+    from megapmp.serve.app import BackgroundServer, ServeSettings, build_app
+
+    def post(url, body):
+        request = urllib.request.Request(url, data=json.dumps(body).encode(), method="POST")
+        try:
+            with urllib.request.urlopen(request, timeout=60) as response:
+                return response.status, json.loads(response.read())
+        except urllib.error.HTTPError as e:
+            return e.code, json.loads(e.read())
+
+    judge = JudgeScorer.load(judge_dir, progress=False, batch_invariant=True, max_length=128)
+    limit = 16 * 128
+    server = BackgroundServer(build_app(judge, ServeSettings(max_wait_ms=2)))
+    url = f"http://127.0.0.1:{server.start()}"
+    try:
+        huge = "x = [" + "1," * 100_000 + "]"  # 200 kB of one expression: ~1 s and ~100 MB in the AST before
+        status, answer = post(url + "/compare", {"instructions": ["i"], "codes_a": ["y = 1"], "codes_b": [huge]})
+        assert status == 413 and f"codes_b[0] is {len(huge)} characters, over the limit of {limit}" in answer["error"]
+        commented = "y = 1  # one\n" * (limit // 13)
+        commented += "#" * (limit - len(commented))  # exactly at the limit: stripped and judged as offline
+        body = {"instructions": ["i", "j"], "codes_a": [commented, "z = 2"], "codes_b": ["y = 1", commented]}
+        status, answer = post(url + "/compare", body)
+        offline = judge.compare(body["instructions"], body["codes_a"], body["codes_b"])
+        assert status == 200 and answer["log_odds"] == offline.log_odds.tolist()
+        status, answer = post(url + "/compare", {**body, "codes_a": [commented + "x", "z = 2"]})
+        assert status == 413 and f"codes_a[0] is {limit + 1} characters" in answer["error"]
+    finally:
+        server.stop()
+
+
 # -- the pipeline ---------------------------------------------------------------------------------------------
 
 

@@ -51,13 +51,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 for every interface)")
     p.add_argument("--port", type=int, default=8000, help="port to listen on; 0 lets the OS pick a free one")
     add_scorer_arguments(p)
-    p.add_argument("--overlong", default="truncate", choices=OVERLONG_POLICIES,
+    p.add_argument("--overlong", default=_DEFAULTS.overlong, choices=OVERLONG_POLICIES,
                    help="an input over --max-length: truncate it with the recipe's policy (the prompt from the "
                         "left, then the response from the right, EOS kept) and list it in the answer's "
                         "'truncated', or refuse the request with HTTP 413")
-    p.add_argument("--batch-tokens", type=int, default=16384,
+    p.add_argument("--batch-tokens", type=int, default=_DEFAULTS.batch_tokens,
                    help="close a batch once the next request would take it past this many tokens")
-    p.add_argument("--max-wait-ms", type=float, default=5.0,
+    p.add_argument("--max-wait-ms", type=float, default=_DEFAULTS.max_wait_ms,
                    help="how long the first request of a batch waits for others to join it")
     p.add_argument("--tile-tokens", type=int, default=DEFAULT_TILE_TOKENS,
                    help="rows per GEMM of the batch-invariant forward (every linear layer runs on tiles of "
@@ -65,7 +65,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--packing", default="flat", choices=PACKINGS,
                    help="how a batch's sequences are laid out: one row back to back (flat) or first-fit "
                         "rows (rows); the scores are the same bits either way")
-    p.add_argument("--max-body-mb", type=float, default=16.0,
+    p.add_argument("--max-body-mb", type=float, default=_DEFAULTS.max_body_bytes / 2 ** 20,
                    help="refuse request bodies larger than this many MiB with HTTP 413")
     p.add_argument("--max-texts", type=int, default=_DEFAULTS.max_texts,
                    help="refuse a request with more texts than this with HTTP 413 (clients split larger ones)")
@@ -78,8 +78,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="answer HTTP 408 and close when a request body has not arrived within this many seconds; "
                         "also how long a client may take to read its answer before it is disconnected")
     p.add_argument("--max-pending-mb", type=float, default=_DEFAULTS.max_pending_bytes / 2 ** 20,
-                   help="request bodies held at once (being read, waiting or being scored), in MiB; a request "
-                        "past it gets HTTP 503 before its body is read")
+                   help="bytes held for requests at once (bodies as they arrive, then their token ids while they "
+                        "wait and are scored), in MiB; a request past it gets HTTP 503")
     p.add_argument("--max-connections", type=int, default=_DEFAULTS.max_connections,
                    help="open connections at most: a new one closes the oldest idle one, or gets HTTP 503 when "
                         "every one is busy")
@@ -94,23 +94,28 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads (default: torch's choice)")
     args = p.parse_args(argv)
-    for name in ("batch_tokens", "tile_tokens"):
-        if getattr(args, name) < 1:
-            p.error(f"--{name.replace('_', '-')} must be >= 1")
-    for name in ("max_texts", "max_request_tokens", "max_connections"):
-        if getattr(args, name) < 1:
-            p.error(f"--{name.replace('_', '-')} must be >= 1")
-    if args.max_wait_ms < 0 or args.max_body_mb <= 0 or args.max_pending_mb <= 0 or args.shutdown_timeout < 0:
-        p.error("--max-wait-ms and --shutdown-timeout must be >= 0, --max-body-mb and --max-pending-mb > 0")
-    if args.header_timeout <= 0 or args.body_timeout <= 0:
-        p.error("--header-timeout and --body-timeout must be > 0")
+    if args.tile_tokens < 1:
+        p.error("--tile-tokens must be >= 1")
     args.api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
-    if args.api_key is not None and not args.api_key.strip():
-        p.error("the API key is empty")
+    args.settings = serve_settings(args)
+    try:
+        args.settings.validate()
+    except ValueError as e:
+        p.error(str(e))
     if not args.api_key and not args.insecure and not is_loopback(args.host):
         p.error(f"refusing to listen on {args.host} without an API key: pass --api-key (or set {API_KEY_ENV}), "
                 "or --insecure to serve unauthenticated clients beyond loopback")
     return args
+
+
+def serve_settings(args: argparse.Namespace) -> ServeSettings:
+    """The server's settings from the flags (whose defaults are ServeSettings' own)."""
+    return ServeSettings(batch_tokens=args.batch_tokens, max_wait_ms=args.max_wait_ms, overlong=args.overlong,
+                         max_body_bytes=int(args.max_body_mb * 2 ** 20), max_texts=args.max_texts,
+                         max_request_tokens=args.max_request_tokens, header_timeout_s=args.header_timeout,
+                         body_timeout_s=args.body_timeout, max_connections=args.max_connections,
+                         max_pending_bytes=int(args.max_pending_mb * 2 ** 20),
+                         shutdown_timeout=args.shutdown_timeout, api_key=args.api_key)
 
 
 def is_loopback(host: str) -> bool:
@@ -133,16 +138,10 @@ def main(argv=None) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    settings = ServeSettings(batch_tokens=args.batch_tokens, max_wait_ms=args.max_wait_ms, overlong=args.overlong,
-                             max_body_bytes=int(args.max_body_mb * 1024 * 1024), max_texts=args.max_texts,
-                             max_request_tokens=args.max_request_tokens, header_timeout_s=args.header_timeout,
-                             body_timeout_s=args.body_timeout, max_connections=args.max_connections,
-                             max_pending_bytes=int(args.max_pending_mb * 1024 * 1024),
-                             shutdown_timeout=args.shutdown_timeout, api_key=args.api_key)
     try:
         scorer = load_scorer(args.model, **scorer_kwargs(args), batch_tokens=args.batch_tokens, progress=False, batch_invariant=True,
                                    tile_tokens=args.tile_tokens, packing=args.packing)
-        app = build_app(scorer, settings)  # refuses a model whose rewards are not finite on a probe input
+        app = build_app(scorer, args.settings)  # refuses a model whose rewards are not finite on a probe input
     except (ConvertError, ValueError) as e:
         print(f"serve_rm: {e}", file=sys.stderr)
         return 2

@@ -38,6 +38,14 @@ from megapmp.eval.reward_model import RewardScorer, _encode_batch
 from megapmp.model import Qwen2RewardModel
 
 
+# The longest code the reward server judges, in characters per token of the judge's context: the judge reads
+# at most max_length tokens of an input, and a code that took 16 characters a token would already be several
+# contexts long (code runs 3-4 characters a BPE token, 1 a byte token). Past it, POST /compare refuses the
+# request before rendering it: stripping comments parses a code whole (ast.parse and ast.unparse held ~500
+# bytes of memory per byte of code: 0.9 GB and 10 s of CPU for one 1.9 MB code, under the body limit).
+CODE_CHARS_PER_TOKEN = 16
+
+
 def recorded_judge(path: str | os.PathLike) -> dict | None:
     """The judge format a model source records (its training shard's, or its export's), without reading its
     weights; None for a reward model."""
@@ -107,6 +115,11 @@ class JudgeScorer(RewardScorer):
         info.update(dtype=str(next(model.parameters()).dtype).removeprefix("torch."),
                     parameters=sum(p.numel() for p in model.parameters()) + label_weight.numel())
         return cls(model, label_weight, recipe, info=info, **kwargs)
+
+    @property
+    def max_code_chars(self) -> int:
+        """The longest code (in characters) the reward server judges: CODE_CHARS_PER_TOKEN per token of context."""
+        return CODE_CHARS_PER_TOKEN * self.max_length
 
     def describe(self) -> dict:
         return {**super().describe(), "judge": {"labels": list(self.format.labels), "label_ids": list(self.label_ids),

@@ -23,8 +23,10 @@ Every client is treated as hostile (what `ServeSettings` bounds, and how):
   previous answer), else it is closed; at most ``max_connections`` are open: a new one closes the oldest idle
   one (waiting for a request head), or, when all are busy, is answered 503 and closed; none of it is logged
   per connection;
-- at most ``max_pending_bytes`` of request bodies are held at once (503 past it), and an answer must be taken
-  within ``body_timeout_s`` (a client that does not read it is disconnected);
+- at most ``max_pending_bytes`` are held for requests at once (503 past it), charged as body bytes arrive
+  (a declared body that does not come holds nothing); an answer must be taken within ``body_timeout_s`` (a
+  client that does not read it is disconnected);
+- malformed HTTP framing is answered by aiohttp itself (text/plain 400) and logged one line per 10 s at most;
 - a large request is scored a chunk at a time beside the others (`megapmp.serve.batcher`);
 - a reward that is not finite is never sent: checked at start on a probe input (`check_rewards_are_finite`)
   and on every batch (500 naming the cause); JSON answers are written with ``allow_nan=False``;
@@ -34,10 +36,8 @@ Every client is treated as hostile (what `ServeSettings` bounds, and how):
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import functools
 import hmac
-import json
+import logging
 import resource
 import signal
 import threading
@@ -49,28 +49,21 @@ from typing import Callable
 import numpy as np
 import torch
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 
 from megapmp.eval.batch_invariant import invariant_attention_backend
-from megapmp.io import InputError, get_logger, parse_json_line
+from megapmp.io import get_logger
 from megapmp.serve.batcher import Batcher, DaemonExecutor, NonFiniteRewards, ShuttingDown
+from megapmp.serve.compare import compare_route, is_judge
+from megapmp.serve.scoring import (BATCHER_KEY, TOKENIZERS_KEY, BadRequest, PendingBytes, ScoringRoute, dumps,
+                                   scoring_handler, string_list)
 
 log = get_logger("serve_rm")
 OVERLONG_POLICIES = ("truncate", "error")
-BATCHER_KEY = web.AppKey("batcher", Batcher)
 SETTINGS_KEY = web.AppKey("settings", object)
-TOKENIZERS_KEY = web.AppKey("tokenizers", DaemonExecutor)
 # What serve() sets once the app runs (the app is frozen by then): the connection guard, the stop deadline.
 RUNTIME_KEY = web.AppKey("runtime", dict)
 PUBLIC_PATHS = ("/health",)
-_dumps = functools.partial(json.dumps, allow_nan=False)  # a NaN reaching an answer is an error, not JSON
-
-
-class BadRequest(Exception):
-    """A request refused with ``status`` and a one-line message."""
-
-    def __init__(self, message: str, status: int = 400):
-        super().__init__(message)
-        self.status = status
 
 
 @dataclass
@@ -84,104 +77,51 @@ class ServeSettings:
     header_timeout_s: float = 10.0
     body_timeout_s: float = 30.0  # for a request body to arrive, and for an answer to be taken
     max_connections: int = 512
-    max_pending_bytes: int = 512 * 1024 * 1024  # request bodies held at once, from reading to answering
+    max_pending_bytes: int = 512 * 1024 * 1024  # held for requests at once: bodies as they arrive, then token ids
     shutdown_timeout: float = 30.0
     api_key: str | None = None
 
     def validate(self) -> None:
+        """ValueError naming every bad value (the one check: build_app and tools/serve_rm.py's flags use it)."""
         if self.overlong not in OVERLONG_POLICIES:
             raise ValueError(f"overlong {self.overlong!r} is not one of {', '.join(OVERLONG_POLICIES)}")
-        bad = [f"{name}={getattr(self, name)}" for name in ("max_body_bytes", "max_texts", "max_request_tokens",
-                                                              "max_connections", "max_pending_bytes")
+        bad = [f"{name}={getattr(self, name)}" for name in ("batch_tokens", "max_body_bytes", "max_texts",
+                                                              "max_request_tokens", "max_connections",
+                                                              "max_pending_bytes")
                if getattr(self, name) < 1]
         bad += [f"{name}={getattr(self, name)}" for name in ("header_timeout_s", "body_timeout_s")
                 if not getattr(self, name) > 0]
-        if self.shutdown_timeout < 0:
-            bad.append(f"shutdown_timeout={self.shutdown_timeout}")
+        bad += [f"{name}={getattr(self, name)}" for name in ("max_wait_ms", "shutdown_timeout")
+                if not getattr(self, name) >= 0]
         if self.api_key is not None and not self.api_key.strip():
             bad.append("api_key is empty")
         if bad:
-            raise ValueError("ServeSettings: " + ", ".join(bad) + " (limits and timeouts must be positive)")
+            raise ValueError("ServeSettings: " + ", ".join(bad) + " (sizes and timeouts must be positive, "
+                             "max_wait_ms and shutdown_timeout at least 0)")
 
 
 # ---------------------------------------------------------------------------------------------------
-# request bodies
-
-
-def _string_list(body: dict, key: str, max_texts: int) -> list[str]:
-    if key not in body:
-        raise BadRequest(f"missing field {key!r}")
-    value = body[key]
-    if not isinstance(value, list):
-        raise BadRequest(f"field {key!r} must be a list of strings, got {type(value).__name__}")
-    if not value:
-        raise BadRequest(f"field {key!r} is empty: nothing to score")
-    if len(value) > max_texts:
-        raise BadRequest(f"field {key!r} has {len(value)} texts, over the limit of {max_texts} per request "
-                         "(--max-texts): split the request", status=413)
-    for i, item in enumerate(value):
-        if not isinstance(item, str):
-            raise BadRequest(f"{key}[{i}] must be a string, got {type(item).__name__}")
-        if not item:
-            raise BadRequest(f"{key}[{i}] is an empty string")
-    return value
-
-
-def parse_body(raw: bytes) -> dict:
-    """A request body as the pipeline's JSONL reader parses a line (megapmp.io.parse_json_line: duplicated
-    keys and lone surrogates refused), plus: nesting too deep for the parser is a 400, not a 500."""
-    try:
-        body = parse_json_line("request body", None, raw)
-    except InputError as e:
-        raise BadRequest(str(e).replace("request body: malformed JSON", "the body is not valid JSON")) from None
-    except RecursionError:
-        raise BadRequest("the body is not valid JSON: nested too deeply") from None
-    if not isinstance(body, dict):
-        raise BadRequest(f"the body must be a JSON object, got {type(body).__name__}")
-    return body
-
-
-async def _json_body(request: web.Request, settings: ServeSettings) -> dict:
-    try:
-        # Over client_max_size: aiohttp raises HTTPRequestEntityTooLarge (413).
-        raw = await asyncio.wait_for(request.read(), settings.body_timeout_s)
-    except asyncio.TimeoutError:
-        raise BadRequest(f"the request body did not arrive within {settings.body_timeout_s:g} s "
-                         "(--body-timeout)", status=408) from None
-    return parse_body(raw)
-
-
-class PendingBytes:
-    """The bytes of request bodies the server holds at once (read, tokenized, waiting, scored), bounded: a
-    request that would pass the bound is answered 503 before its body is read, so many clients uploading
-    large bodies at once cannot exhaust the server's memory."""
-
-    def __init__(self, limit: int):
-        self.limit, self.held = limit, 0
-
-    @contextlib.asynccontextmanager
-    async def reserve(self, request: web.Request, max_body: int):
-        size = request.content_length if request.content_length is not None else max_body
-        size = min(size, max_body)  # a larger body is refused with 413 when read
-        if self.held + size > self.limit:
-            raise BadRequest(f"the server holds {self.held >> 20} MiB of pending requests, its limit is "
-                             f"{self.limit >> 20} MiB (--max-pending-mb): try again shortly", status=503)
-        self.held += size
-        try:
-            yield
-        finally:
-            self.held -= size
+# the scoring routes (the path they share: megapmp.serve.scoring)
 
 
 def native_inputs(body: dict, max_texts: int = ServeSettings.max_texts) -> tuple[list[str], list[str]]:
-    prompts, responses = _string_list(body, "prompts", max_texts), _string_list(body, "responses", max_texts)
+    prompts, responses = string_list(body, "prompts", max_texts), string_list(body, "responses", max_texts)
     if len(prompts) != len(responses):
         raise BadRequest(f"{len(prompts)} prompts for {len(responses)} responses: the lists must be as long")
     return prompts, responses
 
 
-def openrlhf_inputs(body: dict, max_texts: int = ServeSettings.max_texts) -> list[str]:
-    return _string_list(body, "query", max_texts)
+def openrlhf_inputs(body: dict, max_texts: int = ServeSettings.max_texts) -> tuple[list[str]]:
+    return (string_list(body, "query", max_texts),)
+
+
+def reward_routes(scorer, settings: ServeSettings) -> dict[str, ScoringRoute]:
+    """POST /score (prompts and responses) and POST /get_reward (OpenRLHF's joined queries) of a reward model."""
+    def answer(rewards):
+        return {"rewards": [float(r) for r in rewards]}
+    return {"/score": ScoringRoute(lambda body: native_inputs(body, settings.max_texts), scorer.sequences, answer),
+            "/get_reward": ScoringRoute(lambda body: openrlhf_inputs(body, settings.max_texts),
+                                        scorer.joined_sequences, answer)}
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -224,36 +164,7 @@ def build_app(scorer, settings: ServeSettings) -> web.Application:
         app[TOKENIZERS_KEY].shutdown(wait=False, cancel_futures=True)
 
     app.cleanup_ctx.append(batcher_context)
-
-    async def score(request: web.Request, build: Callable[[], tuple[list, list]]) -> web.Response:
-        loop = asyncio.get_running_loop()
-        try:
-            sequences, cut = await loop.run_in_executor(request.app[TOKENIZERS_KEY], build)
-        except ValueError as e:  # the scorer's own input checks (e.g. a response with no token)
-            raise BadRequest(str(e)) from None
-        tokens = sum(len(s) for s in sequences)
-        if tokens > settings.max_request_tokens:
-            raise BadRequest(f"the request holds {tokens} tokens, over the limit of {settings.max_request_tokens} "
-                             "per request (--max-request-tokens): split the request", status=413)
-        truncated = [i for i, c in enumerate(cut) if c]
-        if truncated and settings.overlong == "error":
-            raise BadRequest(f"input {truncated[0]} is longer than the model's context of {scorer.max_length} "
-                             f"tokens ({len(truncated)} such inputs; the server refuses them: --overlong error)",
-                             status=413)
-        rewards = await request.app[BATCHER_KEY].score(sequences)
-        return web.json_response({"rewards": [float(r) for r in rewards], "truncated": truncated}, dumps=_dumps)
-
     pending = PendingBytes(settings.max_pending_bytes)
-
-    async def native(request: web.Request) -> web.Response:
-        async with pending.reserve(request, settings.max_body_bytes):
-            prompts, responses = native_inputs(await _json_body(request, settings), settings.max_texts)
-            return await score(request, lambda: scorer.sequences(prompts, responses))
-
-    async def openrlhf(request: web.Request) -> web.Response:
-        async with pending.reserve(request, settings.max_body_bytes):
-            queries = openrlhf_inputs(await _json_body(request, settings), settings.max_texts)
-            return await score(request, lambda: scorer.joined_sequences(queries))
 
     async def health(request: web.Request) -> web.Response:
         return web.json_response({"status": "ok"})
@@ -263,16 +174,13 @@ def build_app(scorer, settings: ServeSettings) -> web.Application:
         guard = request.app[RUNTIME_KEY]["guard"]
         return web.json_response(server_info(scorer, settings) | {
             "uptime_s": round(time.time() - started, 3),
-            "stats": asdict(batcher.stats) | {"in_flight_jobs": batcher.in_flight},
-            "connections": guard.stats() if guard is not None else {}}, dumps=_dumps)
+            "stats": asdict(batcher.stats) | {"in_flight_jobs": batcher.in_flight, "pending_bytes": pending.held},
+            "connections": guard.stats() if guard is not None else {}}, dumps=dumps)
 
-    from megapmp.serve.compare import add_compare_route, is_judge  # compare.py imports this module's helpers
-
-    if is_judge(scorer):  # a pairwise judge answers POST /compare instead (megapmp/serve/compare.py)
-        add_compare_route(app, scorer, settings, pending)
-    else:
-        app.router.add_post("/score", native)
-        app.router.add_post("/get_reward", openrlhf)
+    # A pairwise judge answers POST /compare instead of /score (megapmp/serve/compare.py).
+    routes = {"/compare": compare_route(scorer, settings)} if is_judge(scorer) else reward_routes(scorer, settings)
+    for path, route in routes.items():
+        app.router.add_post(path, scoring_handler(route, scorer, settings, pending))
     app.router.add_get("/health", health)
     app.router.add_get("/info", info)
     return app
@@ -300,11 +208,10 @@ def server_info(scorer, settings: ServeSettings) -> dict:
                    "shutdown_timeout_s": settings.shutdown_timeout},
         "auth": "bearer token" if settings.api_key else "none",
         "overlong": settings.overlong,
-        "max_body_bytes": settings.max_body_bytes,
         "routes": {"native": "POST /score", "openrlhf": "POST /get_reward", "health": "GET /health",
                    "info": "GET /info"},
     } | ({"routes": {"compare": "POST /compare", "health": "GET /health", "info": "GET /info"},
-          "judge": model["judge"]} if "judge" in model else {})
+          "judge": model["judge"] | {"max_code_chars": scorer.max_code_chars}} if "judge" in model else {})
 
 
 @web.middleware
@@ -319,7 +226,7 @@ async def _errors_as_json(request: web.Request, handler):
         if e.status == 408:
             response.force_close()
         return response
-    except web.HTTPException as e:  # aiohttp's own 404, 405, 413 (body over client_max_size), ...
+    except web.HTTPException as e:  # aiohttp's own 404, 405, ...
         if e.status < 400:
             raise
         return web.json_response({"error": e.reason if e.text is None else e.text}, status=e.status)
@@ -451,7 +358,8 @@ async def serve(app: web.Application, host: str, port: int, *, shutdown_timeout:
     # keepalive_timeout is aiohttp's one read timeout for a request head: it runs from the connection (or
     # the previous answer) until a complete head arrived, and closes a connection still waiting then.
     runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=shutdown_timeout, handler_cancellation=True,
-                           keepalive_timeout=settings.header_timeout_s, lingering_time=1.0, access_log=None)
+                           keepalive_timeout=settings.header_timeout_s, lingering_time=1.0, access_log=None,
+                           logger=HTTP_LOG)
     await runner.setup()
     guard = ConnectionGuard(runner.server, cap)
     runtime["guard"] = guard
@@ -486,6 +394,36 @@ async def serve(app: web.Application, host: str, port: int, *, shutdown_timeout:
 
 
 _last_accept_error = [0.0]
+
+
+class _OneLineFramingErrors(logging.Filter):
+    """aiohttp answers a request it cannot parse (a bad request line, header, Content-Length or chunk size)
+    with a text/plain 400 itself and logs a traceback for each: any client could fill the log. Such a record
+    becomes one line, at most one every ``every_s`` seconds; every other record passes unchanged."""
+
+    def __init__(self, every_s: float = 10.0):
+        super().__init__()
+        self.every_s, self.last, self.unlogged = every_s, -float("inf"), 0
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        if not isinstance(error, HttpProcessingError):
+            return True
+        now = time.monotonic()
+        if now - self.last < self.every_s:
+            self.unlogged += 1
+            return False
+        reason = str(error.message).strip().split("\n")[0].rstrip(":") or type(error).__name__
+        record.msg = (f"malformed HTTP from %s, answered {error.code} by aiohttp: {reason}"
+                      + (f" ({self.unlogged} more since the last such line)" if self.unlogged else ""))
+        record.exc_info = record.exc_text = None
+        self.last, self.unlogged = now, 0
+        return True
+
+
+# The connections' logger (aiohttp's RequestHandler logs through the one it is given).
+HTTP_LOG = logging.getLogger("megapmp.serve.http")
+HTTP_LOG.addFilter(_OneLineFramingErrors())
 
 
 def _one_line_accept_errors(loop: asyncio.AbstractEventLoop, context: dict) -> None:

@@ -17,18 +17,21 @@ scoring them alone. Every batch's rewards are checked: a job whose rewards are n
 
 Threads: the model runs on a `DaemonExecutor` (daemon threads), so a process asked to stop is never held
 up by a model call or a tokenization in progress (`close` gives up waiting at its deadline).
+
+A job holds its ids as `PackedIds` (one int32 array): while it waits they are what the server holds of it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import itertools
 import queue
 import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from typing import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 
@@ -66,13 +69,17 @@ class DaemonExecutor(concurrent.futures.Executor):
             item = self._queue.get()
             if item is None:
                 return
-            future, fn, args, kwargs = item
-            if not future.set_running_or_notify_cancel():
-                continue
-            try:
-                future.set_result(fn(*args, **kwargs))
-            except BaseException as error:
-                future.set_exception(error)
+            self._run(*item)
+            del item  # not held while this thread waits for the next one (a request's texts, say)
+
+    @staticmethod
+    def _run(future: concurrent.futures.Future, fn, args, kwargs) -> None:
+        if not future.set_running_or_notify_cancel():
+            return
+        try:
+            future.set_result(fn(*args, **kwargs))
+        except BaseException as error:
+            future.set_exception(error)
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
         self._closed = True
@@ -91,6 +98,66 @@ class DaemonExecutor(concurrent.futures.Executor):
                 thread.join()
 
 
+class PackedIds(Sequence):
+    """Token id sequences held compactly: all their tokens in one int32 array and their offsets, 4 bytes a
+    token (lists of Python ints cost 8 a token and ~60 a sequence, and one int object per id above 256).
+    ``ids[i]`` is a read-only int32 view of sequence i; ``ids[a:b]`` the PackedIds of sequences a..b-1."""
+
+    def __init__(self, tokens: np.ndarray, offsets: np.ndarray):
+        self.tokens = tokens  # [T] int32, read-only
+        self.offsets = offsets  # [N + 1] int64: sequence i is tokens[offsets[i]:offsets[i + 1]]; offsets[0] == 0
+
+    @classmethod
+    def pack(cls, sequences: Iterable[Sequence[int]]) -> "PackedIds":
+        sequences = sequences if isinstance(sequences, Sequence) else list(sequences)
+        offsets = np.zeros(len(sequences) + 1, np.int64)
+        np.cumsum(np.fromiter(map(len, sequences), np.int64, len(sequences)), out=offsets[1:])
+        tokens = np.fromiter(itertools.chain.from_iterable(sequences), np.int32, int(offsets[-1]))
+        tokens.flags.writeable = False
+        return cls(tokens, offsets)
+
+    @classmethod
+    def concat(cls, parts: Sequence["PackedIds"]) -> "PackedIds":
+        if len(parts) == 1:
+            return parts[0]
+        starts = np.cumsum([0] + [len(p.tokens) for p in parts[:-1]])
+        offsets = np.concatenate([np.zeros(1, np.int64)] + [p.offsets[1:] + s for p, s in zip(parts, starts)])
+        tokens = np.concatenate([p.tokens for p in parts]) if parts else np.empty(0, np.int32)
+        tokens.flags.writeable = False
+        return cls(tokens, offsets)
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            start, stop, step = i.indices(len(self))
+            if step != 1:
+                raise ValueError("PackedIds slices have step 1")
+            stop = max(start, stop)
+            first = self.offsets[start]
+            return PackedIds(self.tokens[first:self.offsets[stop]], self.offsets[start:stop + 1] - first)
+        if not -len(self) <= i < len(self):
+            raise IndexError(f"sequence {i} of {len(self)}")
+        i %= len(self)
+        return self.tokens[self.offsets[i]:self.offsets[i + 1]]
+
+    def __iter__(self) -> Iterator[np.ndarray]:
+        return (self.tokens[a:b] for a, b in itertools.pairwise(self.offsets.tolist()))
+
+    @property
+    def lengths(self) -> np.ndarray:
+        return np.diff(self.offsets)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.tokens)
+
+    @property
+    def nbytes(self) -> int:
+        return self.tokens.nbytes + self.offsets.nbytes
+
+
 @dataclass
 class Chunk:
     start: int  # first sequence of the job in this chunk
@@ -100,7 +167,7 @@ class Chunk:
 
 @dataclass
 class Job:
-    sequences: list[list[int]]
+    sequences: PackedIds
     future: asyncio.Future
     chunks: deque
     rewards: np.ndarray
@@ -109,16 +176,16 @@ class Job:
     dropped: bool = False  # counted in stats.dropped
 
 
-def split_into_chunks(sequences: Sequence[Sequence[int]], batch_tokens: int) -> list[Chunk]:
-    """Consecutive sequences, at most `batch_tokens` tokens a chunk (a longer sequence alone)."""
+def split_into_chunks(lengths: Sequence[int], batch_tokens: int) -> list[Chunk]:
+    """Consecutive sequences (of these lengths), at most `batch_tokens` tokens a chunk (a longer sequence alone)."""
     chunks, start, used = [], 0, 0
-    for i, seq in enumerate(sequences):
-        if i > start and used + len(seq) > batch_tokens:
+    for i, n in enumerate(lengths):
+        if i > start and used + n > batch_tokens:
             chunks.append(Chunk(start, i, used))
             start, used = i, 0
-        used += len(seq)
-    if len(sequences) > start:
-        chunks.append(Chunk(start, len(sequences), used))
+        used += n
+    if len(lengths) > start:
+        chunks.append(Chunk(start, len(lengths), used))
     return chunks
 
 
@@ -176,11 +243,12 @@ class Batcher:
             self._task = None
         self._worker.shutdown(wait=False, cancel_futures=True)
 
-    async def score(self, sequences: list[list[int]]) -> np.ndarray:
+    async def score(self, sequences: PackedIds | Sequence[Sequence[int]]) -> np.ndarray:
         if self._task is None or self._task.done() or self._deadline is not None:
             raise ShuttingDown("the server is shutting down")
         loop = asyncio.get_running_loop()
-        chunks = deque(split_into_chunks(sequences, self.batch_tokens))
+        sequences = sequences if isinstance(sequences, PackedIds) else PackedIds.pack(sequences)
+        chunks = deque(split_into_chunks(sequences.lengths.tolist(), self.batch_tokens))
         job = Job(sequences, loop.create_future(), chunks, np.empty(len(sequences), dtype=np.float64), len(chunks))
         self._in_flight += 1
         try:

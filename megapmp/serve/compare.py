@@ -10,17 +10,17 @@ go through the server's batcher like /score's texts, so a comparison's numbers a
 is in the batch. ``criteria`` defaults to the judge's recorded default criterion; ``truncated`` lists the
 comparisons with an input cut to the model's context (refused with 413 under ``overlong="error"``). Refusals
 are /score's: 400 with {"error"} for malformed JSON, a missing or empty list, a non-string, lists of
-different lengths; 413 for an oversized body.
+different lengths; 413 for an oversized body; and 413 for a code of more than ``max_code_chars`` characters
+(16 per token of the judge's context, whatever ``overlong``; reported by /info): the judge reads no more than
+its context, and stripping comments parses a code whole. Codes within the limit are judged exactly as offline.
 """
 
 from __future__ import annotations
 
-import asyncio
+import numpy as np
 
-from aiohttp import web
-
-from megapmp.eval.judge_scorer import probability_first_better
-from megapmp.serve.app import BATCHER_KEY, TOKENIZERS_KEY, BadRequest, PendingBytes, _dumps, _json_body, _string_list
+from megapmp.eval.judge_scorer import CODE_CHARS_PER_TOKEN, probability_first_better
+from megapmp.serve.scoring import BadRequest, ScoringRoute, string_list
 
 
 def is_judge(scorer) -> bool:
@@ -29,8 +29,8 @@ def is_judge(scorer) -> bool:
 
 
 def compare_inputs(body: dict, max_texts: int) -> tuple[list[str], list[str], list[str], list[str] | None]:
-    instructions, codes_a, codes_b = (_string_list(body, k, max_texts) for k in ("instructions", "codes_a", "codes_b"))
-    criteria = _string_list(body, "criteria", max_texts) if "criteria" in body else None
+    instructions, codes_a, codes_b = (string_list(body, k, max_texts) for k in ("instructions", "codes_a", "codes_b"))
+    criteria = string_list(body, "criteria", max_texts) if "criteria" in body else None
     lengths = {len(instructions), len(codes_a), len(codes_b), *([len(criteria)] if criteria is not None else [])}
     if len(lengths) != 1:
         raise BadRequest(f"instructions, codes_a, codes_b{', criteria' if criteria is not None else ''} must be lists "
@@ -39,39 +39,35 @@ def compare_inputs(body: dict, max_texts: int) -> tuple[list[str], list[str], li
     return instructions, codes_a, codes_b, criteria
 
 
-def add_compare_route(app: web.Application, scorer, settings, pending: PendingBytes) -> None:
-    """Register POST /compare on ``app`` (whose cleanup context holds the batcher under BATCHER_KEY), under
-    the same limits as /score: pending bytes, body timeout, texts and tokens per request."""
+def check_code_lengths(codes_a: list[str], codes_b: list[str], scorer) -> None:
+    """413 for a code longer than the judge could read (``scorer.max_code_chars``), before any is rendered:
+    rendering strips comments through ast.parse / ast.unparse of the whole code, ~500 bytes of memory per byte."""
+    limit = scorer.max_code_chars
+    for key, codes in (("codes_a", codes_a), ("codes_b", codes_b)):
+        for i, code in enumerate(codes):
+            if len(code) > limit:
+                raise BadRequest(f"{key}[{i}] is {len(code)} characters, over the limit of {limit} "
+                                 f"({CODE_CHARS_PER_TOKEN} per token of the judge's {scorer.max_length}-token context, "
+                                 "more than it reads): shorten the code", status=413)
 
-    def build(instructions, codes_a, codes_b, criteria):
+
+def compare_route(scorer, settings) -> ScoringRoute:
+    """POST /compare on the shared scoring path (megapmp.serve.scoring), under /score's limits. Comparison i
+    owns model inputs 2i (a shown first) and 2i + 1 (b shown first)."""
+
+    def tokenize(instructions, codes_a, codes_b, criteria):
         first, second = scorer.render(instructions, codes_a, codes_b, criteria)
-        return scorer.judge_sequences(first + second)
+        return scorer.judge_sequences([text for pair in zip(first, second) for text in pair])
 
-    async def compare(request: web.Request) -> web.Response:
-        async with pending.reserve(request, settings.max_body_bytes):
-            body = await _json_body(request, settings)
-            # Each comparison is judged in both orders: two inputs per comparison count against --max-texts.
-            instructions, codes_a, codes_b, criteria = compare_inputs(body, max(1, settings.max_texts // 2))
-            loop = asyncio.get_running_loop()
-            try:
-                sequences, cut = await loop.run_in_executor(request.app[TOKENIZERS_KEY], build, instructions,
-                                                            codes_a, codes_b, criteria)
-            except ValueError as e:
-                raise BadRequest(str(e)) from None
-            tokens = sum(len(s) for s in sequences)
-            if tokens > settings.max_request_tokens:
-                raise BadRequest(f"the request holds {tokens} tokens (both orders), over the limit of "
-                                 f"{settings.max_request_tokens} per request (--max-request-tokens): split the request",
-                                 status=413)
-            n = len(instructions)
-            truncated = [i for i in range(n) if cut[i] or cut[n + i]]
-            if truncated and settings.overlong == "error":
-                raise BadRequest(f"comparison {truncated[0]} is longer than the model's context of {scorer.max_length} "
-                                 f"tokens ({len(truncated)} such; the server refuses them: --overlong error)", status=413)
-            x = await request.app[BATCHER_KEY].score(sequences)
-            x_first, x_second = x[:n], x[n:]
-            return web.json_response({"probabilities": [float(p) for p in probability_first_better(x_first, x_second)],
-                                      "log_odds": [[float(a), float(b)] for a, b in zip(x_first, x_second)],
-                                      "truncated": truncated}, dumps=_dumps)
+    def answer(x: np.ndarray) -> dict:
+        x_first, x_second = x[0::2], x[1::2]
+        return {"probabilities": [float(p) for p in probability_first_better(x_first, x_second)],
+                "log_odds": [[float(a), float(b)] for a, b in zip(x_first, x_second)]}
 
-    app.router.add_post("/compare", compare)
+    def read(body: dict) -> tuple:
+        # Each comparison is judged in both orders: two inputs per comparison count against --max-texts.
+        inputs = compare_inputs(body, max(1, settings.max_texts // 2))
+        check_code_lengths(inputs[1], inputs[2], scorer)
+        return inputs
+
+    return ScoringRoute(read=read, tokenize=tokenize, answer=answer, per_item=2, item="comparison")
