@@ -320,19 +320,23 @@ def test_a_judge_that_always_says_A_scores_exactly_half_with_both_orders(tmp_pat
 # -- the server ---------------------------------------------------------------------------------------------
 
 
-def test_compare_route_serves_the_judge_batch_invariantly(judge_dir, judge):
+def post(url: str, body: dict) -> tuple[int, dict]:
+    """(status, JSON answer) of a POST, error statuses included."""
     import urllib.error
     import urllib.request
 
-    from megapmp.serve.app import BackgroundServer, ServeSettings, build_app
+    request = urllib.request.Request(url, data=json.dumps(body).encode(), method="POST")
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
 
-    def post(url, body):
-        request = urllib.request.Request(url, data=json.dumps(body).encode(), method="POST")
-        try:
-            with urllib.request.urlopen(request, timeout=60) as response:
-                return response.status, json.loads(response.read())
-        except urllib.error.HTTPError as e:
-            return e.code, json.loads(e.read())
+
+def test_compare_route_serves_the_judge_batch_invariantly(judge_dir, judge):
+    import urllib.request
+
+    from megapmp.serve.app import BackgroundServer, ServeSettings, build_app
 
     pairs = toy_pairs(8, seed=7)
     body = {"instructions": [p["prompt"] for p in pairs], "codes_a": [p["chosen"] for p in pairs],
@@ -368,18 +372,7 @@ def test_compare_refuses_a_code_longer_than_the_judge_reads_before_parsing_it(ju
     """Stripping comments parses a code whole (ast.parse + ast.unparse: ~500 bytes of memory per byte, 0.9 GB for
     a 1.9 MB code within the body limit): a code over 16 characters per token of the judge's context is a 413
     naming the limit, and one within it is judged as offline."""
-    import urllib.error
-    import urllib.request
-
     from megapmp.serve.app import BackgroundServer, ServeSettings, build_app
-
-    def post(url, body):
-        request = urllib.request.Request(url, data=json.dumps(body).encode(), method="POST")
-        try:
-            with urllib.request.urlopen(request, timeout=60) as response:
-                return response.status, json.loads(response.read())
-        except urllib.error.HTTPError as e:
-            return e.code, json.loads(e.read())
 
     judge = JudgeScorer.load(judge_dir, progress=False, batch_invariant=True, max_length=128)
     limit = 16 * 128
