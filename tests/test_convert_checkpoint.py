@@ -173,6 +173,20 @@ def test_trained_model_scores_equal_in_transformers(trained, tmp_path):
     if trained.tied:  # verify, the tool's own comparison, agrees (once is enough)
         pairs_file = trained.run_dir.parent / "pairs.jsonl"
         assert run("verify", "--checkpoint", trained.run_dir, "--hf", export, "--pairs", pairs_file, "--limit", 3) == 0
+        # the candidate-set tasks score the export through transformers alone as through our model
+        evaluate = load_tool("evaluate")
+        fixtures = Path(__file__).parent / "fixtures" / "data"
+        for task, data in (("best-of-n", fixtures / "gsm8k" / "example_model_solutions.jsonl"),
+                           ("multiple-choice", fixtures / "logiqa2" / "test.txt")):
+            scores = {}
+            for backend, model in (("megapmp", trained.run_dir), ("transformers", export)):
+                out = tmp_path / f"{task}_{backend}"
+                assert evaluate.main([task, "--backend", backend, "--model", str(model), "--data", str(data),
+                                      "--limit", "4", "--output", str(out) + ".json", "--save-scores",
+                                      str(out) + ".jsonl", "--no-progress"]) == 0
+                scores[backend] = [json.loads(line)["scores"] for line in open(str(out) + ".jsonl")]
+            np.testing.assert_allclose(np.concatenate(scores["transformers"]), np.concatenate(scores["megapmp"]),
+                                       rtol=0, atol=ATOL)
 
 
 # ---------------------------------------------------------------- 2. round trips

@@ -83,11 +83,12 @@ def train(run_dir: Path, shard: str, init: str, seed: int, stage: list) -> dict:
 def evaluate(run_dir: Path, valid_pairs, bon_sets) -> dict:
     from megapmp.eval import metrics
     from megapmp.eval.reward_model import RewardScorer
+    from megapmp.eval.tasks import score_sets
 
     scorer = RewardScorer.load(run_dir, progress=False)  # the recipe (EOS policy included) of its own shard
     r_c, r_r = scorer.score_pairs([p.prompt for p in valid_pairs], [p.chosen for p in valid_pairs],
                                   [p.rejected for p in valid_pairs])
-    bon = metrics.best_of_n_exact(scorer.score_sets(bon_sets), [s.correct for s in bon_sets], 4)
+    bon = metrics.best_of_n_exact(score_sets(scorer, bon_sets), [s.correct for s in bon_sets], 4)
     return {"rm_accuracy": metrics.rm_accuracy(r_c, r_r), "best_of_4": bon.value,
             "eos_policy": scorer.describe()["eos_policy"]}
 

@@ -261,13 +261,6 @@ class RewardScorer:
                 out[b] = y
         return out
 
-    def score_sets(self, sets) -> list[np.ndarray]:
-        """The rewards of candidate sets (objects with .prompt and .responses: Best-of-N, multiple choice),
-        one float64 array per set, scored together."""
-        flat = self.score([s.prompt for s in sets for _ in s.responses], [r for s in sets for r in s.responses])
-        bounds = np.cumsum([0] + [len(s.responses) for s in sets])
-        return [flat[start:stop] for start, stop in zip(bounds[:-1], bounds[1:])]
-
     def score_pairs(self, prompts: Sequence[str], chosen: Sequence[str], rejected: Sequence[str]):
         """(r_chosen, r_rejected) float64 arrays."""
         if not len(prompts) == len(chosen) == len(rejected):

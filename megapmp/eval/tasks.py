@@ -240,6 +240,15 @@ def plot_rm_accuracy(report: dict, path: str) -> None:
 # best-of-n
 
 
+def score_sets(scorer, sets) -> list[np.ndarray]:
+    """The rewards of candidate sets (objects with .prompt and .responses: Best-of-N, multiple choice), one
+    float64 array per set, scored together by any scorer with .score(prompts, responses) (ours, or
+    megapmp.convert.hf_scorer's transformers-only one)."""
+    flat = scorer.score([s.prompt for s in sets for _ in s.responses], [r for s in sets for r in s.responses])
+    bounds = np.cumsum([0] + [len(s.responses) for s in sets])
+    return [flat[start:stop] for start, stop in zip(bounds[:-1], bounds[1:])]
+
+
 def within_question_pairs(scores, correct) -> dict:
     """Over every (correct, incorrect) candidate pair of the same question: how often the correct one
     scores higher (ties wrong), and the mean score of correct and incorrect candidates."""
@@ -283,7 +292,7 @@ def run_best_of_n(ctx: TaskContext) -> dict:
     if n_values[-1] > max(len(s.responses) for s in sets):
         raise ValueError(f"--n-values up to {n_values[-1]}, but no question has that many candidates "
                          f"(most: {max(len(s.responses) for s in sets)})")
-    scores = ctx.scorer().score_sets(sets)
+    scores = score_sets(ctx.scorer(), sets)
     correct = [s.correct for s in sets]
     curve = metrics.best_of_n_curve(scores, correct, n_values, mc_draws=ctx.args.mc_draws, mc_seed=ctx.args.mc_seed,
                                     paper_seed=ctx.args.paper_seed)
@@ -351,7 +360,7 @@ def run_multiple_choice(ctx: TaskContext) -> dict:
         if s.answer is None:
             raise DataError(f"{path}: question {s.id!r} has {sum(s.correct)} correct options; multiple choice "
                             "needs exactly one")
-    scores = ctx.scorer().score_sets(sets)
+    scores = score_sets(ctx.scorer(), sets)
     answers = [s.answer for s in sets]
     results = {"format": fmt_used, **metrics.multiple_choice_accuracy(scores, answers),
                "options_min": min(len(s.responses) for s in sets), "options_max": max(len(s.responses) for s in sets)}
