@@ -90,7 +90,7 @@ class RunLock:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as e:
-            holder = _read_record(fd)
+            holder = _wait_for_record(fd)
             os.close(fd)
             if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
                 raise RunDirError(f"{run_dir} is in use by {_describe(holder)}: a run directory takes one trainer "
@@ -102,8 +102,10 @@ class RunLock:
             log(f"took over {path} from {_describe(previous)}, which ended without releasing it")
         record = {"pid": os.getpid(), "host": socket.gethostname(),
                   "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "command": " ".join(sys.argv)[:500]}
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, (json.dumps(record) + "\n").encode(), 0)
+        # Overwrite, then cut to length: a reader never finds the file emptied between two records.
+        data = (json.dumps(record) + "\n").encode()
+        os.pwrite(fd, data, 0)
+        os.ftruncate(fd, len(data))
         os.fsync(fd)
         return cls(path, fd)
 
@@ -116,6 +118,18 @@ class RunLock:
         finally:
             os.close(self.fd)  # closing the only descriptor releases the flock
             self.fd = None
+
+
+def _wait_for_record(fd: int, patience_s: float = 2.0) -> dict:
+    """The holder's record, read by a start that was refused the lock. A holder that has just taken the lock
+    may not have written its record yet (or is mid-write): wait up to `patience_s` for one that names a pid
+    rather than report the holder as unknown."""
+    deadline = time.monotonic() + patience_s
+    while True:
+        record = _read_record(fd)
+        if "pid" in record or time.monotonic() >= deadline:
+            return record
+        time.sleep(0.02)
 
 
 def _read_record(fd: int) -> dict:

@@ -121,6 +121,38 @@ def test_two_trainers_started_together_one_refuses(shards, tmp_path):
     assert trainer.step >= 1
 
 
+def test_a_start_refused_while_the_holder_writes_its_record_still_names_it(tmp_path):
+    """The window the test above met on a loaded CI box: the winner holds the flock but has not yet written
+    its record. The refused start waits for the record rather than calling the holder unknown; a lock whose
+    record never comes is reported as unreadable after the wait."""
+    import fcntl
+    import os
+    import threading
+
+    from megapmp.run_dir import LOCK_FILE, RunLock
+
+    run = tmp_path / "run"
+    run.mkdir()
+    fd = os.open(run / LOCK_FILE, os.O_RDWR | os.O_CREAT)
+    fcntl.flock(fd, fcntl.LOCK_EX)  # locked, still empty: the instant after the winner's flock
+    record = json.dumps({"pid": 4242, "host": "winner", "started": "now"}) + "\n"
+    late = threading.Timer(0.3, lambda: os.pwrite(fd, record.encode(), 0))
+    try:
+        late.start()
+        with pytest.raises(RunDirError, match=f"{run} is in use by pid 4242 on host winner, started now"):
+            RunLock.acquire(run, print)
+        late.join()
+        os.ftruncate(fd, 0)  # a holder that never writes one
+        t0 = time.monotonic()
+        with pytest.raises(RunDirError, match=r"in use by another process \(its record in run.lock is unreadable\)"):
+            RunLock.acquire(run, print)
+        assert time.monotonic() - t0 >= 1.5
+    finally:
+        late.cancel()
+        late.join()
+        os.close(fd)
+
+
 def test_a_held_run_directory_is_refused_until_released(shards, tmp_path, capfd):
     run = tmp_path / "run"
     first = Trainer(config(shards), run)  # holds the lock until fit() returns
