@@ -538,7 +538,7 @@ def _raise_open_files(want: int) -> None:
 
 def test_a_thousand_half_open_connections_do_not_starve_health(run_dir):
     """1,000 connections that never send a byte, against a server process limited to 512 open files: the
-    cap keeps it under that limit by closing the oldest idle ones, /health is answered within 1 s, and
+    cap keeps it under that limit by closing the oldest idle ones, /health is answered within 3 s, and
     nothing is logged per connection (the old server ran out of descriptors: /health timed out and it
     logged a traceback per failed accept(), 313 of them in 3 s here)."""
     _raise_open_files(2048)
@@ -555,7 +555,8 @@ def test_a_thousand_half_open_connections_do_not_starve_health(run_dir):
         with urllib.request.urlopen(f"{url}/health", timeout=5) as response:
             assert response.status == 200 and json.loads(response.read()) == {"status": "ok"}
         waited = time.monotonic() - start
-        assert waited < 1.0, f"/health took {waited:.2f} s beside 1,000 half-open connections"
+        # Starved, /health never came (the 5 s urlopen timeout); 3 s leaves room for a loaded CI box.
+        assert waited < 3.0, f"/health took {waited:.2f} s beside 1,000 half-open connections"
         connections = get(f"{url}/info")["connections"]
         assert connections["open"] <= 256 and connections["evicted_idle"] > 0  # the cap was reached, and held
     finally:

@@ -156,9 +156,13 @@ def test_concurrency_keeps_order_and_matches_sequential(tiny_models):
             parallel = b.complete(prompts, params)
             wall = time.perf_counter() - t0
         with OpenAIBackend(srv.url, "strong", concurrency=1, timeout_s=30) as b:
+            t0 = time.perf_counter()
             sequential = [b.complete([p], params)[0] for p in prompts]
+            sequential_wall = time.perf_counter() - t0
         assert parallel == sequential  # same text per prompt, in prompt order
-        assert wall < 8 * 0.25, f"requests did not overlap: {wall:.2f}s"
+        # Overlapped, at least 7 of the 8 delays are hidden (1.75 s); measured against the sequential run
+        # on the same box rather than a fixed bound, so a loaded machine slows both sides alike.
+        assert wall < sequential_wall - 1.0, f"requests did not overlap: {wall:.2f}s vs {sequential_wall:.2f}s"
         assert srv.server.generation_requests == 16
     finally:
         srv.close()  # joins the server's request threads: every client above is closed first (keep-alive)
