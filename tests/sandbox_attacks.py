@@ -386,7 +386,10 @@ def _status_claimed_setup_failure(sb) -> tuple[bool, str]:
             sb.run_tests(claim + WRONG, TEST, "add", timeout_s=10.0),
             sb.run_tests("def add(a, b):\n" + textwrap.indent(claim, "    "), TEST, "add", timeout_s=10.0)]
     statuses = [r.status for r in runs]
-    return _ran(runs[0]) and statuses == ["failed"] * 3, f"{statuses}; " + "; ".join(_out(r) for r in runs)
+    # Its own stdout is one of the pipes it drains: on a loaded box it can read its "ran" back before the
+    # runner does. The claim's last line, written after the draining, is what shows it ran.
+    ran = _ran(runs[0]) or runs[0].stderr.endswith("sandbox setup failed:\n")
+    return ran and statuses == ["failed"] * 3, f"{statuses}; " + "; ".join(_out(r) for r in runs)
 
 
 # -- forgeries of the verdict -------------------------------------------------------------------------
