@@ -8,6 +8,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from megapmp.config import TrainConfig
+from megapmp.io import write_text_atomic
 
 
 class MetricsLog:
@@ -20,7 +21,8 @@ class MetricsLog:
         if path.exists() and resume_step > 0:
             kept = [line for line in path.read_text().splitlines()
                     if line.strip() and json.loads(line)["step"] <= resume_step]
-        path.write_text("".join(line + "\n" for line in kept))
+        # Replaced, not rewritten in place: a kill here leaves the old file whole, never an emptied one.
+        write_text_atomic(path, "".join(line + "\n" for line in kept))
         self.file = open(path, "a")
 
     def write(self, record: dict) -> None:

@@ -309,6 +309,24 @@ def test_a_torn_metrics_line_is_cut_at_resume(shards, reference, tmp_path, capfd
     assert (run / "metrics.jsonl").read_text().splitlines()[:2] == [line.rstrip("\n") for line in lines[:2]]
 
 
+def test_a_failed_rewrite_of_the_metrics_at_resume_keeps_the_old_file(tmp_path):
+    """Resuming rewrites metrics.jsonl without the steps past the checkpoint; a write that fails half way
+    (here the file-size limit; a full disk or a kill is the same) must leave the history whole, not emptied.
+    In a subprocess: RLIMIT_FSIZE is per process."""
+    metrics = tmp_path / "metrics.jsonl"
+    history = "".join(json.dumps({"step": step, "loss": 1.0 / step, "pad": "x" * 40}) + "\n" for step in range(1, 1001))
+    metrics.write_text(history)
+    script = ("import resource, signal, sys\nfrom pathlib import Path\nfrom megapmp.tracking import MetricsLog\n"
+              "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
+              "resource.setrlimit(resource.RLIMIT_FSIZE, (8192, resource.RLIM_INFINITY))\n"
+              "try:\n    MetricsLog(Path(sys.argv[1]), 900)\nexcept OSError as e:\n    print(e.errno)\n")
+    proc = subprocess.run([sys.executable, "-c", script, str(metrics)], capture_output=True, text=True,
+                          timeout=60, cwd=REPO, check=False)
+    assert proc.returncode == 0 and proc.stdout.strip() == "27", proc.stderr  # EFBIG: the write did fail
+    assert metrics.read_text() == history
+    assert [p.name for p in tmp_path.iterdir()] == ["metrics.jsonl"]  # no temporary file left behind
+
+
 def test_a_damaged_metrics_line_in_the_middle_is_an_error(shards, reference, tmp_path):
     run = copy_run(reference, tmp_path)
     lines = (run / "metrics.jsonl").read_text().splitlines()
