@@ -371,6 +371,54 @@ def test_resume_with_a_smaller_limit_gives_a_prefix(tmp_path, reference, monkeyp
     assert out.read_bytes().splitlines() == reference.splitlines()[:10]
 
 
+def test_a_second_run_on_the_same_output_is_refused_while_the_first_writes(tmp_path, reference, capsys):
+    """Two runs on one output would interleave their lines and rename each other's half-written file: the
+    second is refused in one line, and the first's partial output is untouched and finishes as it would."""
+    out = tmp_path / "pairs.jsonl"
+    first = stages.ResumableJsonlWriter(out, {"run": "first"})
+    with first:
+        first.write({"id": "a", "text": "kept"})
+        first._sync()
+        with pytest.raises(stages.OutputInUseError):  # the same options, which a resume would have taken
+            stages.ResumableJsonlWriter(out, {"run": "first"}).__enter__()
+        assert _rules(out, "--seed", "7") == 1
+        err = capsys.readouterr().err.strip()
+        assert err == (f"error: {out}.partial is being written by another process: one run per output at a time; "
+                       "wait for it to end, or pass another output")
+        assert first.partial.read_bytes() == b'{"id": "a", "text": "kept"}\n' and not out.exists()
+        first.write({"id": "b", "text": "kept"})
+        first.finish()
+    assert out.read_bytes() == b'{"id": "a", "text": "kept"}\n{"id": "b", "text": "kept"}\n'
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["pairs.jsonl"]
+    assert _rules(out, "--seed", "7") == 0 and out.read_bytes() == reference  # free again once it ended
+
+
+def test_a_start_that_locks_a_partial_file_renamed_away_opens_it_again(tmp_path, monkeypatch):
+    """The other order: the second run opens OUTPUT.partial, the first finishes (renames it to OUTPUT and
+    lets go), and only then does the second take the lock, on what is now the finished output. It must see
+    that and start on a new partial file rather than append to, and later rename, the finished one."""
+    out = tmp_path / "pairs.jsonl"
+    first = stages.ResumableJsonlWriter(out, {"run": "first"}).__enter__()
+    first.write({"id": "a", "text": "first"})
+    real_flock, calls = stages.fcntl.flock, []
+
+    def finish_the_first_run_then_lock(fd, operation):
+        if not calls:
+            first.finish()
+        calls.append(fd)
+        return real_flock(fd, operation)
+
+    monkeypatch.setattr(stages.fcntl, "flock", finish_the_first_run_then_lock)
+    with stages.ResumableJsonlWriter(out, {"run": "second"}) as second:
+        assert len(calls) == 2 and not second.resuming and second.done == set()
+        second.write({"id": "z", "text": "second"})
+        second._sync()
+        assert out.read_bytes() == b'{"id": "a", "text": "first"}\n'  # the finished output, untouched
+        assert second.partial.read_bytes() == b'{"id": "z", "text": "second"}\n'
+        second.finish()
+    assert out.read_bytes() == b'{"id": "z", "text": "second"}\n'
+
+
 def test_pairs_have_provenance_and_preprocess_without_rejects(tmp_path, reference):
     pairs = tmp_path / "pairs.jsonl"
     pairs.write_bytes(reference)

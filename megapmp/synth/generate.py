@@ -70,10 +70,9 @@ class StageOutput:
         self._dropped_file = None
 
     def __enter__(self) -> "StageOutput":
-        resuming = self.writer.partial.exists()
-        self.writer.__enter__()
+        self.writer.__enter__()  # takes the output's lock: everything below is this run's alone
         dropped_ids = set()
-        if resuming and self.dropped_path.exists():
+        if self.writer.resuming and self.dropped_path.exists():
             good = 0
             with open(self.dropped_path, "rb") as f:
                 for line in f:
@@ -113,8 +112,7 @@ class StageOutput:
 
     def finish(self) -> None:
         self._dropped_file.close()
-        self.writer.finish()
-        self.dropped_path.unlink(missing_ok=True)
+        self.writer.finish(remove=(self.dropped_path,))
 
     def __exit__(self, *exc) -> bool:
         if self._dropped_file is not None and not self._dropped_file.closed:

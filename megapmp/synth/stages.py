@@ -5,11 +5,15 @@ completes. A long stage appends to `OUTPUT.partial` (flushed and fsynced every `
 next to `OUTPUT.partial.json`, the run's fingerprint (options, inputs, and a hash of the input ids).
 A rerun with the same fingerprint keeps the partial file's complete lines, skips their ids and appends
 the rest; since records are produced in input order, the finished file equals an uninterrupted run's.
-A rerun with different options refuses to mix outputs.
+A rerun with different options refuses to mix outputs. A second process started on the same output while
+the first still writes it is refused (an exclusive ``flock`` on the partial file, held until the run ends):
+two writers would interleave their lines and each rename the other's half-written file.
 """
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import hashlib
 import json
 import multiprocessing as mp
@@ -45,6 +49,10 @@ def ids_digest(ids: Iterable[str]) -> str:
     return h.hexdigest()
 
 
+class OutputInUseError(ValueError):
+    """Another process is writing the same output (its partial file is locked)."""
+
+
 class ResumableJsonlWriter:
     """Append-only JSONL output that survives interruption; see the module docstring.
 
@@ -62,20 +70,49 @@ class ResumableJsonlWriter:
         self.done: set[str] = set()
         self.written = 0
         self._file = None
+        self.resuming = False
         self._finished = False
         self._ids: list[str] = []
         self._line_ends: list[int] = []
 
     def __enter__(self) -> "ResumableJsonlWriter":
         self.output.parent.mkdir(parents=True, exist_ok=True)
-        if self.partial.exists():
-            self._check_fingerprint()
-            self._recover()
-        else:
-            self.meta.write_text(json.dumps(self.fingerprint, indent=1, sort_keys=True) + "\n")
-            self.partial.write_bytes(b"")
-        self._file = open(self.partial, "a", encoding="utf-8")
+        self._file = self._open_locked()
+        try:
+            # Resumed only from a partial file that holds something: one left empty (killed before its
+            # fingerprint was written) has nothing to keep.
+            self.resuming = self.meta.exists() or os.fstat(self._file.fileno()).st_size > 0
+            if self.resuming:
+                self._check_fingerprint()
+                self._recover()
+            else:
+                self.meta.write_text(json.dumps(self.fingerprint, indent=1, sort_keys=True) + "\n")
+        except BaseException:
+            self._file.close()
+            raise
         return self
+
+    def _open_locked(self):
+        """OUTPUT.partial, opened for appending (created if absent) and locked for this run. Refused when
+        another process holds it. A lock taken on a file that a finishing run renamed away in the meantime
+        is not this output's: then the partial file is opened again."""
+        while True:
+            fd = os.open(self.partial, os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as e:
+                os.close(fd)
+                if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                    raise OutputInUseError(f"{self.partial} is being written by another process: one run per "
+                                           f"output at a time; wait for it to end, or pass another output") from None
+                raise
+            try:
+                same = os.stat(self.partial).st_ino == os.fstat(fd).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                return os.fdopen(fd, "a", encoding="utf-8")
+            os.close(fd)
 
     def _check_fingerprint(self) -> None:
         try:
@@ -125,11 +162,14 @@ class ResumableJsonlWriter:
         self._file.flush()
         os.fsync(self._file.fileno())
 
-    def finish(self) -> None:
+    def finish(self, remove: tuple[Path, ...] = ()) -> None:
+        """Rename the partial file to the output and remove the run's side files (`remove` adds the
+        caller's), all before the lock is let go: a start that waits for it finds none of them."""
         self._sync()
-        self._file.close()
         os.replace(self.partial, self.output)
-        self.meta.unlink(missing_ok=True)
+        for side_file in (self.meta, *remove):
+            side_file.unlink(missing_ok=True)
+        self._file.close()
         self._finished = True
 
     def __exit__(self, *exc) -> bool:
