@@ -1,4 +1,5 @@
-"""The ground floor: atomic writes, sha256 of a file, the FILE:LINE JSONL reader, a stderr logger.
+"""The ground floor: atomic writes, sha256 of a file, the FILE:LINE JSONL reader, an exclusive lock, a stderr
+logger.
 
 Imports nothing of megapmp, so every layer (data, train, checkpoint, eval, synth, tools) can use it.
 
@@ -14,6 +15,8 @@ get the same one-line message everywhere. No torch here: this runs in preprocess
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import functools
 import gzip
 import hashlib
@@ -267,6 +270,19 @@ def write_jsonl_atomic(path: str | os.PathLike, records: Iterable[dict]) -> int:
 
 # --------------------------------------------------------------------------------------------------
 # Checksums
+
+
+def try_lock_exclusive(fd: int) -> bool:
+    """Take an exclusive ``flock`` on `fd` without waiting: True when taken, False when another open file
+    holds it (the kernel drops a lock with the last descriptor of its holder, however that process ends).
+    Any other failure (a file system without locks) raises."""
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as e:
+        if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+            return False
+        raise
+    return True
 
 
 def sha256_file(path: str | os.PathLike, progress: Callable[[int], None] | None = None) -> str:

@@ -39,8 +39,6 @@ lease runs out, 90 s by default); a restart in that window is refused naming the
 
 from __future__ import annotations
 
-import errno
-import fcntl
 import json
 import os
 import socket
@@ -51,7 +49,7 @@ from pathlib import Path
 
 from megapmp import checkpoint as ckpt
 from megapmp.config import TrainConfig
-from megapmp.io import InputError, cut_torn_jsonl
+from megapmp.io import InputError, cut_torn_jsonl, try_lock_exclusive
 
 LOCK_FILE = "run.lock"
 METRICS_FILE = "metrics.jsonl"
@@ -88,15 +86,16 @@ class RunLock:
         path = run_dir / LOCK_FILE
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            taken = try_lock_exclusive(fd)
         except OSError as e:
-            holder = _wait_for_record(fd)
             os.close(fd)
-            if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-                raise RunDirError(f"{run_dir} is in use by {_describe(holder)}: a run directory takes one trainer "
-                                  f"at a time; wait for that one to end, or pass another --run-dir") from None
             raise RunDirError(f"{path}: cannot be locked ({e.strerror}): the file system offers no locks (an NFS "
                               f"mount with nolock?); use a run directory on one that does") from None
+        if not taken:
+            holder = _wait_for_record(fd)
+            os.close(fd)
+            raise RunDirError(f"{run_dir} is in use by {_describe(holder)}: a run directory takes one trainer "
+                              f"at a time; wait for that one to end, or pass another --run-dir")
         previous = _read_record(fd)
         if previous:
             log(f"took over {path} from {_describe(previous)}, which ended without releasing it")

@@ -153,6 +153,35 @@ def test_a_start_refused_while_the_holder_writes_its_record_still_names_it(tmp_p
         os.close(fd)
 
 
+def test_the_lock_taken_refused_and_unavailable(tmp_path, monkeypatch):
+    """io.try_lock_exclusive, the one lock of run directories and synthesis outputs: taken once, refused to a
+    second open file while held, taken again once released; a file system without locks (ENOLCK, an NFS
+    mount with nolock) is its own one-line error, not "in use"."""
+    import errno
+    import fcntl
+    import os
+
+    from megapmp.io import try_lock_exclusive
+    from megapmp.run_dir import RunLock
+
+    path = tmp_path / "lock"
+    first, second = (os.open(path, os.O_RDWR | os.O_CREAT) for _ in range(2))
+    try:
+        assert try_lock_exclusive(first) and not try_lock_exclusive(second)
+        os.close(first)
+        assert try_lock_exclusive(second)
+    finally:
+        os.close(second)
+
+    def no_locks(fd, operation):
+        raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    with pytest.raises(RunDirError, match=r"run.lock: cannot be locked \(No locks available\): the file system "
+                                          r"offers no locks"):
+        RunLock.acquire(tmp_path, print)
+
+
 def test_a_held_run_directory_is_refused_until_released(shards, tmp_path, capfd):
     run = tmp_path / "run"
     first = Trainer(config(shards), run)  # holds the lock until fit() returns

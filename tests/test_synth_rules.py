@@ -400,7 +400,9 @@ def test_a_start_that_locks_a_partial_file_renamed_away_opens_it_again(tmp_path,
     out = tmp_path / "pairs.jsonl"
     first = stages.ResumableJsonlWriter(out, {"run": "first"}).__enter__()
     first.write({"id": "a", "text": "first"})
-    real_flock, calls = stages.fcntl.flock, []
+    import fcntl
+
+    real_flock, calls = fcntl.flock, []
 
     def finish_the_first_run_then_lock(fd, operation):
         if not calls:
@@ -408,7 +410,7 @@ def test_a_start_that_locks_a_partial_file_renamed_away_opens_it_again(tmp_path,
         calls.append(fd)
         return real_flock(fd, operation)
 
-    monkeypatch.setattr(stages.fcntl, "flock", finish_the_first_run_then_lock)
+    monkeypatch.setattr(fcntl, "flock", finish_the_first_run_then_lock)
     with stages.ResumableJsonlWriter(out, {"run": "second"}) as second:
         assert len(calls) == 2 and not second.resuming and second.done == set()
         second.write({"id": "z", "text": "second"})

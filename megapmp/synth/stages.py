@@ -12,8 +12,6 @@ two writers would interleave their lines and each rename the other's half-writte
 
 from __future__ import annotations
 
-import errno
-import fcntl
 import hashlib
 import json
 import multiprocessing as mp
@@ -24,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
-from megapmp.io import InputError, iter_jsonl, jsonl_line
+from megapmp.io import InputError, iter_jsonl, jsonl_line, try_lock_exclusive
 from megapmp.synth.filters import PairFilter, StageStats
 
 
@@ -99,13 +97,14 @@ class ResumableJsonlWriter:
         while True:
             fd = os.open(self.partial, os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o644)
             try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError as e:
+                taken = try_lock_exclusive(fd)
+            except OSError:
                 os.close(fd)
-                if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-                    raise OutputInUseError(f"{self.partial} is being written by another process: one run per "
-                                           f"output at a time; wait for it to end, or pass another output") from None
                 raise
+            if not taken:
+                os.close(fd)
+                raise OutputInUseError(f"{self.partial} is being written by another process: one run per output "
+                                       f"at a time; wait for it to end, or pass another output")
             try:
                 same = os.stat(self.partial).st_ino == os.fstat(fd).st_ino
             except FileNotFoundError:
