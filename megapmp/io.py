@@ -269,7 +269,7 @@ def write_jsonl_atomic(path: str | os.PathLike, records: Iterable[dict]) -> int:
 
 
 # --------------------------------------------------------------------------------------------------
-# Checksums
+# Locks
 
 
 def try_lock_exclusive(fd: int) -> bool:
@@ -283,6 +283,10 @@ def try_lock_exclusive(fd: int) -> bool:
             return False
         raise
     return True
+
+
+# --------------------------------------------------------------------------------------------------
+# Checksums
 
 
 def sha256_file(path: str | os.PathLike, progress: Callable[[int], None] | None = None) -> str:

@@ -421,6 +421,39 @@ def test_a_start_that_locks_a_partial_file_renamed_away_opens_it_again(tmp_path,
     assert out.read_bytes() == b'{"id": "z", "text": "second"}\n'
 
 
+def test_a_stage_output_resumes_its_dropped_ids_and_lets_the_lock_go_on_an_error(tmp_path, monkeypatch):
+    """StageOutput (the LLM stages' writer): a resume reads the dropped ids up to the first line that is not
+    one of its records (torn, or no "reason") and cuts the file there; an error while it opens lets the
+    output's lock go, so the next start in the same process is not refused."""
+    from megapmp.synth.generate import StageOutput
+
+    out = tmp_path / "pairs.jsonl"
+    with StageOutput(out, {"run": 1}) as first:
+        first.write({"id": "a"})
+        first.drop("b", "no code")
+        first.sync()
+    dropped = first.dropped_path
+    dropped.write_bytes(dropped.read_bytes() + b'{"id": "c"}\n{"id": "d", "reason": "late"}\n')
+    with StageOutput(out, {"run": 1}):  # an id that is not a string is not one of its records either
+        pass
+    dropped.write_bytes(dropped.read_bytes() + b'{"id": ["e"], "reason": "x"}\n{"id": "f", "reason": "late"}\n')
+    with StageOutput(out, {"run": 1}) as second:
+        assert second.done == {"a", "b"} and second.resumed_dropped == {"no code": 1}
+    assert dropped.read_bytes() == b'{"id": "b", "reason": "no code"}\n'
+
+    def fail(self):
+        raise OSError("disk gone")
+
+    monkeypatch.setattr(StageOutput, "_open_dropped", fail)
+    failed = StageOutput(out, {"run": 1})
+    with pytest.raises(OSError, match="disk gone"):
+        failed.__enter__()
+    monkeypatch.undo()
+    with StageOutput(out, {"run": 1}) as third:  # refused as "being written by another process" before
+        third.finish()
+    assert out.read_bytes() == b'{"id": "a"}\n'
+
+
 def test_pairs_have_provenance_and_preprocess_without_rejects(tmp_path, reference):
     pairs = tmp_path / "pairs.jsonl"
     pairs.write_bytes(reference)

@@ -71,6 +71,14 @@ class StageOutput:
 
     def __enter__(self) -> "StageOutput":
         self.writer.__enter__()  # takes the output's lock: everything below is this run's alone
+        try:
+            self._open_dropped()
+        except BaseException:
+            self.writer.__exit__(None, None, None)  # lets the lock go with the error
+            raise
+        return self
+
+    def _open_dropped(self) -> None:
         dropped_ids = set()
         if self.writer.resuming and self.dropped_path.exists():
             good = 0
@@ -80,19 +88,21 @@ class StageOutput:
                         if not line.endswith(b"\n"):
                             break
                         rec = json.loads(line)
-                    except json.JSONDecodeError:
+                        record_id, reason = rec["id"], rec["reason"]
+                    except (ValueError, KeyError, TypeError):  # torn or not ours: cut from here
+                        break
+                    if not (isinstance(record_id, str) and isinstance(reason, str)):
                         break
                     good += len(line)
-                    if rec["id"] not in dropped_ids:
-                        dropped_ids.add(rec["id"])
-                        self.resumed_dropped[rec["reason"]] += 1
+                    if record_id not in dropped_ids:
+                        dropped_ids.add(record_id)
+                        self.resumed_dropped[reason] += 1
             with open(self.dropped_path, "r+b") as f:
                 f.truncate(good)
         else:
             self.dropped_path.write_bytes(b"")
         self.done = self.writer.done | dropped_ids
         self._dropped_file = open(self.dropped_path, "a", encoding="utf-8")
-        return self
 
     @property
     def resumed_kept(self) -> int:

@@ -163,7 +163,7 @@ class ResumableJsonlWriter:
 
     def finish(self, remove: tuple[Path, ...] = ()) -> None:
         """Rename the partial file to the output and remove the run's side files (`remove` adds the
-        caller's), all before the lock is let go: a start that waits for it finds none of them."""
+        caller's), all before the lock is let go: a start that takes it afterwards finds none of them."""
         self._sync()
         os.replace(self.partial, self.output)
         for side_file in (self.meta, *remove):
